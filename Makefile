@@ -1,0 +1,29 @@
+# prunelab: `make quickstart` installs and runs a real experiment offline; `make test` installs and tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install quickstart test test-slow clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "Installing prunelab and its dependencies into $(VENV) (a few minutes the first time)..."
+	$(PY) -m pip install --quiet --progress-bar off -e '.[dev]' > $(VENV)/pip.log 2>&1 \
+		|| { grep -v "^WARNING: Location" $(VENV)/pip.log; exit 1; }
+	$(PY) -c "import prunelab, torch, lightning, hydra, torch_pruning, timm"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: install
+	$(VENV)/bin/prunelab experiment=quickstart
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,65 @@
+"""The plug-in interface of pruning methods: a list of stages and hooks that default to no effect."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Stage:
+    """One step of an experiment.
+
+    `kind` tells the pipeline how to run it: "fit" trains with Lightning (with the method's hooks), "prune"
+    asks the method for a plan and applies it, "test" evaluates. `epochs`, `optimizer` and `scheduler`
+    give a fit stage its schedule; None falls back to the experiment's `trainer.max_epochs`, `optimizer`
+    and `scheduler`.
+    """
+
+    name: str
+    kind: str
+    epochs: int | None = None
+    optimizer: Any = None
+    scheduler: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class PruningMethod:
+    """Base class of every method; each hook left alone changes nothing.
+
+    A method is one file plus one YAML in `conf/method/`; the pipeline and the LightningModule call
+    its hooks and never name a method.
+    """
+
+    def stages(self) -> list[Stage]:
+        """The experiment's stages in order; the default trains the dense model."""
+        return [Stage("train", "fit")]
+
+    def setup(self, model: nn.Module, stage: Stage) -> nn.Module:
+        """Prepare the model before a stage runs (attach gates, masks or scores); returns the model."""
+        return model
+
+    def teardown(self, model: nn.Module, stage: Stage) -> nn.Module:
+        """Undo what `setup` attached once the stage is over; returns the model."""
+        return model
+
+    def parameters_to_train(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        """The parameters the optimizer updates during a fit stage."""
+        return model.parameters()
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the task loss (a regulariser), or None."""
+        return None
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called after every optimizer step (grow a penalty, swap masks, project values)."""
+
+    def on_fit_start(self, model: nn.Module, stage: str) -> None:
+        """Called when a fit stage starts or resumes."""
+
+    def on_train_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        """Called at the end of every training epoch."""

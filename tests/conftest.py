@@ -1,0 +1,54 @@
+"""Shared test helpers: composing configs, locating the shared data, running the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+SHARED = ROOT.parent / "shared"
+
+# Small, fast settings every pipeline test starts from.
+FAST = [
+    "dataset=synthetic",
+    "backbone=resnet_tiny",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def make_cfg(output_dir: Path, *overrides: str) -> DictConfig:
+    """Compose the project's config as the CLI would, with the run directory set to `output_dir`."""
+    import prunelab.cli  # noqa: F401  (registers the run_id resolver)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"paths.output_dir={output_dir}", *FAST, *overrides])
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the `prunelab` command in a subprocess, as a user would."""
+    env = {**os.environ, "PRUNELAB_OUTPUTS": str(cwd / "outputs"), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "prunelab.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test with a clear message when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found: this test needs the read-only ../shared folder beside the repo")
+    return path

@@ -1,0 +1,144 @@
+"""The pipeline's contracts: summary keys, reloadable model, resume after a crash, schedules."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import make_cfg
+from prunelab import load_model, pipeline
+from prunelab.budget import count_flops, count_params
+from prunelab.lit import PruneLitModule, cosine, multistep
+
+SUMMARY_KEYS = [
+    "test/acc",
+    "test/acc5",
+    "model/flops",
+    "model/params",
+    "model/flops_ratio",
+    "model/params_ratio",
+    "model/sparsity",
+    "dense/flops",
+    "dense/params",
+    "time/train_s",
+    "time/test_s",
+]
+
+
+def test_dense_run_writes_contract_files(tmp_path):
+    cfg = make_cfg(tmp_path, "trainer.max_epochs=2")
+    summary = pipeline.run(cfg, tmp_path)
+
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == pytest.approx(summary)
+    for key in SUMMARY_KEYS:
+        assert key in on_disk, key
+    assert 0.0 <= on_disk["test/acc"] <= 100.0
+    assert on_disk["model/flops_ratio"] == 1.0 and on_disk["model/sparsity"] == 0.0
+    assert on_disk["train/val/acc"] >= 0.0
+    resolved = OmegaConf.load(tmp_path / "config.yaml")
+    assert resolved.backbone.name == "resnet_tiny" and resolved.paths.output_dir == str(tmp_path)
+    assert (tmp_path / "logs" / "metrics.csv").exists()
+
+    # The final model reloads without the config and computes the same function.
+    model = load_model(tmp_path / "model.pt").eval()
+    assert count_params(model) == on_disk["model/params"]
+    assert count_flops(model, (3, 32, 32)) == on_disk["model/flops"]
+
+
+def test_accuracy_is_percent_and_learns_synthetic(tmp_path):
+    cfg = make_cfg(tmp_path, "trainer.max_epochs=3", "optimizer.lr=0.05")
+    summary = pipeline.run(cfg, tmp_path)
+    # Ten classes: chance is 10%; the synthetic classes are separable, so a few epochs clear it well.
+    assert summary["test/acc"] > 30.0
+
+
+class _CrashAtEpoch(L.Callback):
+    """Simulates a killed run: fails when the given epoch starts (the previous one is checkpointed)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+class _EpochRecorder(L.Callback):
+    def __init__(self):
+        self.epochs: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs.append(trainer.current_epoch)
+
+
+def test_killed_run_resumes_from_last_checkpoint(tmp_path):
+    cfg = make_cfg(tmp_path, "trainer.max_epochs=3")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run(cfg, tmp_path, callbacks=[_CrashAtEpoch(2)])
+    assert not (tmp_path / "summary.json").exists()
+    assert not list(tmp_path.glob("stages/*/done.json"))
+    assert (tmp_path / "stages" / "0-train" / "checkpoints" / "last.ckpt").exists()
+
+    recorder = _EpochRecorder()
+    summary = pipeline.run(cfg, tmp_path, callbacks=[recorder])
+    assert recorder.epochs == [2]
+    assert (tmp_path / "summary.json").exists() and "test/acc" in summary
+
+    # A completed run re-run does no work at all: every stage is skipped.
+    again = _EpochRecorder()
+    assert pipeline.run(cfg, tmp_path, callbacks=[again])["test/acc"] == summary["test/acc"]
+    assert again.epochs == []
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    cfg = make_cfg(tmp_path)
+    pipeline.run(cfg, tmp_path)
+    ckpt = torch.load(tmp_path / "stages" / "0-train" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "state_dict" in ckpt and ckpt["hyper_parameters"]["stage"] == "train"
+
+
+def test_same_seed_same_result(tmp_path):
+    a = pipeline.run(make_cfg(tmp_path / "a", "seed=3"), tmp_path / "a")
+    b = pipeline.run(make_cfg(tmp_path / "b", "seed=3"), tmp_path / "b")
+    assert a["test/acc"] == b["test/acc"] and a["test/loss"] == b["test/loss"]
+
+
+def test_max_epochs_zero_only_evaluates(tmp_path):
+    recorder = _EpochRecorder()
+    summary = pipeline.run(make_cfg(tmp_path, "trainer.max_epochs=0"), tmp_path, callbacks=[recorder])
+    assert recorder.epochs == []
+    assert "test/acc" in summary and not (tmp_path / "stages" / "0-train" / "checkpoints").exists()
+
+
+def test_schedules():
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD(params, lr=1.0)
+    sched = multistep(opt, epochs=100, milestones=[0.5, 0.75], gamma=0.1)
+    assert sorted(sched.milestones) == [50, 75]
+    opt = torch.optim.SGD(params, lr=1.0)
+    sched = cosine(opt, epochs=4)
+    lrs = []
+    for _ in range(4):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[1] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_optimizers_and_label_smoothing_from_config(tmp_path, name):
+    cfg = make_cfg(tmp_path, f"optimizer={name}", "label_smoothing=0.1")
+    model = torch.nn.Linear(4, 3)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    assert type(optimizer).__name__ == {"sgd": "SGD", "adam": "Adam"}[name]
+
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    plain = PruneLitModule(model, num_classes=3, label_smoothing=0.0)
+    smooth = PruneLitModule(model, num_classes=3, label_smoothing=cfg.label_smoothing)
+    assert smooth.training_step((x, y), 0).item() != pytest.approx(plain.training_step((x, y), 0).item())
