@@ -1,0 +1,72 @@
+"""VGG with BatchNorm in its common CIFAR form (as in Network Slimming and Pruning from Scratch).
+
+`features` holds conv3x3-BN-ReLU layers and 'M' max-pools; the last max-pool of the ImageNet layout
+is dropped, global average pooling reduces to 1x1, and `classifier` is a single Linear layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunelab.backbones.registry import register, scale_channels
+
+LayerSpec = list[int | str]
+
+CONFIGS: dict[str, LayerSpec] = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512],
+    "vgg_tiny": [8, "M", 16, "M", 32],
+}
+
+
+class VGG(nn.Module):
+    """Plain conv-BN-ReLU stack with max-pools, global average pooling and one linear classifier."""
+
+    def __init__(self, cfg: LayerSpec, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for item in cfg:
+            if item == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                out_channels = scale_channels(int(item), width)
+                layers += [
+                    nn.Conv2d(channels, out_channels, kernel_size=3, padding=1, bias=False),
+                    nn.BatchNorm2d(out_channels),
+                    nn.ReLU(inplace=True),
+                ]
+                channels = out_channels
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.01)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.flatten(self.avgpool(self.features(x)), 1)
+        return self.classifier(out)
+
+
+def _register(name: str) -> None:
+    @register(name)
+    def factory(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> VGG:
+        return VGG(CONFIGS[name], num_classes, in_channels, width)
+
+    factory.__name__ = name
+    factory.__doc__ = f"CIFAR {name} with BatchNorm."
+
+
+for _name in CONFIGS:
+    _register(_name)
