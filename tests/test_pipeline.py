@@ -43,7 +43,9 @@ def test_dense_run_writes_contract_files(tmp_path):
     assert on_disk["train/val/acc"] >= 0.0
     resolved = OmegaConf.load(tmp_path / "config.yaml")
     assert resolved.backbone.name == "resnet_tiny" and resolved.paths.output_dir == str(tmp_path)
-    assert (tmp_path / "logs" / "metrics.csv").exists()
+    # Each invocation logs to a new version folder, so resuming never overwrites earlier logs.
+    (csv,) = tmp_path.glob("logs/version_*/metrics.csv")
+    assert "train/val/acc" in csv.read_text().splitlines()[0]
 
     # The final model reloads without the config and computes the same function.
     model = load_model(tmp_path / "model.pt").eval()

@@ -138,11 +138,12 @@ def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> dict[
         stage=stage.name,
     )
     checkpoints = stage_dir / "checkpoints"
+    # With no monitored metric, top-1 keeps only the newest checkpoint, always named last.ckpt.
     checkpoint = ModelCheckpoint(
         dirpath=checkpoints,
-        filename="epoch{epoch}",
-        save_last=True,
-        save_top_k=0,
+        filename="last",
+        save_top_k=1,
+        enable_version_counter=False,
         every_n_train_steps=cfg.get("checkpoint_every_n_steps") or None,
     )
     trainer = _trainer(ctx, max_epochs=epochs, callbacks=[checkpoint])
@@ -181,7 +182,12 @@ def _trainer(ctx: Context, max_epochs: int, callbacks: list[Callback]) -> L.Trai
 
 
 def _floats(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
-    return {k: round(float(v), 6) for k, v in metrics.items() if k.startswith(prefix)}
+    """The epoch-level metrics under `prefix` (Lightning's per-step `_step`/`_epoch` copies dropped)."""
+    return {
+        k: round(float(v), 6)
+        for k, v in metrics.items()
+        if k.startswith(prefix) and not k.endswith(("_step", "_epoch"))
+    }
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -203,10 +209,12 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"prunelab summary: {run_dir}")
+    table = Table(title="prunelab summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in sorted(summary):
         value = summary[key]
         table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else f"{value:,}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(f"run directory: {run_dir}")
