@@ -155,7 +155,10 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(in_planes, num_classes)
+        self.init_weights()
 
+    def init_weights(self) -> None:
+        """Initialise all layers as the reference does, with fans taken from the current shapes."""
         # The reference initialises conv and linear weights with Kaiming-normal (fan_in) only.
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):

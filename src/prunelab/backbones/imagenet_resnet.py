@@ -104,7 +104,10 @@ class ImageNetResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
+        self.init_weights()
 
+    def init_weights(self) -> None:
+        """torchvision's scheme: Kaiming (fan_out) convolutions, unit BatchNorm; fans follow current shapes."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

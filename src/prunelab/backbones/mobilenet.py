@@ -102,6 +102,10 @@ class MobileNetV1(nn.Module):
         self.features = nn.Sequential(*blocks)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Kaiming (fan_out) convolutions, unit BatchNorm, small-normal classifier; fans follow current shapes."""
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,6 +166,10 @@ class MobileNetV2(nn.Module):
         self.head = _conv_bn_act(channels, head, 1, 1, 1, nn.ReLU6)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(head, num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Kaiming (fan_out) convolutions, unit BatchNorm, small-normal classifier; fans follow current shapes."""
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,10 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
+        self.init_weights()
 
+    def init_weights(self) -> None:
+        """Kaiming (fan_out) convolutions, unit BatchNorm, small-normal classifier; fans follow current shapes."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

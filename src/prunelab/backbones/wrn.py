@@ -73,7 +73,10 @@ class WideResNet(nn.Module):
         self.bn = nn.BatchNorm2d(in_planes)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
+        self.init_weights()
 
+    def init_weights(self) -> None:
+        """The reference scheme: Kaiming (fan_out) convolutions, unit BatchNorm, zero linear bias."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

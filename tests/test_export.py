@@ -1,0 +1,137 @@
+"""Tests for saving, reloading and exporting pruned and masked models."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from prunelab.backbones import create
+from prunelab.export import export_deployable, load_model, save_model
+from prunelab.structure import ChannelPlan, MaskPlan, apply_channel_plan, attach_masks, channel_groups, has_masks
+
+SHAPE = (3, 32, 32)
+
+
+def randomize_bn(model: nn.Module) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=gen) + 0.5
+            m.bias.data = torch.randn(n, generator=gen) * 0.1
+            m.running_mean = torch.randn(n, generator=gen) * 0.1
+            m.running_var = torch.rand(n, generator=gen) + 0.5
+
+
+def random_plan(model: nn.Module, seed: int) -> ChannelPlan:
+    rng = random.Random(seed)
+    groups = channel_groups(model, SHAPE)
+    keep = {g.name: sorted(rng.sample(range(g.size), max(1, g.size // 2))) for g in groups}
+    return ChannelPlan(keep, {g.name: g.size for g in groups})
+
+
+def pruned_resnet(plans: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    model = create("resnet_tiny")
+    model.prunelab_input_shape = SHAPE
+    for seed in range(plans):
+        apply_channel_plan(model, random_plan(model, seed), SHAPE)
+    randomize_bn(model)
+    return model.eval()
+
+
+def half_masks(model: nn.Module) -> MaskPlan:
+    gen = torch.Generator().manual_seed(0)
+    return MaskPlan(
+        {
+            f"{name}.weight": torch.rand(m.weight.shape, generator=gen) < 0.5
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))
+        }
+    )
+
+
+def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize("plans", [1, 2])
+def test_pruned_model_round_trip(tmp_path, plans: int) -> None:
+    model = pruned_resnet(plans)
+    x = torch.randn(3, *SHAPE)
+    path = save_model(model, tmp_path / "model.pt")
+    payload = torch.load(path, weights_only=True)
+    assert len(payload["plans"]) == plans and payload["input_shape"] == list(SHAPE)
+    loaded = load_model(path)
+    assert torch.equal(outputs(loaded, x), outputs(model, x))
+    assert [p.keep for p in loaded.prunelab_plans] == [p.keep for p in model.prunelab_plans]
+    assert loaded.prunelab_input_shape == SHAPE
+    assert loaded.layer3[0].conv1.out_channels == model.layer3[0].conv1.out_channels == 64 // 2**plans
+
+
+def test_masked_model_round_trip(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = create("vgg_tiny")
+    randomize_bn(model)
+    plan = half_masks(model)
+    attach_masks(model, plan)
+    x = torch.randn(3, *SHAPE)
+    path = save_model(model, tmp_path / "masked.pt")
+    payload = torch.load(path, weights_only=True)
+    assert not any(k.endswith(("_orig", "_mask")) for k in payload["state_dict"])
+    assert has_masks(model)
+    loaded = load_model(path)
+    assert not has_masks(loaded)
+    assert torch.equal(outputs(loaded, x), outputs(model, x))
+    assert set(loaded.prunelab_masks.masks) == set(plan.masks)
+    assert all(torch.equal(loaded.prunelab_masks.masks[k], plan.masks[k]) for k in plan.masks)
+    assert torch.all(loaded.features[4].weight[~plan.masks["features.4.weight"]] == 0)
+
+
+def test_loading_into_another_architecture_fails(tmp_path) -> None:
+    path = save_model(pruned_resnet(), tmp_path / "pruned.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["spec"]["name"] = "vgg_tiny"
+    torch.save(payload, tmp_path / "wrong_plan.pt")
+    with pytest.raises(ValueError, match="another architecture"):
+        load_model(tmp_path / "wrong_plan.pt")
+
+    dense = create("vgg_tiny")
+    payload = torch.load(save_model(dense, tmp_path / "dense.pt"), weights_only=True)
+    payload["spec"]["name"] = "resnet_tiny"
+    torch.save(payload, tmp_path / "wrong_weights.pt")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_model(tmp_path / "wrong_weights.pt")
+
+
+def test_plans_need_an_input_shape(tmp_path) -> None:
+    model = pruned_resnet()
+    del model.prunelab_input_shape
+    with pytest.raises(ValueError, match="prunelab_input_shape"):
+        save_model(model, tmp_path / "model.pt")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_deployable_runs_without_prunelab(tmp_path) -> None:
+    model = pruned_resnet()
+    attach_masks(model, half_masks(model))
+    x = torch.randn(2, *SHAPE)
+    expected = outputs(model, x)
+    path = export_deployable(model, tmp_path / "model.ts", SHAPE)
+    assert has_masks(model)
+    assert torch.allclose(torch.jit.load(str(path))(x), expected, atol=1e-6)
+    # A fresh interpreter where importing prunelab fails still runs the file.
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys; sys.modules['prunelab'] = None; import torch; "
+        f"m = torch.jit.load({str(path)!r}); "
+        f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert torch.allclose(torch.load(tmp_path / "y.pt"), expected, atol=1e-6)

@@ -1,0 +1,351 @@
+"""Tests for channel groups, plans, channel surgery, persistent masks and re-initialisation."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunelab.backbones import create
+from prunelab.budget import count_flops, count_params, sparsity
+from prunelab.structure import (
+    ChannelPlan,
+    MaskPlan,
+    apply_channel_plan,
+    attach_masks,
+    channel_groups,
+    fold_masks,
+    group_weights,
+    has_masks,
+    reinitialize,
+    root_weights,
+    zero_masked_,
+)
+
+SHAPE = (3, 32, 32)
+
+
+class TinyDenseNet(nn.Module):
+    """A DenseNet-style net: each layer's output is concatenated onto its input."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv_a = nn.Conv2d(8, 4, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.conv_b = nn.Conv2d(12, 6, 3, padding=1, bias=False)
+        self.bn_b = nn.BatchNorm2d(6)
+        self.transition = nn.Conv2d(18, 8, 1, bias=False)
+        self.bn_t = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        x = torch.cat([x, F.relu(self.bn_a(self.conv_a(x)))], 1)
+        x = torch.cat([x, F.relu(self.bn_b(self.conv_b(x)))], 1)
+        x = F.relu(self.bn_t(self.transition(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build(name: str, **kwargs: object) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "concat":
+        return TinyDenseNet()
+    return create(name, **kwargs)
+
+
+def randomize_bn(model: nn.Module) -> None:
+    """Give every BatchNorm non-trivial affine parameters and running statistics."""
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=gen) + 0.5
+            m.bias.data = torch.randn(n, generator=gen) * 0.1
+            m.running_mean = torch.randn(n, generator=gen) * 0.1
+            m.running_var = torch.rand(n, generator=gen) + 0.5
+
+
+def half_plan(model: nn.Module, seed: int = 0) -> ChannelPlan:
+    rng = random.Random(seed)
+    groups = channel_groups(model, SHAPE)
+    keep = {g.name: sorted(rng.sample(range(g.size), max(1, g.size // 2))) for g in groups}
+    return ChannelPlan(keep, {g.name: g.size for g in groups})
+
+
+def out_size(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+MODELS = [
+    ("resnet_tiny", {}),
+    ("resnet_tiny", {"shortcut": "B"}),
+    ("vgg_tiny", {}),
+    ("mobilenet_v1_tiny", {}),
+    ("mobilenet_v2_tiny", {}),
+    ("wrn_tiny", {}),
+    ("resnet_imagenet_tiny", {}),
+    ("timm:resnet18", {}),
+    ("torchvision:mobilenet_v3_small", {}),
+    ("concat", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), MODELS, ids=[f"{n}{k}" for n, k in MODELS])
+def test_half_plan_shrinks_every_architecture(name: str, kwargs: dict) -> None:
+    model = build(name, **kwargs).eval()
+    dense_flops, dense_params = count_flops(model, SHAPE), count_params(model)
+    groups = channel_groups(model, SHAPE)
+    plan = half_plan(model)
+    apply_channel_plan(model, plan, SHAPE)
+
+    out = model(torch.randn(2, *SHAPE))
+    assert out.shape == (2, 10)
+    assert count_params(model) < dense_params
+    assert count_flops(model, SHAPE) < dense_flops
+    # Every layer producing a group's channels now has exactly the kept number of outputs.
+    for group in groups:
+        for layer in group.layers:
+            module = model.get_submodule(layer)
+            assert out_size(module) == len(plan.keep[group.name]) == module.weight.shape[0], layer
+    # The pruned model has the same groups, now of the kept sizes.
+    after = channel_groups(model, SHAPE)
+    assert [g.name for g in after] == [g.name for g in groups]
+    assert {g.name: g.size for g in after} == plan.kept()
+    assert model.prunelab_plans == [plan]
+
+
+def test_groups_of_cifar_resnets() -> None:
+    groups_a = channel_groups(build("resnet_tiny"), SHAPE)
+    groups_b = channel_groups(build("resnet_tiny", shortcut="B"), SHAPE)
+    by_name = {g.name: g for g in groups_b}
+    assert [g.name for g in groups_a] == [
+        "conv1", "layer1.0.conv1", "layer2.0.conv1", "layer2.0.conv2", "layer3.0.conv1", "layer3.0.conv2",
+    ]  # fmt: skip
+    stream = groups_a[0]
+    assert (stream.size, stream.layers, stream.stage, stream.layer_index, stream.coupled) == (
+        16, ["conv1", "layer1.0.conv2"], 0, 0, True,
+    )  # fmt: skip
+    # Option A pads channels without parameters, so a later stage's stream has one producer.
+    assert not groups_a[3].coupled
+    b2 = by_name["layer2.0.conv2"]
+    assert (b2.size, b2.layers, b2.stage, b2.layer_index, b2.coupled) == (
+        32, ["layer2.0.conv2", "layer2.0.shortcut.0"], 2, 4, True,
+    )  # fmt: skip
+    assert [w.shape[0] for w in group_weights(build("resnet_tiny", shortcut="B"), b2)] == [32, 32]
+    model = build("resnet_tiny")
+    assert root_weights(model, groups_a[1]) is model.layer1[0].conv1.weight
+    # The classifier's outputs are never a group.
+    assert all("linear" not in layer for g in groups_a for layer in g.layers)
+
+
+def test_depthwise_joins_the_group_feeding_it() -> None:
+    groups = {g.name: g for g in channel_groups(build("mobilenet_v2_tiny"), SHAPE)}
+    expand = groups["features.1.conv.0.0"]
+    assert expand.layers == ["features.1.conv.0.0", "features.1.conv.1.0"]
+    assert expand.size == 16 and not expand.coupled
+    assert groups["stem.0"].coupled
+    assert "features.1.conv.1.0" not in groups
+
+
+def test_channel_groups_leaves_training_state_alone() -> None:
+    model = build("resnet_tiny").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    channel_groups(model, SHAPE)
+    assert model.training and model.layer1[0].bn1.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def bn_after(model: nn.Module, layer: str) -> nn.BatchNorm2d:
+    """The first BatchNorm after `layer` in module order (its own BN in these families)."""
+    seen = False
+    for name, module in model.named_modules():
+        if name == layer:
+            seen = True
+        elif seen and isinstance(module, nn.BatchNorm2d):
+            return module
+    raise AssertionError(f"no BatchNorm after {layer}")
+
+
+ZERO_CASES = [
+    ("vgg_tiny", {}, {"features.4": [1, 5], "features.0": [3]}),
+    # Inner block channels and the stage-1 residual stream; channel 0 of stage 2 is a zero-padding slot.
+    ("resnet_tiny", {}, {"layer1.0.conv1": [2, 3], "conv1": [0, 7], "layer2.0.conv2": [0, 1]}),
+    ("resnet_tiny", {"shortcut": "B"}, {"layer1.0.conv1": [1], "conv1": [4], "layer2.0.conv2": [3, 30]}),
+    ("mobilenet_v2_tiny", {}, {"stem.0": [2], "features.1.conv.0.0": [0, 5], "features.1.conv.2": [4]}),
+    ("concat", {}, {"stem": [1, 6], "conv_a": [2], "conv_b": [0, 5]}),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "removed"), ZERO_CASES, ids=[f"{c[0]}{c[1]}" for c in ZERO_CASES])
+def test_removing_dead_channels_changes_nothing(name: str, kwargs: dict, removed: dict[str, list[int]]) -> None:
+    model = build(name, **kwargs)
+    randomize_bn(model)
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    # Zero the BN of every producer of these channels, so they are exactly 0 everywhere they are read.
+    for group_name, channels in removed.items():
+        for layer in groups[group_name].layers:
+            bn = bn_after(model, layer)
+            bn.weight.data[channels] = 0.0
+            bn.bias.data[channels] = 0.0
+    model.eval()
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        expected = model(x)
+    keep = {n: [i for i in range(groups[n].size) if i not in chans] for n, chans in removed.items()}
+    apply_channel_plan(model, ChannelPlan(keep, {n: groups[n].size for n in removed}), SHAPE)
+    with torch.no_grad():
+        got = model(x)
+    assert count_params(model) < sum(p.numel() for p in build(name, **kwargs).parameters())
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "mobilenet_v2_tiny"])
+def test_keeping_every_channel_is_the_identity(name: str) -> None:
+    model = build(name)
+    randomize_bn(model)
+    model.eval()
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        expected = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_channel_plan(model, ChannelPlan.full(channel_groups(model, SHAPE)), SHAPE)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_plans_compose_and_refuse_other_architectures() -> None:
+    model = build("resnet_tiny")
+    first = half_plan(model)
+    apply_channel_plan(model, first, SHAPE)
+    # The first plan no longer fits: its sizes are those of the dense model.
+    with pytest.raises(ValueError, match="another architecture"):
+        apply_channel_plan(model, first, SHAPE)
+    second = half_plan(model, seed=1)
+    apply_channel_plan(model, second, SHAPE)
+    assert model.prunelab_plans == [first, second]
+    assert model.layer3[0].conv1.out_channels == 16
+    with pytest.raises(ValueError, match="another architecture.*layer1.0.conv1"):
+        apply_channel_plan(build("vgg_tiny"), ChannelPlan({"layer1.0.conv1": [0]}, {"layer1.0.conv1": 16}), SHAPE)
+
+
+def test_channel_plan_validation_and_json(tmp_path) -> None:
+    with pytest.raises(ValueError, match="'g1'.*no channel"):
+        ChannelPlan({"g1": []}, {"g1": 4})
+    with pytest.raises(ValueError, match="'g1'.*out of range"):
+        ChannelPlan({"g1": [0, 4]}, {"g1": 4})
+    with pytest.raises(ValueError, match="'g1'.*more than once"):
+        ChannelPlan({"g1": [1, 1]}, {"g1": 4})
+    plan = ChannelPlan({"a": [3, 0], "b": [1]}, {"a": 4, "b": 2})
+    assert plan.keep == {"a": [0, 3], "b": [1]} and plan.kept() == {"a": 2, "b": 1}
+    assert plan.to_dict()["summary"] == {"a": "2/4", "b": "1/2"}
+    plan.save_json(tmp_path / "plan.json")
+    assert json.loads((tmp_path / "plan.json").read_text())["keep"] == {"a": [0, 3], "b": [1]}
+    assert ChannelPlan.load_json(tmp_path / "plan.json") == plan
+
+
+def exact_masks(model: nn.Module, fraction: float) -> tuple[MaskPlan, int, int]:
+    """Masks removing floor(fraction * n) entries of each conv/linear weight; returns (plan, pruned, total)."""
+    gen = torch.Generator().manual_seed(0)
+    masks, pruned, total = {}, 0, 0
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            n = module.weight.numel()
+            k = math.floor(fraction * n)
+            mask = torch.ones(n, dtype=torch.bool)
+            mask[torch.randperm(n, generator=gen)[:k]] = False
+            masks[f"{name}.weight"] = mask.view_as(module.weight)
+            pruned, total = pruned + k, total + n
+    return MaskPlan(masks), pruned, total
+
+
+def test_masks_survive_training_and_fold(tmp_path) -> None:
+    model = build("resnet_tiny")
+    plan, pruned, total = exact_masks(model, 0.6)
+    assert plan.sparsity() == pruned / total
+    assert plan.layer_sparsity()["linear.weight"] == math.floor(0.6 * 640) / 640
+    json.dumps(plan.to_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    attach_masks(model, plan)
+    assert has_masks(model) and model.prunelab_masks is plan
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(4, *SHAPE)), torch.randint(0, 10, (4,))).backward()
+        opt.step()
+    model(torch.randn(1, *SHAPE))
+    conv = model.layer2[0].conv1
+    mask = plan.masks["layer2.0.conv1.weight"]
+    assert torch.all(conv.weight[~mask] == 0) and torch.all(conv.weight[mask] != 0)
+    assert torch.all(conv.weight_orig.grad[~mask] == 0)
+    assert sparsity(model) == pytest.approx(plan.sparsity(), abs=1e-12)
+
+    fold_masks(model)
+    assert not has_masks(model)
+    assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
+    assert isinstance(model.layer2[0].conv1.weight, nn.Parameter)
+    assert sparsity(model) == pytest.approx(plan.sparsity(), abs=1e-12)
+
+    plan.save(tmp_path / "masks.pt")
+    payload = torch.load(tmp_path / "masks.pt", weights_only=True)
+    assert payload["masks"]["linear.weight"].dtype == torch.bool
+    loaded = MaskPlan.load(tmp_path / "masks.pt")
+    assert all(torch.equal(loaded.masks[k], plan.masks[k]) for k in plan.masks)
+
+
+def test_reattached_masks_can_grow_back_and_zero_masked() -> None:
+    model = build("vgg_tiny")
+    original = model.classifier.weight.detach().clone()
+    sparse, _, _ = exact_masks(model, 0.5)
+    attach_masks(model, sparse)
+    dense = MaskPlan({k: torch.ones_like(v) for k, v in sparse.masks.items()})
+    attach_masks(model, dense)
+    assert torch.equal(model.classifier.weight, original)
+    assert model.prunelab_masks is dense
+    fold_masks(model)
+
+    zero_masked_(model, sparse)
+    assert not has_masks(model)
+    assert sparsity(model) == pytest.approx(sparse.sparsity(), abs=1e-12)
+    assert torch.equal(model.classifier.weight[sparse.masks["classifier.weight"]], original[sparse.masks["classifier.weight"]])
+
+
+def test_reinitialize_follows_pruned_fans() -> None:
+    model = build("resnet_tiny")
+    plan = ChannelPlan(
+        {"layer3.0.conv1": list(range(16)), "layer2.0.conv2": list(range(8))}, {"layer3.0.conv1": 64, "layer2.0.conv2": 32}
+    )
+    apply_channel_plan(model, plan, SHAPE)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(3)
+    reinitialize(model)
+    after = model.state_dict()
+    assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
+    assert not torch.equal(before["layer3.0.conv2.weight"], after["layer3.0.conv2.weight"])
+    # Kaiming-normal (fan_in) as in the reference: std = sqrt(2 / (in_channels * 9)) with the NEW fan.
+    weight = model.layer3[0].conv2.weight
+    assert weight.shape == (64, 16, 3, 3)
+    assert weight.std().item() == pytest.approx(math.sqrt(2 / (16 * 9)), rel=0.05)
+    assert model.layer3[0].conv1.weight.std().item() == pytest.approx(math.sqrt(2 / (8 * 9)), rel=0.08)
+
+
+def test_reinitialize_without_init_weights_and_with_masks() -> None:
+    model = build("concat")
+    before = model.conv_a.weight.detach().clone()
+    reinitialize(model)
+    assert not torch.equal(before, model.conv_a.weight)
+
+    masked = build("vgg_tiny")
+    plan, _, _ = exact_masks(masked, 0.5)
+    attach_masks(masked, plan)
+    old = masked.features[0].weight_orig.detach().clone()
+    reinitialize(masked)
+    assert has_masks(masked) and masked.prunelab_masks is plan
+    assert not torch.equal(old, masked.features[0].weight_orig)
+    assert sparsity(masked) == pytest.approx(plan.sparsity(), abs=1e-12)
