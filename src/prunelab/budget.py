@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -52,3 +54,247 @@ def sparsity(model: nn.Module) -> float:
 def measure(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
     """FLOPs (MACs), parameters and sparsity of a model, as `summary.json` reports them."""
     return {"flops": count_flops(model, input_shape), "params": count_params(model), "sparsity": sparsity(model)}
+
+
+def latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    warmup: int = 3,
+    repeats: int = 10,
+) -> float:
+    """Median wall time in milliseconds of one eval-mode forward pass on a batch, after warm-up runs."""
+    import copy
+    import statistics
+    import time
+
+    device = torch.device(device)
+    net = copy.deepcopy(model).to(device).eval()
+    x = torch.randn(batch_size, *input_shape, device=device)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            net(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def measure_latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_sizes: tuple[int, ...] = (1, 64),
+    device: str = "auto",
+    warmup: int = 3,
+    repeats: int = 10,
+) -> dict[str, float]:
+    """Latency at each batch size, as `latency_b<N>_ms` entries; device "auto" picks CUDA when present."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        f"latency_b{b}_ms": round(latency(model, input_shape, b, device, warmup, repeats), 4) for b in batch_sizes
+    }
+
+
+def scratch_b_epochs(base_epochs: int, dense_flops: float, pruned_flops: float, max_factor: float | None = None) -> int:
+    """Scratch-B (Liu et al. 2019): train the pruned model for the dense model's compute budget.
+
+    The epochs grow by dense FLOPs / pruned FLOPs, at most by `max_factor` when one is given.
+    """
+    factor = dense_flops / max(pruned_flops, 1)
+    if max_factor is not None:
+        factor = min(factor, max_factor)
+    return max(1, int(round(base_epochs * factor)))
+
+
+class BudgetError(ValueError):
+    """The requested budget cannot be met (it says how close it got and why)."""
+
+
+def parse_layer_ratios(spec: list, groups: list) -> dict[str, float]:
+    """Per-group fractions of channels to remove, from a list given per stage or per layer range.
+
+    A list of numbers gives one ratio per stage of the model (its top-level blocks that hold layers:
+    `[0, 0.75, 0.75, 0.32, 0]` for a CIFAR ResNet's stem, three stages and classifier). Strings
+    `"a-b:r"` or `"a:r"` give ratio r to the groups whose root layer has index a..b among the model's
+    conv/linear layers (0-based, inclusive), e.g. `["1-15:0.7"]` for VGG-19's convolutions.
+    """
+    ratios: dict[str, float] = {}
+    if all(isinstance(r, (int, float)) for r in spec):
+        stages = 1 + max(g.stage for g in groups)
+        if len(spec) != stages:
+            raise BudgetError(f"layer_ratios has {len(spec)} entries but the model has {stages} stages")
+        ratios = {g.name: float(spec[g.stage]) for g in groups}
+    else:
+        for item in spec:
+            try:
+                span, ratio = str(item).split(":")
+                first, _, last = span.partition("-")
+                lo, hi, r = int(first), int(last or first), float(ratio)
+            except ValueError as err:
+                raise BudgetError(f"layer_ratios entry {item!r} is not 'a-b:ratio' or 'a:ratio'") from err
+            for g in groups:
+                if lo <= g.layer_index <= hi:
+                    ratios[g.name] = r
+    bad = {k: v for k, v in ratios.items() if not 0.0 <= v < 1.0}
+    if bad:
+        raise BudgetError(f"layer ratios must be in [0, 1) (a layer never loses all channels): {bad}")
+    return ratios
+
+
+def keep_count(count: int, size: int, round_to: int = 1) -> int:
+    """Channels to keep: at least one, rounded up to a multiple of `round_to`, never more than `size`."""
+    count = max(1, int(count))
+    if round_to > 1:
+        count = math.ceil(count / round_to) * round_to
+    return min(size, count)
+
+
+def plan_by_counts(scores: dict[str, torch.Tensor], counts: dict[str, int]):
+    """A ChannelPlan keeping, in each group, the `counts[group]` channels with the highest scores."""
+    from prunelab.structure import ChannelPlan
+
+    keep = {}
+    for name, s in scores.items():
+        order = torch.argsort(s.detach().float().cpu(), descending=True, stable=True)
+        keep[name] = sorted(order[: counts[name]].tolist())
+    return ChannelPlan(keep=keep, sizes={name: int(s.numel()) for name, s in scores.items()})
+
+
+def plan_by_threshold(scores: dict[str, torch.Tensor], tau: float, round_to: int = 1):
+    """A ChannelPlan keeping the channels whose score is at least `tau` (at least one per group)."""
+    counts = {n: keep_count(int((s >= tau).sum()), s.numel(), round_to) for n, s in scores.items()}
+    return plan_by_counts(scores, counts)
+
+
+def search_threshold(
+    model: nn.Module,
+    scores: dict[str, torch.Tensor],
+    target: float,
+    input_shape: tuple[int, ...],
+    metric: str = "flops",
+    tolerance: float = 0.01,
+    iterations: int = 30,
+    round_to: int = 1,
+):
+    """Binary search of a global threshold on normalised scores to keep `target` of the dense FLOPs.
+
+    Pruning from Scratch, Algorithm 1: tau in [0, 1] over scores divided by their global maximum, T
+    iterations, stop when |C_t - C| / C <= epsilon. Each candidate is measured by building the pruned
+    architecture and counting it, never by bookkeeping. The paper's extracted text swaps the bound
+    update; we raise tau_min when the candidate is still too large, which is the convergent direction.
+    Returns the plan and the ratio it achieves.
+    """
+    import copy
+
+    from prunelab.structure import apply_channel_plan
+
+    count = count_flops if metric == "flops" else (lambda m, _: count_params(m))
+    dense = count(model, input_shape)
+    top = max(float(s.max()) for s in scores.values())
+    normalised = {n: s.detach().float().cpu() / (top if top > 0 else 1.0) for n, s in scores.items()}
+
+    def achieved(plan) -> float:
+        return count(apply_channel_plan(copy.deepcopy(model), plan, input_shape), input_shape) / dense
+
+    smallest = achieved(plan_by_threshold(normalised, float("inf"), round_to))
+    if smallest > target * (1 + tolerance):
+        raise BudgetError(
+            f"{metric} budget {target:.4g} cannot be met: keeping a single channel (round_to={round_to}) in "
+            f"every prunable group still leaves {smallest:.4g} of the dense {metric}"
+        )
+    lo, hi = 0.0, 1.0
+    best = None
+    for _ in range(iterations):
+        tau = (lo + hi) / 2
+        plan = plan_by_threshold(normalised, tau, round_to)
+        ratio = achieved(plan)
+        if abs(ratio - target) / target <= tolerance:
+            return plan, ratio
+        if ratio <= target and (best is None or ratio > best[1]):
+            best = (plan, ratio)
+        if ratio > target:
+            lo = tau
+        else:
+            hi = tau
+    closest = f"closest under budget: {best[1]:.4g}" if best else "no candidate was under budget"
+    raise BudgetError(
+        f"no threshold in {iterations} binary-search steps brings the {metric} ratio within "
+        f"{tolerance:.2%} of {target:.4g} ({closest}); raise budget.tolerance or budget.iterations"
+    )
+
+
+def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], budget, input_shape: tuple[int, ...]):
+    """The ChannelPlan a budget asks for, given per-channel scores of the groups that may be pruned.
+
+    `budget.layer_ratios` fixes the fraction removed per group; otherwise a global threshold is
+    searched to meet `budget.flops` or `budget.params` (fractions of the dense model to keep).
+    """
+    from prunelab.structure import channel_groups
+
+    round_to = int(budget.get("round_to") or 1)
+    if budget.get("layer_ratios"):
+        groups = [g for g in channel_groups(model, input_shape) if g.name in scores]
+        ratios = parse_layer_ratios(list(budget.layer_ratios), groups)
+        counts = {
+            n: keep_count(round(s.numel() * (1 - ratios.get(n, 0.0))), s.numel(), round_to) for n, s in scores.items()
+        }
+        return plan_by_counts(scores, counts)
+    for metric in ("flops", "params"):
+        if budget.get(metric) is not None:
+            target = float(budget[metric])
+            if not 0.0 < target <= 1.0:
+                raise BudgetError(f"budget.{metric} is the fraction to keep, in (0, 1]; got {target}")
+            plan, _ = search_threshold(
+                model,
+                scores,
+                target,
+                input_shape,
+                metric=metric,
+                tolerance=float(budget.get("tolerance", 0.01)),
+                iterations=int(budget.get("iterations", 30)),
+                round_to=round_to,
+            )
+            return plan
+    raise BudgetError("structured pruning needs budget.flops, budget.params or budget.layer_ratios")
+
+
+def unstructured_plan(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "global"):
+    """A MaskPlan removing exactly `sparsity` of the scored weights: the lowest scores go first.
+
+    "global" ranks all weights together (exact to one weight overall); "layer" removes the same
+    fraction from every tensor (exact to one weight per tensor). Ties break by position, so the
+    result is deterministic.
+    """
+    from prunelab.structure import MaskPlan
+
+    if not 0.0 <= sparsity < 1.0:
+        raise BudgetError(f"budget.sparsity is the fraction of weights to remove, in [0, 1); got {sparsity}")
+    if scope not in ("global", "layer"):
+        raise BudgetError(f"budget.scope must be 'global' or 'layer', got {scope!r}")
+    masks = {}
+    if scope == "layer":
+        for name, s in scores.items():
+            masks[name] = _keep_top(s.flatten(), s.numel() - round(sparsity * s.numel())).view_as(s)
+    else:
+        flat = torch.cat([s.detach().float().cpu().flatten() for s in scores.values()])
+        keep = _keep_top(flat, flat.numel() - round(sparsity * flat.numel()))
+        offset = 0
+        for name, s in scores.items():
+            masks[name] = keep[offset : offset + s.numel()].view_as(s)
+            offset += s.numel()
+    return MaskPlan(masks=masks)
+
+
+def _keep_top(values: torch.Tensor, k: int) -> torch.Tensor:
+    """A boolean mask selecting exactly the k largest values (ties broken by position)."""
+    keep = torch.zeros(values.numel(), dtype=torch.bool)
+    order = torch.argsort(values.detach().float().cpu(), descending=True, stable=True)
+    keep[order[:k]] = True
+    return keep

@@ -34,8 +34,9 @@ def constant(optimizer: torch.optim.Optimizer, epochs: int):
 class PruneLitModule(L.LightningModule):
     """Trains, validates and tests a classifier; a pruning method changes what is trained through hooks.
 
-    Metrics are logged as `<stage>/<split>/<metric>` (e.g. `train/val/acc`) during fitting, and as
-    `test/acc`, `test/acc5`, `test/loss` when testing. Accuracies are percentages.
+    Metrics are logged as `<stage>/<split>/<metric>` (e.g. `finetune/val/acc`) during fitting, and as
+    `test/acc`, `test/acc5`, `test/loss` by the final test (`<stage>/test/acc` by an earlier one).
+    Accuracies are percentages.
     """
 
     def __init__(
@@ -96,7 +97,7 @@ class PruneLitModule(L.LightningModule):
         loss = F.cross_entropy(logits, y)
         self.test_acc.update(logits, y)
         self.test_acc5.update(logits, y)
-        self.log("test/loss", loss, on_epoch=True, sync_dist=True)
+        self.log(f"{self._test_prefix}test/loss", loss, on_epoch=True, sync_dist=True)
 
     # Accuracies are logged once per epoch, as percentages.
     def on_train_epoch_end(self) -> None:
@@ -107,8 +108,13 @@ class PruneLitModule(L.LightningModule):
         self._log_percent(f"{self.stage}/val/acc", self.val_acc, prog_bar=True)
 
     def on_test_epoch_end(self) -> None:
-        self._log_percent("test/acc", self.test_acc, prog_bar=True)
-        self._log_percent("test/acc5", self.test_acc5)
+        self._log_percent(f"{self._test_prefix}test/acc", self.test_acc, prog_bar=True)
+        self._log_percent(f"{self._test_prefix}test/acc5", self.test_acc5)
+
+    @property
+    def _test_prefix(self) -> str:
+        """The final evaluation logs `test/...`; an earlier one (e.g. of the dense model) `<stage>/test/...`."""
+        return "" if self.stage == "test" else f"{self.stage}/"
 
     def _log_percent(self, name: str, metric: MulticlassAccuracy, prog_bar: bool = False) -> None:
         if metric.update_count:

@@ -15,14 +15,16 @@ class Stage:
     """One step of an experiment.
 
     `kind` tells the pipeline how to run it: "fit" trains with Lightning (with the method's hooks), "prune"
-    asks the method for a plan and applies it, "test" evaluates. `epochs`, `optimizer` and `scheduler`
-    give a fit stage its schedule; None falls back to the experiment's `trainer.max_epochs`, `optimizer`
-    and `scheduler`.
+    asks the method for a plan and applies it, "recalibrate" re-estimates BatchNorm statistics,
+    "retrain" prepares the pruned model by `retrain.mode` and fits it, "test" evaluates. `epochs`, `lr`,
+    `optimizer` and `scheduler` give a fit stage its schedule; None falls back to the experiment's
+    `trainer.max_epochs`, `optimizer` (with its lr) and `scheduler`.
     """
 
     name: str
     kind: str
     epochs: int | None = None
+    lr: float | None = None
     optimizer: Any = None
     scheduler: Any = None
     options: dict[str, Any] = field(default_factory=dict)
@@ -36,8 +38,16 @@ class PruningMethod:
     """
 
     def stages(self) -> list[Stage]:
-        """The experiment's stages in order; the default trains the dense model."""
+        """The method's own stages in order; the default trains the dense model.
+
+        When they include a "prune" stage, the pipeline adds dense pre-training (`pretrain.epochs`), an
+        evaluation of the dense model, BN re-estimation and retraining around them (see pipeline.py).
+        """
         return [Stage("train", "fit")]
+
+    def plan(self, model: nn.Module, ctx: Any) -> Any:
+        """The ChannelPlan or MaskPlan for a "prune" stage; `ctx` holds the config, data and input shape."""
+        raise NotImplementedError(f"{type(self).__name__} has a prune stage but no plan()")
 
     def setup(self, model: nn.Module, stage: Stage) -> nn.Module:
         """Prepare the model before a stage runs (attach gates, masks or scores); returns the model."""
@@ -63,3 +73,13 @@ class PruningMethod:
 
     def on_train_epoch_end(self, model: nn.Module, epoch: int) -> None:
         """Called at the end of every training epoch."""
+
+
+def prunable_groups(model: nn.Module, ctx: Any) -> list:
+    """The channel groups a structured method may prune under the experiment's budget settings."""
+    from prunelab.structure import channel_groups
+
+    groups = channel_groups(model, ctx.input_shape)
+    if not ctx.budget.get("prune_coupled", True):
+        groups = [g for g in groups if not g.coupled]
+    return groups

@@ -29,7 +29,8 @@ class ChannelGroup:
     first (depthwise convolutions fed by the group are included, as their outputs are the same
     channels); `stage` counts the model's top-level children that hold a conv/linear layer, and
     `layer_index` counts all conv/linear layers in module order. `coupled` marks residual streams:
-    more than one layer other than a depthwise convolution writes these channels.
+    more than one layer other than a depthwise convolution writes these channels. `norms` names the
+    BatchNorm layers that normalise these channels (what Network Slimming scores).
     """
 
     name: str
@@ -38,6 +39,7 @@ class ChannelGroup:
     stage: int = 0
     layer_index: int = 0
     coupled: bool = False
+    norms: list[str] = field(default_factory=list)
 
 
 def _is_depthwise(module: nn.Module) -> bool:
@@ -140,9 +142,12 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
         size = int(pruner.get_out_channels(module))
         group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
         producers = []
+        norms: list[str] = []
         prunable = True
         for dep, _ in group:
             target = dep.target.module
+            if isinstance(target, nn.modules.batchnorm._BatchNorm) and target in names and names[target] not in norms:
+                norms.append(names[target])
             if not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
             visited.add(target)
@@ -162,6 +167,7 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
                 stage=stages.get(name, 0),
                 layer_index=index_of[name],
                 coupled=sum(not _is_depthwise(m) for m in members) > 1,
+                norms=sorted(norms, key=list(names.values()).index),
             )
         )
     return groups

@@ -1,0 +1,80 @@
+"""The baselines the papers compare against: L1-norm filters, weight magnitude, random, uniform width."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunelab.budget import prunable_weights, structured_plan, unstructured_plan
+from prunelab.methods.base import PruningMethod, Stage, prunable_groups
+from prunelab.structure import group_weights
+
+
+class _OneShot(PruningMethod):
+    """A method that prunes once, from scores computed on the model as it is."""
+
+    def stages(self) -> list[Stage]:
+        return [Stage("prune", "prune")]
+
+
+class L1Filter(_OneShot):
+    """Li et al. 2017, "Pruning Filters for Efficient ConvNets": drop the filters of smallest L1 norm.
+
+    A group's channel score sums the L1 norms of that channel's filters over every layer producing it.
+    With `budget.layer_ratios` each group loses its given fraction (the paper's per-layer setting);
+    otherwise one global threshold meets the FLOPs or parameter budget, on scores divided by each
+    group's maximum (`normalize: true`) so that layers of different scale compare.
+    """
+
+    def __init__(self, normalize: bool = True):
+        self.normalize = normalize
+
+    def plan(self, model: nn.Module, ctx: Any):
+        scores = {}
+        for group in prunable_groups(model, ctx):
+            norms = sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, group))
+            scores[group.name] = norms / norms.max().clamp_min(1e-12) if self.normalize else norms
+        return structured_plan(model, scores, ctx.budget, ctx.input_shape)
+
+
+class Magnitude(_OneShot):
+    """Unstructured magnitude pruning: remove the weights of smallest |w|, globally or per layer."""
+
+    def plan(self, model: nn.Module, ctx: Any):
+        scores = {name: w.detach().abs() for name, w in prunable_weights(model)}
+        return unstructured_plan(scores, _sparsity(ctx), ctx.budget.scope)
+
+
+class Random(_OneShot):
+    """Random pruning, structured (channels) or unstructured (weights), seeded by the experiment's seed."""
+
+    def __init__(self, structured: bool = True):
+        self.structured = structured
+
+    def plan(self, model: nn.Module, ctx: Any):
+        generator = torch.Generator().manual_seed(int(ctx.cfg.seed))
+        if self.structured:
+            scores = {g.name: torch.rand(g.size, generator=generator) for g in prunable_groups(model, ctx)}
+            return structured_plan(model, scores, ctx.budget, ctx.input_shape)
+        scores = {name: torch.rand(w.shape, generator=generator) for name, w in prunable_weights(model)}
+        return unstructured_plan(scores, _sparsity(ctx), ctx.budget.scope)
+
+
+class Uniform(_OneShot):
+    """A uniformly thinner network: every group keeps the same fraction, chosen to meet the budget.
+
+    Scores fall linearly with the channel index, so a global threshold keeps the same leading
+    fraction of every group; the threshold search then finds the width that meets the FLOPs target.
+    """
+
+    def plan(self, model: nn.Module, ctx: Any):
+        scores = {g.name: 1.0 - torch.arange(g.size, dtype=torch.float) / g.size for g in prunable_groups(model, ctx)}
+        return structured_plan(model, scores, ctx.budget, ctx.input_shape)
+
+
+def _sparsity(ctx: Any) -> float:
+    if ctx.budget.get("sparsity") is None:
+        raise ValueError("unstructured pruning needs budget.sparsity (the fraction of weights to remove)")
+    return float(ctx.budget.sparsity)
