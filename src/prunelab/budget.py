@@ -182,6 +182,7 @@ def search_threshold(
     tolerance: float = 0.01,
     iterations: int = 30,
     round_to: int = 1,
+    reference: float | None = None,
 ):
     """Binary search of a global threshold on normalised scores to keep `target` of the dense FLOPs.
 
@@ -189,14 +190,15 @@ def search_threshold(
     iterations, stop when |C_t - C| / C <= epsilon. Each candidate is measured by building the pruned
     architecture and counting it, never by bookkeeping. The paper's extracted text swaps the bound
     update; we raise tau_min when the candidate is still too large, which is the convergent direction.
-    Returns the plan and the ratio it achieves.
+    The ratio is taken against `reference` (the dense backbone's count) when given, else against
+    the model itself. Returns the plan and the ratio it achieves.
     """
     import copy
 
     from prunelab.structure import apply_channel_plan
 
     count = count_flops if metric == "flops" else (lambda m, _: count_params(m))
-    dense = count(model, input_shape)
+    dense = reference if reference is not None else count(model, input_shape)
     top = max(float(s.max()) for s in scores.values())
     normalised = {n: s.detach().float().cpu() / (top if top > 0 else 1.0) for n, s in scores.items()}
 
@@ -230,14 +232,16 @@ def search_threshold(
     )
 
 
-def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], budget, input_shape: tuple[int, ...]):
-    """The ChannelPlan a budget asks for, given per-channel scores of the groups that may be pruned.
+def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
+    """The ChannelPlan the experiment's budget asks for, given per-channel scores of prunable groups.
 
     `budget.layer_ratios` fixes the fraction removed per group; otherwise a global threshold is
-    searched to meet `budget.flops` or `budget.params` (fractions of the dense model to keep).
+    searched to meet `budget.flops` or `budget.params`, fractions of the dense backbone
+    (`ctx.dense`) to keep. `ctx` is the pipeline's Context (budget, input_shape, dense).
     """
     from prunelab.structure import channel_groups
 
+    budget, input_shape = ctx.budget, ctx.input_shape
     round_to = int(budget.get("round_to") or 1)
     if budget.get("layer_ratios"):
         groups = [g for g in channel_groups(model, input_shape) if g.name in scores]
@@ -260,6 +264,7 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], budget, i
                 tolerance=float(budget.get("tolerance", 0.01)),
                 iterations=int(budget.get("iterations", 30)),
                 round_to=round_to,
+                reference=ctx.dense.get(metric) if ctx.dense else None,
             )
             return plan
     raise BudgetError("structured pruning needs budget.flops, budget.params or budget.layer_ratios")

@@ -80,6 +80,8 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list[Callback] | None =
     )
     model.prunelab_input_shape = ctx.input_shape
     ctx.dense = measure(model, ctx.input_shape)
+    model = method.initial_model(model)
+    model.prunelab_input_shape = ctx.input_shape
     rewind = run_dir / "rewind.pt"
     if cfg.retrain.mode == "rewind" and cfg.retrain.rewind_iteration == 0 and not rewind.exists():
         save_model(model, rewind)

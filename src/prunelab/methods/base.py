@@ -49,6 +49,14 @@ class PruningMethod:
         """The ChannelPlan or MaskPlan for a "prune" stage; `ctx` holds the config, data and input shape."""
         raise NotImplementedError(f"{type(self).__name__} has a prune stage but no plan()")
 
+    def initial_model(self, model: nn.Module) -> nn.Module:
+        """The model the method starts from, given the dense backbone (already measured as the reference).
+
+        E.g. Pruning from Scratch returns a wider, randomly initialised copy; FLOPs budgets stay
+        relative to the dense backbone.
+        """
+        return model
+
     def setup(self, model: nn.Module, stage: Stage) -> nn.Module:
         """Prepare the model before a stage runs (attach gates, masks or scores); returns the model."""
         return model

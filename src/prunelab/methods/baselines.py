@@ -36,7 +36,7 @@ class L1Filter(_OneShot):
         for group in prunable_groups(model, ctx):
             norms = sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, group))
             scores[group.name] = norms / norms.max().clamp_min(1e-12) if self.normalize else norms
-        return structured_plan(model, scores, ctx.budget, ctx.input_shape)
+        return structured_plan(model, scores, ctx)
 
 
 class Magnitude(_OneShot):
@@ -57,7 +57,7 @@ class Random(_OneShot):
         generator = torch.Generator().manual_seed(int(ctx.cfg.seed))
         if self.structured:
             scores = {g.name: torch.rand(g.size, generator=generator) for g in prunable_groups(model, ctx)}
-            return structured_plan(model, scores, ctx.budget, ctx.input_shape)
+            return structured_plan(model, scores, ctx)
         scores = {name: torch.rand(w.shape, generator=generator) for name, w in prunable_weights(model)}
         return unstructured_plan(scores, _sparsity(ctx), ctx.budget.scope)
 
@@ -71,7 +71,7 @@ class Uniform(_OneShot):
 
     def plan(self, model: nn.Module, ctx: Any):
         scores = {g.name: 1.0 - torch.arange(g.size, dtype=torch.float) / g.size for g in prunable_groups(model, ctx)}
-        return structured_plan(model, scores, ctx.budget, ctx.input_shape)
+        return structured_plan(model, scores, ctx)
 
 
 def _sparsity(ctx: Any) -> float:

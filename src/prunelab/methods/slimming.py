@@ -49,4 +49,4 @@ class Slimming(PruningMethod):
             scores[group.name] = sum(model.get_submodule(n).weight.detach().abs() for n in group.norms)
         if not scores:
             raise ValueError("slimming needs BatchNorm layers after the prunable convolutions; this model has none")
-        return structured_plan(model, scores, ctx.budget, ctx.input_shape)
+        return structured_plan(model, scores, ctx)
