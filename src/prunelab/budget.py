@@ -128,8 +128,10 @@ def parse_layer_ratios(spec: list, groups: list) -> dict[str, float]:
     ratios: dict[str, float] = {}
     if all(isinstance(r, (int, float)) for r in spec):
         stages = 1 + max(g.stage for g in groups)
-        if len(spec) != stages:
-            raise BudgetError(f"layer_ratios has {len(spec)} entries but the model has {stages} stages")
+        if len(spec) < stages:
+            raise BudgetError(
+                f"layer_ratios has {len(spec)} entries but the model's prunable groups span {stages} stages"
+            )
         ratios = {g.name: float(spec[g.stage]) for g in groups}
     else:
         for item in spec:
