@@ -88,3 +88,22 @@ def test_wandb_logger_works_offline_and_logs_config(tmp_path):
     # The offline record holds the resolved config and the summary metrics (protobuf strings are raw).
     record = runs[0].read_bytes()
     assert b"resnet_tiny" in record and b"SyntheticDataModule" in record and b"test/acc" in record
+
+
+def test_quickstart_preset_prunes_and_prints_before_after_table(tmp_path):
+    out = run_cli(
+        "experiment=quickstart",
+        "pretrain.epochs=3",
+        "retrain.epochs=1",
+        "latency.repeats=2",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for row in ("accuracy (%)", "FLOPs (MACs)", "parameters", "latency batch 1 (ms)", "latency batch 64 (ms)"):
+        assert row in out.stdout, row
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["model/flops_ratio"] == pytest.approx(0.5, rel=0.02)
+    assert summary["dense/test/acc"] > 50.0  # three epochs on real digits already clear chance (10%) by far
+    assert (tmp_path / "run" / "model.ts").exists() and (tmp_path / "run" / "model.pt").exists()

@@ -217,3 +217,26 @@ def test_bn_recalibration_restores_accuracy_of_pretrained_resnet20(tmp_path):
     assert 30.0 < plain["test/acc"] < 50.0
     assert recal["test/acc"] > plain["test/acc"] + 25.0
     assert recal["model/sparsity"] == pytest.approx(0.8, abs=1e-4)
+
+
+def test_slimming_penalty_shrinks_bn_scales(tmp_path):
+    def gamma_l1(run_dir):
+        model = load_model(_stage(run_dir, "sparsity") / "model.pt")
+        return sum(float(m.weight.abs().sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+    args = ["method=slimming", "budget.flops=0.5", "budget.tolerance=0.02", "retrain=none", "trainer.max_epochs=2"]
+    _run(tmp_path / "off", *args, "method.penalty=0")
+    _run(tmp_path / "on", *args, "method.penalty=0.1")
+    assert gamma_l1(tmp_path / "on") < 0.9 * gamma_l1(tmp_path / "off")
+
+
+def test_timm_backbone_prunes_end_to_end(tmp_path):
+    summary, _ = _run(
+        tmp_path, "backbone=timm", "backbone.name=timm:resnet18", "method=l1_filter", "budget.flops=0.5",
+        "budget.tolerance=0.02", "retrain=none",
+    )
+    exported = load_model(tmp_path / "model.pt")
+    assert count_flops(exported, (3, 32, 32)) / summary["dense/flops"] == pytest.approx(0.5, rel=0.02)
+    deployed = torch.jit.load(str(tmp_path / "model.ts"))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(deployed(x), exported.eval()(x), atol=1e-5)

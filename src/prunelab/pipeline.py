@@ -21,7 +21,7 @@ from torch import nn
 
 from prunelab import structure
 from prunelab.budget import count_flops, measure, measure_latency, scratch_b_epochs
-from prunelab.export import load_model, save_model
+from prunelab.export import export_deployable, load_model, save_model
 from prunelab.lit import PruneLitModule
 from prunelab.methods.base import PruningMethod, Stage
 
@@ -104,6 +104,7 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list[Callback] | None =
     summary.update(_latency(cfg, model, ctx.input_shape))
     if rank_zero_only.rank == 0:
         save_model(model, run_dir / "model.pt")
+        export_deployable(model, run_dir / "model.ts", ctx.input_shape)
         _write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         if logger is not None:
             logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
