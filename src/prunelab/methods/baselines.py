@@ -70,7 +70,10 @@ class Uniform(_OneShot):
     """
 
     def plan(self, model: nn.Module, ctx: Any):
-        scores = {g.name: 1.0 - torch.arange(g.size, dtype=torch.float) / g.size for g in prunable_groups(model, ctx)}
+        # Half-step offsets keep groups of different sizes from tying, so the FLOPs steps are finer.
+        scores = {
+            g.name: 1.0 - (torch.arange(g.size, dtype=torch.float) + 0.5) / g.size for g in prunable_groups(model, ctx)
+        }
         return structured_plan(model, scores, ctx)
 
 
