@@ -240,3 +240,19 @@ def test_timm_backbone_prunes_end_to_end(tmp_path):
     deployed = torch.jit.load(str(tmp_path / "model.ts"))
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(deployed(x), exported.eval()(x), atol=1e-5)
+
+
+def test_retrain_schedule_from_config(tmp_path):
+    from prunelab.pipeline import plan_stages
+    from prunelab.methods.baselines import L1Filter
+
+    cfg = make_cfg(
+        tmp_path, "pretrain.epochs=2", "pretrain.lr=0.3", "retrain=scratch", "retrain.epochs=3",
+        "retrain.optimizer={_target_: torch.optim.Adam, _partial_: true, lr: 0.001}", "scheduler=multistep",
+    )
+    stages = plan_stages(cfg, L1Filter())
+    assert [s.name for s in stages] == ["pretrain", "dense", "prune", "scratch", "test"]
+    assert (stages[0].epochs, stages[0].lr) == (2, 0.3)
+    assert stages[3].epochs == 3 and stages[3].optimizer._target_ == "torch.optim.Adam"
+    cfg = make_cfg(tmp_path, "retrain=none", "bn_recalibration.batches=5", "test=false")
+    assert [s.name for s in plan_stages(cfg, L1Filter())] == ["prune", "prune_bn"]

@@ -124,7 +124,7 @@ def plan_stages(cfg: DictConfig, method: PruningMethod) -> list[Stage]:
     stages: list[Stage] = []
     if any(s.kind == "prune" for s in own):
         if cfg.pretrain.epochs:
-            stages.append(Stage("pretrain", "fit", epochs=cfg.pretrain.epochs, lr=cfg.pretrain.lr))
+            stages.append(Stage("pretrain", "fit", **_schedule(cfg.pretrain)))
         if cfg.get("test", True):
             stages.append(Stage("dense", "test"))
         for stage in own:
@@ -132,12 +132,17 @@ def plan_stages(cfg: DictConfig, method: PruningMethod) -> list[Stage]:
             if stage.kind == "prune" and cfg.bn_recalibration.batches:
                 stages.append(Stage(f"{stage.name}_bn", "recalibrate", options={"batches": cfg.bn_recalibration.batches}))
         if cfg.retrain.mode != "none":
-            stages.append(Stage(cfg.retrain.mode, "retrain", epochs=cfg.retrain.epochs, lr=cfg.retrain.lr))
+            stages.append(Stage(cfg.retrain.mode, "retrain", **_schedule(cfg.retrain)))
     else:
         stages.extend(own)
     if cfg.get("test", True):
         stages.append(Stage("test", "test"))
     return stages
+
+
+def _schedule(node: DictConfig) -> dict[str, Any]:
+    """A stage's schedule from its config node (None entries fall back to the experiment's)."""
+    return {key: node.get(key) for key in ("epochs", "lr", "optimizer", "scheduler")}
 
 
 def _run_stage(ctx: Context, index: int, stage: Stage, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
@@ -276,7 +281,8 @@ def _retrain(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> t
         raise ValueError(f"retrain.mode must be finetune, scratch, scratch_b, rewind or none; got {mode!r}")
     if mode == "scratch_b":
         epochs = scratch_b_epochs(epochs, ctx.dense["flops"], count_flops(model, ctx.input_shape), cfg.max_factor)
-    metrics, model = _fit(ctx, Stage(stage.name, "fit", epochs=epochs, lr=stage.lr), stage_dir, model)
+    fit = Stage(stage.name, "fit", epochs=epochs, lr=stage.lr, optimizer=stage.optimizer, scheduler=stage.scheduler)
+    metrics, model = _fit(ctx, fit, stage_dir, model)
     return {**metrics, f"{stage.name}/epochs": epochs}, model
 
 
