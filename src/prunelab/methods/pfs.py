@@ -1,0 +1,354 @@
+"""Pruning from Scratch (Wang et al., AAAI 2020): channel gates learned on frozen random weights.
+
+The method starts from a freshly initialised backbone widened by `expansion` (1.25 in the paper; a
+width multiplier scales every layer, so a ResNet's block inputs and outputs grow together). Its
+`search` stage attaches one scalar gate to every prunable channel, multiplied onto the channel after
+its BatchNorm, and trains only the gates with Adam on
+
+    cross-entropy + gamma * (sum_j ||lambda_j||_1 / sum_j C_j - r)^2,
+
+clamping them to [0, 1] after each step, as the official code does. Weights and BatchNorm parameters
+stay frozen (they do not even require gradients, so the backward pass computes no weight gradient).
+Of all validation checks, the gates kept are those with the best accuracy among the checks whose
+density (fraction of non-zero gates) is at most r; when no check qualifies, the final gates. The
+`prune` stage then keeps the channels with the largest gates, one global threshold binary-searched
+until the pruned architecture's measured FLOPs are within `budget.tolerance` of `budget.flops` of the
+dense, unexpanded backbone (Algorithm 1). Scratch-B training of the result is `retrain=scratch_b`,
+which the experiment presets `pfs_*` select.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from prunelab.budget import structured_plan
+from prunelab.methods.base import PruningMethod, Stage
+from prunelab.structure import ChannelGroup, channel_groups
+from prunelab.structure.groups import PRUNABLE_TYPES, eval_mode
+
+log = logging.getLogger("prunelab")
+
+# The name of the gate search stage, and of the module that holds the gates on the model during it.
+SEARCH = "search"
+GATES = "pfs_gates"
+
+
+class ChannelGates(nn.Module):
+    """The gates of a search: one vector per channel group, all starting at one.
+
+    The module also keeps the gates it should hand over at the end (`best`, from the validation check
+    with the best accuracy among those whose density is at most the target ratio; `best_acc` is -1
+    until a check qualifies) and counts the checks. All of it is in the state dict, so a search that
+    resumes from a Lightning checkpoint goes on with the same gates and the same selection.
+    """
+
+    def __init__(self, sizes: dict[str, int]) -> None:
+        super().__init__()
+        self.names = list(sizes)
+        self.sizes = [int(n) for n in sizes.values()]
+        self.gates = nn.ParameterList([nn.Parameter(torch.ones(n)) for n in self.sizes])
+        self.register_buffer("best", torch.ones(sum(self.sizes)))
+        self.register_buffer("best_acc", torch.tensor(-1.0))
+        self.register_buffer("best_check", torch.tensor(-1))
+        self.register_buffer("checks", torch.tensor(0))
+
+    def flat(self) -> torch.Tensor:
+        """All gates in one vector, in group order."""
+        return torch.cat(list(self.gates))
+
+    def by_group(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a vector laid out like `flat()` into per-group tensors (detached, on the CPU)."""
+        return dict(zip(self.names, torch.split(flat.detach().cpu().clone(), self.sizes)))
+
+    def record(self, acc: float, ratio: float) -> dict[str, float]:
+        """Note one validation check; keep the current gates if they are the best admissible so far."""
+        flat = self.flat().detach()
+        density = float((flat != 0).float().mean())
+        self.checks += 1
+        selected = density <= ratio and acc > float(self.best_acc)
+        if selected:
+            self.best.copy_(flat)
+            self.best_acc.fill_(acc)
+            self.best_check.copy_(self.checks)
+        return {"check": int(self.checks), "acc": acc, "density": density, "mean": float(flat.mean()), "kept": selected}
+
+    def selection(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The gates to prune by and how they were chosen."""
+        checks = int(self.checks)
+        if float(self.best_acc) >= 0:
+            flat = self.best
+            info = {"source": "best validation check", "check": int(self.best_check), "val_acc": float(self.best_acc)}
+        else:
+            flat = self.flat().detach()
+            why = "no validation check reached the method" if checks == 0 else "no check had density <= r"
+            info = {"source": f"final gates ({why})", "check": None, "val_acc": None}
+        info.update(
+            {"checks": checks, "density": float((flat != 0).float().mean()), "mean": float(flat.mean())}
+        )
+        return self.by_group(flat), info
+
+
+class PruningFromScratch(PruningMethod):
+    """Pruning from Scratch: learn channel gates on a frozen random backbone, then threshold them.
+
+    `expansion` widens the random backbone the gates are learned on; budgets stay relative to the
+    dense backbone. `ratio` is r, the fraction of dense FLOPs to keep (the presets tie it to
+    `budget.flops`). `gamma`, `lr` and `epochs` set the search (Adam at a constant rate). `init_from`
+    starts the search from the weights in a checkpoint of the expanded backbone instead of a random
+    initialisation (e.g. a dense run with `backbone.width` times `expansion`). `prune_coupled` false
+    leaves channel groups shared by residual additions ungated and unpruned, as the official code
+    gates only the inner channels of residual blocks.
+    """
+
+    def __init__(
+        self,
+        expansion: float = 1.25,
+        ratio: float | None = None,
+        gamma: float = 0.5,
+        lr: float = 0.01,
+        epochs: int = 10,
+        init_from: str | None = None,
+        prune_coupled: bool = True,
+    ) -> None:
+        if ratio is None or not 0.0 < float(ratio) <= 1.0:
+            raise ValueError(
+                f"pfs: the target ratio r (method.ratio, which follows budget.flops) must be in (0, 1]; got {ratio}. "
+                "Set budget.flops, the fraction of the dense FLOPs to keep, e.g. budget.flops=0.5"
+            )
+        if expansion <= 0:
+            raise ValueError(f"pfs: method.expansion must be positive; got {expansion}")
+        self.expansion = float(expansion)
+        self.ratio = float(ratio)
+        self.gamma = float(gamma)
+        self.lr = float(lr)
+        self.epochs = int(epochs)
+        self.init_from = init_from
+        self.prune_coupled = bool(prune_coupled)
+        self.history: list[dict[str, float]] = []
+        self._gates: ChannelGates | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._grad_flags: list[tuple[nn.Parameter, bool]] = []
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._selected: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+
+    def stages(self) -> list[Stage]:
+        # The search has its own schedule: Adam at a constant learning rate, whatever the retraining uses.
+        optimizer = OmegaConf.create({"_target_": "torch.optim.Adam", "_partial_": True, "lr": self.lr})
+        scheduler = OmegaConf.create({"_target_": "prunelab.lit.constant", "_partial_": True})
+        search = Stage(SEARCH, "fit", epochs=self.epochs, optimizer=optimizer, scheduler=scheduler)
+        return [search, Stage("prune", "prune")]
+
+    def initial_model(self, model: nn.Module) -> nn.Module:
+        """A freshly initialised copy of the backbone, `expansion` times as wide (or loaded from `init_from`)."""
+        from prunelab.backbones import create, load_pretrained
+
+        spec = dict(model.prunelab_spec)
+        spec["width"] = float(spec.get("width", 1.0)) * self.expansion
+        start = create(**spec)
+        if self.init_from:
+            try:
+                load_pretrained(start, str(self.init_from))
+            except ValueError as err:
+                raise ValueError(
+                    f"pfs: init_from={self.init_from} must hold weights of the expanded backbone "
+                    f"({spec['name']} at width {spec['width']:g}), e.g. the model.pt of a dense run with "
+                    f"backbone.width={spec['width']:g}\n{err}"
+                ) from err
+        return start
+
+    def gated_groups(self, model: nn.Module) -> list[tuple[ChannelGroup, list[str]]]:
+        """The channel groups that get a gate, each with the modules whose outputs the gate multiplies."""
+        input_shape = tuple(model.prunelab_input_shape)
+        groups = [g for g in channel_groups(model, input_shape) if self.prune_coupled or not g.coupled]
+        feeders = _bn_feeders(model, input_shape)
+        gated = []
+        for group in groups:
+            points = _gate_points(model, group, feeders)
+            if points:
+                gated.append((group, points))
+        if not gated:
+            raise ValueError("pfs: the model has no prunable channel group to gate")
+        return gated
+
+    def setup(self, model: nn.Module, stage: Stage) -> nn.Module:
+        if stage.name != SEARCH:
+            return model
+        gated = self.gated_groups(model)
+        # The search must leave the model as it found it: weights are frozen, and the BatchNorm running
+        # statistics, which move in training mode as in the official code, are put back in teardown.
+        self._buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+        self._grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        param = next(model.parameters())
+        gates = ChannelGates({group.name: group.size for group, _ in gated}).to(param.device)
+        # On the model, the gates follow it to the accelerator and into the stage's Lightning checkpoints.
+        model.add_module(GATES, gates)
+        self._hooks = [
+            model.get_submodule(point).register_forward_hook(_multiply_by_gate(gates, index))
+            for index, (_, points) in enumerate(gated)
+            for point in points
+        ]
+        self._gates = gates
+        self.history = []
+        return model
+
+    def teardown(self, model: nn.Module, stage: Stage) -> nn.Module:
+        if stage.name != SEARCH or self._gates is None:
+            return model
+        self._selected = self._gates.selection()
+        _log_selection(self._selected[1])
+        for hook in self._hooks:
+            hook.remove()
+        del model._modules[GATES]
+        for p, flag in self._grad_flags:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(self._buffers[name])
+        self._gates, self._hooks, self._grad_flags, self._buffers = None, [], [], {}
+        return model
+
+    def parameters_to_train(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        return list(self._gates.parameters()) if self._gates is not None else model.parameters()
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        if self._gates is None:
+            return None
+        flat = self._gates.flat()
+        return self.gamma * (flat.abs().sum() / flat.numel() - self.ratio) ** 2
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        if self._gates is not None:
+            with torch.no_grad():
+                for gate in self._gates.gates:
+                    gate.clamp_(0.0, 1.0)
+
+    def on_validation_end(self, model: nn.Module, metrics: dict[str, float]) -> None:
+        """Keep the gates of this validation check if they are the best admissible ones so far."""
+        acc = metrics.get(f"{SEARCH}/val/acc")
+        if self._gates is None or acc is None:
+            return
+        self.history.append(self._gates.record(float(acc), self.ratio))
+
+    def plan(self, model: nn.Module, ctx: Any):
+        gates, info = self._selected if self._selected is not None else self._reload_selection(model, ctx)
+        scores = rank_scores(gates, seed=int(ctx.cfg.seed))
+        plan = structured_plan(model, scores, ctx)
+        path = Path(ctx.run_dir) / "pfs_gates.json"
+        # A resumed run did not see the validation checks; the earlier record of them stays.
+        history = self.history or (json.loads(path.read_text()).get("history", []) if path.exists() else [])
+        record = {
+            "selection": info,
+            "ratio": self.ratio,
+            "history": history,
+            "kept": plan.kept(),
+            "sizes": plan.sizes,
+            "gates": {name: [round(float(v), 6) for v in g] for name, g in gates.items()},
+        }
+        _write_json(path, record)
+        return plan
+
+    def _reload_selection(self, model: nn.Module, ctx: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The selected gates of a search that completed in an earlier invocation (the run was resumed)."""
+        found = sorted(Path(ctx.run_dir).glob(f"stages/*-{SEARCH}/checkpoints/last.ckpt"))
+        if not found:
+            raise RuntimeError(
+                f"pfs: no gates to prune by: this process did not run the search and {ctx.run_dir} holds no "
+                f"search checkpoint (stages/*-{SEARCH}/checkpoints/last.ckpt)"
+            )
+        state = torch.load(found[-1], map_location="cpu", weights_only=True)["state_dict"]
+        prefix = f"model.{GATES}."
+        gates = ChannelGates({group.name: group.size for group, _ in self.gated_groups(model)})
+        gates.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        log.info("pfs: gates reloaded from %s", found[-1])
+        return gates.selection()
+
+
+def rank_scores(gates: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Each channel's rank among all gates (largest = 1, smallest = 1/N), ties broken at random by `seed`.
+
+    A global threshold tau on these scores keeps the channels of the largest (1 - tau) * N gates, which is
+    the search of the official code (binary search on the fraction of channels pruned, top-k on the
+    gates). It is a threshold on the gate values too, except that it can also split a tie: after the
+    clamp to [0, 1] many gates are exactly zero, and a budget may need some of them.
+    """
+    names = list(gates)
+    flat = torch.cat([gates[n].detach().float().cpu().flatten() for n in names])
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(flat.numel(), generator=generator)
+    order = shuffled[torch.argsort(flat[shuffled], stable=True)]
+    ranks = torch.empty(flat.numel())
+    ranks[order] = torch.arange(1, flat.numel() + 1, dtype=torch.float)
+    return dict(zip(names, torch.split(ranks / flat.numel(), [gates[n].numel() for n in names])))
+
+
+def _multiply_by_gate(gates: ChannelGates, index: int) -> Callable[..., torch.Tensor]:
+    """A forward hook that scales each output channel by its gate."""
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        gate = gates.gates[index]
+        return output * gate.view(1, -1, *([1] * (output.dim() - 2)))
+
+    return hook
+
+
+def _bn_feeders(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, str | None]:
+    """For each BatchNorm, the conv/linear layer that ran last before it in a forward pass (its input's producer)."""
+    names = {module: name for name, module in model.named_modules()}
+    order: list[nn.Module] = []
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(lambda module, *_: order.append(module)) for m in leaves]
+    param = next(model.parameters())
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    feeders: dict[str, str | None] = {}
+    last = None
+    for module in order:
+        if isinstance(module, PRUNABLE_TYPES):
+            last = names[module]
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            feeders[names[module]] = last
+    return feeders
+
+
+def _gate_points(model: nn.Module, group: ChannelGroup, feeders: dict[str, str | None]) -> list[str]:
+    """Where a group's gate acts: after the BatchNorm of each layer producing the channels.
+
+    A producing layer without a BatchNorm is gated at its own output. A depthwise convolution in the
+    group only passes on channels that already carry the gate, so neither it nor its BatchNorm gets
+    the gate again (in MobileNets, as in the official code, the gate follows the pointwise layer).
+    """
+    points = []
+    for layer in group.layers:
+        module = model.get_submodule(layer)
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
+            continue
+        norms = [bn for bn in group.norms if feeders.get(bn) == layer]
+        points.extend(norms or [layer])
+    return points
+
+
+def _log_selection(info: dict[str, Any]) -> None:
+    if info["val_acc"] is None:
+        log.warning("pfs: pruning by the %s", info["source"])
+    else:
+        log.info("pfs: pruning by the gates of validation check %d (acc %.2f%%)", info["check"], info["val_acc"])
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,312 @@
+"""Analyses of finished runs, read from their directories alone: pruned structures, their similarity,
+result tables and search cost.
+
+A run directory holds `config.yaml`, `summary.json` and `stages/<i>-<name>/plan.json` for each
+structured prune stage (see pipeline.py). The functions here take run directories (or folders that
+contain them, e.g. a multirun sweep) and write CSV/JSON files and PNG plots next to them:
+
+    python -m prunelab.report channels RUN_OR_SWEEP... [--out DIR] [--label seed,method.init_from]
+    python -m prunelab.report similarity RUN_OR_SWEEP... [--out DIR] [--label ...]
+    python -m prunelab.report table RUN_OR_SWEEP... [--out DIR] [--by method._target_]
+    python -m prunelab.report cost SEARCH_RUN DENSE_RUN [--search-stage search] [--dense-stage train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+@dataclass
+class Run:
+    """One finished (or partly finished) run directory, with its resolved config and summary."""
+
+    path: Path
+    config: Any
+    summary: dict[str, Any]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A dotted config key (`seed`, `method.init_from`), falling back to a summary key."""
+        value = OmegaConf.select(self.config, key, default=None) if self.config is not None else None
+        if value is None:
+            value = self.summary.get(key, default)
+        return value
+
+    def label(self, keys: Sequence[str]) -> str:
+        """A short name from config values, e.g. `method=PruningFromScratch seed=0 init_from=dense-e10`.
+
+        Paths become their file name (a `model.pt` its run's folder name) and `_target_` values their
+        class name, named after the node that holds them.
+        """
+        parts = []
+        for key in keys:
+            value, name = self.get(key), key.split(".")[-1]
+            if name == "_target_" and "." in key:
+                name = key.split(".")[-2]
+                value = str(value).rsplit(".", 1)[-1]
+            elif isinstance(value, str) and ("/" in value or os.sep in value):
+                value = Path(value).parent.name if Path(value).name == "model.pt" else Path(value).name
+            parts.append(f"{name}={value}")
+        return " ".join(parts) or self.path.name
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Every run directory at or below the given paths (a folder with `config.yaml` and `stages/`), sorted."""
+    found: set[Path] = set()
+    for path in map(Path, paths):
+        candidates = [path] if (path / "config.yaml").exists() else [p.parent for p in path.rglob("config.yaml")]
+        found.update(c for c in candidates if (c / "stages").is_dir())
+    runs = []
+    for path in sorted(found):
+        summary_file = path / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        runs.append(Run(path=path, config=OmegaConf.load(path / "config.yaml"), summary=summary))
+    return runs
+
+
+def _stage_dirs(run: Run, name: str | None = None) -> list[Path]:
+    """The run's stage folders in run order, optionally only those called `name`."""
+    stages = [p for p in (run.path / "stages").iterdir() if p.is_dir() and p.name.split("-", 1)[0].isdigit()]
+    stages.sort(key=lambda p: int(p.name.split("-", 1)[0]))
+    return [p for p in stages if name is None or p.name.split("-", 1)[1] == name]
+
+
+def channel_structure(run: Run) -> tuple[list[str], list[int], list[int]]:
+    """Group names, kept channels and channel counts before pruning, for every group of the run's plans.
+
+    With several prune stages the counts before are those of the first plan and the kept channels
+    those of the last one. Groups follow the first plan's order (the model's module order).
+    """
+    plans = [json.loads((p / "plan.json").read_text()) for p in _stage_dirs(run) if (p / "plan.json").exists()]
+    plans = [p for p in plans if "keep" in p]
+    if not plans:
+        raise ValueError(f"{run.path} has no structured plan (stages/*/plan.json with channel keep lists)")
+    names = list(plans[0]["sizes"])
+    sizes = [int(plans[0]["sizes"][n]) for n in names]
+    kept = [len(plans[-1]["keep"].get(n, range(plans[-1]["sizes"].get(n, 0)))) for n in names]
+    return names, kept, sizes
+
+
+def keep_ratios(run: Run) -> dict[str, float]:
+    """The fraction of channels each group keeps: the structure's feature vector (Pruning from Scratch, Fig. 2)."""
+    names, kept, sizes = channel_structure(run)
+    return {n: k / s for n, k, s in zip(names, kept, sizes)}
+
+
+def correlation_matrix(vectors: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Pearson correlation coefficients between equal-length vectors (NaN where one is constant)."""
+    import numpy as np
+
+    data = np.asarray(vectors, dtype=float)
+    centred = data - data.mean(axis=1, keepdims=True)
+    norms = np.sqrt((centred**2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        matrix = (centred @ centred.T) / np.outer(norms, norms)
+    return matrix.tolist()
+
+
+def _default_out(runs: Sequence[Run]) -> Path:
+    """The runs' common parent folder (the run itself when there is one)."""
+    if len(runs) == 1:
+        return runs[0].path
+    return Path(os.path.commonpath([str(r.path.resolve()) for r in runs]))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_channels(runs: Sequence[Run], out: Path | None = None, label: Sequence[str] = ("seed",)) -> Path:
+    """Kept channels per layer of each run's pruned structure on one figure (Pruning from Scratch, Fig. 3).
+
+    Writes `channels.png` and `channels.csv` (one row per run and group) into `out`.
+    """
+    out = Path(out) if out is not None else _default_out(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    rows = []
+    sizes: list[int] = []
+    for run in runs:
+        names, kept, sizes = channel_structure(run)
+        ax.plot(range(1, len(kept) + 1), kept, marker="o", markersize=3, label=run.label(label))
+        rows += [[str(run.path), run.label(label), n, k, s] for n, k, s in zip(names, kept, sizes)]
+    ax.plot(range(1, len(sizes) + 1), sizes, "k--", linewidth=1, label="before pruning")
+    ax.set_xlabel("prunable layer (channel group, module order)")
+    ax.set_ylabel("channels kept")
+    ax.legend(fontsize=7)
+    png = out / "channels.png"
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    _write_csv(out / "channels.csv", ["run", "label", "group", "kept", "size"], rows)
+    return png
+
+
+def plot_similarity(runs: Sequence[Run], out: Path | None = None, label: Sequence[str] = ("seed",)) -> Path:
+    """Correlation between the runs' per-layer keep-ratio vectors (Pruning from Scratch, Fig. 2).
+
+    Writes `similarity.png` (heat map), `similarity.json` (labels, vectors, matrix) and
+    `similarity.csv` into `out`. All runs must prune the same groups (the same backbone).
+    """
+    out = Path(out) if out is not None else _default_out(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    ratios = [keep_ratios(run) for run in runs]
+    groups = list(ratios[0])
+    if any(list(r) != groups for r in ratios):
+        raise ValueError("structure similarity needs runs that prune the same channel groups (one backbone)")
+    labels = [run.label(label) for run in runs]
+    vectors = [[r[g] for g in groups] for r in ratios]
+    matrix = correlation_matrix(vectors)
+    (out / "similarity.json").write_text(
+        json.dumps(
+            {"runs": [str(r.path) for r in runs], "labels": labels, "groups": groups, "keep_ratios": vectors,
+             "correlation": matrix},
+            indent=1,
+        )
+        + "\n"
+    )  # fmt: skip
+    _write_csv(out / "similarity.csv", ["", *labels], [[lab, *row] for lab, row in zip(labels, matrix)])
+    plt = _pyplot()
+    size = 2.5 + 0.45 * len(runs)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            if len(runs) <= 12 and not math.isnan(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    png = out / "similarity.png"
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return png
+
+
+def table(
+    runs: Sequence[Run],
+    by: Sequence[str] = ("method._target_",),
+    metrics: Sequence[str] = ("test/acc", "model/flops_ratio", "model/params_ratio"),
+    out: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Mean and standard deviation of summary metrics over the runs that share the `by` config values.
+
+    Writes `table.csv` into `out` when given. Runs without a summary (unfinished) are left out.
+    """
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.summary:
+            groups.setdefault(tuple(str(run.get(k)) for k in by), []).append(run)
+    rows = []
+    for key, members in groups.items():
+        row: dict[str, Any] = dict(zip(by, key))
+        row["runs"] = len(members)
+        for metric in metrics:
+            values = [float(r.summary[metric]) for r in members if metric in r.summary]
+            row[f"{metric} mean"] = statistics.fmean(values) if values else float("nan")
+            row[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    if out is not None and rows:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        _write_csv(Path(out) / "table.csv", list(rows[0]), [list(r.values()) for r in rows])
+    return rows
+
+
+def stage_epochs(run: Run, stage: str) -> int:
+    """The epochs a fit stage of the run trained, from its summary or resolved config."""
+    if run.summary.get(f"{stage}/epochs") is not None:
+        return int(run.summary[f"{stage}/epochs"])
+    if stage == "pretrain":
+        return int(run.get("pretrain.epochs"))
+    for stage_cfg in ("method.epochs", f"method.{stage}_epochs"):
+        if stage != "train" and run.get(stage_cfg) is not None:
+            return int(run.get(stage_cfg))
+    return int(run.get("trainer.max_epochs"))
+
+
+def search_cost(search_run: Run, dense_run: Run, search_stage: str = "search", dense_stage: str = "train") -> dict:
+    """Wall time of a structure search against epochs of dense training of the same backbone.
+
+    Uses the stages' `time/<stage>_s` (setup and validation included) and their epochs: a fit
+    stage's `<stage>/epochs` in the summary, else `pretrain.epochs` for "pretrain", the method's
+    `epochs` for a method stage, or `trainer.max_epochs`. Both runs should have run on the same machine.
+    """
+    search_s = float(search_run.summary[f"time/{search_stage}_s"])
+    dense_s = float(dense_run.summary[f"time/{dense_stage}_s"])
+    search_epochs, dense_epochs = stage_epochs(search_run, search_stage), stage_epochs(dense_run, dense_stage)
+    per_search, per_dense = search_s / search_epochs, dense_s / dense_epochs
+    return {
+        "search_run": str(search_run.path),
+        "dense_run": str(dense_run.path),
+        "search_s": search_s,
+        "search_epochs": search_epochs,
+        "dense_s": dense_s,
+        "dense_epochs": dense_epochs,
+        "search_epoch_s": per_search,
+        "dense_epoch_s": per_dense,
+        "search_epoch_over_dense_epoch": per_search / per_dense,
+        "search_in_dense_epochs": search_s / per_dense,
+    }
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The `python -m prunelab.report` command."""
+    parser = argparse.ArgumentParser(prog="python -m prunelab.report", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("channels", "similarity", "table"):
+        sub = commands.add_parser(name)
+        sub.add_argument("runs", nargs="+", help="run directories or folders holding them")
+        sub.add_argument("--out", type=Path, default=None, help="where to write (default: the runs' common folder)")
+        if name == "table":
+            sub.add_argument("--by", default="method._target_", help="comma-separated config keys to group by")
+        else:
+            sub.add_argument("--label", default="seed", help="comma-separated config keys naming each run")
+    cost = commands.add_parser("cost")
+    cost.add_argument("search_run", type=Path)
+    cost.add_argument("dense_run", type=Path)
+    cost.add_argument("--search-stage", default="search")
+    cost.add_argument("--dense-stage", default="train")
+    args = parser.parse_args(argv)
+
+    if args.command == "cost":
+        (search,), (dense,) = find_runs([args.search_run]), find_runs([args.dense_run])
+        result = search_cost(search, dense, args.search_stage, args.dense_stage)
+        (search.path / "search_cost.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        return
+    runs = find_runs(args.runs)
+    if not runs:
+        raise SystemExit(f"no run directories under {', '.join(args.runs)}")
+    if args.command == "table":
+        rows = table(runs, by=args.by.split(","), out=args.out or _default_out(runs))
+        for row in rows:
+            print(json.dumps(row))
+        return
+    plot = plot_channels if args.command == "channels" else plot_similarity
+    print(plot(runs, out=args.out, label=args.label.split(",")))
+
+
+if __name__ == "__main__":
+    main()
