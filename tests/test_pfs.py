@@ -21,8 +21,7 @@ from conftest import CONF_DIR, make_cfg
 from prunelab import load_model, pipeline, report, save_model
 from prunelab.backbones import create
 from prunelab.budget import count_flops, search_threshold
-from prunelab.lit import PruneLitModule
-from prunelab.methods.base import PruningMethod, Stage
+from prunelab.methods.base import Stage
 from prunelab.methods.pfs import GATES, ChannelGates, PruningFromScratch, rank_scores
 from prunelab.structure import channel_groups
 
@@ -87,30 +86,13 @@ class _SearchRecorder(L.Callback):
             self.gates_after = getattr(pl_module.model, GATES).flat().detach().clone()
 
 
-def _call_validation_hook(self) -> None:
-    """What PruneLitModule.on_validation_epoch_end must add: the check's accuracy handed to the method."""
-    metrics = {}
-    if self.val_acc.update_count:
-        metrics[f"{self.stage}/val/acc"] = float(self.val_acc.compute()) * 100.0
-    _ORIGINAL_VALIDATION_END(self)
-    if not self.trainer.sanity_checking:
-        self.method.on_validation_end(self.model, metrics)
-
-
-_ORIGINAL_VALIDATION_END = PruneLitModule.on_validation_epoch_end
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One PFS run, with the validation hook installed the way the framework is asked to call it."""
+    """One PFS run through the pipeline."""
     run_dir = tmp_path_factory.mktemp("pfs")
     recorder = _SearchRecorder()
     cfg = make_cfg(run_dir, *RUN)
-    with pytest.MonkeyPatch.context() as patch:
-        # Until the framework calls PruningMethod.on_validation_end itself, install the call it will make.
-        if "on_validation_end" not in vars(PruningMethod):
-            patch.setattr(PruneLitModule, "on_validation_epoch_end", _call_validation_hook)
-        summary = pipeline.run(cfg, run_dir, callbacks=[recorder])
+    summary = pipeline.run(cfg, run_dir, callbacks=[recorder])
     return SimpleNamespace(dir=run_dir, cfg=cfg, summary=summary, recorder=recorder)
 
 

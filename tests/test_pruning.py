@@ -51,7 +51,9 @@ def test_structured_methods_meet_flops_budget_on_exported_model(tmp_path, method
     assert summary["model/params"] < summary["dense/params"]
     plan = json.loads((_stage(tmp_path, "prune") / "plan.json").read_text())
     assert plan["keep"] and all(len(v) >= 1 for v in plan["keep"].values())
-    for key in ("dense/test/acc", "test/acc", "model/latency_b1_ms", "dense/latency_b1_ms", "time/prune_s"):
+    # Random initialisation is not worth testing: the dense test runs only after training or loading.
+    assert "dense/test/acc" not in summary
+    for key in ("test/acc", "model/latency_b1_ms", "dense/latency_b1_ms", "time/prune_s"):
         assert key in summary, key
 
 

@@ -105,7 +105,12 @@ class PruneLitModule(L.LightningModule):
         self.method.on_train_epoch_end(self.model, self.current_epoch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_percent(f"{self.stage}/val/acc", self.val_acc, prog_bar=True)
+        # The method sees each check's accuracy before the checkpoint is saved, so its choice is kept too.
+        name = f"{self.stage}/val/acc"
+        metrics = {name: float(self.val_acc.compute()) * 100.0} if self.val_acc.update_count else {}
+        self._log_percent(name, self.val_acc, prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self.method.on_validation_end(self.model, metrics)
 
     def on_test_epoch_end(self) -> None:
         self._log_percent(f"{self._test_prefix}test/acc", self.test_acc, prog_bar=True)

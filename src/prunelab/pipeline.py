@@ -118,7 +118,7 @@ def plan_stages(cfg: DictConfig, method: PruningMethod) -> list[Stage]:
     """The full stage list: the method's own stages, wrapped in the steps every pruning run shares.
 
     A method that prunes gets dense pre-training (when `pretrain.epochs` > 0), an evaluation of the
-    dense model, BN re-estimation after each prune stage (when `bn_recalibration.batches` > 0) and
+    dense model (when trained or pretrained), BN re-estimation after each prune stage (when `bn_recalibration.batches` > 0) and
     the retraining stage of `retrain.mode`; every run ends with the test.
     """
     own = method.stages()
@@ -126,7 +126,8 @@ def plan_stages(cfg: DictConfig, method: PruningMethod) -> list[Stage]:
     if any(s.kind == "prune" for s in own):
         if cfg.pretrain.epochs:
             stages.append(Stage("pretrain", "fit", **_schedule(cfg.pretrain)))
-        if cfg.get("test", True):
+        # The dense model is worth testing only when it was trained or loaded, not at random initialisation.
+        if cfg.get("test", True) and (cfg.pretrain.epochs or cfg.backbone.get("pretrained")):
             stages.append(Stage("dense", "test"))
         for stage in own:
             stages.append(stage)

@@ -79,6 +79,9 @@ class PruningMethod:
     def on_fit_start(self, model: nn.Module, stage: str) -> None:
         """Called when a fit stage starts or resumes."""
 
+    def on_validation_end(self, model: nn.Module, metrics: dict[str, float]) -> None:
+        """Called after every validation check of a fit stage (not the sanity check), with its metrics."""
+
     def on_train_epoch_end(self, model: nn.Module, epoch: int) -> None:
         """Called at the end of every training epoch."""
 
