@@ -1,0 +1,559 @@
+"""Lottery jackpots (Zhang et al., "Lottery Jackpots Exist in Pre-trained Models"): SR-popup and edge-popup.
+
+Both methods search a binary mask on FROZEN pretrained weights. Every prunable weight gets a relaxed score
+m; the forward pass multiplies the weight by a binary mask h(m) that keeps a fixed number of weights, and
+the backward pass hands the mask's gradient straight through to the scores (dL/dm = dL/dh(m), Eq. 6).
+After every optimizer step the scores are compared with the mask: kept weights whose score fell out of
+the top-k and pruned weights whose score entered it are candidate swaps (Eq. 28). Edge-popup (Ramanujan
+et al.) makes them all, i.e. the mask is always the top-k of the scores; SR-popup's short restriction makes
+only the q_t = ceil(n_t (1 - t/T)^4) pairs with the largest expected loss drop (Eqs. 29-30): the revived
+weights with the highest scores paired with the re-pruned weights with the lowest. The two differ only in
+that restriction and in how the scores start (Eq. 8 for SR-popup, Kaiming-uniform for edge-popup), so they
+share one class here.
+
+t counts iterations (optimizer steps) and T is the search's total, as in the paper's Algorithm 1. The
+official code instead computes the factor once per epoch as ceil((1 - epoch/E)^4), which is 1 for every
+epoch, so it makes all candidate swaps (edge-popup with magnitude initialisation); we follow the paper.
+
+The mask found by the search becomes the run's MaskPlan in the "prune" stage that follows it; weights are
+never trained unless a retraining stage is asked for (`retrain=finetune`, the paper's Table 6 / Fig. 8).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from prunelab.budget import BudgetError, prunable_weights
+from prunelab.methods.base import PruningMethod, Stage
+from prunelab.structure import MaskPlan
+
+log = logging.getLogger("prunelab")
+
+CRITERIA = ("magnitude", "snip", "grasp", "random")
+ALLOCATIONS = ("magnitude", "uniform", "global")
+
+# GraSP divides the logits by a temperature before its gradient-flow computation (Wang et al., T = 200).
+GRASP_TEMPERATURE = 200.0
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the binary mask held by the search. Backward: its gradient, unchanged, to the scores."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return mask.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class ScoredMask(nn.Module):
+    """The parametrization `weight -> weight * h(m)` of one layer: relaxed scores and the binary mask.
+
+    The scores are the only trainable tensor of the search. The mask is a buffer, so that a resumed
+    search continues from the same mask; it changes only through `ScoreSearch.after_optimizer_step`.
+    With `absolute`, the ranking and the gradient go through |m| (edge-popup ranks score magnitudes).
+    """
+
+    def __init__(self, scores: torch.Tensor, mask: torch.Tensor, absolute: bool = False):
+        super().__init__()
+        self.scores = nn.Parameter(scores.detach().clone().float())
+        self.register_buffer("mask", mask.detach().clone().float())
+        self.absolute = absolute
+
+    def key(self) -> torch.Tensor:
+        """The values the top-k ranks."""
+        return self.scores.abs() if self.absolute else self.scores
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * _StraightThrough.apply(self.key(), self.mask).to(weight.dtype)
+
+
+def keep_top(values: torch.Tensor, k: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
+    """A boolean mask of exactly the k largest values; ties go to `prefer`, then to the lower position."""
+    flat = values.detach().flatten().float()
+    order = torch.arange(flat.numel(), device=flat.device)
+    if prefer is not None:
+        order = torch.argsort(prefer.flatten().to(torch.int8), descending=True, stable=True)
+    order = order[torch.argsort(flat[order], descending=True, stable=True)]
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[order[:k]] = True
+    return keep.view_as(values)
+
+
+def swap_count(candidates: int, step: int, total_steps: int, restrict: bool, exponent: float = 4.0) -> int:
+    """How many of the candidate swaps to make after iteration `step` (1-based) of `total_steps`.
+
+    Without restriction all of them (edge-popup); with it q_t = ceil(n_t (1 - t/T)^exponent) (Eq. 29).
+    """
+    if not restrict:
+        return candidates
+    remaining = max(0.0, 1.0 - step / total_steps)
+    return min(candidates, math.ceil(candidates * remaining**exponent))
+
+
+def _top_k_preferring(values: torch.Tensor, k: int, prefer: torch.Tensor) -> torch.Tensor:
+    """`keep_top(values, k, prefer)` for flat tensors in linear time: a selection, then a sort of the ties only."""
+    n = values.numel()
+    if k <= 0 or k >= n:
+        return torch.full_like(prefer, k >= n, dtype=torch.bool)
+    kth = torch.kthvalue(values.float(), n - k + 1).values
+    top = values > kth
+    tied = torch.nonzero(values == kth).flatten()
+    missing = k - int(top.sum())
+    if missing == tied.numel():
+        top[tied] = True
+    else:
+        # Among equal values the preferred (currently kept) entries go first, then the lower positions.
+        order = torch.argsort((~prefer[tied]).to(torch.int8), stable=True)
+        top[tied[order[:missing]]] = True
+    return top
+
+
+def swap_(key: torch.Tensor, kept: torch.Tensor, allowed: Callable[[int], int] | None = None) -> tuple[int, int]:
+    """Swap kept and pruned entries of one group in place; returns (candidate pairs, pairs swapped).
+
+    `key` holds the updated scores, `kept` the current mask (flat booleans, modified in place). The
+    candidates are the pruned entries now inside the top-k of `key` and the kept entries now outside it
+    (k = the number kept, ties kept as they are), always equally many (Eq. 28). `allowed` maps the number
+    of candidate pairs to the number to swap (None: all, which leaves `kept` equal to the top-k). The
+    pairs with the largest expected loss drop go first: revived entries by decreasing score, re-pruned
+    ones by increasing score (Eq. 30).
+    """
+    top = _top_k_preferring(key, int(kept.sum()), kept)
+    revive = torch.nonzero(top & ~kept).flatten()
+    prune = torch.nonzero(kept & ~top).flatten()
+    candidates = revive.numel()
+    swaps = candidates if allowed is None else min(allowed(candidates), candidates)
+    if swaps:
+        values = key.detach().float()
+        revive = revive[torch.argsort(values[revive], descending=True, stable=True)[:swaps]]
+        prune = prune[torch.argsort(values[prune], stable=True)[:swaps]]
+        kept[revive] = True
+        kept[prune] = False
+    return candidates, swaps
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Eq. 7: the fraction of entries on which two flat masks agree (kept in both or pruned in both)."""
+    return float((a == b).sum()) / a.numel() if a.numel() else 1.0
+
+
+def _flat(masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All masks as one flat tensor, in the order of the dict."""
+    return torch.cat([m.detach().flatten() for m in masks.values()])
+
+
+class ScoreSearch(PruningMethod):
+    """A mask search on frozen weights with straight-through top-k scores: what SR-popup and edge-popup share.
+
+    Stages: "search" (a fit stage that trains only the scores: SGD with the given lr, momentum and weight
+    decay, cosine schedule over `epochs`), then "prune", which hands the found mask to the pipeline.
+
+    `sparsity` is the fraction of the scored weights to remove. `allocation` fixes how many weights each
+    layer keeps: "magnitude" takes the layer ratios of a global magnitude pruning of the pretrained
+    weights and keeps them through the search (the official code's default), "uniform" removes
+    `sparsity` from every layer, "global" ranks the scores of all layers together at every step so that
+    the layer ratios can move. `dense_classifier` leaves the output layer (the last conv/linear layer) out
+    of the search and dense, as the official code does; `sparsity` then applies to the other layers.
+
+    `data` is the experiment's datamodule; it supplies the number of batches per epoch (the search's
+    total iterations T = epochs x batches, at most `limit_train_batches` per epoch) and the batches
+    of the snip and grasp criteria. `overlap_with` names the criteria whose masks are compared with the
+    searched mask (Eq. 7) after every step.
+
+    BatchNorm: like the official code, the search runs in training mode with every model parameter
+    (BN scales and shifts included) frozen, so BN running statistics follow the masked network during
+    the search and are the ones the found network is evaluated with.
+    """
+
+    #: Whether the scores are ranked by magnitude (and their gradient taken through |m|).
+    absolute_scores: bool = False
+
+    def __init__(
+        self,
+        sparsity: float | None = None,
+        epochs: int = 30,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        allocation: str = "magnitude",
+        dense_classifier: bool = False,
+        short_restriction: bool = True,
+        exponent: float = 4.0,
+        overlap_with: Iterable[str] = (),
+        criterion_batches: int = 1,
+        data: Any = None,
+        limit_train_batches: int | float | None = None,
+        seed: int = 0,
+    ):
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
+        unknown = [c for c in overlap_with if c not in CRITERIA]
+        if unknown:
+            raise ValueError(f"overlap_with: unknown criteria {unknown}; choose from {', '.join(CRITERIA)}")
+        self.sparsity = sparsity
+        self.epochs = epochs
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.allocation = allocation
+        self.dense_classifier = dense_classifier
+        self.short_restriction = short_restriction
+        self.exponent = exponent
+        self.overlap_with = list(overlap_with)
+        self.criterion_batches = criterion_batches
+        self.data = data
+        self.limit_train_batches = limit_train_batches
+        self.seed = seed
+        self.total_steps = 0
+        self.history: list[dict[str, Any]] = []
+        self._layers: dict[str, ScoredMask] = {}
+        self._references: dict[str, torch.Tensor] = {}
+        self._frozen: dict[str, bool] = {}
+        self._epoch_start = 0
+
+    def stages(self) -> list[Stage]:
+        optimizer = {
+            "_target_": "torch.optim.SGD",
+            "_partial_": True,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+        }
+        scheduler = {"_target_": "prunelab.lit.cosine", "_partial_": True}
+        search = Stage("search", "fit", epochs=self.epochs, lr=self.lr, optimizer=optimizer, scheduler=scheduler)
+        return [search, Stage("prune", "prune")]
+
+    def setup(self, model: nn.Module, stage: Stage) -> nn.Module:
+        """Before the search: freeze every parameter and attach scores and masks to the scored weights."""
+        if stage.name != "search":
+            return model
+        weights = self._scored_weights(model)
+        counts = self._keep_counts(weights)
+        needed = {self._initial_criterion()} | set(self.overlap_with)
+        needed.discard(None)
+        criteria = {c: self._criterion_mask(model, weights, counts, c) for c in CRITERIA if c in needed}
+        scores, masks = self._initial_scores(model, weights, counts, criteria)
+        self._references = {c: _flat(criteria[c]) for c in self.overlap_with}
+        self._frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._layers = {}
+        for name, weight in weights.items():
+            module = model.get_submodule(name.rpartition(".")[0])
+            layer = ScoredMask(scores[name], masks[name], absolute=self.absolute_scores).to(weight.device)
+            parametrize.register_parametrization(module, "weight", layer)
+            self._layers[name] = layer
+        self.history = []
+        self._epoch_start = 0
+        return model
+
+    def parameters_to_train(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        """The scores during the search; the weights in any later fit stage (e.g. retrain=finetune)."""
+        if not self._layers:
+            return model.parameters()
+        return [layer.scores for layer in self._layers.values()]
+
+    def on_fit_start(self, model: nn.Module, stage: str) -> None:
+        """T, the search's total iterations, counted as the trainer will run them."""
+        if stage == "search":
+            self.total_steps = self.epochs * self._batches_per_epoch()
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Swap weights in and out of the mask after the scores moved (Eqs. 28-30).
+
+        `step` counts the steps before this one, so this is iteration t = step + 1 of T (Algorithm 1).
+        """
+        if not self._layers:
+            return
+        t = step + 1
+        total = max(self.total_steps, t)
+
+        def allowed(candidates: int) -> int:
+            return swap_count(candidates, t, total, self.short_restriction, self.exponent)
+
+        record: dict[str, Any] = {"step": t, "candidates": [], "swaps": []}
+        with torch.no_grad():
+            for key, kept, write in self._groups():
+                candidates, swaps = swap_(key, kept, allowed)
+                write(kept)
+                record["candidates"].append(candidates)
+                record["swaps"].append(swaps)
+            if self._references:
+                current = _flat(self.masks())
+                self._references = {c: ref.to(current.device) for c, ref in self._references.items()}
+                record.update({f"overlap/{c}": overlap(current, ref) for c, ref in self._references.items()})
+        self.history.append(record)
+
+    def on_train_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        """Report the epoch's swaps and the current overlaps in the run's log."""
+        epoch_records = self.history[self._epoch_start :]
+        self._epoch_start = len(self.history)
+        if self._layers and epoch_records:
+            swaps = sum(sum(r["swaps"]) for r in epoch_records)
+            last = epoch_records[-1]
+            overlaps = ", ".join(f"{k[8:]} {v:.4f}" for k, v in last.items() if k.startswith("overlap/"))
+            log.info("search epoch %d: %d swaps; overlap with %s", epoch, swaps, overlaps or "-")
+
+    def teardown(self, model: nn.Module, stage: Stage) -> nn.Module:
+        """After the search: record the found mask as `model.prunelab_masks`, restore the plain weights.
+
+        The weights come back exactly as they were (the parametrization's original tensors); the "prune"
+        stage then applies the mask.
+        """
+        if stage.name != "search" or not self._layers:
+            return model
+        found = MaskPlan({name: mask.cpu() for name, mask in self.masks().items()})
+        for name in self._layers:
+            module = model.get_submodule(name.rpartition(".")[0])
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        for name, p in model.named_parameters():
+            p.requires_grad_(self._frozen.get(name, True))
+        self._layers = {}
+        model.prunelab_masks = found
+        return model
+
+    def plan(self, model: nn.Module, ctx: Any) -> MaskPlan:
+        """The mask the search found; the search's per-step record is written beside the run."""
+        found = getattr(model, "prunelab_masks", None)
+        if found is None:
+            raise RuntimeError(f"{type(self).__name__}: the prune stage found no searched mask on the model")
+        if self.history:
+            path = ctx.run_dir / "search_history.json"
+            path.write_text(json.dumps(self.history) + "\n")
+            if ctx.logger is not None:
+                for record in self.history:
+                    metrics = {f"search/{k}": v for k, v in record.items() if k.startswith("overlap/")}
+                    metrics["search/swaps"] = sum(record["swaps"])
+                    ctx.logger.log_metrics(metrics, step=record["step"])
+        return found
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The current binary mask of every scored weight (True keeps the weight)."""
+        return {name: layer.mask.bool() for name, layer in self._layers.items()}
+
+    def _groups(self) -> list[tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], Any]]]:
+        """(scores key, kept mask, a function writing the mask back) per layer, or one for all layers."""
+        layers = list(self._layers.values())
+        if self.allocation != "global":
+
+            def writer(layer: ScoredMask) -> Callable[[torch.Tensor], Any]:
+                return lambda kept: layer.mask.copy_(kept.view_as(layer.mask))
+
+            return [(layer.key().detach().flatten(), layer.mask.bool().flatten(), writer(layer)) for layer in layers]
+        key = torch.cat([layer.key().detach().flatten() for layer in layers])
+        kept = torch.cat([layer.mask.bool().flatten() for layer in layers])
+
+        def write_all(kept: torch.Tensor) -> None:
+            for layer, part in zip(layers, kept.split([each.mask.numel() for each in layers])):
+                layer.mask.copy_(part.view_as(layer.mask))
+
+        return [(key, kept, write_all)]
+
+    def _initial_criterion(self) -> str | None:
+        """The criterion whose mask the search starts from (None: the scores decide)."""
+        return None
+
+    def _initial_scores(
+        self,
+        model: nn.Module,
+        weights: dict[str, torch.Tensor],
+        counts: dict[str, int] | int,
+        criteria: dict[str, dict[str, torch.Tensor]],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The starting scores and mask of every scored weight, given the criteria's masks."""
+        raise NotImplementedError
+
+    def _scored_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The weights the search masks: every conv/linear weight, the output layer's too unless dense."""
+        weights = dict(prunable_weights(model))
+        if self.dense_classifier and weights:
+            weights.pop(list(weights)[-1])
+        if not weights:
+            raise ValueError(f"{type(self).__name__}: the model has no conv/linear weights to search")
+        return weights
+
+    def _keep_counts(self, weights: dict[str, torch.Tensor]) -> dict[str, int] | int:
+        """Weights kept per layer (or in all, for the global allocation), exact to one weight."""
+        if self.sparsity is None or not 0.0 <= float(self.sparsity) < 1.0:
+            raise BudgetError(f"{type(self).__name__} needs budget.sparsity in [0, 1); got {self.sparsity}")
+        p = float(self.sparsity)
+        total = sum(w.numel() for w in weights.values())
+        kept = total - round(p * total)
+        if self.allocation == "global":
+            return kept
+        if self.allocation == "uniform":
+            return {name: w.numel() - round(p * w.numel()) for name, w in weights.items()}
+        magnitude = _top({n: w.detach().abs() for n, w in weights.items()}, kept)
+        return {name: int(mask.sum()) for name, mask in magnitude.items()}
+
+    def _criterion_mask(
+        self, model: nn.Module, weights: dict[str, torch.Tensor], counts: dict[str, int] | int, criterion: str
+    ) -> dict[str, torch.Tensor]:
+        """The mask a pruning criterion gives under this search's allocation (per layer or global)."""
+        scores = criterion_scores(model, weights, criterion, self._batches(criterion), self.seed)
+        if isinstance(counts, int):
+            return _top(scores, counts)
+        return {name: keep_top(s, counts[name]) for name, s in scores.items()}
+
+    def _batches(self, criterion: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A few training batches (test-time transforms, fixed order) for the data-driven criteria."""
+        if criterion not in ("snip", "grasp"):
+            return []
+        if self.data is None:
+            raise ValueError(f"{type(self).__name__}: the {criterion} criterion needs `data` (the datamodule)")
+        loader = self.data.train_eval_dataloader()
+        batches = []
+        for x, y in loader:
+            batches.append((x, y))
+            if len(batches) >= self.criterion_batches:
+                break
+        return batches
+
+    def _batches_per_epoch(self) -> int:
+        """Training batches the trainer runs per epoch: the loader's length, at most the trainer's limit."""
+        if self.data is None:
+            raise ValueError(f"{type(self).__name__} needs `data` (the datamodule) to count the search's iterations")
+        loader = self.data.train_dataloader()
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        samples = math.ceil(len(loader.dataset) / world)
+        batches = samples // loader.batch_size if loader.drop_last else math.ceil(samples / loader.batch_size)
+        limit = self.limit_train_batches
+        if isinstance(limit, float) and limit <= 1.0:
+            batches = int(batches * limit)
+        elif limit is not None:
+            batches = min(batches, int(limit))
+        return max(batches, 1)
+
+
+class Jackpot(ScoreSearch):
+    """SR-popup: scores start from a pruning criterion's mask (Eq. 8), swaps follow the short restriction.
+
+    `criterion` is magnitude (|w|, the paper's choice), snip (|w g|), grasp (-w Hg; like GraSP, the
+    weights with the largest values are removed) or random. Kept weights start at 1, pruned ones at
+    `eta` (0.99), so the first forward pass uses exactly the criterion's mask.
+    """
+
+    def __init__(self, criterion: str = "magnitude", eta: float = 0.99, **kwargs: Any):
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
+        super().__init__(**kwargs)
+        self.criterion = criterion
+        self.eta = eta
+
+    def _initial_criterion(self) -> str | None:
+        return self.criterion
+
+    def _initial_scores(
+        self,
+        model: nn.Module,
+        weights: dict[str, torch.Tensor],
+        counts: dict[str, int] | int,
+        criteria: dict[str, dict[str, torch.Tensor]],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        masks = criteria[self.criterion]
+        scores = {name: torch.where(m, 1.0, self.eta).float() for name, m in masks.items()}
+        return scores, masks
+
+
+class EdgePopup(ScoreSearch):
+    """Edge-popup (Ramanujan et al. 2020) on pretrained weights: Kaiming-uniform scores, top-k of |m|.
+
+    All candidate swaps are made after every step (no restriction), so the mask is always the top-k of
+    the score magnitudes, as in edge-popup's forward pass.
+    """
+
+    absolute_scores = True
+
+    def __init__(self, short_restriction: bool = False, **kwargs: Any):
+        super().__init__(short_restriction=short_restriction, **kwargs)
+
+    def _initial_scores(
+        self,
+        model: nn.Module,
+        weights: dict[str, torch.Tensor],
+        counts: dict[str, int] | int,
+        criteria: dict[str, dict[str, torch.Tensor]],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(int(self.seed))
+        scores = {}
+        for name, w in weights.items():
+            s = torch.empty(w.shape)
+            nn.init.kaiming_uniform_(s, a=math.sqrt(5), generator=generator)
+            scores[name] = s
+        magnitudes = {name: s.abs() for name, s in scores.items()}
+        if isinstance(counts, int):
+            return scores, _top(magnitudes, counts)
+        return scores, {name: keep_top(s, counts[name]) for name, s in magnitudes.items()}
+
+
+def _top(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """One global ranking: the k largest scores over all tensors, as per-tensor boolean masks."""
+    flat = torch.cat([s.detach().float().cpu().flatten() for s in scores.values()])
+    keep = keep_top(flat, k)
+    parts = keep.split([s.numel() for s in scores.values()])
+    return {name: part.view_as(s) for (name, s), part in zip(scores.items(), parts)}
+
+
+def criterion_scores(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    criterion: str,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Importance of every weight under a pruning criterion; the lowest are pruned first.
+
+    magnitude |w|; snip |w * dL/dw| summed over the batches; grasp w * Hg, the negative of GraSP's
+    score -w * Hg (GraSP removes the weights with the largest -w * Hg); random uniform noise. The
+    gradients are taken on a copy of the model in training mode, so the model and its BN statistics
+    are left untouched.
+    """
+    if criterion == "magnitude":
+        return {n: w.detach().abs().cpu() for n, w in weights.items()}
+    if criterion == "random":
+        generator = torch.Generator().manual_seed(int(seed))
+        return {n: torch.rand(w.shape, generator=generator) for n, w in weights.items()}
+    if not batches:
+        raise ValueError(f"the {criterion} criterion needs at least one batch of training data")
+    import copy
+
+    net = copy.deepcopy(model).train()
+    device = next(iter(weights.values())).device
+    params = dict(net.named_parameters())
+    ws = [params[n] for n in weights]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for w in ws:
+        w.requires_grad_(True)
+    loss_fn = nn.functional.cross_entropy
+    if criterion == "snip":
+        total = [torch.zeros_like(w) for w in ws]
+        for x, y in batches:
+            grads = torch.autograd.grad(loss_fn(net(x.to(device)), y.to(device)), ws)
+            total = [t + g for t, g in zip(total, grads)]
+        return {n: (w.detach() * g).abs().cpu() for n, w, g in zip(weights, ws, total)}
+    if criterion == "grasp":
+        # First the gradient g of the tempered loss, then Hg as the gradient of g . stop_grad(g).
+        g = [torch.zeros_like(w) for w in ws]
+        for x, y in batches:
+            loss = loss_fn(net(x.to(device)) / GRASP_TEMPERATURE, y.to(device))
+            g = [a + b for a, b in zip(g, torch.autograd.grad(loss, ws))]
+        hg = [torch.zeros_like(w) for w in ws]
+        for x, y in batches:
+            loss = loss_fn(net(x.to(device)) / GRASP_TEMPERATURE, y.to(device))
+            grads = torch.autograd.grad(loss, ws, create_graph=True)
+            z = sum((a * b.detach()).sum() for a, b in zip(grads, g))
+            hg = [a + b for a, b in zip(hg, torch.autograd.grad(z, ws))]
+        return {n: (w.detach() * h).cpu() for n, w, h in zip(weights, ws, hg)}
+    raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
