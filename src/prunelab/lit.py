@@ -127,7 +127,11 @@ class PruneLitModule(L.LightningModule):
         metric.reset()
 
     def on_fit_start(self) -> None:
-        self.method.on_fit_start(self.model, self.stage)
+        self.method.on_fit_start(self.model, self.stage, int(self.trainer.estimated_stepping_batches))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        for name, value in self.method.step_metrics(self.model).items():
+            self.log(f"{self.stage}/train/{name}", value, on_step=True, on_epoch=False)
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:

@@ -78,6 +78,7 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list[Callback] | None =
         logger=logger,
         callbacks=list(callbacks or []),
     )
+    method.bind(ctx)
     model.prunelab_input_shape = ctx.input_shape
     ctx.dense = measure(model, ctx.input_shape)
     dense_spec = dict(model.prunelab_spec)

@@ -49,6 +49,9 @@ class PruningMethod:
         """The ChannelPlan or MaskPlan for a "prune" stage; `ctx` holds the config, data and input shape."""
         raise NotImplementedError(f"{type(self).__name__} has a prune stage but no plan()")
 
+    def bind(self, ctx: Any) -> None:
+        """Called once before any stage with the pipeline's Context (config, datamodule, run directory, seed)."""
+
     def initial_model(self, model: nn.Module) -> nn.Module:
         """The model the method starts from, given the dense backbone (already measured as the reference).
 
@@ -76,8 +79,12 @@ class PruningMethod:
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called after every optimizer step (grow a penalty, swap masks, project values)."""
 
-    def on_fit_start(self, model: nn.Module, stage: str) -> None:
-        """Called when a fit stage starts or resumes."""
+    def on_fit_start(self, model: nn.Module, stage: str, total_steps: int) -> None:
+        """Called when a fit stage starts or resumes; `total_steps` is the stage's optimizer steps in all."""
+
+    def step_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Values to log after every training step, as `<stage>/train/<name>` (e.g. swaps made)."""
+        return {}
 
     def on_validation_end(self, model: nn.Module, metrics: dict[str, float]) -> None:
         """Called after every validation check of a fit stage (not the sanity check), with its metrics."""

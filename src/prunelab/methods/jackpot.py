@@ -166,9 +166,8 @@ class ScoreSearch(PruningMethod):
     the layer ratios can move. `dense_classifier` leaves the output layer (the last conv/linear layer) out
     of the search and dense, as the official code does; `sparsity` then applies to the other layers.
 
-    `data` is the experiment's datamodule; it supplies the number of batches per epoch (the search's
-    total iterations T = epochs x batches, at most `limit_train_batches` per epoch) and the batches
-    of the snip and grasp criteria. `overlap_with` names the criteria whose masks are compared with the
+    The trainer gives the search's total iterations T when the search starts; the experiment's
+    datamodule (from `bind`) gives the batches of the snip and grasp criteria. `overlap_with` names the criteria whose masks are compared with the
     searched mask (Eq. 7) after every step.
 
     BatchNorm: like the official code, the search runs in training mode with every model parameter
@@ -192,9 +191,6 @@ class ScoreSearch(PruningMethod):
         exponent: float = 4.0,
         overlap_with: Iterable[str] = (),
         criterion_batches: int = 1,
-        data: Any = None,
-        limit_train_batches: int | float | None = None,
-        seed: int = 0,
     ):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
@@ -212,9 +208,8 @@ class ScoreSearch(PruningMethod):
         self.exponent = exponent
         self.overlap_with = list(overlap_with)
         self.criterion_batches = criterion_batches
-        self.data = data
-        self.limit_train_batches = limit_train_batches
-        self.seed = seed
+        self.data: Any = None
+        self.seed = 0
         self.total_steps = 0
         self.history: list[dict[str, Any]] = []
         self._layers: dict[str, ScoredMask] = {}
@@ -264,10 +259,22 @@ class ScoreSearch(PruningMethod):
             return model.parameters()
         return [layer.scores for layer in self._layers.values()]
 
-    def on_fit_start(self, model: nn.Module, stage: str) -> None:
-        """T, the search's total iterations, counted as the trainer will run them."""
+    def bind(self, ctx: Any) -> None:
+        """The experiment's datamodule (criterion batches) and seed."""
+        self.data = ctx.datamodule
+        self.seed = int(ctx.cfg.seed)
+
+    def on_fit_start(self, model: nn.Module, stage: str, total_steps: int) -> None:
+        """T, the search's total iterations, as the trainer will run them."""
         if stage == "search":
-            self.total_steps = self.epochs * self._batches_per_epoch()
+            self.total_steps = total_steps
+
+    def step_metrics(self, model: nn.Module) -> dict[str, float]:
+        """The swaps of the last step and the current overlaps with the criteria's masks, for the logger."""
+        if not self._layers or not self.history:
+            return {}
+        last = self.history[-1]
+        return {"swaps": float(sum(last["swaps"])), **{k: v for k, v in last.items() if k.startswith("overlap/")}}
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Swap weights in and out of the mask after the scores moved (Eqs. 28-30).
@@ -419,21 +426,6 @@ class ScoreSearch(PruningMethod):
             if len(batches) >= self.criterion_batches:
                 break
         return batches
-
-    def _batches_per_epoch(self) -> int:
-        """Training batches the trainer runs per epoch: the loader's length, at most the trainer's limit."""
-        if self.data is None:
-            raise ValueError(f"{type(self).__name__} needs `data` (the datamodule) to count the search's iterations")
-        loader = self.data.train_dataloader()
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        samples = math.ceil(len(loader.dataset) / world)
-        batches = samples // loader.batch_size if loader.drop_last else math.ceil(samples / loader.batch_size)
-        limit = self.limit_train_batches
-        if isinstance(limit, float) and limit <= 1.0:
-            batches = int(batches * limit)
-        elif limit is not None:
-            batches = min(batches, int(limit))
-        return max(batches, 1)
 
 
 class Jackpot(ScoreSearch):
