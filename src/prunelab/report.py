@@ -36,11 +36,23 @@ class Run:
     summary: dict[str, Any]
 
     def get(self, key: str, default: Any = None) -> Any:
-        """A dotted config key (`seed`, `method.init_from`), falling back to a summary key."""
+        """A config group's chosen option (`method` -> `l1_filter`), a dotted config key (`seed`,
+        `method.init_from`), or else a summary key."""
+        choice = self.choices().get(key)
+        if choice is not None:
+            return choice
         value = OmegaConf.select(self.config, key, default=None) if self.config is not None else None
         if value is None:
             value = self.summary.get(key, default)
         return value
+
+    def choices(self) -> dict[str, str]:
+        """The option chosen in each config group, from Hydra's record of the run (empty without one)."""
+        record = self.path / ".hydra" / "hydra.yaml"
+        if not record.exists():
+            return {}
+        choices = OmegaConf.select(OmegaConf.load(record), "hydra.runtime.choices", default=None) or {}
+        return {str(k): str(v) for k, v in choices.items() if not str(k).startswith("hydra/")}
 
     def label(self, keys: Sequence[str]) -> str:
         """A short name from config values, e.g. `method=PruningFromScratch seed=0 init_from=dense-e10`.
@@ -206,7 +218,8 @@ def table(
 ) -> list[dict[str, Any]]:
     """Mean and standard deviation of summary metrics over the runs that share the `by` config values.
 
-    Writes `table.csv` into `out` when given. Runs without a summary (unfinished) are left out.
+    Writes `table.csv` and `table.md` (mean +- std per metric) into `out` when given. Runs without a
+    summary (unfinished) are left out.
     """
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
@@ -224,7 +237,19 @@ def table(
     if out is not None and rows:
         Path(out).mkdir(parents=True, exist_ok=True)
         _write_csv(Path(out) / "table.csv", list(rows[0]), [list(r.values()) for r in rows])
+        (Path(out) / "table.md").write_text(markdown_table(rows, by, metrics))
     return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], by: Sequence[str], metrics: Sequence[str]) -> str:
+    """The rows of `table` as a Markdown table with one `mean +- std` cell per metric."""
+    header = [*by, "runs", *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [str(row[k]) for k in by] + [str(row["runs"])]
+        cells += [f"{row[f'{m} mean']:.4g} +- {row[f'{m} std']:.2g}" for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def stage_epochs(run: Run, stage: str) -> int:
@@ -281,6 +306,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sub.add_argument("--out", type=Path, default=None, help="where to write (default: the runs' common folder)")
         if name == "table":
             sub.add_argument("--by", default="method._target_", help="comma-separated config keys to group by")
+            sub.add_argument(
+                "--metrics",
+                default="test/acc,model/flops_ratio,model/params_ratio",
+                help="comma-separated summary keys to average",
+            )
         else:
             sub.add_argument("--label", default="seed", help="comma-separated config keys naming each run")
     cost = commands.add_parser("cost")
@@ -300,9 +330,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not runs:
         raise SystemExit(f"no run directories under {', '.join(args.runs)}")
     if args.command == "table":
-        rows = table(runs, by=args.by.split(","), out=args.out or _default_out(runs))
-        for row in rows:
-            print(json.dumps(row))
+        by, metrics = args.by.split(","), args.metrics.split(",")
+        rows = table(runs, by=by, metrics=metrics, out=args.out or _default_out(runs))
+        print(markdown_table(rows, by, metrics), end="")
         return
     plot = plot_channels if args.command == "channels" else plot_similarity
     print(plot(runs, out=args.out, label=args.label.split(",")))

@@ -177,6 +177,8 @@ class ScoreSearch(PruningMethod):
 
     #: Whether the scores are ranked by magnitude (and their gradient taken through |m|).
     absolute_scores: bool = False
+    #: Whether the method is meant for pretrained weights (a warning says so when none are loaded).
+    requires_pretrained: bool = False
 
     def __init__(
         self,
@@ -263,6 +265,11 @@ class ScoreSearch(PruningMethod):
         """The experiment's datamodule (criterion batches) and seed."""
         self.data = ctx.datamodule
         self.seed = int(ctx.cfg.seed)
+        if self.requires_pretrained and not ctx.cfg.backbone.get("pretrained"):
+            log.warning(
+                "%s searches a mask in PRETRAINED weights, but backbone.pretrained is not set: "
+                "the search runs on a random initialisation", type(self).__name__
+            )
 
     def on_fit_start(self, model: nn.Module, stage: str, total_steps: int) -> None:
         """T, the search's total iterations, as the trainer will run them."""
@@ -435,6 +442,8 @@ class Jackpot(ScoreSearch):
     weights with the largest values are removed) or random. Kept weights start at 1, pruned ones at
     `eta` (0.99), so the first forward pass uses exactly the criterion's mask.
     """
+
+    requires_pretrained = True
 
     def __init__(self, criterion: str = "magnitude", eta: float = 0.99, **kwargs: Any):
         if criterion not in CRITERIA:
