@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from conftest import CONF_DIR, make_cfg
+from conftest import CONF_DIR, CrashAtEpoch, make_cfg
 from prunelab import load_model, pipeline
 from prunelab.backbones import create
 from prunelab.budget import prunable_weights, unstructured_plan
@@ -321,17 +321,6 @@ def test_paper_presets(preset):
     assert cfg.backbone.pretrained == "/weights.pt"
 
 
-class _CrashAtEpoch(L.Callback):
-    """Simulates a killed run: fails when the given training epoch starts (the previous one is checkpointed)."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
-
-
 def test_killed_search_resumes_from_its_scores_and_mask(tmp_path):
     L.seed_everything(0)
     pretrained = create("resnet_tiny")
@@ -342,7 +331,7 @@ def test_killed_search_resumes_from_its_scores_and_mask(tmp_path):
         "method.epochs=2", "dataset.batch_size=64", "method.overlap_with=[magnitude]", "test=false", *QUIET,
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pipeline.run(cfg, run, callbacks=[_CrashAtEpoch(1)])
+        pipeline.run(cfg, run, callbacks=[CrashAtEpoch(1)])
     (search_dir,) = run.glob("stages/*-search")
     saved = torch.load(search_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     saved_mask = torch.cat([v.flatten().bool() for k, v in saved.items() if k.endswith("weight.0.mask")])

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import make_cfg
+from conftest import CrashAtEpoch, EpochRecorder, make_cfg
 from prunelab import load_model, pipeline
 from prunelab.budget import count_flops, count_params
 from prunelab.lit import PruneLitModule, cosine, multistep
@@ -60,40 +59,21 @@ def test_accuracy_is_percent_and_learns_synthetic(tmp_path):
     assert summary["test/acc"] > 30.0
 
 
-class _CrashAtEpoch(L.Callback):
-    """Simulates a killed run: fails when the given epoch starts (the previous one is checkpointed)."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
-
-
-class _EpochRecorder(L.Callback):
-    def __init__(self):
-        self.epochs: list[int] = []
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.epochs.append(trainer.current_epoch)
-
-
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     cfg = make_cfg(tmp_path, "trainer.max_epochs=3")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pipeline.run(cfg, tmp_path, callbacks=[_CrashAtEpoch(2)])
+        pipeline.run(cfg, tmp_path, callbacks=[CrashAtEpoch(2)])
     assert not (tmp_path / "summary.json").exists()
     assert not list(tmp_path.glob("stages/*/done.json"))
     assert (tmp_path / "stages" / "0-train" / "checkpoints" / "last.ckpt").exists()
 
-    recorder = _EpochRecorder()
+    recorder = EpochRecorder()
     summary = pipeline.run(cfg, tmp_path, callbacks=[recorder])
     assert recorder.epochs == [2]
     assert (tmp_path / "summary.json").exists() and "test/acc" in summary
 
     # A completed run re-run does no work at all: every stage is skipped.
-    again = _EpochRecorder()
+    again = EpochRecorder()
     assert pipeline.run(cfg, tmp_path, callbacks=[again])["test/acc"] == summary["test/acc"]
     assert again.epochs == []
 
@@ -112,7 +92,7 @@ def test_same_seed_same_result(tmp_path):
 
 
 def test_max_epochs_zero_only_evaluates(tmp_path):
-    recorder = _EpochRecorder()
+    recorder = EpochRecorder()
     summary = pipeline.run(make_cfg(tmp_path, "trainer.max_epochs=0"), tmp_path, callbacks=[recorder])
     assert recorder.epochs == []
     assert "test/acc" in summary and not (tmp_path / "stages" / "0-train" / "checkpoints").exists()

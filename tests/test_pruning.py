@@ -7,9 +7,8 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import make_cfg, shared_path
+from conftest import CrashAtEpoch, EpochRecorder, make_cfg, shared_path
 from prunelab import load_model, pipeline
 from prunelab.backbones import create
 from prunelab.budget import (
@@ -191,13 +190,11 @@ def test_rewind_to_iteration_k(tmp_path):
 
 def test_prune_stage_resumes_and_is_not_redone(tmp_path):
     args = ["method=l1_filter", "budget.flops=0.5", "budget.tolerance=0.02", "trainer.max_epochs=2"]
-    from test_pipeline import _CrashAtEpoch, _EpochRecorder
-
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _run(tmp_path, *args, callbacks=[_CrashAtEpoch(1)])
+        _run(tmp_path, *args, callbacks=[CrashAtEpoch(1)])
     plan_file = _stage(tmp_path, "prune") / "plan.json"
     first = plan_file.stat().st_mtime_ns
-    recorder = _EpochRecorder()
+    recorder = EpochRecorder()
     summary, _ = _run(tmp_path, *args, callbacks=[recorder])
     assert plan_file.stat().st_mtime_ns == first
     assert recorder.epochs == [1]
