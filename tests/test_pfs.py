@@ -394,3 +394,15 @@ def test_report_reads_structures_from_run_directories(run, tmp_path):
     cost = report.search_cost(found, found, search_stage="search", dense_stage="scratch_b")
     assert cost["search_epochs"] == 2 and cost["dense_epochs"] == run.summary["scratch_b/epochs"]
     assert cost["search_epoch_s"] == pytest.approx(run.summary["time/search_s"] / 2)
+
+
+def test_imagenet_presets_validate_inside_the_search_epoch(tmp_path):
+    for name, retrain in (("mobilenet_v1", "scratch"), ("mobilenet_v2", "scratch"), ("resnet50", "scratch_b")):
+        cfg = _preset(f"pfs_imagenet_{name}")
+        assert cfg.backbone.name == name and cfg.dataset._target_.endswith("ImageNetDataModule")
+        assert (cfg.method.gamma, cfg.method.epochs, cfg.retrain.mode, cfg.label_smoothing) == (0.05, 1, retrain, 0.1)
+    # val_check_interval reaches the search's Trainer: two checks in each of the two search epochs.
+    run_dir = tmp_path / "run"
+    pipeline.run(make_cfg(run_dir, *RUN, "method.val_check_interval=0.5", "retrain=none"), run_dir)
+    record = json.loads((run_dir / "pfs_gates.json").read_text())
+    assert len(record["history"]) == 4

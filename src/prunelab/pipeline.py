@@ -201,7 +201,8 @@ def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple
     rewind = ctx.run_dir / "rewind.pt"
     if cfg.retrain.mode == "rewind" and cfg.retrain.rewind_iteration > 0 and not rewind.exists():
         callbacks.append(_RewindSnapshot(rewind, cfg.retrain.rewind_iteration))
-    trainer = _trainer(ctx, max_epochs=epochs, callbacks=callbacks)
+    # A stage may set its own Trainer arguments, e.g. several validations inside one long epoch.
+    trainer = _trainer(ctx, max_epochs=epochs, callbacks=callbacks, **stage.options.get("trainer", {}))
     last = checkpoints / "last.ckpt"
     if last.exists():
         log.info("resuming stage %s from %s", stage.name, last)
@@ -323,10 +324,11 @@ def _test(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tupl
 RUNNERS = {"fit": _fit, "prune": _prune, "recalibrate": _recalibrate, "retrain": _retrain, "test": _test}
 
 
-def _trainer(ctx: Context, max_epochs: int, callbacks: list[Callback]) -> L.Trainer:
-    """A Lightning Trainer from `cfg.trainer` for one stage."""
+def _trainer(ctx: Context, max_epochs: int, callbacks: list[Callback], **overrides: Any) -> L.Trainer:
+    """A Lightning Trainer from `cfg.trainer` for one stage (`overrides` replace its fields)."""
     return instantiate(
         ctx.cfg.trainer,
+        **overrides,
         max_epochs=max_epochs,
         logger=ctx.logger if ctx.logger is not None else False,
         callbacks=callbacks + ctx.callbacks,

@@ -18,7 +18,8 @@ class Stage:
     asks the method for a plan and applies it, "recalibrate" re-estimates BatchNorm statistics,
     "retrain" prepares the pruned model by `retrain.mode` and fits it, "test" evaluates. `epochs`, `lr`,
     `optimizer` and `scheduler` give a fit stage its schedule; None falls back to the experiment's
-    `trainer.max_epochs`, `optimizer` (with its lr) and `scheduler`.
+    `trainer.max_epochs`, `optimizer` (with its lr) and `scheduler`. `options["trainer"]` holds Trainer
+    arguments for this stage only (e.g. `val_check_interval`).
     """
 
     name: str

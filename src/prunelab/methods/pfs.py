@@ -105,7 +105,8 @@ class PruningFromScratch(PruningMethod):
     starts the search from the weights in a checkpoint of the expanded backbone instead of a random
     initialisation (e.g. a dense run with `backbone.width` times `expansion`). `prune_coupled` false
     leaves channel groups shared by residual additions ungated and unpruned, as the official code
-    gates only the inner channels of residual blocks.
+    gates only the inner channels of residual blocks. `val_check_interval` (e.g. 0.2) validates the
+    gates several times per search epoch, as the paper does in its one ImageNet epoch.
     """
 
     def __init__(
@@ -117,6 +118,7 @@ class PruningFromScratch(PruningMethod):
         epochs: int = 10,
         init_from: str | None = None,
         prune_coupled: bool = True,
+        val_check_interval: float | int | None = None,
     ) -> None:
         if ratio is None or not 0.0 < float(ratio) <= 1.0:
             raise ValueError(
@@ -132,6 +134,7 @@ class PruningFromScratch(PruningMethod):
         self.epochs = int(epochs)
         self.init_from = init_from
         self.prune_coupled = bool(prune_coupled)
+        self.val_check_interval = val_check_interval
         self.history: list[dict[str, float]] = []
         self._gates: ChannelGates | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -143,7 +146,9 @@ class PruningFromScratch(PruningMethod):
         # The search has its own schedule: Adam at a constant learning rate, whatever the retraining uses.
         optimizer = OmegaConf.create({"_target_": "torch.optim.Adam", "_partial_": True, "lr": self.lr})
         scheduler = OmegaConf.create({"_target_": "prunelab.lit.constant", "_partial_": True})
-        search = Stage(SEARCH, "fit", epochs=self.epochs, optimizer=optimizer, scheduler=scheduler)
+        # ImageNet searches one epoch and validates several times inside it (val_check_interval < 1).
+        options = {"trainer": {"val_check_interval": self.val_check_interval}} if self.val_check_interval else {}
+        search = Stage(SEARCH, "fit", epochs=self.epochs, optimizer=optimizer, scheduler=scheduler, options=options)
         return [search, Stage("prune", "prune")]
 
     def initial_model(self, model: nn.Module) -> nn.Module:
