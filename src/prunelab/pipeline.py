@@ -119,8 +119,9 @@ def plan_stages(cfg: DictConfig, method: PruningMethod) -> list[Stage]:
     """The full stage list: the method's own stages, wrapped in the steps every pruning run shares.
 
     A method that prunes gets dense pre-training (when `pretrain.epochs` > 0), an evaluation of the
-    dense model (when trained or pretrained), BN re-estimation after each prune stage (when `bn_recalibration.batches` > 0) and
-    the retraining stage of `retrain.mode`; every run ends with the test.
+    dense model (when trained or pretrained), BN re-estimation after each prune stage (when
+    `bn_recalibration.batches` > 0) and the retraining stage of `retrain.mode`; every run ends with
+    the test.
     """
     own = method.stages()
     stages: list[Stage] = []
@@ -133,7 +134,8 @@ def plan_stages(cfg: DictConfig, method: PruningMethod) -> list[Stage]:
         for stage in own:
             stages.append(stage)
             if stage.kind == "prune" and cfg.bn_recalibration.batches:
-                stages.append(Stage(f"{stage.name}_bn", "recalibrate", options={"batches": cfg.bn_recalibration.batches}))
+                batches = cfg.bn_recalibration.batches
+                stages.append(Stage(f"{stage.name}_bn", "recalibrate", options={"batches": batches}))
         if cfg.retrain.mode != "none":
             stages.append(Stage(cfg.retrain.mode, "retrain", **_schedule(cfg.retrain)))
     else:
