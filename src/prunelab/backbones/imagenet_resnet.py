@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prunelab.backbones.registry import register, scale_channels
+from prunelab.backbones.registry import fan_out_init, register, scale_channels
 
 
 def _downsample(in_planes: int, out_planes: int, stride: int) -> nn.Module | None:
@@ -108,12 +108,7 @@ class ImageNetResNet(nn.Module):
 
     def init_weights(self) -> None:
         """torchvision's scheme: Kaiming (fan_out) convolutions, unit BatchNorm; fans follow current shapes."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        fan_out_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prunelab.backbones.registry import register, scale_channels
+from prunelab.backbones.registry import fan_out_init, register, scale_channels
 
 VARIANTS = ("cifar", "imagenet")
 
@@ -54,18 +54,6 @@ def _conv_bn_act(
     )
 
 
-def _init_weights(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0.0, 0.01)
-            nn.init.zeros_(module.bias)
-
-
 class DepthwiseSeparable(nn.Module):
     """Depthwise conv3x3-BN-ReLU followed by pointwise conv1x1-BN-ReLU."""
 
@@ -106,7 +94,7 @@ class MobileNetV1(nn.Module):
 
     def init_weights(self) -> None:
         """Kaiming (fan_out) convolutions, unit BatchNorm, small-normal classifier; fans follow current shapes."""
-        _init_weights(self)
+        fan_out_init(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.features(self.stem(x))
@@ -170,7 +158,7 @@ class MobileNetV2(nn.Module):
 
     def init_weights(self) -> None:
         """Kaiming (fan_out) convolutions, unit BatchNorm, small-normal classifier; fans follow current shapes."""
-        _init_weights(self)
+        fan_out_init(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.head(self.features(self.stem(x)))

@@ -26,6 +26,25 @@ def scale_channels(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
+def fan_out_init(model: nn.Module, linear_std: float | None = None, zero_linear_bias: bool = False) -> None:
+    """Kaiming-normal (fan_out, ReLU) convolutions and unit BatchNorm, with fans from the current shapes.
+
+    Linear layers keep their default initialisation unless `linear_std` is given (normal weights with
+    that std and zero bias) or `zero_linear_bias` is set.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(module.weight, 0.0, linear_std)
+            if linear_std is not None or zero_linear_bias:
+                nn.init.zeros_(module.bias)
+
+
 def register(name: str) -> Callable[[Factory], Factory]:
     """Register a model factory under `name`; a name can be registered only once.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prunelab.backbones.registry import register, scale_channels
+from prunelab.backbones.registry import fan_out_init, register, scale_channels
 
 LayerSpec = list[int | str]
 
@@ -47,15 +47,7 @@ class VGG(nn.Module):
 
     def init_weights(self) -> None:
         """Kaiming (fan_out) convolutions, unit BatchNorm, small-normal classifier; fans follow current shapes."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        fan_out_init(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.flatten(self.avgpool(self.features(x)), 1)

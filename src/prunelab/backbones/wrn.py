@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunelab.backbones.registry import register, scale_channels
+from prunelab.backbones.registry import fan_out_init, register, scale_channels
 
 
 class WideBasicBlock(nn.Module):
@@ -77,14 +77,7 @@ class WideResNet(nn.Module):
 
     def init_weights(self) -> None:
         """The reference scheme: Kaiming (fan_out) convolutions, unit BatchNorm, zero linear bias."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        fan_out_init(self, zero_linear_bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))
