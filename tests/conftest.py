@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -74,3 +75,15 @@ class EpochRecorder(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.epochs.append(trainer.current_epoch)
+
+
+def randomize_bn(model: torch.nn.Module) -> None:
+    """Give every BatchNorm non-trivial affine parameters and running statistics."""
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=gen) + 0.5
+            m.bias.data = torch.randn(n, generator=gen) * 0.1
+            m.running_mean = torch.randn(n, generator=gen) * 0.1
+            m.running_var = torch.rand(n, generator=gen) + 0.5

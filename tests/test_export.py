@@ -10,22 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import randomize_bn
 from prunelab.backbones import create
 from prunelab.export import export_deployable, load_model, save_model
 from prunelab.structure import ChannelPlan, MaskPlan, apply_channel_plan, attach_masks, channel_groups, has_masks
 
 SHAPE = (3, 32, 32)
-
-
-def randomize_bn(model: nn.Module) -> None:
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=gen) + 0.5
-            m.bias.data = torch.randn(n, generator=gen) * 0.1
-            m.running_mean = torch.randn(n, generator=gen) * 0.1
-            m.running_var = torch.rand(n, generator=gen) + 0.5
 
 
 def random_plan(model: nn.Module, seed: int) -> ChannelPlan:

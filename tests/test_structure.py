@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import randomize_bn
 from prunelab.backbones import create
 from prunelab.budget import count_flops, count_params, sparsity
 from prunelab.structure import (
@@ -58,18 +59,6 @@ def build(name: str, **kwargs: object) -> nn.Module:
     if name == "concat":
         return TinyDenseNet()
     return create(name, **kwargs)
-
-
-def randomize_bn(model: nn.Module) -> None:
-    """Give every BatchNorm non-trivial affine parameters and running statistics."""
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=gen) + 0.5
-            m.bias.data = torch.randn(n, generator=gen) * 0.1
-            m.running_mean = torch.randn(n, generator=gen) * 0.1
-            m.running_var = torch.rand(n, generator=gen) + 0.5
 
 
 def half_plan(model: nn.Module, seed: int = 0) -> ChannelPlan:
