@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install quickstart test test-slow clean
 
-$(STAMP): pyproject.toml
+# The dependencies' exact versions come from constraints.txt (pyproject.toml gives ranges).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing prunelab and its dependencies into $(VENV) (a few minutes the first time)..."
-	$(PY) -m pip install --quiet --progress-bar off -e '.[dev]' > $(VENV)/pip.log 2>&1 \
+	$(PY) -m pip install --quiet --progress-bar off -c constraints.txt -e '.[dev]' > $(VENV)/pip.log 2>&1 \
 		|| { grep -v "^WARNING: Location" $(VENV)/pip.log; exit 1; }
 	$(PY) -c "import prunelab, torch, lightning, hydra, torch_pruning, timm"
 	touch $(STAMP)

@@ -43,7 +43,7 @@ def main() -> None:
     models = {"dense": dense}
     for target in args.flops:
         budget = OmegaConf.create({"flops": target, "tolerance": 0.03, "iterations": 30, "round_to": 1})
-        ctx = types.SimpleNamespace(budget=budget, input_shape=shape, dense={"flops": dense_flops}, cfg=None)
+        ctx = types.SimpleNamespace(budget=budget, input_shape=shape, dense={"flops": dense_flops})
         for name, method in (("l1_filter", L1Filter()), ("uniform", Uniform())):
             pruned = copy.deepcopy(dense)
             apply_channel_plan(pruned, method.plan(pruned, ctx), shape)

@@ -54,15 +54,35 @@ def common(shared: Path) -> list[str]:
     ]
 
 
-def experiments(epochs: int) -> list[tuple[str, str, list[str]]]:
-    """(run folder, label, overrides) of each experiment."""
+def experiments(epochs: int, allocations: bool) -> list[tuple[str, str, list[str]]]:
+    """(run folder, label, overrides) of each experiment; `allocations` adds SR-popup's global variants."""
     search = [f"method.epochs={epochs}", "dataset.batch_size=256"]
-    return [
+    runs = [
         ("magnitude", "magnitude", ["method=magnitude"]),
         ("magnitude_bn", "magnitude + BN re-estimation", ["method=magnitude", "bn_recalibration.batches=-1"]),
         ("edge_popup", "edge-popup", ["method=edge_popup", *search]),
         ("jackpot", "SR-popup (jackpot)", ["method=jackpot", *search]),
     ]
+    if allocations:
+        global_ranking = ["method=jackpot", *search, "method.allocation=global"]
+        runs += [
+            ("jackpot_global", "SR-popup, global ranking", global_ranking),
+            (
+                "jackpot_global_norm",
+                "SR-popup, global + layer_grad_norm",
+                [*global_ranking, "method.layer_grad_norm=true"],
+            ),
+        ]
+    return runs
+
+
+def mean_std(values: list[float]) -> str:
+    """'mean +- sample std' of the values, or the single value."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.2f} +- {std:.2f}"
 
 
 def main() -> None:
@@ -71,41 +91,55 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "jackpot_resnet20_cifar10")
     parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (data order) of every experiment")
+    parser.add_argument(
+        "--allocations",
+        action="store_true",
+        help="also SR-popup with the global ranking, with and without layer_grad_norm",
+    )
     args = parser.parse_args()
     if not (args.shared / "weights" / "cifar10" / "resnet20-12fca82f.th").exists():
         sys.exit(f"{args.shared} does not hold weights/cifar10/resnet20-12fca82f.th: this script needs ../shared")
 
     rows = []
-    for folder, name, overrides in experiments(args.epochs):
-        run_dir = args.out / folder
-        command = [sys.executable, "-m", "prunelab.cli", *common(args.shared), *overrides, *args.extra]
-        command.append(f"hydra.run.dir={run_dir}")
-        print("$", " ".join(shlex.quote(c) for c in command), flush=True)
-        subprocess.run(command, cwd=ROOT, check=True)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        search_s = sum(summary.get(f"time/{stage}_s", 0.0) for stage in ("search", "prune", "prune_bn"))
-        rows.append(
-            {
-                "method": name,
-                "test/acc": summary["test/acc"],
-                "dense/test/acc": summary.get("dense/test/acc"),
-                "model/sparsity": summary["model/sparsity"],
-                "search/val/acc": summary.get("search/val/acc"),
-                "prune_or_search_s": round(search_s, 1),
-            }
-        )
+    for folder, name, overrides in experiments(args.epochs, args.allocations):
+        for seed in args.seeds:
+            # Seed 0 is the configs' default: its runs keep the folders of a single-seed call.
+            run_dir = args.out / (folder if seed == 0 else f"{folder}_s{seed}")
+            seeded = [] if seed == 0 else [f"seed={seed}"]
+            command = [sys.executable, "-m", "prunelab.cli", *common(args.shared), *overrides, *seeded, *args.extra]
+            command.append(f"hydra.run.dir={run_dir}")
+            print("$", " ".join(shlex.quote(c) for c in command), flush=True)
+            subprocess.run(command, cwd=ROOT, check=True)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            search_s = sum(summary.get(f"time/{stage}_s", 0.0) for stage in ("search", "prune", "prune_bn"))
+            rows.append(
+                {
+                    "method": name,
+                    "seed": seed,
+                    "test/acc": summary["test/acc"],
+                    "dense/test/acc": summary.get("dense/test/acc"),
+                    "model/sparsity": summary["model/sparsity"],
+                    "search/val/acc": summary.get("search/val/acc"),
+                    "prune_or_search_s": round(search_s, 1),
+                }
+            )
 
     lines = [
         f"ResNet-20 (pretrained), CIFAR-10 subset, 90% unstructured sparsity, no weight training; "
-        f"search {args.epochs} epochs",
+        f"search {args.epochs} epochs; seeds {' '.join(map(str, args.seeds))}",
         "",
-        "| method | test acc (%) | sparsity | prune/search time (s) |",
-        "|---|---|---|---|",
+        "| method | test acc (%) | per seed | sparsity | prune/search time (s) |",
+        "|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['method']} | {r['test/acc']:.2f} | {r['model/sparsity']:.4f} | {r['prune_or_search_s']:.1f} |"
-        for r in rows
-    ]
+    for name in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == name]
+        accuracies = [r["test/acc"] for r in mine]
+        seconds = sum(r["prune_or_search_s"] for r in mine) / len(mine)
+        lines.append(
+            f"| {name} | {mean_std(accuracies)} | {' '.join(f'{a:.2f}' for a in accuracies)} | "
+            f"{mine[0]['model/sparsity']:.4f} | {seconds:.1f} |"
+        )
     lines.append(f"\ndense pretrained model: {rows[0]['dense/test/acc']:.2f}%")
     table = "\n".join(lines)
     print(table)

@@ -50,8 +50,8 @@ def search_step(backbone: str, expansion: float, prune_coupled: bool) -> Callabl
     """A gate-search step through the method's own hooks, as PruneLitModule calls them."""
     method = PruningFromScratch(expansion=expansion, ratio=0.5, prune_coupled=prune_coupled)
     model = method.initial_model(create(backbone))
-    model.prunelab_input_shape = SHAPE
-    method.setup(model, Stage("search", "fit"))
+    model.prunelab.input_shape = SHAPE
+    method.setup(model, Stage("search", "fit"), None)
     model.train()
     optimizer = torch.optim.Adam([p for p in method.parameters_to_train(model) if p.requires_grad], lr=0.01)
 

@@ -35,6 +35,12 @@ def make_cfg(output_dir: Path, *overrides: str) -> DictConfig:
         return compose("config", overrides=[f"paths.output_dir={output_dir}", *FAST, *overrides])
 
 
+def preset(name: str) -> DictConfig:
+    """An experiment preset composed as the CLI composes it (without the tests' fast overrides)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"experiment={name}", "paths.output_dir=unused"])
+
+
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the `prunelab` command in a subprocess, as a user would."""
     env = {**os.environ, "PRUNELAB_OUTPUTS": str(cwd / "outputs"), "HYDRA_FULL_ERROR": "0"}
@@ -57,24 +63,30 @@ def shared_path(*parts: str) -> Path:
 
 
 class CrashAtEpoch(L.Callback):
-    """Simulates a killed run: fails when the given epoch starts (the previous one is checkpointed)."""
+    """Simulates a killed run: fails when the given epoch starts (the previous one is checkpointed).
 
-    def __init__(self, epoch: int):
+    With `stage`, only in the fit stage of that tag (e.g. "round2/rewind").
+    """
+
+    def __init__(self, epoch: int, stage: str | None = None):
         self.epoch = epoch
+        self.stage = stage
 
     def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
+        if trainer.current_epoch == self.epoch and self.stage in (None, pl_module.stage):
             raise RuntimeError("simulated crash")
 
 
 class EpochRecorder(L.Callback):
-    """Records the epochs that training starts, to see what a resumed run redoes."""
+    """Records the epochs that training starts (and in which stages), to see what a resumed run redoes."""
 
     def __init__(self):
         self.epochs: list[int] = []
+        self.stages: list[tuple[str, int]] = []
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.epochs.append(trainer.current_epoch)
+        self.stages.append((pl_module.stage, trainer.current_epoch))
 
 
 def randomize_bn(model: torch.nn.Module) -> None:
@@ -87,3 +99,15 @@ def randomize_bn(model: torch.nn.Module) -> None:
             m.bias.data = torch.randn(n, generator=gen) * 0.1
             m.running_mean = torch.randn(n, generator=gen) * 0.1
             m.running_var = torch.rand(n, generator=gen) + 0.5
+
+
+class CrashAtStep(L.Callback):
+    """Simulates a run killed inside an epoch: fails before optimizer step `step` + 1 of a fit stage."""
+
+    def __init__(self, step: int, stage: str | None = None):
+        self.step = step
+        self.stage = stage
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and self.stage in (None, pl_module.stage):
+            raise RuntimeError("simulated crash")

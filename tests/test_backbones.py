@@ -14,6 +14,7 @@ from torch import nn
 from prunelab import backbones
 from prunelab.backbones import available, create, load_pretrained, register
 from prunelab.backbones.cifar_resnet import PadShortcut
+from prunelab.structure import reinitialize
 
 # The shared weights and data sit in a `shared` folder beside the repository root.
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
@@ -48,7 +49,7 @@ def test_every_backbone_builds_and_runs(name: str) -> None:
         out = model(input_for(name))
     assert out.shape == (2, 7)
     assert torch.isfinite(out).all()
-    assert model.prunelab_spec == {"name": name, "num_classes": 7, "in_channels": 3, "width": 1.0}
+    assert model.prunelab.spec == {"name": name, "num_classes": 7, "in_channels": 3, "width": 1.0}
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -107,7 +108,7 @@ def test_width_multiplier_scales_channels() -> None:
     assert wide.layer3[0].conv2.out_channels == 80
     assert wide.linear.in_features == 80
     assert n_params(wide) > n_params(base)
-    assert wide.prunelab_spec["width"] == 1.25
+    assert wide.prunelab.spec["width"] == 1.25
 
     assert create("vgg_tiny", width=2.0).classifier.in_features == 64
     assert create("vgg16", width=0.5).classifier.in_features == 256
@@ -150,6 +151,67 @@ def test_shortcut_options() -> None:
     assert n_params(option_b) - n_params(option_a) == (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
     with pytest.raises(ValueError, match="shortcut"):
         create("resnet20", shortcut="C")
+
+
+def _perturb(model: nn.Module) -> None:
+    """Stand-in for training: every parameter and BatchNorm statistic far from any initialisation."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *(b for n, b in model.named_buffers() if "running" in n)]:
+            tensor.fill_(3.0)
+
+
+def _check_pfs_official_resnet(model: nn.Module) -> None:
+    """Pruning from Scratch's official ResNet init: conv N(0, 2 / (k k out)), BN (1, 0), default Linear."""
+    # A 32 -> 64 conv (18,432 weights): fan_out std sqrt(2 / 576), not fan_in's sqrt(2 / 288).
+    conv = model.layer3[0].conv1.weight
+    assert conv.std().item() == pytest.approx((2 / (9 * 64)) ** 0.5, rel=0.03)
+    # The option-B shortcut convolution follows the same rule: std sqrt(2 / 64).
+    shortcut = model.layer3[0].shortcut[0].weight
+    assert shortcut.shape == (64, 32, 1, 1)
+    assert shortcut.std().item() == pytest.approx((2 / 64) ** 0.5, rel=0.06)
+    # PyTorch's Linear default: weights and bias uniform in +-1/sqrt(64) (Kaiming-normal would exceed it).
+    bound = 1 / 64**0.5
+    assert model.linear.weight.abs().max().item() <= bound and model.linear.bias.abs().max().item() <= bound
+    assert model.linear.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.15)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert torch.equal(module.weight, torch.ones_like(module.weight))
+            assert torch.equal(module.bias, torch.zeros_like(module.bias))
+            assert torch.equal(module.running_mean, torch.zeros_like(module.running_mean))
+            assert torch.equal(module.running_var, torch.ones_like(module.running_var))
+
+
+def test_pfs_official_resnet_init_survives_reinitialisation_and_rebuilds() -> None:
+    torch.manual_seed(0)
+    model = create("resnet20", shortcut="B", init="pfs_official")
+    assert model.prunelab.spec == {
+        "name": "resnet20", "num_classes": 10, "in_channels": 3, "width": 1.0, "shortcut": "B", "init": "pfs_official"
+    }  # fmt: skip
+    _check_pfs_official_resnet(model)
+    # Re-initialisation for training from scratch (Scratch-B) keeps the chosen scheme.
+    _perturb(model)
+    _check_pfs_official_resnet(reinitialize(model))
+    _check_pfs_official_resnet(create(**model.prunelab.spec))
+    # The reference scheme is unchanged: the same conv has fan_in's std.
+    reference = create("resnet20", shortcut="B")
+    assert reference.layer3[0].conv1.weight.std().item() == pytest.approx((2 / (9 * 32)) ** 0.5, rel=0.03)
+    with pytest.raises(ValueError, match="init"):
+        create("resnet20", init="official")
+
+
+def test_vgg_bn_weight_survives_reinitialisation_and_rebuilds() -> None:
+    model = create("vgg_tiny", bn_weight=0.5)
+    assert model.prunelab.spec["bn_weight"] == 0.5
+
+    def bn_weights(net: nn.Module) -> list[torch.Tensor]:
+        return [m.weight for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    assert all(torch.equal(w, torch.full_like(w, 0.5)) for w in bn_weights(model))
+    _perturb(model)
+    reinitialize(model)
+    assert all(torch.equal(w, torch.full_like(w, 0.5)) for w in bn_weights(model))
+    assert all(torch.equal(w, torch.full_like(w, 0.5)) for w in bn_weights(create(**model.prunelab.spec)))
+    assert all(torch.equal(w, torch.ones_like(w)) for w in bn_weights(create("vgg_tiny")))
 
 
 def test_pad_shortcut_matches_reference_padding() -> None:
@@ -204,7 +266,7 @@ def test_external_libraries_build_offline(name: str) -> None:
     model = create(name, num_classes=7).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
-    assert model.prunelab_spec["name"] == name
+    assert model.prunelab.spec["name"] == name
     gray = create(name, num_classes=7, in_channels=1).eval()
     with torch.no_grad():
         assert gray(torch.randn(2, 1, 64, 64)).shape == (2, 7)
@@ -215,8 +277,8 @@ def test_external_libraries_build_offline(name: str) -> None:
 def test_spec_rebuilds_the_architecture() -> None:
     model = create("resnet_tiny", num_classes=4, in_channels=2, width=1.5, shortcut="B")
     spec = {"name": "resnet_tiny", "num_classes": 4, "in_channels": 2, "width": 1.5, "shortcut": "B"}
-    assert model.prunelab_spec == spec
-    rebuilt = create(**model.prunelab_spec)
+    assert model.prunelab.spec == spec
+    rebuilt = create(**model.prunelab.spec)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
@@ -275,7 +337,7 @@ def test_load_strips_module_prefix(tmp_path: Path) -> None:
     target = create("resnet_tiny", pretrained=str(path))
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value)
-    assert "pretrained" not in target.prunelab_spec
+    assert "pretrained" not in target.prunelab.spec
 
 
 def test_load_raw_and_model_dicts(tmp_path: Path) -> None:
@@ -377,9 +439,11 @@ def test_backbone_configs_instantiate(path: Path) -> None:
     config = OmegaConf.load(path)
     assert {"_target_", "name", "width", "pretrained"} <= set(config)
     assert "num_classes" not in config and "in_channels" not in config
-    model = hydra_utils.instantiate(config, num_classes=6, in_channels=3)
-    assert model.prunelab_spec["name"] == config.name
-    assert model.prunelab_spec["num_classes"] == 6
+    # A stem variant of `auto` is resolved by the pipeline from the dataset; built directly, it is named.
+    extra = {"variant": "cifar"} if config.get("variant") == "auto" else {}
+    model = hydra_utils.instantiate(config, num_classes=6, in_channels=3, **extra)
+    assert model.prunelab.spec["name"] == config.name
+    assert model.prunelab.spec["num_classes"] == 6
 
 
 def test_every_common_backbone_has_a_config() -> None:

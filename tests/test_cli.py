@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import FAST, run_cli, shared_path
+from conftest import FAST, ROOT, run_cli, shared_path
 
 
 def test_help_lists_groups_and_choices(tmp_path):
@@ -107,3 +113,112 @@ def test_quickstart_preset_prunes_and_prints_before_after_table(tmp_path):
     assert summary["model/flops_ratio"] == pytest.approx(0.5, rel=0.02)
     assert summary["dense/test/acc"] > 50.0  # three epochs on real digits already clear chance (10%) by far
     assert (tmp_path / "run" / "model.ts").exists() and (tmp_path / "run" / "model.pt").exists()
+
+
+def test_user_config_folder_on_hydra_searchpath(tmp_path):
+    """A config folder of the user's own, added with hydra.searchpath, offers new choices in a group."""
+    method_dir = tmp_path / "my_conf" / "method"
+    method_dir.mkdir(parents=True)
+    (method_dir / "mine.yaml").write_text("_target_: prunelab.methods.baselines.L1Filter\nnormalize: false\n")
+    searchpath = f"hydra.searchpath=['{(tmp_path / 'my_conf').as_uri()}']"
+    out = run_cli("--cfg", "job", searchpath, "method=mine", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    method = yaml.safe_load(out.stdout)["method"]
+    assert method == {"_target_": "prunelab.methods.baselines.L1Filter", "normalize": False}
+
+
+# Run inside the installed copy: where the package and its configs come from, and one preset's text.
+INSTALLED_CHECK = """
+import json
+from importlib import resources
+
+import prunelab.cli
+
+preset = resources.files("prunelab.conf").joinpath("experiment/imp_resnet20_cifar10.yaml")
+found = {"package": prunelab.cli.__file__, "conf": str(prunelab.cli.CONF_DIR), "preset": preset.read_text()}
+print(json.dumps(found))
+"""
+
+
+def source_files(folder: Path) -> set[str]:
+    """The Python modules and YAML configs under `folder`, as paths relative to it."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in {".py", ".yaml"}}
+
+
+def test_non_editable_install_runs_from_another_directory(tmp_path):
+    """`pip install .` (not editable) gives a `prunelab` that needs nothing from the source checkout.
+
+    The package is built from a copy of the project's files, so the checkout gets no build folder, and
+    installed without its dependencies into a folder of its own: the tests' environment supplies those.
+    """
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(ROOT / "src", source / "src", ignore=skip)
+    shutil.copytree(ROOT / "conf", source / "conf", ignore=skip)
+    for name in ["pyproject.toml", "README.md"]:
+        shutil.copy2(ROOT / name, source / name)
+    target = tmp_path / "installed"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
+    pip += ["--no-cache-dir", "--target", str(target), str(source)]
+    out = subprocess.run(pip, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    # Every module and every config ships: the package list in pyproject.toml is complete.
+    package = target / "prunelab"
+    conf = {f"conf/{name}" for name in source_files(source / "conf")}
+    assert source_files(package) == source_files(source / "src" / "prunelab") | conf
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "PRUNELAB_OUTPUTS": str(elsewhere / "outputs")}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(args, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+
+    # The installed copy is what gets imported, configs included, not the checkout's src/ and conf/.
+    out = run(sys.executable, "-c", INSTALLED_CHECK)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert Path(found["package"]).is_relative_to(package)
+    assert Path(found["conf"]) == package / "conf"
+    assert found["preset"] == (source / "conf" / "experiment" / "imp_resnet20_cifar10.yaml").read_text()
+
+    out = run(sys.executable, "-m", "prunelab.cli", "--help")
+    assert out.returncode == 0, out.stderr
+    for group in ["dataset", "backbone", "method", "experiment"]:
+        assert f"{group}:" in out.stdout, group
+    assert "imp_vgg11_cifar100" in out.stdout and "l1_filter" in out.stdout
+
+    # The console script, with a preset that builds on another preset.
+    out = run(str(target / "bin" / "prunelab"), "--cfg", "job", "experiment=imp_vgg11_cifar100")
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["backbone"]["name"] == "vgg11" and cfg["dataset"]["_target_"].endswith("CIFAR100DataModule")
+    assert cfg["method"]["rounds"] == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["method=l1_filter", "budget.flops=1.5"], "budget.flops=1.5 is out of range"),
+        (["backbone.width=-1"], "backbone.width=-1 is out of range"),
+        (["objective=test/acc"], "sweeps must not tune on the test set"),
+        (["dataset=cifar10", "dataset.root=/no/such/dir"], "CIFAR-10 not found"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
+    out = run_cli(*FAST, *args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines == [lines[-1]] and lines[0].startswith("prunelab: error: ") and message in lines[0]
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_full_error_shows_the_traceback_and_bugs_keep_theirs(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PRUNELAB_OUTPUTS": str(tmp_path / "outputs")}
+    out = subprocess.run([sys.executable, "-m", "prunelab.cli", *FAST, "backbone.width=-1"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" in out.stderr and "ConfigError" in out.stderr
+    # A method without the interface is a bug, not a user error: traceback, exit code 1.
+    bug = run_cli(*FAST, "method._target_=builtins.dict", cwd=tmp_path)
+    assert bug.returncode == 1 and "prunelab: error:" not in bug.stderr and "AttributeError" in bug.stderr

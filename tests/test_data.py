@@ -400,7 +400,18 @@ def test_loader_options() -> None:
     assert train.pin_memory == torch.cuda.is_available()
     assert train.batch_size == 16 and not train.drop_last
     assert dm.test_dataloader().batch_size == 64 and dm.test_dataloader().persistent_workers
-    assert isinstance(train.sampler, torch.utils.data.RandomSampler)
+    # The training order is a permutation that depends on the seed and the epoch alone (exact resume).
+    sampler = train.sampler
+    sampler.set_epoch(0)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    sampler.set_epoch(0)
+    assert list(sampler) == epoch0 != epoch1
+    # Sample ids carry the epoch (epoch * size + position); each epoch visits every position once.
+    n = len(dm.train_set)
+    assert sorted(epoch0) == sorted(i - n for i in epoch1) == list(range(n))
+    assert list(SyntheticDataModule(seed=1).train_dataloader().sampler) != epoch0
     assert isinstance(dm.train_eval_dataloader().sampler, torch.utils.data.SequentialSampler)
     # With no validation split, validation runs on the test set.
     assert dm.val_dataloader().dataset is dm.test_set
@@ -430,3 +441,31 @@ def test_dataset_configs(name: str, tmp_path: Path) -> None:
         # Hydra wraps the error but keeps its message, which names the folder it looked in.
         with pytest.raises((FileNotFoundError, InstantiationException), match=re.escape(str(tmp_path))):
             instantiate(config.dataset)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_sample_whatever_the_workers() -> None:
+    from prunelab.data import DigitsDataModule
+
+    def epoch_batches(num_workers: int, epoch: int) -> list[torch.Tensor]:
+        loader = DigitsDataModule(num_workers=num_workers, batch_size=256, seed=3).train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return [x for x, _ in loader]
+
+    main = epoch_batches(0, 1)
+    # Another epoch crops differently; the same epoch again (e.g. after a resume, or in worker
+    # processes) gives the very same tensors.
+    assert not torch.equal(main[0], epoch_batches(0, 2)[0])
+    workers = epoch_batches(2, 1)
+    assert len(main) == len(workers) and all(torch.equal(a, b) for a, b in zip(main, workers))
+    torch.manual_seed(123)
+    assert all(torch.equal(a, b) for a, b in zip(main, epoch_batches(0, 1)))
+
+
+def test_training_on_validation_images_puts_them_back() -> None:
+    dm = SyntheticDataModule(val_size=32, train_size=256, batch_size=512)
+    plain = len(next(iter(dm.train_dataloader()))[1])
+    dm.train_on_validation(True)
+    assert len(next(iter(dm.train_dataloader()))[1]) == plain + 32 == 256
+    assert dm.val_dataloader().dataset is dm.test_set
+    dm.train_on_validation(False)
+    assert len(next(iter(dm.train_dataloader()))[1]) == plain and dm.val_dataloader().dataset is dm.val_set

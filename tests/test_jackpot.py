@@ -9,29 +9,30 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import CONF_DIR, CrashAtEpoch, make_cfg
 from prunelab import load_model, pipeline
 from prunelab.backbones import create
-from prunelab.budget import prunable_weights, unstructured_plan
+from prunelab.budget import keep_top, unstructured_plan
 from prunelab.methods.jackpot import (
     EdgePopup,
     Jackpot,
     ScoredMask,
     ScoreSearch,
     criterion_scores,
-    keep_top,
     overlap,
     swap_,
     swap_count,
 )
-from prunelab.structure import MaskPlan
+from prunelab.structure import MaskPlan, prunable_weights
 
 QUIET = ["latency.batch_sizes=[]", "retrain=none"]
 
@@ -141,7 +142,7 @@ def test_initial_mask_and_exact_sparsity(allocation):
     weights = {n: w.detach().clone() for n, w in prunable_weights(model)}
     total = sum(w.numel() for w in weights.values())
     method = Jackpot(sparsity=0.9, allocation=allocation, epochs=1)
-    method.setup(model, _search_stage(method))
+    method.setup(model, _search_stage(method), None)
     masks = method.masks()
     kept = {n: int(m.sum()) for n, m in masks.items()}
     # Exact overall, or to one weight per layer when every layer removes its own 90%.
@@ -165,10 +166,10 @@ def test_dense_classifier_keeps_output_layer_out_of_the_search():
     model = create("resnet_tiny")
     names = [n for n, _ in prunable_weights(model)]
     method = Jackpot(sparsity=0.5, dense_classifier=True, epochs=1)
-    method.setup(model, _search_stage(method))
+    method.setup(model, _search_stage(method), None)
     assert list(method.masks()) == names[:-1]
     method.teardown(model, _search_stage(method))
-    assert list(model.prunelab_masks.masks) == names[:-1]
+    assert list(model.prunelab.masks.masks) == names[:-1]
 
 
 def test_edge_popup_mask_is_top_k_of_score_magnitudes_after_every_step():
@@ -177,7 +178,7 @@ def test_edge_popup_mask_is_top_k_of_score_magnitudes_after_every_step():
     method = EdgePopup(sparsity=0.8, allocation="uniform", epochs=1)
     method.seed = 3
     stage = _search_stage(method)
-    method.setup(model, stage)
+    method.setup(model, stage, None)
     method.total_steps = 4
     optimizer = torch.optim.SGD(method.parameters_to_train(model), lr=0.5, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
@@ -200,7 +201,7 @@ def test_edge_popup_mask_is_top_k_of_score_magnitudes_after_every_step():
     assert set(after) == set(before)
     assert all(torch.equal(after[n], before[n]) for n in before if "running" not in n and "batches" not in n)
     assert all(p.requires_grad for p in model.parameters())
-    assert model.prunelab_masks.sparsity() == pytest.approx(0.8, abs=1e-2)
+    assert model.prunelab.masks.sparsity() == pytest.approx(0.8, abs=1e-2)
 
 
 def test_both_methods_share_the_search():
@@ -245,7 +246,7 @@ def test_jackpot_pipeline_freezes_weights_meets_sparsity_and_follows_q_schedule(
 
     # The final model: exactly the pretrained weights under the mask, 90% of them gone.
     final = load_model(run / "model.pt")
-    masks = final.prunelab_masks.masks
+    masks = final.prunelab.masks.masks
     total = sum(m.numel() for m in masks.values())
     assert sum(int((~m).sum()) for m in masks.values()) == round(0.9 * total)
     assert summary["model/sparsity"] == pytest.approx(0.9, abs=1e-4)
@@ -321,6 +322,72 @@ def test_paper_presets(preset):
     assert cfg.backbone.pretrained == "/weights.pt"
 
 
+@pytest.mark.parametrize("preset", ["resnet32_cifar10", "resnet32_cifar100", "vgg19_cifar10", "vgg19_cifar100"])
+def test_global_presets_differ_from_their_siblings_only_in_the_allocation(preset):
+    sibling = OmegaConf.to_container(_preset(f"experiment=jackpot_{preset}", "backbone.pretrained=/weights.pt"))
+    paper = OmegaConf.to_container(_preset(f"experiment=jackpot_{preset}_global", "backbone.pretrained=/weights.pt"))
+    assert (sibling["method"]["allocation"], paper["method"]["allocation"]) == ("magnitude", "global")
+    sibling["method"]["allocation"] = "global"
+    assert paper == sibling
+    assert paper["method"]["layer_grad_norm"] is False
+
+
+def _scored_gradients(
+    method: ScoreSearch, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The scores' gradients of one backward pass on (x, y)."""
+    for layer in method._layers.values():
+        layer.scores.grad = None
+    nn.functional.cross_entropy(model(x), y).backward()
+    return {name: layer.scores.grad.clone() for name, layer in method._layers.items()}
+
+
+def test_layer_grad_norm_puts_every_layer_on_one_scale_and_is_off_by_default():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    plain = Jackpot(sparsity=0.9, allocation="global", epochs=1)
+    assert not plain.layer_grad_norm
+    torch.manual_seed(0)
+    model = create("resnet_tiny").train()
+    plain.setup(model, _search_stage(plain), None)
+    raw = _scored_gradients(plain, model, x, y)
+    means = [float(g.abs().mean()) for g in raw.values()]
+    # Without it, the layers' score gradients differ in scale (the global ranking's problem).
+    assert max(means) > 5 * min(means)
+
+    method = Jackpot(sparsity=0.9, allocation="global", epochs=1, layer_grad_norm=True)
+    method.data = SimpleNamespace(train_eval_dataloader=lambda: [(x, y)])
+    torch.manual_seed(0)
+    model = create("resnet_tiny").eval()
+    buffers = {n: b.clone() for n, b in model.state_dict().items()}
+    method.setup(model, _search_stage(method), None)
+    # The scale: the mean |dL/dh| over all scored weights at the initial mask, measured in training mode
+    # on the criterion batch; the measurement leaves BN statistics and the model's mode as they were.
+    total = sum(g.numel() for g in raw.values())
+    scale = sum(float(g.abs().sum()) for g in raw.values()) / total
+    assert all(layer.grad_scale == pytest.approx(scale, rel=1e-5) for layer in method._layers.values())
+    assert not model.training
+    state = model.state_dict()
+    assert all(torch.equal(state[n], b) for n, b in buffers.items() if n in state)
+    model.train()
+    normalised = _scored_gradients(method, model, x, y)
+    for name, grad in normalised.items():
+        # Each layer's gradient keeps its direction and gets the common mean magnitude.
+        assert float(grad.abs().mean()) == pytest.approx(scale, rel=1e-4)
+        assert torch.allclose(grad / grad.norm(), raw[name] / raw[name].norm(), atol=1e-5)
+
+    # The global allocation records each layer's kept count after every step; their sum never moves.
+    kept = sum(int(m.sum()) for m in method.masks().values())
+    method.total_steps = 2
+    optimizer = torch.optim.SGD(method.parameters_to_train(model), lr=0.5)
+    optimizer.step()
+    method.after_optimizer_step(model, 0)
+    record = method.history[-1]
+    assert record["kept"] == [int(m.sum()) for m in method.masks().values()] and sum(record["kept"]) == kept
+    with pytest.raises(ValueError, match="layer_grad_norm needs `data`"):
+        Jackpot(sparsity=0.9, layer_grad_norm=True).setup(create("resnet_tiny"), _search_stage(method), None)
+
+
 def test_killed_search_resumes_from_its_scores_and_mask(tmp_path):
     L.seed_everything(0)
     pretrained = create("resnet_tiny")
@@ -339,8 +406,9 @@ def test_killed_search_resumes_from_its_scores_and_mask(tmp_path):
     summary = pipeline.run(cfg, run)
     assert summary["model/sparsity"] == pytest.approx(0.9, abs=1e-4)
     history = json.loads((run / "search_history.json").read_text())
-    # The resumed search runs iterations 5..8 of T = 8, still on the q_t schedule.
-    assert [r["step"] for r in history] == list(range(5, 9))
+    # The resumed search runs iterations 5..8 of T = 8, still on the q_t schedule; the record of
+    # iterations 1..4 came back with the method's state from the checkpoint.
+    assert [r["step"] for r in history] == list(range(1, 9))
     for record in history:
         for n, q in zip(record["candidates"], record["swaps"]):
             assert q == min(n, math.ceil(n * (1 - record["step"] / 8) ** 4))
@@ -349,7 +417,7 @@ def test_killed_search_resumes_from_its_scores_and_mask(tmp_path):
     weights = dict(prunable_weights(pretrained))
     magnitude = unstructured_plan({n: w.detach().abs() for n, w in weights.items()}, 0.9, "global").masks
     at_checkpoint = overlap(saved_mask, torch.cat([magnitude[n].flatten() for n in weights]))
-    first = history[0]
+    first = history[4]
     moved = 2 * sum(first["swaps"]) / saved_mask.numel()
     # The checkpointed mask is far enough from the magnitude mask that a restarted search could not pass.
     assert 1.0 - at_checkpoint > 2 * moved

@@ -11,18 +11,17 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import CONF_DIR, make_cfg
+from conftest import make_cfg, preset
 from prunelab import load_model, pipeline, report, save_model
 from prunelab.backbones import create
 from prunelab.budget import count_flops, search_threshold
 from prunelab.methods.base import Stage
-from prunelab.methods.pfs import GATES, ChannelGates, PruningFromScratch, rank_scores
+from prunelab.methods.pfs import ChannelGates, PruningFromScratch, rank_scores
 from prunelab.structure import channel_groups
 
 SHAPE = (3, 32, 32)
@@ -45,8 +44,8 @@ RUN = [
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's own tensors (weights and buffers), without the gates."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(f"{GATES}.")}
+    """The model's own tensors (weights and buffers); the gates are the method's, not the model's."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _stage_dir(run_dir, name):
@@ -57,7 +56,7 @@ def _stage_dir(run_dir, name):
 def _expanded(name: str = "resnet_tiny", **kwargs) -> nn.Module:
     method = PruningFromScratch(ratio=0.5, **kwargs)
     model = method.initial_model(create(name))
-    model.prunelab_input_shape = SHAPE
+    model.prunelab.input_shape = SHAPE
     return model
 
 
@@ -74,16 +73,16 @@ class _SearchRecorder(L.Callback):
     def on_fit_start(self, trainer, pl_module):
         if pl_module.stage == "search":
             self.before = _state(pl_module.model)
-            self.trainable = {n for n, p in pl_module.model.named_parameters() if p.requires_grad}
+            self.trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
 
     def on_after_backward(self, trainer, pl_module):
         if pl_module.stage == "search":
-            self.with_grad.append({n for n, p in pl_module.model.named_parameters() if p.grad is not None})
+            self.with_grad.append({n for n, p in pl_module.named_parameters() if p.grad is not None})
 
     def on_fit_end(self, trainer, pl_module):
         if pl_module.stage == "search":
             self.after = _state(pl_module.model)
-            self.gates_after = getattr(pl_module.model, GATES).flat().detach().clone()
+            self.gates_after = pl_module.method_module.flat().detach().clone()
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +119,7 @@ def test_search_leaves_weights_and_bn_buffers_bit_identical(run):
 def test_only_gates_receive_gradients(run):
     rec = run.recorder
     gate_names = {n for n in rec.trainable}
-    assert gate_names and all(n.startswith(f"{GATES}.gates.") for n in gate_names)
+    assert gate_names and all(n.startswith("method_module.gates.") for n in gate_names)
     # Two epochs of 7 batches each (224 training images, batch 32).
     assert len(rec.with_grad) == 14
     assert all(step == gate_names for step in rec.with_grad)
@@ -154,13 +153,13 @@ def test_search_backward_computes_no_weight_gradient():
     model.zero_grad(set_to_none=True)
 
     method = PruningFromScratch(ratio=0.5)
-    method.setup(model, SEARCH)
+    method.setup(model, SEARCH, None)
     masks = _backward_masks(model)
     # Every convolution after the first gate passes a gradient to its input, none to its weight; the
     # first convolution, before any gate, is not differentiated at all.
     assert len(masks) == len(dense_masks) - 1
     assert all(m[0] and not m[1] for m in masks)
-    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(GATES))
+    assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is not None for p in method.parameters_to_train(model))
 
 
@@ -172,7 +171,7 @@ def test_pruned_model_meets_flops_budget_on_exported_model(run):
     assert abs(measured - 0.5) / 0.5 <= TOLERANCE
     assert run.summary["model/flops_ratio"] == pytest.approx(measured)
     # The pruned model is cut from the x1.25 network: its widest layer keeps up to 80 of 64 x 1.25.
-    assert exported.prunelab_spec["width"] == 1.25
+    assert exported.prunelab.spec["width"] == 1.25
     # Scratch-B scaled the one base epoch by dense / pruned FLOPs.
     assert run.summary["scratch_b/epochs"] == round(1 / measured)
 
@@ -223,8 +222,8 @@ def test_loss_term_and_clamp():
     model = _expanded()
     method = PruningFromScratch(ratio=0.3, gamma=0.5)
     assert method.extra_loss(model) is None
-    method.setup(model, SEARCH)
-    gates = getattr(model, GATES)
+    method.setup(model, SEARCH, None)
+    gates = method.state_module()
     with torch.no_grad():
         for gate in gates.gates:
             gate.fill_(0.6)
@@ -237,7 +236,7 @@ def test_loss_term_and_clamp():
     method.after_optimizer_step(model, 1)
     assert gates.gates[0][0].item() == 0.0 and gates.gates[1][0].item() == 1.0
     method.teardown(model, SEARCH)
-    assert method.extra_loss(model) is None and not hasattr(model, GATES)
+    assert method.extra_loss(model) is None and method.state_module() is None
 
 
 def test_gate_follows_batchnorm_and_is_shared_across_a_residual_stream():
@@ -245,11 +244,11 @@ def test_gate_follows_batchnorm_and_is_shared_across_a_residual_stream():
     reference = copy.deepcopy(model)
     groups = {g.name: g for g in channel_groups(model, SHAPE)}
     method = PruningFromScratch(ratio=0.5)
-    method.setup(model, SEARCH)
+    method.setup(model, SEARCH, None)
     stream = next(g for g in groups.values() if g.coupled)
     inner = groups["layer1.0.conv1"]
     assert stream.norms == ["bn1", "layer1.0.bn2"] and inner.norms == ["layer1.0.bn1"]
-    gates = getattr(model, GATES)
+    gates = method.state_module()
     outputs = {}
     for name in stream.norms + inner.norms:
         for net in (model, reference):
@@ -347,12 +346,6 @@ def test_resume_after_search_reuses_its_gates(run, tmp_path):
     assert summary["model/flops"] == run.summary["model/flops"]
 
 
-def _preset(name: str):
-    """An experiment preset composed as the CLI composes it (without the tests' fast overrides)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"experiment={name}", "paths.output_dir=unused"])
-
-
 def test_search_stage_schedule_and_cifar_presets(tmp_path):
     method = instantiate(make_cfg(tmp_path, "method=pfs", "budget.flops=0.4").method)
     assert (method.ratio, method.gamma, method.epochs, method.expansion) == (0.4, 0.5, 10, 1.25)
@@ -363,18 +356,46 @@ def test_search_stage_schedule_and_cifar_presets(tmp_path):
     assert search.scheduler._target_ == "prunelab.lit.constant"
 
     for name, coupled in (("vgg16", True), ("resnet20", False), ("resnet56", False), ("resnet110", False)):
-        cfg = _preset(f"pfs_cifar10_{name}")
+        cfg = preset(f"pfs_cifar10_{name}")
         assert cfg.backbone.name == name and cfg.dataset._target_.endswith("CIFAR10DataModule")
         assert (cfg.budget.flops, cfg.budget.prune_coupled, cfg.retrain.mode) == (0.5, coupled, "scratch_b")
         assert (cfg.dataset.batch_size, cfg.dataset.val_size, cfg.trainer.max_epochs) == (128, 5000, 160)
         assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.scheduler.milestones) == (0.1, 1e-4, [0.5, 0.75])
+        # The official code retrains on all 50,000 training images, validation images included.
+        assert cfg.retrain.with_val is True
         pfs = instantiate(cfg.method)
         assert (pfs.ratio, pfs.gamma, pfs.lr, pfs.epochs, pfs.expansion, pfs.prune_coupled) == (
             0.5, 0.5, 0.01, 10, 1.25, coupled,
         )  # fmt: skip
-    quick = _preset("pfs_quick")
+    quick = preset("pfs_quick")
     assert quick.dataset._target_.endswith("DigitsDataModule") and quick.retrain.mode == "scratch_b"
     assert OmegaConf.select(quick, "method._target_") == "prunelab.methods.pfs.PruningFromScratch"
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet20", "resnet56", "resnet110"])
+def test_official_backbone_presets_differ_from_ours_only_in_the_backbone(name):
+    ours, official = preset(f"pfs_cifar10_{name}"), preset(f"pfs_cifar10_{name}_official")
+    changed = {"bn_weight": 0.5} if name == "vgg16" else {"shortcut": "B", "init": "pfs_official"}
+    assert {key: official.backbone[key] for key in changed} == changed
+    assert {key: ours.backbone[key] for key in changed} == ({"bn_weight": 1.0} if name == "vgg16" else {
+        "shortcut": "A", "init": "reference"
+    })  # fmt: skip
+    ours, official = OmegaConf.to_container(ours), OmegaConf.to_container(official)
+    for key in changed:
+        del ours["backbone"][key], official["backbone"][key]
+    assert official == ours and official["retrain"]["with_val"] is True
+
+
+def test_search_starts_from_the_official_backbone_choices():
+    dense = create("resnet_tiny", shortcut="B", init="pfs_official")
+    model = PruningFromScratch(ratio=0.5, expansion=1.25).initial_model(dense)
+    # The widened search backbone is built from the same spec: option-B shortcuts, fan_out convolutions.
+    assert model.prunelab.spec["init"] == "pfs_official" and isinstance(model.layer2[0].shortcut, nn.Sequential)
+    std = model.layer3[0].conv1.weight.std().item()
+    assert std == pytest.approx((2 / (9 * 80)) ** 0.5, rel=0.05)
+    vgg = PruningFromScratch(ratio=0.5).initial_model(create("vgg_tiny", bn_weight=0.5))
+    bn = [m.weight for m in vgg.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(w, torch.full_like(w, 0.5)) for w in bn)
 
 
 def test_report_reads_structures_from_run_directories(run, tmp_path):
@@ -398,9 +419,11 @@ def test_report_reads_structures_from_run_directories(run, tmp_path):
 
 def test_imagenet_presets_validate_inside_the_search_epoch(tmp_path):
     for name, retrain in (("mobilenet_v1", "scratch"), ("mobilenet_v2", "scratch"), ("resnet50", "scratch_b")):
-        cfg = _preset(f"pfs_imagenet_{name}")
+        cfg = preset(f"pfs_imagenet_{name}")
         assert cfg.backbone.name == name and cfg.dataset._target_.endswith("ImageNetDataModule")
         assert (cfg.method.gamma, cfg.method.epochs, cfg.retrain.mode, cfg.label_smoothing) == (0.05, 1, retrain, 0.1)
+        # The official train_pruned_imagenet.py retrains on the whole training folder.
+        assert cfg.retrain.with_val is True
     # val_check_interval reaches the search's Trainer: two checks in each of the two search epochs.
     run_dir = tmp_path / "run"
     pipeline.run(make_cfg(run_dir, *RUN, "method.val_check_interval=0.5", "retrain=none"), run_dir)

@@ -16,13 +16,12 @@ from prunelab.budget import (
     count_flops,
     keep_count,
     parse_layer_ratios,
-    prunable_weights,
     scratch_b_epochs,
     search_threshold,
     sparsity,
     unstructured_plan,
 )
-from prunelab.structure import apply_channel_plan, channel_groups
+from prunelab.structure import apply_channel_plan, channel_groups, prunable_weights
 
 PRUNE = ["latency.batch_sizes=[1]", "latency.repeats=2", "latency.warmup=1"]
 
@@ -170,9 +169,9 @@ def test_rewind_restores_initial_weights_with_structure(tmp_path):
     _run(tmp_path, "pretrain.epochs=1", "method=l1_filter", "budget.flops=0.5", "budget.tolerance=0.02",
          "retrain=rewind", "retrain.epochs=0")
     final = load_model(tmp_path / "model.pt")
-    initial = apply_channel_plan(load_model(tmp_path / "rewind.pt"), final.prunelab_plans[0], (3, 32, 32))
+    initial = apply_channel_plan(load_model(tmp_path / "rewind.pt"), final.prunelab.plans[0], (3, 32, 32))
     trained = apply_channel_plan(
-        load_model(_stage(tmp_path, "pretrain") / "model.pt"), final.prunelab_plans[0], (3, 32, 32)
+        load_model(_stage(tmp_path, "pretrain") / "model.pt"), final.prunelab.plans[0], (3, 32, 32)
     )
     for name, tensor in final.state_dict().items():
         assert torch.equal(tensor, initial.state_dict()[name]), name
@@ -184,7 +183,7 @@ def test_rewind_to_iteration_k(tmp_path):
          "retrain.rewind_iteration=2", "retrain.epochs=0", "trainer.limit_train_batches=4")
     rewound = load_model(tmp_path / "rewind.pt")
     final = load_model(tmp_path / "model.pt")
-    mask = final.prunelab_masks.masks["conv1.weight"]
+    mask = final.prunelab.masks.masks["conv1.weight"]
     assert torch.equal(final.conv1.weight, rewound.conv1.weight * mask)
 
 
@@ -255,3 +254,20 @@ def test_retrain_schedule_from_config(tmp_path):
     assert stages[3].epochs == 3 and stages[3].optimizer._target_ == "torch.optim.Adam"
     cfg = make_cfg(tmp_path, "retrain=none", "bn_recalibration.batches=5", "test=false")
     assert [s.name for s in plan_stages(cfg, L1Filter())] == ["prune", "prune_bn"]
+
+
+def test_count_flops_gives_every_submodule_its_own_mode_back():
+    model = create("resnet_tiny").train()
+    model.bn1.eval()
+    count_flops(model, (3, 32, 32))
+    assert model.training and model.layer1[0].bn1.training and not model.bn1.training
+
+
+def test_retraining_with_validation_images(tmp_path):
+    summary, _ = _run(tmp_path, "method=l1_filter", "budget.flops=0.5", "budget.tolerance=0.05", "retrain.with_val=true",
+                      "trainer.log_every_n_steps=1", "pretrain.epochs=1")
+    # 224 training + 32 validation images at batch 32: 8 steps instead of 7 in the retraining epoch.
+    assert summary["pretrain/steps"] == 7 and summary["finetune/steps"] == 8
+    # The retraining stage validates on the test set, so the objective sweepers see is pre-training's.
+    assert summary["finetune/val/acc"] == summary["test/acc"]
+    assert summary["val/acc"] == summary["pretrain/val/acc"]

@@ -30,3 +30,40 @@ def test_table_averages_seeds_and_skips_unfinished_runs(tmp_path):
     assert text == markdown_table([row], ["backbone.name"], ["test/acc"])
     assert f"{row['test/acc mean']:.4g} +- {row['test/acc std']:.2g}" in text
     assert (tmp_path / "out" / "table.csv").read_text().startswith("backbone.name,runs,test/acc mean")
+
+
+def test_rounds_report_averages_seeds_per_round_and_plots(tmp_path, capsys):
+    import json
+    import shutil
+
+    from prunelab.report import main, rounds_table
+
+    summaries = []
+    for seed in (0, 1):
+        run_dir = tmp_path / "sweep" / f"seed{seed}"
+        cfg = make_cfg(run_dir, f"seed={seed}", "method=imp", "method.rounds=2", "latency.batch_sizes=[]",
+                       "trainer.limit_val_batches=1")
+        summaries.append(pipeline.run(cfg, run_dir))
+    rows = rounds_table(find_runs([tmp_path / "sweep"]), by=["method"], out=tmp_path / "out")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        accs = [s[f"round{row['round']}/test/acc"] for s in summaries]
+        # Without Hydra's record of the group choice (runs started from Python) the class name stands in.
+        assert row["runs"] == 2 and row["method"] == "IMP"
+        assert row["test/acc mean"] == pytest.approx(statistics.fmean(accs))
+        assert row["test/acc std"] == pytest.approx(statistics.stdev(accs))
+        assert row["sparsity mean"] == pytest.approx([0.0, 0.2, 0.36][row["round"]], abs=1e-4)
+    assert (tmp_path / "out" / "rounds.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "rounds.csv").read_text().startswith("method,round,runs,sparsity mean")
+
+    # A run still in round 2 counts with the rounds it finished (read from its stages' done.json).
+    partial = tmp_path / "sweep" / "partial"
+    shutil.copytree(tmp_path / "sweep" / "seed0", partial)
+    (partial / "summary.json").unlink()
+    for stage in ("r2-2-test", "8-test"):
+        (partial / "stages" / stage / "done.json").unlink()
+    main(["rounds", str(tmp_path / "sweep")])
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("| IMP |")]
+    assert [line.split("|")[3].strip() for line in lines] == ["3", "3", "2"]
+    assert "20.00" in printed and json.loads((partial / "stages.json").read_text())[0]["dir"] == "r0-0-train"

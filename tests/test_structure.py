@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import math
 import random
 
@@ -11,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import randomize_bn
+from conftest import make_cfg, randomize_bn
+from prunelab import pipeline
 from prunelab.backbones import create
-from prunelab.budget import count_flops, count_params, sparsity
+from prunelab.budget import count_flops, count_params, keep_count, plan_by_counts, search_threshold, sparsity
+from prunelab.export import load_model, save_model
 from prunelab.structure import (
     ChannelPlan,
     MaskPlan,
@@ -23,6 +27,7 @@ from prunelab.structure import (
     fold_masks,
     group_weights,
     has_masks,
+    model_record,
     reinitialize,
     root_weights,
     zero_masked_,
@@ -107,7 +112,7 @@ def test_half_plan_shrinks_every_architecture(name: str, kwargs: dict) -> None:
     after = channel_groups(model, SHAPE)
     assert [g.name for g in after] == [g.name for g in groups]
     assert {g.name: g.size for g in after} == plan.kept()
-    assert model.prunelab_plans == [plan]
+    assert model.prunelab.plans == [plan]
 
 
 def test_groups_of_cifar_resnets() -> None:
@@ -219,7 +224,7 @@ def test_plans_compose_and_refuse_other_architectures() -> None:
         apply_channel_plan(model, first, SHAPE)
     second = half_plan(model, seed=1)
     apply_channel_plan(model, second, SHAPE)
-    assert model.prunelab_plans == [first, second]
+    assert model.prunelab.plans == [first, second]
     assert model.layer3[0].conv1.out_channels == 16
     with pytest.raises(ValueError, match="another architecture.*layer1.0.conv1"):
         apply_channel_plan(build("vgg_tiny"), ChannelPlan({"layer1.0.conv1": [0]}, {"layer1.0.conv1": 16}), SHAPE)
@@ -263,7 +268,7 @@ def test_masks_survive_training_and_fold(tmp_path) -> None:
     json.dumps(plan.to_dict())
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     attach_masks(model, plan)
-    assert has_masks(model) and model.prunelab_masks is plan
+    assert has_masks(model) and model.prunelab.masks is plan
     for _ in range(2):
         opt.zero_grad()
         F.cross_entropy(model(torch.randn(4, *SHAPE)), torch.randint(0, 10, (4,))).backward()
@@ -272,12 +277,12 @@ def test_masks_survive_training_and_fold(tmp_path) -> None:
     conv = model.layer2[0].conv1
     mask = plan.masks["layer2.0.conv1.weight"]
     assert torch.all(conv.weight[~mask] == 0) and torch.all(conv.weight[mask] != 0)
-    assert torch.all(conv.weight_orig.grad[~mask] == 0)
+    assert torch.all(conv.parametrizations.weight.original.grad[~mask] == 0)
     assert sparsity(model) == pytest.approx(plan.sparsity(), abs=1e-12)
 
     fold_masks(model)
     assert not has_masks(model)
-    assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
+    assert not any("parametrizations" in k for k in model.state_dict())
     assert isinstance(model.layer2[0].conv1.weight, nn.Parameter)
     assert sparsity(model) == pytest.approx(plan.sparsity(), abs=1e-12)
 
@@ -296,7 +301,7 @@ def test_reattached_masks_can_grow_back_and_zero_masked() -> None:
     dense = MaskPlan({k: torch.ones_like(v) for k, v in sparse.masks.items()})
     attach_masks(model, dense)
     assert torch.equal(model.classifier.weight, original)
-    assert model.prunelab_masks is dense
+    assert model.prunelab.masks is dense
     fold_masks(model)
 
     zero_masked_(model, sparse)
@@ -333,8 +338,266 @@ def test_reinitialize_without_init_weights_and_with_masks() -> None:
     masked = build("vgg_tiny")
     plan, _, _ = exact_masks(masked, 0.5)
     attach_masks(masked, plan)
-    old = masked.features[0].weight_orig.detach().clone()
+    old = masked.features[0].parametrizations.weight.original.detach().clone()
     reinitialize(masked)
-    assert has_masks(masked) and masked.prunelab_masks is plan
-    assert not torch.equal(old, masked.features[0].weight_orig)
+    assert has_masks(masked) and masked.prunelab.masks is plan
+    assert not torch.equal(old, masked.features[0].parametrizations.weight.original)
     assert sparsity(masked) == pytest.approx(plan.sparsity(), abs=1e-12)
+
+
+class Bottleneck(nn.Module):
+    """ResNeXt's block: 1x1 reduce, grouped 3x3, 1x1 expand, plus a residual (projected when shapes change)."""
+
+    def __init__(self, in_planes: int, width: int, planes: int, groups: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class TinyResNeXt(nn.Module):
+    """Two blocks with groups=4 (4 channels per group), then one with groups=2 (12 per group)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = nn.Sequential(Bottleneck(16, 16, 32, groups=4), Bottleneck(32, 16, 32, groups=4))
+        self.layer2 = nn.Sequential(Bottleneck(32, 24, 64, groups=2, stride=2))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def tiny_resnext() -> TinyResNeXt:
+    torch.manual_seed(0)
+    model = TinyResNeXt()
+    randomize_bn(model)
+    return model.eval()
+
+
+def l1_scores(model: nn.Module, groups: list) -> dict[str, torch.Tensor]:
+    """Per-channel L1 norms summed over every layer producing the channels (l1_filter's scores)."""
+    return {g.name: sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, g)) for g in groups}
+
+
+def whole_units(kept: list[int], unit: int) -> bool:
+    """Whether the kept indices hold every channel of each unit they touch."""
+    return all(set(range(i - i % unit, i - i % unit + unit)) <= set(kept) for i in kept)
+
+
+# Grouped convolution name -> the channel group feeding it, and its channels per group.
+TINY_GROUPED = {
+    "layer1.0.conv2": ("layer1.0.conv1", 4),
+    "layer1.1.conv2": ("layer1.1.conv1", 4),
+    "layer2.0.conv2": ("layer2.0.conv1", 12),
+}
+
+
+def test_grouped_convolutions_join_the_group_feeding_them() -> None:
+    groups = {g.name: g for g in channel_groups(tiny_resnext(), SHAPE)}
+    for conv, (name, unit) in TINY_GROUPED.items():
+        assert (groups[name].layers, groups[name].unit, groups[name].coupled) == ([name, conv], unit, False)
+        assert conv not in groups
+    assert groups["layer1.0.conv1"].norms == ["layer1.0.bn1", "layer1.0.bn2"]
+    assert all(g.unit == 1 for n, g in groups.items() if n not in {v[0] for v in TINY_GROUPED.values()})
+
+
+def test_grouped_convolutions_lose_whole_groups_to_a_flops_budget() -> None:
+    model = tiny_resnext()
+    dense = copy.deepcopy(model)
+    groups = channel_groups(model, SHAPE)
+    plan, ratio = search_threshold(model, l1_scores(model, groups), 0.5, SHAPE, tolerance=0.05)
+    assert abs(ratio - 0.5) <= 0.05 * 0.5
+    apply_channel_plan(model, plan, SHAPE)
+
+    assert count_flops(model, SHAPE) / count_flops(dense, SHAPE) == pytest.approx(ratio, abs=1e-12)
+    assert model(torch.randn(2, *SHAPE)).shape == (2, 10)
+    removed = 0
+    for conv, (name, unit) in TINY_GROUPED.items():
+        kept = plan.keep[name]
+        assert whole_units(kept, unit), (name, kept)
+        pruned, original = model.get_submodule(conv), dense.get_submodule(conv)
+        assert pruned.groups == len(kept) // unit and pruned.in_channels == pruned.out_channels == len(kept)
+        removed += original.groups - pruned.groups
+    assert removed > 0
+    # The kept channels of a grouped convolution are computed by the same weights, group by group.
+    kept = plan.keep["layer1.0.conv1"]
+    x = torch.randn(2, 16, 8, 8)
+    before, after = dense.layer1[0].conv2, model.layer1[0].conv2
+    assert torch.equal(after.weight, before.weight[kept])
+    with torch.no_grad():
+        assert torch.allclose(after(x[:, kept]), before(x)[:, kept], atol=1e-6)
+    # The pruned model's groups follow the smaller convolutions (one left with a single group is dense).
+    after_groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    for conv, (name, unit) in TINY_GROUPED.items():
+        if model.get_submodule(conv).groups > 1:
+            assert (after_groups[name].size, after_groups[name].unit) == (len(plan.keep[name]), unit)
+
+
+def test_removing_dead_groups_of_grouped_convolutions_changes_nothing() -> None:
+    model = tiny_resnext()
+    # Channels 4-7 (group 1 of layer1.0.conv2) and 0-11 (group 0 of layer2.0.conv2) output zeros.
+    removed = {"layer1.0.conv1": list(range(4, 8)), "layer2.0.conv1": list(range(12))}
+    for name, channels in removed.items():
+        block = model.get_submodule(name.rsplit(".", 1)[0])
+        for bn in (block.bn1, block.bn2):
+            bn.weight.data[channels] = 0.0
+            bn.bias.data[channels] = 0.0
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        expected = model(x)
+    sizes = {"layer1.0.conv1": 16, "layer2.0.conv1": 24}
+    keep = {n: [i for i in range(sizes[n]) if i not in chans] for n, chans in removed.items()}
+    apply_channel_plan(model, ChannelPlan(keep, sizes), SHAPE)
+    assert (model.layer1[0].conv2.groups, model.layer2[0].conv2.groups) == (3, 1)
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_plans_keep_whole_units_and_splitting_one_is_refused() -> None:
+    assert keep_count(5, 16, unit=4) == 8 and keep_count(0, 16, unit=4) == 4
+    assert keep_count(9, 24, round_to=8, unit=12) == 24 and keep_count(9, 64, round_to=8, unit=1) == 16
+    scores = {"a": torch.tensor([0.9, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1]), "b": torch.arange(4.0)}
+    plan = plan_by_counts(scores, {"a": 3, "b": 2}, {"a": 4})
+    # Units rank by their mean score (0.225, 0.5, 0.1), and 3 channels round up to one unit.
+    assert plan.keep == {"a": [4, 5, 6, 7], "b": [2, 3]}
+
+    model = tiny_resnext()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    split = ChannelPlan({"layer1.0.conv1": [0, 1, 2, 3, 4, 5]}, {"layer1.0.conv1": 16})
+    with pytest.raises(ValueError, match="splits a unit of group 'layer1.0.conv1'.*layer1.0.conv2.*units of 4.*4-7"):
+        apply_channel_plan(model, split, SHAPE)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert model_record(model).plans == []
+
+
+class SplitGroups(nn.Module):
+    """A grouped convolution whose output groups are wider than its input groups (8 -> 16, groups=2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.widen = nn.Conv2d(8, 16, 3, padding=1, groups=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.widen(F.relu(self.bn0(self.stem(x))))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv(x))), 1), 1))
+
+
+class ConcatGroups(nn.Module):
+    """A grouped convolution (groups of 4) over a concatenation of 6 + 6 + 8 channels: its second group
+    takes channels from both `a` and `b`, while `c`'s channels fill its last two groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.c = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.mix = nn.Conv2d(20, 20, 3, padding=1, groups=5, bias=False)
+        self.fc = nn.Linear(20, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mix(torch.cat([self.a(x), self.b(x), self.c(x)], 1))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+KEPT_WHOLE = [
+    (SplitGroups, ["conv"], "group 'stem' is kept whole: it passes through the grouped convolution 'widen' "
+     "(groups=2, 8 -> 16 channels), and its input and output groups differ in size"),
+    (ConcatGroups, ["c"], "group 'b' is kept whole: it passes through the grouped convolution 'mix' "
+     "(groups=5, 20 -> 20 channels), and its groups do not line up with blocks of 4"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cls", "names", "message"), KEPT_WHOLE, ids=[c[0].__name__ for c in KEPT_WHOLE])
+def test_grouped_convolution_without_whole_groups_is_kept_whole(caplog, cls: type, names: list, message: str) -> None:
+    torch.manual_seed(0)
+    model = cls().eval()
+    with caplog.at_level(logging.WARNING, logger="prunelab"):
+        groups = channel_groups(model, SHAPE)
+    assert [g.name for g in groups] == names
+    assert message in caplog.text
+    dense = {name: m.weight.shape for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    scores = {g.name: torch.rand(g.size) for g in groups}
+    plan = plan_by_counts(scores, {g.name: g.size // 2 for g in groups}, {g.name: g.unit for g in groups})
+    apply_channel_plan(model, plan, SHAPE)
+    assert model(torch.randn(2, *SHAPE)).shape == (2, 10)
+    # Only the prunable group's producers lost output channels.
+    shrunk = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.weight.shape[0] < dense[name][0]]
+    assert shrunk == [layer for g in groups for layer in g.layers]
+
+
+def test_torchvision_resnext50_prunes_by_whole_groups_and_round_trips(tmp_path) -> None:
+    shape = (3, 64, 64)
+    torch.manual_seed(0)
+    model = create("torchvision:resnext50_32x4d", num_classes=10).eval()
+    model.prunelab.input_shape = shape
+    dense_flops = count_flops(model, shape)
+    groups = channel_groups(model, shape)
+    grouped = {g.name: g for g in groups if g.unit > 1}
+    assert len(grouped) == 16 and grouped["layer1.0.conv1"].layers == ["layer1.0.conv1", "layer1.0.conv2"]
+    assert {(g.size // g.unit) for g in grouped.values()} == {32}
+    plan = plan_by_counts(l1_scores(model, groups), {g.name: g.size // 2 for g in groups}, {g.name: g.unit for g in groups})
+    apply_channel_plan(model, plan, shape)
+    assert count_flops(model, shape) < 0.5 * dense_flops
+    for name, group in grouped.items():
+        conv = model.get_submodule(group.layers[1])
+        assert whole_units(plan.keep[name], group.unit) and conv.groups == 16 and conv.out_channels == group.size // 2
+
+    randomize_bn(model)
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        expected = model(x)
+    loaded = load_model(save_model(model, tmp_path / "model.pt")).eval()
+    assert [m.groups for m in loaded.modules() if isinstance(m, nn.Conv2d)] == [
+        m.groups for m in model.modules() if isinstance(m, nn.Conv2d)
+    ]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["timm:resnext26ts", pytest.param("torchvision:resnext50_32x4d", marks=pytest.mark.slow)],
+)
+def test_resnext_prunes_through_the_pipeline(tmp_path, name: str) -> None:
+    backbone = name.split(":")[0]
+    cfg = make_cfg(
+        tmp_path,
+        f"backbone={backbone}",
+        f"backbone.name={name}",
+        "method=l1_filter",
+        "budget.flops=0.5",
+        "budget.tolerance=0.05",
+        "dataset.image_size=64",
+        "latency.batch_sizes=[]",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+    )
+    summary = pipeline.run(cfg, tmp_path)
+    assert abs(summary["model/flops_ratio"] - 0.5) <= 0.05 * 0.5
+    model = load_model(tmp_path / "model.pt").eval()
+    assert count_flops(model, (3, 64, 64)) == summary["model/flops"]
+    assert any(isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels for m in model.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), torch.jit.load(str(tmp_path / "model.ts"))(x), atol=1e-5)

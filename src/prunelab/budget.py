@@ -8,25 +8,25 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from prunelab.validate import ConfigError
+
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass on a single input of `input_shape` (C, H, W).
 
     PyTorch's FlopCounterMode counts 2 FLOPs per multiply-accumulate of convolutions and matrix
     products; we halve it to report MACs, the unit the pruning papers call FLOPs. Element-wise layers
-    (BN, ReLU, additions) are not counted, as in those papers.
+    (BN, ReLU, additions) are not counted, as in those papers. The model runs in eval mode, and every
+    submodule gets its own training flag back afterwards.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        x = torch.zeros(1, *input_shape, device=device)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-        return counter.get_total_flops() // 2
-    finally:
-        model.train(was_training)
+    from prunelab.structure import eval_mode
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.zeros(1, *input_shape, device=device)
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2
 
 
 def count_params(model: nn.Module) -> int:
@@ -34,17 +34,10 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The weight tensors of convolutions and linear layers: what unstructured pruning acts on."""
-    return [
-        (f"{name}.weight" if name else "weight", m.weight)
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and m.weight is not None
-    ]
-
-
 def sparsity(model: nn.Module) -> float:
     """Fraction of exactly-zero entries among the prunable weights."""
+    from prunelab.structure import prunable_weights
+
     weights = [w for _, w in prunable_weights(model)]
     total = sum(w.numel() for w in weights)
     zeros = sum(int((w == 0).sum()) for w in weights)
@@ -113,7 +106,7 @@ def scratch_b_epochs(base_epochs: int, dense_flops: float, pruned_flops: float, 
     return max(1, int(round(base_epochs * factor)))
 
 
-class BudgetError(ValueError):
+class BudgetError(ConfigError):
     """The requested budget cannot be met (it says how close it got and why)."""
 
 
@@ -150,29 +143,55 @@ def parse_layer_ratios(spec: list, groups: list) -> dict[str, float]:
     return ratios
 
 
-def keep_count(count: int, size: int, round_to: int = 1) -> int:
-    """Channels to keep: at least one, rounded up to a multiple of `round_to`, never more than `size`."""
-    count = max(1, int(count))
-    if round_to > 1:
-        count = math.ceil(count / round_to) * round_to
-    return min(size, count)
+def keep_count(count: int, size: int, round_to: int = 1, unit: int = 1) -> int:
+    """Channels to keep: at least one, rounded up to a multiple of `round_to`, never more than `size`.
+
+    A group read by grouped convolutions also rounds up to a multiple of its `unit`
+    (`ChannelGroup.unit`), so that it keeps whole units.
+    """
+    step = math.lcm(max(1, int(round_to)), max(1, int(unit)))
+    return min(size, math.ceil(max(1, int(count)) / step) * step)
 
 
-def plan_by_counts(scores: dict[str, torch.Tensor], counts: dict[str, int]):
-    """A ChannelPlan keeping, in each group, the `counts[group]` channels with the highest scores."""
+def unit_scores(scores: torch.Tensor, unit: int = 1) -> torch.Tensor:
+    """One score per unit of `unit` consecutive channels: their mean (the channel scores when unit is 1)."""
+    if unit <= 1:
+        return scores
+    if scores.numel() % unit:
+        raise ValueError(f"a group of {scores.numel()} channel scores cannot be cut into units of {unit}")
+    return scores.reshape(-1, unit).mean(1)
+
+
+def plan_by_counts(scores: dict[str, torch.Tensor], counts: dict[str, int], units: dict[str, int] | None = None):
+    """A ChannelPlan keeping, in each group, the `counts[group]` channels with the highest scores.
+
+    A group with a unit in `units` (`ChannelGroup.unit`) keeps whole units, ranked by their mean
+    score, with its count rounded up to a multiple of the unit.
+    """
     from prunelab.structure import ChannelPlan
 
     keep = {}
     for name, s in scores.items():
-        order = torch.argsort(s.detach().float().cpu(), descending=True, stable=True)
-        keep[name] = sorted(order[: counts[name]].tolist())
+        unit = (units or {}).get(name, 1)
+        kept = keep_top(unit_scores(s.detach().cpu(), unit), math.ceil(counts[name] / unit))
+        keep[name] = torch.nonzero(kept.repeat_interleave(unit)).flatten().tolist()
     return ChannelPlan(keep=keep, sizes={name: int(s.numel()) for name, s in scores.items()})
 
 
-def plan_by_threshold(scores: dict[str, torch.Tensor], tau: float, round_to: int = 1):
-    """A ChannelPlan keeping the channels whose score is at least `tau` (at least one per group)."""
-    counts = {n: keep_count(int((s >= tau).sum()), s.numel(), round_to) for n, s in scores.items()}
-    return plan_by_counts(scores, counts)
+def plan_by_threshold(
+    scores: dict[str, torch.Tensor], tau: float, round_to: int = 1, units: dict[str, int] | None = None
+):
+    """A ChannelPlan keeping the channels whose score is at least `tau` (at least one per group).
+
+    A group with a unit in `units` keeps the whole units whose mean score is at least `tau`.
+    """
+    units = units or {}
+    counts = {}
+    for name, s in scores.items():
+        unit = units.get(name, 1)
+        above = int((unit_scores(s, unit) >= tau).sum()) * unit
+        counts[name] = keep_count(above, s.numel(), round_to, unit)
+    return plan_by_counts(scores, counts, units)
 
 
 def search_threshold(
@@ -185,6 +204,7 @@ def search_threshold(
     iterations: int = 30,
     round_to: int = 1,
     reference: float | None = None,
+    units: dict[str, int] | None = None,
 ):
     """Binary search of a global threshold on normalised scores to keep `target` of the dense FLOPs.
 
@@ -193,11 +213,15 @@ def search_threshold(
     architecture and counting it, never by bookkeeping. The paper's extracted text swaps the bound
     update; we raise tau_min when the candidate is still too large, which is the convergent direction.
     The ratio is taken against `reference` (the dense backbone's count) when given, else against
-    the model itself. Returns the plan and the ratio it achieves.
+    the model itself. Groups read by grouped convolutions keep whole units (`units`, group name to
+    `ChannelGroup.unit`; read from the model when not given). Returns the plan and the ratio it achieves.
     """
     import copy
 
-    from prunelab.structure import apply_channel_plan
+    from prunelab.structure import apply_channel_plan, channel_groups
+
+    if units is None:
+        units = {g.name: g.unit for g in channel_groups(model, input_shape) if g.name in scores}
 
     count = count_flops if metric == "flops" else (lambda m, _: count_params(m))
     dense = reference if reference is not None else count(model, input_shape)
@@ -207,17 +231,17 @@ def search_threshold(
     def achieved(plan) -> float:
         return count(apply_channel_plan(copy.deepcopy(model), plan, input_shape), input_shape) / dense
 
-    smallest = achieved(plan_by_threshold(normalised, float("inf"), round_to))
+    smallest = achieved(plan_by_threshold(normalised, float("inf"), round_to, units))
     if smallest > target * (1 + tolerance):
         raise BudgetError(
-            f"{metric} budget {target:.4g} cannot be met: keeping a single channel (round_to={round_to}) in "
+            f"{metric} budget {target:.4g} cannot be met: keeping a single channel or unit (round_to={round_to}) in "
             f"every prunable group still leaves {smallest:.4g} of the dense {metric}"
         )
     lo, hi = 0.0, 1.0
     best = None
     for _ in range(iterations):
         tau = (lo + hi) / 2
-        plan = plan_by_threshold(normalised, tau, round_to)
+        plan = plan_by_threshold(normalised, tau, round_to, units)
         ratio = achieved(plan)
         if abs(ratio - target) / target <= tolerance:
             return plan, ratio
@@ -245,13 +269,15 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
 
     budget, input_shape = ctx.budget, ctx.input_shape
     round_to = int(budget.get("round_to") or 1)
+    groups = [g for g in channel_groups(model, input_shape) if g.name in scores]
+    units = {g.name: g.unit for g in groups}
     if budget.get("layer_ratios"):
-        groups = [g for g in channel_groups(model, input_shape) if g.name in scores]
         ratios = parse_layer_ratios(list(budget.layer_ratios), groups)
         counts = {
-            n: keep_count(round(s.numel() * (1 - ratios.get(n, 0.0))), s.numel(), round_to) for n, s in scores.items()
+            n: keep_count(round(s.numel() * (1 - ratios.get(n, 0.0))), s.numel(), round_to, units.get(n, 1))
+            for n, s in scores.items()
         }
-        return plan_by_counts(scores, counts)
+        return plan_by_counts(scores, counts, units)
     for metric in ("flops", "params"):
         if budget.get(metric) is not None:
             target = float(budget[metric])
@@ -267,6 +293,7 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
                 iterations=int(budget.get("iterations", 30)),
                 round_to=round_to,
                 reference=ctx.dense.get(metric) if ctx.dense else None,
+                units=units,
             )
             return plan
     raise BudgetError("structured pruning needs budget.flops, budget.params or budget.layer_ratios")
@@ -285,23 +312,43 @@ def unstructured_plan(scores: dict[str, torch.Tensor], sparsity: float, scope: s
         raise BudgetError(f"budget.sparsity is the fraction of weights to remove, in [0, 1); got {sparsity}")
     if scope not in ("global", "layer"):
         raise BudgetError(f"budget.scope must be 'global' or 'layer', got {scope!r}")
-    masks = {}
     if scope == "layer":
-        for name, s in scores.items():
-            masks[name] = _keep_top(s.flatten(), s.numel() - round(sparsity * s.numel())).view_as(s)
+        return MaskPlan({name: keep_top(s.detach().cpu(), s.numel() - round(sparsity * s.numel())) for name, s in scores.items()})
+    total = sum(s.numel() for s in scores.values())
+    return MaskPlan(keep_top_global(scores, total - round(sparsity * total)))
+
+
+def keep_top(values: torch.Tensor, k: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
+    """The one top-k of prunelab: a bool mask of exactly the k largest values, shaped like `values`.
+
+    Ties at the k-th value go first to the entries `prefer` marks (e.g. those kept so far), then to the
+    lower positions, so the result is deterministic. It takes linear time: a selection of the k-th
+    value, then a sort of the tied entries only.
+    """
+    flat = values.detach().flatten().float()
+    n = flat.numel()
+    if k <= 0 or k >= n:
+        return torch.full(values.shape, k >= n, dtype=torch.bool, device=values.device)
+    kth = torch.kthvalue(flat, n - k + 1).values
+    top = flat > kth
+    tied = torch.nonzero(flat == kth).flatten()
+    missing = k - int(top.sum())
+    if missing == tied.numel():
+        top[tied] = True
     else:
-        flat = torch.cat([s.detach().float().cpu().flatten() for s in scores.values()])
-        keep = _keep_top(flat, flat.numel() - round(sparsity * flat.numel()))
-        offset = 0
-        for name, s in scores.items():
-            masks[name] = keep[offset : offset + s.numel()].view_as(s)
-            offset += s.numel()
-    return MaskPlan(masks=masks)
+        # Among equal values the preferred entries go first, then the lower positions (a stable sort).
+        first = ~prefer.flatten()[tied].to(top.device) if prefer is not None else torch.zeros_like(tied, dtype=torch.bool)
+        order = torch.argsort(first.to(torch.int8), stable=True)
+        top[tied[order[:missing]]] = True
+    return top.view(values.shape)
 
 
-def _keep_top(values: torch.Tensor, k: int) -> torch.Tensor:
-    """A boolean mask selecting exactly the k largest values (ties broken by position)."""
-    keep = torch.zeros(values.numel(), dtype=torch.bool)
-    order = torch.argsort(values.detach().float().cpu(), descending=True, stable=True)
-    keep[order[:k]] = True
-    return keep
+def keep_top_global(
+    scores: dict[str, torch.Tensor], k: int, prefer: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """`keep_top` over all tensors ranked together: the k largest scores overall, as per-tensor masks."""
+    flat = torch.cat([s.detach().float().cpu().flatten() for s in scores.values()])
+    flat_prefer = torch.cat([prefer[n].detach().cpu().flatten() for n in scores]) if prefer is not None else None
+    keep = keep_top(flat, k, flat_prefer)
+    parts = keep.split([s.numel() for s in scores.values()])
+    return {name: part.view(s.shape) for (name, s), part in zip(scores.items(), parts)}

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import sys
+from importlib import resources
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The configs are the package `prunelab.conf` (the repository's conf/ folder, mapped in pyproject.toml),
+# so a source checkout, an editable and a regular install all load them the same way. Users add their
+# own config folders on top with `hydra.searchpath=[file:///path/to/my_conf]`.
+CONF_PACKAGE = "prunelab.conf"
+# The same configs as a folder on disk, for code that composes them with `initialize_config_dir`.
+CONF_DIR = Path(str(resources.files(CONF_PACKAGE)))
 
 
 def run_id(overrides: str | None) -> str:
@@ -26,13 +34,26 @@ def run_id(overrides: str | None) -> str:
 OmegaConf.register_new_resolver("run_id", run_id, replace=True)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+@hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Run one experiment; returns the test accuracy so Hydra sweepers can optimise it."""
-    from prunelab import pipeline
+    """Run one experiment; returns its `objective` (a validation metric) so Hydra sweepers can optimise it.
 
-    summary = pipeline.run(cfg, HydraConfig.get().runtime.output_dir)
-    return summary.get("test/acc")
+    A mistake the user can fix (a `PrunelabError`: a bad setting, missing data, a budget that cannot be
+    met, a diverging run, a run directory in use) is printed as one line and exits with code 2;
+    `HYDRA_FULL_ERROR=1` shows its traceback instead. Anything else is a bug and keeps its traceback.
+    """
+    from prunelab import pipeline
+    from prunelab.validate import user_error
+
+    try:
+        summary = pipeline.run(cfg, HydraConfig.get().runtime.output_dir)
+    except Exception as err:
+        found = user_error(err)
+        if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"prunelab: error: {found}", file=sys.stderr)
+        sys.exit(2)
+    return summary.get(cfg.get("objective", "val/acc"))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ masks if it has any. Everything is tensors and plain values, so it loads with `w
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,26 +15,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunelab.io import atomic_write, save_torch
+
 FORMAT = "prunelab-model-v1"
 
 
 def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with attached masks folded in: `weight` holds exact zeros, no `_orig`/`_mask`."""
-    from prunelab.structure.masks import _masked_tensors
+    """The model's state dict with attached masks folded in: `weight` holds exact zeros, no parametrizations."""
+    from prunelab.structure.masks import attached
 
     state = model.state_dict()
-    for name, _, tensor_name in _masked_tensors(model):
-        prefix = name[: -len(tensor_name)]
-        orig = state.pop(f"{prefix}{tensor_name}_orig")
-        mask = state.pop(f"{prefix}{tensor_name}_mask")
-        state[name] = orig * mask
+    for name, (module, tensor_name, _) in attached(model).items():
+        prefix = f"{name[: -len(tensor_name)]}parametrizations.{tensor_name}."
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        state[name] = getattr(module, tensor_name).detach()
     return state
 
 
 def _mask_tensors(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    from prunelab.structure.masks import has_masks, masks_of
+    from prunelab.structure import has_masks, masks_of, model_record
 
-    plan = getattr(model, "prunelab_masks", None)
+    plan = model_record(model).masks
     if plan is None and has_masks(model):
         plan = masks_of(model)
     if plan is None:
@@ -46,45 +47,39 @@ def _mask_tensors(model: nn.Module) -> dict[str, torch.Tensor] | None:
 def save_model(model: nn.Module, path: str | Path) -> Path:
     """Write everything needed to rebuild a model built by `prunelab.backbones.create`.
 
-    That is the spec, the applied channel plans (`model.prunelab_plans`) with the input shape they
-    were traced at (`model.prunelab_input_shape`, required with plans), the weights with any attached
-    masks folded in, and the masks themselves (`model.prunelab_masks`). The file is written to a
-    temporary name and renamed, so a killed run never leaves a half-written model.
+    That is the model's record (`model.prunelab`): its spec, the applied channel plans with the input
+    shape they were traced at (required with plans) and its masks; and the weights, with any attached
+    masks folded in. The file is written atomically, so a killed run never leaves a half-written model.
     """
-    spec = getattr(model, "prunelab_spec", None)
-    if spec is None:
-        raise ValueError("save_model needs a model built by prunelab.backbones.create (it has no prunelab_spec)")
-    plans = list(getattr(model, "prunelab_plans", []))
-    input_shape = getattr(model, "prunelab_input_shape", None)
-    if plans and input_shape is None:
+    from prunelab.structure import model_record
+
+    info = model_record(model)
+    if info.spec is None:
+        raise ValueError("save_model needs a model built by prunelab.backbones.create (its record has no spec)")
+    if info.plans and info.input_shape is None:
         raise ValueError(
-            "save_model: the model has channel plans but no prunelab_input_shape; set it to the (C, H, W) "
-            "the plans were applied at, so that load_model can replay them"
+            "save_model: the model has channel plans but no input shape; set model.prunelab.input_shape to the "
+            "(C, H, W) the plans were applied at, so that load_model can replay them"
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
         "format": FORMAT,
-        "spec": dict(spec),
+        "spec": dict(info.spec),
         "state_dict": _plain_state_dict(model),
-        "plans": [plan.to_dict() for plan in plans],
+        "plans": [plan.to_dict() for plan in info.plans],
         "masks": _mask_tensors(model),
-        "input_shape": list(input_shape) if input_shape is not None else None,
+        "input_shape": list(info.input_shape) if info.input_shape is not None else None,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_torch(path, payload)
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a saved model from its file alone: architecture, channel plans, weights, masks.
 
-    Masks come back as `model.prunelab_masks` (a MaskPlan) but are not attached; the weights already
-    hold their zeros. Attach them with `prunelab.structure.attach_masks` to keep training sparse.
+    Masks come back in the record (`model.prunelab.masks`, a MaskPlan) but are not attached; the weights
+    already hold their zeros. Attach them with `prunelab.structure.attach_masks` to keep training sparse.
     """
     from prunelab.backbones import create
-    from prunelab.structure import ChannelPlan, MaskPlan, apply_channel_plan
+    from prunelab.structure import ChannelPlan, MaskPlan, apply_channel_plan, model_record
 
     path = Path(path)
     if not path.is_file():
@@ -95,16 +90,16 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     model = create(**payload["spec"])
     input_shape = payload.get("input_shape")
     if input_shape is not None:
-        model.prunelab_input_shape = tuple(int(n) for n in input_shape)
+        model_record(model).input_shape = tuple(int(n) for n in input_shape)
     for plan_dict in payload.get("plans") or []:
-        apply_channel_plan(model, ChannelPlan.from_dict(plan_dict), model.prunelab_input_shape)
+        apply_channel_plan(model, ChannelPlan.from_dict(plan_dict), model_record(model).input_shape)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
         raise ValueError(f"the weights in {path} do not fit the architecture {payload['spec']}: {err}") from err
     masks = payload.get("masks")
     if masks is not None:
-        model.prunelab_masks = MaskPlan(dict(masks))
+        model_record(model).masks = MaskPlan(dict(masks))
     return model
 
 
@@ -118,14 +113,9 @@ def export_deployable(model: nn.Module, path: str | Path, input_shape: tuple[int
     deployable = fold_masks(copy.deepcopy(model)).eval()
     param = next(deployable.parameters())
     example = torch.randn(1, *input_shape, device=param.device, dtype=param.dtype)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     # TorchScript is deprecated in favour of torch.export, but it is still the format that loads with
     # torch alone and runs any batch size; its deprecation warnings are expected here.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
         traced = torch.jit.trace(deployable, example)
-        torch.jit.save(traced, str(tmp))
-    os.replace(tmp, path)
-    return path
+        return atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp)))

@@ -1,29 +1,52 @@
-"""Runs a method's stages in order; a stage whose output exists is skipped, so a killed run resumes."""
+"""Runs a method's stages in order; a stage whose output exists is skipped, so a killed run resumes.
+
+A method's stages may hold `Rounds`, blocks repeated for rounds (train -> prune -> rewind); they are
+expanded here into one flat list, in which every stage has its own directory (`stages/<i>-<name>`,
+or `stages/r<round>-<j>-<name>` inside a round) and is skipped when its `done.json` exists. Each
+completed stage leaves its model, the method's state and its metrics, so a resumed run continues
+with exactly what the interrupted one had.
+"""
 
 from __future__ import annotations
 
 import itertools
 import json
 import logging
+import math
 import os
 import time
-from dataclasses import dataclass, field
+import warnings
+import zipfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-import torch
 from torch import nn
 
 from prunelab import structure
 from prunelab.budget import count_flops, measure, measure_latency, scratch_b_epochs
 from prunelab.export import export_deployable, load_model, save_model
+from prunelab.io import RunLock, atomic_write, save_torch, write_json, write_text
 from prunelab.lit import PruneLitModule
-from prunelab.methods.base import PruningMethod, Stage
+from prunelab.methods.base import MethodContext, PruningMethod, Rounds, Stage
+from prunelab.report import round_rows
+from prunelab.structure import model_record
+from prunelab.validate import (
+    ConfigError,
+    NonFiniteError,
+    check_config,
+    check_layer_ratios,
+    check_variant,
+    user_error,
+)
 
 log = logging.getLogger("prunelab")
 
@@ -32,9 +55,82 @@ class RunInterrupted(RuntimeError):
     """A stage stopped before it completed (e.g. Ctrl-C); its output is not marked as done."""
 
 
+class Rewind:
+    """The one owner of rewinding: the weights of training iteration k, saved once per run.
+
+    k = 0 is the model the method starts from (its initialisation, or the loaded checkpoint), saved
+    before any stage; k > 0 is saved by a callback when the first fit stage reaches its k-th optimizer
+    step (Frankle et al.'s late rewinding). `restore` gives those weights the current model's
+    structure (its channel plans, replayed) and masks; the next fit stage builds a fresh optimizer.
+    """
+
+    def __init__(self, path: Path, iteration: int) -> None:
+        if iteration < 0:
+            raise ValueError(f"retrain.rewind_iteration must be >= 0, got {iteration}")
+        self.path = path
+        self.iteration = int(iteration)
+
+    def save_initial(self, model: nn.Module) -> None:
+        if self.iteration == 0 and not self.path.exists():
+            save_model(model, self.path)
+
+    def callbacks(self) -> list[Callback]:
+        """What a fit stage needs to take the snapshot at iteration k (nothing once it exists)."""
+        if self.iteration == 0 or self.path.exists():
+            return []
+        return [_RewindSnapshot(self.path, self.iteration)]
+
+    def restore(self, model: nn.Module) -> nn.Module:
+        """The saved weights of iteration k under `model`'s channel plans and masks."""
+        if not self.path.exists():
+            raise RuntimeError(
+                f"rewinding needs the weights of training iteration {self.iteration} (retrain.rewind_iteration), "
+                f"but {self.path} was never written: training ended before that iteration"
+            )
+        current = model_record(model)
+        rewound = load_model(self.path)
+        for plan in current.plans:
+            structure.apply_channel_plan(rewound, plan, current.input_shape)
+        if current.masks is not None:
+            structure.zero_masked_(rewound, current.masks)
+            model_record(rewound).masks = current.masks
+        model_record(rewound).input_shape = current.input_shape
+        return rewound
+
+
+# The key under which a fit runner hands the time of earlier invocations of its stage to `_run_stage`.
+_EARLIER = "_earlier_s"
+
+
+class _StageClock(Callback):
+    """Keeps a fit stage's working time in its checkpoints, so a resumed stage reports all of it."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.earlier = 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.earlier + time.perf_counter() - self.started}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.earlier = float(state.get("seconds", 0.0))
+
+
+class _RewindSnapshot(Callback):
+    """Saves the weights at training iteration k, for rewinding."""
+
+    def __init__(self, path: Path, iteration: int):
+        self.path = path
+        self.iteration = iteration
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.iteration and not self.path.exists() and trainer.is_global_zero:
+            save_model(pl_module.model, self.path)
+
+
 @dataclass
 class Context:
-    """What the stages of one experiment share."""
+    """What the stages of one experiment share (the pipeline's own; methods see a `MethodContext`)."""
 
     cfg: DictConfig
     run_dir: Path
@@ -44,6 +140,8 @@ class Context:
     dense: dict[str, float] = field(default_factory=dict)
     logger: Any = None
     callbacks: list[Callback] = field(default_factory=list)
+    rewind: Rewind | None = None
+    rounds: int = 0
 
     @property
     def budget(self) -> DictConfig:
@@ -53,22 +151,86 @@ class Context:
     def num_classes(self) -> int:
         return self.datamodule.num_classes
 
+    def for_method(self, model: nn.Module, stage: Stage | None = None) -> MethodContext:
+        """The narrow view a method gets of the experiment, with the model's current masks and plans."""
+        info = model_record(model)
+        return MethodContext(
+            config=self.cfg.method,
+            budget=self.cfg.budget,
+            data=self.datamodule,
+            input_shape=self.input_shape,
+            num_classes=self.num_classes,
+            seed=int(self.cfg.seed),
+            run_dir=self.run_dir,
+            dense=self.dense,
+            pretrained=bool(self.cfg.backbone.get("pretrained")),
+            logger=self.logger,
+            round=stage.round if stage is not None else None,
+            rounds=self.rounds,
+            masks=info.masks,
+            plans=list(info.plans),
+            stage=stage,
+        )
+
 
 def run(cfg: DictConfig, run_dir: str | Path, callbacks: list[Callback] | None = None) -> dict[str, Any]:
-    """Run (or resume) the experiment described by `cfg` in `run_dir`; returns the summary."""
+    """Run (or resume) the experiment described by `cfg` in `run_dir`; returns the summary.
+
+    The config is checked before anything is built, and the run directory is locked for this process
+    (a second process on it stops at once).
+    """
+    check_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Only the launching process writes the run directory (DDP ranks > 0 share it).
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+        return _run(cfg, run_dir, callbacks)
+    with RunLock(run_dir):
+        return _run(cfg, run_dir, callbacks)
+
+
+def _build(node: Any, **kwargs: Any) -> Any:
+    """`instantiate`, with a user error raised inside a constructor shown as itself, not Hydra's wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        found = user_error(err)
+        if found is not None:
+            raise found from None
+        missing = err.__cause__
+        if isinstance(missing, FileNotFoundError):
+            raise ConfigError(str(missing)) from None
+        raise
+
+
+def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> dict[str, Any]:
+    _quiet_logs(bool(cfg.get("quiet", False)))
     _use_wandb_offline_without_key()
-    _write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
 
     # The one place where the experiment's objects are built from the config.
-    datamodule = instantiate(cfg.dataset)
-    model = instantiate(cfg.backbone, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels)
-    method = instantiate(cfg.method)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    datamodule = _build(cfg.dataset)
+    try:
+        datamodule.prepare_data()
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    variant = check_variant(cfg, datamodule.image_size)
+    extra = {"variant": variant} if variant is not None else {}
+    model = _build(cfg.backbone, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels, **extra)
+    if cfg.budget.get("layer_ratios"):
+        check_layer_ratios(list(cfg.budget.layer_ratios), model)
+    method = _build(cfg.method)
+    stages = plan_stages(cfg, method)
+    if method.budget_keys and any(s.kind == "prune" for s in stages) and all(cfg.budget.get(k) is None for k in method.budget_keys):
+        wanted = " or ".join(f"budget.{k}" for k in method.budget_keys)
+        raise ConfigError(f"{type(method).__name__} prunes to a budget: set {wanted}")
+    logger = _build(cfg.logger) if cfg.get("logger") else None
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    dirs = stage_dirs(stages)
+    write_json(run_dir / "stages.json", [{"dir": d, "name": s.name, "kind": s.kind, "round": s.round} for s, d in zip(stages, dirs)])
+    rewinds = any(s.kind == "rewind" or (s.kind == "retrain" and cfg.retrain.mode == "rewind") for s in stages)
     ctx = Context(
         cfg=cfg,
         run_dir=run_dir,
@@ -77,20 +239,24 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list[Callback] | None =
         input_shape=(datamodule.in_channels, datamodule.image_size, datamodule.image_size),
         logger=logger,
         callbacks=list(callbacks or []),
+        rewind=Rewind(run_dir / "rewind.pt", cfg.retrain.rewind_iteration) if rewinds else None,
+        rounds=max((s.round for s in stages if s.round is not None), default=0),
     )
-    method.bind(ctx)
-    model.prunelab_input_shape = ctx.input_shape
+    if ctx.rewind is not None and ctx.rewind.iteration > 0:
+        _check_rewind_reachable(ctx, stages)
+    model_record(model).input_shape = ctx.input_shape
     ctx.dense = measure(model, ctx.input_shape)
-    dense_spec = dict(model.prunelab_spec)
+    method.bind(ctx.for_method(model))
+    dense_spec = dict(model_record(model).spec)
     model = method.initial_model(model)
-    model.prunelab_input_shape = ctx.input_shape
-    rewind = run_dir / "rewind.pt"
-    if cfg.retrain.mode == "rewind" and cfg.retrain.rewind_iteration == 0 and not rewind.exists():
-        save_model(model, rewind)
+    model_record(model).input_shape = ctx.input_shape
+    if ctx.rewind is not None:
+        ctx.rewind.save_initial(model)
 
     summary: dict[str, Any] = {"dense/flops": ctx.dense["flops"], "dense/params": ctx.dense["params"]}
-    for index, stage in enumerate(plan_stages(cfg, method)):
-        model, results = _run_stage(ctx, index, stage, model)
+    for index, (stage, directory) in enumerate(zip(stages, dirs)):
+        closes_round = stage.round is not None and (index + 1 == len(stages) or stages[index + 1].round != stage.round)
+        model, results = _run_stage(ctx, stage, run_dir / "stages" / directory, model, closes_round)
         summary.update(results)
 
     final = measure(model, ctx.input_shape)
@@ -104,10 +270,12 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list[Callback] | None =
         }
     )
     summary.update(_latency(cfg, model, dense_spec, ctx.input_shape))
+    summary.update(_final_validation(stages, summary, retrain_on_val=bool(cfg.retrain.get("with_val", False))))
+    _check_finite(summary)
     if rank_zero_only.rank == 0:
         save_model(model, run_dir / "model.pt")
         export_deployable(model, run_dir / "model.ts", ctx.input_shape)
-        _write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_json(run_dir / "summary.json", summary, sort_keys=True)
         if logger is not None:
             logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             logger.finalize("success")
@@ -115,16 +283,68 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list[Callback] | None =
     return summary
 
 
+def _check_rewind_reachable(ctx: Context, stages: list[Stage]) -> None:
+    """Rewinding to iteration k needs a first training stage of at least k optimizer steps."""
+    first = next((s for s in stages if s.kind in ("fit", "retrain")), None)
+    k = ctx.rewind.iteration
+    if first is None:
+        raise ConfigError(f"retrain.rewind_iteration={k}: this run has no training stage to take iteration {k} from")
+    if ctx.rewind.path.exists():
+        return
+    ctx.datamodule.setup("fit")
+    batches = math.ceil(len(ctx.datamodule.train_dataloader(epoch=0).dataset) / ctx.datamodule.batch_size)
+    limit = ctx.cfg.trainer.get("limit_train_batches")
+    if limit is not None:
+        batches = min(batches, int(limit)) if isinstance(limit, int) or limit > 1 else int(batches * limit)
+    epochs = first.epochs if first.epochs is not None else ctx.cfg.trainer.max_epochs
+    steps = batches * epochs if epochs >= 0 else math.inf
+    if first.max_steps is not None:
+        steps = min(steps, first.max_steps)
+    if k > steps:
+        raise ConfigError(
+            f"retrain.rewind_iteration={k} is past the {steps} optimizer steps of the first training stage "
+            f"({first.tag}: {epochs} epochs of {batches} batches); rewind to an iteration <= {steps}"
+        )
+
+
+def _final_validation(stages: list[Stage], summary: dict[str, Any], retrain_on_val: bool = False) -> dict[str, float]:
+    """`val/acc` and `val/loss`: the validation metrics of the last training stage, what sweepers optimise.
+
+    A retraining stage that trains on the validation images (`retrain.with_val`) validates on the test
+    set, so it is passed over: sweepers never see a test metric under the name `val/acc`.
+    """
+    kinds = ("fit",) if retrain_on_val else ("fit", "retrain")
+    found = {}
+    for stage in stages:
+        for metric in ("acc", "loss"):
+            value = summary.get(f"{stage.tag}/val/{metric}")
+            if value is not None and stage.kind in kinds:
+                found[f"val/{metric}"] = value
+    return found
+
+
+def _check_finite(summary: dict[str, Any]) -> None:
+    """A summary is strict JSON: a NaN or infinite result stops the run instead of being reported."""
+    bad = sorted(k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        raise NonFiniteError(f"the run ended with non-finite results ({', '.join(bad)}); nothing was written as complete")
+
+
 def plan_stages(cfg: DictConfig, method: PruningMethod) -> list[Stage]:
-    """The full stage list: the method's own stages, wrapped in the steps every pruning run shares.
+    """The full, flat stage list: the method's own stages (rounds expanded), wrapped in the shared steps.
 
     A method that prunes gets dense pre-training (when `pretrain.epochs` > 0), an evaluation of the
     dense model (when trained or pretrained), BN re-estimation after each prune stage (when
-    `bn_recalibration.batches` > 0) and the retraining stage of `retrain.mode`; every run ends with
-    the test.
+    `bn_recalibration.batches` > 0) and retraining by `retrain.mode`: where the method places a
+    "retrain" stage itself (e.g. in every round of IMP), else once at the end. A retraining stage is
+    named after its mode and follows the `retrain` schedule; `retrain=none` drops it. Every run ends
+    with the test.
     """
-    own = method.stages()
+    own: list[Stage] = []
+    for item in method.stages():
+        own.extend(item.expand() if isinstance(item, Rounds) else [item])
     stages: list[Stage] = []
+    mode = cfg.retrain.mode
     if any(s.kind == "prune" for s in own):
         if cfg.pretrain.epochs:
             stages.append(Stage("pretrain", "fit", **_schedule(cfg.pretrain)))
@@ -132,17 +352,38 @@ def plan_stages(cfg: DictConfig, method: PruningMethod) -> list[Stage]:
         if cfg.get("test", True) and (cfg.pretrain.epochs or cfg.backbone.get("pretrained")):
             stages.append(Stage("dense", "test"))
         for stage in own:
+            if stage.kind == "retrain":
+                if mode == "none":
+                    continue
+                stage = replace(stage, name=mode, **_schedule(cfg.retrain))
             stages.append(stage)
             if stage.kind == "prune" and cfg.bn_recalibration.batches:
                 batches = cfg.bn_recalibration.batches
-                stages.append(Stage(f"{stage.name}_bn", "recalibrate", options={"batches": batches}))
-        if cfg.retrain.mode != "none":
-            stages.append(Stage(cfg.retrain.mode, "retrain", **_schedule(cfg.retrain)))
+                stages.append(Stage(f"{stage.name}_bn", "recalibrate", options={"batches": batches}, round=stage.round))
+        if mode != "none" and not any(s.kind == "retrain" for s in own):
+            stages.append(Stage(mode, "retrain", **_schedule(cfg.retrain)))
     else:
         stages.extend(own)
     if cfg.get("test", True):
         stages.append(Stage("test", "test"))
+    tags = [s.tag for s in stages]
+    repeated = sorted({t for t in tags if tags.count(t) > 1})
+    if repeated:
+        raise ValueError(f"{type(method).__name__}: stage names repeat within a round ({', '.join(repeated)})")
     return stages
+
+
+def stage_dirs(stages: list[Stage]) -> list[str]:
+    """Directory names under `stages/`: `<i>-<name>` by position, `r<round>-<j>-<name>` within a round."""
+    names = []
+    within = 0
+    for index, stage in enumerate(stages):
+        if stage.round is None:
+            names.append(f"{index}-{stage.name}")
+            continue
+        within = within + 1 if index and stages[index - 1].round == stage.round else 0
+        names.append(f"r{stage.round}-{within}-{stage.name}")
+    return names
 
 
 def _schedule(node: DictConfig) -> dict[str, Any]:
@@ -150,45 +391,81 @@ def _schedule(node: DictConfig) -> dict[str, Any]:
     return {key: node.get(key) for key in ("epochs", "lr", "optimizer", "scheduler")}
 
 
-def _run_stage(ctx: Context, index: int, stage: Stage, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-    """Run one stage, or load its saved output when it already completed."""
-    stage_dir = ctx.run_dir / "stages" / f"{index}-{stage.name}"
+def _run_stage(
+    ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module, closes_round: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Run one stage, or load its saved output (model, method state, metrics) when it already completed."""
     done = stage_dir / "done.json"
+    state_file = stage_dir / "method.pt"
     if done.exists():
-        log.info("stage %s already done (%s): skipping", stage.name, done)
+        log.info("stage %s already done (%s): skipping", stage.tag, done)
         results = json.loads(done.read_text())
         saved = stage_dir / "model.pt"
+        if state_file.exists():
+            ctx.method.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
         return (load_model(saved) if saved.exists() else model), results
 
-    log.info("stage %s (%s) starting", stage.name, stage.kind)
+    log.info("stage %s (%s) starting", stage.tag, stage.kind)
     stage_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model = ctx.method.setup(model, stage)
+    model = ctx.method.setup(model, stage, ctx.for_method(model, stage))
     metrics, model = RUNNERS[stage.kind](ctx, stage, stage_dir, model)
     model = ctx.method.teardown(model, stage)
-    results = {**metrics, f"time/{stage.name}_s": round(time.perf_counter() - start, 3)}
+    # A resumed fit stage also counts the time its earlier invocations spent up to their last checkpoint.
+    earlier = metrics.pop(_EARLIER, 0.0)
+    results = {**metrics, f"time/{stage.tag}_s": round(time.perf_counter() - start + earlier, 3)}
+    if closes_round:
+        results.update(_round_metrics(ctx, stage.round, model))
     if rank_zero_only.rank == 0:
         if stage.kind != "test":
             save_model(model, stage_dir / "model.pt")
-        _write_text(done, json.dumps(results, indent=2, sort_keys=True) + "\n")
+        state = ctx.method.state_dict()
+        if state:
+            save_torch(state_file, state)
+        write_json(done, results, sort_keys=True)
     return model, results
 
 
-def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple[dict[str, float], nn.Module]:
-    """Train with Lightning, resuming from the stage's last checkpoint when there is one."""
+def _round_metrics(ctx: Context, round_: int, model: nn.Module) -> dict[str, float]:
+    """Where a round leaves the model: `round<r>/sparsity` (of its masks, else of its weights) and ratios."""
+    now = measure(model, ctx.input_shape)
+    masks = model_record(model).masks
+    return {
+        f"round{round_}/sparsity": masks.sparsity() if masks is not None else now["sparsity"],
+        f"round{round_}/flops_ratio": now["flops"] / ctx.dense["flops"] if ctx.dense["flops"] else 1.0,
+        f"round{round_}/params_ratio": now["params"] / ctx.dense["params"] if ctx.dense["params"] else 1.0,
+    }
+
+
+def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple[dict[str, Any], nn.Module]:
+    """Train with Lightning, resuming from the stage's last checkpoint when there is one.
+
+    The stage ends after its epochs (-1: no epoch limit), its `max_steps`, or when the method's
+    `should_stop` gives a reason; `<stage>/end` records which, `<stage>/steps` the optimizer steps.
+    """
     cfg = ctx.cfg
     epochs = stage.epochs if stage.epochs is not None else cfg.trainer.max_epochs
-    if epochs <= 0:
+    if epochs == 0 or stage.max_steps == 0:
         return {}, model
+    if epochs < 0 and stage.max_steps is None:
+        raise ValueError(f"stage {stage.tag}: a stage without an epoch limit needs max_steps as a safety net")
     optimizer = stage.optimizer if stage.optimizer is not None else cfg.optimizer
+    # `interval: step` in a scheduler's node steps it after every optimizer step instead of every epoch.
+    scheduler = stage.scheduler if stage.scheduler is not None else cfg.scheduler
+    interval = "epoch"
+    if scheduler is not None:
+        scheduler = OmegaConf.create(OmegaConf.to_container(scheduler, resolve=True) if OmegaConf.is_config(scheduler) else dict(scheduler))
+        interval = scheduler.pop("interval", "epoch")
     module = PruneLitModule(
         model=model,
         num_classes=ctx.num_classes,
         optimizer=instantiate(optimizer, **({"lr": stage.lr} if stage.lr is not None else {})),
-        scheduler=instantiate(stage.scheduler if stage.scheduler is not None else cfg.scheduler),
+        scheduler=instantiate(scheduler),
         method=ctx.method,
         label_smoothing=cfg.get("label_smoothing", 0.0),
-        stage=stage.name,
+        stage=stage.tag,
+        seed=int(cfg.seed),
+        scheduler_interval=interval,
     )
     checkpoints = stage_dir / "checkpoints"
     # With no monitored metric, top-1 keeps only the newest checkpoint, always named last.ckpt.
@@ -199,59 +476,63 @@ def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple
         enable_version_counter=False,
         every_n_train_steps=cfg.get("checkpoint_every_n_steps") or None,
     )
-    callbacks: list[Callback] = [checkpoint]
-    rewind = ctx.run_dir / "rewind.pt"
-    if cfg.retrain.mode == "rewind" and cfg.retrain.rewind_iteration > 0 and not rewind.exists():
-        callbacks.append(_RewindSnapshot(rewind, cfg.retrain.rewind_iteration))
+    clock = _StageClock()
+    callbacks: list[Callback] = [checkpoint, clock, *(ctx.rewind.callbacks() if ctx.rewind is not None else [])]
     # A stage may set its own Trainer arguments, e.g. several validations inside one long epoch.
-    trainer = _trainer(ctx, max_epochs=epochs, callbacks=callbacks, **stage.options.get("trainer", {}))
+    limits = {"max_steps": stage.max_steps} if stage.max_steps is not None else {}
+    trainer = _trainer(ctx, max_epochs=epochs, callbacks=callbacks, **limits, **stage.options.get("trainer", {}))
     last = checkpoints / "last.ckpt"
+    if last.exists() and not _readable(last):
+        # Checkpoints are written atomically, so this is damage from outside (a disk, an older version).
+        last.replace(last.with_name("last.ckpt.corrupt"))
+        log.warning("stage %s: %s is unreadable (kept as last.ckpt.corrupt); the stage starts again", stage.tag, last)
     if last.exists():
-        log.info("resuming stage %s from %s", stage.name, last)
+        log.info("resuming stage %s from %s", stage.tag, last)
     # Unstructured masks stay applied through training (masked weights stay exactly zero).
-    masks = getattr(model, "prunelab_masks", None)
+    masks = model_record(model).masks
     if masks is not None and not structure.has_masks(model):
         structure.attach_masks(model, masks)
     trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=str(last) if last.exists() else None)
     if masks is not None:
         structure.fold_masks(model)
     if trainer.interrupted:
-        raise RunInterrupted(f"stage {stage.name} was interrupted; run the same command again to resume it")
-    return _floats(trainer.callback_metrics, prefix=f"{stage.name}/"), model
-
-
-class _RewindSnapshot(Callback):
-    """Saves the weights at training iteration k, for rewinding (Frankle et al.'s late rewinding)."""
-
-    def __init__(self, path: Path, iteration: int):
-        self.path = path
-        self.iteration = iteration
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.iteration and not self.path.exists() and trainer.is_global_zero:
-            save_model(pl_module.model, self.path)
+        raise RunInterrupted(f"stage {stage.tag} was interrupted; run the same command again to resume it")
+    if module.stop_reason:
+        end = f"condition: {module.stop_reason}"
+    elif stage.max_steps is not None and trainer.global_step >= stage.max_steps:
+        end = "max_steps"
+    else:
+        end = "max_epochs"
+    metrics: dict[str, Any] = _floats(trainer.callback_metrics, prefix=f"{stage.tag}/")
+    metrics.update({f"{stage.tag}/steps": int(trainer.global_step), f"{stage.tag}/end": end, _EARLIER: clock.earlier})
+    return metrics, model
 
 
 def _prune(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple[dict[str, float], nn.Module]:
     """Ask the method for a plan, apply it (channels removed, or weights masked), record it."""
-    plan = ctx.method.plan(model, ctx)
+    plan = ctx.method.plan(model, ctx.for_method(model, stage))
     if isinstance(plan, structure.ChannelPlan):
         structure.apply_channel_plan(model, plan, ctx.input_shape)
         plan.save_json(stage_dir / "plan.json")
     elif isinstance(plan, structure.MaskPlan):
         structure.zero_masked_(model, plan)
-        model.prunelab_masks = plan
+        model_record(model).masks = plan
         plan.save(stage_dir / "masks.pt")
-        _write_text(stage_dir / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
+        write_json(stage_dir / "plan.json", plan.to_dict())
     else:
         raise TypeError(f"{type(ctx.method).__name__}.plan() returned {type(plan).__name__}, not a plan")
     after = measure(model, ctx.input_shape)
     metrics = {
-        f"{stage.name}/flops_ratio": after["flops"] / ctx.dense["flops"],
-        f"{stage.name}/params_ratio": after["params"] / ctx.dense["params"],
-        f"{stage.name}/sparsity": after["sparsity"],
+        f"{stage.tag}/flops_ratio": after["flops"] / ctx.dense["flops"],
+        f"{stage.tag}/params_ratio": after["params"] / ctx.dense["params"],
+        f"{stage.tag}/sparsity": plan.sparsity() if isinstance(plan, structure.MaskPlan) else after["sparsity"],
     }
     return metrics, model
+
+
+def _rewind(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple[dict[str, float], nn.Module]:
+    """Restore the weights of iteration `retrain.rewind_iteration` under the current structure and masks."""
+    return {f"{stage.tag}/iteration": ctx.rewind.iteration}, ctx.rewind.restore(model)
 
 
 def _recalibrate(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple[dict[str, float], nn.Module]:
@@ -261,20 +542,20 @@ def _recalibrate(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) 
     (momentum None, i.e. a cumulative average); `batches` < 0 uses the whole training set.
     """
     ctx.datamodule.setup("fit")
-    loader = ctx.datamodule.train_dataloader()
+    loader = ctx.datamodule.train_dataloader(epoch=0)
     batches = stage.options["batches"]
     limited = loader if batches < 0 else itertools.islice(loader, batches)
     device = next(model.parameters()).device
     torch.optim.swa_utils.update_bn(limited, model, device=device)
-    return {f"{stage.name}/batches": len(loader) if batches < 0 else min(batches, len(loader))}, model
+    return {f"{stage.tag}/batches": len(loader) if batches < 0 else min(batches, len(loader))}, model
 
 
-def _retrain(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple[dict[str, float], nn.Module]:
+def _retrain(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple[dict[str, Any], nn.Module]:
     """Prepare the pruned model as `retrain.mode` says, then train it.
 
     finetune keeps the weights; scratch and scratch_b re-initialise the pruned architecture (scratch_b
     also scales the epochs to the dense model's compute, Liu et al. 2019); rewind restores the weights
-    saved at initialisation or at iteration k and re-applies the structure and masks.
+    of iteration k under the current structure and masks (`Rewind`).
     """
     cfg = ctx.cfg.retrain
     mode = cfg.mode
@@ -282,48 +563,42 @@ def _retrain(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> t
     if mode in ("scratch", "scratch_b"):
         structure.reinitialize(model)
     elif mode == "rewind":
-        model = _rewound(ctx, model)
+        model = ctx.rewind.restore(model)
     elif mode != "finetune":
         raise ValueError(f"retrain.mode must be finetune, scratch, scratch_b, rewind or none; got {mode!r}")
     if mode == "scratch_b":
         epochs = scratch_b_epochs(epochs, ctx.dense["flops"], count_flops(model, ctx.input_shape), cfg.max_factor)
-    fit = Stage(stage.name, "fit", epochs=epochs, lr=stage.lr, optimizer=stage.optimizer, scheduler=stage.scheduler)
-    metrics, model = _fit(ctx, fit, stage_dir, model)
-    return {**metrics, f"{stage.name}/epochs": epochs}, model
-
-
-def _rewound(ctx: Context, model: nn.Module) -> nn.Module:
-    """The saved early weights with the pruned model's structure and masks applied."""
-    path = ctx.run_dir / "rewind.pt"
-    if not path.exists():
-        raise RuntimeError(
-            f"retrain.mode=rewind needs the weights of iteration {ctx.cfg.retrain.rewind_iteration}, but "
-            f"{path} was never written (did training reach that iteration before pruning?)"
-        )
-    rewound = load_model(path)
-    for plan in getattr(model, "prunelab_plans", []):
-        structure.apply_channel_plan(rewound, plan, ctx.input_shape)
-    masks = getattr(model, "prunelab_masks", None)
-    if masks is not None:
-        structure.zero_masked_(rewound, masks)
-        rewound.prunelab_masks = masks
-    rewound.prunelab_input_shape = ctx.input_shape
-    return rewound
+    # `retrain.with_val` trains on the validation images too (Pruning from Scratch's official code does).
+    with_val = bool(cfg.get("with_val", False))
+    if with_val:
+        ctx.datamodule.train_on_validation(True)
+    try:
+        metrics, model = _fit(ctx, replace(stage, kind="fit", epochs=epochs), stage_dir, model)
+    finally:
+        if with_val:
+            ctx.datamodule.train_on_validation(False)
+    return {**metrics, f"{stage.tag}/epochs": epochs}, model
 
 
 def _test(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple[dict[str, float], nn.Module]:
     """Evaluate on the test split."""
-    module = PruneLitModule(model=model, num_classes=ctx.num_classes, method=ctx.method, stage=stage.name)
+    module = PruneLitModule(model=model, num_classes=ctx.num_classes, method=ctx.method, stage=stage.tag)
     trainer = _trainer(ctx, max_epochs=1, callbacks=[])
     results = trainer.test(module, datamodule=ctx.datamodule, verbose=False)
     if trainer.interrupted:
         raise RunInterrupted("testing was interrupted; run the same command again to resume it")
-    prefix = "test/" if stage.name == "test" else f"{stage.name}/test/"
-    return _floats(results[0] if results else {}, prefix=prefix), model
+    return _floats(results[0] if results else {}, prefix=module.test_prefix + "test/"), model
 
 
 # Every runner returns the stage's metrics and the model it leaves (a stage may replace the model).
-RUNNERS = {"fit": _fit, "prune": _prune, "recalibrate": _recalibrate, "retrain": _retrain, "test": _test}
+RUNNERS = {
+    "fit": _fit,
+    "prune": _prune,
+    "rewind": _rewind,
+    "recalibrate": _recalibrate,
+    "retrain": _retrain,
+    "test": _test,
+}
 
 
 def _trainer(ctx: Context, max_epochs: int, callbacks: list[Callback], **overrides: Any) -> L.Trainer:
@@ -336,7 +611,24 @@ def _trainer(ctx: Context, max_epochs: int, callbacks: list[Callback], **overrid
         callbacks=callbacks + ctx.callbacks,
         default_root_dir=str(ctx.run_dir),
         enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
     )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary name and renamed: a kill never leaves a torn one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options))
+
+
+def _readable(path: Path) -> bool:
+    """Whether a checkpoint file is a complete archive (torch.save writes zip archives)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _latency(cfg: DictConfig, model: nn.Module, dense_spec: dict, input_shape: tuple[int, int, int]) -> dict[str, float]:
@@ -349,13 +641,13 @@ def _latency(cfg: DictConfig, model: nn.Module, dense_spec: dict, input_shape: t
     kwargs = {"batch_sizes": tuple(lat.batch_sizes), "device": lat.device, "warmup": lat.warmup, "repeats": lat.repeats}
     final = measure_latency(model, input_shape, **kwargs)
     # An architecture no plan changed is the dense one: timing it twice would only measure noise.
-    changed = getattr(model, "prunelab_plans", None) or model.prunelab_spec != dense_spec
+    changed = model_record(model).plans or model_record(model).spec != dense_spec
     dense = measure_latency(create(**dense_spec), input_shape, **kwargs) if changed else final
     out = {}
     for key, value in final.items():
         out[f"dense/{key}"] = dense[key]
         out[f"model/{key}"] = value
-        out[f"model/speedup_{key.split('_')[1]}"] = round(dense[key] / value, 4) if value else float("nan")
+        out[f"model/speedup_{key.split('_')[1]}"] = round(dense[key] / value, 4) if value else None
     return out
 
 
@@ -368,11 +660,42 @@ def _floats(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     }
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write a file atomically: it either holds all of `text` or does not exist."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class _DropTips(logging.Filter):
+    """Drops Lightning's advertisements ("💡 Tip: ... try installing ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡")
+
+
+# Warnings of our dependencies that say nothing about the user's run.
+_KNOWN_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    r"Checkpoint directory .* exists and is not empty",
+    r"You're resuming from a checkpoint that ended before the epoch ended",
+)
+
+
+def _quiet_logs(quiet: bool) -> None:
+    """Every log line once, without Lightning's tips or known deprecation noise; `quiet` keeps warnings only.
+
+    Lightning gives its "lightning" logger a console handler of its own and also passes records on to
+    the root logger, which Hydra gives a console and a file handler: with both, every line shows twice.
+    """
+    if logging.getLogger().handlers:
+        lightning_logger = logging.getLogger("lightning")
+        for handler in [h for h in lightning_logger.handlers if type(h) is logging.StreamHandler]:
+            lightning_logger.removeHandler(handler)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    for message in _KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    level = logging.WARNING if quiet else logging.INFO
+    # Lightning sets INFO on its sub-packages' loggers itself, so each is set here.
+    for name in ("prunelab", "lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(level)
 
 
 def _use_wandb_offline_without_key() -> None:
@@ -404,6 +727,14 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     table.add_row("weight sparsity", "", _fmt(summary.get("model/sparsity")), "")
     console = Console()
     console.print(table)
+    rounds = round_rows(summary)
+    if rounds:
+        per_round = Table(title="rounds")
+        for column in ("round", "sparsity", "FLOPs ratio", "test accuracy (%)"):
+            per_round.add_column(column, justify="right")
+        for row in rounds:
+            per_round.add_row(str(row["round"]), _fmt(row["sparsity"]), _fmt(row["flops_ratio"]), _fmt(row["test/acc"]))
+        console.print(per_round)
     console.print(f"run directory: {run_dir}  (all metrics in summary.json)")
 
 

@@ -8,6 +8,7 @@ contain them, e.g. a multirun sweep) and write CSV/JSON files and PNG plots next
     python -m prunelab.report channels RUN_OR_SWEEP... [--out DIR] [--label seed,method.init_from]
     python -m prunelab.report similarity RUN_OR_SWEEP... [--out DIR] [--label ...]
     python -m prunelab.report table RUN_OR_SWEEP... [--out DIR] [--by method._target_]
+    python -m prunelab.report rounds RUN_OR_SWEEP... [--out DIR] [--by method]
     python -m prunelab.report cost SEARCH_RUN DENSE_RUN [--search-stage search] [--dense-stage train]
 """
 
@@ -26,6 +27,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from prunelab.io import atomic_write, write_json, write_text
+
 
 @dataclass
 class Run:
@@ -42,6 +45,9 @@ class Run:
         if choice is not None:
             return choice
         value = OmegaConf.select(self.config, key, default=None) if self.config is not None else None
+        if OmegaConf.is_dict(value) and "_target_" in value:
+            # A group chosen without Hydra's record (e.g. a run started from Python): its class name.
+            return str(value._target_).rsplit(".", 1)[-1]
         if value is None:
             value = self.summary.get(key, default)
         return value
@@ -87,10 +93,26 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
 
 
 def _stage_dirs(run: Run, name: str | None = None) -> list[Path]:
-    """The run's stage folders in run order, optionally only those called `name`."""
+    """The run's stage folders in run order (as `stages.json` lists them), optionally only those called `name`."""
+    listing = run.path / "stages.json"
+    if listing.exists():
+        entries = json.loads(listing.read_text())
+        stages = [(run.path / "stages" / e["dir"], e["name"]) for e in entries]
+        return [path for path, stage in stages if path.is_dir() and (name is None or stage == name)]
     stages = [p for p in (run.path / "stages").iterdir() if p.is_dir() and p.name.split("-", 1)[0].isdigit()]
     stages.sort(key=lambda p: int(p.name.split("-", 1)[0]))
     return [p for p in stages if name is None or p.name.split("-", 1)[1] == name]
+
+
+def metrics_so_far(run: Run) -> dict[str, Any]:
+    """The run's summary, or for an unfinished run the metrics of the stages it completed."""
+    if run.summary:
+        return run.summary
+    found: dict[str, Any] = {}
+    for stage in _stage_dirs(run):
+        if (stage / "done.json").exists():
+            found.update(json.loads((stage / "done.json").read_text()))
+    return found
 
 
 def channel_structure(run: Run) -> tuple[list[str], list[int], list[int]]:
@@ -184,7 +206,8 @@ def plot_similarity(runs: Sequence[Run], out: Path | None = None, label: Sequenc
     labels = [run.label(label) for run in runs]
     vectors = [[r[g] for g in groups] for r in ratios]
     matrix = correlation_matrix(vectors)
-    (out / "similarity.json").write_text(
+    write_text(
+        out / "similarity.json",
         json.dumps(
             {"runs": [str(r.path) for r in runs], "labels": labels, "groups": groups, "keep_ratios": vectors,
              "correlation": matrix},
@@ -237,7 +260,7 @@ def table(
     if out is not None and rows:
         Path(out).mkdir(parents=True, exist_ok=True)
         _write_csv(Path(out) / "table.csv", list(rows[0]), [list(r.values()) for r in rows])
-        (Path(out) / "table.md").write_text(markdown_table(rows, by, metrics))
+        write_text(Path(out) / "table.md", markdown_table(rows, by, metrics))
     return rows
 
 
@@ -289,22 +312,110 @@ def search_cost(search_run: Run, dense_run: Run, search_stage: str = "search", d
     }
 
 
+def round_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where each round of an iterative run ended: `round`, `sparsity`, `flops_ratio`, `test/acc` (None if untested)."""
+    rounds = sorted(int(k[5:].split("/")[0]) for k in summary if k.startswith("round") and k.endswith("/sparsity")
+                    and k[5:].split("/")[0].isdigit() and k.count("/") == 1)
+    return [
+        {
+            "round": r,
+            "sparsity": summary[f"round{r}/sparsity"],
+            "flops_ratio": summary.get(f"round{r}/flops_ratio"),
+            "test/acc": summary.get(f"round{r}/test/acc"),
+        }
+        for r in rounds
+    ]
+
+
+def rounds_table(runs: Sequence[Run], by: Sequence[str] = ("method",), out: Path | None = None) -> list[dict[str, Any]]:
+    """Sparsity and test accuracy after every round of iterative runs, mean and std over the runs of a group.
+
+    Runs are grouped by the `by` config values (seeds fall together); unfinished runs count with the
+    rounds they completed. Writes `rounds.csv`, `rounds.md` and `rounds.png` (accuracy against sparsity,
+    one line per group, error bars of one std) into `out` when given.
+    """
+    groups: dict[tuple, list[list[dict[str, Any]]]] = {}
+    for run in runs:
+        rows = round_rows(metrics_so_far(run))
+        if rows:
+            groups.setdefault(tuple(str(run.get(k)) for k in by), []).append(rows)
+    table_rows = []
+    for key, members in groups.items():
+        for r in sorted({row["round"] for rows in members for row in rows}):
+            at = [row for rows in members for row in rows if row["round"] == r]
+            sparsities = [float(row["sparsity"]) for row in at]
+            accs = [float(row["test/acc"]) for row in at if row["test/acc"] is not None]
+            table_rows.append(
+                {
+                    **dict(zip(by, key)),
+                    "round": r,
+                    "runs": len(accs),
+                    "sparsity mean": statistics.fmean(sparsities),
+                    "test/acc mean": statistics.fmean(accs) if accs else float("nan"),
+                    "test/acc std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                }
+            )
+    if out is not None and table_rows:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_csv(out / "rounds.csv", list(table_rows[0]), [list(r.values()) for r in table_rows])
+        write_text(out / "rounds.md", rounds_markdown(table_rows, by))
+        _plot_rounds(table_rows, by, out / "rounds.png")
+    return table_rows
+
+
+def rounds_markdown(rows: list[dict[str, Any]], by: Sequence[str]) -> str:
+    """The rows of `rounds_table` as Markdown: sparsity (%) and test accuracy mean +- std per round."""
+    lines = ["| " + " | ".join([*by, "round", "runs", "sparsity (%)", "test/acc"]) + " |", "|" + "---|" * (len(by) + 4)]
+    for row in rows:
+        cells = [str(row[k]) for k in by] + [str(row["round"]), str(row["runs"]), f"{100 * row['sparsity mean']:.2f}"]
+        cells.append(f"{row['test/acc mean']:.2f} +- {row['test/acc std']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_rounds(rows: list[dict[str, Any]], by: Sequence[str], png: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in dict.fromkeys(tuple(row[k] for k in by) for row in rows):
+        mine = [row for row in rows if tuple(row[k] for k in by) == key]
+        ax.errorbar(
+            [100 * row["sparsity mean"] for row in mine],
+            [row["test/acc mean"] for row in mine],
+            yerr=[row["test/acc std"] for row in mine],
+            marker="o",
+            capsize=3,
+            label=" ".join(f"{k}={v}" for k, v in zip(by, key)),
+        )
+    ax.set_xlabel("sparsity (% of prunable weights removed)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The `python -m prunelab.report` command."""
     parser = argparse.ArgumentParser(prog="python -m prunelab.report", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("channels", "similarity", "table"):
+    for name in ("channels", "similarity", "table", "rounds"):
         sub = commands.add_parser(name)
         sub.add_argument("runs", nargs="+", help="run directories or folders holding them")
         sub.add_argument("--out", type=Path, default=None, help="where to write (default: the runs' common folder)")
-        if name == "table":
+        if name == "rounds":
+            sub.add_argument("--by", default="method", help="comma-separated config keys to group by (not seed)")
+        elif name == "table":
             sub.add_argument("--by", default="method._target_", help="comma-separated config keys to group by")
             sub.add_argument(
                 "--metrics",
@@ -323,12 +434,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "cost":
         (search,), (dense,) = find_runs([args.search_run]), find_runs([args.dense_run])
         result = search_cost(search, dense, args.search_stage, args.dense_stage)
-        (search.path / "search_cost.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_json(search.path / "search_cost.json", result, indent=1)
         print(json.dumps(result, indent=1))
         return
     runs = find_runs(args.runs)
     if not runs:
         raise SystemExit(f"no run directories under {', '.join(args.runs)}")
+    if args.command == "rounds":
+        by = args.by.split(",")
+        rows = rounds_table(runs, by=by, out=args.out or _default_out(runs))
+        if not rows:
+            raise SystemExit("none of these runs has rounds (round<r>/sparsity in its summary or stages)")
+        print(rounds_markdown(rows, by), end="")
+        return
     if args.command == "table":
         by, metrics = args.by.split(","), args.metrics.split(",")
         rows = table(runs, by=by, metrics=metrics, out=args.out or _default_out(runs))

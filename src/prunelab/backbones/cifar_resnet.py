@@ -3,6 +3,11 @@
 Parameter names follow the widely used reference implementation (conv1, bn1, layer1..3, linear), so
 its published checkpoints load directly. Option A shortcuts zero-pad channels and subsample; option B
 uses a 1x1 convolution with BatchNorm where the shape changes.
+
+Two initialisations: "reference" (the reference implementation's: Kaiming-normal with fan_in on conv and
+linear weights, everything else as PyTorch builds it) and "pfs_official" (Pruning from Scratch's
+official code, frankwang345/pruning-from-scratch: Kaiming-normal with fan_out on every convolution,
+shortcuts included, BatchNorm weight 1 and bias 0, the linear layer as PyTorch initialises it).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.backbones.registry import register, scale_channels
+
+INITS = ("reference", "pfs_official")
 
 
 class PadShortcut(nn.Module):
@@ -133,12 +140,16 @@ class CifarResNet(nn.Module):
         in_channels: int = 3,
         width: float = 1.0,
         shortcut: str = "A",
+        init: str = "reference",
     ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
         if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+        self.init = init
         blocks_per_stage = (depth - 2) // 6
         widths = [scale_channels(c, width) for c in (16, 32, 64)]
 
@@ -158,7 +169,17 @@ class CifarResNet(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Initialise all layers as the reference does, with fans taken from the current shapes."""
+        """Initialise all layers by the chosen scheme (`init`), with fans taken from the current shapes."""
+        if self.init == "pfs_official":
+            # Pruning from Scratch's official code: conv weights from N(0, 2 / (k * k * out_channels)),
+            # BatchNorm (1, 0), and the linear layer left at PyTorch's default. Reset all three, so that a
+            # re-initialisation after training is as fresh as a new model.
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(module, (nn.BatchNorm2d, nn.Linear)):
+                    module.reset_parameters()
+            return
         # The reference initialises conv and linear weights with Kaiming-normal (fan_in) only.
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -173,19 +194,33 @@ class CifarResNet(nn.Module):
 
 @register("cifar_resnet")
 def cifar_resnet(
-    num_classes: int = 10, in_channels: int = 3, width: float = 1.0, depth: int = 20, shortcut: str = "A"
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: float = 1.0,
+    depth: int = 20,
+    shortcut: str = "A",
+    init: str = "reference",
 ) -> CifarResNet:
     """CIFAR ResNet of any depth 6n+2."""
-    return CifarResNet(depth, num_classes, in_channels, width, shortcut)
+    return CifarResNet(depth, num_classes, in_channels, width, shortcut, init)
 
 
 def _register_depth(name: str, depth: int) -> None:
     @register(name)
-    def factory(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, shortcut: str = "A") -> CifarResNet:
-        return CifarResNet(depth, num_classes, in_channels, width, shortcut)
+    def factory(
+        num_classes: int = 10, in_channels: int = 3, width: float = 1.0, shortcut: str = "A", init: str = "reference"
+    ) -> CifarResNet:
+        return CifarResNet(depth, num_classes, in_channels, width, shortcut, init)
 
     factory.__name__ = name
     factory.__doc__ = f"CIFAR ResNet-{depth}."
+
+
+@register("wrn20")
+def wrn20(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, shortcut: str = "B") -> CifarResNet:
+    """The "WideResNet-20" of the lottery-ticket literature (open_lth's cifar_resnet_20_64, the concave-
+    regularizers paper): ResNet-20 with 64/128/256 channels and 1x1-convolution shortcuts."""
+    return CifarResNet(20, num_classes, in_channels, 4.0 * width, shortcut)
 
 
 # The tiny variant (depth 8, one block per stage) exists for fast tests.

@@ -38,6 +38,11 @@ V2_TINY_STAGES: list[tuple[int, int, int, int, int]] = [
 
 
 def _check_variant(variant: str) -> None:
+    if variant == "auto":
+        raise ValueError(
+            "variant 'auto' is resolved from the dataset's image size by the prunelab pipeline; "
+            f"pass one of {VARIANTS} when building a MobileNet directly"
+        )
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 

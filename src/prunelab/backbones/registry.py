@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunelab.structure.plans import model_record
+
 Factory = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, Factory] = {}
@@ -123,8 +125,9 @@ def create(
 ) -> nn.Module:
     """Build a backbone by name, optionally load weights, and record how to rebuild it.
 
-    The build arguments (not `pretrained`) are stored as `model.prunelab_spec`, so that
-    `create(**model.prunelab_spec)` gives the same architecture with a fresh initialisation.
+    The build arguments (not `pretrained`) are stored as the spec of the model's record
+    (`model.prunelab.spec`), so that `create(**model.prunelab.spec)` gives the same architecture with a
+    fresh initialisation.
     """
     if name.startswith((_TIMM_PREFIX, _TORCHVISION_PREFIX)):
         if width != 1.0:
@@ -138,7 +141,7 @@ def create(
     else:
         raise _unknown_name_error(name)
 
-    model.prunelab_spec = {
+    model_record(model).spec = {
         "name": name,
         "num_classes": num_classes,
         "in_channels": in_channels,

@@ -2,6 +2,9 @@
 
 `features` holds conv3x3-BN-ReLU layers and 'M' max-pools; the last max-pool of the ImageNet layout
 is dropped, global average pooling reduces to 1x1, and `classifier` is a single Linear layer.
+
+The initialisation is Pruning from Scratch's official one (frankwang345/pruning-from-scratch) except for
+the BatchNorm scale: that code starts every BN weight at 0.5, prunelab at 1 (`bn_weight` chooses).
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ CONFIGS: dict[str, LayerSpec] = {
 class VGG(nn.Module):
     """Plain conv-BN-ReLU stack with max-pools, global average pooling and one linear classifier."""
 
-    def __init__(self, cfg: LayerSpec, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+    def __init__(
+        self, cfg: LayerSpec, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, bn_weight: float = 1.0
+    ) -> None:
         super().__init__()
+        self.bn_weight = float(bn_weight)
         layers: list[nn.Module] = []
         channels = in_channels
         for item in cfg:
@@ -46,8 +52,14 @@ class VGG(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Kaiming (fan_out) convolutions, unit BatchNorm, small-normal classifier; fans follow current shapes."""
+        """Kaiming (fan_out) convolutions, BatchNorm weight `bn_weight` and bias 0, small-normal classifier.
+
+        Fans follow the current shapes.
+        """
         fan_out_init(self, linear_std=0.01)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                nn.init.constant_(module.weight, self.bn_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.flatten(self.avgpool(self.features(x)), 1)
@@ -56,8 +68,8 @@ class VGG(nn.Module):
 
 def _register(name: str) -> None:
     @register(name)
-    def factory(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> VGG:
-        return VGG(CONFIGS[name], num_classes, in_channels, width)
+    def factory(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, bn_weight: float = 1.0) -> VGG:
+        return VGG(CONFIGS[name], num_classes, in_channels, width, bn_weight)
 
     factory.__name__ = name
     factory.__doc__ = f"CIFAR {name} with BatchNorm."

@@ -7,13 +7,14 @@ option and builds every loader the same way, so that all datasets behave identic
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class TensorSource(Dataset):
@@ -52,34 +53,83 @@ class FileSource(Dataset):
 
 
 class TransformedSubset(Dataset):
-    """A view on some items of a raw source with one transform applied to each image."""
+    """A view on some items of a raw source with one transform applied to each image.
+
+    Besides plain positions it accepts the sample ids an `EpochShuffle` yields (epoch * len + position).
+    With a `seed`, each item's transform draws its randomness from torch's generator seeded by (`seed`,
+    epoch, position), so augmentation is a function of the epoch and the sample alone, whichever process
+    (main or data-loader worker) applies it and however often the run was resumed.
+    """
 
     def __init__(
         self,
         source: Dataset,
         indices: torch.Tensor | None,
         transform: Callable[[Any], torch.Tensor] | None,
+        seed: int | None = None,
     ) -> None:
         self.source = source
         self.indices = indices
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.source) if self.indices is None else len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if self.indices is not None:
-            index = int(self.indices[index])
-        image, label = self.source[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
+        epoch, index = divmod(int(index), len(self))
+        source_index = int(self.indices[index]) if self.indices is not None else index
+        image, label = self.source[source_index]
+        if self.transform is None:
+            return image, label
+        if self.seed is None:
+            return self.transform(image), label
+        # The transforms draw from torch's default CPU generator: seed it for this sample, then restore it.
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(zlib.crc32(f"{self.seed}/{epoch}/{index}".encode()))
+        try:
+            return self.transform(image), label
+        finally:
+            generator.set_state(state)
 
     @property
     def labels(self) -> torch.Tensor:
         """The labels of the items in this view, in order, without loading any image."""
         labels = self.source.labels
         return labels if self.indices is None else labels[self.indices]
+
+
+class EpochShuffle(Sampler[int]):
+    """A random order of the training set that is a function of the seed and the epoch alone.
+
+    Lightning calls `set_epoch` at the start of every epoch (as for torch's DistributedSampler), so a
+    run resumed at epoch e sees the same order in epoch e as one that never stopped. It yields sample
+    ids, epoch * size + position, which `TransformedSubset` turns back into positions and uses to seed
+    each sample's augmentation.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_once(self, count: int) -> None:
+        """Leave out the first `count` samples of the next pass only (a fit resumed inside an epoch)."""
+        self.skip = count
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        offset = self.epoch * self.size
+        skip, self.skip = self.skip, 0
+        return iter((torch.randperm(self.size, generator=generator)[skip:] + offset).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def resolve_root(root: str | Path) -> Path:
@@ -130,6 +180,8 @@ class ImageDataModule(L.LightningDataModule):
         self.augment = augment
         self.subset = subset
         self._is_set_up = False
+        self._start_epoch = self._start_batch = 0
+        self._with_val = False
 
     def _load_sources(self) -> tuple[Dataset, Dataset]:
         """Returns the raw training pool and the raw test set; items are (image, label)."""
@@ -166,29 +218,72 @@ class ImageDataModule(L.LightningDataModule):
         if not self.augment:
             train_transform = eval_transform
         self.train_indices, self.val_indices = self.split_indices(len(train_source))
-        self.train_set = TransformedSubset(train_source, self.train_indices, train_transform)
+        self.train_set = TransformedSubset(train_source, self.train_indices, train_transform, seed=self.seed)
+        both = torch.cat([self.train_indices, self.val_indices]).sort().values
+        self.train_val_set = TransformedSubset(train_source, both, train_transform, seed=self.seed)
         self.train_eval_set = TransformedSubset(train_source, self.train_indices, eval_transform)
         self.val_set = TransformedSubset(train_source, self.val_indices, eval_transform) if self.val_size else None
         self.test_set = TransformedSubset(test_source, None, eval_transform)
         self._is_set_up = True
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        """Builds a loader with the options every split shares."""
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        """Builds a loader with the options every split shares (shuffled by epoch, see `EpochShuffle`)."""
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             drop_last=False,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self, epoch: int | None = None) -> DataLoader:
+        """The shuffled training loader, in the order of `epoch` (default: the epoch the current fit starts in).
+
+        Lightning creates a resumed fit's iterator before it sets the sampler's epoch, and data-loader
+        workers fetch indices as soon as the iterator exists, so the sampler must start at that epoch:
+        it comes with the checkpoint the fit resumes from (`load_state_dict`).
+        """
         self.setup("fit")
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        dataset = self.train_val_set if self._with_val else self.train_set
+        loader = self._loader(dataset, self.batch_size, shuffle=True)
+        loader.sampler.set_epoch(self._start_epoch if epoch is None else epoch)
+        if epoch is None and self._start_batch:
+            loader.sampler.skip_once(self._start_batch * self.batch_size)
+        return loader
+
+    def train_on_validation(self, enabled: bool) -> None:
+        """Put the validation images back into the training set (e.g. for a final training stage).
+
+        While enabled, training sees the whole training pool and validation runs on the test set, as it
+        does with `val_size` 0.
+        """
+        self._with_val = bool(enabled)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in Lightning checkpoints: where a fit resumed from this checkpoint goes on.
+
+        That is the epoch it trains next and, for a checkpoint taken inside an epoch, the batches of
+        that epoch already trained (their samples are left out of the resumed epoch).
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        epochs = trainer.fit_loop.epoch_progress.current
+        inside = epochs.processed < epochs.started
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed if inside else 0
+        return {"epoch": int(epochs.processed), "batch": int(batches)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._start_epoch = int(state.get("epoch", 0))
+        self._start_batch = int(state.get("batch", 0))
+
+    def teardown(self, stage: str) -> None:
+        # The next fit starts at the beginning unless it too resumes from a checkpoint.
+        if stage == "fit":
+            self._start_epoch = self._start_batch = 0
 
     def train_eval_dataloader(self) -> DataLoader:
         """Training images with test-time transforms in a fixed order, for BN re-estimation and criteria."""
@@ -198,7 +293,7 @@ class ImageDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """The carved validation split, or the test set when ``val_size`` is 0 so validation still runs."""
         self.setup("validate")
-        if self.val_set is None:
+        if self.val_set is None or self._with_val:
             return self.test_dataloader()
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
 

@@ -1,25 +1,35 @@
-"""The plug-in interface of pruning methods: a list of stages and hooks that default to no effect."""
+"""The plug-in interface of pruning methods: stages (and rounds of them), a narrow context, and hooks
+that default to no effect."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from prunelab.structure import ChannelPlan, MaskPlan
 
 
 @dataclass
 class Stage:
     """One step of an experiment.
 
-    `kind` tells the pipeline how to run it: "fit" trains with Lightning (with the method's hooks), "prune"
-    asks the method for a plan and applies it, "recalibrate" re-estimates BatchNorm statistics,
-    "retrain" prepares the pruned model by `retrain.mode` and fits it, "test" evaluates. `epochs`, `lr`,
-    `optimizer` and `scheduler` give a fit stage its schedule; None falls back to the experiment's
-    `trainer.max_epochs`, `optimizer` (with its lr) and `scheduler`. `options["trainer"]` holds Trainer
-    arguments for this stage only (e.g. `val_check_interval`).
+    `kind` tells the pipeline how to run it: "fit" trains with Lightning (with the method's hooks),
+    "prune" asks the method for a plan and applies it, "rewind" restores the weights saved at training
+    iteration `retrain.rewind_iteration` under the current structure and masks, "recalibrate"
+    re-estimates BatchNorm statistics, "retrain" prepares the pruned model by `retrain.mode` (keep,
+    re-initialise or rewind the weights) and fits it on the `retrain` schedule, "test" evaluates.
+
+    `epochs`, `lr`, `optimizer` and `scheduler` give a fit stage its schedule; None falls back to the
+    experiment's `trainer.max_epochs`, `optimizer` (with its lr) and `scheduler`. `max_steps` caps a fit
+    stage's optimizer steps (the safety net of a stage that ends on the method's condition, see
+    `PruningMethod.should_stop`). `options["trainer"]` holds Trainer arguments for this stage only (e.g.
+    `val_check_interval`). `round` is set by the pipeline for the stages of a `Rounds` block (None
+    outside of one).
     """
 
     name: str
@@ -28,30 +38,83 @@ class Stage:
     lr: float | None = None
     optimizer: Any = None
     scheduler: Any = None
+    max_steps: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    round: int | None = None
+
+    @property
+    def tag(self) -> str:
+        """The stage's name in metric keys and logs: `prune`, or `round2/prune` inside round 2."""
+        return self.name if self.round is None else f"round{self.round}/{self.name}"
+
+
+@dataclass
+class Rounds:
+    """A block of stages that repeats `count` times, numbered from `start` (e.g. train -> prune -> rewind).
+
+    Each repetition's stages carry their round number (`Stage.round`, `MethodContext.round`); their
+    directories are `stages/r<round>-<index in the block>-<name>` and their metrics `round<r>/...`.
+    """
+
+    stages: list[Stage]
+    count: int
+    start: int = 1
+
+    def expand(self) -> list[Stage]:
+        """The block's stages, once per round, each a copy tagged with its round."""
+        return [replace(stage, round=r) for r in range(self.start, self.start + self.count) for stage in self.stages]
+
+
+@dataclass
+class MethodContext:
+    """What a method may know of the experiment: handed to `bind`, `setup` and `plan`.
+
+    `config` is the method's own config node; `budget` the experiment's budget; `data` its datamodule;
+    `input_shape` one example's (C, H, W); `dense` the dense backbone's `flops` and `params` (budgets are
+    relative to them); `round` the current round (None outside of `Rounds`) and `rounds` the method's
+    last round number; `masks` and `plans` the unstructured masks and channel plans the model carries
+    now (what earlier rounds decided); `stage` the stage being run.
+    """
+
+    config: Any
+    budget: Any
+    data: Any
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    seed: int
+    run_dir: Path
+    dense: dict[str, float] = field(default_factory=dict)
+    pretrained: bool = False
+    logger: Any = None
+    round: int | None = None
+    rounds: int = 0
+    masks: MaskPlan | None = None
+    plans: list[ChannelPlan] = field(default_factory=list)
+    stage: Stage | None = None
 
 
 class PruningMethod:
     """Base class of every method; each hook left alone changes nothing.
 
     A method is one file plus one YAML in `conf/method/`; the pipeline and the LightningModule call
-    its hooks and never name a method.
+    its hooks and never name a method. A method checks its own settings in its constructor, raising
+    `prunelab.validate.ConfigError`, which stops a run before any work.
     """
 
-    def stages(self) -> list[Stage]:
+    #: The budget settings the method can prune to; unless one of them is set, a run stops before any work.
+    budget_keys: tuple[str, ...] = ()
+
+    def stages(self) -> list[Stage | Rounds]:
         """The method's own stages in order; the default trains the dense model.
 
         When they include a "prune" stage, the pipeline adds dense pre-training (`pretrain.epochs`), an
-        evaluation of the dense model, BN re-estimation and retraining around them (see pipeline.py).
+        evaluation of the dense model, BN re-estimation after each prune and, unless the method places
+        a "retrain" stage itself, retraining at the end (see pipeline.py).
         """
         return [Stage("train", "fit")]
 
-    def plan(self, model: nn.Module, ctx: Any) -> Any:
-        """The ChannelPlan or MaskPlan for a "prune" stage; `ctx` holds the config, data and input shape."""
-        raise NotImplementedError(f"{type(self).__name__} has a prune stage but no plan()")
-
-    def bind(self, ctx: Any) -> None:
-        """Called once before any stage with the pipeline's Context (config, datamodule, run directory, seed)."""
+    def bind(self, ctx: MethodContext) -> None:
+        """Called once before any stage (e.g. to warn about settings that will not work well)."""
 
     def initial_model(self, model: nn.Module) -> nn.Module:
         """The model the method starts from, given the dense backbone (already measured as the reference).
@@ -61,7 +124,7 @@ class PruningMethod:
         """
         return model
 
-    def setup(self, model: nn.Module, stage: Stage) -> nn.Module:
+    def setup(self, model: nn.Module, stage: Stage, ctx: MethodContext) -> nn.Module:
         """Prepare the model before a stage runs (attach gates, masks or scores); returns the model."""
         return model
 
@@ -69,9 +132,36 @@ class PruningMethod:
         """Undo what `setup` attached once the stage is over; returns the model."""
         return model
 
-    def parameters_to_train(self, model: nn.Module) -> Iterable[nn.Parameter]:
-        """The parameters the optimizer updates during a fit stage."""
+    def plan(self, model: nn.Module, ctx: MethodContext) -> ChannelPlan | MaskPlan:
+        """The ChannelPlan or MaskPlan of a "prune" stage."""
+        raise NotImplementedError(f"{type(self).__name__} has a prune stage but no plan()")
+
+    def parameters_to_train(self, model: nn.Module) -> Iterable[nn.Parameter] | Iterable[dict[str, Any]]:
+        """What the optimizer of a fit stage updates: parameters, or parameter groups.
+
+        A group is a dict in torch's format, `{"params": [...], "lr": ..., "weight_decay": ...}`; its
+        own settings override the stage's optimizer (e.g. mask scores without weight decay).
+        """
         return model.parameters()
+
+    def state_module(self) -> nn.Module | None:
+        """A module holding the method's trainable tensors outside the model (e.g. channel gates), or None.
+
+        The LightningModule registers it during a fit stage, so it moves to the model's device and is
+        saved in, and restored from, the stage's Lightning checkpoints with the model.
+        """
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's state that must survive a resume (a growing penalty, chosen indices, a selection).
+
+        Tensors and plain values only. It is saved in every Lightning checkpoint (mid-stage) and with
+        every stage's output, and given back through `load_state_dict` when a run resumes.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to the task loss (a regulariser), or None."""
@@ -79,6 +169,10 @@ class PruningMethod:
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called after every optimizer step (grow a penalty, swap masks, project values)."""
+
+    def should_stop(self, model: nn.Module, step: int) -> str | None:
+        """Checked after every optimizer step: a reason to end the fit stage now (e.g. "lambda reached tau"), or None."""
+        return None
 
     def on_fit_start(self, model: nn.Module, stage: str, total_steps: int) -> None:
         """Called when a fit stage starts or resumes; `total_steps` is the stage's optimizer steps in all."""
@@ -94,7 +188,7 @@ class PruningMethod:
         """Called at the end of every training epoch."""
 
 
-def prunable_groups(model: nn.Module, ctx: Any) -> list:
+def prunable_groups(model: nn.Module, ctx: MethodContext) -> list:
     """The channel groups a structured method may prune under the experiment's budget settings."""
     from prunelab.structure import channel_groups
 

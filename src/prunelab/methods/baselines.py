@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from prunelab.budget import prunable_weights, structured_plan, unstructured_plan
-from prunelab.methods.base import PruningMethod, Stage, prunable_groups
-from prunelab.structure import group_weights
+from prunelab.budget import structured_plan, unstructured_plan
+from prunelab.methods.base import MethodContext, PruningMethod, Stage, prunable_groups
+from prunelab.structure import group_weights, prunable_weights
+
+
+STRUCTURED = ("flops", "params", "layer_ratios")
+UNSTRUCTURED = ("sparsity",)
 
 
 class _OneShot(PruningMethod):
     """A method that prunes once, from scores computed on the model as it is."""
+
+    budget_keys = STRUCTURED
 
     def stages(self) -> list[Stage]:
         return [Stage("prune", "prune")]
@@ -31,7 +35,7 @@ class L1Filter(_OneShot):
     def __init__(self, normalize: bool = True):
         self.normalize = normalize
 
-    def plan(self, model: nn.Module, ctx: Any):
+    def plan(self, model: nn.Module, ctx: MethodContext):
         scores = {}
         for group in prunable_groups(model, ctx):
             norms = sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, group))
@@ -42,7 +46,9 @@ class L1Filter(_OneShot):
 class Magnitude(_OneShot):
     """Unstructured magnitude pruning: remove the weights of smallest |w|, globally or per layer."""
 
-    def plan(self, model: nn.Module, ctx: Any):
+    budget_keys = UNSTRUCTURED
+
+    def plan(self, model: nn.Module, ctx: MethodContext):
         scores = {name: w.detach().abs() for name, w in prunable_weights(model)}
         return unstructured_plan(scores, _sparsity(ctx), ctx.budget.scope)
 
@@ -52,9 +58,10 @@ class Random(_OneShot):
 
     def __init__(self, structured: bool = True):
         self.structured = structured
+        self.budget_keys = STRUCTURED if structured else UNSTRUCTURED
 
-    def plan(self, model: nn.Module, ctx: Any):
-        generator = torch.Generator().manual_seed(int(ctx.cfg.seed))
+    def plan(self, model: nn.Module, ctx: MethodContext):
+        generator = torch.Generator().manual_seed(ctx.seed)
         if self.structured:
             scores = {g.name: torch.rand(g.size, generator=generator) for g in prunable_groups(model, ctx)}
             return structured_plan(model, scores, ctx)
@@ -69,7 +76,7 @@ class Uniform(_OneShot):
     fraction of every group; the threshold search then finds the width that meets the FLOPs target.
     """
 
-    def plan(self, model: nn.Module, ctx: Any):
+    def plan(self, model: nn.Module, ctx: MethodContext):
         # Half-step offsets keep groups of different sizes from tying, so the FLOPs steps are finer.
         scores = {
             g.name: 1.0 - (torch.arange(g.size, dtype=torch.float) + 0.5) / g.size for g in prunable_groups(model, ctx)
@@ -77,7 +84,7 @@ class Uniform(_OneShot):
         return structured_plan(model, scores, ctx)
 
 
-def _sparsity(ctx: Any) -> float:
+def _sparsity(ctx: MethodContext) -> float:
     if ctx.budget.get("sparsity") is None:
         raise ValueError("unstructured pruning needs budget.sparsity (the fraction of weights to remove)")
     return float(ctx.budget.sparsity)

@@ -15,13 +15,25 @@ t counts iterations (optimizer steps) and T is the search's total, as in the pap
 official code instead computes the factor once per epoch as ceil((1 - epoch/E)^4), which is 1 for every
 epoch, so it makes all candidate swaps (edge-popup with magnitude initialisation); we follow the paper.
 
+Per layer or global. The paper's equations rank the scores of all weights together (Eqs. 5 and 28) and
+restrict the swaps once over all of them (Eq. 29): `allocation="global"`, whose layer ratios start at
+the global magnitude pruning's and then move. The official code (and our default, "magnitude") keeps
+those ratios fixed: every layer ranks its own scores and makes its own q_t swaps between its own
+weights. The two differ most at the start of a search. The scores all start at 1 or eta, but their
+gradients dL/dh = dL/d(w h) w differ between layers by orders of magnitude (on the pretrained CIFAR
+ResNet-20 at 90%: about 6e-3 in the classifier, 2e-3 in the first conv and the last block's second
+conv, 1e-4 to 5e-4 elsewhere), so a global ranking first swaps weights between those few layers by
+gradient scale, not by expected loss drop: in one run, the first three steps moved a quarter of the
+classifier's and a fifth of the first conv's kept weights into the last block's second conv, and the
+network fell to chance accuracy.
+`layer_grad_norm` puts every layer's score gradient on one scale, which removes that drift.
+
 The mask found by the search becomes the run's MaskPlan in the "prune" stage that follows it; weights are
 never trained unless a retraining stage is asked for (`retrain=finetune`, the paper's Table 6 / Fig. 8).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -29,11 +41,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from prunelab.budget import BudgetError, prunable_weights
-from prunelab.methods.base import PruningMethod, Stage
-from prunelab.structure import MaskPlan
+from prunelab.budget import BudgetError, keep_top, keep_top_global
+from prunelab.io import write_json
+from prunelab.methods.base import MethodContext, PruningMethod, Stage
+from prunelab.structure import (
+    MaskParametrization,
+    MaskPlan,
+    attach_mask,
+    detach_masks,
+    freeze,
+    prunable_weights,
+    model_record,
+    unfreeze,
+)
 
 log = logging.getLogger("prunelab")
 
@@ -56,38 +77,48 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-class ScoredMask(nn.Module):
+class _NormalisedStraightThrough(torch.autograd.Function):
+    """The straight-through mask whose gradient is rescaled to a given mean magnitude."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return mask.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad * (ctx.scale / grad.abs().mean().clamp_min(torch.finfo(grad.dtype).tiny)), None, None
+
+
+class ScoredMask(MaskParametrization):
     """The parametrization `weight -> weight * h(m)` of one layer: relaxed scores and the binary mask.
 
     The scores are the only trainable tensor of the search. The mask is a buffer, so that a resumed
     search continues from the same mask; it changes only through `ScoreSearch.after_optimizer_step`.
     With `absolute`, the ranking and the gradient go through |m| (edge-popup ranks score magnitudes).
+    With `grad_scale`, the mask's gradient is rescaled in every backward pass to that mean magnitude.
     """
 
-    def __init__(self, scores: torch.Tensor, mask: torch.Tensor, absolute: bool = False):
+    def __init__(
+        self, scores: torch.Tensor, mask: torch.Tensor, absolute: bool = False, grad_scale: float | None = None
+    ):
         super().__init__()
         self.scores = nn.Parameter(scores.detach().clone().float())
         self.register_buffer("mask", mask.detach().clone().float())
         self.absolute = absolute
+        self.grad_scale = grad_scale
 
     def key(self) -> torch.Tensor:
         """The values the top-k ranks."""
         return self.scores.abs() if self.absolute else self.scores
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * _StraightThrough.apply(self.key(), self.mask).to(weight.dtype)
+        if self.grad_scale is None:
+            return weight * _StraightThrough.apply(self.key(), self.mask).to(weight.dtype)
+        return weight * _NormalisedStraightThrough.apply(self.key(), self.mask, self.grad_scale).to(weight.dtype)
 
-
-def keep_top(values: torch.Tensor, k: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
-    """A boolean mask of exactly the k largest values; ties go to `prefer`, then to the lower position."""
-    flat = values.detach().flatten().float()
-    order = torch.arange(flat.numel(), device=flat.device)
-    if prefer is not None:
-        order = torch.argsort(prefer.flatten().to(torch.int8), descending=True, stable=True)
-    order = order[torch.argsort(flat[order], descending=True, stable=True)]
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    keep[order[:k]] = True
-    return keep.view_as(values)
+    def binary(self) -> torch.Tensor:
+        return self.mask.bool()
 
 
 def swap_count(candidates: int, step: int, total_steps: int, restrict: bool, exponent: float = 4.0) -> int:
@@ -101,24 +132,6 @@ def swap_count(candidates: int, step: int, total_steps: int, restrict: bool, exp
     return min(candidates, math.ceil(candidates * remaining**exponent))
 
 
-def _top_k_preferring(values: torch.Tensor, k: int, prefer: torch.Tensor) -> torch.Tensor:
-    """`keep_top(values, k, prefer)` for flat tensors in linear time: a selection, then a sort of the ties only."""
-    n = values.numel()
-    if k <= 0 or k >= n:
-        return torch.full_like(prefer, k >= n, dtype=torch.bool)
-    kth = torch.kthvalue(values.float(), n - k + 1).values
-    top = values > kth
-    tied = torch.nonzero(values == kth).flatten()
-    missing = k - int(top.sum())
-    if missing == tied.numel():
-        top[tied] = True
-    else:
-        # Among equal values the preferred (currently kept) entries go first, then the lower positions.
-        order = torch.argsort((~prefer[tied]).to(torch.int8), stable=True)
-        top[tied[order[:missing]]] = True
-    return top
-
-
 def swap_(key: torch.Tensor, kept: torch.Tensor, allowed: Callable[[int], int] | None = None) -> tuple[int, int]:
     """Swap kept and pruned entries of one group in place; returns (candidate pairs, pairs swapped).
 
@@ -129,15 +142,15 @@ def swap_(key: torch.Tensor, kept: torch.Tensor, allowed: Callable[[int], int] |
     pairs with the largest expected loss drop go first: revived entries by decreasing score, re-pruned
     ones by increasing score (Eq. 30).
     """
-    top = _top_k_preferring(key, int(kept.sum()), kept)
+    top = keep_top(key, int(kept.sum()), kept)
     revive = torch.nonzero(top & ~kept).flatten()
     prune = torch.nonzero(kept & ~top).flatten()
     candidates = revive.numel()
     swaps = candidates if allowed is None else min(allowed(candidates), candidates)
     if swaps:
         values = key.detach().float()
-        revive = revive[torch.argsort(values[revive], descending=True, stable=True)[:swaps]]
-        prune = prune[torch.argsort(values[prune], stable=True)[:swaps]]
+        revive = revive[keep_top(values[revive], swaps)]
+        prune = prune[keep_top(-values[prune], swaps)]
         kept[revive] = True
         kept[prune] = False
     return candidates, swaps
@@ -165,10 +178,14 @@ class ScoreSearch(PruningMethod):
     `sparsity` from every layer, "global" ranks the scores of all layers together at every step so that
     the layer ratios can move. `dense_classifier` leaves the output layer (the last conv/linear layer) out
     of the search and dense, as the official code does; `sparsity` then applies to the other layers.
+    `layer_grad_norm` rescales every layer's score gradient, at every step, to one mean magnitude (the
+    mean |dL/dh| over all scored weights at the initial mask, on the criterion batches), so that a
+    global ranking compares the layers on one scale; it is meant for `allocation="global"`.
 
     The trainer gives the search's total iterations T when the search starts; the experiment's
-    datamodule (from `bind`) gives the batches of the snip and grasp criteria. `overlap_with` names the criteria whose masks are compared with the
-    searched mask (Eq. 7) after every step.
+    datamodule (from `bind`) gives the batches of the snip and grasp criteria and of `layer_grad_norm`.
+    `overlap_with` names the criteria whose masks are compared with the searched mask (Eq. 7) after
+    every step. Under the global allocation every step's record also holds each layer's kept count.
 
     BatchNorm: like the official code, the search runs in training mode with every model parameter
     (BN scales and shifts included) frozen, so BN running statistics follow the masked network during
@@ -193,6 +210,7 @@ class ScoreSearch(PruningMethod):
         exponent: float = 4.0,
         overlap_with: Iterable[str] = (),
         criterion_batches: int = 1,
+        layer_grad_norm: bool = False,
     ):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
@@ -210,6 +228,7 @@ class ScoreSearch(PruningMethod):
         self.exponent = exponent
         self.overlap_with = list(overlap_with)
         self.criterion_batches = criterion_batches
+        self.layer_grad_norm = layer_grad_norm
         self.data: Any = None
         self.seed = 0
         self.total_steps = 0
@@ -231,7 +250,7 @@ class ScoreSearch(PruningMethod):
         search = Stage("search", "fit", epochs=self.epochs, lr=self.lr, optimizer=optimizer, scheduler=scheduler)
         return [search, Stage("prune", "prune")]
 
-    def setup(self, model: nn.Module, stage: Stage) -> nn.Module:
+    def setup(self, model: nn.Module, stage: Stage, ctx: MethodContext) -> nn.Module:
         """Before the search: freeze every parameter and attach scores and masks to the scored weights."""
         if stage.name != "search":
             return model
@@ -242,15 +261,15 @@ class ScoreSearch(PruningMethod):
         criteria = {c: self._criterion_mask(model, weights, counts, c) for c in CRITERIA if c in needed}
         scores, masks = self._initial_scores(model, weights, counts, criteria)
         self._references = {c: _flat(criteria[c]) for c in self.overlap_with}
-        self._frozen = {name: p.requires_grad for name, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
+        self._frozen = freeze(model)
         self._layers = {}
         for name, weight in weights.items():
-            module = model.get_submodule(name.rpartition(".")[0])
             layer = ScoredMask(scores[name], masks[name], absolute=self.absolute_scores).to(weight.device)
-            parametrize.register_parametrization(module, "weight", layer)
-            self._layers[name] = layer
+            self._layers[name] = attach_mask(model, name, layer)
+        if self.layer_grad_norm:
+            scale = self._mean_mask_gradient(model)
+            for layer in self._layers.values():
+                layer.grad_scale = scale
         self.history = []
         self._epoch_start = 0
         return model
@@ -261,11 +280,11 @@ class ScoreSearch(PruningMethod):
             return model.parameters()
         return [layer.scores for layer in self._layers.values()]
 
-    def bind(self, ctx: Any) -> None:
+    def bind(self, ctx: MethodContext) -> None:
         """The experiment's datamodule (criterion batches) and seed."""
-        self.data = ctx.datamodule
-        self.seed = int(ctx.cfg.seed)
-        if self.requires_pretrained and not ctx.cfg.backbone.get("pretrained"):
+        self.data = ctx.data
+        self.seed = ctx.seed
+        if self.requires_pretrained and not ctx.pretrained:
             log.warning(
                 "%s searches a mask in PRETRAINED weights, but backbone.pretrained is not set: "
                 "the search runs on a random initialisation", type(self).__name__
@@ -303,6 +322,9 @@ class ScoreSearch(PruningMethod):
                 write(kept)
                 record["candidates"].append(candidates)
                 record["swaps"].append(swaps)
+            if self.allocation == "global":
+                # The layer ratios move only under the global ranking: record each layer's kept count.
+                record["kept"] = [int(layer.mask.sum()) for layer in self._layers.values()]
             if self._references:
                 current = _flat(self.masks())
                 self._references = {c: ref.to(current.device) for c, ref in self._references.items()}
@@ -320,7 +342,7 @@ class ScoreSearch(PruningMethod):
             log.info("search epoch %d: %d swaps; overlap with %s", epoch, swaps, overlaps or "-")
 
     def teardown(self, model: nn.Module, stage: Stage) -> nn.Module:
-        """After the search: record the found mask as `model.prunelab_masks`, restore the plain weights.
+        """After the search: record the found mask as the model's masks, restore the plain weights.
 
         The weights come back exactly as they were (the parametrization's original tensors); the "prune"
         stage then applies the mask.
@@ -328,23 +350,27 @@ class ScoreSearch(PruningMethod):
         if stage.name != "search" or not self._layers:
             return model
         found = MaskPlan({name: mask.cpu() for name, mask in self.masks().items()})
-        for name in self._layers:
-            module = model.get_submodule(name.rpartition(".")[0])
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-        for name, p in model.named_parameters():
-            p.requires_grad_(self._frozen.get(name, True))
+        detach_masks(model, fold=False)
+        unfreeze(model, self._frozen)
         self._layers = {}
-        model.prunelab_masks = found
+        model_record(model).masks = found
         return model
 
-    def plan(self, model: nn.Module, ctx: Any) -> MaskPlan:
+    def state_dict(self) -> dict[str, Any]:
+        """The search's per-step record, so that a resumed search writes all of it."""
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+        self._epoch_start = len(self.history)
+
+    def plan(self, model: nn.Module, ctx: MethodContext) -> MaskPlan:
         """The mask the search found; the search's per-step record is written beside the run."""
-        found = getattr(model, "prunelab_masks", None)
+        found = model_record(model).masks
         if found is None:
             raise RuntimeError(f"{type(self).__name__}: the prune stage found no searched mask on the model")
         if self.history:
-            path = ctx.run_dir / "search_history.json"
-            path.write_text(json.dumps(self.history) + "\n")
+            write_json(ctx.run_dir / "search_history.json", self.history, indent=None)
             if ctx.logger is not None:
                 for record in self.history:
                     metrics = {f"search/{k}": v for k, v in record.items() if k.startswith("overlap/")}
@@ -378,6 +404,33 @@ class ScoreSearch(PruningMethod):
         """The criterion whose mask the search starts from (None: the scores decide)."""
         return None
 
+    def _mean_mask_gradient(self, model: nn.Module) -> float:
+        """The mean |dL/dh| over all scored weights under the current masks, on the criterion batches.
+
+        The model's buffers (BN running statistics) are restored afterwards, so the search starts
+        exactly as it would without this measurement.
+        """
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        modes = {module: module.training for module in model.modules()}
+        # The search runs in training mode (BN normalises by batch statistics), so measure it there.
+        model.train()
+        scores = [layer.scores for layer in self._layers.values()]
+        total = [torch.zeros_like(s) for s in scores]
+        batches = self._data_batches("layer_grad_norm")
+        device = scores[0].device
+        for x, y in batches:
+            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            total = [t + g for t, g in zip(total, torch.autograd.grad(loss, scores))]
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        for module, training in modes.items():
+            module.train(training)
+        magnitude = sum(float(t.abs().sum()) for t in total) / (len(batches) * sum(t.numel() for t in total))
+        if magnitude == 0.0:
+            raise ValueError(f"{type(self).__name__}: layer_grad_norm found no gradient on the scores")
+        return magnitude
+
     def _initial_scores(
         self,
         model: nn.Module,
@@ -390,9 +443,7 @@ class ScoreSearch(PruningMethod):
 
     def _scored_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The weights the search masks: every conv/linear weight, the output layer's too unless dense."""
-        weights = dict(prunable_weights(model))
-        if self.dense_classifier and weights:
-            weights.pop(list(weights)[-1])
+        weights = dict(prunable_weights(model, dense_output=self.dense_classifier))
         if not weights:
             raise ValueError(f"{type(self).__name__}: the model has no conv/linear weights to search")
         return weights
@@ -408,24 +459,23 @@ class ScoreSearch(PruningMethod):
             return kept
         if self.allocation == "uniform":
             return {name: w.numel() - round(p * w.numel()) for name, w in weights.items()}
-        magnitude = _top({n: w.detach().abs() for n, w in weights.items()}, kept)
+        magnitude = keep_top_global({n: w.detach().abs() for n, w in weights.items()}, kept)
         return {name: int(mask.sum()) for name, mask in magnitude.items()}
 
     def _criterion_mask(
         self, model: nn.Module, weights: dict[str, torch.Tensor], counts: dict[str, int] | int, criterion: str
     ) -> dict[str, torch.Tensor]:
         """The mask a pruning criterion gives under this search's allocation (per layer or global)."""
-        scores = criterion_scores(model, weights, criterion, self._batches(criterion), self.seed)
+        batches = self._data_batches(f"the {criterion} criterion") if criterion in ("snip", "grasp") else []
+        scores = criterion_scores(model, weights, criterion, batches, self.seed)
         if isinstance(counts, int):
-            return _top(scores, counts)
+            return keep_top_global(scores, counts)
         return {name: keep_top(s, counts[name]) for name, s in scores.items()}
 
-    def _batches(self, criterion: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _data_batches(self, purpose: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A few training batches (test-time transforms, fixed order) for the data-driven criteria."""
-        if criterion not in ("snip", "grasp"):
-            return []
         if self.data is None:
-            raise ValueError(f"{type(self).__name__}: the {criterion} criterion needs `data` (the datamodule)")
+            raise ValueError(f"{type(self).__name__}: {purpose} needs `data` (the datamodule)")
         loader = self.data.train_eval_dataloader()
         batches = []
         for x, y in loader:
@@ -494,16 +544,8 @@ class EdgePopup(ScoreSearch):
             scores[name] = s
         magnitudes = {name: s.abs() for name, s in scores.items()}
         if isinstance(counts, int):
-            return scores, _top(magnitudes, counts)
+            return scores, keep_top_global(magnitudes, counts)
         return scores, {name: keep_top(s, counts[name]) for name, s in magnitudes.items()}
-
-
-def _top(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """One global ranking: the k largest scores over all tensors, as per-tensor boolean masks."""
-    flat = torch.cat([s.detach().float().cpu().flatten() for s in scores.values()])
-    keep = keep_top(flat, k)
-    parts = keep.split([s.numel() for s in scores.values()])
-    return {name: part.view_as(s) for (name, s), part in zip(scores.items(), parts)}
 
 
 def criterion_scores(
@@ -533,8 +575,7 @@ def criterion_scores(
     device = next(iter(weights.values())).device
     params = dict(net.named_parameters())
     ws = [params[n] for n in weights]
-    for p in net.parameters():
-        p.requires_grad_(False)
+    freeze(net)
     for w in ws:
         w.requires_grad_(True)
     loss_fn = nn.functional.cross_entropy

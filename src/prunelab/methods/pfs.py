@@ -9,6 +9,9 @@ its BatchNorm, and trains only the gates with Adam on
 
 clamping them to [0, 1] after each step, as the official code does. Weights and BatchNorm parameters
 stay frozen (they do not even require gradients, so the backward pass computes no weight gradient).
+The gates are the method's own module (`state_module`), not part of the model: they move to the
+device and into the search's checkpoints with it, and the selected gates are the method's state,
+saved with the search stage's output, so a resumed run prunes by the same gates.
 Of all validation checks, the gates kept are those with the best accuracy among the checks whose
 density (fraction of non-zero gates) is at most r; when no check qualifies, the final gates. The
 `prune` stage then keeps the channels with the largest gates, one global threshold binary-searched
@@ -19,7 +22,6 @@ which the experiment presets `pfs_*` select.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,15 +32,15 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from prunelab.budget import structured_plan
-from prunelab.methods.base import PruningMethod, Stage
-from prunelab.structure import ChannelGroup, channel_groups
-from prunelab.structure.groups import PRUNABLE_TYPES, eval_mode
+from prunelab.io import write_json
+from prunelab.methods.base import MethodContext, PruningMethod, Stage
+from prunelab.structure import PRUNABLE_TYPES, ChannelGroup, channel_groups, eval_mode, freeze, model_record, unfreeze
+from prunelab.validate import ConfigError
 
 log = logging.getLogger("prunelab")
 
-# The name of the gate search stage, and of the module that holds the gates on the model during it.
+# The name of the gate search stage.
 SEARCH = "search"
-GATES = "pfs_gates"
 
 
 class ChannelGates(nn.Module):
@@ -121,12 +123,12 @@ class PruningFromScratch(PruningMethod):
         val_check_interval: float | int | None = None,
     ) -> None:
         if ratio is None or not 0.0 < float(ratio) <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"pfs: the target ratio r (method.ratio, which follows budget.flops) must be in (0, 1]; got {ratio}. "
                 "Set budget.flops, the fraction of the dense FLOPs to keep, e.g. budget.flops=0.5"
             )
         if expansion <= 0:
-            raise ValueError(f"pfs: method.expansion must be positive; got {expansion}")
+            raise ConfigError(f"pfs: method.expansion must be positive; got {expansion}")
         self.expansion = float(expansion)
         self.ratio = float(ratio)
         self.gamma = float(gamma)
@@ -138,7 +140,7 @@ class PruningFromScratch(PruningMethod):
         self.history: list[dict[str, float]] = []
         self._gates: ChannelGates | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._grad_flags: list[tuple[nn.Parameter, bool]] = []
+        self._grad_flags: dict[str, bool] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._selected: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
 
@@ -155,7 +157,7 @@ class PruningFromScratch(PruningMethod):
         """A freshly initialised copy of the backbone, `expansion` times as wide (or loaded from `init_from`)."""
         from prunelab.backbones import create, load_pretrained
 
-        spec = dict(model.prunelab_spec)
+        spec = dict(model_record(model).spec)
         spec["width"] = float(spec.get("width", 1.0)) * self.expansion
         start = create(**spec)
         if self.init_from:
@@ -171,7 +173,7 @@ class PruningFromScratch(PruningMethod):
 
     def gated_groups(self, model: nn.Module) -> list[tuple[ChannelGroup, list[str]]]:
         """The channel groups that get a gate, each with the modules whose outputs the gate multiplies."""
-        input_shape = tuple(model.prunelab_input_shape)
+        input_shape = tuple(model_record(model).input_shape)
         groups = [g for g in channel_groups(model, input_shape) if self.prune_coupled or not g.coupled]
         feeders = _bn_feeders(model, input_shape)
         gated = []
@@ -183,20 +185,16 @@ class PruningFromScratch(PruningMethod):
             raise ValueError("pfs: the model has no prunable channel group to gate")
         return gated
 
-    def setup(self, model: nn.Module, stage: Stage) -> nn.Module:
+    def setup(self, model: nn.Module, stage: Stage, ctx: MethodContext) -> nn.Module:
         if stage.name != SEARCH:
             return model
         gated = self.gated_groups(model)
         # The search must leave the model as it found it: weights are frozen, and the BatchNorm running
         # statistics, which move in training mode as in the official code, are put back in teardown.
         self._buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-        self._grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-        for p in model.parameters():
-            p.requires_grad_(False)
+        self._grad_flags = freeze(model)
         param = next(model.parameters())
         gates = ChannelGates({group.name: group.size for group, _ in gated}).to(param.device)
-        # On the model, the gates follow it to the accelerator and into the stage's Lightning checkpoints.
-        model.add_module(GATES, gates)
         self._hooks = [
             model.get_submodule(point).register_forward_hook(_multiply_by_gate(gates, index))
             for index, (_, points) in enumerate(gated)
@@ -213,14 +211,26 @@ class PruningFromScratch(PruningMethod):
         _log_selection(self._selected[1])
         for hook in self._hooks:
             hook.remove()
-        del model._modules[GATES]
-        for p, flag in self._grad_flags:
-            p.requires_grad_(flag)
+        unfreeze(model, self._grad_flags)
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 buf.copy_(self._buffers[name])
-        self._gates, self._hooks, self._grad_flags, self._buffers = None, [], [], {}
+        self._gates, self._hooks, self._grad_flags, self._buffers = None, [], {}, {}
         return model
+
+    def state_module(self) -> nn.Module | None:
+        """The gates, while a search runs."""
+        return self._gates
+
+    def state_dict(self) -> dict[str, Any]:
+        """The validation record of the search and, once it is over, the gates it selected."""
+        gates, info = self._selected if self._selected is not None else (None, None)
+        return {"history": list(self.history), "selected": gates, "selection": info}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+        if state.get("selected") is not None:
+            self._selected = (dict(state["selected"]), dict(state["selection"]))
 
     def parameters_to_train(self, model: nn.Module) -> Iterable[nn.Parameter]:
         return list(self._gates.parameters()) if self._gates is not None else model.parameters()
@@ -244,38 +254,22 @@ class PruningFromScratch(PruningMethod):
             return
         self.history.append(self._gates.record(float(acc), self.ratio))
 
-    def plan(self, model: nn.Module, ctx: Any):
-        gates, info = self._selected if self._selected is not None else self._reload_selection(model, ctx)
-        scores = rank_scores(gates, seed=int(ctx.cfg.seed))
+    def plan(self, model: nn.Module, ctx: MethodContext):
+        if self._selected is None:
+            raise RuntimeError("pfs: no gates to prune by: the search stage has not run (or left no selection)")
+        gates, info = self._selected
+        scores = rank_scores(gates, seed=ctx.seed)
         plan = structured_plan(model, scores, ctx)
-        path = Path(ctx.run_dir) / "pfs_gates.json"
-        # A resumed run did not see the validation checks; the earlier record of them stays.
-        history = self.history or (json.loads(path.read_text()).get("history", []) if path.exists() else [])
-        record = {
+        summary = {
             "selection": info,
             "ratio": self.ratio,
-            "history": history,
+            "history": self.history,
             "kept": plan.kept(),
             "sizes": plan.sizes,
             "gates": {name: [round(float(v), 6) for v in g] for name, g in gates.items()},
         }
-        _write_json(path, record)
+        write_json(Path(ctx.run_dir) / "pfs_gates.json", summary, indent=1)
         return plan
-
-    def _reload_selection(self, model: nn.Module, ctx: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The selected gates of a search that completed in an earlier invocation (the run was resumed)."""
-        found = sorted(Path(ctx.run_dir).glob(f"stages/*-{SEARCH}/checkpoints/last.ckpt"))
-        if not found:
-            raise RuntimeError(
-                f"pfs: no gates to prune by: this process did not run the search and {ctx.run_dir} holds no "
-                f"search checkpoint (stages/*-{SEARCH}/checkpoints/last.ckpt)"
-            )
-        state = torch.load(found[-1], map_location="cpu", weights_only=True)["state_dict"]
-        prefix = f"model.{GATES}."
-        gates = ChannelGates({group.name: group.size for group, _ in self.gated_groups(model)})
-        gates.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-        log.info("pfs: gates reloaded from %s", found[-1])
-        return gates.selection()
 
 
 def rank_scores(gates: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -351,9 +345,3 @@ def _log_selection(info: dict[str, Any]) -> None:
         log.warning("pfs: pruning by the %s", info["source"])
     else:
         log.info("pfs: pruning by the gates of validation check %d (acc %.2f%%)", info["check"], info["val_acc"])
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from prunelab.budget import structured_plan
-from prunelab.methods.base import PruningMethod, Stage, prunable_groups
+from prunelab.methods.base import MethodContext, PruningMethod, Stage, prunable_groups
+from prunelab.methods.baselines import STRUCTURED
 
 
 class Slimming(PruningMethod):
@@ -20,6 +19,8 @@ class Slimming(PruningMethod):
     under SGD.
     """
 
+    budget_keys = STRUCTURED
+
     def __init__(self, penalty: float = 1e-4, sparsity_epochs: int | None = None, sparsity_lr: float | None = None):
         self.penalty = penalty
         self.sparsity_epochs = sparsity_epochs
@@ -29,7 +30,7 @@ class Slimming(PruningMethod):
     def stages(self) -> list[Stage]:
         return [Stage("sparsity", "fit", epochs=self.sparsity_epochs, lr=self.sparsity_lr), Stage("prune", "prune")]
 
-    def setup(self, model: nn.Module, stage: Stage) -> nn.Module:
+    def setup(self, model: nn.Module, stage: Stage, ctx: MethodContext) -> nn.Module:
         # The penalty acts in the sparsity stage only, not when the pruned model is fine-tuned.
         self._norms = []
         if stage.name == "sparsity":
@@ -41,7 +42,7 @@ class Slimming(PruningMethod):
             return None
         return self.penalty * sum(m.weight.abs().sum() for m in self._norms)
 
-    def plan(self, model: nn.Module, ctx: Any):
+    def plan(self, model: nn.Module, ctx: MethodContext):
         scores = {}
         for group in prunable_groups(model, ctx):
             if not group.norms:

@@ -1,22 +1,53 @@
-"""Structure of a model for pruning: channel groups, plans, channel surgery and persistent masks."""
+"""Structure of a model for pruning: channel groups, plans, channel surgery and weight masks."""
 
-from prunelab.structure.groups import ChannelGroup, channel_groups, group_weights, root_weights
-from prunelab.structure.masks import attach_masks, fold_masks, has_masks, masks_of, zero_masked_
-from prunelab.structure.plans import ChannelPlan, MaskPlan
+from prunelab.structure.groups import (
+    PRUNABLE_TYPES,
+    ChannelGroup,
+    channel_groups,
+    eval_mode,
+    freeze,
+    group_weights,
+    prunable_weights,
+    root_weights,
+    unfreeze,
+)
+from prunelab.structure.masks import (
+    MaskParametrization,
+    WeightMask,
+    attach_mask,
+    attach_masks,
+    detach_masks,
+    fold_masks,
+    has_masks,
+    masks_of,
+    zero_masked_,
+)
+from prunelab.structure.plans import ChannelPlan, MaskPlan, ModelRecord, model_record
 from prunelab.structure.surgery import apply_channel_plan, reinitialize
 
 __all__ = [
+    "PRUNABLE_TYPES",
     "ChannelGroup",
     "ChannelPlan",
+    "MaskParametrization",
     "MaskPlan",
+    "ModelRecord",
+    "WeightMask",
     "apply_channel_plan",
+    "attach_mask",
     "attach_masks",
     "channel_groups",
+    "detach_masks",
+    "eval_mode",
     "fold_masks",
+    "freeze",
     "group_weights",
     "has_masks",
     "masks_of",
+    "prunable_weights",
+    "model_record",
     "reinitialize",
     "root_weights",
+    "unfreeze",
     "zero_masked_",
 ]

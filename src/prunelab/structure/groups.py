@@ -8,6 +8,9 @@ and that a `ChannelPlan` refers to by name.
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,7 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-# The layer types whose output channels form groups, and that count in `layer_index`.
+log = logging.getLogger("prunelab")
+
+# The one definition of a prunable layer: its output channels form groups (and count in
+# `layer_index`), and its weight is what unstructured methods mask.
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
@@ -26,11 +32,14 @@ class ChannelGroup:
 
     `name` is the qualified name of the first conv/linear layer (in module order) whose output
     channels are the group's; `layers` lists every conv/linear layer producing these channels, root
-    first (depthwise convolutions fed by the group are included, as their outputs are the same
-    channels); `stage` counts the model's top-level children that hold a conv/linear layer, and
-    `layer_index` counts all conv/linear layers in module order. `coupled` marks residual streams:
-    more than one layer other than a depthwise convolution writes these channels. `norms` names the
-    BatchNorm layers that normalise these channels (what Network Slimming scores).
+    first (depthwise and other grouped convolutions fed by the group are included, as their outputs
+    are the same channels, group by group); `stage` counts the model's top-level children that hold a
+    conv/linear layer, and `layer_index` counts all conv/linear layers in module order. `coupled`
+    marks residual streams: more than one layer other than a grouped convolution writes these
+    channels. `norms` names the BatchNorm layers that normalise these channels (what Network Slimming
+    scores). `unit` is the number of channels removed together: 1, or for channels that pass through
+    a grouped convolution (ResNeXt's), a block of consecutive channels holding whole groups of it, so
+    a plan keeps or removes channels `unit * j` to `unit * (j + 1) - 1` together.
     """
 
     name: str
@@ -40,10 +49,65 @@ class ChannelGroup:
     layer_index: int = 0
     coupled: bool = False
     norms: list[str] = field(default_factory=list)
+    unit: int = 1
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+def grouped_unit(module: nn.Module) -> int | None:
+    """Channels per group of a grouped convolution whose outputs follow its inputs, group by group.
+
+    Such a convolution (groups > 1 and as many output as input channels; a depthwise one has one
+    channel per group) computes group j of its outputs from group j of its inputs only, so its
+    channels belong to the group that feeds it and are removed one whole convolution group at a
+    time. None for every other layer.
+    """
+    if (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and not module.transposed
+        and module.groups > 1
+        and module.in_channels == module.out_channels
+    ):
+        return module.in_channels // module.groups
+    return None
+
+
+def _unsupported_grouped(module: nn.Module) -> bool:
+    """A grouped convolution that cannot lose whole groups: its input and output groups differ in size."""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and grouped_unit(module) is None
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    """Log a message once per process: groups are read again for every candidate of a budget search."""
+    log.warning(message)
+
+
+def prunable_weights(model: nn.Module, dense_output: bool = False) -> list[tuple[str, nn.Parameter]]:
+    """The weights of the prunable layers in module order, by parameter name: what unstructured methods mask.
+
+    With `dense_output` the last prunable layer (the classifier of every prunelab backbone) is left out,
+    e.g. open_lth's VGG and the lottery-jackpots code keep it dense. A weight with an attached mask is
+    named as the plain weight (`conv.weight`), and its current, masked value is returned.
+    """
+    weights = [
+        (f"{name}.weight" if name else "weight", m.weight)
+        for name, m in model.named_modules()
+        if isinstance(m, PRUNABLE_TYPES) and m.weight is not None
+    ]
+    return weights[:-1] if dense_output and weights else weights
+
+
+def freeze(model: nn.Module) -> dict[str, bool]:
+    """Stop gradients to every parameter of the model; returns the flags that `unfreeze` puts back."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return flags
+
+
+def unfreeze(model: nn.Module, flags: dict[str, bool]) -> None:
+    """Give each parameter back the `requires_grad` flag `freeze` recorded (True for parameters it did not see)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags.get(name, True))
 
 
 def out_channels(module: nn.Module) -> int:
@@ -71,7 +135,7 @@ def find_classifier(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module
 
     Its output side is never pruned; its input side follows the group that feeds it.
     """
-    spec = getattr(model, "prunelab_spec", None)
+    spec = model.__dict__["prunelab"].spec if "prunelab" in model.__dict__ else None
     if spec is not None and "num_classes" in spec:
         num_outputs = int(spec["num_classes"])
     else:
@@ -87,10 +151,72 @@ def find_classifier(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module
     return layers[-1] if layers else None
 
 
-def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Any, nn.Module | None]:
-    """Trace the model into a Torch-Pruning DependencyGraph, with the classifier's outputs protected."""
+@functools.cache
+def _graph_class() -> type:
+    """Torch-Pruning's DependencyGraph, with grouped convolutions pruned by whole groups.
+
+    Built on first use, so that importing prunelab does not import Torch-Pruning.
+    """
     import torch_pruning as tp
 
+    # Chosen over keeping grouped convolutions whole: coupling both sides, as for depthwise ones, keeps ResNeXt prunable.
+    class GroupedConvPruner(tp.pruner.function.ConvPruner):
+        """Removes whole groups of a grouped convolution whose outputs follow its inputs (`grouped_unit`).
+
+        Removing a group removes its input and its output channels together, and `groups` drops by
+        one: like Torch-Pruning's depthwise pruner, one function prunes both sides, so the graph joins
+        the layers feeding the convolution and those reading it into one channel group. Indices that
+        split a group are refused.
+        """
+
+        def prune_out_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+            unit = layer.in_channels // layer.groups
+            removed = sorted({int(i) for i in idxs})
+            blocks = {i // unit for i in removed}
+            if len(removed) != len(blocks) * unit:
+                raise ValueError(
+                    f"grouped convolution with groups={layer.groups}: channels are removed in whole groups of "
+                    f"{unit}, but the indices {removed} split a group"
+                )
+            keep = [i for i in range(layer.out_channels) if i // unit not in blocks]
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+            if layer.bias is not None:
+                layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+            layer.in_channels = layer.out_channels = len(keep)
+            layer.groups -= len(blocks)
+            return layer
+
+        prune_in_channels = prune_out_channels
+
+    class Graph(tp.DependencyGraph):
+        """Sends grouped convolutions whose outputs follow their inputs (`grouped_unit` > 1) to `GroupedConvPruner`.
+
+        Torch-Pruning's own ConvPruner keeps `groups` and slices grouped weights as if every group
+        lost the same channels, which leaves ResNeXt's convolutions invalid. Its customized pruners
+        are chosen by module type alone, so the choice per convolution is made where the graph looks
+        a pruner up, and the two predicates that tell in- from out-channel pruning learn its function.
+        """
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.grouped_conv_pruner = GroupedConvPruner()
+
+        def get_pruner_of_module(self, module: nn.Module) -> Any:
+            if (grouped_unit(module) or 1) > 1:
+                return self.grouped_conv_pruner
+            return super().get_pruner_of_module(module)
+
+        def is_out_channel_pruning_fn(self, fn: Any) -> bool:
+            return fn == self.grouped_conv_pruner.prune_out_channels or super().is_out_channel_pruning_fn(fn)
+
+        def is_in_channel_pruning_fn(self, fn: Any) -> bool:
+            return fn == self.grouped_conv_pruner.prune_in_channels or super().is_in_channel_pruning_fn(fn)
+
+    return Graph
+
+
+def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Any, nn.Module | None]:
+    """Trace the model into a Torch-Pruning DependencyGraph, with the classifier's outputs protected."""
     from prunelab.backbones import customized_pruners
 
     # Imported here because masks -> plans -> groups would otherwise be a circular import.
@@ -105,7 +231,7 @@ def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Any, nn
     # tracing altogether, and then its input side would not follow the last group. Its output side is
     # protected in `groups_from_graph` instead.
     with eval_mode(model), torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(
+        graph = _graph_class()().build_dependency(
             model, example_inputs=example, customized_pruners=customized_pruners()
         )
     return graph, classifier
@@ -123,6 +249,27 @@ def _stage_of(model: nn.Module) -> dict[str, int]:
             stages[f"{child_name}.{name}" if name else child_name] = stage
         stage += 1
     return stages
+
+
+def _unit_of(group: Any, size: int) -> tuple[int, nn.Module | None]:
+    """The channels a full pruning group removes together, and a grouped convolution that prevents it.
+
+    Every grouped convolution the channels pass through asks for whole groups of its channels, so the
+    unit is the least common multiple of their channels per group, counted in the root layer's
+    channel order. Each convolution group must then lie inside one unit of the root's channels (a
+    concatenation or a split on the way may shift or cut it); the first convolution for which that
+    fails is returned, else None.
+    """
+    convs = [(item, k) for item in group if (k := grouped_unit(item.dep.target.module) or 1) > 1]
+    unit = math.lcm(*(k for _, k in convs))
+    for item, k in convs:
+        blocks: dict[int, list[int]] = {}
+        for index, root in zip(item.idxs, item.root_idxs):
+            blocks.setdefault(index // k, []).append(root)
+        whole = all(len(roots) == k and len({r // unit for r in roots}) == 1 for roots in blocks.values())
+        if size % unit or not whole:
+            return unit, item.dep.target.module
+    return unit, None
 
 
 def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None) -> list[ChannelGroup]:
@@ -144,10 +291,13 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
         producers = []
         norms: list[str] = []
         prunable = True
+        blocked: list[nn.Module] = []
         for dep, _ in group:
             target = dep.target.module
             if isinstance(target, nn.modules.batchnorm._BatchNorm) and target in names and names[target] not in norms:
                 norms.append(names[target])
+            if _unsupported_grouped(target):
+                blocked.append(target)
             if not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
             visited.add(target)
@@ -156,6 +306,22 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
             if isinstance(target, PRUNABLE_TYPES) and target in names and target not in producers:
                 producers.append(target)
         if not prunable:
+            continue
+        # Grouped convolutions lose whole groups (GroupedConvPruner); where a group cannot be removed
+        # whole, the channels are kept, and the reason is logged once.
+        unit, misaligned = _unit_of(group, size)
+        if blocked or misaligned is not None:
+            conv = blocked[0] if blocked else misaligned
+            why = (
+                "its input and output groups differ in size"
+                if blocked
+                else f"its groups do not line up with blocks of {unit} of the group's channels"
+            )
+            _log_once(
+                f"channel group {name!r} is kept whole: it passes through the grouped convolution "
+                f"{names[conv]!r} (groups={conv.groups}, {conv.in_channels} -> {conv.out_channels} "
+                f"channels), and {why}, so no whole group of it can be removed"
+            )
             continue
         others = sorted((m for m in producers if m is not module), key=lambda m: index_of[names[m]])
         members = [module, *others]
@@ -166,8 +332,9 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
                 layers=[names[m] for m in members],
                 stage=stages.get(name, 0),
                 layer_index=index_of[name],
-                coupled=sum(not _is_depthwise(m) for m in members) > 1,
+                coupled=sum(grouped_unit(m) is None for m in members) > 1,
                 norms=sorted(norms, key=list(names.values()).index),
+                unit=unit,
             )
         )
     return groups
@@ -177,7 +344,9 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[
     """All prunable channel groups of a model, in module order of their root layers.
 
     `input_shape` is one example's (C, H, W); the model is traced once on a random input, in eval
-    mode, so its BatchNorm statistics do not move.
+    mode, so its BatchNorm statistics do not move. Channels that pass through a grouped convolution
+    which cannot lose a whole group (its input and output groups differ in size, or its groups do not
+    line up with the group's channels) are kept whole: they form no group, and a warning says why.
     """
     graph, classifier = build_graph(model, tuple(input_shape))
     return groups_from_graph(model, graph, classifier)

@@ -8,25 +8,18 @@ plain data, so they can be saved, inspected, compared across rounds and re-appli
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from prunelab.io import save_torch, write_json
 from prunelab.structure.groups import ChannelGroup
 
 CHANNEL_PLAN_FORMAT = "prunelab-channel-plan-v1"
 MASK_PLAN_FORMAT = "prunelab-mask-plan-v1"
-
-
-def _write_atomically(path: Path, write: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
 
 
 @dataclass
@@ -89,8 +82,7 @@ class ChannelPlan:
 
     def save_json(self, path: str | Path) -> Path:
         """Write the plan as JSON (atomically)."""
-        text = json.dumps(self.to_dict(), indent=1)
-        return _write_atomically(Path(path), lambda tmp: tmp.write_text(text))
+        return write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load_json(cls, path: str | Path) -> ChannelPlan:
@@ -141,8 +133,7 @@ class MaskPlan:
 
     def save(self, path: str | Path) -> Path:
         """Write the masks with `torch.save` (bool tensors only, so `weights_only=True` loads them)."""
-        payload = {"format": MASK_PLAN_FORMAT, "masks": {k: v.detach().cpu() for k, v in self.masks.items()}}
-        return _write_atomically(Path(path), lambda tmp: torch.save(payload, tmp))
+        return save_torch(path, {"format": MASK_PLAN_FORMAT, "masks": {k: v.detach().cpu() for k, v in self.masks.items()}})
 
     @classmethod
     def load(cls, path: str | Path) -> MaskPlan:
@@ -151,3 +142,28 @@ class MaskPlan:
         if not isinstance(payload, dict) or payload.get("format") != MASK_PLAN_FORMAT:
             raise ValueError(f"{path} is not a prunelab mask plan (expected format {MASK_PLAN_FORMAT!r})")
         return cls(dict(payload["masks"]))
+
+
+@dataclass
+class ModelRecord:
+    """What prunelab knows about a model beyond its modules, kept as `model.prunelab`.
+
+    `spec` is how `prunelab.backbones.create` rebuilds the architecture; `input_shape` the (C, H, W)
+    the model is traced and measured at; `plans` the channel plans applied to it, in order (replayed
+    on a fresh model to rebuild a pruned one); `masks` its unstructured masks, or None. `save_model`
+    writes all of it and `load_model` restores it.
+    """
+
+    spec: dict[str, Any] | None = None
+    input_shape: tuple[int, ...] | None = None
+    plans: list[ChannelPlan] = field(default_factory=list)
+    masks: MaskPlan | None = None
+
+
+def model_record(model: nn.Module) -> ModelRecord:
+    """The model's record, created empty the first time it is asked for."""
+    found = model.__dict__.get("prunelab")
+    if found is None:
+        found = ModelRecord()
+        model.__dict__["prunelab"] = found
+    return found

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from prunelab.structure.groups import build_graph, groups_from_graph
+from prunelab.structure.groups import build_graph, grouped_unit, groups_from_graph
 from prunelab.structure.masks import attach_masks, fold_masks, has_masks, masks_of
-from prunelab.structure.plans import ChannelPlan
+from prunelab.structure.plans import ChannelPlan, model_record
 
 
 def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[int, int, int]) -> nn.Module:
     """Remove every channel the plan does not keep, in place, and return the model.
 
     The plan's group names and sizes must match the model's current groups; a plan made for another
-    architecture (or for this one before an earlier plan shrank it) is refused before anything
-    changes. Applied plans accumulate in `model.prunelab_plans`, in order, so that a saved model can
-    be rebuilt by replaying them on a fresh one.
+    architecture (or for this one before an earlier plan shrank it), or one that splits a unit of a
+    group read by a grouped convolution (`ChannelGroup.unit`), is refused before anything changes.
+    Applied plans accumulate in the model's record (`model.prunelab.plans`), in order, so that a saved
+    model can be rebuilt by replaying them on a fresh one.
     """
     graph, classifier = build_graph(model, tuple(input_shape))
     groups = {g.name: g for g in groups_from_graph(model, graph, classifier)}
@@ -34,6 +35,15 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
                 f"the plan was made for another architecture: group {name!r} has {groups[name].size} "
                 f"channels, the plan expects {size}"
             )
+        split = _split_unit(plan.keep[name], groups[name].unit)
+        if split is not None:
+            unit = groups[name].unit
+            convs = [layer for layer in groups[name].layers if (grouped_unit(model.get_submodule(layer)) or 1) > 1]
+            raise ValueError(
+                f"the plan splits a unit of group {name!r}: its channels pass through the grouped convolution(s) "
+                f"{', '.join(convs)} and are kept or removed in whole units of {unit}, but only some of channels "
+                f"{split * unit}-{(split + 1) * unit - 1} are kept"
+            )
     # Groups are disjoint, so removing one group's channels leaves the indices of the others valid.
     for name, kept in plan.keep.items():
         kept_set = set(kept)
@@ -44,11 +54,16 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
         pruner = graph.get_pruner_of_module(root)
         group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs=removed)
         group.prune()
-    plans = list(getattr(model, "prunelab_plans", []))
-    plans.append(plan)
-    model.prunelab_plans = plans
-    model.prunelab_plan = plan
+    model_record(model).plans.append(plan)
     return model
+
+
+def _split_unit(kept: list[int], unit: int) -> int | None:
+    """The first unit of `unit` consecutive channels that `kept` holds only partly, or None."""
+    counts: dict[int, int] = {}
+    for index in kept:
+        counts[index // unit] = counts.get(index // unit, 0) + 1
+    return next((j for j, n in sorted(counts.items()) if n != unit), None)
 
 
 def reinitialize(model: nn.Module) -> nn.Module:
@@ -60,7 +75,7 @@ def reinitialize(model: nn.Module) -> nn.Module:
     """
     masks = masks_of(model) if has_masks(model) else None
     if masks is not None:
-        recorded = getattr(model, "prunelab_masks", None)
+        recorded = model_record(model).masks
         fold_masks(model)
     init = getattr(model, "init_weights", None)
     if callable(init):
@@ -73,5 +88,5 @@ def reinitialize(model: nn.Module) -> nn.Module:
     if masks is not None:
         attach_masks(model, masks)
         if recorded is not None:
-            model.prunelab_masks = recorded
+            model_record(model).masks = recorded
     return model

@@ -1,0 +1,222 @@
+"""Reliability: bad settings stop a run before any work, with one clear message; non-finite numbers
+stop it too; one process writes a run directory at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_cfg
+from prunelab import pipeline
+from prunelab.io import RunLock
+from prunelab.validate import ConfigError, NonFiniteError, PrunelabError
+
+QUIET = ["latency.batch_sizes=[]", "trainer.limit_val_batches=1"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=l1_filter", "budget.flops=1.5", "pretrain.epochs=3"], "budget.flops=1.5 is out of range"),
+        (["method=magnitude", "budget.sparsity=1.0"], "budget.sparsity=1.0 is out of range"),
+        (["method=l1_filter", "budget.layer_ratios=[\"1-999:0.7\"]"], "reaches layer 999"),
+        (["method=l1_filter", "budget.layer_ratios=[0.5,0.5]"], "has 2 entries, but the model has 5 stages"),
+        (["method=l1_filter", "budget.layer_ratios=[\"3-1:0.5\"]"], "is reversed"),
+        (["method=l1_filter", "budget.layer_ratios=[0,1.0,0,0,0]"], "in [0, 1)"),
+        (["backbone.width=-1"], "backbone.width=-1 is out of range"),
+        (["dataset.batch_size=0"], "dataset.batch_size=0 must be a whole number >= 1"),
+        (["optimizer.lr=0"], "optimizer.lr=0 is out of range"),
+        (["backbone.pretrained=/no/such/file.th"], "backbone.pretrained=/no/such/file.th: no such file"),
+        (["method=l1_filter"], "L1Filter prunes to a budget: set budget.flops or budget.params or budget.layer_ratios"),
+        (["method=magnitude"], "Magnitude prunes to a budget: set budget.sparsity"),
+        (["method=pfs"], "pfs: the target ratio r"),
+        (["method=imp"], "imp needs budget.sparsity"),
+        (["method=l1_filter", "budget.flops=0.5", "retrain=rewind", "retrain.rewind_iteration=1000", "pretrain.epochs=1"],
+         "retrain.rewind_iteration=1000 is past the 7 optimizer steps"),
+        (["dataset=cifar10", "dataset.root=/no/such/dir"], "CIFAR-10 not found: looked for /no/such/dir"),
+    ],
+)
+def test_bad_settings_stop_before_any_work(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        pipeline.run(make_cfg(tmp_path, *QUIET, *overrides), tmp_path)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+    # Nothing ran: no stage directory, no model, no summary.
+    assert not (tmp_path / "stages").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_a_diverging_run_stops_with_the_stage_and_step_and_writes_nothing_complete(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"stage train: the training loss is (nan|inf) at step \d+ \(epoch 0\)"):
+        pipeline.run(make_cfg(tmp_path, *QUIET, "optimizer.lr=1e12", "trainer.max_epochs=2"), tmp_path)
+    assert not list(tmp_path.glob("stages/*/done.json")) and not (tmp_path / "summary.json").exists()
+
+
+def test_summary_is_strict_json(tmp_path):
+    pipeline.run(make_cfg(tmp_path, *QUIET), tmp_path)
+    text = (tmp_path / "summary.json").read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"summary.json holds {name}"))
+    assert "val/acc" in json.loads(text)
+
+
+def test_backbone_variant_follows_the_dataset(tmp_path):
+    small = pipeline.run(make_cfg(tmp_path / "a", *QUIET, "backbone=mobilenet_v2_tiny", "trainer.max_epochs=0"), tmp_path / "a")
+    big = pipeline.run(
+        make_cfg(tmp_path / "b", *QUIET, "backbone=mobilenet_v2_tiny", "trainer.max_epochs=0", "dataset.image_size=128"),
+        tmp_path / "b",
+    )
+    from prunelab import load_model
+
+    assert load_model(tmp_path / "a" / "model.pt").prunelab.spec["variant"] == "cifar"
+    assert load_model(tmp_path / "b" / "model.pt").prunelab.spec["variant"] == "imagenet"
+    # The ImageNet stem downsamples 128-pixel inputs early: far fewer MACs than the CIFAR stem would cost.
+    with pytest.warns(UserWarning, match=r"backbone.variant=cifar on 128-pixel images: [\d,.]+M MACs, against [\d,.]+M"):
+        forced = pipeline.run(
+            make_cfg(tmp_path / "c", *QUIET, "backbone=mobilenet_v2_tiny", "trainer.max_epochs=0",
+                     "dataset.image_size=128", "backbone.variant=cifar"),
+            tmp_path / "c",
+        )
+    assert forced["dense/flops"] > 4 * big["dense/flops"] and small["dense/flops"] > 0
+
+
+def test_one_writer_per_run_directory(tmp_path):
+    code = "import sys, time; from prunelab.io import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(PrunelabError, match=rf"another prunelab process \(pid {holder.pid} on .*\) is writing"):
+            pipeline.run(make_cfg(tmp_path, *QUIET), tmp_path)
+        assert not (tmp_path / "stages").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The killed owner left its lock behind: a stale lock on this host is taken over with a warning.
+    assert (tmp_path / ".lock").exists()
+    with pytest.warns(UserWarning, match="no longer running"):
+        pipeline.run(make_cfg(tmp_path, *QUIET), tmp_path)
+    assert not (tmp_path / ".lock").exists() and (tmp_path / "summary.json").exists()
+    lock = RunLock(tmp_path)
+    with lock:
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_torn_checkpoint_restarts_its_stage_with_a_warning(tmp_path, caplog):
+    from conftest import CrashAtEpoch
+
+    cfg = make_cfg(tmp_path, *QUIET, "trainer.max_epochs=3")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run(cfg, tmp_path, callbacks=[CrashAtEpoch(2)])
+    last = tmp_path / "stages" / "0-train" / "checkpoints" / "last.ckpt"
+    # Checkpoints are renamed into place, so no temporary file is left beside them.
+    assert not list(last.parent.glob("*.tmp"))
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with caplog.at_level("WARNING", logger="prunelab"):
+        summary = pipeline.run(cfg, tmp_path)
+    assert "is unreadable" in caplog.text and (last.parent / "last.ckpt.corrupt").exists()
+    assert summary["train/steps"] == 3 * 7
+
+
+def test_a_resumed_stage_reports_its_whole_time(tmp_path):
+    import time
+
+    from conftest import CrashAtEpoch
+
+    class Slow(CrashAtEpoch):
+        def on_train_epoch_start(self, trainer, pl_module):
+            time.sleep(0.5)
+            super().on_train_epoch_start(trainer, pl_module)
+
+    cfg = make_cfg(tmp_path, *QUIET, "trainer.max_epochs=3")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run(cfg, tmp_path, callbacks=[Slow(2)])
+    summary = pipeline.run(cfg, tmp_path, callbacks=[Slow(99)])
+    # Two slow epochs before the crash and one after it: at least 1.5 s in all.
+    assert summary["time/train_s"] >= 1.5
+
+
+def test_log_lines_appear_once_without_tips_and_quiet_keeps_only_the_summary(tmp_path):
+    import re
+
+    from conftest import FAST, run_cli
+
+    out = run_cli(*FAST, "latency.batch_sizes=[]", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    messages = [re.sub(r"^\[[^\]]*\]\[[^\]]*\]\[\w+\] - |^\w+: ", "", line) for line in text.splitlines()]
+    logged = [m for m in messages if m in ("Seed set to 0", "GPU available: False, used: False")]
+    assert logged.count("Seed set to 0") == 1 and logged.count("GPU available: False, used: False") == 2
+    assert "💡" not in text and "LeafSpec" not in text and "prunelab summary" in text
+
+    quiet = run_cli(*FAST, "latency.batch_sizes=[]", "quiet=true", "seed=1", cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "[INFO]" not in quiet.stdout + quiet.stderr and "prunelab summary" in quiet.stdout
+
+
+def _comparable(summary: dict) -> dict:
+    """A summary without what differs between any two runs (wall times, latencies)."""
+    return {k: v for k, v in summary.items() if not k.startswith("time/") and "latency" not in k and "speedup" not in k}
+
+
+@pytest.mark.parametrize(
+    "overrides, stage, step",
+    [
+        (["trainer.max_epochs=2"], "train", 10),
+        (["method=l1_filter", "budget.flops=0.5", "budget.tolerance=0.05", "pretrain.epochs=2"], "pretrain", 9),
+        (["method=pfs", "budget.flops=0.5", "budget.tolerance=0.05", "method.epochs=2", "retrain.epochs=1"], "search", 5),
+        (["method=jackpot", "budget.sparsity=0.8", "method.epochs=2", "method.overlap_with=[magnitude]"], "search", 11),
+    ],
+    ids=["dense", "pretrain", "pfs-search", "jackpot-search"],
+)
+def test_a_run_killed_inside_an_epoch_ends_bit_identically(tmp_path, overrides, stage, step):
+    from conftest import CrashAtStep
+
+    args = [*QUIET, "checkpoint_every_n_steps=1", *overrides]
+    reference = pipeline.run(make_cfg(tmp_path / "ref", *args), tmp_path / "ref")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run(make_cfg(tmp_path / "run", *args), tmp_path / "run", callbacks=[CrashAtStep(step, stage)])
+    resumed = pipeline.run(make_cfg(tmp_path / "run", *args), tmp_path / "run")
+    assert _comparable(resumed) == _comparable(reference)
+    for plan in (tmp_path / "ref").glob("stages/*/plan.json"):
+        assert plan.read_text() == (tmp_path / "run" / plan.relative_to(tmp_path / "ref")).read_text()
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_random_moments_several_times_ends_bit_identically(tmp_path):
+    """SIGKILL the real command at random moments (training, pruning, testing, export) until it finishes."""
+    import random
+    import signal
+    import time
+
+    from conftest import FAST
+
+    args = [*FAST, *QUIET, "checkpoint_every_n_steps=1", "method=l1_filter", "budget.flops=0.5",
+            "budget.tolerance=0.05", "pretrain.epochs=3", "retrain.epochs=2"]
+    command = [sys.executable, "-m", "prunelab.cli", *args]
+
+    def launch(root):
+        env = {**os.environ, "PRUNELAB_OUTPUTS": str(root)}
+        return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    assert launch(tmp_path / "ref").wait() == 0
+    (reference,) = (tmp_path / "ref").glob("runs/*/summary.json")
+    rng = random.Random(0)
+    kills = 0
+    while True:
+        process = launch(tmp_path / "killed")
+        try:
+            process.wait(timeout=rng.uniform(4.0, 12.0))
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+            time.sleep(0.1)
+            continue
+        assert process.returncode == 0
+        break
+    assert kills >= 3, "the run finished before it was killed three times; lower the kill delays"
+    (resumed,) = (tmp_path / "killed").glob("runs/*/summary.json")
+    assert _comparable(json.loads(resumed.read_text())) == _comparable(json.loads(reference.read_text()))
