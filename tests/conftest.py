@@ -101,6 +101,18 @@ def randomize_bn(model: torch.nn.Module) -> None:
             m.running_var = torch.rand(n, generator=gen) + 0.5
 
 
+class CrashAtValidation(L.Callback):
+    """Simulates a run killed after optimizer step `step` of a fit stage, as the validation after it starts."""
+
+    def __init__(self, step: int, stage: str | None = None):
+        self.step = step
+        self.stage = stage
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.global_step == self.step and not trainer.sanity_checking and self.stage in (None, pl_module.stage):
+            raise RuntimeError("simulated crash")
+
+
 class CrashAtStep(L.Callback):
     """Simulates a run killed inside an epoch: fails before optimizer step `step` + 1 of a fit stage."""
 

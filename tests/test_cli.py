@@ -222,3 +222,24 @@ def test_full_error_shows_the_traceback_and_bugs_keep_theirs(tmp_path):
     # A method without the interface is a bug, not a user error: traceback, exit code 1.
     bug = run_cli(*FAST, "method._target_=builtins.dict", cwd=tmp_path)
     assert bug.returncode == 1 and "prunelab: error:" not in bug.stderr and "AttributeError" in bug.stderr
+
+
+def test_a_terminated_run_exits_143_not_0(tmp_path):
+    """SIGTERM (preemption, `kill`) must not end with exit code 0 as if the run had finished."""
+    import signal
+    import time
+
+    env = {**os.environ, "PRUNELAB_OUTPUTS": str(tmp_path / "outputs")}
+    command = [sys.executable, "-m", "prunelab.cli", *FAST, "trainer.max_epochs=200", "latency.batch_sizes=[]"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("outputs/runs/*/stages/*/checkpoints/last.ckpt")):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "prunelab: error: stopped by SIGTERM" in stderr
+    (run_dir,) = tmp_path.glob("outputs/runs/*")
+    assert not (run_dir / "summary.json").exists()
+

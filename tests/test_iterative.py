@@ -297,6 +297,29 @@ def test_stop_condition_ends_the_stage_and_is_recorded(tmp_path):
         _toy(tmp_path / "c", "+method.epochs=-1")
 
 
+class _CrashAtFitEnd(L.Callback):
+    """Simulates a kill after a stage's training ended (its checkpoint written), before it is marked done."""
+
+    def on_fit_end(self, trainer, pl_module):
+        if pl_module.stage == "grow":
+            raise RuntimeError("simulated crash")
+
+
+def test_a_stage_killed_after_its_stop_condition_ends_where_it_ended(tmp_path):
+    args = ["+method.stop_at=5", "+method.epochs=-1", "+method.max_steps=100", "checkpoint_every_n_steps=1"]
+    reference = _toy(tmp_path / "ref", *args)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _toy(tmp_path / "run", *args, callbacks=[_CrashAtFitEnd()])
+    watch = _Watch()
+    resumed = _toy(tmp_path / "run", *args, callbacks=[watch])
+    # The condition held when the checkpoint was written: no step more (the value would reach 6).
+    assert watch.values["grow"] == 5.0 and resumed["grow/steps"] == 5
+    assert resumed["grow/end"] == "condition: value reached 5"
+    assert {k: v for k, v in resumed.items() if not k.startswith("time/")} == {
+        k: v for k, v in reference.items() if not k.startswith("time/")
+    }
+
+
 def test_parameter_groups_reach_the_optimizer_with_their_own_settings(tmp_path):
     watch = _Watch()
     _toy(tmp_path, "+method.groups=true", "+method.epochs=1", "optimizer.lr=0.1", callbacks=[watch])

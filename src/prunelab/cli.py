@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -41,12 +42,19 @@ def main(cfg: DictConfig) -> float | None:
     A mistake the user can fix (a `PrunelabError`: a bad setting, missing data, a budget that cannot be
     met, a diverging run, a run directory in use) is printed as one line and exits with code 2;
     `HYDRA_FULL_ERROR=1` shows its traceback instead. Anything else is a bug and keeps its traceback.
+    A run stopped by SIGTERM (a scheduler's preemption, `kill`) exits with 143, to be resumed.
     """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from prunelab import pipeline
     from prunelab.validate import user_error
 
     try:
         summary = pipeline.run(cfg, HydraConfig.get().runtime.output_dir)
+    except SIGTERMException:
+        # Lightning ends a terminated fit with a SystemExit of code 0; a stopped run must not look finished.
+        print("prunelab: error: stopped by SIGTERM (run the same command again to resume)", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except Exception as err:
         found = user_error(err)
         if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -78,6 +78,7 @@ class PruneLitModule(L.LightningModule):
         self.stage = stage
         self.seed = seed
         self.stop_reason: str | None = None
+        self.restored_metrics: dict[str, float] = {}
         top5 = min(5, num_classes)
         # The training epoch's running totals are part of the checkpoints (persistent), so a stage resumed
         # in the middle of an epoch reports the same epoch metrics as one that never stopped.
@@ -130,10 +131,21 @@ class PruneLitModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["prunelab_method"] = self.method.state_dict()
+        checkpoint["prunelab_stop_reason"] = self.stop_reason
+        # The stage's latest epoch metrics, for a resume that has no epoch left to run (the stage's end).
+        latest = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{self.stage}/") and v.numel() == 1}
+        checkpoint["prunelab_metrics"] = {**self.restored_metrics, **latest}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "prunelab_method" in checkpoint:
             self.method.load_state_dict(checkpoint["prunelab_method"])
+        self.stop_reason = checkpoint.get("prunelab_stop_reason")
+        self.restored_metrics = dict(checkpoint.get("prunelab_metrics", {}))
+
+    def on_train_start(self) -> None:
+        # A stage that had met its stop condition when it was checkpointed ends where it ended.
+        if self.stop_reason:
+            self.trainer.should_stop = True
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch

@@ -437,6 +437,32 @@ def _round_metrics(ctx: Context, round_: int, model: nn.Module) -> dict[str, flo
     }
 
 
+class _Checkpoint(ModelCheckpoint):
+    """The stage's one checkpoint, `last.ckpt`: after every epoch and, optionally, every N optimizer steps.
+
+    A step save is left out where a validation, the epoch's end or the stage's end follows the step:
+    Lightning resumes such a checkpoint past the validation and the epoch-end hooks (the scheduler step,
+    the epoch's metrics), so the resumed run would differ. The save after them takes its place.
+    """
+
+    def __init__(self, dirpath: Path, every_n_steps: int | None = None):
+        # With no monitored metric, top-1 keeps only the newest checkpoint, always named last.ckpt.
+        super().__init__(dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False, every_n_train_steps=every_n_steps)
+        # Lightning takes step and epoch triggers as exclusive; the epoch save must stay on with steps.
+        self._every_n_epochs = 1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        if (
+            loop.batch_progress.is_last_batch
+            or trainer.should_stop
+            or 0 <= trainer.max_steps <= trainer.global_step
+            or loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+        ):
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
 def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple[dict[str, Any], nn.Module]:
     """Train with Lightning, resuming from the stage's last checkpoint when there is one.
 
@@ -469,13 +495,7 @@ def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple
     )
     checkpoints = stage_dir / "checkpoints"
     # With no monitored metric, top-1 keeps only the newest checkpoint, always named last.ckpt.
-    checkpoint = ModelCheckpoint(
-        dirpath=checkpoints,
-        filename="last",
-        save_top_k=1,
-        enable_version_counter=False,
-        every_n_train_steps=cfg.get("checkpoint_every_n_steps") or None,
-    )
+    checkpoint = _Checkpoint(dirpath=checkpoints, every_n_steps=cfg.get("checkpoint_every_n_steps") or None)
     clock = _StageClock()
     callbacks: list[Callback] = [checkpoint, clock, *(ctx.rewind.callbacks() if ctx.rewind is not None else [])]
     # A stage may set its own Trainer arguments, e.g. several validations inside one long epoch.
@@ -503,7 +523,8 @@ def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple
         end = "max_steps"
     else:
         end = "max_epochs"
-    metrics: dict[str, Any] = _floats(trainer.callback_metrics, prefix=f"{stage.tag}/")
+    # A resume with no epoch left to run logs nothing: the checkpoint's metrics stand in.
+    metrics: dict[str, Any] = _floats({**module.restored_metrics, **trainer.callback_metrics}, prefix=f"{stage.tag}/")
     metrics.update({f"{stage.tag}/steps": int(trainer.global_step), f"{stage.tag}/end": end, _EARLIER: clock.earlier})
     return metrics, model
 

@@ -55,6 +55,7 @@ from prunelab.structure import (
     model_record,
     unfreeze,
 )
+from prunelab.validate import ConfigError
 
 log = logging.getLogger("prunelab")
 
@@ -192,6 +193,8 @@ class ScoreSearch(PruningMethod):
     the search and are the ones the found network is evaluated with.
     """
 
+    budget_keys = ("sparsity",)
+
     #: Whether the scores are ranked by magnitude (and their gradient taken through |m|).
     absolute_scores: bool = False
     #: Whether the method is meant for pretrained weights (a warning says so when none are loaded).
@@ -212,11 +215,18 @@ class ScoreSearch(PruningMethod):
         criterion_batches: int = 1,
         layer_grad_norm: bool = False,
     ):
+        name = type(self).__name__.lower()
         if allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
+            raise ConfigError(f"{name}: method.allocation={allocation!r} is not one of {', '.join(ALLOCATIONS)}")
         unknown = [c for c in overlap_with if c not in CRITERIA]
         if unknown:
-            raise ValueError(f"overlap_with: unknown criteria {unknown}; choose from {', '.join(CRITERIA)}")
+            raise ConfigError(f"{name}: method.overlap_with has unknown criteria {unknown} (choose from {', '.join(CRITERIA)})")
+        if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) < 1.0):
+            raise ConfigError(f"{name}: budget.sparsity={sparsity} is the fraction of weights to remove, in [0, 1)")
+        if not (isinstance(epochs, int) and epochs >= 1):
+            raise ConfigError(f"{name}: method.epochs={epochs!r} must be a whole number >= 1 (search epochs)")
+        if not (isinstance(criterion_batches, int) and criterion_batches >= 1):
+            raise ConfigError(f"{name}: method.criterion_batches={criterion_batches!r} must be a whole number >= 1")
         self.sparsity = sparsity
         self.epochs = epochs
         self.lr = lr
