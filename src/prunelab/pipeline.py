@@ -335,7 +335,8 @@ def plan_stages(cfg: DictConfig, method: PruningMethod) -> list[Stage]:
 
     A method that prunes gets dense pre-training (when `pretrain.epochs` > 0), an evaluation of the
     dense model (when trained or pretrained), BN re-estimation after each prune stage (when
-    `bn_recalibration.batches` > 0) and retraining by `retrain.mode`: where the method places a
+    `bn_recalibration.batches` > 0), a test of the model right after pruning ("pruned", when
+    `test_pruned`) and retraining by `retrain.mode`: where the method places a
     "retrain" stage itself (e.g. in every round of IMP), else once at the end. A retraining stage is
     named after its mode and follows the `retrain` schedule; `retrain=none` drops it. Every run ends
     with the test.
@@ -360,6 +361,8 @@ def plan_stages(cfg: DictConfig, method: PruningMethod) -> list[Stage]:
             if stage.kind == "prune" and cfg.bn_recalibration.batches:
                 batches = cfg.bn_recalibration.batches
                 stages.append(Stage(f"{stage.name}_bn", "recalibrate", options={"batches": batches}, round=stage.round))
+            if stage.kind == "prune" and cfg.get("test", True) and cfg.get("test_pruned", False):
+                stages.append(Stage("pruned", "test", round=stage.round))
         if mode != "none" and not any(s.kind == "retrain" for s in own):
             stages.append(Stage(mode, "retrain", **_schedule(cfg.retrain)))
     else:

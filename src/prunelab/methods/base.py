@@ -188,6 +188,11 @@ class PruningMethod:
         """Called at the end of every training epoch."""
 
 
+def sgd(lr: float, momentum: float, weight_decay: float) -> dict[str, Any]:
+    """The optimizer node (a Hydra partial) of a method's own SGD fit stage."""
+    return {"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+
+
 def prunable_groups(model: nn.Module, ctx: MethodContext) -> list:
     """The channel groups a structured method may prune under the experiment's budget settings."""
     from prunelab.structure import channel_groups

@@ -37,7 +37,7 @@ from torch import nn
 
 from prunelab.budget import parse_layer_ratios, structured_plan, unstructured_plan
 from prunelab.io import write_json
-from prunelab.methods.base import MethodContext, PruningMethod, Stage, prunable_groups
+from prunelab.methods.base import MethodContext, PruningMethod, Stage, prunable_groups, sgd
 from prunelab.structure import ChannelPlan, MaskPlan, group_weights, prunable_weights
 from prunelab.validate import ConfigError
 
@@ -157,13 +157,7 @@ class GrowingRegularization(PruningMethod):
     # ---- stages and hooks ---------------------------------------------------------------------
 
     def stages(self) -> list[Stage]:
-        optimizer = {
-            "_target_": "torch.optim.SGD",
-            "_partial_": True,
-            "lr": self.lr,
-            "momentum": self.momentum,
-            "weight_decay": self.weight_decay,
-        }
+        optimizer = sgd(self.lr, self.momentum, self.weight_decay)
         scheduler = {"_target_": "prunelab.lit.constant", "_partial_": True}
         # The step limit is a safety net only: the stage ends on its condition after planned_steps().
         regularize = Stage(

@@ -44,7 +44,7 @@ from torch import nn
 
 from prunelab.budget import BudgetError, keep_top, keep_top_global
 from prunelab.io import write_json
-from prunelab.methods.base import MethodContext, PruningMethod, Stage
+from prunelab.methods.base import MethodContext, PruningMethod, Stage, sgd
 from prunelab.structure import (
     MaskParametrization,
     MaskPlan,
@@ -249,13 +249,7 @@ class ScoreSearch(PruningMethod):
         self._epoch_start = 0
 
     def stages(self) -> list[Stage]:
-        optimizer = {
-            "_target_": "torch.optim.SGD",
-            "_partial_": True,
-            "lr": self.lr,
-            "momentum": self.momentum,
-            "weight_decay": self.weight_decay,
-        }
+        optimizer = sgd(self.lr, self.momentum, self.weight_decay)
         scheduler = {"_target_": "prunelab.lit.cosine", "_partial_": True}
         search = Stage("search", "fit", epochs=self.epochs, lr=self.lr, optimizer=optimizer, scheduler=scheduler)
         return [search, Stage("prune", "prune")]
