@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
-from conftest import CrashAtStep, make_cfg
+from conftest import CONF_DIR, CrashAtStep, make_cfg, preset
 from prunelab import load_model, pipeline
 from prunelab.backbones import create
 from prunelab.budget import count_flops
 from prunelab.methods.greg import GReg1, GReg2
-from prunelab.validate import ConfigError
+from prunelab.validate import ConfigError, check_config
 
 QUIET = ["latency.batch_sizes=[]", "trainer.limit_val_batches=1", "retrain.epochs=1"]
 # lambda grows 0.25 per update, every 2 iterations: 0.25 0.5 0.75 1.0 1.25 -> passes tau=1 at the 5th
@@ -149,3 +150,28 @@ def test_bad_greg_settings_stop_before_any_work(tmp_path, overrides, message):
         _run(tmp_path, *overrides)
     assert message in str(caught.value)
     assert not (tmp_path / "stages").exists()
+
+
+GREG_PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("greg_*.yaml"))
+
+
+@pytest.mark.parametrize("name", GREG_PRESETS)
+def test_greg_presets_follow_the_papers_settings(name):
+    """Every preset composes, builds its method, and carries Table 5 / 8's settings."""
+    cfg = preset(name)
+    check_config(cfg)
+    imagenet = "imagenet" in name
+    assert cfg.retrain.mode == "finetune" and cfg.retrain.with_val is True
+    assert cfg.budget.prune_coupled is False or "unstructured" in name
+    if name.endswith("_l1"):
+        assert cfg.method._target_.endswith("L1Filter")
+        twin = preset(name[: -len("_l1")])
+        # The one-shot twin prunes the same layers by the same ratios and fine-tunes the same way.
+        assert twin.budget == cfg.budget and twin.retrain == cfg.retrain and twin.optimizer == cfg.optimizer
+        return
+    method = instantiate(cfg.method)
+    assert isinstance(method, GReg1)
+    assert (method.update_interval, method.stabilize_steps) == ((5, 40000) if imagenet else (10, 5000))
+    assert (method.delta_lambda, method.tau, method.lr, method.momentum) == (1e-4, 1.0, 1e-3, 0.9)
+    assert method.weight_decay == (1e-4 if imagenet else 5e-4)
+    assert cfg.retrain.epochs == (90 if imagenet else 120) and cfg.optimizer.lr == 0.01
