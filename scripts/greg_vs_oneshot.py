@@ -94,14 +94,26 @@ def penalty_overhead(repeats: int = 30) -> dict[str, float]:
         optimizer.step()
         return time.perf_counter() - start
 
+    def penalty_alone() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        method.extra_loss(model).backward()
+        return time.perf_counter() - start
+
     for _ in range(3):
         step(True), step(False)
-    plain, penalised = [], []
-    for _ in range(repeats):  # interleaved, so that the machine's load falls on both alike
-        plain.append(step(False))
-        penalised.append(step(True))
-    result = {"plain_ms": statistics.median(plain) * 1e3, "penalty_ms": statistics.median(penalised) * 1e3}
+    plain, penalised, alone = [], [], []
+    for i in range(repeats):  # interleaved in ABBA order, so that load and order fall on both alike
+        for penalty in ((False, True) if i % 2 == 0 else (True, False)):
+            (penalised if penalty else plain).append(step(penalty))
+        alone.append(penalty_alone())
+    result = {
+        "plain_ms": statistics.median(plain) * 1e3,
+        "penalty_ms": statistics.median(penalised) * 1e3,
+        "alone_ms": statistics.median(alone) * 1e3,
+    }
     result["overhead_pct"] = 100 * (result["penalty_ms"] / result["plain_ms"] - 1)
+    result["alone_pct"] = 100 * result["alone_ms"] / result["plain_ms"]
     return result
 
 
@@ -122,6 +134,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "greg_vs_oneshot")
     parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--overhead-only", action="store_true", help="time the penalty, run nothing else")
     args = parser.parse_args()
     if not args.shared.joinpath(*WEIGHTS).exists():
         sys.exit(f"{args.shared} does not hold {'/'.join(WEIGHTS)}: this script needs ../shared")
@@ -131,9 +144,12 @@ def main() -> None:
         bench = penalty_overhead()
         lines.append(
             f"penalty overhead (ResNet-56, batch 128, CPU, median of 30 interleaved steps): "
-            f"{bench['plain_ms']:.0f} ms -> {bench['penalty_ms']:.0f} ms per step ({bench['overhead_pct']:+.1f}%)"
+            f"{bench['plain_ms']:.0f} ms -> {bench['penalty_ms']:.0f} ms per step ({bench['overhead_pct']:+.1f}%); "
+            f"the penalty and its gradient alone: {bench['alone_ms']:.2f} ms ({bench['alone_pct']:.2f}% of a step)"
         )
         print(lines[-1], flush=True)
+    if args.overhead_only:
+        return
 
     rows = []
     for folder, name, overrides in experiments(args):

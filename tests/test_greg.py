@@ -175,3 +175,17 @@ def test_greg_presets_follow_the_papers_settings(name):
     assert (method.delta_lambda, method.tau, method.lr, method.momentum) == (1e-4, 1.0, 1e-3, 0.9)
     assert method.weight_decay == (1e-4 if imagenet else 5e-4)
     assert cfg.retrain.epochs == (90 if imagenet else 120) and cfg.optimizer.lr == 0.01
+
+
+def test_the_official_magnitude_ratio_limit_ends_the_growth_early(tmp_path):
+    args = ["method=greg1", "method.delta_lambda=1.0", "method.tau=100", "method.update_interval=1",
+            "method.stabilize_steps=2", "method.lr=0.008", "method.ratio_limit=5",
+            "budget.layer_ratios=[0,0.5,0.5,0.5]", "budget.prune_coupled=false"]
+    summary = _run(tmp_path, *args)
+    end = summary["regularize/end"]
+    assert end.startswith("condition: every layer's kept/pruned magnitude ratio reached 5 at iteration ")
+    reached_at = int(end.split("at iteration ")[1].split(",")[0])
+    # Far before lambda would pass tau (iteration 100), and each layer's smoothed ratio is past the limit.
+    assert 0 < reached_at < 100 and summary["regularize/steps"] == reached_at + 2
+    history = _history(tmp_path)
+    assert history[-1]["norm_ratio"] > 2 * history[0]["norm_ratio"] and all(h["lambda"] <= 100 for h in history)

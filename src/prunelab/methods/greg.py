@@ -79,6 +79,7 @@ class GrowingRegularization(PruningMethod):
         lr: float = 1e-3,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
+        ratio_limit: float | None = None,
     ) -> None:
         name = type(self).__name__.lower()
         if granularity not in GRANULARITIES:
@@ -92,6 +93,9 @@ class GrowingRegularization(PruningMethod):
             raise ConfigError(f"{name}: method.stabilize_steps={stabilize_steps!r} (K_s) must be a whole number >= 0")
         if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
             raise ConfigError(f"{name}: method.weight_decay={weight_decay!r} must be a number >= 0")
+        if ratio_limit is not None and not (isinstance(ratio_limit, (int, float)) and ratio_limit > 1):
+            raise ConfigError(f"{name}: method.ratio_limit={ratio_limit!r} must be null or a number > 1")
+        self.ratio_limit = None if ratio_limit is None else float(ratio_limit)
         self.granularity = granularity
         self.budget_keys = ("sparsity",) if granularity == "weight" else ("flops", "params", "layer_ratios")
         self.delta_lambda = float(delta_lambda)
@@ -113,6 +117,8 @@ class GrowingRegularization(PruningMethod):
         self.picks = 0  # GReg-2's updates while picking
         self.grows = 0  # updates of the pruned groups' penalty
         self.stable_from: int | None = None
+        self.cause = ""
+        self.ratio_ema: dict[str, float] = {}
         self.selection: dict[str, Any] | None = None
         self.history: list[dict[str, float]] = []
         self._lambdas = {}
@@ -144,15 +150,33 @@ class GrowingRegularization(PruningMethod):
         self._after_growth(model)
 
     def _after_growth(self, model: nn.Module) -> None:
+        cause = None
         if self.lambda_pruned() > self.tau:
+            cause = f"lambda passed tau={self.tau:g}"
+        elif self.ratio_limit is not None and self._ratios_reached(model):
+            cause = f"every layer's kept/pruned magnitude ratio reached {self.ratio_limit:g}"
+        if cause:
             self.phase = "stabilize"
             self.stable_from = self.iteration
-            log.info(
-                "%s: lambda %.6g passed tau=%g at iteration %d; %d stabilisation steps follow",
-                type(self).__name__, self.lambda_pruned(), self.tau, self.iteration, self.stabilize_steps,
-            )
+            self.cause = cause
+            log.info("%s: %s at iteration %d; %d stabilisation steps follow", type(self).__name__, cause,
+                     self.iteration, self.stabilize_steps)
         self._lambdas = {}
         self._record(model)
+
+    def _ratios_reached(self, model: nn.Module) -> bool:
+        """The official code's early end: each layer's kept/pruned mean |w| ratio, smoothed as it smooths
+        it (0.9 old + 0.1 new at every update), is at least `ratio_limit`."""
+        reached = True
+        for group, weights in self._layers.items():
+            kept, pruned = self.mean_magnitudes(model, weights)
+            if pruned <= 0 and kept <= 0:
+                continue
+            ratio = kept / pruned if pruned > 0 else math.inf
+            old = self.ratio_ema.get(group)
+            self.ratio_ema[group] = ratio if old is None else 0.9 * old + 0.1 * ratio
+            reached = reached and self.ratio_ema[group] >= self.ratio_limit
+        return reached
 
     # ---- stages and hooks ---------------------------------------------------------------------
 
@@ -204,7 +228,7 @@ class GrowingRegularization(PruningMethod):
 
     def should_stop(self, model: nn.Module, step: int) -> str | None:
         if self.phase == "stabilize" and self.iteration - self.stable_from >= self.stabilize_steps:
-            return f"lambda passed tau={self.tau:g} at iteration {self.stable_from}, then {self.stabilize_steps} steps"
+            return f"{self.cause} at iteration {self.stable_from}, then {self.stabilize_steps} steps"
         return None
 
     def step_metrics(self, model: nn.Module) -> dict[str, float]:
@@ -238,6 +262,8 @@ class GrowingRegularization(PruningMethod):
             "picks": self.picks,
             "grows": self.grows,
             "stable_from": self.stable_from,
+            "cause": self.cause,
+            "ratio_ema": dict(self.ratio_ema),
             "selection": self.selection,
             "history": list(self.history),
         }
@@ -248,6 +274,8 @@ class GrowingRegularization(PruningMethod):
         self.picks = int(state["picks"])
         self.grows = int(state["grows"])
         self.stable_from = state["stable_from"]
+        self.cause = state.get("cause", "")
+        self.ratio_ema = dict(state.get("ratio_ema", {}))
         self.selection = state["selection"]
         self.history = list(state["history"])
         self._lambdas = {}
@@ -335,11 +363,14 @@ class GrowingRegularization(PruningMethod):
                 entry.update(norm_ratio=kept / pruned, pruned_mean_abs=pruned, kept_mean_abs=kept)
         self.history.append(entry)
 
-    def mean_magnitudes(self, model: nn.Module) -> tuple[float, float]:
-        """Mean |w| of the kept groups' and of the pruned groups' weights (their ratio: the paper's gap)."""
+    def mean_magnitudes(self, model: nn.Module, names: list[str] | None = None) -> tuple[float, float]:
+        """Mean |w| of the kept groups' and of the pruned groups' weights (their ratio: the paper's gap),
+        over all penalised weights or over those `names`."""
         kept_sum = kept_n = pruned_sum = pruned_n = 0.0
         with torch.no_grad():
             for name, pruned in self._pruned_masks(model).items():
+                if names is not None and name not in names:
+                    continue
                 w = model.get_parameter(name).detach().abs()
                 mask = pruned.to(w.device).expand_as(w)
                 pruned_sum += float(w[mask].sum())
