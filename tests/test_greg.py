@@ -45,6 +45,8 @@ def test_greg1_lambda_grows_exactly_as_algorithm_1_and_the_stage_ends_on_it(tmp_
     assert [h["iteration"] for h in updates] == [0, 2, 4, 6, 8]
     assert [h["lambda"] for h in updates] == [0.25, 0.5, 0.75, 1.0, 1.25]
     assert all(h["lambda_kept"] == 0.0 for h in history)
+    # Half the filters of the three penalised layers carry lambda: mean lambda / 2, max lambda.
+    assert all(h["lambda_max"] == h["lambda"] and h["lambda_mean"] == pytest.approx(h["lambda"] / 2) for h in history)
     assert history[-1]["iteration"] == 11 and history[-1]["lambda"] == 1.25
     assert (tmp_path / "greg_norm_ratio.png").stat().st_size > 0
     # The penalty's values reach the logger as the stage's step metrics.
@@ -91,6 +93,8 @@ def test_greg2_grows_all_until_tau0_then_picks_and_gives_kept_filters_minus_gamm
     # picked filters' penalty from there: 0.8, 1.3 (> tau = 1). Kept filters: -gamma once picked.
     assert [h["lambda"] for h in updates] == pytest.approx([0.1, 0.2, 0.3, 0.8, 1.3])
     assert [h["lambda_kept"] for h in updates] == pytest.approx([0.1, 0.2, 0.3, -0.001, -0.001])
+    assert [h["lambda_max"] for h in updates] == pytest.approx([0.1, 0.2, 0.3, 0.8, 1.3])
+    assert [h["lambda_mean"] for h in updates] == pytest.approx([0.1, 0.2, 0.3, (0.8 - 0.001) / 2, (1.3 - 0.001) / 2])
     assert "norm_ratio" not in updates[2] and "norm_ratio" in updates[3]
     method = GReg2(delta_lambda_pick=0.1, tau0=0.25, delta_lambda=0.5, tau=1.0, update_interval=1, stabilize_steps=2)
     assert summary["regularize/steps"] == method.planned_steps() == 4 + 2

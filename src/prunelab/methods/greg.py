@@ -108,6 +108,7 @@ class GrowingRegularization(PruningMethod):
         self._ctx: MethodContext | None = None
         self._layers: dict[str, list[str]] = {}
         self._groups: dict[str, Any] = {}
+        self._sizes: dict[str, int] = {}
         self._lambdas: dict[str, torch.Tensor] = {}
         self._reset()
 
@@ -288,7 +289,8 @@ class GrowingRegularization(PruningMethod):
         Groups that the layer ratios leave whole (ratio 0) are never penalised, as in the official code.
         """
         if self.granularity == "weight":
-            return {name: [name] for name, _ in prunable_weights(model)}
+            self._sizes = {name: w.numel() for name, w in prunable_weights(model)}
+            return {name: [name] for name in self._sizes}
         groups = prunable_groups(model, ctx)
         if ctx.budget.get("layer_ratios"):
             ratios = parse_layer_ratios(list(ctx.budget.layer_ratios), groups)
@@ -357,11 +359,30 @@ class GrowingRegularization(PruningMethod):
             "lambda": self.lambda_pruned(),
             "lambda_kept": self.lambda_kept() if self.selection is not None else self.lambda_pick(),
         }
+        # lambda's mean and max over the penalised groups (filters, or weights when unstructured).
+        n_pruned, n_kept = self._group_counts()
+        lams = (entry["lambda"], entry["lambda_kept"]) if self.selection is not None else (entry["lambda_kept"],) * 2
+        entry["lambda_max"] = max(lams[0] if n_pruned else -math.inf, lams[1] if n_kept else -math.inf)
+        entry["lambda_mean"] = (n_pruned * lams[0] + n_kept * lams[1]) / max(1, n_pruned + n_kept)
         if self.selection is not None:
             kept, pruned = self.mean_magnitudes(model)
             if pruned > 0 and math.isfinite(kept / pruned):
                 entry.update(norm_ratio=kept / pruned, pruned_mean_abs=pruned, kept_mean_abs=kept)
         self.history.append(entry)
+
+    def _group_counts(self) -> tuple[int, int]:
+        """(groups to prune, kept groups) among the penalised ones; all count as kept before GReg-2 picks."""
+        if self.granularity == "weight":
+            if self.selection is None:
+                return 0, sum(self._sizes.values())
+            keep = self.selection["masks"]
+            kept = sum(int(m.sum()) for m in keep.values())
+            return sum(m.numel() for m in keep.values()) - kept, kept
+        sizes = {g: self._groups[g].size for g in self._layers}
+        if self.selection is None:
+            return 0, sum(sizes.values())
+        kept = sum(len(self.selection["keep"].get(g, range(n))) for g, n in sizes.items())
+        return sum(sizes.values()) - kept, kept
 
     def mean_magnitudes(self, model: nn.Module, names: list[str] | None = None) -> tuple[float, float]:
         """Mean |w| of the kept groups' and of the pruned groups' weights (their ratio: the paper's gap),
