@@ -39,6 +39,8 @@ def test_greg1_lambda_grows_exactly_as_algorithm_1_and_the_stage_ends_on_it(tmp_
     summary = _run(tmp_path, *GREG1)
     assert GReg1(delta_lambda=0.25, tau=1.0, update_interval=2, stabilize_steps=3).planned_steps() == 11
     assert summary["regularize/steps"] == 11
+    # The fine-tuning after it runs its whole epoch (7 batches), not stopped by the method's condition.
+    assert summary["finetune/steps"] == 7 and summary["finetune/end"] == "max_epochs"
     assert summary["regularize/end"] == "condition: lambda passed tau=1 at iteration 8, then 3 steps"
     history = _history(tmp_path)
     updates = history[:-1]  # the last entry is the state at the end of the stage

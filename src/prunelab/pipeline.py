@@ -460,10 +460,20 @@ class _Checkpoint(ModelCheckpoint):
             loop.batch_progress.is_last_batch
             or trainer.should_stop
             or 0 <= trainer.max_steps <= trainer.global_step
-            or loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+            or _validates_after(trainer)
         ):
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def _validates_after(trainer: L.Trainer) -> bool:
+    """Whether a validation follows this training batch (Lightning's own, private, decision)."""
+    loop = trainer.fit_loop.epoch_loop
+    check = getattr(loop, "_should_check_val_fx", None)
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    # Without the private API (another Lightning version): save the step; a mid-epoch validation's
+    # metrics could then be missing after a resume, nothing else.
+    return bool(check(fetcher)) if check is not None and fetcher is not None else False
 
 
 def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple[dict[str, Any], nn.Module]:

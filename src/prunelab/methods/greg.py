@@ -228,7 +228,8 @@ class GrowingRegularization(PruningMethod):
             self._update(model)
 
     def should_stop(self, model: nn.Module, step: int) -> str | None:
-        if self.phase == "stabilize" and self.iteration - self.stable_from >= self.stabilize_steps:
+        # Only the regularisation stage ends on the condition (not the fine-tuning after it).
+        if self._layers and self.phase == "stabilize" and self.iteration - self.stable_from >= self.stabilize_steps:
             return f"{self.cause} at iteration {self.stable_from}, then {self.stabilize_steps} steps"
         return None
 
