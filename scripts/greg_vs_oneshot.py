@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from prunelab.report import mean_std
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 WEIGHTS = ("weights", "cifar10", "resnet56-4bfd9763.th")
@@ -118,12 +120,6 @@ def penalty_overhead(repeats: int = 30) -> dict[str, float]:
     result["overhead_pct"] = 100 * (result["penalty_ms"] / result["plain_ms"] - 1)
     result["alone_pct"] = 100 * result["alone_ms"] / result["plain_ms"]
     return result
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
 
 def main() -> None:

@@ -35,6 +35,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from prunelab.report import mean_std
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
@@ -74,15 +76,6 @@ def experiments(epochs: int, allocations: bool) -> list[tuple[str, str, list[str
             ),
         ]
     return runs
-
-
-def mean_std(values: list[float]) -> str:
-    """'mean +- sample std' of the values, or the single value."""
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.2f} +- {std:.2f}"
 
 
 def main() -> None:

@@ -78,6 +78,13 @@ class Run:
         return " ".join(parts) or self.path.name
 
 
+
+def mean_std(values: list[float]) -> str:
+    """'mean +- sample std' of the values (two decimals), or the single value."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+
 def find_runs(paths: Iterable[str | Path]) -> list[Run]:
     """Every run directory at or below the given paths (a folder with `config.yaml` and `stages/`), sorted."""
     found: set[Path] = set()
