@@ -124,6 +124,8 @@ class PruneLitModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         _reseed(epoch_seed(self.seed, self.stage, self.current_epoch))
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        self.method.on_train_epoch_start(self.model, self.current_epoch, epochs)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Every step's randomness (dropout, the method's sampling) is a function of its position alone.

@@ -9,6 +9,7 @@ with exactly what the interrupted one had.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -125,7 +126,10 @@ class _RewindSnapshot(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.iteration and not self.path.exists() and trainer.is_global_zero:
-            save_model(pl_module.model, self.path)
+            # The weights themselves: a method's masks attached for training (relaxed ones) are not folded in.
+            snapshot = copy.deepcopy(pl_module.model)
+            structure.detach_masks(snapshot, fold=False)
+            save_model(snapshot, self.path)
 
 
 @dataclass
@@ -521,12 +525,14 @@ def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple
         log.warning("stage %s: %s is unreadable (kept as last.ckpt.corrupt); the stage starts again", stage.tag, last)
     if last.exists():
         log.info("resuming stage %s from %s", stage.tag, last)
-    # Unstructured masks stay applied through training (masked weights stay exactly zero).
+    # Unstructured masks stay applied through training (masked weights stay exactly zero), unless the
+    # method attached masks of its own for the stage (it removes them itself in `teardown`).
     masks = model_record(model).masks
-    if masks is not None and not structure.has_masks(model):
+    attach = masks is not None and not structure.has_masks(model)
+    if attach:
         structure.attach_masks(model, masks)
     trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=str(last) if last.exists() else None)
-    if masks is not None:
+    if attach:
         structure.fold_masks(model)
     if trainer.interrupted:
         raise RunInterrupted(f"stage {stage.tag} was interrupted; run the same command again to resume it")

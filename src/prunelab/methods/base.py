@@ -184,6 +184,9 @@ class PruningMethod:
     def on_validation_end(self, model: nn.Module, metrics: dict[str, float]) -> None:
         """Called after every validation check of a fit stage (not the sanity check), with its metrics."""
 
+    def on_train_epoch_start(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        """Called at the start of every training epoch (0-based) of a fit stage of `epochs` epochs (e.g. a temperature schedule)."""
+
     def on_train_epoch_end(self, model: nn.Module, epoch: int) -> None:
         """Called at the end of every training epoch."""
 
