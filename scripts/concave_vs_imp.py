@@ -14,6 +14,11 @@ pull; everything else is the preset's. `--fixed-fraction` adds concave-log pruni
 value (the paper's Fig. 8 ablation, the same sparsities as IMP).
 
     python scripts/concave_vs_imp.py --epochs 2 --seeds 0 1
+    python scripts/concave_vs_imp.py --overhead       # the per-step cost of the masks and the regulariser
+
+`--overhead` times training steps of ResNet-20 at batch 128 on random data, interleaved (A B C B A ...):
+plain; with the relaxed masks attached and lambda = 0; with the l1 and the log regulariser; and the
+regulariser's own forward and backward pass over all prunable weights.
 """
 
 from __future__ import annotations
@@ -45,6 +50,66 @@ def runs(args: argparse.Namespace) -> dict[str, list[str]]:
     return found
 
 
+def overhead(repeats: int) -> None:
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    from prunelab.backbones import create
+    from prunelab.methods.base import MethodContext, Stage
+    from prunelab.methods.concave import Concave
+
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    ctx = MethodContext(config=None, budget={}, data=None, input_shape=(3, 32, 32), num_classes=10, seed=0, run_dir=ROOT)
+    setups = {}
+    for name, method in (("plain", None), ("masks, lambda 0", Concave(lam=0.0)),
+                         ("masks + l1", Concave(regularizer="l1")), ("masks + log", Concave(regularizer="log"))):
+        model = create("resnet20", num_classes=10, shortcut="B")
+        if method is not None:
+            method.setup(model, Stage("search", "fit", round=1), ctx)
+            params = method.parameters_to_train(model)
+        else:
+            params = model.parameters()
+        setups[name] = (model, method, torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4))
+
+    def step(name: str) -> float:
+        model, method, optimizer = setups[name]
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        extra = method.extra_loss(model) if method is not None else None
+        (loss + extra if extra is not None else loss).backward()
+        optimizer.step()
+        if method is not None:
+            method.after_optimizer_step(model, 0)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    order = list(setups)
+    for name in order:  # warm-up
+        step(name)
+    for r in range(repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            times[name].append(step(name))
+    _, method, _ = setups["masks + log"]
+    reg = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        method.extra_loss(None).backward()
+        reg.append(time.perf_counter() - start)
+    plain = statistics.median(times["plain"])
+    print(f"ResNet-20, batch 128, CPU ({torch.get_num_threads()} threads), median of {repeats} interleaved steps:")
+    for name, values in times.items():
+        print(f"  {name:<18} {1000 * statistics.median(values):8.1f} ms   x{statistics.median(values) / plain:.3f} of plain")
+    masked = statistics.median(times["masks, lambda 0"])
+    for name in ("masks + l1", "masks + log"):
+        print(f"  regulariser's share of a masked step ({name}): {100 * (statistics.median(times[name]) / masked - 1):+.1f}%")
+    print(f"  log regulariser alone (forward + backward over {sum(l.values.numel() for l in method._layers.values()):,} masks): "
+          f"{1000 * statistics.median(reg):.2f} ms = {100 * statistics.median(reg) / masked:.1f}% of a masked step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=2, help="epochs per round (search and ticket training)")
@@ -53,7 +118,12 @@ def main() -> None:
     parser.add_argument("--fixed-fraction", action="store_true", help="also concave-log with 20%% per round by mask value")
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "concave_vs_imp")
+    parser.add_argument("--overhead", action="store_true", help="only time the masks' and the regulariser's cost")
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps per variant with --overhead")
     args = parser.parse_args()
+    if args.overhead:
+        overhead(args.repeats)
+        return
     if not CIFAR.exists():
         raise SystemExit(f"{CIFAR} not found: run beside the shared folder")
     milestones = f"[{round(args.epochs * 56 / 85)},{round(args.epochs * 71 / 85)}]"

@@ -92,7 +92,7 @@ def test_masks_have_their_own_group_without_weight_decay_and_the_regulariser_cov
     assert len(weights["params"]) + len(masks["params"]) == len(list(model.parameters()))
     # lambda * sum of m over every prunable weight, at m_0 = 1/2.
     count = sum(w.numel() for _, w in prunable_weights(model))
-    assert float(method.extra_loss(model)) == pytest.approx(1e-3 * 0.5 * count, rel=1e-6)
+    assert float(method.extra_loss(model).detach()) == pytest.approx(1e-3 * 0.5 * count, rel=1e-6)
 
 
 def test_cs_beta_schedule_and_restart():
