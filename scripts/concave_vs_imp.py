@@ -10,10 +10,11 @@ the seeds, through the rounds report (`python -m prunelab.report rounds`, table 
 Deviation: a round here is about 400 times shorter than the paper's (85 epochs of 391 steps), and the
 masks move in proportion to the steps taken, so lambda is multiplied by the ratio of the paper's
 optimizer steps to ours (`--lam-scale`, default: that ratio) to give the regulariser the same total
-pull; everything else is the preset's. `--fixed-fraction` adds concave-log pruning 20% per round by mask
-value (the paper's Fig. 8 ablation, the same sparsities as IMP).
+pull; everything else is the preset's. `concave-{l1,log}-fixed` prune 20% of the survivors per round by
+mask value (the paper's Fig. 8 ablation: IMP's sparsities, so the rankings compare at equal sparsity).
 
     python scripts/concave_vs_imp.py --epochs 2 --seeds 0 1
+    python scripts/concave_vs_imp.py --epochs 2 --seeds 0 1 --methods concave-l1-fixed concave-log-fixed
     python scripts/concave_vs_imp.py --overhead       # the per-step cost of the masks and the regulariser
 
 `--overhead` times training steps of ResNet-20 at batch 128 on random data, interleaved (A B C B A ...):
@@ -45,9 +46,12 @@ def runs(args: argparse.Namespace) -> dict[str, list[str]]:
         "concave-log": ["experiment=concave_log_resnet20_cifar10", f"method.lam={1e-6 * scale:.3g}"],
         "cs": ["experiment=cs_resnet20_cifar10", f"method.lam={1e-8 * scale:.3g}"],
     }
-    if args.fixed_fraction:
-        found["concave-log-fixed"] = [*found["concave-log"], "method.selection=fixed_fraction"]
-    return found
+    for name in ("concave-l1", "concave-log"):
+        found[f"{name}-fixed"] = [*found[name], "method.selection=fixed_fraction"]
+    unknown = set(args.methods) - set(found)
+    if unknown:
+        raise SystemExit(f"unknown --methods {', '.join(sorted(unknown))}; choose from {', '.join(found)}")
+    return {name: found[name] for name in args.methods}
 
 
 def overhead(repeats: int) -> None:
@@ -115,7 +119,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per round (search and ticket training)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--lam-scale", type=float, default=None, help="multiply the presets' lambda (default: paper steps / ours)")
-    parser.add_argument("--fixed-fraction", action="store_true", help="also concave-log with 20%% per round by mask value")
+    parser.add_argument("--methods", nargs="+", default=["imp", "concave-l1", "concave-log", "cs"],
+                        help="any of imp, concave-l1, concave-log, cs, concave-l1-fixed, concave-log-fixed")
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "concave_vs_imp")
     parser.add_argument("--overhead", action="store_true", help="only time the masks' and the regulariser's cost")

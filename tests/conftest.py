@@ -123,3 +123,13 @@ class CrashAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step and self.stage in (None, pl_module.stage):
             raise RuntimeError("simulated crash")
+
+
+def load_script(name: str):
+    """A script of scripts/ imported as a module (they are not a package), e.g. `load_script("greedy_rate")`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

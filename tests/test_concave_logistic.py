@@ -3,21 +3,15 @@ the [0, 1] masks with l1/log regularisers sparsify at the accuracy of plain logi
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "concave_logistic.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("concave_logistic", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("concave_logistic")
 
 
 @pytest.fixture(scope="module")

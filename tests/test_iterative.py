@@ -344,6 +344,7 @@ METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
 # The few settings some methods need to finish in one batch.
 EXTRA = {"pfs": ["method.epochs=1"], "jackpot": ["method.epochs=1"], "edge_popup": ["method.epochs=1"],
          "imp": ["method.rounds=2"], "cs": ["method.rounds=2"],
+         "greedy": ["method.epsilon=10", "method.max_steps=0.5", "method.taylor_after=1"],
          "concave": ["method.rounds=2", "method.selection=fixed_fraction", "method.prune_fraction=0.5"], "slimming": ["method.sparsity_epochs=1"],
          "greg1": ["method.delta_lambda=0.5", "method.update_interval=1", "method.stabilize_steps=1"],
          "greg2": ["method.delta_lambda=0.5", "method.delta_lambda_pick=0.5", "method.tau0=0.6",
@@ -352,7 +353,7 @@ EXTRA = {"pfs": ["method.epochs=1"], "jackpot": ["method.epochs=1"], "edge_popup
 
 def test_every_method_has_a_test_here():
     assert {"dense", "imp", "jackpot", "edge_popup", "pfs", "l1_filter", "magnitude", "random", "slimming",
-            "uniform", "greg1", "greg2", "concave", "cs"} <= set(METHODS)
+            "uniform", "greg1", "greg2", "concave", "cs", "greedy"} <= set(METHODS)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -39,7 +39,9 @@ class ChannelGroup:
     channels. `norms` names the BatchNorm layers that normalise these channels (what Network Slimming
     scores). `unit` is the number of channels removed together: 1, or for channels that pass through
     a grouped convolution (ResNeXt's), a block of consecutive channels holding whole groups of it, so
-    a plan keeps or removes channels `unit * j` to `unit * (j + 1) - 1` together.
+    a plan keeps or removes channels `unit * j` to `unit * (j + 1) - 1` together. `consumers` names
+    the conv/linear layers that read the channels as their input channels (grouped convolutions the
+    channels pass through are producers, not consumers).
     """
 
     name: str
@@ -50,6 +52,7 @@ class ChannelGroup:
     coupled: bool = False
     norms: list[str] = field(default_factory=list)
     unit: int = 1
+    consumers: list[str] = field(default_factory=list)
 
 
 def grouped_unit(module: nn.Module) -> int | None:
@@ -290,6 +293,7 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
         group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
         producers = []
         norms: list[str] = []
+        consumers: list[str] = []
         prunable = True
         blocked: list[nn.Module] = []
         for dep, _ in group:
@@ -298,6 +302,9 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
                 norms.append(names[target])
             if _unsupported_grouped(target):
                 blocked.append(target)
+            reads = isinstance(target, PRUNABLE_TYPES) and grouped_unit(target) is None and target in names
+            if reads and graph.is_in_channel_pruning_fn(dep.handler) and names[target] not in consumers:
+                consumers.append(names[target])
             if not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
             visited.add(target)
@@ -335,6 +342,7 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
                 coupled=sum(grouped_unit(m) is None for m in members) > 1,
                 norms=sorted(norms, key=list(names.values()).index),
                 unit=unit,
+                consumers=sorted(consumers, key=index_of.get),
             )
         )
     return groups

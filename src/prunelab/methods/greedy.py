@@ -1,0 +1,352 @@
+"""Greedy local and global imitation (Ye, Wu & Liu, "Greedy Optimization Provably Wins the Lottery").
+
+A layer of N neurons is F_l(z) = (1/N) sum_i sigma_i(z); pruning replaces it by f_A(z) = sum_i a_i sigma_i(z)
+with A on the probability simplex and few non-zero a_i. Here a neuron is one channel of a channel group
+as the layer that reads it sees it (its input channel i after the group's BatchNorm and activation), and
+sigma_i is that channel's contribution to the reading layer (the consumer): c_i = W[:, i] * x_i. With
+u = N a, the pruned consumer computes sum_i u_i c_i, so the a_i fold into its input weights (W[:, i] *= N a_i)
+and the channels with a_i = 0 are removed physically by the ChannelPlan: the dense layer is u = 1.
+
+Local imitation (eqs. 3-4) minimises the consumer's output discrepancy E||f_A - F_l||^2 greedily: it starts
+from the best single neuron, then each step moves A to (1 - g) A + g e_i for the neuron i and step g in
+U_i that lower the discrepancy most, which adds (a_i = 0), re-weights, or removes neuron i (g at the lower
+end of U_i = [-a_i / (1 - a_i), 1]). Derivation of the closed form (the paper's lost Appendix 5.1): with
+G_jk = E<c_j, c_k> over the mini-batch (one forward pass gives G, and G serves every candidate),
+r = f_A - F_l has coefficients (u - 1) over the c's and d_i = N c_i - f_A has (N e_i - u), and
+
+    D(g) = E||r + g d_i||^2 = D(0) + 2 g b_i + g^2 q_i,
+    b_i = E<r, d_i> = N [G (u - 1)]_i - (u - 1)^T G u,      q_i = E||d_i||^2 = N^2 G_ii - 2 N [G u]_i + u^T G u,
+
+a parabola in g with minimum at g_i = -b_i / q_i; clipped to U_i (the parabola is convex, so the
+clipped value is the constrained minimum) it gives the decrease -(2 g_i b_i + g_i^2 q_i) of every candidate.
+
+Global imitation (eqs. 6-8) scores a candidate by the network's final discrepancy D to the network before
+this layer was pruned (cross-entropy between their outputs, Section 3.1), with the fixed step
+g_k = 1 / (1 + k): every candidate costs one forward pass. The Taylor speed-up (Section 2.2.1) after
+`taylor_after` steps ranks candidates by dD/dg at g = 0 and evaluates only the `taylor_top` best exactly.
+The derivative comes from autograd through ancillary per-channel scales s (the consumer reads s_j x_j,
+s = u; the paper's Appendix 5.4): along the candidate's direction u(g) = N((1 - g) a + g e_i),
+dD/dg = N (dD/ds_i - a^T dD/ds), so one backward pass scores all N candidates (the most negative is best;
+the paper's "largest gr" reads with the opposite sign convention).
+
+Algorithm 2 prunes the groups from the input to the output, each by local and by global imitation with
+the same stopping rule, keeping the one that keeps fewer neurons (on a tie, the smaller discrepancy).
+`discrepancy` in the per-layer record is the network's (the soft cross-entropy to the network before
+the layer was pruned) for both imitations, so the tie-break compares like with like. The stopping
+rule (Section 3.2): the cross-entropy training loss of the network after pruning the layer exceeds the
+one before by at most `epsilon`, on the step's mini-batch. We measure the gap per layer (the
+network before this layer's pruning is the reference), so that every layer gets the same tolerance.
+Mini-batches come from the training split only. Groups coupled by residual additions are kept whole
+(folding a_i there would also scale the identity path); `mode` runs local, global or both.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunelab.io import write_json
+from prunelab.methods.base import MethodContext, PruningMethod, Stage
+from prunelab.structure import ChannelGroup, ChannelPlan, channel_groups
+from prunelab.structure.groups import eval_mode
+from prunelab.validate import ConfigError
+
+log = logging.getLogger("prunelab")
+
+MODES = ("local", "global", "both")
+
+
+def local_step(gram: torch.Tensor, u: torch.Tensor, active: torch.Tensor) -> tuple[int, float, float]:
+    """One step of local imitation: (neuron i, step g, decrease of the discrepancy) by the closed form.
+
+    `gram` is G (N x N), `u` = N a, `active` marks a_i > 0. Candidates are every neuron; U_i = [0, 1]
+    for inactive ones and [-a_i / (1 - a_i), 1] for active ones (an active neuron alone, a_i = 1,
+    cannot move).
+    """
+    n = gram.shape[0]
+    ones = torch.ones_like(u)
+    gu, gr = gram @ u, gram @ (u - ones)
+    b = n * gr - (u - ones) @ gu
+    q = n * n * torch.diagonal(gram) - 2 * n * gu + u @ gu
+    a = u / n
+    lower = torch.where(active, -a / (1 - a).clamp_min(1e-12), torch.zeros_like(a))
+    g = torch.where(q > 0, -b / q.clamp_min(1e-30), torch.where(b < 0, torch.ones_like(b), lower))
+    g = torch.minimum(torch.maximum(g, lower), torch.ones_like(g))
+    decrease = -(2 * g * b + g * g * q)
+    decrease = torch.where(active & (a >= 1 - 1e-12), torch.full_like(decrease, -math.inf), decrease)
+    i = int(torch.argmax(decrease))
+    return i, float(g[i].detach()), float(decrease[i].detach())
+
+
+def local_discrepancy(gram: torch.Tensor, u: torch.Tensor) -> float:
+    """E||sum_i u_i c_i - sum_i c_i||^2 from the Gram matrix."""
+    r = u - torch.ones_like(u)
+    return float(r @ gram @ r)
+
+
+def move(a: torch.Tensor, i: int, g: float) -> torch.Tensor:
+    """A <- (1 - g) A + g e_i; a step at the lower end of U_i removes neuron i (its weight is set to exactly 0)."""
+    lower = -float(a[i] / (1 - a[i])) if 0 < a[i] < 1 else 0.0
+    out = (1 - g) * a
+    out[i] += g
+    if a[i] > 0 and g <= lower + 1e-12:
+        out[i] = 0.0
+    out.clamp_(min=0.0)
+    return out / out.sum()
+
+
+def contributions(consumer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """c_i for every input channel i of `consumer` on input `x`: (batch, N, features), bias left out."""
+    if isinstance(consumer, nn.Linear):
+        return x.unsqueeze(-1) * consumer.weight.t().unsqueeze(0)
+    n = x.shape[1]
+    if consumer.groups != 1:
+        raise ValueError("contributions: grouped consumers are not supported")
+    out_channels = consumer.out_channels
+    weight = consumer.weight.transpose(0, 1).reshape(n * out_channels, 1, *consumer.weight.shape[2:])
+    per = F.conv2d(x, weight, None, consumer.stride, consumer.padding, consumer.dilation, groups=n)
+    return per.reshape(x.shape[0], n, -1)
+
+
+def gram_of(consumer: nn.Module, x: torch.Tensor, budget: int = 2**24) -> torch.Tensor:
+    """G_jk = E_batch <c_j, c_k> (float64), accumulated over sub-batches of at most `budget` floats."""
+    n = x.shape[1]
+    per_example = n * max(1, contributions(consumer, x[:1]).shape[-1])
+    step = max(1, budget // per_example)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], step):
+        c = contributions(consumer, x[start : start + step]).double()
+        gram += torch.einsum("bif,bjf->ij", c, c)
+    return gram / x.shape[0]
+
+
+class _Scales:
+    """A forward pre-hook multiplying the consumer's input channels by `u` (and capturing its input)."""
+
+    def __init__(self, consumer: nn.Module, n: int) -> None:
+        self.consumer = consumer
+        self.u: torch.Tensor | None = None
+        self.captured: torch.Tensor | None = None
+        self.capture = False
+        self.handle = consumer.register_forward_pre_hook(self)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0]
+        if self.capture:
+            self.captured = x.detach()
+        if self.u is None:
+            return None
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x * self.u.to(x.dtype).view(shape), *args[1:])
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _soft_ce(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of `logits` against the reference network's softmax, batch mean."""
+    return -(F.softmax(reference, dim=1) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+class GreedyImitation(PruningMethod):
+    """Layer-wise greedy local / global imitation (Algorithm 2) with the epsilon stopping rule.
+
+    `epsilon`: tolerated rise of the training cross-entropy per pruned layer. `mode`: local, global or
+    both (per layer the one that keeps fewer neurons). `max_steps`: safety cap of steps per layer and
+    method, as a multiple of the layer's width (a method that has not met the rule by then leaves the
+    layer whole). `taylor_after` / `taylor_top`: the Taylor speed-up of global imitation (null: off).
+    """
+
+    def __init__(
+        self,
+        epsilon: float = 0.05,
+        mode: str = "both",
+        max_steps: float = 2.0,
+        taylor_after: int | None = None,
+        taylor_top: int = 5,
+    ) -> None:
+        if not epsilon >= 0:
+            raise ConfigError(f"greedy: method.epsilon (tolerated rise of the training loss) must be >= 0; got {epsilon}")
+        if mode not in MODES:
+            raise ConfigError(f"greedy: method.mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if not max_steps > 0:
+            raise ConfigError(f"greedy: method.max_steps (per layer, times its width) must be > 0; got {max_steps}")
+        if taylor_after is not None and (taylor_after < 0 or taylor_top < 1):
+            raise ConfigError(f"greedy: method.taylor_after must be >= 0 and taylor_top >= 1; got {taylor_after}, {taylor_top}")
+        self.epsilon = float(epsilon)
+        self.mode = mode
+        self.max_steps = float(max_steps)
+        self.taylor_after = taylor_after
+        self.taylor_top = int(taylor_top)
+        self.records: list[dict[str, Any]] = []
+
+    def stages(self) -> list[Stage]:
+        return [Stage("prune", "prune")]
+
+    def bind(self, ctx: MethodContext) -> None:
+        if not ctx.pretrained:
+            log.warning("greedy imitation prunes a PRETRAINED network, but backbone.pretrained is not set")
+
+    def plan(self, model: nn.Module, ctx: MethodContext) -> ChannelPlan:
+        """Prune the groups from the input to the output; fold each layer's a_i into its consumer."""
+        groups = [g for g in channel_groups(model, ctx.input_shape) if self._supported(model, g)]
+        keep: dict[str, list[int]] = {}
+        self.records = []
+        start = time.perf_counter()
+        ctx.data.setup("fit")
+        with eval_mode(model):
+            for index, group in enumerate(groups):
+                device = next(model.parameters()).device
+                found = self._prune_group(model, group, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device))
+                keep[group.name] = found["keep"]
+                self.records.append({k: v for k, v in found.items() if k != "a"})
+                log.info("greedy: %s keeps %d/%d neurons (%s, discrepancy %.4g, gap %.4g, %d steps)", group.name,
+                         len(found["keep"]), group.size, found["method"], found["discrepancy"], found["gap"], found["steps"])
+        write_json(ctx.run_dir / "greedy_layers.json", {"seconds": time.perf_counter() - start, "layers": self.records})
+        _plot_layers(self.records, ctx.run_dir / "greedy_layers.png")
+        return ChannelPlan(keep, {g.name: g.size for g in groups})
+
+    @staticmethod
+    def _supported(model: nn.Module, group: ChannelGroup) -> bool:
+        if group.coupled or len(group.consumers) != 1 or group.unit != 1:
+            return False
+        consumer = model.get_submodule(group.consumers[0])
+        width = consumer.in_features if isinstance(consumer, nn.Linear) else consumer.in_channels
+        return width == group.size and getattr(consumer, "groups", 1) == 1
+
+    def _prune_group(self, model: nn.Module, group: ChannelGroup, batches: Any) -> dict[str, Any]:
+        consumer = model.get_submodule(group.consumers[0])
+        n = group.size
+        steps = max(1, int(self.max_steps * n))
+        hook = _Scales(consumer, n)
+        try:
+            # Both imitations see the same mini-batches.
+            tries = [self._imitate(model, hook, n, batches(), steps, local=local)
+                     for local in (True, False) if self.mode in (("local", "both") if local else ("global", "both"))]
+        finally:
+            hook.remove()
+        best = min(tries, key=lambda t: (len(t["keep"]), t["discrepancy"]))
+        with torch.no_grad():
+            u = (n * best["a"]).to(consumer.weight.dtype)
+            shape = (1, -1) + (1,) * (consumer.weight.dim() - 2)
+            consumer.weight.mul_(u.view(shape))
+        return {**best, "group": group.name, "size": n,
+                "alternatives": {t["method"]: {"kept": len(t["keep"]), "discrepancy": t["discrepancy"]} for t in tries}}
+
+    def _imitate(self, model: nn.Module, hook: _Scales, n: int, batches: Iterator, steps: int, local: bool) -> dict[str, Any]:
+        """Algorithm 1 for one layer: returns the weights A, the kept neurons and how it ended."""
+        device = next(model.parameters()).device
+        a = torch.zeros(n, dtype=torch.float64, device=device)
+        gap = discrepancy = layer_discrepancy = math.inf
+        done = 0
+        for k, (x, y) in enumerate(batches):
+            with torch.no_grad():
+                hook.u, hook.capture = None, local
+                reference = model(x)
+                hook.capture = False
+                base = float(F.cross_entropy(reference, y))
+            if local:
+                gram = gram_of(hook.consumer, hook.captured)
+                hook.captured = None
+                if k == 0:
+                    i = int(torch.argmin(n * n * torch.diagonal(gram) - 2 * n * gram.sum(dim=1)))
+                    a[i] = 1.0
+                else:
+                    i, g, _ = local_step(gram, n * a, a > 0)
+                    a = move(a, i, g)
+                layer_discrepancy = local_discrepancy(gram, n * a)
+                with torch.no_grad():
+                    hook.u = (n * a).float()
+                    logits = model(x)
+                discrepancy = float(_soft_ce(logits, reference))
+            else:
+                a, discrepancy, logits = self._global_step(model, hook, a, k, x, reference)
+            gap = float(F.cross_entropy(logits, y)) - base
+            done = k + 1
+            if gap <= self.epsilon or done >= steps:
+                break
+        hook.u = None
+        converged = gap <= self.epsilon
+        if not converged:
+            a = torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
+        keep = torch.nonzero(a > 0).flatten().tolist()
+        found = {"method": "local" if local else "global", "a": a, "keep": keep, "steps": done,
+                 "discrepancy": discrepancy if converged else 0.0, "gap": gap, "converged": converged}
+        if local and converged:
+            found["layer_discrepancy"] = layer_discrepancy
+        return found
+
+    def _global_step(self, model: nn.Module, hook: _Scales, a: torch.Tensor, k: int, x: torch.Tensor,
+                     reference: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """Step (8) (or (6) at k = 0): the new A, its discrepancy and the network's logits with it."""
+        n = a.numel()
+        if k == 0:
+            candidates = list(range(n))
+            directions = [torch.eye(n, dtype=a.dtype, device=a.device)[i] for i in candidates]
+        else:
+            gamma = 1.0 / (1 + k)
+            candidates = list(range(n))
+            if self.taylor_after is not None and k > self.taylor_after:
+                candidates = self._taylor_rank(model, hook, a, x, reference)[: self.taylor_top]
+            directions = [(1 - gamma) * a + gamma * torch.eye(n, dtype=a.dtype, device=a.device)[i] for i in candidates]
+        best, best_d, best_logits = None, math.inf, None
+        with torch.no_grad():
+            for direction in directions:
+                hook.u = (n * direction).float()
+                logits = model(x)
+                d = float(_soft_ce(logits, reference))
+                if d < best_d:
+                    best, best_d, best_logits = direction, d, logits
+        return best, best_d, best_logits
+
+    def _taylor_rank(self, model: nn.Module, hook: _Scales, a: torch.Tensor, x: torch.Tensor,
+                     reference: torch.Tensor) -> list[int]:
+        """Candidates ordered by dD/dg at g = 0 (most negative first), from one backward pass."""
+        return taylor_scores(model, hook, a, x, reference).argsort().tolist()
+
+
+def taylor_scores(model: nn.Module, hook: _Scales, a: torch.Tensor, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """dD/dg at g = 0 for every candidate i along u(g) = N((1 - g) a + g e_i), D the soft cross-entropy."""
+    n = a.numel()
+    scales = (n * a).float().clone().requires_grad_(True)
+    hook.u = scales
+    with torch.enable_grad():
+        grad = torch.autograd.grad(_soft_ce(model(x), reference), scales)[0].double()
+    hook.u = None
+    return n * (grad - a @ grad)
+
+
+def _batches(data: Any, seed: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training mini-batches without end, in an order fixed by `seed`."""
+    epoch = 0
+    while True:
+        loader = data.train_dataloader(epoch=seed + epoch)
+        for x, y in loader:
+            yield x.to(device), y.to(device)
+        epoch += 1
+
+
+def _plot_layers(records: list[dict[str, Any]], path: Any) -> None:
+    """Kept neurons per layer, coloured by the imitation that won."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(records)), 3.5))
+    xs = range(len(records))
+    colours = ["tab:blue" if r["method"] == "local" else "tab:orange" for r in records]
+    ax.bar(xs, [r["size"] for r in records], color="lightgrey", label="width")
+    ax.bar(xs, [len(r["keep"]) for r in records], color=colours)
+    ax.set_xticks(list(xs), [r["group"] for r in records], rotation=90, fontsize=6)
+    ax.set_ylabel("neurons kept (blue local, orange global)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,166 @@
+"""Greedy local / global imitation: the closed-form step, the Taylor score, removal, folding, and whole runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_cfg
+from prunelab import load_model, pipeline
+from prunelab.backbones import create
+from prunelab.budget import count_flops
+from prunelab.methods.greedy import (
+    GreedyImitation,
+    _Scales,
+    _soft_ce,
+    contributions,
+    gram_of,
+    local_discrepancy,
+    local_step,
+    move,
+    taylor_scores,
+)
+from prunelab.structure import ChannelPlan, apply_channel_plan, channel_groups
+from prunelab.validate import ConfigError
+
+
+def _layer(seed: int = 0, n: int = 6):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(n, 5, 3, padding=1, bias=False)
+    x = torch.relu(torch.randn(8, n, 6, 6))
+    return conv, x
+
+
+def test_contributions_sum_to_the_layer_output_and_the_gram_matches():
+    conv, x = _layer()
+    c = contributions(conv, x)
+    assert torch.allclose(c.sum(dim=1), conv(x).reshape(8, -1), atol=1e-5)
+    expected = torch.einsum("bif,bjf->ij", c.double(), c.double()) / 8
+    assert torch.allclose(gram_of(conv, x, budget=200), expected)  # sub-batches of 1 example
+    linear = nn.Linear(4, 3, bias=False)
+    z = torch.randn(5, 4)
+    assert torch.allclose(contributions(linear, z).sum(dim=1), linear(z), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_local_step_matches_a_brute_force_line_search(seed):
+    conv, x = _layer(seed)
+    gram = gram_of(conv, x)
+    n = gram.shape[0]
+    a = torch.zeros(n, dtype=torch.float64)
+    a[[0, 2, 3]] = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    i, g, decrease = local_step(gram, n * a, a > 0)
+    before = local_discrepancy(gram, n * a)
+    best = (None, None, before)
+    for j in range(n):
+        low = -float(a[j] / (1 - a[j])) if a[j] > 0 else 0.0
+        for step in torch.linspace(low, 1.0, 4001, dtype=torch.float64).tolist():
+            moved = (1 - step) * a
+            moved[j] += step
+            d = local_discrepancy(gram, n * moved)
+            if d < best[2]:
+                best = (j, step, d)
+    assert i == best[0]
+    assert g == pytest.approx(best[1], abs=1e-3)
+    assert before - decrease == pytest.approx(best[2], rel=1e-5, abs=1e-9)
+
+
+def test_a_step_at_the_lower_end_removes_the_neuron_exactly():
+    a = torch.tensor([0.25, 0.75, 0.0], dtype=torch.float64)
+    out = move(a, 0, -0.25 / 0.75)
+    assert out[0] == 0.0 and out.sum() == pytest.approx(1.0) and out[1] == pytest.approx(1.0)
+    # Random layers where the best move is a removal: the closed form finds it and the neuron leaves.
+    found = 0
+    for seed in range(300):
+        generator = torch.Generator().manual_seed(seed)
+        # Six neurons in two dimensions: some are redundant, and removing one is sometimes the best move.
+        c = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+        gram = c.t() @ c
+        a = torch.rand(6, generator=generator, dtype=torch.float64) + 0.05
+        a /= a.sum()
+        i, g, _ = local_step(gram, 6 * a, a > 0)
+        if g <= -float(a[i] / (1 - a[i])) + 1e-12:
+            moved = move(a, i, g)
+            assert moved[i] == 0.0 and int((moved > 0).sum()) == 5
+            removed = a.clone()
+            removed[i] = 0
+            assert local_discrepancy(gram, 6 * moved) == pytest.approx(local_discrepancy(gram, 6 * removed / removed.sum()))
+            found += 1
+    assert found >= 3
+
+
+def test_taylor_score_matches_a_finite_difference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        reference = model(x)
+    hook = _Scales(model[2], 6)
+    a = torch.tensor([0.5, 0.0, 0.25, 0.25, 0.0, 0.0], dtype=torch.float64)
+    scores = taylor_scores(model, hook, a, x, reference)
+
+    def d(i: int, g: float) -> float:
+        direction = (1 - g) * a
+        direction[i] += g
+        hook.u = 6 * direction
+        with torch.no_grad():
+            return float(_soft_ce(model(x), reference))
+
+    for i in range(6):
+        h = 1e-6
+        assert float(scores[i]) == pytest.approx((d(i, h) - d(i, -h)) / (2 * h), rel=1e-4, abs=1e-7)
+    hook.remove()
+
+
+def test_folding_the_weights_into_the_next_layer_keeps_the_output_of_the_kept_neurons():
+    torch.manual_seed(0)
+    model = create("vgg_tiny", num_classes=10).eval()
+    groups = channel_groups(model, (3, 32, 32))
+    group = next(g for g in groups if not g.coupled and len(g.consumers) == 1)
+    consumer = model.get_submodule(group.consumers[0])
+    n = group.size
+    a = torch.zeros(n, dtype=torch.float64)
+    a[[0, 3, 5]] = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    x = torch.randn(4, 3, 32, 32)
+    hook = _Scales(consumer, n)
+    hook.u = (n * a).float()
+    with torch.no_grad():
+        expected = model(x)
+    hook.remove()
+    with torch.no_grad():
+        consumer.weight.mul_((n * a).float().view(1, -1, 1, 1))
+    plan = ChannelPlan({group.name: [0, 3, 5]}, {group.name: n})
+    apply_channel_plan(model, plan, (3, 32, 32))
+    assert model.get_submodule(group.consumers[0]).in_channels == 3
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_settings_are_checked():
+    for kwargs, word in [({"epsilon": -1}, "epsilon"), ({"mode": "both_ways"}, "mode"), ({"max_steps": 0}, "max_steps"),
+                         ({"taylor_after": -1}, "taylor_after")]:
+        with pytest.raises(ConfigError, match=word):
+            GreedyImitation(**kwargs)
+
+
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "mobilenet_v2_tiny"])
+def test_greedy_prunes_a_pretrained_tiny_network_and_the_export_reloads(tmp_path, backbone):
+    cfg = make_cfg(tmp_path, f"backbone={backbone}", "method=greedy", "method.epsilon=0.2", "method.max_steps=1",
+                   "method.taylor_after=2", "pretrain.epochs=1", "retrain.epochs=1", "trainer.limit_train_batches=4",
+                   "latency.batch_sizes=[]", "quiet=true")
+    summary = pipeline.run(cfg, tmp_path)
+    layers = json.loads((tmp_path / "greedy_layers.json").read_text())["layers"]
+    assert layers and all(r["method"] in ("local", "global") and set(r["alternatives"]) == {"local", "global"} for r in layers)
+    # Every pruned layer met the rule (or stayed whole); the plan is what the records say.
+    plan = ChannelPlan.load_json(next((tmp_path / "stages").glob("*-prune/plan.json")))
+    for record in layers:
+        assert plan.keep[record["group"]] == record["keep"]
+        assert record["converged"] is False or record["gap"] <= 0.2
+    assert any(len(r["keep"]) < r["size"] for r in layers)
+    model = load_model(tmp_path / "model.pt")
+    assert count_flops(model, (3, 32, 32)) == summary["model/flops"] < summary["dense/flops"]
+    assert (tmp_path / "greedy_layers.png").exists()
