@@ -87,7 +87,7 @@ def local_step(gram: torch.Tensor, u: torch.Tensor, active: torch.Tensor) -> tup
 
 def local_discrepancy(gram: torch.Tensor, u: torch.Tensor) -> float:
     """E||sum_i u_i c_i - sum_i c_i||^2 from the Gram matrix."""
-    r = u - torch.ones_like(u)
+    r = (u - torch.ones_like(u)).detach()
     return float(r @ gram @ r)
 
 
