@@ -147,12 +147,19 @@ def test_settings_are_checked():
             GreedyImitation(**kwargs)
 
 
-@pytest.mark.parametrize("backbone", ["resnet_tiny", "mobilenet_v2_tiny"])
-def test_greedy_prunes_a_pretrained_tiny_network_and_the_export_reloads(tmp_path, backbone):
+@pytest.mark.parametrize("backbone, budget", [("resnet_tiny", []), ("mobilenet_v2_tiny", ["budget.flops=0.85", "budget.tolerance=0.1"])])
+def test_greedy_prunes_a_pretrained_tiny_network_and_the_export_reloads(tmp_path, backbone, budget):
     cfg = make_cfg(tmp_path, f"backbone={backbone}", "method=greedy", "method.epsilon=0.2", "method.max_steps=1",
-                   "method.taylor_after=2", "pretrain.epochs=1", "retrain.epochs=1", "trainer.limit_train_batches=4",
-                   "latency.batch_sizes=[]", "quiet=true")
+                   "method.taylor_after=2", "method.search_iterations=4", "pretrain.epochs=1", "retrain.epochs=1",
+                   "trainer.limit_train_batches=4", "latency.batch_sizes=[]", "quiet=true", *budget)
     summary = pipeline.run(cfg, tmp_path)
+    trials = json.loads((tmp_path / "greedy_layers.json").read_text())["epsilon_trials"]
+    if budget:
+        # The FLOPs budget is met (within the tolerance) by the largest model the epsilon search found.
+        assert summary["model/flops_ratio"] <= 0.85 * 1.1 and len(trials) >= 1
+        assert summary["model/flops_ratio"] == pytest.approx(max(t["flops_ratio"] for t in trials if t["flops_ratio"] <= 0.935))
+    else:
+        assert trials == []
     layers = json.loads((tmp_path / "greedy_layers.json").read_text())["layers"]
     assert layers and all(r["method"] in ("local", "global") and set(r["alternatives"]) == {"local", "global"} for r in layers)
     # Every pruned layer met the rule (or stayed whole); the plan is what the records say.

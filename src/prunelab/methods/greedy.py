@@ -42,6 +42,7 @@ Mini-batches come from the training split only. Groups coupled by residual addit
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -52,9 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunelab.budget import BudgetError, measure
 from prunelab.io import write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage
-from prunelab.structure import ChannelGroup, ChannelPlan, channel_groups
+from prunelab.structure import ChannelGroup, ChannelPlan, apply_channel_plan, channel_groups
 from prunelab.structure.groups import eval_mode
 from prunelab.validate import ConfigError
 
@@ -82,12 +84,12 @@ def local_step(gram: torch.Tensor, u: torch.Tensor, active: torch.Tensor) -> tup
     decrease = -(2 * g * b + g * g * q)
     decrease = torch.where(active & (a >= 1 - 1e-12), torch.full_like(decrease, -math.inf), decrease)
     i = int(torch.argmax(decrease))
-    return i, float(g[i].detach()), float(decrease[i].detach())
+    return i, float(g[i]), float(decrease[i])
 
 
 def local_discrepancy(gram: torch.Tensor, u: torch.Tensor) -> float:
     """E||sum_i u_i c_i - sum_i c_i||^2 from the Gram matrix."""
-    r = (u - torch.ones_like(u)).detach()
+    r = u - torch.ones_like(u)
     return float(r @ gram @ r)
 
 
@@ -121,9 +123,10 @@ def gram_of(consumer: nn.Module, x: torch.Tensor, budget: int = 2**24) -> torch.
     per_example = n * max(1, contributions(consumer, x[:1]).shape[-1])
     step = max(1, budget // per_example)
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], step):
-        c = contributions(consumer, x[start : start + step]).double()
-        gram += torch.einsum("bif,bjf->ij", c, c)
+    with torch.no_grad():
+        for start in range(0, x.shape[0], step):
+            c = contributions(consumer, x[start : start + step]).double()
+            gram += torch.einsum("bif,bjf->ij", c, c)
     return gram / x.shape[0]
 
 
@@ -158,7 +161,8 @@ def _soft_ce(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 class GreedyImitation(PruningMethod):
     """Layer-wise greedy local / global imitation (Algorithm 2) with the epsilon stopping rule.
 
-    `epsilon`: tolerated rise of the training cross-entropy per pruned layer. `mode`: local, global or
+    `epsilon`: tolerated rise of the training cross-entropy per pruned layer (searched when the budget
+    sets `flops` or `params`, see `plan`). `mode`: local, global or
     both (per layer the one that keeps fewer neurons). `max_steps`: safety cap of steps per layer and
     method, as a multiple of the layer's width (a method that has not met the rule by then leaves the
     layer whole). `taylor_after` / `taylor_top`: the Taylor speed-up of global imitation (null: off).
@@ -171,6 +175,7 @@ class GreedyImitation(PruningMethod):
         max_steps: float = 2.0,
         taylor_after: int | None = None,
         taylor_top: int = 5,
+        search_iterations: int = 8,
     ) -> None:
         if not epsilon >= 0:
             raise ConfigError(f"greedy: method.epsilon (tolerated rise of the training loss) must be >= 0; got {epsilon}")
@@ -185,6 +190,9 @@ class GreedyImitation(PruningMethod):
         self.max_steps = float(max_steps)
         self.taylor_after = taylor_after
         self.taylor_top = int(taylor_top)
+        if int(search_iterations) < 1:
+            raise ConfigError(f"greedy: method.search_iterations must be >= 1; got {search_iterations}")
+        self.search_iterations = int(search_iterations)
         self.records: list[dict[str, Any]] = []
 
     def stages(self) -> list[Stage]:
@@ -195,23 +203,80 @@ class GreedyImitation(PruningMethod):
             log.warning("greedy imitation prunes a PRETRAINED network, but backbone.pretrained is not set")
 
     def plan(self, model: nn.Module, ctx: MethodContext) -> ChannelPlan:
-        """Prune the groups from the input to the output; fold each layer's a_i into its consumer."""
-        groups = [g for g in channel_groups(model, ctx.input_shape) if self._supported(model, g)]
-        keep: dict[str, list[int]] = {}
-        self.records = []
+        """Prune the groups from the input to the output; fold each layer's a_i into its consumer.
+
+        With `budget.flops` (or `budget.params`), epsilon is searched instead: doubled until the pruned
+        model is within budget, then bisected (`search_iterations` full layer-wise runs on copies of the
+        model) to the largest model within budget; the layer-wise run of the epsilon found is kept.
+        """
         start = time.perf_counter()
         ctx.data.setup("fit")
+        metric = next((m for m in ("flops", "params") if ctx.budget.get(m) is not None), None)
+        trials: list[dict[str, float]] = []
+        if metric is None:
+            plan, records = self._layerwise(model, ctx, self.epsilon)
+        else:
+            plan, records = self._search(model, ctx, metric, float(ctx.budget[metric]), trials)
+        self.records = records
+        write_json(ctx.run_dir / "greedy_layers.json",
+                   {"seconds": time.perf_counter() - start, "epsilon_trials": trials, "layers": records})
+        _plot_layers(records, ctx.run_dir / "greedy_layers.png")
+        return plan
+
+    def _layerwise(self, model: nn.Module, ctx: MethodContext, epsilon: float) -> tuple[ChannelPlan, list[dict[str, Any]]]:
+        """Algorithm 2 at one epsilon, folding into `model` in place."""
+        groups = [g for g in channel_groups(model, ctx.input_shape) if self._supported(model, g)]
+        keep: dict[str, list[int]] = {}
+        records = []
+        device = next(model.parameters()).device
         with eval_mode(model):
             for index, group in enumerate(groups):
-                device = next(model.parameters()).device
-                found = self._prune_group(model, group, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device))
+                found = self._prune_group(model, group, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device), epsilon)
                 keep[group.name] = found["keep"]
-                self.records.append({k: v for k, v in found.items() if k != "a"})
+                records.append({k: v for k, v in found.items() if k != "a"})
                 log.info("greedy: %s keeps %d/%d neurons (%s, discrepancy %.4g, gap %.4g, %d steps)", group.name,
                          len(found["keep"]), group.size, found["method"], found["discrepancy"], found["gap"], found["steps"])
-        write_json(ctx.run_dir / "greedy_layers.json", {"seconds": time.perf_counter() - start, "layers": self.records})
-        _plot_layers(self.records, ctx.run_dir / "greedy_layers.png")
-        return ChannelPlan(keep, {g.name: g.size for g in groups})
+        return ChannelPlan(keep, {g.name: g.size for g in groups}), records
+
+    def _search(self, model: nn.Module, ctx: MethodContext, metric: str, target: float,
+                trials: list[dict[str, float]]) -> tuple[ChannelPlan, list[dict[str, Any]]]:
+        """The largest pruned model within `target` (a fraction of the dense model's `metric`) over epsilon."""
+        if not 0.0 < target <= 1.0:
+            raise BudgetError(f"budget.{metric} is the fraction to keep, in (0, 1]; got {target}")
+        tolerance = float(ctx.budget.get("tolerance", 0.01))
+        best: tuple[float, nn.Module, ChannelPlan, list] | None = None
+
+        def attempt(epsilon: float) -> float:
+            nonlocal best
+            trial = copy.deepcopy(model)
+            plan, records = self._layerwise(trial, ctx, epsilon)
+            pruned = apply_channel_plan(copy.deepcopy(trial), plan, ctx.input_shape)
+            ratio = measure(pruned, ctx.input_shape)[metric] / ctx.dense[metric]
+            trials.append({"epsilon": epsilon, f"{metric}_ratio": ratio})
+            log.info("greedy: epsilon %.4g keeps %.4f of the dense %s (target %.4f)", epsilon, ratio, metric, target)
+            if ratio <= target * (1 + tolerance) and (best is None or ratio > best[0]):
+                best = (ratio, trial, plan, records)
+            return ratio
+
+        low, high = 0.0, max(self.epsilon, 1e-3)
+        for _ in range(self.search_iterations):
+            if attempt(high) <= target * (1 + tolerance):
+                break
+            low, high = high, 2 * high
+        for _ in range(self.search_iterations):
+            if best is not None and best[0] >= target * (1 - tolerance):
+                break
+            middle = (low + high) / 2
+            if attempt(middle) <= target * (1 + tolerance):
+                high = middle
+            else:
+                low = middle
+        if best is None:
+            raise BudgetError(f"greedy: no epsilon up to {high:.4g} prunes to budget.{metric}={target} "
+                              f"(closest {min(t[f'{metric}_ratio'] for t in trials):.4f}); raise method.search_iterations")
+        _, trial, plan, records = best
+        model.load_state_dict(trial.state_dict())
+        return plan, records
 
     @staticmethod
     def _supported(model: nn.Module, group: ChannelGroup) -> bool:
@@ -221,14 +286,14 @@ class GreedyImitation(PruningMethod):
         width = consumer.in_features if isinstance(consumer, nn.Linear) else consumer.in_channels
         return width == group.size and getattr(consumer, "groups", 1) == 1
 
-    def _prune_group(self, model: nn.Module, group: ChannelGroup, batches: Any) -> dict[str, Any]:
+    def _prune_group(self, model: nn.Module, group: ChannelGroup, batches: Any, epsilon: float) -> dict[str, Any]:
         consumer = model.get_submodule(group.consumers[0])
         n = group.size
         steps = max(1, int(self.max_steps * n))
         hook = _Scales(consumer, n)
         try:
             # Both imitations see the same mini-batches.
-            tries = [self._imitate(model, hook, n, batches(), steps, local=local)
+            tries = [self._imitate(model, hook, n, batches(), steps, epsilon, local=local)
                      for local in (True, False) if self.mode in (("local", "both") if local else ("global", "both"))]
         finally:
             hook.remove()
@@ -240,7 +305,8 @@ class GreedyImitation(PruningMethod):
         return {**best, "group": group.name, "size": n,
                 "alternatives": {t["method"]: {"kept": len(t["keep"]), "discrepancy": t["discrepancy"]} for t in tries}}
 
-    def _imitate(self, model: nn.Module, hook: _Scales, n: int, batches: Iterator, steps: int, local: bool) -> dict[str, Any]:
+    def _imitate(self, model: nn.Module, hook: _Scales, n: int, batches: Iterator, steps: int, epsilon: float,
+                 local: bool) -> dict[str, Any]:
         """Algorithm 1 for one layer: returns the weights A, the kept neurons and how it ended."""
         device = next(model.parameters()).device
         a = torch.zeros(n, dtype=torch.float64, device=device)
@@ -270,10 +336,10 @@ class GreedyImitation(PruningMethod):
                 a, discrepancy, logits = self._global_step(model, hook, a, k, x, reference)
             gap = float(F.cross_entropy(logits, y)) - base
             done = k + 1
-            if gap <= self.epsilon or done >= steps:
+            if gap <= epsilon or done >= steps:
                 break
         hook.u = None
-        converged = gap <= self.epsilon
+        converged = gap <= epsilon
         if not converged:
             a = torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
         keep = torch.nonzero(a > 0).flatten().tolist()
