@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.progress import Progress, TextColumn
 from torch import nn
 
 from prunelab.budget import BudgetError, measure
@@ -229,13 +230,15 @@ class GreedyImitation(PruningMethod):
         keep: dict[str, list[int]] = {}
         records = []
         device = next(model.parameters()).device
-        with eval_mode(model):
+        with eval_mode(model), Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}")) as bar:
+            task = bar.add_task(f"greedy imitation, epsilon {epsilon:.4g}", total=len(groups), last="")
             for index, group in enumerate(groups):
                 found = self._prune_group(model, group, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device), epsilon)
                 keep[group.name] = found["keep"]
                 records.append({k: v for k, v in found.items() if k != "a"})
-                log.info("greedy: %s keeps %d/%d neurons (%s, discrepancy %.4g, gap %.4g, %d steps)", group.name,
-                         len(found["keep"]), group.size, found["method"], found["discrepancy"], found["gap"], found["steps"])
+                kept = f"{group.name}: {len(found['keep'])}/{group.size} ({found['method']})"
+                bar.update(task, advance=1, last=kept)
+                log.info("greedy: %s, discrepancy %.4g, gap %.4g, %d steps", kept, found["discrepancy"], found["gap"], found["steps"])
         return ChannelPlan(keep, {g.name: g.size for g in groups}), records
 
     def _search(self, model: nn.Module, ctx: MethodContext, metric: str, target: float,
