@@ -47,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epsilon", type=float, default=0.05)
     parser.add_argument("--mode", default="both", choices=["local", "global", "both"])
+    parser.add_argument("--taylor-after", type=int, default=25, help="the paper's Taylor speed-up after k steps (-1: off)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "greedy_vs_l1")
@@ -56,7 +57,8 @@ def main() -> None:
         sys.exit(f"{args.shared} does not hold {'/'.join(WEIGHTS)}: this script needs ../shared")
     results: dict[str, list[dict]] = {"greedy": [], "l1_filter": []}
     for seed in args.seeds:
-        greedy = run(args, "greedy", seed, ["method=greedy", f"method.epsilon={args.epsilon}", f"method.mode={args.mode}"])
+        taylor = f"method.taylor_after={args.taylor_after if args.taylor_after >= 0 else 'null'}"
+        greedy = run(args, "greedy", seed, ["method=greedy", f"method.epsilon={args.epsilon}", f"method.mode={args.mode}", taylor])
         results["greedy"].append(greedy)
         ratio = greedy["model/flops_ratio"]
         results["l1_filter"].append(run(args, "l1_filter", seed, ["method=l1_filter", f"budget.flops={ratio:.6f}",
