@@ -171,3 +171,28 @@ def test_greedy_prunes_a_pretrained_tiny_network_and_the_export_reloads(tmp_path
     model = load_model(tmp_path / "model.pt")
     assert count_flops(model, (3, 32, 32)) == summary["model/flops"] < summary["dense/flops"]
     assert (tmp_path / "greedy_layers.png").exists()
+
+
+def test_the_layer_study_writes_one_curve_per_layer_and_prunes_nothing(tmp_path):
+    cfg = make_cfg(tmp_path, "backbone=vgg_tiny", "method=greedy", "method.study=true", "method.study_steps=0.25",
+                   "retrain=none", "latency.batch_sizes=[]", "quiet=true")
+    summary = pipeline.run(cfg, tmp_path)
+    curves = json.loads((tmp_path / "greedy_study.json").read_text())
+    groups = [g for g in channel_groups(create("vgg_tiny", num_classes=10), (3, 32, 32)) if not g.coupled]
+    assert [c["group"] for c in curves] == [g.name for g in groups][: len(curves)] and len(curves) >= 3
+    for curve in curves:
+        for name in ("local", "global"):
+            values = [v for v in curve[name] if v is not None]
+            assert len(curve[name]) == curve["size"] and values
+            assert all(b <= a for a, b in zip(values, values[1:]))  # best with at most n neurons: non-increasing
+    assert summary["model/flops_ratio"] == 1.0 and (tmp_path / "greedy_study.png").exists()
+
+
+def test_the_papers_presets():
+    from conftest import preset
+
+    cfg = preset("greedy_vgg11_cifar10_layers")
+    method = GreedyImitation(**{k: v for k, v in cfg.method.items() if k != "_target_"})
+    assert method.study and method.mode == "both" and method.taylor_after is None
+    assert (cfg.backbone.name, cfg.dataset.batch_size, cfg.pretrain.epochs, list(cfg.scheduler.milestones)) == (
+        "vgg11", 128, 160, [80, 120])

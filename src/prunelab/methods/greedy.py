@@ -177,6 +177,8 @@ class GreedyImitation(PruningMethod):
         taylor_after: int | None = None,
         taylor_top: int = 5,
         search_iterations: int = 8,
+        study: bool = False,
+        study_steps: float = 1.0,
     ) -> None:
         if not epsilon >= 0:
             raise ConfigError(f"greedy: method.epsilon (tolerated rise of the training loss) must be >= 0; got {epsilon}")
@@ -194,6 +196,8 @@ class GreedyImitation(PruningMethod):
         if int(search_iterations) < 1:
             raise ConfigError(f"greedy: method.search_iterations must be >= 1; got {search_iterations}")
         self.search_iterations = int(search_iterations)
+        self.study = bool(study)
+        self.study_steps = float(study_steps)
         self.records: list[dict[str, Any]] = []
 
     def stages(self) -> list[Stage]:
@@ -212,6 +216,8 @@ class GreedyImitation(PruningMethod):
         """
         start = time.perf_counter()
         ctx.data.setup("fit")
+        if self.study:
+            return self._study(model, ctx)
         metric = next((m for m in ("flops", "params") if ctx.budget.get(m) is not None), None)
         trials: list[dict[str, float]] = []
         if metric is None:
@@ -224,6 +230,34 @@ class GreedyImitation(PruningMethod):
         _plot_layers(records, ctx.run_dir / "greedy_layers.png")
         return plan
 
+    def _study(self, model: nn.Module, ctx: MethodContext) -> ChannelPlan:
+        """The paper's Fig. 2: every layer pruned ALONE from the dense model by local and by global imitation.
+
+        Each runs `study_steps` x the layer's width steps without the stopping rule; the curve of a layer
+        is the smallest network discrepancy (soft cross-entropy to the dense model) reached with at most
+        n neurons, for every n. Written to `greedy_study.json` and `greedy_study.png`; nothing is pruned.
+        """
+        groups = [g for g in channel_groups(model, ctx.input_shape) if self._supported(model, g)]
+        device = next(model.parameters()).device
+        curves = []
+        with eval_mode(model), Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}")) as bar:
+            task = bar.add_task("greedy imitation study, layer by layer", total=len(groups), last="")
+            for index, group in enumerate(groups):
+                hook = _Scales(model.get_submodule(group.consumers[0]), group.size)
+                steps = max(1, int(self.study_steps * group.size))
+                try:
+                    runs = {("local" if local else "global"): self._imitate(
+                        model, hook, group.size, _batches(ctx.data, ctx.seed * 1000 + index, device), steps, -math.inf, local
+                    )["history"] for local in (True, False)}
+                finally:
+                    hook.remove()
+                curves.append({"group": group.name, "size": group.size,
+                               **{name: best_per_count(history, group.size) for name, history in runs.items()}})
+                bar.update(task, advance=1, last=group.name)
+        write_json(ctx.run_dir / "greedy_study.json", curves)
+        _plot_study(curves, ctx.run_dir / "greedy_study.png")
+        return ChannelPlan.full(groups)
+
     def _layerwise(self, model: nn.Module, ctx: MethodContext, epsilon: float) -> tuple[ChannelPlan, list[dict[str, Any]]]:
         """Algorithm 2 at one epsilon, folding into `model` in place."""
         groups = [g for g in channel_groups(model, ctx.input_shape) if self._supported(model, g)]
@@ -235,7 +269,7 @@ class GreedyImitation(PruningMethod):
             for index, group in enumerate(groups):
                 found = self._prune_group(model, group, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device), epsilon)
                 keep[group.name] = found["keep"]
-                records.append({k: v for k, v in found.items() if k != "a"})
+                records.append({k: v for k, v in found.items() if k not in ("a", "history")})
                 kept = f"{group.name}: {len(found['keep'])}/{group.size} ({found['method']})"
                 bar.update(task, advance=1, last=kept)
                 log.info("greedy: %s, discrepancy %.4g, gap %.4g, %d steps", kept, found["discrepancy"], found["gap"], found["steps"])
@@ -315,6 +349,7 @@ class GreedyImitation(PruningMethod):
         a = torch.zeros(n, dtype=torch.float64, device=device)
         gap = discrepancy = layer_discrepancy = math.inf
         done = 0
+        history: list[tuple[int, float]] = []
         for k, (x, y) in enumerate(batches):
             with torch.no_grad():
                 hook.u, hook.capture = None, local
@@ -338,6 +373,7 @@ class GreedyImitation(PruningMethod):
             else:
                 a, discrepancy, logits = self._global_step(model, hook, a, k, x, reference)
             gap = float(F.cross_entropy(logits, y)) - base
+            history.append((int((a > 0).sum()), discrepancy))
             done = k + 1
             if gap <= epsilon or done >= steps:
                 break
@@ -347,7 +383,8 @@ class GreedyImitation(PruningMethod):
             a = torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
         keep = torch.nonzero(a > 0).flatten().tolist()
         found = {"method": "local" if local else "global", "a": a, "keep": keep, "steps": done,
-                 "discrepancy": discrepancy if converged else 0.0, "gap": gap, "converged": converged}
+                 "discrepancy": discrepancy if converged else 0.0, "gap": gap, "converged": converged,
+                 "history": history}
         if local and converged:
             found["layer_discrepancy"] = layer_discrepancy
         return found
@@ -390,6 +427,46 @@ def taylor_scores(model: nn.Module, hook: _Scales, a: torch.Tensor, x: torch.Ten
         grad = torch.autograd.grad(_soft_ce(model(x), reference), scales)[0].double()
     hook.u = None
     return n * (grad - a @ grad)
+
+
+def best_per_count(history: list[tuple[int, float]], size: int) -> list[float | None]:
+    """For n = 1..size, the smallest discrepancy among the steps that kept at most n neurons (None: none did)."""
+    best: list[float | None] = []
+    current = math.inf
+    by_count: dict[int, float] = {}
+    for count, value in history:
+        by_count[count] = min(by_count.get(count, math.inf), value)
+    for n in range(1, size + 1):
+        current = min(current, by_count.get(n, math.inf))
+        best.append(current if math.isfinite(current) else None)
+    return best
+
+
+def _plot_study(curves: list[dict[str, Any]], path: Any) -> None:
+    """One panel per layer: discrepancy against neurons kept, local and global imitation (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(4, len(curves))
+    rows = math.ceil(len(curves) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    for ax, curve in zip(axes.flat, curves):
+        for name, colour in (("local", "tab:blue"), ("global", "tab:orange")):
+            points = [(n + 1, v) for n, v in enumerate(curve[name]) if v is not None and v > 0]
+            if points:
+                ax.plot(*zip(*points), color=colour, label=name)
+        ax.set_yscale("log")
+        ax.set_title(f"{curve['group']} ({curve['size']})", fontsize=8)
+        ax.set_xlabel("neurons kept", fontsize=7)
+    for ax in list(axes.flat)[len(curves):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].set_ylabel("CE to the dense model", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _batches(data: Any, seed: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
