@@ -196,3 +196,11 @@ def test_the_papers_presets():
     assert method.study and method.mode == "both" and method.taylor_after is None
     assert (cfg.backbone.name, cfg.dataset.batch_size, cfg.pretrain.epochs, list(cfg.scheduler.milestones)) == (
         "vgg11", 128, 160, [80, 120])
+
+    for name, arch, flops, lr in (("greedy_resnet34", "resnet34", 0.598, 0.001), ("greedy_mobilenet_v2", "mobilenet_v2", 0.780, 0.01)):
+        cfg = preset(name)
+        method = GreedyImitation(**{k: v for k, v in cfg.method.items() if k != "_target_"})
+        assert (method.batch_size, method.taylor_after, method.taylor_top, method.mode) == (64, 25, 5, "both")
+        assert (cfg.backbone.name, cfg.budget.flops, cfg.dataset.batch_size, cfg.retrain.epochs) == (arch, flops, 256, 150)
+        assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay, cfg.scheduler._target_.split(".")[-1]) == (
+            lr, 0.9, 5e-5, "cosine")

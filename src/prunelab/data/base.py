@@ -239,8 +239,10 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=False,
         )
 
-    def train_dataloader(self, epoch: int | None = None) -> DataLoader:
+    def train_dataloader(self, epoch: int | None = None, batch_size: int | None = None) -> DataLoader:
         """The shuffled training loader, in the order of `epoch` (default: the epoch the current fit starts in).
+
+        `batch_size` overrides the dataset's (e.g. a method's own search batches).
 
         Lightning creates a resumed fit's iterator before it sets the sampler's epoch, and data-loader
         workers fetch indices as soon as the iterator exists, so the sampler must start at that epoch:
@@ -248,7 +250,7 @@ class ImageDataModule(L.LightningDataModule):
         """
         self.setup("fit")
         dataset = self.train_val_set if self._with_val else self.train_set
-        loader = self._loader(dataset, self.batch_size, shuffle=True)
+        loader = self._loader(dataset, batch_size or self.batch_size, shuffle=True)
         loader.sampler.set_epoch(self._start_epoch if epoch is None else epoch)
         if epoch is None and self._start_batch:
             loader.sampler.skip_once(self._start_batch * self.batch_size)

@@ -179,6 +179,7 @@ class GreedyImitation(PruningMethod):
         search_iterations: int = 8,
         study: bool = False,
         study_steps: float = 1.0,
+        batch_size: int | None = None,
     ) -> None:
         if not epsilon >= 0:
             raise ConfigError(f"greedy: method.epsilon (tolerated rise of the training loss) must be >= 0; got {epsilon}")
@@ -197,6 +198,9 @@ class GreedyImitation(PruningMethod):
             raise ConfigError(f"greedy: method.search_iterations must be >= 1; got {search_iterations}")
         self.search_iterations = int(search_iterations)
         self.study = bool(study)
+        if batch_size is not None and int(batch_size) < 1:
+            raise ConfigError(f"greedy: method.batch_size must be >= 1 (null: the dataset's); got {batch_size}")
+        self.batch_size = int(batch_size) if batch_size is not None else None
         self.study_steps = float(study_steps)
         self.records: list[dict[str, Any]] = []
 
@@ -247,7 +251,7 @@ class GreedyImitation(PruningMethod):
                 steps = max(1, int(self.study_steps * group.size))
                 try:
                     runs = {("local" if local else "global"): self._imitate(
-                        model, hook, group.size, _batches(ctx.data, ctx.seed * 1000 + index, device), steps, -math.inf, local
+                        model, hook, group.size, _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size), steps, -math.inf, local
                     )["history"] for local in (True, False)}
                 finally:
                     hook.remove()
@@ -267,7 +271,7 @@ class GreedyImitation(PruningMethod):
         with eval_mode(model), Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}")) as bar:
             task = bar.add_task(f"greedy imitation, epsilon {epsilon:.4g}", total=len(groups), last="")
             for index, group in enumerate(groups):
-                found = self._prune_group(model, group, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device), epsilon)
+                found = self._prune_group(model, group, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size), epsilon)
                 keep[group.name] = found["keep"]
                 records.append({k: v for k, v in found.items() if k not in ("a", "history")})
                 kept = f"{group.name}: {len(found['keep'])}/{group.size} ({found['method']})"
@@ -469,11 +473,11 @@ def _plot_study(curves: list[dict[str, Any]], path: Any) -> None:
     plt.close(fig)
 
 
-def _batches(data: Any, seed: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Training mini-batches without end, in an order fixed by `seed`."""
+def _batches(data: Any, seed: int, device: torch.device, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training mini-batches without end, in an order fixed by `seed` (`batch_size` None: the dataset's)."""
     epoch = 0
     while True:
-        loader = data.train_dataloader(epoch=seed + epoch)
+        loader = data.train_dataloader(epoch=seed + epoch, batch_size=batch_size)
         for x, y in loader:
             yield x.to(device), y.to(device)
         epoch += 1
