@@ -99,7 +99,7 @@ def test_taylor_score_matches_a_finite_difference():
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         reference = model(x)
-    hook = _Scales(model[2], 6)
+    hook = _Scales(model[2])
     a = torch.tensor([0.5, 0.0, 0.25, 0.25, 0.0, 0.0], dtype=torch.float64)
     scores = taylor_scores(model, hook, a, x, reference)
 
@@ -126,7 +126,7 @@ def test_folding_the_weights_into_the_next_layer_keeps_the_output_of_the_kept_ne
     a = torch.zeros(n, dtype=torch.float64)
     a[[0, 3, 5]] = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
     x = torch.randn(4, 3, 32, 32)
-    hook = _Scales(consumer, n)
+    hook = _Scales(consumer)
     hook.u = (n * a).float()
     with torch.no_grad():
         expected = model(x)

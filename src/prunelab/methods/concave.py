@@ -56,6 +56,12 @@ def log_regularizer(m: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.log1p(m / eps) / math.log1p(1.0 / eps)
 
 
+def relaxed(values: torch.Tensor, alive: torch.Tensor, sigmoid: bool, beta: float, scale: float) -> torch.Tensor:
+    """The relaxed mask m: the values themselves, or sigmoid(beta * values) * scale; 0 where not alive."""
+    m = torch.sigmoid(beta * values) * scale if sigmoid else values
+    return m * alive
+
+
 class SoftMask(MaskParametrization):
     """The parametrization `weight -> weight * m` of one layer during a search.
 
@@ -72,8 +78,7 @@ class SoftMask(MaskParametrization):
         self.beta = 1.0
 
     def mask(self) -> torch.Tensor:
-        m = torch.sigmoid(self.beta * self.values) * self.scale if self.sigmoid else self.values
-        return m * self.alive
+        return relaxed(self.values, self.alive, self.sigmoid, self.beta, self.scale)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask().to(weight.dtype)
@@ -221,10 +226,7 @@ class SoftMaskRounds(PruningMethod):
 
     def _mask_values(self, name: str) -> torch.Tensor:
         """The relaxed mask m of one weight as the search left it."""
-        values, alive = self.values[name], self.alive[name]
-        if self.sigmoid:
-            return torch.sigmoid(self.final_beta() * values) * self.scale() * alive
-        return values * alive
+        return relaxed(self.values[name], self.alive[name], self.sigmoid, self.final_beta(), self.scale())
 
     def final_beta(self) -> float:
         return 1.0

@@ -134,7 +134,7 @@ def gram_of(consumer: nn.Module, x: torch.Tensor, budget: int = 2**24) -> torch.
 class _Scales:
     """A forward pre-hook multiplying the consumer's input channels by `u` (and capturing its input)."""
 
-    def __init__(self, consumer: nn.Module, n: int) -> None:
+    def __init__(self, consumer: nn.Module) -> None:
         self.consumer = consumer
         self.u: torch.Tensor | None = None
         self.captured: torch.Tensor | None = None
@@ -247,7 +247,7 @@ class GreedyImitation(PruningMethod):
         with eval_mode(model), Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}")) as bar:
             task = bar.add_task("greedy imitation study, layer by layer", total=len(groups), last="")
             for index, group in enumerate(groups):
-                hook = _Scales(model.get_submodule(group.consumers[0]), group.size)
+                hook = _Scales(model.get_submodule(group.consumers[0]))
                 steps = max(1, int(self.study_steps * group.size))
                 try:
                     runs = {("local" if local else "global"): self._imitate(
@@ -331,7 +331,7 @@ class GreedyImitation(PruningMethod):
         consumer = model.get_submodule(group.consumers[0])
         n = group.size
         steps = max(1, int(self.max_steps * n))
-        hook = _Scales(consumer, n)
+        hook = _Scales(consumer)
         try:
             # Both imitations see the same mini-batches.
             tries = [self._imitate(model, hook, n, batches(), steps, epsilon, local=local)
@@ -404,7 +404,8 @@ class GreedyImitation(PruningMethod):
             gamma = 1.0 / (1 + k)
             candidates = list(range(n))
             if self.taylor_after is not None and k > self.taylor_after:
-                candidates = self._taylor_rank(model, hook, a, x, reference)[: self.taylor_top]
+                # Most negative dD/dg first (one backward pass scores every candidate).
+                candidates = taylor_scores(model, hook, a, x, reference).argsort().tolist()[: self.taylor_top]
             directions = [(1 - gamma) * a + gamma * torch.eye(n, dtype=a.dtype, device=a.device)[i] for i in candidates]
         best, best_d, best_logits = None, math.inf, None
         with torch.no_grad():
@@ -415,11 +416,6 @@ class GreedyImitation(PruningMethod):
                 if d < best_d:
                     best, best_d, best_logits = direction, d, logits
         return best, best_d, best_logits
-
-    def _taylor_rank(self, model: nn.Module, hook: _Scales, a: torch.Tensor, x: torch.Tensor,
-                     reference: torch.Tensor) -> list[int]:
-        """Candidates ordered by dD/dg at g = 0 (most negative first), from one backward pass."""
-        return taylor_scores(model, hook, a, x, reference).argsort().tolist()
 
 
 def taylor_scores(model: nn.Module, hook: _Scales, a: torch.Tensor, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
