@@ -92,9 +92,10 @@ def make_data(samples: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.T
     return x, torch.sin(x @ w.T + phi) @ c
 
 
-def init_net(width1: int, width2: int, gen: torch.Generator) -> Net:
+def init_net(width1: int, width2: int, gen: torch.Generator, middle: str = "normal") -> Net:
     """Mean-field initialisation: every neuron's weights i.i.d. N(0, 1) (w1, b1, V = width1 * w2 and
-    v3 = width2 * w3), the biases b2 and b3 zero."""
+    v3 = width2 * w3), the biases b2 and b3 zero; `middle` "zero" starts V at 0 (in the multi-layer
+    mean-field limit i.i.d. middle weights average out, so V is learned from 0)."""
 
     def normal(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=gen, dtype=DTYPE)
@@ -102,7 +103,7 @@ def init_net(width1: int, width2: int, gen: torch.Generator) -> Net:
     return Net(
         w1=normal(width1, INPUT_DIM),
         b1=normal(width1),
-        w2=normal(width2, width1) / width1,
+        w2=normal(width2, width1) / width1 * (middle != "zero"),
         b2=torch.zeros(width2, dtype=DTYPE),
         w3=normal(width2) / width2,
         b3=torch.zeros((), dtype=DTYPE),
@@ -124,8 +125,10 @@ def forward(net: Net, x: torch.Tensor) -> torch.Tensor:
     return head(net, hidden1(net, x) @ net.w2.T)
 
 
-def train(net: Net, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> Net:
-    """Full-batch Adam on the mean squared error, learning rate lr * cosine decay to 0, in the mean-field
+def train(net: Net, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, trainer: str = "adam") -> Net:
+    """`trainer` "mf-gd": plain full-batch gradient descent in mean-field time (each parameter's step scaled
+    by the widths it is averaged over: w1, b1 by N1, V by N1 N2, v3, b2 by N2), so that networks of every
+    width follow the same mean-field dynamics. "adam": full-batch Adam on the mean squared error, learning rate lr * cosine decay to 0, in the mean-field
     parametrisation: the trained parameters are V = N1 * w2 and v3 = N2 * w3 (with w1, b1, b2, b3)."""
     n1, n2 = net.w2.shape[1], net.w2.shape[0]
     mf = [net.w1, net.b1, net.w2 * n1, net.b2, net.w3 * n2, net.b3]
@@ -135,6 +138,14 @@ def train(net: Net, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> 
     def model() -> Net:
         return Net(w1, b1, v / n1, b2, v3 / n2, b3)
 
+    if trainer == "mf-gd":
+        for _ in range(steps):
+            grads = torch.autograd.grad(((forward(model(), x) - y) ** 2).mean(), params)
+            with torch.no_grad():
+                for p, g, s in zip(params, grads, (n1, n1, n1 * n2, n2, n2, 1.0)):
+                    p -= lr * s * g
+        with torch.no_grad():
+            return Net(*[p.detach() for p in model().params()])
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
@@ -274,6 +285,8 @@ def run(
     scratch_widths: Sequence[int] = SCRATCH_WIDTHS,
     local_steps: int | None = None,
     global_picks: int | None = None,
+    trainer: str = "adam",
+    middle: str = "normal",
 ) -> dict:
     """Trains the dense network, prunes its first hidden layer both ways, trains from scratch.
 
@@ -286,7 +299,7 @@ def run(
     global_picks = 5 * width if global_picks is None else global_picks
     gen = torch.Generator().manual_seed(seed)
     x, y = make_data(samples, gen)
-    dense = train(init_net(width, width, gen), x, y, steps, lr)
+    dense = train(init_net(width, width, gen, middle), x, y, steps, lr, trainer)
     target = forward(dense, x)
 
     local_it, local_loss = local_imitation(local_gram(dense, x), local_steps)
@@ -294,7 +307,7 @@ def run(
 
     scratch, scratch_mse = [], []
     for n in scratch_widths:
-        net = train(init_net(n, width, gen), x, y, steps, lr)
+        net = train(init_net(n, width, gen, middle), x, y, steps, lr, trainer)
         scratch.append(discrepancy(net, target, x))
         scratch_mse.append(float(((forward(net, x) - y) ** 2).mean()))
 
@@ -316,6 +329,8 @@ def run(
         "samples": samples,
         "steps": steps,
         "lr": lr,
+        "trainer": trainer,
+        "middle": middle,
     }
 
 
@@ -435,21 +450,27 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/greedy_rate"))
     parser.add_argument("--width", type=int, default=100)
     parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=2000, help="Adam steps for every trained network")
+    parser.add_argument("--steps", type=int, default=2000, help="optimiser steps for every trained network")
     parser.add_argument("--lr", type=float, default=3e-2)
+    parser.add_argument("--trainer", choices=("adam", "mf-gd"), default="adam",
+                        help="mf-gd: gradient descent in mean-field time (see `train`)")
+    parser.add_argument("--middle-init", choices=("normal", "zero"), default="normal",
+                        help="zero: the middle layer V starts at 0 (see `init_net`)")
     parser.add_argument("--scratch-widths", type=int, nargs="+", default=list(SCRATCH_WIDTHS))
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     start = time.perf_counter()
-    res = run(args.seed, args.width, args.samples, args.steps, args.lr, args.scratch_widths)
+    res = run(args.seed, args.width, args.samples, args.steps, args.lr, args.scratch_widths,
+              trainer=args.trainer, middle=args.middle_init)
     elapsed = time.perf_counter() - start
     fit = rates(res)
 
     print("Ye, Wu and Liu, Sec. 2.3 / Fig. 1 -- simulated data of our choice (the paper's appendix is lost)")
     print(
         f"x ~ N(0, I_{INPUT_DIM}), y = sum of {RIDGES} random sine ridges, {res['samples']} points; tanh layers "
-        f"{res['width']}-{res['width']}; Adam {res['steps']} steps, lr {res['lr']:g} cosine; seed {res['seed']}; "
+        f"{res['width']}-{res['width']} (middle init {res['middle']}); {res['trainer']} {res['steps']} steps, "
+        f"lr {res['lr']:g}; seed {res['seed']}; "
         f"{elapsed:.1f} s"
     )
     print(

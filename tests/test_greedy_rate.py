@@ -111,3 +111,16 @@ def test_run_tiny_end_to_end(script):
     ok, lines = script.verdict(res, fit, check_n=(2,))
     assert lines[-1].startswith("VERDICT") and len(lines) == 6
     assert [r["n"] for r in script.table(res)] == [1, 2, 6]
+
+
+def test_mean_field_variant_starts_the_middle_layer_at_zero_and_learns(script):
+    """--trainer mf-gd --middle-init zero: V starts at exactly 0 and mean-field gradient descent fits the data."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    x, y = script.make_data(40, gen)
+    net = script.init_net(WIDTH, WIDTH, gen, middle="zero")
+    assert torch.count_nonzero(net.w2) == 0
+    before = float(((script.forward(net, x) - y) ** 2).mean())
+    trained = script.train(net, x, y, steps=200, lr=0.05, trainer="mf-gd")
+    assert torch.count_nonzero(trained.w2) == WIDTH * WIDTH
+    assert float(((script.forward(trained, x) - y) ** 2).mean()) < 0.5 * before
