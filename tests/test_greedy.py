@@ -99,7 +99,7 @@ def test_taylor_score_matches_a_finite_difference():
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         reference = model(x)
-    hook = _Scales(model[2])
+    hook = _Scales([model[2]])
     a = torch.tensor([0.5, 0.0, 0.25, 0.25, 0.0, 0.0], dtype=torch.float64)
     scores = taylor_scores(model, hook, a, x, reference)
 
@@ -126,7 +126,7 @@ def test_folding_the_weights_into_the_next_layer_keeps_the_output_of_the_kept_ne
     a = torch.zeros(n, dtype=torch.float64)
     a[[0, 3, 5]] = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
     x = torch.randn(4, 3, 32, 32)
-    hook = _Scales(consumer)
+    hook = _Scales([consumer])
     hook.u = (n * a).float()
     with torch.no_grad():
         expected = model(x)
@@ -136,6 +136,40 @@ def test_folding_the_weights_into_the_next_layer_keeps_the_output_of_the_kept_ne
     plan = ChannelPlan({group.name: [0, 3, 5]}, {group.name: n})
     apply_channel_plan(model, plan, (3, 32, 32))
     assert model.get_submodule(group.consumers[0]).in_channels == 3
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_squeeze_excitation_channels_fold_into_the_gate_and_the_projection():
+    """MobileNetV3's SE-gated channels: a_i folds into fc1 and the projection; the pruned network is the
+    network with its channels scaled, exactly; residual streams stay whole."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    shape = (3, 64, 64)
+    groups = channel_groups(model, shape)
+    ctx = type("Ctx", (), {"input_shape": shape})()
+    roles = {g.name: None for g in groups} | {g.name: c for g, c in GreedyImitation()._groups(model, ctx)}
+    group = next(g for g in groups if g.name == "features.4.block.0.0")
+    assert group.coupled and roles[group.name] == ["features.4.block.3.0", "features.4.block.2.fc1"]
+    assert roles["features.4.block.3.0"] is None  # the residual stream 4 -> 5 -> 6
+    n = group.size
+    a = torch.zeros(n, dtype=torch.float64)
+    keep = [1, 7, 30, 64]
+    a[keep] = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    consumers = [model.get_submodule(c) for c in roles[group.name]]
+    x = torch.randn(2, *shape)
+    hook = _Scales(consumers)
+    hook.u = (n * a).float()
+    with torch.no_grad():
+        expected = model(x)
+    hook.remove()
+    with torch.no_grad():
+        for consumer in consumers:
+            consumer.weight.mul_((n * a).float().view(1, -1, 1, 1))
+    apply_channel_plan(model, ChannelPlan({group.name: keep}, {group.name: n}), shape)
+    assert model.get_submodule("features.4.block.2.fc1").in_channels == 4
     with torch.no_grad():
         assert torch.allclose(model(x), expected, atol=1e-5)
 
@@ -197,7 +231,8 @@ def test_the_papers_presets():
     assert (cfg.backbone.name, cfg.dataset.batch_size, cfg.pretrain.epochs, list(cfg.scheduler.milestones)) == (
         "vgg11", 128, 160, [80, 120])
 
-    for name, arch, flops, lr in (("greedy_resnet34", "resnet34", 0.598, 0.001), ("greedy_mobilenet_v2", "mobilenet_v2", 0.780, 0.01)):
+    for name, arch, flops, lr in (("greedy_resnet34", "resnet34", 0.598, 0.001), ("greedy_mobilenet_v2", "mobilenet_v2", 0.780, 0.01),
+                                  ("greedy_mobilenet_v3_small", "torchvision:mobilenet_v3_small", 0.750, 0.01)):
         cfg = preset(name)
         method = GreedyImitation(**{k: v for k, v in cfg.method.items() if k != "_target_"})
         assert (method.batch_size, method.taylor_after, method.taylor_top, method.mode) == (64, 25, 5, "both")

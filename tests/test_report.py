@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
 
 from conftest import make_cfg
-from prunelab import pipeline
+from prunelab import pipeline, report
 from prunelab.report import find_runs, markdown_table, table
 
 
@@ -67,3 +68,14 @@ def test_rounds_report_averages_seeds_per_round_and_plots(tmp_path, capsys):
     lines = [line for line in printed.splitlines() if line.startswith("| IMP |")]
     assert [line.split("|")[3].strip() for line in lines] == ["3", "3", "2"]
     assert "20.00" in printed and json.loads((partial / "stages.json").read_text())[0]["dir"] == "r0-0-train"
+
+
+def test_cost_of_a_one_shot_prune_stage_is_its_total_against_a_dense_epoch(tmp_path):
+    """`report cost RUN RUN --search-stage prune --dense-stage pretrain` (greedy imitation's search has no epochs)."""
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "config.yaml").write_text("pretrain:\n  epochs: 4\ntrainer:\n  max_epochs: 9\n")
+    (tmp_path / "summary.json").write_text(json.dumps({"time/prune_s": 30.0, "time/pretrain_s": 20.0}))
+    report.main(["cost", str(tmp_path), str(tmp_path), "--search-stage", "prune", "--dense-stage", "pretrain"])
+    cost = json.loads((tmp_path / "search_cost.json").read_text())
+    assert cost["search_epochs"] is None and cost["search_epoch_over_dense_epoch"] is None
+    assert cost["dense_epochs"] == 4 and cost["dense_epoch_s"] == 5.0 and cost["search_in_dense_epochs"] == 6.0

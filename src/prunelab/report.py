@@ -282,10 +282,13 @@ def markdown_table(rows: list[dict[str, Any]], by: Sequence[str], metrics: Seque
     return "\n".join(lines) + "\n"
 
 
-def stage_epochs(run: Run, stage: str) -> int:
-    """The epochs a fit stage of the run trained, from its summary or resolved config."""
+def stage_epochs(run: Run, stage: str) -> int | None:
+    """The epochs a fit stage of the run trained, from its summary or resolved config (None: the
+    stage trains no epochs, like a one-shot `prune`)."""
     if run.summary.get(f"{stage}/epochs") is not None:
         return int(run.summary[f"{stage}/epochs"])
+    if stage == "prune":
+        return None
     if stage == "pretrain":
         return int(run.get("pretrain.epochs"))
     for stage_cfg in ("method.epochs", f"method.{stage}_epochs"):
@@ -299,12 +302,14 @@ def search_cost(search_run: Run, dense_run: Run, search_stage: str = "search", d
 
     Uses the stages' `time/<stage>_s` (setup and validation included) and their epochs: a fit
     stage's `<stage>/epochs` in the summary, else `pretrain.epochs` for "pretrain", the method's
-    `epochs` for a method stage, or `trainer.max_epochs`. Both runs should have run on the same machine.
+    `epochs` for a method stage, or `trainer.max_epochs`; a `prune` stage (greedy imitation's search,
+    for one) has no epochs, and only its total is compared. Both runs should have run on the same machine.
     """
     search_s = float(search_run.summary[f"time/{search_stage}_s"])
     dense_s = float(dense_run.summary[f"time/{dense_stage}_s"])
     search_epochs, dense_epochs = stage_epochs(search_run, search_stage), stage_epochs(dense_run, dense_stage)
-    per_search, per_dense = search_s / search_epochs, dense_s / dense_epochs
+    per_dense = dense_s / dense_epochs
+    per_search = search_s / search_epochs if search_epochs else None
     return {
         "search_run": str(search_run.path),
         "dense_run": str(dense_run.path),
@@ -314,7 +319,7 @@ def search_cost(search_run: Run, dense_run: Run, search_stage: str = "search", d
         "dense_epochs": dense_epochs,
         "search_epoch_s": per_search,
         "dense_epoch_s": per_dense,
-        "search_epoch_over_dense_epoch": per_search / per_dense,
+        "search_epoch_over_dense_epoch": per_search / per_dense if per_search is not None else None,
         "search_in_dense_epochs": search_s / per_dense,
     }
 

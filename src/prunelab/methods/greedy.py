@@ -37,7 +37,10 @@ rule (Section 3.2): the cross-entropy training loss of the network after pruning
 one before by at most `epsilon`, on the step's mini-batch. We measure the gap per layer (the
 network before this layer's pruning is the reference), so that every layer gets the same tolerance.
 Mini-batches come from the training split only. Groups coupled by residual additions are kept whole
-(folding a_i there would also scale the identity path); `mode` runs local, global or both.
+(folding a_i there would also scale the identity path); channels gated by squeeze-excitation fold into
+the gate's first layer too. For such channels local imitation imitates the main consumer's input as the
+dense gate scales it (the gate's change is seen by the network-level check only). `mode` runs local,
+global or both.
 """
 
 from __future__ import annotations
@@ -55,10 +58,10 @@ from rich.progress import Progress, TextColumn
 from torch import nn
 
 from prunelab.budget import BudgetError, measure
-from prunelab.io import write_json
+from prunelab.io import atomic_write, write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage
 from prunelab.structure import ChannelGroup, ChannelPlan, apply_channel_plan, channel_groups
-from prunelab.structure.groups import eval_mode
+from prunelab.structure.groups import eval_mode, grouped_unit
 from prunelab.validate import ConfigError
 
 log = logging.getLogger("prunelab")
@@ -132,18 +135,23 @@ def gram_of(consumer: nn.Module, x: torch.Tensor, budget: int = 2**24) -> torch.
 
 
 class _Scales:
-    """A forward pre-hook multiplying the consumer's input channels by `u` (and capturing its input)."""
+    """Forward pre-hooks multiplying the input channels of every consumer by `u` (capturing the first's input).
 
-    def __init__(self, consumer: nn.Module) -> None:
-        self.consumer = consumer
+    `consumers[0]` is the layer whose contributions local imitation imitates; the others read the same
+    channels through a squeeze-excitation gate (see `GreedyImitation._consumers`).
+    """
+
+    def __init__(self, consumers: list[nn.Module]) -> None:
+        self.consumer = consumers[0]
+        self.consumers = consumers
         self.u: torch.Tensor | None = None
         self.captured: torch.Tensor | None = None
         self.capture = False
-        self.handle = consumer.register_forward_pre_hook(self)
+        self.handles = [c.register_forward_pre_hook(self) for c in consumers]
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0]
-        if self.capture:
+        if self.capture and module is self.consumer:
             self.captured = x.detach()
         if self.u is None:
             return None
@@ -151,7 +159,8 @@ class _Scales:
         return (x * self.u.to(x.dtype).view(shape), *args[1:])
 
     def remove(self) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 def _soft_ce(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -241,13 +250,13 @@ class GreedyImitation(PruningMethod):
         is the smallest network discrepancy (soft cross-entropy to the dense model) reached with at most
         n neurons, for every n. Written to `greedy_study.json` and `greedy_study.png`; nothing is pruned.
         """
-        groups = [g for g in channel_groups(model, ctx.input_shape) if self._supported(model, g)]
+        groups = self._groups(model, ctx)
         device = next(model.parameters()).device
         curves = []
         with eval_mode(model), Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}")) as bar:
             task = bar.add_task("greedy imitation study, layer by layer", total=len(groups), last="")
-            for index, group in enumerate(groups):
-                hook = _Scales(model.get_submodule(group.consumers[0]))
+            for index, (group, consumers) in enumerate(groups):
+                hook = _Scales([model.get_submodule(c) for c in consumers])
                 steps = max(1, int(self.study_steps * group.size))
                 try:
                     runs = {("local" if local else "global"): self._imitate(
@@ -260,24 +269,24 @@ class GreedyImitation(PruningMethod):
                 bar.update(task, advance=1, last=group.name)
         write_json(ctx.run_dir / "greedy_study.json", curves)
         _plot_study(curves, ctx.run_dir / "greedy_study.png")
-        return ChannelPlan.full(groups)
+        return ChannelPlan.full([g for g, _ in groups])
 
     def _layerwise(self, model: nn.Module, ctx: MethodContext, epsilon: float) -> tuple[ChannelPlan, list[dict[str, Any]]]:
         """Algorithm 2 at one epsilon, folding into `model` in place."""
-        groups = [g for g in channel_groups(model, ctx.input_shape) if self._supported(model, g)]
+        groups = self._groups(model, ctx)
         keep: dict[str, list[int]] = {}
         records = []
         device = next(model.parameters()).device
         with eval_mode(model), Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}")) as bar:
             task = bar.add_task(f"greedy imitation, epsilon {epsilon:.4g}", total=len(groups), last="")
-            for index, group in enumerate(groups):
-                found = self._prune_group(model, group, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size), epsilon)
+            for index, (group, consumers) in enumerate(groups):
+                found = self._prune_group(model, group, consumers, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size), epsilon)
                 keep[group.name] = found["keep"]
                 records.append({k: v for k, v in found.items() if k not in ("a", "history")})
                 kept = f"{group.name}: {len(found['keep'])}/{group.size} ({found['method']})"
                 bar.update(task, advance=1, last=kept)
                 log.info("greedy: %s, discrepancy %.4g, gap %.4g, %d steps", kept, found["discrepancy"], found["gap"], found["steps"])
-        return ChannelPlan(keep, {g.name: g.size for g in groups}), records
+        return ChannelPlan(keep, {g.name: g.size for g, _ in groups}), records
 
     def _search(self, model: nn.Module, ctx: MethodContext, metric: str, target: float,
                 trials: list[dict[str, float]]) -> tuple[ChannelPlan, list[dict[str, Any]]]:
@@ -320,18 +329,41 @@ class GreedyImitation(PruningMethod):
         return plan, records
 
     @staticmethod
-    def _supported(model: nn.Module, group: ChannelGroup) -> bool:
-        if group.coupled or len(group.consumers) != 1 or group.unit != 1:
-            return False
-        consumer = model.get_submodule(group.consumers[0])
-        width = consumer.in_features if isinstance(consumer, nn.Linear) else consumer.in_channels
-        return width == group.size and getattr(consumer, "groups", 1) == 1
+    def _consumers(model: nn.Module, group: ChannelGroup, groups: list[ChannelGroup]) -> list[str] | None:
+        """The layers to fold the group's a_i into, the imitated one first; None where greedy keeps it whole.
 
-    def _prune_group(self, model: nn.Module, group: ChannelGroup, batches: Any, epsilon: float) -> dict[str, Any]:
-        consumer = model.get_submodule(group.consumers[0])
+        Supported: one consumer, or one plus squeeze-excitation gates: channels merged by products only
+        (no addition) where a consumer's own output group is read by the layer that also writes them
+        (MobileNetV3's fc1 -> fc2, whose output multiplies the channels). Folding a_i into every consumer
+        is exact (every reader of the channels is a consumer). Residual streams (channels merged by an
+        addition) are kept whole, by policy (see the module docstring), like grouped consumers.
+        """
+        if group.unit != 1 or any(op.startswith(("Add", "Sub")) for op in group.merges):
+            return None
+        extra = {name for name in group.layers[1:] if grouped_unit(model.get_submodule(name)) is None}
+        rooted = {g.name: g for g in groups}
+        gates = [c for c in group.consumers if c in rooted and extra & set(rooted[c].consumers)]
+        main = [c for c in group.consumers if c not in gates]
+        if len(main) != 1 or extra - {r for c in gates for r in rooted[c].consumers}:
+            return None
+        for name in group.consumers:
+            consumer = model.get_submodule(name)
+            width = consumer.in_features if isinstance(consumer, nn.Linear) else consumer.in_channels
+            if width != group.size or getattr(consumer, "groups", 1) != 1:
+                return None
+        return main + gates
+
+    def _groups(self, model: nn.Module, ctx: MethodContext) -> list[tuple[ChannelGroup, list[str]]]:
+        """The groups greedy prunes, input to output, with their consumers (see `_consumers`)."""
+        groups = channel_groups(model, ctx.input_shape)
+        roles = [(g, self._consumers(model, g, groups)) for g in groups]
+        return [(g, c) for g, c in roles if c is not None]
+
+    def _prune_group(self, model: nn.Module, group: ChannelGroup, consumers: list[str], batches: Any,
+                     epsilon: float) -> dict[str, Any]:
         n = group.size
         steps = max(1, int(self.max_steps * n))
-        hook = _Scales(consumer)
+        hook = _Scales([model.get_submodule(c) for c in consumers])
         try:
             # Both imitations see the same mini-batches.
             tries = [self._imitate(model, hook, n, batches(), steps, epsilon, local=local)
@@ -340,9 +372,10 @@ class GreedyImitation(PruningMethod):
             hook.remove()
         best = min(tries, key=lambda t: (len(t["keep"]), t["discrepancy"]))
         with torch.no_grad():
-            u = (n * best["a"]).to(consumer.weight.dtype)
-            shape = (1, -1) + (1,) * (consumer.weight.dim() - 2)
-            consumer.weight.mul_(u.view(shape))
+            for consumer in hook.consumers:
+                u = (n * best["a"]).to(consumer.weight.dtype)
+                shape = (1, -1) + (1,) * (consumer.weight.dim() - 2)
+                consumer.weight.mul_(u.view(shape))
         return {**best, "group": group.name, "size": n,
                 "alternatives": {t["method"]: {"kept": len(t["keep"]), "discrepancy": t["discrepancy"]} for t in tries}}
 
@@ -465,7 +498,7 @@ def _plot_study(curves: list[dict[str, Any]], path: Any) -> None:
     axes.flat[0].legend(fontsize=7)
     axes.flat[0].set_ylabel("CE to the dense model", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -494,5 +527,5 @@ def _plot_layers(records: list[dict[str, Any]], path: Any) -> None:
     ax.set_xticks(list(xs), [r["group"] for r in records], rotation=90, fontsize=6)
     ax.set_ylabel("neurons kept (blue local, orange global)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

@@ -41,7 +41,9 @@ class ChannelGroup:
     a grouped convolution (ResNeXt's), a block of consecutive channels holding whole groups of it, so
     a plan keeps or removes channels `unit * j` to `unit * (j + 1) - 1` together. `consumers` names
     the conv/linear layers that read the channels as their input channels (grouped convolutions the
-    channels pass through are producers, not consumers).
+    channels pass through are producers, not consumers). `merges` names the element-wise operations
+    that combine these channels with other tensors, as autograd names them (e.g. "AddBackward0" for a
+    residual addition, "MulBackward0" for a squeeze-excitation gate).
     """
 
     name: str
@@ -53,6 +55,7 @@ class ChannelGroup:
     norms: list[str] = field(default_factory=list)
     unit: int = 1
     consumers: list[str] = field(default_factory=list)
+    merges: list[str] = field(default_factory=list)
 
 
 def grouped_unit(module: nn.Module) -> int | None:
@@ -294,6 +297,7 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
         producers = []
         norms: list[str] = []
         consumers: list[str] = []
+        merges: set[str] = set()
         prunable = True
         blocked: list[nn.Module] = []
         for dep, _ in group:
@@ -302,6 +306,9 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
                 norms.append(names[target])
             if _unsupported_grouped(target):
                 blocked.append(target)
+            if type(target).__name__ == "_ElementWiseOp":
+                fn = getattr(target, "_grad_fn", None)
+                merges.add(fn if isinstance(fn, str) else type(fn).__name__)
             reads = isinstance(target, PRUNABLE_TYPES) and grouped_unit(target) is None and target in names
             if reads and graph.is_in_channel_pruning_fn(dep.handler) and names[target] not in consumers:
                 consumers.append(names[target])
@@ -343,6 +350,7 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
                 norms=sorted(norms, key=list(names.values()).index),
                 unit=unit,
                 consumers=sorted(consumers, key=index_of.get),
+                merges=sorted(merges),
             )
         )
     return groups
