@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from conftest import CONF_DIR, CrashAtEpoch, EpochRecorder, make_cfg, preset
+from conftest import CONF_DIR, CrashAtEpoch, EpochRecorder, load_script, make_cfg, preset
 from prunelab import load_model, pipeline
 from prunelab.backbones import create
 from prunelab.budget import BudgetError
@@ -341,14 +341,8 @@ def test_a_per_step_scheduler_gets_the_stage_steps(tmp_path):
 
 
 METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
-# The few settings some methods need to finish in one batch.
-EXTRA = {"pfs": ["method.epochs=1"], "jackpot": ["method.epochs=1"], "edge_popup": ["method.epochs=1"],
-         "imp": ["method.rounds=2"], "cs": ["method.rounds=2"],
-         "greedy": ["method.epsilon=10", "method.max_steps=0.5", "method.taylor_after=1"],
-         "concave": ["method.rounds=2", "method.selection=fixed_fraction", "method.prune_fraction=0.5"], "slimming": ["method.sparsity_epochs=1"],
-         "greg1": ["method.delta_lambda=0.5", "method.update_interval=1", "method.stabilize_steps=1"],
-         "greg2": ["method.delta_lambda=0.5", "method.delta_lambda_pick=0.5", "method.tau0=0.6",
-                   "method.update_interval=1", "method.stabilize_steps=1"]}
+# The few settings some methods need to finish in one batch (shared with the DDP check).
+EXTRA = load_script("ddp_check").EXTRA
 
 
 def test_every_method_has_a_test_here():

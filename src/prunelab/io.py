@@ -1,7 +1,9 @@
 """The one way prunelab writes files: to a temporary name beside the target, then renamed over it.
 
 A run killed at any moment therefore leaves each file either complete or absent, never half-written,
-which is what lets a stage trust the outputs of the stages before it when a run resumes.
+which is what lets a stage trust the outputs of the stages before it when a run resumes. In a DDP
+run only global rank 0 writes: on the other ranks every write here is skipped (they compute the same
+things, see `prunelab.distributed`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Any
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Call `write(tmp)` to fill a temporary file, then rename it to `path` in one step."""
+    """Call `write(tmp)` to fill a temporary file, then rename it to `path` in one step (rank 0 only)."""
     path = Path(path)
+    if _rank() != 0:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -97,6 +101,17 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _rank() -> int:
+    """This process's global rank: from the process group, else the launcher's environment, else 0."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 def _alive(pid: int) -> bool:

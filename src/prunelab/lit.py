@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import warnings
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -13,7 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+from prunelab.distributed import global_mean
+
+# Every epoch value logged here is already the same on every DDP rank (torchmetrics sums its states
+# over ranks; the training sums hold global-batch means), so Lightning's advice to average it is moot.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
 
 from prunelab.methods.base import PruningMethod
 from prunelab.validate import NonFiniteError
@@ -88,6 +96,9 @@ class PruneLitModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        # Sample-weighted means whose states sum over DDP ranks: every sample counts once.
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -95,13 +106,15 @@ class PruneLitModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self.model(x)
-        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        # Under DDP `ce` is the whole global batch's mean (the same on every rank); `objective` backpropagates it.
+        objective, ce = global_mean(F.cross_entropy(logits, y, label_smoothing=self.label_smoothing, reduction="none"))
         self.log(f"{self.stage}/train/ce_step", ce, on_step=True, on_epoch=False)
         loss = ce
         extra = self.method.extra_loss(self.model)
         if extra is not None:
             self.log(f"{self.stage}/train/reg_step", extra, on_step=True, on_epoch=False)
             loss = loss + extra
+            objective = objective + extra
         if not torch.isfinite(loss):
             raise NonFiniteError(
                 f"stage {self.stage}: the training loss is {float(loss)} at step {self.global_step + 1} (epoch "
@@ -111,7 +124,7 @@ class PruneLitModule(L.LightningModule):
         reg = extra.detach().double() if extra is not None else ce.new_zeros((), dtype=torch.float64)
         self.train_sums += torch.stack([ce.detach().double(), reg, loss.detach().double(), ce.new_ones((), dtype=torch.float64)])
         self.log(f"{self.stage}/train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
-        return loss
+        return objective
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -152,17 +165,15 @@ class PruneLitModule(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
         self.val_acc.update(logits, y)
-        self.log(f"{self.stage}/val/loss", loss, on_epoch=True, sync_dist=True)
+        self.val_loss.update(F.cross_entropy(logits, y, reduction="none"))
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
         self.test_acc.update(logits, y)
         self.test_acc5.update(logits, y)
-        self.log(f"{self.test_prefix}test/loss", loss, on_epoch=True, sync_dist=True)
+        self.test_loss.update(F.cross_entropy(logits, y, reduction="none"))
 
     # Accuracies are logged once per epoch, as percentages.
     def on_train_epoch_end(self) -> None:
@@ -189,12 +200,14 @@ class PruneLitModule(L.LightningModule):
         name = f"{self.stage}/val/acc"
         metrics = {name: float(self.val_acc.compute()) * 100.0} if self.val_acc.update_count else {}
         self._log_percent(name, self.val_acc, prog_bar=True)
+        self._log_mean(f"{self.stage}/val/loss", self.val_loss)
         if not self.trainer.sanity_checking:
             self.method.on_validation_end(self.model, metrics)
 
     def on_test_epoch_end(self) -> None:
         self._log_percent(f"{self.test_prefix}test/acc", self.test_acc, prog_bar=True)
         self._log_percent(f"{self.test_prefix}test/acc5", self.test_acc5)
+        self._log_mean(f"{self.test_prefix}test/loss", self.test_loss)
 
     @property
     def test_prefix(self) -> str:
@@ -208,6 +221,11 @@ class PruneLitModule(L.LightningModule):
     def _log_percent(self, name: str, metric: MulticlassAccuracy, prog_bar: bool = False) -> None:
         if metric.update_count:
             self.log(name, metric.compute() * 100.0, prog_bar=prog_bar)
+        metric.reset()
+
+    def _log_mean(self, name: str, metric: MeanMetric) -> None:
+        if metric.update_count:
+            self.log(name, metric.compute())
         metric.reset()
 
     def on_fit_start(self) -> None:

@@ -9,6 +9,7 @@ with exactly what the interrupted one had.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -32,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from prunelab import structure
+from prunelab import distributed, structure
 from prunelab.budget import count_flops, measure, measure_latency, scratch_b_epochs
 from prunelab.export import export_deployable, load_model, save_model
 from prunelab.io import RunLock, atomic_write, save_torch, write_json, write_text
@@ -531,7 +532,9 @@ def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple
     attach = masks is not None and not structure.has_masks(model)
     if attach:
         structure.attach_masks(model, masks)
-    trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=str(last) if last.exists() else None)
+    synced = distributed.sync_batchnorm(model) if cfg.trainer.get("sync_batchnorm", False) else contextlib.nullcontext()
+    with synced:
+        trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=str(last) if last.exists() else None)
     if attach:
         structure.fold_masks(model)
     if trainer.interrupted:
@@ -551,6 +554,8 @@ def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple
 def _prune(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple[dict[str, float], nn.Module]:
     """Ask the method for a plan, apply it (channels removed, or weights masked), record it."""
     plan = ctx.method.plan(model, ctx.for_method(model, stage))
+    # Every DDP rank computed the plan from the same weights and batches; they must agree.
+    distributed.check_same(f"the plan of stage {stage.tag}", plan)
     if isinstance(plan, structure.ChannelPlan):
         structure.apply_channel_plan(model, plan, ctx.input_shape)
         plan.save_json(stage_dir / "plan.json")
@@ -642,10 +647,17 @@ RUNNERS = {
 
 
 def _trainer(ctx: Context, max_epochs: int, callbacks: list[Callback], **overrides: Any) -> L.Trainer:
-    """A Lightning Trainer from `cfg.trainer` for one stage (`overrides` replace its fields)."""
+    """A Lightning Trainer from `cfg.trainer` for one stage (`overrides` replace its fields).
+
+    The data loaders shard themselves across DDP ranks (`prunelab.distributed`), so Lightning's
+    padding DistributedSampler is off; BatchNorm is synchronised by `_fit` (torch's SyncBatchNorm
+    runs on GPUs only), so Lightning's `sync_batchnorm` is off too.
+    """
     return instantiate(
         ctx.cfg.trainer,
         **overrides,
+        sync_batchnorm=False,
+        use_distributed_sampler=False,
         max_epochs=max_epochs,
         logger=ctx.logger if ctx.logger is not None else False,
         callbacks=callbacks + ctx.callbacks,

@@ -7,6 +7,7 @@ option and builds every loader the same way, so that all datasets behave identic
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from prunelab.distributed import Shard, ShardedBatches, world
 
 
 class TensorSource(Dataset):
@@ -226,18 +229,30 @@ class ImageDataModule(L.LightningDataModule):
         self.test_set = TransformedSubset(test_source, None, eval_transform)
         self._is_set_up = True
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        """Builds a loader with the options every split shares (shuffled by epoch, see `EpochShuffle`)."""
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, shard: bool = False) -> DataLoader:
+        """Builds a loader with the options every split shares (shuffled by epoch, see `EpochShuffle`).
+
+        `shard` (the loaders Lightning asks for): in a process group of several ranks, this rank's
+        share, `batch_size` being the global batch (see `prunelab.distributed`).
+        """
+        rank, size = world() if shard else (0, 1)
+        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
+        common = dict(
             generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
         )
+        if size > 1 and shuffle:
+            return DataLoader(dataset, batch_sampler=ShardedBatches(sampler, batch_size, rank, size), **common)
+        if size > 1:
+            sampler = Shard(len(dataset), rank, size)
+            batch_size = math.ceil(batch_size / size)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, **common)
+
+    @staticmethod
+    def _sampler(loader: DataLoader) -> EpochShuffle:
+        return loader.batch_sampler.sampler if isinstance(loader.batch_sampler, ShardedBatches) else loader.sampler
 
     def train_dataloader(self, epoch: int | None = None, batch_size: int | None = None) -> DataLoader:
         """The shuffled training loader, in the order of `epoch` (default: the epoch the current fit starts in).
@@ -250,10 +265,10 @@ class ImageDataModule(L.LightningDataModule):
         """
         self.setup("fit")
         dataset = self.train_val_set if self._with_val else self.train_set
-        loader = self._loader(dataset, batch_size or self.batch_size, shuffle=True)
-        loader.sampler.set_epoch(self._start_epoch if epoch is None else epoch)
+        loader = self._loader(dataset, batch_size or self.batch_size, shuffle=True, shard=epoch is None)
+        self._sampler(loader).set_epoch(self._start_epoch if epoch is None else epoch)
         if epoch is None and self._start_batch:
-            loader.sampler.skip_once(self._start_batch * self.batch_size)
+            self._sampler(loader).skip_once(self._start_batch * self.batch_size)
         return loader
 
     def train_on_validation(self, enabled: bool) -> None:
@@ -297,11 +312,11 @@ class ImageDataModule(L.LightningDataModule):
         self.setup("validate")
         if self.val_set is None or self._with_val:
             return self.test_dataloader()
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False, shard=True)
 
     def test_dataloader(self) -> DataLoader:
         self.setup("test")
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False, shard=True)
 
     def __repr__(self) -> str:
         return (

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from prunelab.budget import unstructured_plan
-from prunelab.io import write_json
+from prunelab.io import atomic_write, write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Rounds, Stage
 from prunelab.methods.imp import round_sparsities
 from prunelab.structure import MaskParametrization, MaskPlan, attach_mask, detach_masks, prunable_weights
@@ -396,5 +396,5 @@ def _plot_history(history: list[dict[str, Any]], path: Any, title: str) -> None:
     ax.set_title(f"{title}: relaxed masks per round")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

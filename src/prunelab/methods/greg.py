@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from prunelab.budget import parse_layer_ratios, structured_plan, unstructured_plan
-from prunelab.io import write_json
+from prunelab.io import atomic_write, write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage, prunable_groups, sgd
 from prunelab.structure import ChannelPlan, MaskPlan, group_weights, prunable_weights
 from prunelab.validate import ConfigError
@@ -472,5 +472,5 @@ def plot_history(history: list[dict[str, float]], path, title: str, tau: float) 
     other.set_ylabel("lambda", color="tab:red")
     ax.set_title(f"{title}: growing regularisation")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
