@@ -79,3 +79,28 @@ def test_cost_of_a_one_shot_prune_stage_is_its_total_against_a_dense_epoch(tmp_p
     cost = json.loads((tmp_path / "search_cost.json").read_text())
     assert cost["search_epochs"] is None and cost["search_epoch_over_dense_epoch"] is None
     assert cost["dense_epochs"] == 4 and cost["dense_epoch_s"] == 5.0 and cost["search_in_dense_epochs"] == 6.0
+
+
+def _fake_run(path, method: str, flops: float, seed: int, ratio: float, acc: float, paper: str = "null"):
+    (path / "stages").mkdir(parents=True)
+    (path / "config.yaml").write_text(f"method:\n  _target_: prunelab.methods.{method}\nbudget:\n  flops: {flops}\nseed: {seed}\npaper: {paper}\n")
+    (path / "summary.json").write_text(json.dumps({"model/flops_ratio": ratio, "test/acc": acc}))
+
+
+def test_pareto_averages_seeds_per_method_and_budget_and_overlays_the_papers_points(tmp_path):
+    paper = "{acc: 93.0, flops: 0.5, source: Table 1}"
+    for seed, (a, b) in enumerate([(90.0, 80.0), (92.0, 84.0)]):
+        _fake_run(tmp_path / f"l1_f50_s{seed}", "L1Filter", 0.5, seed, 0.50 + 0.01 * seed, a, paper)
+        _fake_run(tmp_path / f"l1_f25_s{seed}", "L1Filter", 0.25, seed, 0.25, b, paper)
+        _fake_run(tmp_path / f"uni_f50_s{seed}", "Uniform", 0.5, seed, 0.49, a - 1)
+    points, papers = report.pareto(find_runs([tmp_path]), x="flops", by=["method"], out=tmp_path)
+    by = {(p["method"], p["budget.flops"]): p for p in points}
+    assert set(by) == {("L1Filter", "0.5"), ("L1Filter", "0.25"), ("Uniform", "0.5")}
+    assert by[("L1Filter", "0.5")]["runs"] == 2 and by[("L1Filter", "0.5")]["test/acc mean"] == 91.0
+    assert by[("L1Filter", "0.5")]["test/acc std"] == pytest.approx(statistics.stdev([90.0, 92.0]))
+    assert by[("L1Filter", "0.5")]["flops mean"] == pytest.approx(0.505)
+    assert papers == [{"method": "L1Filter", "flops": 0.5, "acc": 93.0, "source": "Table 1"}]
+    assert {f.name for f in tmp_path.iterdir()} >= {"pareto.csv", "pareto.md", "pareto.png"}
+    assert "| L1Filter | 0.25 | 2 | 25.00 +- 0.00 | 82.00 +- 2.83 |" in (tmp_path / "pareto.md").read_text()
+    with pytest.raises(ValueError, match="x must be one of"):
+        report.pareto(find_runs([tmp_path]), x="latency")

@@ -407,6 +407,87 @@ def _plot_rounds(rows: list[dict[str, Any]], by: Sequence[str], png: Path) -> No
     plt.close(fig)
 
 
+PARETO_AXES = {"flops": "model/flops_ratio", "params": "model/params_ratio", "sparsity": "model/sparsity"}
+
+
+def pareto(runs: Sequence[Run], x: str = "flops", by: Sequence[str] = ("method",), metric: str = "test/acc",
+           out: Path | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Accuracy against FLOPs (or parameters, or sparsity) kept, one line per `by` group, over seeds.
+
+    Runs are grouped by the `by` values and their `budget.<x>` setting (seeds fall together); each point
+    is the mean and std of the measured ratio (`model/<x>_ratio`, or `model/sparsity`) and of `metric`.
+    The papers' reported points come from the runs' `paper` config (the presets set it: `paper.acc`,
+    `paper.<x>`, `paper.source`). Writes `pareto.csv`, `pareto.md` and `pareto.png` into `out` when given.
+    Returns (points, paper points).
+    """
+    if x not in PARETO_AXES:
+        raise ValueError(f"pareto: x must be one of {', '.join(PARETO_AXES)}; got {x!r}")
+    axis = PARETO_AXES[x]
+    groups: dict[tuple, list[Run]] = {}
+    papers: dict[tuple, dict[str, Any]] = {}
+    for run in runs:
+        if not run.summary or metric not in run.summary or axis not in run.summary:
+            continue
+        key = tuple(str(run.get(k)) for k in by)
+        groups.setdefault((*key, str(run.get(f"budget.{x}"))), []).append(run)
+        paper = run.get("paper")
+        if OmegaConf.is_dict(paper) and paper.get("acc") is not None and paper.get(x) is not None:
+            papers[(*key, float(paper[x]))] = {**dict(zip(by, key)), x: float(paper[x]), "acc": float(paper.acc),
+                                               "source": str(paper.get("source", ""))}
+    points = []
+    for key, members in groups.items():
+        xs = [float(r.summary[axis]) for r in members]
+        ys = [float(r.summary[metric]) for r in members]
+        points.append({**dict(zip(by, key[:-1])), f"budget.{x}": key[-1], "runs": len(members),
+                       f"{x} mean": statistics.fmean(xs), f"{x} std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                       f"{metric} mean": statistics.fmean(ys), f"{metric} std": statistics.stdev(ys) if len(ys) > 1 else 0.0})
+    points.sort(key=lambda p: (tuple(p[k] for k in by), p[f"{x} mean"]))
+    paper_points = list(papers.values())
+    if out is not None and points:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_csv(out / "pareto.csv", list(points[0]), [list(p.values()) for p in points])
+        write_text(out / "pareto.md", pareto_markdown(points, paper_points, x, by, metric))
+        _plot_pareto(points, paper_points, x, by, metric, out / "pareto.png")
+    return points, paper_points
+
+
+def pareto_markdown(points: list[dict[str, Any]], papers: list[dict[str, Any]], x: str, by: Sequence[str], metric: str) -> str:
+    """The points of `pareto` as Markdown (ratios in %), then the papers' points."""
+    lines = ["| " + " | ".join([*by, f"budget.{x}", "runs", f"{x} kept (%)" if x != "sparsity" else "sparsity (%)", metric]) + " |",
+             "|" + "---|" * (len(by) + 4)]
+    for p in points:
+        cells = [str(p[k]) for k in by] + [p[f"budget.{x}"], str(p["runs"]), f"{100 * p[f'{x} mean']:.2f} +- {100 * p[f'{x} std']:.2f}",
+                                            f"{p[f'{metric} mean']:.2f} +- {p[f'{metric} std']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if papers:
+        lines += ["", "| " + " | ".join([*by, f"paper {x} (%)", "paper accuracy", "source"]) + " |", "|" + "---|" * (len(by) + 3)]
+        lines += ["| " + " | ".join([*(str(p[k]) for k in by), f"{100 * p[x]:.2f}", f"{p['acc']:.2f}", p["source"]]) + " |" for p in papers]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_pareto(points: list[dict[str, Any]], papers: list[dict[str, Any]], x: str, by: Sequence[str], metric: str, png: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colours: dict[tuple, Any] = {}
+    for key in dict.fromkeys(tuple(p[k] for k in by) for p in points):
+        mine = [p for p in points if tuple(p[k] for k in by) == key]
+        line = ax.errorbar([100 * p[f"{x} mean"] for p in mine], [p[f"{metric} mean"] for p in mine],
+                           xerr=[100 * p[f"{x} std"] for p in mine], yerr=[p[f"{metric} std"] for p in mine],
+                           marker="o", capsize=3, label=" ".join(str(v) for v in key))
+        colours[key] = line[0].get_color()
+    for paper in papers:
+        key = tuple(paper[k] for k in by)
+        ax.scatter([100 * paper[x]], [paper["acc"]], marker="*", s=120, color=colours.get(key, "black"), zorder=3,
+                   label=f"{' '.join(key)}: paper ({paper['source']})" if paper["source"] else f"{' '.join(key)}: paper")
+    ax.set_xlabel({"flops": "FLOPs kept (%)", "params": "parameters kept (%)", "sparsity": "sparsity (% of weights removed)"}[x])
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as handle:
@@ -421,12 +502,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The `python -m prunelab.report` command."""
     parser = argparse.ArgumentParser(prog="python -m prunelab.report", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("channels", "similarity", "table", "rounds"):
+    for name in ("channels", "similarity", "table", "rounds", "pareto"):
         sub = commands.add_parser(name)
         sub.add_argument("runs", nargs="+", help="run directories or folders holding them")
         sub.add_argument("--out", type=Path, default=None, help="where to write (default: the runs' common folder)")
-        if name == "rounds":
+        if name in ("rounds", "pareto"):
             sub.add_argument("--by", default="method", help="comma-separated config keys to group by (not seed)")
+        if name == "pareto":
+            sub.add_argument("--x", default="flops", choices=list(PARETO_AXES), help="what the x axis counts")
+            sub.add_argument("--metric", default="test/acc", help="the summary key on the y axis")
         elif name == "table":
             sub.add_argument("--by", default="method._target_", help="comma-separated config keys to group by")
             sub.add_argument(
@@ -458,6 +542,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not rows:
             raise SystemExit("none of these runs has rounds (round<r>/sparsity in its summary or stages)")
         print(rounds_markdown(rows, by), end="")
+        return
+    if args.command == "pareto":
+        by = args.by.split(",")
+        points, papers = pareto(runs, x=args.x, by=by, metric=args.metric, out=args.out or _default_out(runs))
+        if not points:
+            raise SystemExit(f"none of these runs has finished with {args.metric} and {PARETO_AXES[args.x]} in its summary")
+        print(pareto_markdown(points, papers, args.x, by, args.metric), end="")
         return
     if args.command == "table":
         by, metrics = args.by.split(","), args.metrics.split(",")
