@@ -187,8 +187,8 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list[Callback] | None =
     check_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    # Only the launching process writes the run directory (DDP ranks > 0 share it).
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+    # Only global rank 0 holds the lock (DDP ranks > 0, launched by Lightning or as SLURM tasks, share it).
+    if rank_zero_only.rank != 0:
         return _run(cfg, run_dir, callbacks)
     with RunLock(run_dir):
         return _run(cfg, run_dir, callbacks)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from prunelab.io import atomic_write, write_json, write_text
@@ -496,6 +497,50 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
             writer.writerows(rows)
 
     atomic_write(path, write)
+
+
+def trials_table(sweep_dir: Path, objective: str = "val/acc", out: Path | None = None) -> list[dict[str, Any]]:
+    """Every finished trial of a sweep: its overrides, objective, test accuracy and FLOPs ratio, best first.
+
+    Writes `trials.csv`, `trials.md` and the best trial's resolved config as `best_config.yaml` into
+    `out` (default: the sweep directory).
+    """
+    rows = []
+    for run in find_runs([sweep_dir]):
+        if objective not in run.summary:
+            continue
+        overrides_file = run.path / ".hydra" / "overrides.yaml"
+        overrides = " ".join(OmegaConf.load(overrides_file)) if overrides_file.exists() else ""
+        rows.append({"run": str(run.path.relative_to(sweep_dir)), "overrides": overrides, objective: float(run.summary[objective]),
+                     "test/acc": run.summary.get("test/acc"), "model/flops_ratio": run.summary.get("model/flops_ratio")})
+    rows.sort(key=lambda r: -r[objective])
+    # What the trials share (the preset, fixed overrides) is said once, not in every row.
+    common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
+    for row in rows:
+        row["overrides"] = " ".join(t for t in row["overrides"].split() if t not in common)
+    out = Path(out) if out is not None else Path(sweep_dir)
+    if rows:
+        _write_csv(out / "trials.csv", list(rows[0]), [list(r.values()) for r in rows])
+        fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
+        lines = ["| trial overrides | " + objective + " | test/acc | FLOPs ratio |", "|---|---|---|---|"]
+        lines += [f"| {r['overrides']} | {r[objective]:.2f} | {fmt(r['test/acc'], '.2f')} | {fmt(r['model/flops_ratio'], '.3f')} |"
+                  for r in rows]
+        write_text(out / "trials.md", "\n".join(lines) + "\n")
+        write_text(out / "best_config.yaml", (Path(sweep_dir) / rows[0]["run"] / "config.yaml").read_text())
+    return rows
+
+
+class SweepTrials(Callback):
+    """A Hydra callback (`hydra.callbacks`) writing `trials_table` into the sweep directory when a sweep ends."""
+
+    def __init__(self, objective: str = "val/acc") -> None:
+        self.objective = objective
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        rows = trials_table(Path(config.hydra.sweep.dir), self.objective)
+        if rows:
+            print(f"sweep: {len(rows)} trials; best {self.objective} {rows[0][self.objective]:.2f} with "
+                  f"{rows[0]['overrides']} (trials.md, best_config.yaml in {config.hydra.sweep.dir})")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
