@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from prunelab import distributed, structure
+from prunelab import dashboard, distributed, structure
 from prunelab.budget import count_flops, measure, measure_latency, scratch_b_epochs
 from prunelab.export import export_deployable, load_model, save_model
 from prunelab.io import RunLock, atomic_write, save_torch, write_json, write_text
@@ -230,9 +230,9 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
     if method.budget_keys and any(s.kind == "prune" for s in stages) and all(cfg.budget.get(k) is None for k in method.budget_keys):
         wanted = " or ".join(f"budget.{k}" for k in method.budget_keys)
         raise ConfigError(f"{type(method).__name__} prunes to a budget: set {wanted}")
-    logger = _build(cfg.logger) if cfg.get("logger") else None
+    logger = _build(cfg.logger, **dashboard.logger_options(cfg)) if cfg.get("logger") else None
     if logger is not None:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(dashboard.flat_config(cfg))
     dirs = stage_dirs(stages)
     write_json(run_dir / "stages.json", [{"dir": d, "name": s.name, "kind": s.kind, "round": s.round} for s, d in zip(stages, dirs)])
     rewinds = any(s.kind == "rewind" or (s.kind == "retrain" and cfg.retrain.mode == "rewind") for s in stages)
@@ -281,9 +281,7 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
         save_model(model, run_dir / "model.pt")
         export_deployable(model, run_dir / "model.ts", ctx.input_shape)
         write_json(run_dir / "summary.json", summary, sort_keys=True)
-        if logger is not None:
-            logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-            logger.finalize("success")
+        dashboard.finish(logger, cfg, run_dir, summary)
         _print_summary(summary, run_dir)
     return summary
 
@@ -566,6 +564,11 @@ def _prune(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tup
         write_json(stage_dir / "plan.json", plan.to_dict())
     else:
         raise TypeError(f"{type(ctx.method).__name__}.plan() returned {type(plan).__name__}, not a plan")
+    rows = dashboard.layer_rows(plan)
+    if rows and rank_zero_only.rank == 0:
+        what = "channels kept per group" if isinstance(plan, structure.ChannelPlan) else "weights kept per layer"
+        png = dashboard.plot_layers(rows, f"{stage.tag}: {what}", stage_dir / "layers.png")
+        dashboard.log_prune(ctx.logger, stage.tag, rows, png)
     after = measure(model, ctx.input_shape)
     metrics = {
         f"{stage.tag}/flops_ratio": after["flops"] / ctx.dense["flops"],
