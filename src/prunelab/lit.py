@@ -70,6 +70,8 @@ class PruneLitModule(L.LightningModule):
         stage: str = "train",
         seed: int = 0,
         scheduler_interval: str = "epoch",
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         # Only plain values go into the hyper-parameters, so checkpoints load with weights_only=True.
@@ -85,6 +87,8 @@ class PruneLitModule(L.LightningModule):
         self.label_smoothing = label_smoothing
         self.stage = stage
         self.seed = seed
+        self.channels_last = channels_last
+        self.compile_model = compile
         self.stop_reason: str | None = None
         self.restored_metrics: dict[str, float] = {}
         top5 = min(5, num_classes)
@@ -103,9 +107,26 @@ class PruneLitModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.compile_model:
+            self.model.compile()
+
+    def teardown(self, stage: str) -> None:
+        # The model leaves the stage as an ordinary eager module in the default memory order (pruning,
+        # export and the next stage see plain tensors); the next fit compiles it again if asked.
+        if self.compile_model:
+            self.model._compiled_call_impl = None
+        if self.channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self.model(x)
+        logits = self.model(self._inputs(x))
         # Under DDP `ce` is the whole global batch's mean (the same on every rank); `objective` backpropagates it.
         objective, ce = global_mean(F.cross_entropy(logits, y, label_smoothing=self.label_smoothing, reduction="none"))
         self.log(f"{self.stage}/train/ce_step", ce, on_step=True, on_epoch=False)
@@ -164,13 +185,13 @@ class PruneLitModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        logits = self.model(x)
+        logits = self.model(self._inputs(x))
         self.val_acc.update(logits, y)
         self.val_loss.update(F.cross_entropy(logits, y, reduction="none"))
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        logits = self.model(x)
+        logits = self.model(self._inputs(x))
         self.test_acc.update(logits, y)
         self.test_acc5.update(logits, y)
         self.test_loss.update(F.cross_entropy(logits, y, reduction="none"))

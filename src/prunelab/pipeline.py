@@ -508,6 +508,8 @@ def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple
         stage=stage.tag,
         seed=int(cfg.seed),
         scheduler_interval=interval,
+        channels_last=bool(cfg.trainer.get("channels_last", False)),
+        compile=bool(cfg.trainer.get("compile", False)),
     )
     checkpoints = stage_dir / "checkpoints"
     # With no monitored metric, top-1 keeps only the newest checkpoint, always named last.ckpt.
@@ -630,7 +632,8 @@ def _retrain(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> t
 
 def _test(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple[dict[str, float], nn.Module]:
     """Evaluate on the test split."""
-    module = PruneLitModule(model=model, num_classes=ctx.num_classes, method=ctx.method, stage=stage.tag)
+    module = PruneLitModule(model=model, num_classes=ctx.num_classes, method=ctx.method, stage=stage.tag,
+                            channels_last=bool(ctx.cfg.trainer.get("channels_last", False)))
     trainer = _trainer(ctx, max_epochs=1, callbacks=[])
     results = trainer.test(module, datamodule=ctx.datamodule, verbose=False)
     if trainer.interrupted:
@@ -656,8 +659,9 @@ def _trainer(ctx: Context, max_epochs: int, callbacks: list[Callback], **overrid
     padding DistributedSampler is off; BatchNorm is synchronised by `_fit` (torch's SyncBatchNorm
     runs on GPUs only), so Lightning's `sync_batchnorm` is off too.
     """
+    options = {k: v for k, v in ctx.cfg.trainer.items() if k not in ("channels_last", "compile")}
     return instantiate(
-        ctx.cfg.trainer,
+        OmegaConf.create(options),
         **overrides,
         sync_batchnorm=False,
         use_distributed_sampler=False,
