@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
@@ -49,3 +50,22 @@ def test_the_slurm_preset_asks_for_one_task_per_gpu_as_lightning_expects():
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, 4, 1)
     assert launcher.max_num_timeout > 0  # preempted jobs are requeued (and resume from their checkpoints)
+
+
+@pytest.mark.slow
+def test_a_timed_out_submitit_job_is_requeued_and_resumes_to_the_uninterrupted_result(tmp_path):
+    """submitit_local with a 1-minute limit: the ~80 s run (idle machine) is signalled 30 s before each limit, requeued
+    (at least once) and resumed from its last checkpoint; it ends with the metrics of a run never stopped."""
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "whole").mkdir()
+    common = ["dataset=synthetic", "dataset.train_size=2048", "backbone=resnet_tiny", "method=dense", "trainer.max_epochs=35", *FAST]
+    done = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=1", *common, cwd=tmp_path / "sweep", timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "sweep" / "outputs" / "runs" / ".submitit").glob("*/*_log.out"))
+    assert "Requeued job" in logs
+    whole = run_cli(*common, cwd=tmp_path / "whole", timeout=900)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (requeued,) = (tmp_path / "sweep" / "outputs" / "runs").glob("*/summary.json")
+    (single,) = (tmp_path / "whole" / "outputs" / "runs").glob("*/summary.json")
+    a, b = (json.loads(p.read_text()) for p in (requeued, single))
+    assert {k: v for k, v in a.items() if not k.startswith("time/")} == {k: v for k, v in b.items() if not k.startswith("time/")}
