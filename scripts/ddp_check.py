@@ -146,7 +146,7 @@ def main() -> None:
     write.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"| method | steps before pruning: max CE |diff| | plan entries that differ | test acc DDP x{args.devices} | single | "
           f"|diff| | test loss |diff| |")
-    print("|---|---|---|---|---|---|---|")  # noqa
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['steps_diff']:.1e} ({r['steps']} steps) | {r['plan_diff']:.1e} | {r['acc_ddp']:.2f} | "
               f"{r['acc_single']:.2f} | {r['acc_diff']:.2f} | {r['loss_diff']:.2e} |")

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import load_script
-from prunelab import io
+from prunelab import io, load_model
 from prunelab.data.base import EpochShuffle
 from prunelab.distributed import Shard, ShardedBatches, check_same, global_mean, sync_batchnorm
 
@@ -96,9 +100,6 @@ def test_every_method_under_two_process_ddp_gives_the_single_process_run(tmp_pat
     script = load_script("ddp_check")
     names = script.methods()
     assert {"dense", "imp", "jackpot", "pfs", "l1_filter", "greg1", "concave", "cs", "greedy"} <= set(names)
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, str(script.__file__), "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {r["method"]: r for r in json.loads((tmp_path / "ddp_check.json").read_text())}
@@ -111,8 +112,6 @@ def test_every_method_under_two_process_ddp_gives_the_single_process_run(tmp_pat
 
 
 def _ddp_command(run_dir) -> list[str]:
-    import sys
-
     return [sys.executable, "-m", "prunelab.cli", "dataset=synthetic", "dataset.train_size=512", "backbone=resnet_tiny",
             "method=l1_filter", "budget.flops=0.5", "pretrain.epochs=4", "retrain.epochs=2", "trainer=ddp",
             "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "latency.batch_sizes=[]",
@@ -120,12 +119,6 @@ def _ddp_command(run_dir) -> list[str]:
 
 
 def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path):
-    import signal
-    import subprocess
-    import time
-
-    from prunelab import load_model
-
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(_ddp_command(whole), check=True, env=env, capture_output=True, timeout=600)

@@ -18,13 +18,12 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from prunelab.distributed import global_mean
+from prunelab.methods.base import PruningMethod
+from prunelab.validate import NonFiniteError
 
 # Every epoch value logged here is already the same on every DDP rank (torchmetrics sums its states
 # over ranks; the training sums hold global-batch means), so Lightning's advice to average it is moot.
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
-
-from prunelab.methods.base import PruningMethod
-from prunelab.validate import NonFiniteError
 
 
 def cosine(optimizer: torch.optim.Optimizer, epochs: int, eta_min: float = 0.0):
