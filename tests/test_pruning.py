@@ -3,19 +3,25 @@ baselines, retraining modes, BN re-estimation, resume of pruning stages."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import CrashAtEpoch, EpochRecorder, make_cfg, shared_path
+from test_structure import SHAPE, TinyDenseNet, tiny_resnext
 from prunelab import load_model, pipeline
 from prunelab.backbones import create
 from prunelab.budget import (
     BudgetError,
+    CostModel,
     count_flops,
+    count_params,
     keep_count,
     parse_layer_ratios,
+    plan_by_threshold,
     scratch_b_epochs,
     search_threshold,
     sparsity,
@@ -110,6 +116,70 @@ def test_threshold_search_on_rounded_channels_is_measured():
     plan, ratio = search_threshold(model, scores, 0.5, (3, 32, 32), tolerance=0.03, round_to=4)
     assert all(k % 4 == 0 for k in plan.kept().values())
     assert ratio == pytest.approx(0.5, rel=0.03)
+
+
+class FlattenHead(nn.Module):
+    """A VGG-style head: the classifier reads every channel once per pixel after a flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(8))
+        self.classifier = nn.Sequential(nn.Linear(8 * 16, 12), nn.ReLU(), nn.Linear(12, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class ChannelProduct(nn.Module):
+    """A cost the cost model takes as fixed: a product over channels (as attention computes) that shrinks with them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = nn.functional.avg_pool2d(torch.relu(self.conv(x)), 4).flatten(2)
+        mixed = (f.transpose(1, 2) @ f).softmax(-1) @ f.transpose(1, 2)
+        return self.fc(mixed.mean(1))
+
+
+COST_MODELS = {
+    "resnet": lambda: create("resnet_tiny"),
+    "mobilenet_v2": lambda: create("mobilenet_v2_tiny"),
+    "vgg_flatten": FlattenHead,
+    "densenet_concat": TinyDenseNet,
+    "resnext_grouped": tiny_resnext,
+}
+
+
+@pytest.mark.parametrize("arch", COST_MODELS)
+def test_cost_model_counts_what_the_built_model_counts(arch):
+    """FLOPs and parameters from the plan equal those of the pruned model, exactly, for random plans."""
+    torch.manual_seed(0)
+    model = COST_MODELS[arch]()
+    groups = channel_groups(model, SHAPE)
+    costs = CostModel(model, groups, SHAPE)
+    assert costs.dense == {"flops": count_flops(model, SHAPE), "params": count_params(model)}
+    units = {g.name: g.unit for g in groups}
+    for tau in (0.3, 0.6, 0.9):
+        plan = plan_by_threshold({g.name: torch.rand(g.size) for g in groups}, tau, 1, units)
+        pruned = apply_channel_plan(copy.deepcopy(model), plan, SHAPE)
+        assert costs.count(plan) == {"flops": count_flops(pruned, SHAPE), "params": count_params(pruned)}
+
+
+def test_search_corrects_for_costs_outside_the_cost_model():
+    """Where a cost the cost model holds fixed shrinks with the channels, the built model still meets the target."""
+    torch.manual_seed(0)
+    model = ChannelProduct()
+    groups = channel_groups(model, SHAPE)
+    scores = {g.name: torch.rand(g.size) for g in groups}
+    first = CostModel(model, groups, SHAPE)
+    plan, ratio = search_threshold(model, scores, 0.5, SHAPE, tolerance=0.05)
+    built = count_flops(apply_channel_plan(copy.deepcopy(model), plan, SHAPE), SHAPE) / count_flops(model, SHAPE)
+    assert ratio == built and abs(ratio - 0.5) <= 0.05 * 0.5
+    # The cost model alone would have missed: its estimate of the plan found is off the target.
+    assert abs(first.count(plan)["flops"] / first.dense["flops"] - 0.5) > 0.05 * 0.5
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])

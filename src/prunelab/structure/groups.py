@@ -8,6 +8,7 @@ and that a `ChannelPlan` refers to by name.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -43,7 +44,10 @@ class ChannelGroup:
     the conv/linear layers that read the channels as their input channels (grouped convolutions the
     channels pass through are producers, not consumers). `merges` names the element-wise operations
     that combine these channels with other tensors, as autograd names them (e.g. "AddBackward0" for a
-    residual addition, "MulBackward0" for a squeeze-excitation gate).
+    residual addition, "MulBackward0" for a squeeze-excitation gate). `reads` gives, for a consumer
+    that does not read each channel exactly once (a Linear after a flatten reads every channel once
+    per pixel; a layer after a split reads only some), how many of its input channels come from each
+    of the group's channels; a consumer not named there reads each channel once.
     """
 
     name: str
@@ -56,6 +60,7 @@ class ChannelGroup:
     unit: int = 1
     consumers: list[str] = field(default_factory=list)
     merges: list[str] = field(default_factory=list)
+    reads: dict[str, list[int]] = field(default_factory=dict)
 
 
 def grouped_unit(module: nn.Module) -> int | None:
@@ -297,10 +302,12 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
         producers = []
         norms: list[str] = []
         consumers: list[str] = []
+        reads: dict[str, list[int]] = {}
         merges: set[str] = set()
         prunable = True
         blocked: list[nn.Module] = []
-        for dep, _ in group:
+        for item in group:
+            dep = item.dep
             target = dep.target.module
             if isinstance(target, nn.modules.batchnorm._BatchNorm) and target in names and names[target] not in norms:
                 norms.append(names[target])
@@ -309,9 +316,14 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
             if type(target).__name__ == "_ElementWiseOp":
                 fn = getattr(target, "_grad_fn", None)
                 merges.add(fn if isinstance(fn, str) else type(fn).__name__)
-            reads = isinstance(target, PRUNABLE_TYPES) and grouped_unit(target) is None and target in names
-            if reads and graph.is_in_channel_pruning_fn(dep.handler) and names[target] not in consumers:
+            reader = isinstance(target, PRUNABLE_TYPES) and grouped_unit(target) is None and target in names
+            if reader and graph.is_in_channel_pruning_fn(dep.handler) and names[target] not in consumers:
                 consumers.append(names[target])
+                counts = [0] * size
+                for root in item.root_idxs:
+                    counts[int(root)] += 1
+                if counts != [1] * size:
+                    reads[names[target]] = counts
             if not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
             visited.add(target)
@@ -351,6 +363,7 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
                 unit=unit,
                 consumers=sorted(consumers, key=index_of.get),
                 merges=sorted(merges),
+                reads=reads,
             )
         )
     return groups
@@ -363,9 +376,22 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[
     mode, so its BatchNorm statistics do not move. Channels that pass through a grouped convolution
     which cannot lose a whole group (its input and output groups differ in size, or its groups do not
     line up with the group's channels) are kept whole: they form no group, and a warning says why.
+    The groups are remembered on the model with its parameter and buffer shapes, so asking again
+    before the architecture changes does not trace again.
     """
+    key = (tuple(input_shape), _signature(model))
+    cached = model.__dict__.get("_prunelab_groups")
+    if cached is not None and cached[0] == key:
+        return copy.deepcopy(cached[1])
     graph, classifier = build_graph(model, tuple(input_shape))
-    return groups_from_graph(model, graph, classifier)
+    groups = groups_from_graph(model, graph, classifier)
+    model.__dict__["_prunelab_groups"] = (key, copy.deepcopy(groups))
+    return groups
+
+
+def _signature(model: nn.Module) -> tuple:
+    """Names and shapes of every parameter and buffer: what changes when channels are removed or masks attached."""
+    return tuple((name, tuple(t.shape)) for name, t in (*model.named_parameters(), *model.named_buffers()))
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
