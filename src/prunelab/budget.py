@@ -199,16 +199,15 @@ class CostModel:
 
     Counted once on the dense model: each conv/linear layer's multiply-accumulates (from its output
     shape, as FlopCounterMode counts them) and parameters, which group's channels it writes and which
-    it reads (`ChannelGroup.layers`, `consumers`, `reads`). Under a plan a layer's cost scales with
-    its kept input and output channels (output only for a grouped convolution whose channels follow
-    its groups), a group's BatchNorms with its kept channels; everything else (pooling, attention
+    it reads (`ChannelGroup.layers`, `rows`, `consumers`, `reads`). Under a plan a layer's cost scales
+    with its kept input and output channels, a group's BatchNorms with its kept channels; everything else (pooling, attention
     products, other parameters) is taken as fixed, so `search_threshold` checks the final plan on the
     built model and corrects the target where that assumption does not hold.
     """
 
     def __init__(self, model: nn.Module, groups: list, input_shape: tuple[int, ...]):
         from prunelab.structure import PRUNABLE_TYPES, eval_mode
-        from prunelab.structure.groups import grouped_unit, out_channels
+        from prunelab.structure.groups import out_channels
 
         layers = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
         macs = dict.fromkeys(layers, 0)
@@ -232,15 +231,14 @@ class CostModel:
                 handle.remove()
         self.dense = {"flops": counter.get_total_flops() // 2, "params": count_params(model)}
         self.sizes = {g.name: g.size for g in groups}
-        writes = {layer: g.name for g in groups for layer in g.layers}
         self.layers = []
         for name, m in layers.items():
             weight = m.weight.numel() if m.weight is not None else 0
             bias = m.bias.numel() if m.bias is not None else 0
             reads = [(g.name, g.reads.get(name)) for g in groups if name in g.consumers]
-            grouped = (grouped_unit(m) or 1) > 1
+            writes = [(g.name, [int(r >= 0) for r in g.rows[name]] if name in g.rows else None) for g in groups if name in g.layers]
             fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
-            self.layers.append((macs[name], weight, bias, fan_in, out_channels(m), writes.get(name), reads, grouped))
+            self.layers.append((macs[name], weight, bias, fan_in, out_channels(m), writes, reads))
         # Parameters per channel of each norm (a BatchNorm after a concatenation holds several groups' channels).
         norms = {name: sum(p.numel() for p in m.parameters()) // m.num_features for name, m in model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm)}
@@ -248,12 +246,13 @@ class CostModel:
         known = self._count({}, {})
         self.fixed = {metric: self.dense[metric] - known[metric] for metric in self.dense}
 
-    def _count(self, kept: dict[str, int], removed_reads: dict[tuple[str, int], int]) -> dict[str, int]:
+    def _count(self, kept: dict[str, int], removed: dict[tuple[int, str, str], int]) -> dict[str, int]:
         flops = params = 0
-        for index, (macs, weight, bias, fan_in, fan_out, writes, reads, grouped) in enumerate(self.layers):
-            out = kept.get(writes, fan_out) if writes is not None else fan_out
-            inp = fan_in - sum(removed_reads.get((index, group), 0) for group, _ in reads)
-            scale = out / fan_out if grouped else inp * out / (fan_in * fan_out)
+        for index, (macs, weight, bias, fan_in, fan_out, writes, reads) in enumerate(self.layers):
+            out = fan_out - sum(removed.get((index, "out", group), 0) for group, _ in writes)
+            inp = fan_in - sum(removed.get((index, "in", group), 0) for group, _ in reads)
+            # A grouped convolution whose channels follow its groups is no consumer: its fan-in stays, its cost scales with out.
+            scale = inp * out / (fan_in * fan_out)
             flops += round(macs * scale)
             params += round(weight * scale) + (bias * out // fan_out if bias else 0)
         params += sum(self.norm_params[name] * kept.get(name, size) for name, size in self.sizes.items())
@@ -261,17 +260,18 @@ class CostModel:
 
     def count(self, plan) -> dict[str, int]:
         """FLOPs (MACs) and parameters of the model with the plan applied."""
-        removed_reads = {}
-        for index, (*_, reads, _grouped) in enumerate(self.layers):
-            for group, per_channel in reads:
-                if group not in plan.keep:
-                    continue
-                kept = plan.keep[group]
-                removed = plan.sizes[group] - len(kept)
-                if per_channel is not None:
-                    removed = sum(per_channel) - sum(per_channel[i] for i in kept)
-                removed_reads[(index, group)] = removed
-        counts = self._count(plan.kept(), removed_reads)
+        removed = {}
+        for index, (*_, writes, reads) in enumerate(self.layers):
+            for side, channels in (("out", writes), ("in", reads)):
+                for group, per_channel in channels:
+                    if group in plan.keep:
+                        kept = plan.keep[group]
+                        removed[(index, side, group)] = (
+                            plan.sizes[group] - len(kept)
+                            if per_channel is None
+                            else sum(per_channel) - sum(per_channel[i] for i in kept)
+                        )
+        counts = self._count(plan.kept(), removed)
         return {metric: counts[metric] + self.fixed[metric] for metric in counts}
 
 

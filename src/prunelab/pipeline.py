@@ -46,6 +46,7 @@ from prunelab.validate import (
     NonFiniteError,
     check_config,
     check_layer_ratios,
+    check_skip,
     check_variant,
     user_error,
 )
@@ -227,9 +228,14 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
         check_layer_ratios(list(cfg.budget.layer_ratios), model)
     method = _build(cfg.method)
     stages = plan_stages(cfg, method)
-    if method.budget_keys and any(s.kind == "prune" for s in stages) and all(cfg.budget.get(k) is None for k in method.budget_keys):
+    prunes = any(s.kind == "prune" for s in stages)
+    if method.budget_keys and prunes and all(cfg.budget.get(k) is None for k in method.budget_keys):
         wanted = " or ".join(f"budget.{k}" for k in method.budget_keys)
         raise ConfigError(f"{type(method).__name__} prunes to a budget: set {wanted}")
+    input_shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
+    model_record(model).skip = check_skip(list(cfg.get("structure", {}).get("skip") or []), model)
+    if prunes and "flops" in method.budget_keys and any(cfg.budget.get(k) is not None for k in ("flops", "params", "layer_ratios")):
+        structure.check_prunable(model, input_shape)
     logger = _build(cfg.logger, **dashboard.logger_options(cfg)) if cfg.get("logger") else None
     if logger is not None:
         logger.log_hyperparams(dashboard.flat_config(cfg))
@@ -241,7 +247,7 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
         run_dir=run_dir,
         datamodule=datamodule,
         method=method,
-        input_shape=(datamodule.in_channels, datamodule.image_size, datamodule.image_size),
+        input_shape=input_shape,
         logger=logger,
         callbacks=list(callbacks or []),
         rewind=Rewind(run_dir / "rewind.pt", cfg.retrain.rewind_iteration) if rewinds else None,

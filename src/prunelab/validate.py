@@ -160,6 +160,20 @@ def check_layer_ratios(spec: list, model: Any) -> None:
         )
 
 
+def check_skip(patterns: list, model: Any) -> tuple[str, ...]:
+    """`structure.skip` as a tuple, each entry a module name, a parent of one or a glob matching one."""
+    from prunelab.structure.groups import skipped
+
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not any(skipped(name, (pattern,)) for name in names):
+            raise ConfigError(
+                f"structure.skip entry {pattern!r} names no layer of the model (module names such as "
+                f"{names[0]!r}, their parents, or globs like 'blocks.*.attn')"
+            )
+    return tuple(patterns)
+
+
 def check_variant(cfg: DictConfig, image_size: int) -> str | None:
     """The stem variant of a backbone that has one: following the dataset when `auto`, else as set.
 

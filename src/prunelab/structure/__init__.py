@@ -23,7 +23,7 @@ from prunelab.structure.masks import (
     zero_masked_,
 )
 from prunelab.structure.plans import ChannelPlan, MaskPlan, ModelRecord, model_record
-from prunelab.structure.surgery import apply_channel_plan, reinitialize
+from prunelab.structure.surgery import UnprunableError, apply_channel_plan, check_prunable, reinitialize
 
 __all__ = [
     "PRUNABLE_TYPES",
@@ -34,6 +34,8 @@ __all__ = [
     "ModelRecord",
     "WeightMask",
     "apply_channel_plan",
+    "check_prunable",
+    "UnprunableError",
     "attach_mask",
     "attach_masks",
     "channel_groups",

@@ -9,6 +9,7 @@ and that a `ChannelPlan` refers to by name.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import functools
 import logging
 import math
@@ -47,7 +48,10 @@ class ChannelGroup:
     residual addition, "MulBackward0" for a squeeze-excitation gate). `reads` gives, for a consumer
     that does not read each channel exactly once (a Linear after a flatten reads every channel once
     per pixel; a layer after a split reads only some), how many of its input channels come from each
-    of the group's channels; a consumer not named there reads each channel once.
+    of the group's channels; a consumer not named there reads each channel once. `rows` gives, for a
+    producing layer whose output channels are not the group's one to one (a depthwise convolution
+    after a concatenation produces several groups' channels), its output channel for each of the
+    group's channels, -1 for a channel it does not produce (one half of a concatenation).
     """
 
     name: str
@@ -61,6 +65,7 @@ class ChannelGroup:
     consumers: list[str] = field(default_factory=list)
     merges: list[str] = field(default_factory=list)
     reads: dict[str, list[int]] = field(default_factory=dict)
+    rows: dict[str, list[int]] = field(default_factory=dict)
 
 
 def grouped_unit(module: nn.Module) -> int | None:
@@ -283,9 +288,22 @@ def _unit_of(group: Any, size: int) -> tuple[int, nn.Module | None]:
     return unit, None
 
 
-def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None) -> list[ChannelGroup]:
-    """Read the groups of a built graph in module order (so names and order are deterministic)."""
+def skipped(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a module name is one of `structure.skip`'s patterns, lies inside one, or matches one as a glob."""
+    return any(name == p or name.startswith(f"{p}.") or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def groups_from_graph(
+    model: nn.Module, graph: Any, classifier: nn.Module | None, skip: tuple[str, ...] = ()
+) -> list[ChannelGroup]:
+    """Read the groups of a built graph in module order (so names and order are deterministic).
+
+    A group is kept whole (forms no group) where a module named by a `skip` pattern (`skipped`)
+    produces or normalises its channels; a layer that only reads them does not keep them.
+    """
     names = {module: name for name, module in model.named_modules()}
+    # Parameters outside conv/linear/norm layers (layer scales, embeddings) are graph nodes too: named by their module.
+    names.update({param: name.rpartition(".")[0] for name, param in model.named_parameters()})
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
     index_of = {name: i for i, (name, _) in enumerate(layers)}
     stages = _stage_of(model)
@@ -303,6 +321,7 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
         norms: list[str] = []
         consumers: list[str] = []
         reads: dict[str, list[int]] = {}
+        rows: dict[str, list[int]] = {}
         merges: set[str] = set()
         prunable = True
         blocked: list[nn.Module] = []
@@ -326,11 +345,18 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
                     reads[names[target]] = counts
             if not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
+            if skip and target in names and skipped(names[target], skip):
+                prunable = False
             visited.add(target)
             if target is classifier:
                 prunable = False
             if isinstance(target, PRUNABLE_TYPES) and target in names and target not in producers:
                 producers.append(target)
+                order = [-1] * size
+                for root, index in zip(item.root_idxs, item.idxs):
+                    order[int(root)] = int(index)
+                if order != list(range(size)) or out_channels(target) != size:
+                    rows[names[target]] = order
         if not prunable:
             continue
         # Grouped convolutions lose whole groups (GroupedConvPruner); where a group cannot be removed
@@ -364,6 +390,7 @@ def groups_from_graph(model: nn.Module, graph: Any, classifier: nn.Module | None
                 consumers=sorted(consumers, key=index_of.get),
                 merges=sorted(merges),
                 reads=reads,
+                rows=rows,
             )
         )
     return groups
@@ -376,15 +403,18 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[
     mode, so its BatchNorm statistics do not move. Channels that pass through a grouped convolution
     which cannot lose a whole group (its input and output groups differ in size, or its groups do not
     line up with the group's channels) are kept whole: they form no group, and a warning says why.
+    So are the channels produced by a layer named in the model record's `skip` (`structure.skip`).
     The groups are remembered on the model with its parameter and buffer shapes, so asking again
     before the architecture changes does not trace again.
     """
-    key = (tuple(input_shape), _signature(model))
+    record = model.__dict__.get("prunelab")
+    skip = tuple(getattr(record, "skip", ()))
+    key = (tuple(input_shape), skip, _signature(model))
     cached = model.__dict__.get("_prunelab_groups")
     if cached is not None and cached[0] == key:
         return copy.deepcopy(cached[1])
     graph, classifier = build_graph(model, tuple(input_shape))
-    groups = groups_from_graph(model, graph, classifier)
+    groups = groups_from_graph(model, graph, classifier, skip)
     model.__dict__["_prunelab_groups"] = (key, copy.deepcopy(groups))
     return groups
 
@@ -407,5 +437,15 @@ def root_weights(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
 
 
 def group_weights(model: nn.Module, group: ChannelGroup) -> list[torch.Tensor]:
-    """The weights of every layer producing the group's channels (root first), output channels first."""
-    return [_module(model, name).weight for name in group.layers]
+    """The weights of every layer producing the group's channels (root first), one row per channel of the group.
+
+    A layer that produces only some of the group's channels (`ChannelGroup.rows`) has zero rows for the others.
+    """
+    weights = []
+    for name in group.layers:
+        w = _module(model, name).weight
+        if name in group.rows:
+            rows = torch.tensor(group.rows[name], device=w.device)
+            w = torch.where((rows >= 0).view(-1, *[1] * (w.dim() - 1)), w[rows.clamp_min(0)], 0)
+        weights.append(w)
+    return weights

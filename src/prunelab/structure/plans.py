@@ -150,7 +150,8 @@ class ModelRecord:
 
     `spec` is how `prunelab.backbones.create` rebuilds the architecture; `input_shape` the (C, H, W)
     the model is traced and measured at; `plans` the channel plans applied to it, in order (replayed
-    on a fresh model to rebuild a pruned one); `masks` its unstructured masks, or None. `save_model`
+    on a fresh model to rebuild a pruned one); `masks` its unstructured masks, or None; `skip` the
+    layers (`structure.skip` patterns) whose channels are kept whole. `save_model`
     writes all of it and `load_model` restores it.
     """
 
@@ -158,6 +159,7 @@ class ModelRecord:
     input_shape: tuple[int, ...] | None = None
     plans: list[ChannelPlan] = field(default_factory=list)
     masks: MaskPlan | None = None
+    skip: tuple[str, ...] = ()
 
 
 def model_record(model: nn.Module) -> ModelRecord:

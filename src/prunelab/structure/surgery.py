@@ -6,11 +6,26 @@ residual partners, depthwise convolutions and concatenations each channel touche
 
 from __future__ import annotations
 
+import copy
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 from torch import nn
 
-from prunelab.structure.groups import build_graph, grouped_unit, groups_from_graph
+from prunelab.structure.groups import (
+    PRUNABLE_TYPES,
+    build_graph,
+    channel_groups,
+    eval_mode,
+    grouped_unit,
+    groups_from_graph,
+    skipped,
+)
 from prunelab.structure.masks import attach_masks, fold_masks, has_masks, masks_of
 from prunelab.structure.plans import ChannelPlan, model_record
+from prunelab.validate import ConfigError
 
 
 def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[int, int, int]) -> nn.Module:
@@ -56,6 +71,143 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
         group.prune()
     model_record(model).plans.append(plan)
     return model
+
+
+class UnprunableError(ConfigError):
+    """Removing some channel group's channels breaks the model: found before any training, said in one line."""
+
+
+def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+    """Refuse, in one line naming the layers, a model whose channel groups cannot all lose channels.
+
+    On a copy of the model every group loses every other unit of its channels at once and the copy
+    runs a forward pass; where that fails, each group is tried alone (the copy's modules are put
+    back after each try) to find the ones that break it. The error names, per failing group, the
+    innermost module that was running when the forward pass failed (or the group's root layer where
+    the removal itself failed) and the reason, and suggests the `structure.skip` that keeps them whole.
+    """
+    groups = [g for g in channel_groups(model, input_shape) if g.size > g.unit]
+    if not groups:
+        return
+    trial = copy.deepcopy(model)
+    graph, _ = build_graph(trial, tuple(input_shape))
+    param = next(trial.parameters())
+    x = torch.randn(2, *input_shape, device=param.device, dtype=param.dtype)
+    if _breaks(trial, graph, groups, x) is None:
+        return
+    trial = copy.deepcopy(model)
+    graph, _ = build_graph(trial, tuple(input_shape))
+    saved = _state(trial, graph)
+    failures = {}
+    for group in groups:
+        found = _breaks(trial, graph, [group], x)
+        if found is not None:
+            failures[group.name] = found
+        _restore(saved)
+    if not failures:
+        return
+    by_name = {g.name: g for g in groups}
+    # The failing layer where skipping it keeps the group whole (it holds one of the group's layers), else the group's root.
+    keep = [
+        layer if skipped_by(by_name[name], layer) else name for name, (layer, _) in failures.items()
+    ]
+    # Repeated blocks fail alike: one pattern per layer name with its block numbers as wildcards.
+    where = sorted({re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", layer) for layer in keep})
+    name, (layer, reason) = next(iter(failures.items()))
+    others = f" and {len(failures) - 1} more group(s)" if len(failures) > 1 else ""
+    raise UnprunableError(
+        f"cannot prune channels of {', '.join(repr(w) for w in where)} (removing channels of group {name!r}{others} "
+        f"breaks {layer!r}: {reason}); set structure.skip=[{','.join(where)}] to keep "
+        f"{'it' if len(where) == 1 else 'them'} whole and prune the rest"
+    )
+
+
+def skipped_by(group, pattern: str) -> bool:
+    """Whether `structure.skip=[pattern]` keeps the group whole, as far as its named layers tell."""
+    return any(skipped(name, (pattern,)) for name in [*group.layers, *group.norms])
+
+
+def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor) -> tuple[str, str] | None:
+    """Remove every other unit of each group's channels and run the model: None, or (module, reason) of the failure.
+
+    Besides an error, a failure is a conv/linear layer whose channels changed otherwise than the
+    groups say (a dependency the graph maps wrongly, e.g. through a slice).
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    expected = {name: _channels(m) for name, m in layers.items()}
+    for group in groups:
+        root = model.get_submodule(group.name)
+        removed = [i for i in range(group.size) if (i // group.unit) % 2]
+        for name in group.layers:
+            rows = group.rows.get(name)
+            lost = sum(1 for i in removed if rows is None or rows[i] >= 0)
+            fan_in, fan_out = expected[name]
+            expected[name] = (fan_in - lost if grouped_unit(layers[name]) is not None else fan_in, fan_out - lost)
+        for name in group.consumers:
+            reads = group.reads.get(name)
+            fan_in, fan_out = expected[name]
+            expected[name] = (fan_in - sum(1 if reads is None else reads[i] for i in removed), fan_out)
+        try:
+            graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs=removed).prune()
+        except Exception as err:  # noqa: BLE001 - any failure of the removal is the reason to report
+            return group.name, _reason(err)
+    for name, m in layers.items():
+        if _channels(m) != expected[name]:
+            return name, f"its (input, output) channels became {_channels(m)}, the channel groups expect {expected[name]}"
+    running: list[str] = []
+    try:
+        with _innermost(model, running), eval_mode(model), torch.no_grad():
+            model(x)
+    except Exception as err:  # noqa: BLE001 - any failure of the forward pass is the reason to report
+        return (running[-1] if running else groups[0].name), _reason(err)
+    return None
+
+
+def _channels(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.in_channels, layer.out_channels
+
+
+def _reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}".rstrip(": ")
+
+
+@contextmanager
+def _innermost(model: nn.Module, running: list[str]) -> Iterator[None]:
+    """Keep in `running` the names of the modules whose forward pass has started and not ended."""
+    named = [(name, m) for name, m in model.named_modules() if name]
+
+    def start(name: str):
+        return lambda _module, _inputs: running.append(name)
+
+    def end(_module, _inputs, _output) -> None:
+        running.pop()
+
+    handles = [m.register_forward_pre_hook(start(name)) for name, m in named]
+    handles += [m.register_forward_hook(end) for _, m in named]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _state(model: nn.Module, graph) -> tuple[list, list]:
+    """What removing channels changes: each module's attributes (shallow copies: its parameter, buffer and child tables
+    copied) and each tensor's data (Torch-Pruning replaces the data of parameters it does not own)."""
+    modules = {id(m): m for m in [*model.modules(), *graph.module2node] if isinstance(m, nn.Module)}
+    attributes = [(m, {k: copy.copy(v) for k, v in vars(m).items()}) for m in modules.values()]
+    return attributes, [(t, t.data) for t in [*model.parameters(), *model.buffers()]]
+
+
+def _restore(saved: tuple[list, list]) -> None:
+    attributes, data = saved
+    for module, values in attributes:
+        vars(module).clear()
+        vars(module).update({k: copy.copy(v) for k, v in values.items()})
+    for tensor, value in data:
+        tensor.data = value
 
 
 def _split_unit(kept: list[int], unit: int) -> int | None:

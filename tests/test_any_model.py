@@ -1,0 +1,84 @@
+"""Models beyond prunelab's own backbones: layers whose channels cannot be removed are refused before any
+training, in one line naming them, and `structure.skip` keeps them whole while the rest is pruned."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import EpochRecorder, make_cfg, run_cli
+from prunelab import load_model, pipeline
+from prunelab.backbones import register
+from prunelab.structure import UnprunableError, channel_groups, check_prunable, model_record
+
+SHAPE = (3, 32, 32)
+
+
+class FixedWidthMixer(nn.Module):
+    """Mixes pixels with a reshape that hard-codes its channel count (the model's own bookkeeping)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], self.channels, x.shape[2] * x.shape[3])
+        return (flat - flat.mean(-1, keepdim=True)).reshape(x.shape)
+
+
+class Bookkept(nn.Module):
+    """Two conv blocks; the second block's output passes through `FixedWidthMixer`, so `conv2` must keep its channels."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.mixer = FixedWidthMixer(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.mixer(F.relu(self.bn2(self.conv2(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+register("test_bookkept")(Bookkept)
+
+
+def test_a_layer_that_breaks_is_named_with_the_skip_that_keeps_it_whole():
+    model = Bookkept().eval()
+    with pytest.raises(UnprunableError) as caught:
+        check_prunable(model, SHAPE)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("cannot prune channels of 'conv2' (removing channels of group 'conv2' breaks 'mixer': RuntimeError")
+    assert message.endswith("set structure.skip=[conv2] to keep it whole and prune the rest")
+
+    model_record(model).skip = ("conv2",)
+    assert [g.name for g in channel_groups(model, SHAPE)] == ["conv1"]
+    check_prunable(model, SHAPE)
+
+
+def test_refused_before_any_training_and_pruned_with_skip(tmp_path):
+    overrides = ("backbone=timm", "backbone.name=test_bookkept", "method=l1_filter", "budget.flops=0.6", "budget.tolerance=0.05")
+    recorder = EpochRecorder()
+    cfg = make_cfg(tmp_path / "refused", *overrides, "pretrain.epochs=1")
+    with pytest.raises(UnprunableError, match="set structure.skip=\\[conv2\\]"):
+        pipeline.run(cfg, tmp_path / "refused", callbacks=[recorder])
+    assert recorder.epochs == []
+
+    cfg = make_cfg(tmp_path / "skip", *overrides, "structure.skip=[conv2]")
+    summary = pipeline.run(cfg, tmp_path / "skip")
+    assert summary["model/flops_ratio"] == pytest.approx(0.6, rel=0.05)
+    model = load_model(tmp_path / "skip" / "model.pt")
+    assert model.conv2.out_channels == 16 and model.conv1.out_channels < 8
+
+
+def test_cli_says_it_in_one_line(tmp_path):
+    done = run_cli("backbone=resnet_tiny", "method=l1_filter", "budget.flops=0.5", "structure.skip=[nope]", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("prunelab: error: structure.skip entry 'nope' names no layer")
