@@ -63,6 +63,28 @@ def test_a_layer_that_breaks_is_named_with_the_skip_that_keeps_it_whole():
     check_prunable(model, SHAPE)
 
 
+class Flipped(nn.Module):
+    """A channel reversal between two convolutions: shapes survive any pruning, the function does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x))).flip(1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.conv2(x)), 1), 1))
+
+
+def test_a_wrongly_followed_permutation_is_caught_by_the_outputs():
+    """Torch-Pruning takes the flip for an element-wise op; only comparing with the dense model shows it."""
+    torch.manual_seed(0)
+    with pytest.raises(UnprunableError, match="breaks 'conv1': the pruned model's outputs differ from the dense model's"):
+        check_prunable(Flipped().eval(), SHAPE)
+
+
 def test_refused_before_any_training_and_pruned_with_skip(tmp_path):
     overrides = ("backbone=timm", "backbone.name=test_bookkept", "method=l1_filter", "budget.flops=0.6", "budget.tolerance=0.05")
     recorder = EpochRecorder()

@@ -49,9 +49,9 @@ class ChannelGroup:
     that does not read each channel exactly once (a Linear after a flatten reads every channel once
     per pixel; a layer after a split reads only some), how many of its input channels come from each
     of the group's channels; a consumer not named there reads each channel once. `rows` gives, for a
-    producing layer whose output channels are not the group's one to one (a depthwise convolution
-    after a concatenation produces several groups' channels), its output channel for each of the
-    group's channels, -1 for a channel it does not produce (one half of a concatenation).
+    producing layer or a norm whose channels are not the group's one to one (a depthwise convolution
+    or a BatchNorm after a concatenation holds several groups' channels), its channel for each of the
+    group's channels, -1 for a channel it does not hold (one half of a concatenation).
     """
 
     name: str
@@ -216,6 +216,40 @@ def _graph_class() -> type:
         def __init__(self) -> None:
             super().__init__()
             self.grouped_conv_pruner = GroupedConvPruner()
+            self.unmapped: dict[nn.Module, str] = {}
+
+        @contextmanager
+        def _guarded_reshapes(self) -> Iterator[None]:
+            """Reshapes whose channel mapping Torch-Pruning cannot work out are recorded, not raised.
+
+            A channel shuffle (a view that splits channels into groups, a transpose, a view back) makes
+            Torch-Pruning's reshape mapping divide by zero, when the graph is built and again whenever
+            a group is read; such a reshape is kept in `unmapped` with the reason, and the channels
+            through it are kept whole (`groups_from_graph`).
+            """
+            from torch_pruning.dependency import index_mapping
+
+            original = index_mapping.update_reshape_index_mapping
+
+            def guarded(graph: Any, node: Any) -> None:
+                try:
+                    original(graph, node)
+                except (ArithmeticError, IndexError, ValueError, RuntimeError) as err:
+                    self.unmapped[node.module] = f"{type(err).__name__} in Torch-Pruning's index mapping of {node.name}"
+
+            index_mapping.update_reshape_index_mapping = guarded
+            try:
+                yield
+            finally:
+                index_mapping.update_reshape_index_mapping = original
+
+        def build_dependency(self, *args: Any, **kwargs: Any) -> Any:
+            with self._guarded_reshapes():
+                return super().build_dependency(*args, **kwargs)
+
+        def get_pruning_group(self, *args: Any, **kwargs: Any) -> Any:
+            with self._guarded_reshapes():
+                return super().get_pruning_group(*args, **kwargs)
 
         def get_pruner_of_module(self, module: nn.Module) -> Any:
             if (grouped_unit(module) or 1) > 1:
@@ -293,6 +327,14 @@ def skipped(name: str, patterns: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(f"{p}.") or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _order(item: Any, size: int) -> list[int]:
+    """A dependency's own channel index for each of the group's channels (-1 where it has none)."""
+    order = [-1] * size
+    for root, index in zip(item.root_idxs, item.idxs):
+        order[int(root)] = int(index)
+    return order
+
+
 def groups_from_graph(
     model: nn.Module, graph: Any, classifier: nn.Module | None, skip: tuple[str, ...] = ()
 ) -> list[ChannelGroup]:
@@ -316,12 +358,17 @@ def groups_from_graph(
         if pruner is None or pruner.get_out_channels(module) is None:
             continue
         size = int(pruner.get_out_channels(module))
-        group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
+        except (ArithmeticError, IndexError, ValueError, RuntimeError) as err:
+            _log_once(f"channel group {name!r} is kept whole: Torch-Pruning cannot follow its channels ({type(err).__name__}: {err})")
+            continue
         producers = []
         norms: list[str] = []
         consumers: list[str] = []
         reads: dict[str, list[int]] = {}
         rows: dict[str, list[int]] = {}
+        unmapped = None
         merges: set[str] = set()
         prunable = True
         blocked: list[nn.Module] = []
@@ -330,6 +377,9 @@ def groups_from_graph(
             target = dep.target.module
             if isinstance(target, nn.modules.batchnorm._BatchNorm) and target in names and names[target] not in norms:
                 norms.append(names[target])
+                order = _order(item, size)
+                if order != list(range(size)) or target.num_features != size:
+                    rows[names[target]] = order
             if _unsupported_grouped(target):
                 blocked.append(target)
             if type(target).__name__ == "_ElementWiseOp":
@@ -343,6 +393,8 @@ def groups_from_graph(
                     counts[int(root)] += 1
                 if counts != [1] * size:
                     reads[names[target]] = counts
+            if target in graph.unmapped:
+                unmapped = graph.unmapped[target]
             if not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
             if skip and target in names and skipped(names[target], skip):
@@ -352,12 +404,13 @@ def groups_from_graph(
                 prunable = False
             if isinstance(target, PRUNABLE_TYPES) and target in names and target not in producers:
                 producers.append(target)
-                order = [-1] * size
-                for root, index in zip(item.root_idxs, item.idxs):
-                    order[int(root)] = int(index)
+                order = _order(item, size)
                 if order != list(range(size)) or out_channels(target) != size:
                     rows[names[target]] = order
         if not prunable:
+            continue
+        if unmapped is not None:
+            _log_once(f"channel group {name!r} is kept whole: its channels pass a reshape that cannot be followed ({unmapped})")
             continue
         # Grouped convolutions lose whole groups (GroupedConvPruner); where a group cannot be removed
         # whole, the channels are kept, and the reason is logged once.

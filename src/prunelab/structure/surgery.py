@@ -89,18 +89,22 @@ def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
     groups = [g for g in channel_groups(model, input_shape) if g.size > g.unit]
     if not groups:
         return
+    # With BatchNorm alone, zeroing a channel's weights and affine parameters silences it exactly, so
+    # the pruned copy must compute what the dense model computes with the removed channels zeroed.
+    other_norms = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+    dense = None if any(isinstance(m, other_norms) for m in model.modules()) else copy.deepcopy(model)
     trial = copy.deepcopy(model)
     graph, _ = build_graph(trial, tuple(input_shape))
     param = next(trial.parameters())
     x = torch.randn(2, *input_shape, device=param.device, dtype=param.dtype)
-    if _breaks(trial, graph, groups, x) is None:
+    if _breaks(trial, graph, groups, x, dense) is None:
         return
     trial = copy.deepcopy(model)
     graph, _ = build_graph(trial, tuple(input_shape))
     saved = _state(trial, graph)
     failures = {}
     for group in groups:
-        found = _breaks(trial, graph, [group], x)
+        found = _breaks(trial, graph, [group], x, dense)
         if found is not None:
             failures[group.name] = found
         _restore(saved)
@@ -127,11 +131,13 @@ def skipped_by(group, pattern: str) -> bool:
     return any(skipped(name, (pattern,)) for name in [*group.layers, *group.norms])
 
 
-def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor) -> tuple[str, str] | None:
+def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Module | None) -> tuple[str, str] | None:
     """Remove every other unit of each group's channels and run the model: None, or (module, reason) of the failure.
 
     Besides an error, a failure is a conv/linear layer whose channels changed otherwise than the
-    groups say (a dependency the graph maps wrongly, e.g. through a slice).
+    groups say (a dependency the graph maps wrongly, e.g. through a slice), or, given the `dense`
+    model (BatchNorm models only), an output other than the dense model's with the removed channels
+    zeroed (a channel permutation followed wrongly, e.g. through a shuffle).
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
     expected = {name: _channels(m) for name, m in layers.items()}
@@ -160,7 +166,42 @@ def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor) -> tuple[str
             model(x)
     except Exception as err:  # noqa: BLE001 - any failure of the forward pass is the reason to report
         return (running[-1] if running else groups[0].name), _reason(err)
+    if dense is not None:
+        with eval_mode(model), torch.no_grad():
+            pruned = model(x)
+        with _silenced(dense, groups), eval_mode(dense), torch.no_grad():
+            expected = dense(x)
+        error = float((pruned - expected).abs().max())
+        if error > 1e-3 * float(expected.abs().max()) + 1e-5:
+            return groups[0].name, (
+                f"the pruned model's outputs differ from the dense model's with the removed channels silenced "
+                f"(max difference {error:.3g}): the channels are mapped wrongly somewhere"
+            )
     return None
+
+
+@contextmanager
+def _silenced(model: nn.Module, groups: list) -> Iterator[None]:
+    """Zero the weights, biases and BatchNorm affine parameters of every other unit of each group's channels."""
+    saved = []
+    with torch.no_grad():
+        for group in groups:
+            removed = [i for i in range(group.size) if (i // group.unit) % 2]
+            for name in [*group.layers, *group.norms]:
+                module = model.get_submodule(name)
+                rows = group.rows.get(name)
+                index = [rows[i] if rows is not None else i for i in removed]
+                index = torch.tensor([i for i in index if i >= 0], dtype=torch.long)
+                for tensor in (module.weight, module.bias):
+                    if tensor is not None:
+                        saved.append((tensor, tensor[index].clone(), index))
+                        tensor[index] = 0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, values, index in reversed(saved):
+                tensor[index] = values
 
 
 def _channels(layer: nn.Module) -> tuple[int, int]:
