@@ -143,13 +143,14 @@ def parse_layer_ratios(spec: list, groups: list) -> dict[str, float]:
     return ratios
 
 
-def keep_count(count: int, size: int, round_to: int = 1, unit: int = 1) -> int:
+def keep_count(count: int, size: int, round_to: int = 1, unit: int = 1, multiple: int = 1) -> int:
     """Channels to keep: at least one, rounded up to a multiple of `round_to`, never more than `size`.
 
     A group read by grouped convolutions also rounds up to a multiple of its `unit`
-    (`ChannelGroup.unit`), so that it keeps whole units.
+    (`ChannelGroup.unit`), so that it keeps whole units, and one that must keep a multiple of some
+    count (`ChannelGroup.multiple`, an attention's heads) to a multiple of that.
     """
-    step = math.lcm(max(1, int(round_to)), max(1, int(unit)))
+    step = math.lcm(max(1, int(round_to)), max(1, int(unit)), max(1, int(multiple)))
     return min(size, math.ceil(max(1, int(count)) / step) * step)
 
 
@@ -179,18 +180,23 @@ def plan_by_counts(scores: dict[str, torch.Tensor], counts: dict[str, int], unit
 
 
 def plan_by_threshold(
-    scores: dict[str, torch.Tensor], tau: float, round_to: int = 1, units: dict[str, int] | None = None
+    scores: dict[str, torch.Tensor],
+    tau: float,
+    round_to: int = 1,
+    units: dict[str, int] | None = None,
+    multiples: dict[str, int] | None = None,
 ):
     """A ChannelPlan keeping the channels whose score is at least `tau` (at least one per group).
 
-    A group with a unit in `units` keeps the whole units whose mean score is at least `tau`.
+    A group with a unit in `units` keeps the whole units whose mean score is at least `tau`; one
+    in `multiples` keeps a multiple of that many channels (rounded up).
     """
-    units = units or {}
+    units, multiples = units or {}, multiples or {}
     counts = {}
     for name, s in scores.items():
         unit = units.get(name, 1)
         above = int((unit_scores(s, unit) >= tau).sum()) * unit
-        counts[name] = keep_count(above, s.numel(), round_to, unit)
+        counts[name] = keep_count(above, s.numel(), round_to, unit, multiples.get(name, 1))
     return plan_by_counts(scores, counts, units)
 
 
@@ -286,6 +292,7 @@ def search_threshold(
     round_to: int = 1,
     reference: float | None = None,
     units: dict[str, int] | None = None,
+    multiples: dict[str, int] | None = None,
 ):
     """Binary search of a global threshold on normalised scores to keep `target` of the dense FLOPs.
 
@@ -297,7 +304,8 @@ def search_threshold(
     swaps the bound update; we raise tau_min when the candidate is still too large, which is the
     convergent direction. The ratio is taken against `reference` (the dense backbone's count) when
     given, else against the model itself. Groups read by grouped convolutions keep whole units
-    (`units`, group name to `ChannelGroup.unit`). Returns the plan and the ratio it achieves, as
+    (`units`, group name to `ChannelGroup.unit`), and groups in `multiples` multiples of their
+    count (`ChannelGroup.multiple`); both are read from the model when not given. Returns the plan and the ratio it achieves, as
     counted on the built model.
     """
     import copy
@@ -307,6 +315,8 @@ def search_threshold(
     groups = [g for g in channel_groups(model, input_shape) if g.name in scores]
     if units is None:
         units = {g.name: g.unit for g in groups}
+    if multiples is None:
+        multiples = {g.name: g.multiple for g in groups}
     costs = CostModel(model, groups, input_shape)
     count = count_flops if metric == "flops" else (lambda m, _: count_params(m))
     dense = reference if reference is not None else costs.dense[metric]
@@ -316,7 +326,7 @@ def search_threshold(
     def estimated(plan) -> float:
         return costs.count(plan)[metric] / dense
 
-    smallest = estimated(plan_by_threshold(normalised, float("inf"), round_to, units))
+    smallest = estimated(plan_by_threshold(normalised, float("inf"), round_to, units, multiples))
     if smallest > target * (1 + tolerance):
         raise BudgetError(
             f"{metric} budget {target:.4g} cannot be met: keeping a single channel or unit (round_to={round_to}) in "
@@ -324,7 +334,7 @@ def search_threshold(
         )
     aim = target
     for _ in range(5):
-        plan = _bisect(normalised, aim, estimated, tolerance * target / aim, iterations, round_to, units, metric)
+        plan = _bisect(normalised, aim, estimated, tolerance * target / aim, iterations, round_to, units, multiples, metric)
         ratio = count(apply_channel_plan(copy.deepcopy(model), plan, input_shape), input_shape) / dense
         if abs(ratio - target) / target <= tolerance:
             return plan, ratio
@@ -336,13 +346,13 @@ def search_threshold(
     )
 
 
-def _bisect(normalised, target, estimated, tolerance, iterations, round_to, units, metric):
+def _bisect(normalised, target, estimated, tolerance, iterations, round_to, units, multiples, metric):
     """The threshold plan whose estimated ratio is within `tolerance` of `target` (relative), by bisection."""
     lo, hi = 0.0, 1.0
     best = None
     for _ in range(iterations):
         tau = (lo + hi) / 2
-        plan = plan_by_threshold(normalised, tau, round_to, units)
+        plan = plan_by_threshold(normalised, tau, round_to, units, multiples)
         ratio = estimated(plan)
         if abs(ratio - target) / target <= tolerance:
             return plan
@@ -372,10 +382,11 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
     round_to = int(budget.get("round_to") or 1)
     groups = [g for g in channel_groups(model, input_shape) if g.name in scores]
     units = {g.name: g.unit for g in groups}
+    multiples = {g.name: g.multiple for g in groups}
     if budget.get("layer_ratios"):
         ratios = parse_layer_ratios(list(budget.layer_ratios), groups)
         counts = {
-            n: keep_count(round(s.numel() * (1 - ratios.get(n, 0.0))), s.numel(), round_to, units.get(n, 1))
+            n: keep_count(round(s.numel() * (1 - ratios.get(n, 0.0))), s.numel(), round_to, units.get(n, 1), multiples.get(n, 1))
             for n, s in scores.items()
         }
         return plan_by_counts(scores, counts, units)
@@ -395,6 +406,7 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
                 round_to=round_to,
                 reference=ctx.dense.get(metric) if ctx.dense else None,
                 units=units,
+                multiples=multiples,
             )
             return plan
     raise BudgetError("structured pruning needs budget.flops, budget.params or budget.layer_ratios")

@@ -234,6 +234,7 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
         raise ConfigError(f"{type(method).__name__} prunes to a budget: set {wanted}")
     input_shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
     model_record(model).skip = check_skip(list(cfg.get("structure", {}).get("skip") or []), model)
+    model_record(model).prune_embedding = bool(cfg.get("structure", {}).get("prune_embedding", False))
     if prunes and "flops" in method.budget_keys and any(cfg.budget.get(k) is not None for k in ("flops", "params", "layer_ratios")):
         structure.check_prunable(model, input_shape)
     logger = _build(cfg.logger, **dashboard.logger_options(cfg)) if cfg.get("logger") else None

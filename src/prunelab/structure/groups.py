@@ -51,7 +51,10 @@ class ChannelGroup:
     of the group's channels; a consumer not named there reads each channel once. `rows` gives, for a
     producing layer or a norm whose channels are not the group's one to one (a depthwise convolution
     or a BatchNorm after a concatenation holds several groups' channels), its channel for each of the
-    group's channels, -1 for a channel it does not hold (one half of a concatenation).
+    group's channels, -1 for a channel it does not hold (one half of a concatenation). `multiple`:
+    the group keeps a multiple of this many channels (the heads of a MultiheadAttention it feeds,
+    which splits its width evenly among them). `embedding` marks a transformer's embedding width: a
+    residual stream through LayerNorms in a model with attention.
     """
 
     name: str
@@ -66,6 +69,8 @@ class ChannelGroup:
     merges: list[str] = field(default_factory=list)
     reads: dict[str, list[int]] = field(default_factory=dict)
     rows: dict[str, list[int]] = field(default_factory=dict)
+    multiple: int = 1
+    embedding: bool = False
 
 
 def grouped_unit(module: nn.Module) -> int | None:
@@ -344,6 +349,7 @@ def groups_from_graph(
     produces or normalises its channels; a layer that only reads them does not keep them.
     """
     names = {module: name for name, module in model.named_modules()}
+    attention = any(isinstance(m, nn.MultiheadAttention) or isinstance(getattr(m, "num_heads", None), int) for m in model.modules())
     # Parameters outside conv/linear/norm layers (layer scales, embeddings) are graph nodes too: named by their module.
     names.update({param: name.rpartition(".")[0] for name, param in model.named_parameters()})
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
@@ -369,6 +375,8 @@ def groups_from_graph(
         reads: dict[str, list[int]] = {}
         rows: dict[str, list[int]] = {}
         unmapped = None
+        multiple = 1
+        layer_norm = False
         merges: set[str] = set()
         prunable = True
         blocked: list[nn.Module] = []
@@ -382,6 +390,9 @@ def groups_from_graph(
                     rows[names[target]] = order
             if _unsupported_grouped(target):
                 blocked.append(target)
+            if isinstance(target, nn.MultiheadAttention):
+                multiple = math.lcm(multiple, target.num_heads)
+            layer_norm = layer_norm or isinstance(target, nn.LayerNorm)
             if type(target).__name__ == "_ElementWiseOp":
                 fn = getattr(target, "_grad_fn", None)
                 merges.add(fn if isinstance(fn, str) else type(fn).__name__)
@@ -444,6 +455,8 @@ def groups_from_graph(
                 merges=sorted(merges),
                 reads=reads,
                 rows=rows,
+                multiple=multiple,
+                embedding=attention and layer_norm and sum(grouped_unit(m) is None for m in members) > 1,
             )
         )
     return groups
@@ -456,18 +469,23 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[
     mode, so its BatchNorm statistics do not move. Channels that pass through a grouped convolution
     which cannot lose a whole group (its input and output groups differ in size, or its groups do not
     line up with the group's channels) are kept whole: they form no group, and a warning says why.
-    So are the channels produced by a layer named in the model record's `skip` (`structure.skip`).
+    So are the channels produced by a layer named in the model record's `skip` (`structure.skip`),
+    and a transformer's embedding width (`ChannelGroup.embedding`) unless the record's
+    `prune_embedding` is set (`structure.prune_embedding`).
     The groups are remembered on the model with its parameter and buffer shapes, so asking again
     before the architecture changes does not trace again.
     """
     record = model.__dict__.get("prunelab")
     skip = tuple(getattr(record, "skip", ()))
-    key = (tuple(input_shape), skip, _signature(model))
+    embedding = bool(getattr(record, "prune_embedding", False))
+    key = (tuple(input_shape), skip, embedding, _signature(model))
     cached = model.__dict__.get("_prunelab_groups")
     if cached is not None and cached[0] == key:
         return copy.deepcopy(cached[1])
     graph, classifier = build_graph(model, tuple(input_shape))
     groups = groups_from_graph(model, graph, classifier, skip)
+    if not embedding:
+        groups = [g for g in groups if not g.embedding]
     model.__dict__["_prunelab_groups"] = (key, copy.deepcopy(groups))
     return groups
 

@@ -151,7 +151,8 @@ class ModelRecord:
     `spec` is how `prunelab.backbones.create` rebuilds the architecture; `input_shape` the (C, H, W)
     the model is traced and measured at; `plans` the channel plans applied to it, in order (replayed
     on a fresh model to rebuild a pruned one); `masks` its unstructured masks, or None; `skip` the
-    layers (`structure.skip` patterns) whose channels are kept whole. `save_model`
+    layers (`structure.skip` patterns) whose channels are kept whole; `prune_embedding` whether a
+    transformer's embedding width may be pruned (`structure.prune_embedding`). `save_model`
     writes all of it and `load_model` restores it.
     """
 
@@ -160,6 +161,7 @@ class ModelRecord:
     plans: list[ChannelPlan] = field(default_factory=list)
     masks: MaskPlan | None = None
     skip: tuple[str, ...] = ()
+    prune_embedding: bool = False
 
 
 def model_record(model: nn.Module) -> ModelRecord:

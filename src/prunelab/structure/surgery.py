@@ -59,6 +59,7 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
                 f"{', '.join(convs)} and are kept or removed in whole units of {unit}, but only some of channels "
                 f"{split * unit}-{(split + 1) * unit - 1} are kept"
             )
+    before = _own_shapes(model)
     # Groups are disjoint, so removing one group's channels leaves the indices of the others valid.
     for name, kept in plan.keep.items():
         kept_set = set(kept)
@@ -69,8 +70,60 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
         pruner = graph.get_pruner_of_module(root)
         group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs=removed)
         group.prune()
+    _update_bookkeeping(model, before)
     model_record(model).plans.append(plan)
     return model
+
+
+# Layers whose size attributes Torch-Pruning's own pruners update.
+_SIZED_BY_TP = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.MultiheadAttention,
+    nn.PReLU,
+    nn.Embedding,
+)
+
+
+_WIDTH_NAMES = ("dim", "channel", "shape", "feature", "width", "planes")
+
+
+def _own_shapes(model: nn.Module) -> dict[nn.Module, dict[str, tuple[int, ...]]]:
+    """The shapes of each module's own parameters, for modules whose size attributes nobody else updates."""
+    return {
+        m: {n: tuple(p.shape) for n, p in m.named_parameters(recurse=False)}
+        for m in model.modules()
+        if not isinstance(m, _SIZED_BY_TP) and any(True for _ in m.parameters(recurse=False))
+    }
+
+
+def _update_bookkeeping(model: nn.Module, before: dict[nn.Module, dict[str, tuple[int, ...]]]) -> None:
+    """Give a module the sizes its pruned parameters now have, in the attributes that recorded the old ones.
+
+    A module of the model's own (timm's layer scale keeps `shape = (dim, 1, 1)`, torchvision's
+    VisionTransformer `hidden_dim` beside its class token) reshapes with such attributes: an int
+    attribute equal to a dimension that changed, or a tuple holding one, takes the new size when its
+    name says it is a width (`_WIDTH_NAMES`; `image_size` may equal `hidden_dim` by chance).
+    check_prunable runs the pruned model, so a wrong guess is refused before any training.
+    """
+    for module, shapes in before.items():
+        sizes = {}
+        for name, shape in shapes.items():
+            now = tuple(getattr(module, name).shape)
+            sizes.update({old: new for old, new in zip(shape, now) if old != new})
+        if not sizes:
+            continue
+        for key, value in list(vars(module).items()):
+            if key.startswith("_") or isinstance(value, bool) or not any(w in key.lower() for w in _WIDTH_NAMES):
+                continue
+            if isinstance(value, int) and value in sizes:
+                setattr(module, key, sizes[value])
+            elif isinstance(value, tuple) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                if any(v in sizes for v in value):
+                    setattr(module, key, tuple(sizes.get(v, v) for v in value))
 
 
 class UnprunableError(ConfigError):
@@ -80,13 +133,13 @@ class UnprunableError(ConfigError):
 def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
     """Refuse, in one line naming the layers, a model whose channel groups cannot all lose channels.
 
-    On a copy of the model every group loses every other unit of its channels at once and the copy
+    On a copy of the model every group loses about half its channels, every other unit (`_trial_removed`), at once and the copy
     runs a forward pass; where that fails, each group is tried alone (the copy's modules are put
     back after each try) to find the ones that break it. The error names, per failing group, the
     innermost module that was running when the forward pass failed (or the group's root layer where
     the removal itself failed) and the reason, and suggests the `structure.skip` that keeps them whole.
     """
-    groups = [g for g in channel_groups(model, input_shape) if g.size > g.unit]
+    groups = [g for g in channel_groups(model, input_shape) if _trial_removed(g)]
     if not groups:
         return
     # With BatchNorm alone, zeroing a channel's weights and affine parameters silences it exactly, so
@@ -132,18 +185,20 @@ def skipped_by(group, pattern: str) -> bool:
 
 
 def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Module | None) -> tuple[str, str] | None:
-    """Remove every other unit of each group's channels and run the model: None, or (module, reason) of the failure.
+    """Remove about half of each group's channels (`_trial_removed`) and run the model: None, or (module, reason) of the failure.
 
     Besides an error, a failure is a conv/linear layer whose channels changed otherwise than the
     groups say (a dependency the graph maps wrongly, e.g. through a slice), or, given the `dense`
     model (BatchNorm models only), an output other than the dense model's with the removed channels
     zeroed (a channel permutation followed wrongly, e.g. through a shuffle).
     """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    # Layers the graph traced (a MultiheadAttention's out_proj is pruned by its parent's pruner, not traced).
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and m in graph.module2node}
     expected = {name: _channels(m) for name, m in layers.items()}
+    before = _own_shapes(model)
     for group in groups:
         root = model.get_submodule(group.name)
-        removed = [i for i in range(group.size) if (i // group.unit) % 2]
+        removed = _trial_removed(group)
         for name in group.layers:
             rows = group.rows.get(name)
             lost = sum(1 for i in removed if rows is None or rows[i] >= 0)
@@ -157,6 +212,7 @@ def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Mo
             graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs=removed).prune()
         except Exception as err:  # noqa: BLE001 - any failure of the removal is the reason to report
             return group.name, _reason(err)
+    _update_bookkeeping(model, before)
     for name, m in layers.items():
         if _channels(m) != expected[name]:
             return name, f"its (input, output) channels became {_channels(m)}, the channel groups expect {expected[name]}"
@@ -182,11 +238,11 @@ def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Mo
 
 @contextmanager
 def _silenced(model: nn.Module, groups: list) -> Iterator[None]:
-    """Zero the weights, biases and BatchNorm affine parameters of every other unit of each group's channels."""
+    """Zero the weights, biases and BatchNorm affine parameters of the channels `_trial_removed` takes from each group."""
     saved = []
     with torch.no_grad():
         for group in groups:
-            removed = [i for i in range(group.size) if (i // group.unit) % 2]
+            removed = _trial_removed(group)
             for name in [*group.layers, *group.norms]:
                 module = model.get_submodule(name)
                 rows = group.rows.get(name)
@@ -202,6 +258,16 @@ def _silenced(model: nn.Module, groups: list) -> Iterator[None]:
         with torch.no_grad():
             for tensor, values, index in reversed(saved):
                 tensor[index] = values
+
+
+def _trial_removed(group) -> list[int]:
+    """About half of the group's channels, every other unit, so that it keeps a valid count (`keep_count`)."""
+    from prunelab.budget import keep_count
+
+    units = group.size // group.unit
+    kept = keep_count(group.size // 2, group.size, 1, group.unit, group.multiple) // group.unit
+    order = [j for j in range(units) if j % 2] + [j for j in reversed(range(units)) if j % 2 == 0]
+    return sorted(i for j in order[: units - kept] for i in range(j * group.unit, (j + 1) * group.unit))
 
 
 def _channels(layer: nn.Module) -> tuple[int, int]:
