@@ -3,6 +3,8 @@ training, in one line naming them, and `structure.skip` keeps them whole while t
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,8 @@ from torch import nn
 from conftest import EpochRecorder, make_cfg, run_cli
 from prunelab import load_model, pipeline
 from prunelab.backbones import create, register
-from prunelab.structure import UnprunableError, channel_groups, check_prunable, model_record
+from prunelab.export import save_model
+from prunelab.structure import ChannelPlan, UnprunableError, apply_channel_plan, channel_groups, check_prunable, model_record
 
 SHAPE = (3, 32, 32)
 
@@ -109,7 +112,7 @@ def test_cli_says_it_in_one_line(tmp_path):
 def _pruned_and_reloaded(model: nn.Module, shape: tuple[int, int, int], target: float | None, tmp_path) -> nn.Module:
     """Prune `model` with L1 scores to `target` of its FLOPs (None: half of every group), save and reload;
     the reload must compute the same."""
-    from prunelab.budget import count_flops, plan_by_counts, search_threshold
+    from prunelab.budget import count_flops, keep_count, plan_by_counts, search_threshold
     from prunelab.export import save_model
     from prunelab.structure import apply_channel_plan, group_weights
 
@@ -117,7 +120,8 @@ def _pruned_and_reloaded(model: nn.Module, shape: tuple[int, int, int], target: 
     groups = channel_groups(model, shape)
     scores = {g.name: sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, g)) for g in groups}
     if target is None:
-        plan = plan_by_counts(scores, {g.name: g.size // 2 for g in groups})
+        counts = {g.name: keep_count(g.size // 2, g.size, 1, g.unit, g.multiple) for g in groups}
+        plan = plan_by_counts(scores, counts, {g.name: g.unit for g in groups})
     else:
         plan, ratio = search_threshold(model, scores, target, shape, tolerance=0.05)
     apply_channel_plan(model, plan, shape)
@@ -228,3 +232,57 @@ def test_channel_shuffle_is_refused_by_its_outputs_and_the_rest_prunes_with_skip
     check_prunable(model, SHAPE)
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     assert model.conv1.out_channels == 8 and model.branch[0].out_channels == 6
+
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
+TINY_SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 4))
+
+
+def test_attention_heads_are_pruned_whole_and_compute_what_the_kept_heads_did(tmp_path):
+    """Removing heads equals silencing them in the dense model (their output-projection columns zeroed)."""
+    torch.manual_seed(0)
+    model = create("timm:vit_tiny_patch16_224", **TINY_VIT).eval()
+    dense = copy.deepcopy(model)
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    heads = groups["blocks.0.attn.qkv"]
+    assert (heads.size, heads.unit, heads.heads, heads.consumers) == (32, 8, "blocks.0.attn", ["blocks.0.attn.proj"])
+    assert [n for n, g in groups.items() if g.heads is None] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    # Keep heads 1 and 3 of block 0, heads 0, 1, 2 of block 1.
+    keep = {"blocks.0.attn.qkv": [*range(8, 16), *range(24, 32)], "blocks.1.attn.qkv": list(range(24))}
+    apply_channel_plan(model, ChannelPlan(keep, {name: 32 for name in keep}), SHAPE)
+    assert [model.blocks[i].attn.num_heads for i in (0, 1)] == [2, 3]
+    assert model.blocks[0].attn.qkv.weight.shape == (48, 32) and model.blocks[0].attn.proj.weight.shape == (32, 16)
+    with torch.no_grad():
+        for i, kept in enumerate(keep.values()):
+            dropped = [c for c in range(32) if c not in kept]
+            dense.blocks[i].attn.proj.weight[:, dropped] = 0
+        x = torch.randn(2, *SHAPE)
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
+    model_record(model).input_shape = SHAPE
+    reloaded = load_model(save_model(model, tmp_path / "vit.pt")).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+
+
+def test_window_attention_loses_heads_with_their_position_bias(tmp_path):
+    torch.manual_seed(0)
+    model = create("timm:swin_tiny_patch4_window7_224", **TINY_SWIN).eval()
+    groups = channel_groups(model, SHAPE)
+    assert [(g.name, g.unit) for g in groups if g.heads] == [("layers.0.blocks.0.attn.qkv", 8), ("layers.1.blocks.0.attn.qkv", 8)]
+    check_prunable(model, SHAPE)
+    _pruned_and_reloaded(model, SHAPE, None, tmp_path)
+    attn = model.layers[1].blocks[0].attn
+    assert attn.num_heads == 2 and attn.relative_position_bias_table.shape[-1] == 2
+
+
+@pytest.mark.parametrize("method", ["l1_filter", "random"])
+def test_a_timm_vit_prunes_to_a_flops_budget_end_to_end(tmp_path, method):
+    vit = [f"+backbone.{k}={v}" for k, v in TINY_VIT.items()]
+    cfg = make_cfg(tmp_path, "backbone=timm", "backbone.name=timm:vit_tiny_patch16_224", *vit,
+                   f"method={method}", "budget.flops=0.6", "budget.tolerance=0.05")  # fmt: skip
+    summary = pipeline.run(cfg, tmp_path)
+    assert summary["model/flops_ratio"] == pytest.approx(0.6, rel=0.05)
+    model = load_model(tmp_path / "model.pt")
+    heads = [block.attn.num_heads for block in model.blocks]
+    assert all(block.attn.qkv.out_features == 3 * 8 * h for block, h in zip(model.blocks, heads))
+    assert model.patch_embed.proj.out_channels == 32

@@ -54,7 +54,9 @@ class ChannelGroup:
     group's channels, -1 for a channel it does not hold (one half of a concatenation). `multiple`:
     the group keeps a multiple of this many channels (the heads of a MultiheadAttention it feeds,
     which splits its width evenly among them). `embedding` marks a transformer's embedding width: a
-    residual stream through LayerNorms in a model with attention.
+    residual stream through LayerNorms in a model with attention. `heads` names the attention module
+    when the group is its heads (`attention_heads`): channel i is row i of its query, key and value
+    projections each and column i of its output projection, and `unit` is the head dimension.
     """
 
     name: str
@@ -71,6 +73,7 @@ class ChannelGroup:
     rows: dict[str, list[int]] = field(default_factory=dict)
     multiple: int = 1
     embedding: bool = False
+    heads: str | None = None
 
 
 def grouped_unit(module: nn.Module) -> int | None:
@@ -357,7 +360,12 @@ def groups_from_graph(
     stages = _stage_of(model)
     visited: set[nn.Module] = set()
     groups: list[ChannelGroup] = []
+    heads = attention_heads(model)
+    qkv_layers = {model.get_submodule(f"{name}.qkv") for name in heads}
     for name, module in layers:
+        if module in qkv_layers and not (skip and skipped(name, skip)):
+            groups.append(_head_group(model, name.rpartition(".")[0], index_of, stages))
+            continue
         if module in visited or module is classifier or module not in graph.module2node:
             continue
         pruner = graph.get_pruner_of_module(module)
@@ -408,6 +416,9 @@ def groups_from_graph(
                 unmapped = graph.unmapped[target]
             if not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
+            if target in qkv_layers:
+                # Torch-Pruning sees a qkv projection's rows as plain channels; its heads are a group of their own.
+                prunable = False
             if skip and target in names and skipped(names[target], skip):
                 prunable = False
             visited.add(target)
@@ -462,6 +473,68 @@ def groups_from_graph(
     return groups
 
 
+def attention_heads(model: nn.Module) -> dict[str, nn.Module]:
+    """The attention modules whose heads can be pruned, by name: timm's layout (`qkv` and `proj`
+    Linear layers, `num_heads` heads, query/key/value stacked in `qkv`'s rows; ViT's Attention, Swin's
+    WindowAttention) with no layer over the joint head width (`norm` an Identity, no `gate`)."""
+    found = {}
+    for name, m in model.named_modules():
+        qkv, proj, heads = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
+        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 1):
+            continue
+        dim = head_dim(m)
+        if qkv.out_features == 3 * heads * dim and proj.in_features == heads * dim:
+            if isinstance(getattr(m, "norm", nn.Identity()), nn.Identity) and getattr(m, "gate", None) is None:
+                found[name] = m
+    return found
+
+
+def head_dim(attention: nn.Module) -> int:
+    """Channels per head: the module's `head_dim`, else (Swin keeps none) qkv's rows over 3 x heads."""
+    found = getattr(attention, "head_dim", None)
+    return found if isinstance(found, int) else attention.qkv.out_features // (3 * attention.num_heads)
+
+
+def _head_group(model: nn.Module, attention: str, index_of: dict[str, int], stages: dict[str, int]) -> ChannelGroup:
+    """The group of an attention module's heads (`ChannelGroup.heads`), named after its qkv layer."""
+    m = model.get_submodule(attention)
+    width = m.num_heads * head_dim(m)
+    qkv = f"{attention}.qkv" if attention else "qkv"
+    return ChannelGroup(
+        name=qkv,
+        size=width,
+        layers=[qkv],
+        stage=stages.get(qkv, 0),
+        layer_index=index_of[qkv],
+        unit=head_dim(m),
+        consumers=[f"{attention}.proj" if attention else "proj"],
+        heads=attention,
+    )
+
+
+def prune_heads(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
+    """Keep the heads of `group.heads` whose channels are `kept` (whole heads): the rows of query, key and
+    value, the columns of the output projection, the module's own per-head parameters (Swin's relative
+    position bias table, heads last) and its head count."""
+    m = model.get_submodule(group.heads)
+    dim, heads = head_dim(m), m.num_heads
+    index = torch.tensor(kept, dtype=torch.long, device=m.qkv.weight.device)
+    rows = torch.cat([index + part * heads * dim for part in range(3)])
+    kept_heads = index[::dim] // dim
+    with torch.no_grad():
+        m.qkv.weight = nn.Parameter(m.qkv.weight[rows].clone(), m.qkv.weight.requires_grad)
+        if m.qkv.bias is not None:
+            m.qkv.bias = nn.Parameter(m.qkv.bias[rows].clone(), m.qkv.bias.requires_grad)
+        m.proj.weight = nn.Parameter(m.proj.weight[:, index].clone(), m.proj.weight.requires_grad)
+        for name, p in list(m.named_parameters(recurse=False)):
+            if p.dim() and p.shape[-1] == heads:
+                setattr(m, name, nn.Parameter(p[..., kept_heads].clone(), p.requires_grad))
+    m.qkv.out_features, m.proj.in_features = rows.numel(), index.numel()
+    m.num_heads = len(kept_heads)
+    if hasattr(m, "attn_dim"):
+        m.attn_dim = m.num_heads * dim
+
+
 def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[ChannelGroup]:
     """All prunable channel groups of a model, in module order of their root layers.
 
@@ -510,8 +583,12 @@ def root_weights(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
 def group_weights(model: nn.Module, group: ChannelGroup) -> list[torch.Tensor]:
     """The weights of every layer producing the group's channels (root first), one row per channel of the group.
 
-    A layer that produces only some of the group's channels (`ChannelGroup.rows`) has zero rows for the others.
+    A layer that produces only some of the group's channels (`ChannelGroup.rows`) has zero rows for the
+    others; an attention's heads give one row per channel holding its query, key and value rows.
     """
+    if group.heads is not None:
+        w = _module(model, group.name).weight
+        return [w.view(3, group.size, -1).transpose(0, 1).reshape(group.size, -1)]
     weights = []
     for name in group.layers:
         w = _module(model, name).weight

@@ -21,6 +21,7 @@ from prunelab.structure.groups import (
     eval_mode,
     grouped_unit,
     groups_from_graph,
+    prune_heads,
     skipped,
 )
 from prunelab.structure.masks import attach_masks, fold_masks, has_masks, masks_of
@@ -51,6 +52,11 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
                 f"channels, the plan expects {size}"
             )
         split = _split_unit(plan.keep[name], groups[name].unit)
+        if split is not None and groups[name].heads is not None:
+            raise ValueError(
+                f"the plan splits a head of {groups[name].heads!r}: heads of {groups[name].unit} channels are kept or "
+                f"removed whole, but only some of channels {split * groups[name].unit}-{(split + 1) * groups[name].unit - 1} are kept"
+            )
         if split is not None:
             unit = groups[name].unit
             convs = [layer for layer in groups[name].layers if (grouped_unit(model.get_submodule(layer)) or 1) > 1]
@@ -65,6 +71,9 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
         kept_set = set(kept)
         removed = [i for i in range(plan.sizes[name]) if i not in kept_set]
         if not removed:
+            continue
+        if groups[name].heads is not None:
+            prune_heads(model, groups[name], kept)
             continue
         root = model.get_submodule(name)
         pruner = graph.get_pruner_of_module(root)
@@ -201,7 +210,7 @@ def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Mo
         removed = _trial_removed(group)
         for name in group.layers:
             rows = group.rows.get(name)
-            lost = sum(1 for i in removed if rows is None or rows[i] >= 0)
+            lost = sum(1 for i in removed if rows is None or rows[i] >= 0) * (3 if group.heads is not None else 1)
             fan_in, fan_out = expected[name]
             expected[name] = (fan_in - lost if grouped_unit(layers[name]) is not None else fan_in, fan_out - lost)
         for name in group.consumers:
@@ -209,7 +218,10 @@ def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Mo
             fan_in, fan_out = expected[name]
             expected[name] = (fan_in - sum(1 if reads is None else reads[i] for i in removed), fan_out)
         try:
-            graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs=removed).prune()
+            if group.heads is not None:
+                prune_heads(model, group, [i for i in range(group.size) if i not in set(removed)])
+            else:
+                graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs=removed).prune()
         except Exception as err:  # noqa: BLE001 - any failure of the removal is the reason to report
             return group.name, _reason(err)
     _update_bookkeeping(model, before)
