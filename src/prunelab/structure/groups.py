@@ -175,6 +175,34 @@ def find_classifier(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module
     return layers[-1] if layers else None
 
 
+class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
+    """Records (input shape, output shape) of every view and reshape, by the autograd node of its output."""
+
+    def __init__(self, shapes: dict) -> None:
+        super().__init__()
+        self.shapes = shapes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _RESHAPES and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            self.shapes[out.grad_fn] = (args[0].shape, out.shape)
+        return out
+
+
+_RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
+
+
+def _splits_channels(before: torch.Size, after: torch.Size) -> bool:
+    """Whether a reshape of a batch splits the channel dimension (dim 1) into several or merges it with
+    another, other than flattening everything after the batch or undoing such a flatten: a channel
+    shuffle's view to (batch, groups, channels / groups, ...) or back, which Torch-Pruning maps wrongly."""
+    if len(before) < 2 or len(after) < 2 or before[1] == after[1]:
+        return False
+    flatten = len(after) == 2 and after[1] == math.prod(before[1:])
+    unflatten = len(before) == 2 and before[1] == math.prod(after[1:])
+    return not (flatten or unflatten)
+
+
 @functools.cache
 def _graph_class() -> type:
     """Torch-Pruning's DependencyGraph, with grouped convolutions pruned by whole groups.
@@ -240,6 +268,10 @@ def _graph_class() -> type:
             original = index_mapping.update_reshape_index_mapping
 
             def guarded(graph: Any, node: Any) -> None:
+                shapes = self.reshapes.get(node.grad_fn)
+                if shapes is not None and _splits_channels(*shapes):
+                    self.unmapped[node.module] = f"a reshape from {list(shapes[0])} to {list(shapes[1])} splits or merges channels"
+                    return
                 try:
                     original(graph, node)
                 except (ArithmeticError, IndexError, ValueError, RuntimeError) as err:
@@ -252,12 +284,29 @@ def _graph_class() -> type:
                 index_mapping.update_reshape_index_mapping = original
 
         def build_dependency(self, *args: Any, **kwargs: Any) -> Any:
-            with self._guarded_reshapes():
+            """Torch-Pruning's build, with the shapes of every view and reshape recorded while it traces."""
+            self.reshapes: dict[Any, tuple[torch.Size, torch.Size]] = {}
+            with self._guarded_reshapes(), _ReshapeRecorder(self.reshapes):
                 return super().build_dependency(*args, **kwargs)
 
         def get_pruning_group(self, *args: Any, **kwargs: Any) -> Any:
             with self._guarded_reshapes():
                 return super().get_pruning_group(*args, **kwargs)
+
+        @contextmanager
+        def reading(self) -> Iterator[None]:
+            """Read many groups without changing the model: the index mapping, which Torch-Pruning redoes
+            over the whole graph for every group it is asked for, is done once."""
+            from torch_pruning.dependency import index_mapping
+
+            original = index_mapping.update_index_mapping
+            with self._guarded_reshapes():
+                original(self)
+            index_mapping.update_index_mapping = lambda graph: None
+            try:
+                yield
+            finally:
+                index_mapping.update_index_mapping = original
 
         def get_pruner_of_module(self, module: nn.Module) -> Any:
             if (grouped_unit(module) or 1) > 1:
@@ -362,114 +411,115 @@ def groups_from_graph(
     groups: list[ChannelGroup] = []
     heads = attention_heads(model)
     qkv_layers = {model.get_submodule(f"{name}.qkv") for name in heads}
-    for name, module in layers:
-        if module in qkv_layers and not (skip and skipped(name, skip)):
-            groups.append(_head_group(model, name.rpartition(".")[0], index_of, stages))
-            continue
-        if module in visited or module is classifier or module not in graph.module2node:
-            continue
-        pruner = graph.get_pruner_of_module(module)
-        if pruner is None or pruner.get_out_channels(module) is None:
-            continue
-        size = int(pruner.get_out_channels(module))
-        try:
-            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
-        except (ArithmeticError, IndexError, ValueError, RuntimeError) as err:
-            _log_once(f"channel group {name!r} is kept whole: Torch-Pruning cannot follow its channels ({type(err).__name__}: {err})")
-            continue
-        producers = []
-        norms: list[str] = []
-        consumers: list[str] = []
-        reads: dict[str, list[int]] = {}
-        rows: dict[str, list[int]] = {}
-        unmapped = None
-        multiple = 1
-        layer_norm = False
-        merges: set[str] = set()
-        prunable = True
-        blocked: list[nn.Module] = []
-        for item in group:
-            dep = item.dep
-            target = dep.target.module
-            if isinstance(target, nn.modules.batchnorm._BatchNorm) and target in names and names[target] not in norms:
-                norms.append(names[target])
-                order = _order(item, size)
-                if order != list(range(size)) or target.num_features != size:
-                    rows[names[target]] = order
-            if _unsupported_grouped(target):
-                blocked.append(target)
-            if isinstance(target, nn.MultiheadAttention):
-                multiple = math.lcm(multiple, target.num_heads)
-            layer_norm = layer_norm or isinstance(target, nn.LayerNorm)
-            if type(target).__name__ == "_ElementWiseOp":
-                fn = getattr(target, "_grad_fn", None)
-                merges.add(fn if isinstance(fn, str) else type(fn).__name__)
-            reader = isinstance(target, PRUNABLE_TYPES) and grouped_unit(target) is None and target in names
-            if reader and graph.is_in_channel_pruning_fn(dep.handler) and names[target] not in consumers:
-                consumers.append(names[target])
-                counts = [0] * size
-                for root in item.root_idxs:
-                    counts[int(root)] += 1
-                if counts != [1] * size:
-                    reads[names[target]] = counts
-            if target in graph.unmapped:
-                unmapped = graph.unmapped[target]
-            if not graph.is_out_channel_pruning_fn(dep.handler):
+    with graph.reading():
+        for name, module in layers:
+            if module in qkv_layers and not (skip and skipped(name, skip)):
+                groups.append(_head_group(model, name.rpartition(".")[0], index_of, stages))
                 continue
-            if target in qkv_layers:
-                # Torch-Pruning sees a qkv projection's rows as plain channels; its heads are a group of their own.
-                prunable = False
-            if skip and target in names and skipped(names[target], skip):
-                prunable = False
-            visited.add(target)
-            if target is classifier:
-                prunable = False
-            if isinstance(target, PRUNABLE_TYPES) and target in names and target not in producers:
-                producers.append(target)
-                order = _order(item, size)
-                if order != list(range(size)) or out_channels(target) != size:
-                    rows[names[target]] = order
-        if not prunable:
-            continue
-        if unmapped is not None:
-            _log_once(f"channel group {name!r} is kept whole: its channels pass a reshape that cannot be followed ({unmapped})")
-            continue
-        # Grouped convolutions lose whole groups (GroupedConvPruner); where a group cannot be removed
-        # whole, the channels are kept, and the reason is logged once.
-        unit, misaligned = _unit_of(group, size)
-        if blocked or misaligned is not None:
-            conv = blocked[0] if blocked else misaligned
-            why = (
-                "its input and output groups differ in size"
-                if blocked
-                else f"its groups do not line up with blocks of {unit} of the group's channels"
+            if module in visited or module is classifier or module not in graph.module2node:
+                continue
+            pruner = graph.get_pruner_of_module(module)
+            if pruner is None or pruner.get_out_channels(module) is None:
+                continue
+            size = int(pruner.get_out_channels(module))
+            try:
+                group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
+            except (ArithmeticError, IndexError, ValueError, RuntimeError) as err:
+                _log_once(f"channel group {name!r} is kept whole: Torch-Pruning cannot follow its channels ({type(err).__name__}: {err})")
+                continue
+            producers = []
+            norms: list[str] = []
+            consumers: list[str] = []
+            reads: dict[str, list[int]] = {}
+            rows: dict[str, list[int]] = {}
+            unmapped = None
+            multiple = 1
+            layer_norm = False
+            merges: set[str] = set()
+            prunable = True
+            blocked: list[nn.Module] = []
+            for item in group:
+                dep = item.dep
+                target = dep.target.module
+                if isinstance(target, nn.modules.batchnorm._BatchNorm) and target in names and names[target] not in norms:
+                    norms.append(names[target])
+                    order = _order(item, size)
+                    if order != list(range(size)) or target.num_features != size:
+                        rows[names[target]] = order
+                if _unsupported_grouped(target):
+                    blocked.append(target)
+                if isinstance(target, nn.MultiheadAttention):
+                    multiple = math.lcm(multiple, target.num_heads)
+                layer_norm = layer_norm or isinstance(target, nn.LayerNorm)
+                if type(target).__name__ == "_ElementWiseOp":
+                    fn = getattr(target, "_grad_fn", None)
+                    merges.add(fn if isinstance(fn, str) else type(fn).__name__)
+                reader = isinstance(target, PRUNABLE_TYPES) and grouped_unit(target) is None and target in names
+                if reader and graph.is_in_channel_pruning_fn(dep.handler) and names[target] not in consumers:
+                    consumers.append(names[target])
+                    counts = [0] * size
+                    for root in item.root_idxs:
+                        counts[int(root)] += 1
+                    if counts != [1] * size:
+                        reads[names[target]] = counts
+                if target in graph.unmapped:
+                    unmapped = graph.unmapped[target]
+                if not graph.is_out_channel_pruning_fn(dep.handler):
+                    continue
+                if target in qkv_layers:
+                    # Torch-Pruning sees a qkv projection's rows as plain channels; its heads are a group of their own.
+                    prunable = False
+                if skip and target in names and skipped(names[target], skip):
+                    prunable = False
+                visited.add(target)
+                if target is classifier:
+                    prunable = False
+                if isinstance(target, PRUNABLE_TYPES) and target in names and target not in producers:
+                    producers.append(target)
+                    order = _order(item, size)
+                    if order != list(range(size)) or out_channels(target) != size:
+                        rows[names[target]] = order
+            if not prunable:
+                continue
+            if unmapped is not None:
+                _log_once(f"channel group {name!r} is kept whole: its channels pass a reshape that cannot be followed ({unmapped})")
+                continue
+            # Grouped convolutions lose whole groups (GroupedConvPruner); where a group cannot be removed
+            # whole, the channels are kept, and the reason is logged once.
+            unit, misaligned = _unit_of(group, size)
+            if blocked or misaligned is not None:
+                conv = blocked[0] if blocked else misaligned
+                why = (
+                    "its input and output groups differ in size"
+                    if blocked
+                    else f"its groups do not line up with blocks of {unit} of the group's channels"
+                )
+                _log_once(
+                    f"channel group {name!r} is kept whole: it passes through the grouped convolution "
+                    f"{names[conv]!r} (groups={conv.groups}, {conv.in_channels} -> {conv.out_channels} "
+                    f"channels), and {why}, so no whole group of it can be removed"
+                )
+                continue
+            others = sorted((m for m in producers if m is not module), key=lambda m: index_of[names[m]])
+            members = [module, *others]
+            groups.append(
+                ChannelGroup(
+                    name=name,
+                    size=size,
+                    layers=[names[m] for m in members],
+                    stage=stages.get(name, 0),
+                    layer_index=index_of[name],
+                    coupled=sum(grouped_unit(m) is None for m in members) > 1,
+                    norms=sorted(norms, key=list(names.values()).index),
+                    unit=unit,
+                    consumers=sorted(consumers, key=index_of.get),
+                    merges=sorted(merges),
+                    reads=reads,
+                    rows=rows,
+                    multiple=multiple,
+                    embedding=attention and layer_norm and sum(grouped_unit(m) is None for m in members) > 1,
+                )
             )
-            _log_once(
-                f"channel group {name!r} is kept whole: it passes through the grouped convolution "
-                f"{names[conv]!r} (groups={conv.groups}, {conv.in_channels} -> {conv.out_channels} "
-                f"channels), and {why}, so no whole group of it can be removed"
-            )
-            continue
-        others = sorted((m for m in producers if m is not module), key=lambda m: index_of[names[m]])
-        members = [module, *others]
-        groups.append(
-            ChannelGroup(
-                name=name,
-                size=size,
-                layers=[names[m] for m in members],
-                stage=stages.get(name, 0),
-                layer_index=index_of[name],
-                coupled=sum(grouped_unit(m) is None for m in members) > 1,
-                norms=sorted(norms, key=list(names.values()).index),
-                unit=unit,
-                consumers=sorted(consumers, key=index_of.get),
-                merges=sorted(merges),
-                reads=reads,
-                rows=rows,
-                multiple=multiple,
-                embedding=attention and layer_norm and sum(grouped_unit(m) is None for m in members) > 1,
-            )
-        )
     return groups
 
 
