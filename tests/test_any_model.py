@@ -4,6 +4,7 @@ training, in one line naming them, and `structure.skip` keeps them whole while t
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -285,3 +286,28 @@ def test_a_timm_vit_prunes_to_a_flops_budget_end_to_end(tmp_path, method):
     heads = [block.attn.num_heads for block in model.blocks]
     assert all(block.attn.qkv.out_features == 3 * 8 * h for block, h in zip(model.blocks, heads))
     assert model.patch_embed.proj.out_channels == 32
+
+
+def test_a_resumed_run_reads_its_groups_from_the_run_directory(tmp_path, monkeypatch):
+    """The first run traces and checks the model; running the same command again traces neither for them."""
+    import prunelab.structure.groups as groups_module
+    import prunelab.structure.surgery as surgery_module
+
+    overrides = ("method=l1_filter", "budget.flops=0.6", "budget.tolerance=0.05", "test=false")
+    pipeline.run(make_cfg(tmp_path, *overrides), tmp_path)
+    saved = json.loads((tmp_path / "groups.json").read_text())
+    assert saved["checked"] and [g["name"] for g in saved["groups"]] == [g.name for g in channel_groups(create("resnet_tiny"), SHAPE)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was checked again")
+
+    monkeypatch.setattr(surgery_module, "check_prunable", refuse)
+    monkeypatch.setattr(pipeline.structure, "check_prunable", refuse)
+    traced = []
+    original = groups_module.build_graph
+    monkeypatch.setattr(groups_module, "build_graph", lambda *a, **k: traced.append(1) or original(*a, **k))
+    model = create("resnet_tiny")
+    model_record(model).input_shape = SHAPE
+    assert groups_module.remember_groups(model, SHAPE, tmp_path / "groups.json")
+    assert [g.name for g in channel_groups(model, SHAPE)] == [g["name"] for g in saved["groups"]] and traced == []
+    pipeline.run(make_cfg(tmp_path, *overrides), tmp_path)  # a finished run, resumed: nothing checked again

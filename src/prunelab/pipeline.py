@@ -236,7 +236,10 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
     model_record(model).skip = check_skip(list(cfg.get("structure", {}).get("skip") or []), model)
     model_record(model).prune_embedding = bool(cfg.get("structure", {}).get("prune_embedding", False))
     if prunes and "flops" in method.budget_keys and any(cfg.budget.get(k) is not None for k in ("flops", "params", "layer_ratios")):
-        structure.check_prunable(model, input_shape)
+        # The groups (and that they passed the check) are kept in the run directory: a resumed run skips both.
+        if not structure.remember_groups(model, input_shape, run_dir / "groups.json"):
+            structure.check_prunable(model, input_shape)
+            structure.remember_groups(model, input_shape, run_dir / "groups.json", checked=True)
     logger = _build(cfg.logger, **dashboard.logger_options(cfg)) if cfg.get("logger") else None
     if logger is not None:
         logger.log_hyperparams(dashboard.flat_config(cfg))

@@ -8,6 +8,7 @@ from prunelab.structure.groups import (
     freeze,
     group_weights,
     prunable_weights,
+    remember_groups,
     root_weights,
     unfreeze,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "has_masks",
     "masks_of",
     "prunable_weights",
+    "remember_groups",
     "model_record",
     "reinitialize",
     "root_weights",

@@ -11,11 +11,14 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -532,6 +535,10 @@ def attention_heads(model: nn.Module) -> dict[str, nn.Module]:
         qkv, proj, heads = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
         if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 1):
             continue
+        # torchvision's ShiftedWindowAttention derives the head width from the embedding in a functional
+        # call, so its heads cannot shrink apart from it: a module must keep `head_dim`, or be timm's Swin one.
+        if not (isinstance(getattr(m, "head_dim", None), int) or type(m).__name__ == "WindowAttention"):
+            continue
         dim = head_dim(m)
         if qkv.out_features == 3 * heads * dim and proj.in_features == heads * dim:
             if isinstance(getattr(m, "norm", nn.Identity()), nn.Identity) and getattr(m, "gate", None) is None:
@@ -598,10 +605,8 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[
     The groups are remembered on the model with its parameter and buffer shapes, so asking again
     before the architecture changes does not trace again.
     """
-    record = model.__dict__.get("prunelab")
-    skip = tuple(getattr(record, "skip", ()))
-    embedding = bool(getattr(record, "prune_embedding", False))
-    key = (tuple(input_shape), skip, embedding, _signature(model))
+    key = _groups_key(model, input_shape)
+    _, skip, embedding, _ = key
     cached = model.__dict__.get("_prunelab_groups")
     if cached is not None and cached[0] == key:
         return copy.deepcopy(cached[1])
@@ -611,6 +616,35 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[
         groups = [g for g in groups if not g.embedding]
     model.__dict__["_prunelab_groups"] = (key, copy.deepcopy(groups))
     return groups
+
+
+def _groups_key(model: nn.Module, input_shape: tuple[int, ...]) -> tuple:
+    record = model.__dict__.get("prunelab")
+    return (
+        tuple(input_shape),
+        tuple(getattr(record, "skip", ())),
+        bool(getattr(record, "prune_embedding", False)),
+        _signature(model),
+    )
+
+
+def remember_groups(model: nn.Module, input_shape: tuple[int, int, int], path: Path, checked: bool = False) -> bool:
+    """Keep the model's channel groups in a file of the run directory, so that a resumed run does not trace
+    the model again to find them; returns whether the file already held them with `checked` set (a
+    `check_prunable` passed on them). With `checked`, records that it did."""
+    key = hashlib.sha256(repr(_groups_key(model, input_shape)).encode()).hexdigest()
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            groups = [ChannelGroup(**g) for g in saved["groups"]]
+            model.__dict__["_prunelab_groups"] = (_groups_key(model, input_shape), groups)
+            if not checked:
+                return bool(saved.get("checked"))
+    groups = channel_groups(model, input_shape)
+    from prunelab.io import write_json
+
+    write_json(path, {"key": key, "checked": checked, "groups": [asdict(g) for g in groups]})
+    return checked
 
 
 def _signature(model: nn.Module) -> tuple:
