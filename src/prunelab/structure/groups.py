@@ -179,7 +179,8 @@ def find_classifier(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module
 
 
 class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
-    """Records (input shape, output shape) of every view and reshape, by the autograd node of its output."""
+    """Records (input shape, output shape) of every view and reshape, by the autograd node of its output,
+    and under "tokens" whether a linear layer saw more than flat features (channels last)."""
 
     def __init__(self, shapes: dict) -> None:
         super().__init__()
@@ -189,6 +190,8 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if func in _RESHAPES and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             self.shapes[out.grad_fn] = (args[0].shape, out.shape)
+        elif func is torch.nn.functional.linear and args[0].dim() > 2:
+            self.shapes["tokens"] = True
         return out
 
 
@@ -196,9 +199,11 @@ _RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
 
 
 def _splits_channels(before: torch.Size, after: torch.Size) -> bool:
-    """Whether a reshape of a batch splits the channel dimension (dim 1) into several or merges it with
-    another, other than flattening everything after the batch or undoing such a flatten: a channel
-    shuffle's view to (batch, groups, channels / groups, ...) or back, which Torch-Pruning maps wrongly."""
+    """Whether a reshape of a channels-first batch splits the channel dimension (dim 1) into several or
+    merges it with another, other than flattening everything after the batch or undoing such a
+    flatten: a channel shuffle's view to (batch, groups, channels / groups, ...) or back, which
+    Torch-Pruning maps wrongly. Only asked of models whose Linear layers see flat features (a model
+    with tokens, channels last, is left to Torch-Pruning)."""
     if len(before) < 2 or len(after) < 2 or before[1] == after[1]:
         return False
     flatten = len(after) == 2 and after[1] == math.prod(before[1:])
@@ -271,6 +276,10 @@ def _graph_class() -> type:
             original = index_mapping.update_reshape_index_mapping
 
             def guarded(graph: Any, node: Any) -> None:
+                if self.reshapes.get("tokens"):
+                    # Channels last (Swin's 4-D windows included): reshapes keep the channel dimension, as
+                    # Torch-Pruning assumes for 3-D tokens; its flatten mappings would expand every index.
+                    return
                 shapes = self.reshapes.get(node.grad_fn)
                 if shapes is not None and _splits_channels(*shapes):
                     self.unmapped[node.module] = f"a reshape from {list(shapes[0])} to {list(shapes[1])} splits or merges channels"
