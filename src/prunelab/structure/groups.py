@@ -353,7 +353,19 @@ def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Any, nn
         graph = _graph_class()().build_dependency(
             model, example_inputs=example, customized_pruners=customized_pruners()
         )
+    _drop_traced_caches(model)
     return graph, classifier
+
+
+def _drop_traced_caches(model: nn.Module) -> None:
+    """Forget tensors the traced forward pass left in modules' caches (timm's LeViT keeps attention biases
+    per device in eval mode): made with gradients on, they would stop the model from being deep-copied."""
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(module, key, value.detach())
+            elif isinstance(value, dict) and any(isinstance(v, torch.Tensor) and v.grad_fn is not None for v in value.values()):
+                value.clear()
 
 
 def _stage_of(model: nn.Module) -> dict[str, int]:

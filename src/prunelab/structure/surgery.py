@@ -316,15 +316,20 @@ def _state(model: nn.Module, graph) -> tuple[list, list]:
     """What removing channels changes: each module's attributes (shallow copies: its parameter, buffer and child tables
     copied) and each tensor's data (Torch-Pruning replaces the data of parameters it does not own)."""
     modules = {id(m): m for m in [*model.modules(), *graph.module2node] if isinstance(m, nn.Module)}
-    attributes = [(m, {k: copy.copy(v) for k, v in vars(m).items()}) for m in modules.values()]
+    attributes = [(m, {k: _shallow(v) for k, v in vars(m).items()}) for m in modules.values()]
     return attributes, [(t, t.data) for t in [*model.parameters(), *model.buffers()]]
+
+
+def _shallow(value: object) -> object:
+    """A copy of a container (parameter tables, concat sizes), the object itself otherwise (autograd nodes cannot be copied)."""
+    return copy.copy(value) if isinstance(value, (dict, list, set)) else value
 
 
 def _restore(saved: tuple[list, list]) -> None:
     attributes, data = saved
     for module, values in attributes:
         vars(module).clear()
-        vars(module).update({k: copy.copy(v) for k, v in values.items()})
+        vars(module).update({k: _shallow(v) for k, v in values.items()})
     for tensor, value in data:
         tensor.data = value
 
