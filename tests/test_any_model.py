@@ -13,11 +13,23 @@ from torch import nn
 
 from conftest import EpochRecorder, make_cfg, run_cli
 from prunelab import load_model, pipeline
-from prunelab.backbones import create, register
+from prunelab.backbones import create, registry
 from prunelab.export import save_model
 from prunelab.structure import ChannelPlan, UnprunableError, apply_channel_plan, channel_groups, check_prunable, model_record
 
 SHAPE = (3, 32, 32)
+
+
+@pytest.fixture(autouse=True)
+def registered_models(monkeypatch):
+    """This file's models, registered as backbones for its tests only (other files list the registry)."""
+    for name, factory in {
+        "test_bookkept": Bookkept,
+        "test_layer_scaled": LayerScaled,
+        "test_shuffled": Shuffled,
+        "test_tiny_vit": _tiny_vit,
+    }.items():
+        monkeypatch.setitem(registry._REGISTRY, name, factory)
 
 
 class FixedWidthMixer(nn.Module):
@@ -50,7 +62,6 @@ class Bookkept(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-register("test_bookkept")(Bookkept)
 
 
 def test_a_layer_that_breaks_is_named_with_the_skip_that_keeps_it_whole():
@@ -162,7 +173,6 @@ class LayerScaled(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-register("test_layer_scaled")(LayerScaled)
 
 
 def test_layer_scale_learns_its_new_width(tmp_path):
@@ -170,7 +180,6 @@ def test_layer_scale_learns_its_new_width(tmp_path):
     assert model.scale.shape == (8, 1, 1) and model.stem.out_channels == 8
 
 
-@register("test_tiny_vit")
 def _tiny_vit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -217,7 +226,6 @@ class Shuffled(nn.Module):
         return self.fc(F.relu(self.branch(x)).mean((2, 3)))
 
 
-register("test_shuffled")(Shuffled)
 
 
 def test_channel_shuffle_is_kept_whole_with_a_reason_and_the_rest_prunes(tmp_path, caplog):
