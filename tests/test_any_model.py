@@ -100,6 +100,27 @@ def test_a_wrongly_followed_permutation_is_caught_by_the_outputs():
         check_prunable(Flipped().eval(), SHAPE)
 
 
+class NeedsTenChannels(nn.Module):
+    """Two branches whose widths must add up to at least 10: each may halve alone, not both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.a(x), self.b(x)], 1)
+        if x.shape[1] < 10:
+            raise ValueError(f"needs 10 channels, got {x.shape[1]}")
+        return self.fc(x.mean((2, 3)))
+
+
+def test_groups_that_break_only_together_are_refused_too():
+    with pytest.raises(UnprunableError, match="removing channels of all 2 groups at once breaks 'a' .ValueError: needs 10"):
+        check_prunable(NeedsTenChannels().eval(), SHAPE)
+
+
 def test_refused_before_any_training_and_pruned_with_skip(tmp_path):
     overrides = ("backbone=timm", "backbone.name=test_bookkept", "method=l1_filter", "budget.flops=0.6", "budget.tolerance=0.05")
     recorder = EpochRecorder()

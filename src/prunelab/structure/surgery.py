@@ -142,11 +142,12 @@ class UnprunableError(ConfigError):
 def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
     """Refuse, in one line naming the layers, a model whose channel groups cannot all lose channels.
 
-    On a copy of the model every group loses about half its channels, every other unit (`_trial_removed`), at once and the copy
-    runs a forward pass; where that fails, each group is tried alone (the copy's modules are put
-    back after each try) to find the ones that break it. The error names, per failing group, the
-    innermost module that was running when the forward pass failed (or the group's root layer where
-    the removal itself failed) and the reason, and suggests the `structure.skip` that keeps them whole.
+    On a copy of the model every group loses about half its channels, every other unit
+    (`_trial_removed`), at once and the copy runs a forward pass; where that fails, each group is
+    tried alone (the copy's modules are put back after each try) to find the ones that break it. The
+    error names, per failing group, the innermost module that was running when the forward pass
+    failed (or the group's root layer where the removal itself failed) and the reason, and suggests
+    the `structure.skip` that keeps them whole; where no group fails alone, it names what failed.
     """
     groups = [g for g in channel_groups(model, input_shape) if _trial_removed(g)]
     if not groups:
@@ -159,7 +160,8 @@ def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
     graph, _ = build_graph(trial, tuple(input_shape))
     param = next(trial.parameters())
     x = torch.randn(2, *input_shape, device=param.device, dtype=param.dtype)
-    if _breaks(trial, graph, groups, x, dense) is None:
+    together = _breaks(trial, graph, groups, x, dense)
+    if together is None:
         return
     trial = copy.deepcopy(model)
     graph, _ = build_graph(trial, tuple(input_shape))
@@ -171,7 +173,11 @@ def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
             failures[group.name] = found
         _restore(saved)
     if not failures:
-        return
+        layer, reason = together
+        raise UnprunableError(
+            f"cannot prune the channel groups together: removing channels of all {len(groups)} groups at once "
+            f"breaks {layer!r} ({reason}), though no group does alone; set structure.skip=[...] to keep some whole"
+        )
     by_name = {g.name: g for g in groups}
     # The failing layer where skipping it keeps the group whole (it holds one of the group's layers), else the group's root.
     keep = [
