@@ -14,7 +14,8 @@ import copy
 import time
 
 from prunelab.backbones import create
-from prunelab.budget import CostModel, count_flops, plan_by_threshold, search_threshold
+from prunelab import budget
+from prunelab.budget import count_flops, plan_by_threshold, search_threshold
 from prunelab.structure import apply_channel_plan, channel_groups, group_weights
 
 MODELS = [("resnet56", (3, 32, 32)), ("torchvision:resnet50", (3, 224, 224))]
@@ -33,19 +34,13 @@ def main() -> None:
         groups = channel_groups(model, shape)
         traced = time.perf_counter() - start
         scores = l1_scores(model, groups)
+        tries = []
+        counting = lambda *args, **kwargs: tries.append(1) or plan_by_threshold(*args, **kwargs)  # noqa: E731
+        budget.plan_by_threshold = counting  # how many candidates the search looks at
         start = time.perf_counter()
         plan, ratio = search_threshold(model, scores, 0.5, shape, tolerance=0.01)
         searched = time.perf_counter() - start
-        # How many candidates the bisection looked at, replayed with the cost model (cheap).
-        costs, dense = CostModel(model, groups, shape), count_flops(model, shape)
-        top = max(float(s.max()) for s in scores.values())
-        lo, hi, tries = 0.0, 1.0, 1  # the smallest-plan check is one candidate
-        while True:
-            tau, tries = (lo + hi) / 2, tries + 1
-            est = costs.count(plan_by_threshold({n: s / top for n, s in scores.items()}, tau))["flops"] / dense
-            if abs(est - 0.5) / 0.5 <= 0.01:
-                break
-            lo, hi = (tau, hi) if est > 0.5 else (lo, tau)
+        budget.plan_by_threshold, tries = plan_by_threshold, len(tries)
         start = time.perf_counter()
         count_flops(apply_channel_plan(copy.deepcopy(model), plan, shape), shape)
         built = time.perf_counter() - start

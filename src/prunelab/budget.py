@@ -213,7 +213,7 @@ class CostModel:
 
     def __init__(self, model: nn.Module, groups: list, input_shape: tuple[int, ...]):
         from prunelab.structure import PRUNABLE_TYPES, eval_mode
-        from prunelab.structure.groups import out_channels
+        from prunelab.structure.groups import channels_written, out_channels
 
         layers = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
         macs = dict.fromkeys(layers, 0)
@@ -242,7 +242,7 @@ class CostModel:
             weight = m.weight.numel() if m.weight is not None else 0
             bias = m.bias.numel() if m.bias is not None else 0
             reads = [(g.name, g.reads.get(name)) for g in groups if name in g.consumers]
-            writes = [(g.name, _written(g, name)) for g in groups if name in g.layers]
+            writes = [(g.name, channels_written(g, name)) for g in groups if name in g.layers]
             fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
             self.layers.append((macs[name], weight, bias, fan_in, out_channels(m), writes, reads))
         # Parameters per channel of each norm (a BatchNorm after a concatenation holds several groups' channels).
@@ -279,15 +279,6 @@ class CostModel:
                         )
         counts = self._count(plan.kept(), removed)
         return {metric: counts[metric] + self.fixed[metric] for metric in counts}
-
-
-def _written(group, layer: str) -> list[int] | None:
-    """How many output channels of `layer` each of the group's channels is (None: one each)."""
-    if group.heads is not None:
-        return [3] * group.size  # its query, key and value rows
-    if layer in group.rows:
-        return [int(r >= 0) for r in group.rows[layer]]
-    return None
 
 
 def search_threshold(

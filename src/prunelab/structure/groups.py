@@ -547,6 +547,15 @@ def groups_from_graph(
     return groups
 
 
+def channels_written(group: ChannelGroup, layer: str) -> list[int] | None:
+    """How many output channels of a producing `layer` each of the group's channels is (None: one each)."""
+    if group.heads is not None:
+        return [3] * group.size  # its query, key and value rows
+    if layer in group.rows:
+        return [int(r >= 0) for r in group.rows[layer]]
+    return None
+
+
 def attention_heads(model: nn.Module) -> dict[str, nn.Module]:
     """The attention modules whose heads can be pruned, by name: timm's layout (`qkv` and `proj`
     Linear layers, `num_heads` heads, query/key/value stacked in `qkv`'s rows; ViT's Attention, Swin's

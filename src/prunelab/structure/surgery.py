@@ -18,6 +18,7 @@ from prunelab.structure.groups import (
     PRUNABLE_TYPES,
     build_graph,
     channel_groups,
+    channels_written,
     eval_mode,
     grouped_unit,
     groups_from_graph,
@@ -215,8 +216,8 @@ def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Mo
         root = model.get_submodule(group.name)
         removed = _trial_removed(group)
         for name in group.layers:
-            rows = group.rows.get(name)
-            lost = sum(1 for i in removed if rows is None or rows[i] >= 0) * (3 if group.heads is not None else 1)
+            written = channels_written(group, name)
+            lost = len(removed) if written is None else sum(written[i] for i in removed)
             fan_in, fan_out = expected[name]
             expected[name] = (fan_in - lost if grouped_unit(layers[name]) is not None else fan_in, fan_out - lost)
         for name in group.consumers:
