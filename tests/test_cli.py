@@ -107,7 +107,7 @@ def test_quickstart_preset_prunes_and_prints_before_after_table(tmp_path):
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    for row in ("accuracy (%)", "FLOPs (MACs)", "parameters", "latency batch 1 (ms)", "latency batch 64 (ms)"):
+    for row in ("accuracy (%)", "FLOPs (MACs)", "parameters", "latency batch 1 (ms, eager)", "latency batch 64 (ms, deployed)", "deployed (torchscript_frozen"):
         assert row in out.stdout, row
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["model/flops_ratio"] == pytest.approx(0.5, rel=0.02)

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import randomize_bn
 from prunelab.backbones import create
-from prunelab.export import export_deployable, load_model, save_model
+from prunelab.export import FORMATS, export_deployable, load_model, save_model
 from prunelab.structure import ChannelPlan, MaskPlan, apply_channel_plan, attach_masks, channel_groups, has_masks
 
 SHAPE = (3, 32, 32)
@@ -107,21 +107,46 @@ def test_plans_need_an_input_shape(tmp_path) -> None:
         save_model(model, tmp_path / "model.pt")
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-def test_export_deployable_runs_without_prunelab(tmp_path) -> None:
+# Each format, and how a user loads it with nothing of prunelab (prunelab's import is made to fail).
+LOADERS = {
+    "torchscript": "m = torch.jit.load(PATH); y = m(x)",
+    "torchscript_frozen": "m = torch.jit.load(PATH); y = m(x)",
+    "onnx": (
+        "import onnxruntime as ort; s = ort.InferenceSession(PATH, providers=['CPUExecutionProvider']); "
+        "y = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])"
+    ),
+}
+
+
+@pytest.mark.parametrize("fmt", list(LOADERS))
+def test_export_deployable_runs_without_prunelab(tmp_path, fmt) -> None:
     model = pruned_resnet()
     attach_masks(model, half_masks(model))
-    x = torch.randn(2, *SHAPE)
+    x = torch.randn(5, *SHAPE)  # another batch size than the export's example (1) and check (2)
     expected = outputs(model, x)
-    path = export_deployable(model, tmp_path / "model.ts", SHAPE)
-    assert has_masks(model)
-    assert torch.allclose(torch.jit.load(str(path))(x), expected, atol=1e-6)
-    # A fresh interpreter where importing prunelab fails still runs the file.
+    path = export_deployable(model, tmp_path / FORMATS[fmt], SHAPE, fmt)
+    assert has_masks(model) and path.suffix == (".onnx" if fmt == "onnx" else ".ts")
     torch.save(x, tmp_path / "x.pt")
     script = (
         "import sys; sys.modules['prunelab'] = None; import torch; "
-        f"m = torch.jit.load({str(path)!r}); "
-        f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})"
+        f"PATH = {str(path)!r}; x = torch.load({str(tmp_path / 'x.pt')!r}); "
+        f"{LOADERS[fmt]}; torch.save(y, {str(tmp_path / 'y.pt')!r})"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
-    assert torch.allclose(torch.load(tmp_path / "y.pt"), expected, atol=1e-6)
+    subprocess.run([sys.executable, "-W", "ignore", "-c", script], check=True, timeout=120)
+    # Folding BatchNorm (frozen, ONNX) changes the rounding only.
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_frozen_export_folds_batchnorm_and_a_wrong_export_is_refused(tmp_path, monkeypatch) -> None:
+    model = pruned_resnet()
+    frozen = torch.jit.load(str(export_deployable(model, tmp_path / "a.ts", SHAPE, "torchscript_frozen")))
+    plain = torch.jit.load(str(export_deployable(model, tmp_path / "b.ts", SHAPE, "torchscript")))
+    assert "batch_norm" not in str(frozen.graph) and "batch_norm" in str(plain.inlined_graph)
+    # The reloaded file is checked against the model: one whose outputs drift is refused.
+    import prunelab.export as export
+
+    real = export.load_deployed
+    monkeypatch.setattr(export, "load_deployed", lambda *a, **k: (lambda x: real(*a, **k)(x) * 1.01))
+    with pytest.raises(RuntimeError, match="differs from the model"):
+        export_deployable(model, tmp_path / "c.ts", SHAPE, "torchscript_frozen")

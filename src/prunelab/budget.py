@@ -49,6 +49,50 @@ def measure(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
     return {"flops": count_flops(model, input_shape), "params": count_params(model), "sparsity": sparsity(model)}
 
 
+def time_call(fn, x: torch.Tensor, warmup: int = 3, repeats: int = 10) -> float:
+    """Median wall time in milliseconds of `fn(x)` under inference mode, after `warmup` calls (CUDA synchronised)."""
+    import statistics
+    import time
+
+    cuda = x.device.type == "cuda"
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            start = time.perf_counter()
+            fn(x)
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def latency_device(device: str | torch.device = "auto") -> torch.device:
+    """The device latency is measured on: "auto" picks CUDA when present."""
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def deployed(model: nn.Module, input_shape: tuple[int, ...], format: str, device: str | torch.device = "cpu"):
+    """The model as it runs deployed in `format` ("eager": an eval-mode copy; else exported, reloaded, optimised)."""
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    from prunelab.export import FORMATS, export_deployable, load_deployed
+
+    device = latency_device(device)
+    net = copy.deepcopy(model).to(device).eval()
+    if format == "eager":
+        return net
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_deployable(net, Path(tmp) / FORMATS[format], tuple(input_shape), format)
+        return load_deployed(path, device, optimize=True)
+
+
 def latency(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -56,27 +100,11 @@ def latency(
     device: str | torch.device = "cpu",
     warmup: int = 3,
     repeats: int = 10,
+    format: str = "eager",
 ) -> float:
-    """Median wall time in milliseconds of one eval-mode forward pass on a batch, after warm-up runs."""
-    import copy
-    import statistics
-    import time
-
-    device = torch.device(device)
-    net = copy.deepcopy(model).to(device).eval()
-    x = torch.randn(batch_size, *input_shape, device=device)
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            net(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    """Median wall time in milliseconds of one forward pass on a batch in `format`, after warm-up runs."""
+    device = latency_device(device)
+    return time_call(deployed(model, input_shape, format, device), torch.randn(batch_size, *input_shape, device=device), warmup, repeats)
 
 
 def measure_latency(
@@ -86,12 +114,14 @@ def measure_latency(
     device: str = "auto",
     warmup: int = 3,
     repeats: int = 10,
+    format: str = "eager",
 ) -> dict[str, float]:
-    """Latency at each batch size, as `latency_b<N>_ms` entries; device "auto" picks CUDA when present."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """Latency in `format` at each batch size, as `latency_b<N>_ms` entries (one export for all of them)."""
+    device = latency_device(device)
+    net = deployed(model, input_shape, format, device)
     return {
-        f"latency_b{b}_ms": round(latency(model, input_shape, b, device, warmup, repeats), 4) for b in batch_sizes
+        f"latency_b{b}_ms": round(time_call(net, torch.randn(b, *input_shape, device=device), warmup, repeats), 4)
+        for b in batch_sizes
     }
 
 

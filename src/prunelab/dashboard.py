@@ -5,7 +5,7 @@
 - At each prune: the kept channels per group (or the sparsity per layer) as a bar chart and a table,
   also written as `stages/<prune>/layers.png` and `layers.csv`.
 - At the end: for iterative methods the per-round accuracy and sparsity (`rounds.png`); the final
-  model (`model.pt`, `model.ts`) as a W&B artifact when `logger.log_model=true`.
+  model (`model.pt`, `model.ts` or `model.onnx`) as a W&B artifact when `logger.log_model=true`.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def finish(logger: Any, cfg: DictConfig, run_dir: Path, summary: dict[str, Any])
                      "rounds_png": wandb.Image(str(png))})
         if cfg.logger.get("log_model", False):
             artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={k: v for k, v in summary.items() if isinstance(v, (int, float))})
-            for name in ("model.pt", "model.ts"):
+            for name in ("model.pt", "model.ts", "model.onnx"):
                 if (run_dir / name).exists():
                     artifact.add_file(str(run_dir / name))
             run.log_artifact(artifact)

@@ -103,19 +103,87 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     return model
 
 
-def export_deployable(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int]) -> Path:
-    """Write a TorchScript file of the model (eval mode, masks folded) that runs without prunelab.
+# `export.format`: what a run writes for deployment, and the file it writes it to.
+FORMATS = {"torchscript": "model.ts", "torchscript_frozen": "model.ts", "onnx": "model.onnx"}
+# An exported model's outputs may differ from the in-memory model's by this much, relative to the
+# largest output (at least 1): BatchNorm folding and other kernels change the rounding, nothing more.
+TOLERANCE = 1e-4
 
-    The model is traced on a copy, so the model passed in keeps its mode, masks and hooks.
+
+def export_deployable(
+    model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], format: str = "torchscript"
+) -> Path:
+    """Write the model (eval mode, masks folded) in a form that runs without prunelab, any batch size.
+
+    `torchscript`: traced TorchScript. `torchscript_frozen`: the same, frozen (`torch.jit.freeze`:
+    parameters become constants and BatchNorm is folded into the convolution before it).
+    `onnx`: ONNX from torch's exporter (`dynamo=True`) with a dynamic batch dimension, for onnxruntime.
+    The file is reloaded and its outputs compared with the model's on a batch of two random inputs;
+    a difference above `TOLERANCE` (relative to the largest output) raises. The model passed in keeps its
+    mode, masks and hooks (the export works on a copy).
     """
     from prunelab.structure.masks import fold_masks
 
+    if format not in FORMATS:
+        raise ValueError(f"export.format must be one of {sorted(FORMATS)}, got {format!r}")
     deployable = fold_masks(copy.deepcopy(model)).eval()
     param = next(deployable.parameters())
     example = torch.randn(1, *input_shape, device=param.device, dtype=param.dtype)
-    # TorchScript is deprecated in favour of torch.export, but it is still the format that loads with
-    # torch alone and runs any batch size; its deprecation warnings are expected here.
     with torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.export, but it is still the format that loads with
+        # torch alone and runs any batch size; its deprecation warnings are expected here.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-        traced = torch.jit.trace(deployable, example)
-        return atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp)))
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        if format == "onnx":
+            program = torch.onnx.export(
+                deployable, (example,), dynamo=True, verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},)
+            )
+            path = atomic_write(path, lambda tmp: program.save(str(tmp)))
+        else:
+            traced = torch.jit.trace(deployable, example)
+            if format == "torchscript_frozen":
+                traced = torch.jit.freeze(traced)
+            path = atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp)))
+        x = torch.randn(2, *input_shape, device=param.device, dtype=param.dtype)
+        expected = deployable(x)
+        got = load_deployed(path, device=param.device)(x)
+    error = float((got.to(expected) - expected).abs().max()) / max(1.0, float(expected.abs().max()))
+    if not error <= TOLERANCE:
+        raise RuntimeError(f"the {format} export in {path} differs from the model by {error:.2e} (relative; allowed {TOLERANCE:g})")
+    return path
+
+
+class OnnxModel:
+    """An onnxruntime session called like a module: tensor in, tensor out (on the input's device)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        # As many threads as torch uses, so that deployed and eager timings are comparable.
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input: x.detach().cpu().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def load_deployed(path: str | Path, device: str | torch.device = "cpu", optimize: bool = False):
+    """The exported model in `path` (`.ts`: TorchScript, `.onnx`: onnxruntime on the CPU), ready to call.
+
+    `optimize` also runs `torch.jit.optimize_for_inference` on a frozen TorchScript model, as a
+    deployment does after loading it (its MKL-DNN layouts cannot be saved in the file itself).
+    """
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return OnnxModel(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        module = torch.jit.load(str(path), map_location=device)
+        # A frozen module has no `training` attribute (optimize_for_inference would freeze any other one).
+        if optimize and not hasattr(module, "training"):
+            module = torch.jit.optimize_for_inference(module)
+    return module

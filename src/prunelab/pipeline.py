@@ -34,8 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from prunelab import dashboard, distributed, structure
-from prunelab.budget import count_flops, measure, measure_latency, scratch_b_epochs
-from prunelab.export import export_deployable, load_model, save_model
+from prunelab.budget import count_flops, latency_device, measure, measure_latency, scratch_b_epochs
+from prunelab.export import FORMATS, export_deployable, load_model, save_model
 from prunelab.io import RunLock, atomic_write, save_torch, write_json, write_text
 from prunelab.lit import PruneLitModule
 from prunelab.methods.base import MethodContext, PruningMethod, Rounds, Stage
@@ -284,12 +284,13 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
             "model/sparsity": final["sparsity"],
         }
     )
-    summary.update(_latency(cfg, model, dense_spec, ctx.input_shape))
+    fmt = cfg.export.format
+    summary.update(_latency(cfg, model, dense_spec, ctx.input_shape, fmt))
     summary.update(_final_validation(stages, summary, retrain_on_val=bool(cfg.retrain.get("with_val", False))))
     _check_finite(summary)
     if rank_zero_only.rank == 0:
         save_model(model, run_dir / "model.pt")
-        export_deployable(model, run_dir / "model.ts", ctx.input_shape)
+        export_deployable(model, run_dir / FORMATS[fmt], ctx.input_shape, fmt)
         write_json(run_dir / "summary.json", summary, sort_keys=True)
         dashboard.finish(logger, cfg, run_dir, summary)
         _print_summary(summary, run_dir)
@@ -700,23 +701,32 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def _latency(cfg: DictConfig, model: nn.Module, dense_spec: dict, input_shape: tuple[int, int, int]) -> dict[str, float]:
-    """Latency of the final model beside that of the dense architecture, measured in the same run."""
+def _latency(
+    cfg: DictConfig, model: nn.Module, dense_spec: dict, input_shape: tuple[int, int, int], fmt: str
+) -> dict[str, Any]:
+    """Latency of the final model beside that of the dense architecture, measured in the same run.
+
+    Eager (`model/latency_b<N>_ms`) and as deployed in the export format (`model/deployed_latency_b<N>_ms`:
+    the exported file reloaded, a frozen TorchScript one also through `torch.jit.optimize_for_inference`),
+    with the format, device and thread count they were taken with.
+    """
     lat = cfg.get("latency")
     if not lat or not lat.batch_sizes:
         return {}
     from prunelab.backbones import create
 
     kwargs = {"batch_sizes": tuple(lat.batch_sizes), "device": lat.device, "warmup": lat.warmup, "repeats": lat.repeats}
-    final = measure_latency(model, input_shape, **kwargs)
     # An architecture no plan changed is the dense one: timing it twice would only measure noise.
     changed = model_record(model).plans or model_record(model).spec != dense_spec
-    dense = measure_latency(create(**dense_spec), input_shape, **kwargs) if changed else final
-    out = {}
-    for key, value in final.items():
-        out[f"dense/{key}"] = dense[key]
-        out[f"model/{key}"] = value
-        out[f"model/speedup_{key.split('_')[1]}"] = round(dense[key] / value, 4) if value else None
+    dense_model = create(**dense_spec) if changed else model
+    out: dict[str, Any] = {"latency/format": fmt, "latency/threads": torch.get_num_threads(), "latency/device": str(latency_device(lat.device))}
+    for prefix, form in (("", "eager"), ("deployed_", fmt)):
+        final = measure_latency(model, input_shape, format=form, **kwargs)
+        dense = measure_latency(dense_model, input_shape, format=form, **kwargs) if changed else final
+        for key, value in final.items():
+            out[f"dense/{prefix}{key}"] = dense[key]
+            out[f"model/{prefix}{key}"] = value
+            out[f"model/{prefix}speedup_{key.split('_')[1]}"] = round(dense[key] / value, 4) if value else None
     return out
 
 
@@ -782,10 +792,10 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
     rows = [("accuracy (%)", "dense/test/acc", "test/acc"), ("FLOPs (MACs)", "dense/flops", "model/flops")]
     rows.append(("parameters", "dense/params", "model/params"))
-    rows += [
-        (f"latency batch {k.split('_b')[1].split('_')[0]} (ms)", f"dense/{k.split('/')[1]}", k)
-        for k in sorted((k for k in summary if k.startswith("model/latency_b")), key=lambda k: int(k[15:].split("_")[0]))
-    ]
+    batches = sorted(int(k[len("model/latency_b"):].split("_")[0]) for k in summary if k.startswith("model/latency_b"))
+    for b in batches:
+        rows.append((f"latency batch {b} (ms, eager)", f"dense/latency_b{b}_ms", f"model/latency_b{b}_ms"))
+        rows.append((f"latency batch {b} (ms, deployed)", f"dense/deployed_latency_b{b}_ms", f"model/deployed_latency_b{b}_ms"))
     table = Table(title="prunelab summary")
     for column in ("", "dense", "final", "final / dense"):
         table.add_column(column, justify="right" if column else "left")
@@ -796,6 +806,16 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     table.add_row("weight sparsity", "", _fmt(summary.get("model/sparsity")), "")
     console = Console()
     console.print(table)
+    if batches and summary.get("model/flops"):
+        speedups = ", ".join(
+            f"{summary[f'model/deployed_speedup_b{b}']:.2f}x at batch {b} (eager {summary[f'model/speedup_b{b}']:.2f}x)"
+            for b in batches
+            if summary.get(f"model/deployed_speedup_b{b}") and summary.get(f"model/speedup_b{b}")
+        )
+        console.print(
+            f"deployed ({summary.get('latency/format')}, {summary.get('latency/device')}, {summary.get('latency/threads')} threads): {speedups} "
+            f"for {summary['dense/flops'] / summary['model/flops']:.2f}x fewer FLOPs"
+        )
     rounds = round_rows(summary)
     if rounds:
         per_round = Table(title="rounds")

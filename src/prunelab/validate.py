@@ -85,6 +85,13 @@ def check_config(cfg: DictConfig) -> None:
     _fraction(cfg, "budget.tolerance", 0, math.inf, False, False, "the relative tolerance of a budget")
     _whole(cfg, "budget.iterations", 1, "binary-search steps of the threshold")
     _whole(cfg, "budget.round_to", 1, "kept channels are rounded up to a multiple of it")
+    _fraction(cfg, "budget.latency", 0, 1, False, True, "the fraction of the dense model's measured latency to keep")
+    _whole(cfg, "budget.latency_batch_size", 1, "the batch size the latency budget is measured at")
+    _fraction(cfg, "budget.latency_tolerance", 0, 1, False, False, "the relative tolerance of the latency budget")
+    from prunelab.export import FORMATS
+
+    fmt = _number(cfg, "export.format")
+    _require(fmt is None or fmt in FORMATS, f"export.format={fmt!r} must be one of {', '.join(FORMATS)}")
     scope = _number(cfg, "budget.scope")
     _require(scope in (None, "global", "layer"), f"budget.scope={scope!r} must be 'global' or 'layer'")
     _whole(cfg, "trainer.max_epochs", 0, "epochs of a training stage")
