@@ -181,14 +181,15 @@ def test_settings_are_checked():
             GreedyImitation(**kwargs)
 
 
-@pytest.mark.parametrize("backbone, budget", [("resnet_tiny", []), ("mobilenet_v2_tiny", ["budget.flops=0.85", "budget.tolerance=0.1"])])
+@pytest.mark.parametrize("backbone, budget", [("resnet_tiny", []), ("resnet_tiny", ["budget.round_to=4"]),
+                                              ("mobilenet_v2_tiny", ["budget.flops=0.85", "budget.tolerance=0.1"])])
 def test_greedy_prunes_a_pretrained_tiny_network_and_the_export_reloads(tmp_path, backbone, budget):
     cfg = make_cfg(tmp_path, f"backbone={backbone}", "method=greedy", "method.epsilon=0.2", "method.max_steps=1",
                    "method.taylor_after=2", "method.search_iterations=4", "pretrain.epochs=1", "retrain.epochs=1",
                    "trainer.limit_train_batches=4", "latency.batch_sizes=[]", "quiet=true", *budget)
     summary = pipeline.run(cfg, tmp_path)
     trials = json.loads((tmp_path / "greedy_layers.json").read_text())["epsilon_trials"]
-    if budget:
+    if "budget.flops=0.85" in budget:
         # The FLOPs budget is met (within the tolerance) by the largest model the epsilon search found.
         assert summary["model/flops_ratio"] <= 0.85 * 1.1 and len(trials) >= 1
         assert summary["model/flops_ratio"] == pytest.approx(max(t["flops_ratio"] for t in trials if t["flops_ratio"] <= 0.935))
@@ -202,6 +203,8 @@ def test_greedy_prunes_a_pretrained_tiny_network_and_the_export_reloads(tmp_path
         assert plan.keep[record["group"]] == record["keep"]
         assert record["converged"] is False or record["gap"] <= 0.2
     assert any(len(r["keep"]) < r["size"] for r in layers)
+    if "budget.round_to=4" in budget:  # padded to whole multiples of 4 (or the whole group)
+        assert all(len(kept) % 4 == 0 or len(kept) == plan.sizes[name] for name, kept in plan.keep.items())
     model = load_model(tmp_path / "model.pt")
     assert count_flops(model, (3, 32, 32)) == summary["model/flops"] < summary["dense/flops"]
     assert (tmp_path / "greedy_layers.png").exists()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -49,15 +52,20 @@ def measure(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
     return {"flops": count_flops(model, input_shape), "params": count_params(model), "sparsity": sparsity(model)}
 
 
-def time_call(fn, x: torch.Tensor, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time in milliseconds of `fn(x)` under inference mode, after `warmup` calls (CUDA synchronised)."""
+def time_call(fn, x: torch.Tensor, warmup: int = 3, repeats: int = 10, seconds: float = 0.0) -> float:
+    """Median wall time in milliseconds of `fn(x)` under inference mode, after `warmup` calls (CUDA synchronised).
+
+    At least `repeats` timed calls, more (up to 20 times as many) until they add up to `seconds`.
+    """
     import statistics
     import time
 
     cuda = x.device.type == "cuda"
-    times = []
+    times: list[float] = []
     with torch.inference_mode():
-        for i in range(warmup + repeats):
+        for i in range(warmup + 20 * repeats):
+            if i >= warmup + repeats and sum(times) >= seconds * 1000.0:
+                break
             if cuda:
                 torch.cuda.synchronize(x.device)
             start = time.perf_counter()
@@ -80,7 +88,6 @@ def deployed(model: nn.Module, input_shape: tuple[int, ...], format: str, device
     """The model as it runs deployed in `format` ("eager": an eval-mode copy; else exported, reloaded, optimised)."""
     import copy
     import tempfile
-    from pathlib import Path
 
     from prunelab.export import FORMATS, export_deployable, load_deployed
 
@@ -91,6 +98,21 @@ def deployed(model: nn.Module, input_shape: tuple[int, ...], format: str, device
     with tempfile.TemporaryDirectory() as tmp:
         path = export_deployable(net, Path(tmp) / FORMATS[format], tuple(input_shape), format)
         return load_deployed(path, device, optimize=True)
+
+
+def deployed_latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int = 1,
+    device: str | torch.device = "auto",
+    format: str = "torchscript_frozen",
+    timer=None,
+) -> float:
+    """What a latency budget measures: ms per batch of the model deployed in `format` (median, >= 0.3 s of calls)."""
+    device = latency_device(device)
+    net = deployed(model, input_shape, format, device)
+    x = torch.randn(batch_size, *input_shape, device=device)
+    return float(timer(net, x) if timer is not None else time_call(net, x, warmup=3, repeats=20, seconds=0.3))
 
 
 def latency(
@@ -248,8 +270,11 @@ class CostModel:
         layers = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
         macs = dict.fromkeys(layers, 0)
 
+        self.inputs: dict[str, tuple[int, ...]] = {}
+
         def hook(name):
-            def record(module, _inputs, output):
+            def record(module, inputs, output):
+                self.inputs[name] = tuple(inputs[0].shape[1:])
                 per_output = module.in_features if isinstance(module, nn.Linear) else (
                     module.in_channels // module.groups * math.prod(module.kernel_size)
                 )
@@ -275,18 +300,30 @@ class CostModel:
             writes = [(g.name, channels_written(g, name)) for g in groups if name in g.layers]
             fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
             self.layers.append((macs[name], weight, bias, fan_in, out_channels(m), writes, reads))
+        self.modules = list(layers.items())
         # Parameters per channel of each norm (a BatchNorm after a concatenation holds several groups' channels).
         norms = {name: sum(p.numel() for p in m.parameters()) // m.num_features for name, m in model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm)}
         self.norm_params = {g.name: sum(norms.get(n, 0) for n in g.norms) for g in groups}
-        known = self._count({}, {})
+        known = self._count({}, self.widths(None))
         self.fixed = {metric: self.dense[metric] - known[metric] for metric in self.dense}
 
-    def _count(self, kept: dict[str, int], removed: dict[tuple[int, str, str], int]) -> dict[str, int]:
+    def widths(self, plan) -> list[tuple[int, int]]:
+        """Each conv/linear layer's kept input and output channels under the plan (None: the dense widths)."""
+
+        def removed(channels) -> int:
+            total = 0
+            for group, per_channel in channels:
+                if plan is not None and group in plan.keep:
+                    kept = plan.keep[group]
+                    total += plan.sizes[group] - len(kept) if per_channel is None else sum(per_channel) - sum(per_channel[i] for i in kept)
+            return total
+
+        return [(fan_in - removed(reads), fan_out - removed(writes)) for _, _, _, fan_in, fan_out, writes, reads in self.layers]
+
+    def _count(self, kept: dict[str, int], widths: list[tuple[int, int]]) -> dict[str, int]:
         flops = params = 0
-        for index, (macs, weight, bias, fan_in, fan_out, writes, reads) in enumerate(self.layers):
-            out = fan_out - sum(removed.get((index, "out", group), 0) for group, _ in writes)
-            inp = fan_in - sum(removed.get((index, "in", group), 0) for group, _ in reads)
+        for (macs, weight, bias, fan_in, fan_out, *_), (inp, out) in zip(self.layers, widths):
             # A grouped convolution whose channels follow its groups is no consumer: its fan-in stays, its cost scales with out.
             scale = inp * out / (fan_in * fan_out)
             flops += round(macs * scale)
@@ -296,19 +333,156 @@ class CostModel:
 
     def count(self, plan) -> dict[str, int]:
         """FLOPs (MACs) and parameters of the model with the plan applied."""
-        removed = {}
-        for index, (*_, writes, reads) in enumerate(self.layers):
-            for side, channels in (("out", writes), ("in", reads)):
-                for group, per_channel in channels:
-                    if group in plan.keep:
-                        kept = plan.keep[group]
-                        removed[(index, side, group)] = (
-                            plan.sizes[group] - len(kept)
-                            if per_channel is None
-                            else sum(per_channel) - sum(per_channel[i] for i in kept)
-                        )
-        counts = self._count(plan.kept(), removed)
+        counts = self._count(plan.kept(), self.widths(plan))
         return {metric: counts[metric] + self.fixed[metric] for metric in counts}
+
+
+class LatencyModel(CostModel):
+    """Latency of a pruned model estimated from a plan, the way NetAdapt and HALP do it.
+
+    Each conv/linear layer gets a table of its latency over kept input and output channels, measured
+    on the device at the batch size on a standalone layer of the same shape (eager; a grid of `grid` +
+    1 counts per side that the plan can change, bilinear in between; a depthwise convolution's inputs
+    follow its outputs). Tables are keyed by the layer's shape, the device, threads, torch version and
+    batch, and kept in `cache_dir`, so that they are measured once per machine. The deployed model
+    (`format`) runs the same layers with fewer calls and other memory layouts (frozen TorchScript
+    keeps MKL-DNN layouts between layers; a standalone frozen layer pays the conversion each call,
+    so its tables would overstate wide layers), so the tables give each layer's share and two
+    measurements of the deployed model, dense and with every group halved, calibrate them:
+    latency = scale * sum of table entries + overhead. `search_threshold` measures the built model and
+    corrects the target where that is still off. `timer(fn, x)` returns milliseconds; tests pass a
+    deterministic one.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: list,
+        input_shape: tuple[int, ...],
+        batch_size: int = 1,
+        device: str | torch.device = "auto",
+        format: str = "torchscript_frozen",
+        cache_dir: str | Path | None = None,
+        timer=None,
+        grid: int = 8,
+    ) -> None:
+        import copy
+
+        from prunelab.structure import apply_channel_plan
+
+        super().__init__(model, groups, input_shape)
+        self.input_shape = tuple(input_shape)
+        self.batch_size, self.format, self.device = int(batch_size), format, latency_device(device)
+        self.timer = timer or (lambda fn, x: time_call(fn, x, warmup=3, repeats=20, seconds=0.3))
+        self.measure = lambda m: deployed_latency(m, self.input_shape, self.batch_size, self.device, self.format, self.timer)
+        self.probes = 0
+        self.cache = Path(cache_dir) / f"{self._machine_key()}.json" if cache_dir is not None else None
+        known = json.loads(self.cache.read_text()) if self.cache is not None and self.cache.exists() else {}
+        self.tables = []
+        for (name, module), (_, _, _, fan_in, fan_out, writes, reads) in zip(self.modules, self.layers):
+            depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
+            ins = self._points(fan_in, bool(reads) and not depthwise, grid)
+            outs = self._points(fan_out, bool(writes), grid)
+            table = known.setdefault(self._layer_key(module, self.inputs[name]), {})
+            for cin in ins:
+                for cout in outs:
+                    if f"{cin},{cout}" not in table:
+                        table[f"{cin},{cout}"] = self._probe(module, self.inputs[name], cin, cout)
+            self.tables.append((ins, outs, table))
+        if self.cache is not None and self.probes:
+            from prunelab.io import write_json
+
+            write_json(self.cache, known, sort_keys=True)
+        # Calibration on the deployed model: dense, and every group at a half and a quarter of its channels.
+        self.points: list[tuple[float, float]] = []
+        self.dense["latency"] = self.measure(model)
+        self.observe(None, self.dense["latency"])
+        for fraction in (2, 4):
+            uniform = plan_by_counts(
+                {g.name: -torch.arange(g.size, dtype=torch.float) for g in groups},
+                {g.name: keep_count(g.size // fraction, g.size, 1, g.unit, g.multiple) for g in groups},
+                {g.name: g.unit for g in groups},
+            )
+            self.observe(uniform, self.measure(apply_channel_plan(copy.deepcopy(model), uniform, input_shape)))
+
+    def observe(self, plan, measured: float) -> None:
+        """Add a measurement of the deployed model under `plan` (None: dense) and refit scale and overhead.
+
+        A least-squares line through (sum of table entries, measured latency) of every measurement so far.
+        """
+        self.points.append((self._layers_latency(self.widths(plan)), float(measured)))
+        xs, ys = zip(*self.points)
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        spread = sum((x - mean_x) ** 2 for x in xs)
+        self.scale = sum((x - mean_x) * (y - mean_y) for x, y in self.points) / spread if spread > 0 else 0.0
+        if not self.scale > 0:  # one point, or noise swamped the difference: the tables scaled to the dense model
+            self.scale, mean_x, mean_y = self.points[0][1] / self.points[0][0], *self.points[0]
+        self.overhead = mean_y - self.scale * mean_x
+
+    def _machine_key(self) -> str:
+        import hashlib
+        import platform
+
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine()
+        key = f"{name}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}|{self.device.type}|b{self.batch_size}"
+        return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    @staticmethod
+    def _layer_key(module: nn.Module, shape: tuple[int, ...]) -> str:
+        if isinstance(module, nn.Linear):
+            return f"linear|{module.in_features}|{module.out_features}|{shape}"
+        return (
+            f"conv|{module.in_channels}|{module.out_channels}|{module.kernel_size}|{module.stride}|{module.padding}|"
+            f"{module.dilation}|{module.groups}|{shape}"
+        )
+
+    @staticmethod
+    def _points(size: int, variable: bool, grid: int) -> list[int]:
+        if not variable:
+            return [size]
+        return sorted({1, size, *(math.ceil(size * k / grid) for k in range(1, grid))})
+
+    def _probe(self, module: nn.Module, shape: tuple[int, ...], cin: int, cout: int) -> float:
+        """Measured latency of a standalone copy of the layer with `cin` inputs and `cout` outputs."""
+        if isinstance(module, nn.Linear):
+            layer: nn.Module = nn.Linear(cin, cout)
+            x_shape = (*shape[:-1], cin)
+        else:
+            if module.groups == module.in_channels > 1:
+                # Depthwise: its inputs follow its outputs (the plan counts the outputs only).
+                groups = cin = cout // (module.out_channels // module.in_channels)
+            else:
+                groups = math.gcd(module.groups, cin, cout)
+            # A deployed convolution has a bias (its BatchNorm folded in).
+            layer = nn.Conv2d(cin, cout, module.kernel_size, module.stride, module.padding, module.dilation, groups, bias=True)
+            x_shape = (cin, *shape[1:])
+        self.probes += 1
+        layer = layer.to(self.device).eval()
+        return float(self.timer(layer, torch.randn(self.batch_size, *x_shape, device=self.device)))
+
+    def _layers_latency(self, widths: list[tuple[int, int]]) -> float:
+        return sum(
+            _interpolate(ins, inp, lambda i: _interpolate(outs, out, lambda o: table[f"{i},{o}"]))
+            for (ins, outs, table), (inp, out) in zip(self.tables, widths)
+        )
+
+    def count(self, plan) -> dict[str, float]:
+        """Estimated latency (ms) of the model with the plan applied, with FLOPs and parameters."""
+        counts = super().count(plan)
+        counts["latency"] = self.scale * self._layers_latency(self.widths(plan)) + self.overhead
+        return counts
+
+
+def _interpolate(points: list[int], x: float, value) -> float:
+    """Piecewise-linear interpolation of `value` (a function of the grid points) at x."""
+    if len(points) == 1:
+        return value(points[0])
+    hi = next((i for i, p in enumerate(points) if p >= x), len(points) - 1)
+    lo = max(0, hi - 1)
+    if points[hi] == x or lo == hi:
+        return value(points[hi])
+    weight = (x - points[lo]) / (points[hi] - points[lo])
+    return (1 - weight) * value(points[lo]) + weight * value(points[hi])
 
 
 def search_threshold(
@@ -323,6 +497,7 @@ def search_threshold(
     reference: float | None = None,
     units: dict[str, int] | None = None,
     multiples: dict[str, int] | None = None,
+    latency: dict | None = None,
 ):
     """Binary search of a global threshold on normalised scores to keep `target` of the dense FLOPs.
 
@@ -336,7 +511,9 @@ def search_threshold(
     given, else against the model itself. Groups read by grouped convolutions keep whole units
     (`units`, group name to `ChannelGroup.unit`), and groups in `multiples` multiples of their
     count (`ChannelGroup.multiple`); both are read from the model when not given. Returns the plan and the ratio it achieves, as
-    counted on the built model.
+    counted on the built model. Metric "latency" estimates candidates with a `LatencyModel` (built with
+    the `latency` keyword arguments: batch_size, device, format, cache_dir, timer) and measures the
+    built model.
     """
     import copy
 
@@ -347,8 +524,12 @@ def search_threshold(
         units = {g.name: g.unit for g in groups}
     if multiples is None:
         multiples = {g.name: g.multiple for g in groups}
-    costs = CostModel(model, groups, input_shape)
-    count = count_flops if metric == "flops" else (lambda m, _: count_params(m))
+    if metric == "latency":
+        costs = LatencyModel(model, groups, input_shape, **(latency or {}))
+        count = lambda m, _: costs.measure(m)  # noqa: E731
+    else:
+        costs = CostModel(model, groups, input_shape)
+        count = count_flops if metric == "flops" else (lambda m, _: count_params(m))
     dense = reference if reference is not None else costs.dense[metric]
     top = max(float(s.max()) for s in scores.values())
     normalised = {n: s.detach().float().cpu() / (top if top > 0 else 1.0) for n, s in scores.items()}
@@ -365,11 +546,16 @@ def search_threshold(
     aim = target
     for _ in range(5):
         plan = _bisect(normalised, aim, estimated, tolerance * target / aim, iterations, round_to, units, multiples, metric)
-        ratio = count(apply_channel_plan(copy.deepcopy(model), plan, input_shape), input_shape) / dense
+        value = count(apply_channel_plan(copy.deepcopy(model), plan, input_shape), input_shape)
+        ratio = value / dense
         if abs(ratio - target) / target <= tolerance:
             return plan, ratio
-        # The cost model missed a cost that changes with channels: aim where the built model lands on target.
-        aim *= target / ratio
+        if metric == "latency":
+            # The latency model learns from the measurement (its calibration is refitted), the target stays.
+            costs.observe(plan, value)
+        else:
+            # The cost model missed a cost that changes with channels: aim where the built model lands on target.
+            aim *= target / ratio
     raise BudgetError(
         f"the {metric} of the built model ({ratio:.4g}) stays off the target {target:.4g} by more than "
         f"{tolerance:.2%} after correcting the searched target 4 times; raise budget.tolerance"
@@ -420,18 +606,20 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
             for n, s in scores.items()
         }
         return plan_by_counts(scores, counts, units)
-    for metric in ("flops", "params"):
+    for metric in ("flops", "params", "latency"):
         if budget.get(metric) is not None:
             target = float(budget[metric])
             if not 0.0 < target <= 1.0:
                 raise BudgetError(f"budget.{metric} is the fraction to keep, in (0, 1]; got {target}")
+            latency = {**budget_latency(budget), "cache_dir": budget.get("latency_cache")} if metric == "latency" else None
             plan, _ = search_threshold(
                 model,
                 scores,
                 target,
                 input_shape,
                 metric=metric,
-                tolerance=float(budget.get("tolerance", 0.01)),
+                latency=latency,
+                tolerance=float(budget.get("latency_tolerance" if metric == "latency" else "tolerance", 0.01)),
                 iterations=int(budget.get("iterations", 30)),
                 round_to=round_to,
                 reference=ctx.dense.get(metric) if ctx.dense else None,
@@ -439,7 +627,16 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
                 multiples=multiples,
             )
             return plan
-    raise BudgetError("structured pruning needs budget.flops, budget.params or budget.layer_ratios")
+    raise BudgetError("structured pruning needs budget.flops, budget.params, budget.latency or budget.layer_ratios")
+
+
+def budget_latency(budget) -> dict:
+    """How the latency budget measures (`deployed_latency`'s batch_size, device and format), from `budget`."""
+    return {
+        "batch_size": int(budget.get("latency_batch_size", 1)),
+        "device": budget.get("latency_device", "auto"),
+        "format": budget.get("latency_format", "torchscript_frozen"),
+    }
 
 
 def unstructured_plan(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "global"):

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from prunelab import dashboard, distributed, structure
-from prunelab.budget import count_flops, latency_device, measure, measure_latency, scratch_b_epochs
+from prunelab.budget import budget_latency, count_flops, deployed_latency, latency_device, measure, measure_latency, scratch_b_epochs
 from prunelab.export import FORMATS, export_deployable, load_model, save_model
 from prunelab.io import RunLock, atomic_write, save_torch, write_json, write_text
 from prunelab.lit import PruneLitModule
@@ -235,7 +235,7 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
     input_shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
     model_record(model).skip = check_skip(list(cfg.get("structure", {}).get("skip") or []), model)
     model_record(model).prune_embedding = bool(cfg.get("structure", {}).get("prune_embedding", False))
-    if prunes and "flops" in method.budget_keys and any(cfg.budget.get(k) is not None for k in ("flops", "params", "layer_ratios")):
+    if prunes and "flops" in method.budget_keys and any(cfg.budget.get(k) is not None for k in ("flops", "params", "latency", "layer_ratios")):
         # The groups (and that they passed the check) are kept in the run directory: a resumed run skips both.
         if not structure.remember_groups(model, input_shape, run_dir / "groups.json"):
             structure.check_prunable(model, input_shape)
@@ -261,6 +261,8 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
         _check_rewind_reachable(ctx, stages)
     model_record(model).input_shape = ctx.input_shape
     ctx.dense = measure(model, ctx.input_shape)
+    if cfg.budget.get("latency") is not None:
+        ctx.dense["latency"] = deployed_latency(model, ctx.input_shape, **budget_latency(cfg.budget))
     method.bind(ctx.for_method(model))
     dense_spec = dict(model_record(model).spec)
     model = method.initial_model(model)
@@ -284,6 +286,9 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
             "model/sparsity": final["sparsity"],
         }
     )
+    if cfg.budget.get("latency") is not None:
+        # What the latency budget asked for, measured on the final model as the search measured it.
+        summary["model/latency_ratio"] = deployed_latency(model, ctx.input_shape, **budget_latency(cfg.budget)) / ctx.dense["latency"]
     fmt = cfg.export.format
     summary.update(_latency(cfg, model, dense_spec, ctx.input_shape, fmt))
     summary.update(_final_validation(stages, summary, retrain_on_val=bool(cfg.retrain.get("with_val", False))))

@@ -92,6 +92,11 @@ def check_config(cfg: DictConfig) -> None:
 
     fmt = _number(cfg, "export.format")
     _require(fmt is None or fmt in FORMATS, f"export.format={fmt!r} must be one of {', '.join(FORMATS)}")
+    if _number(cfg, "budget.latency") is not None:
+        fmt = _number(cfg, "budget.latency_format")
+        _require(fmt in ("eager", *FORMATS), f"budget.latency_format={fmt!r} must be eager or one of {', '.join(FORMATS)}")
+        other = [k for k in ("flops", "params", "layer_ratios") if _number(cfg, f"budget.{k}") is not None]
+        _require(not other, f"budget.latency and budget.{other[0] if other else ''} are both set: a structured budget is one of them")
     scope = _number(cfg, "budget.scope")
     _require(scope in (None, "global", "layer"), f"budget.scope={scope!r} must be 'global' or 'layer'")
     _whole(cfg, "trainer.max_epochs", 0, "epochs of a training stage")

@@ -10,7 +10,7 @@ from prunelab.methods.base import MethodContext, PruningMethod, Stage, prunable_
 from prunelab.structure import group_weights, prunable_weights
 
 
-STRUCTURED = ("flops", "params", "layer_ratios")
+STRUCTURED = ("flops", "params", "latency", "layer_ratios")
 UNSTRUCTURED = ("sparsity",)
 
 

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from rich.progress import Progress, TextColumn
 from torch import nn
 
-from prunelab.budget import BudgetError, measure
+from prunelab.budget import BudgetError, budget_latency, deployed_latency, keep_count, measure
 from prunelab.io import atomic_write, write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage
 from prunelab.structure import ChannelGroup, ChannelPlan, apply_channel_plan, channel_groups
@@ -223,7 +223,7 @@ class GreedyImitation(PruningMethod):
     def plan(self, model: nn.Module, ctx: MethodContext) -> ChannelPlan:
         """Prune the groups from the input to the output; fold each layer's a_i into its consumer.
 
-        With `budget.flops` (or `budget.params`), epsilon is searched instead: doubled until the pruned
+        With `budget.flops` (or `budget.params`, `budget.latency`), epsilon is searched instead: doubled until the pruned
         model is within budget, then bisected (`search_iterations` full layer-wise runs on copies of the
         model) to the largest model within budget; the layer-wise run of the epsilon found is kept.
         """
@@ -231,7 +231,7 @@ class GreedyImitation(PruningMethod):
         ctx.data.setup("fit")
         if self.study:
             return self._study(model, ctx)
-        metric = next((m for m in ("flops", "params") if ctx.budget.get(m) is not None), None)
+        metric = next((m for m in ("flops", "params", "latency") if ctx.budget.get(m) is not None), None)
         trials: list[dict[str, float]] = []
         if metric is None:
             plan, records = self._layerwise(model, ctx, self.epsilon)
@@ -280,7 +280,8 @@ class GreedyImitation(PruningMethod):
         with eval_mode(model), Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}")) as bar:
             task = bar.add_task(f"greedy imitation, epsilon {epsilon:.4g}", total=len(groups), last="")
             for index, (group, consumers) in enumerate(groups):
-                found = self._prune_group(model, group, consumers, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size), epsilon)
+                found = self._prune_group(model, group, consumers, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size),
+                                          epsilon, int(ctx.budget.get("round_to") or 1))
                 keep[group.name] = found["keep"]
                 records.append({k: v for k, v in found.items() if k not in ("a", "history")})
                 kept = f"{group.name}: {len(found['keep'])}/{group.size} ({found['method']})"
@@ -293,7 +294,7 @@ class GreedyImitation(PruningMethod):
         """The largest pruned model within `target` (a fraction of the dense model's `metric`) over epsilon."""
         if not 0.0 < target <= 1.0:
             raise BudgetError(f"budget.{metric} is the fraction to keep, in (0, 1]; got {target}")
-        tolerance = float(ctx.budget.get("tolerance", 0.01))
+        tolerance = float(ctx.budget.get("latency_tolerance" if metric == "latency" else "tolerance", 0.01))
         best: tuple[float, nn.Module, ChannelPlan, list] | None = None
 
         def attempt(epsilon: float) -> float:
@@ -301,7 +302,10 @@ class GreedyImitation(PruningMethod):
             trial = copy.deepcopy(model)
             plan, records = self._layerwise(trial, ctx, epsilon)
             pruned = apply_channel_plan(copy.deepcopy(trial), plan, ctx.input_shape)
-            ratio = measure(pruned, ctx.input_shape)[metric] / ctx.dense[metric]
+            if metric == "latency":
+                ratio = deployed_latency(pruned, ctx.input_shape, **budget_latency(ctx.budget)) / ctx.dense[metric]
+            else:
+                ratio = measure(pruned, ctx.input_shape)[metric] / ctx.dense[metric]
             trials.append({"epsilon": epsilon, f"{metric}_ratio": ratio})
             log.info("greedy: epsilon %.4g keeps %.4f of the dense %s (target %.4f)", epsilon, ratio, metric, target)
             if ratio <= target * (1 + tolerance) and (best is None or ratio > best[0]):
@@ -360,7 +364,7 @@ class GreedyImitation(PruningMethod):
         return [(g, c) for g, c in roles if c is not None]
 
     def _prune_group(self, model: nn.Module, group: ChannelGroup, consumers: list[str], batches: Any,
-                     epsilon: float) -> dict[str, Any]:
+                     epsilon: float, round_to: int = 1) -> dict[str, Any]:
         n = group.size
         steps = max(1, int(self.max_steps * n))
         hook = _Scales([model.get_submodule(c) for c in consumers])
@@ -371,6 +375,14 @@ class GreedyImitation(PruningMethod):
         finally:
             hook.remove()
         best = min(tries, key=lambda t: (len(t["keep"]), t["discrepancy"]))
+        wanted = keep_count(len(best["keep"]), n, round_to)
+        if wanted > len(best["keep"]):
+            # budget.round_to: pad with the pruned neurons whose consumer weights are largest; their a_i stay
+            # 0 (the folded output is unchanged) and fine-tuning trains them.
+            weight = hook.consumers[0].weight.detach().abs().transpose(0, 1).reshape(n, -1).sum(1)
+            weight[best["keep"]] = -math.inf
+            extra = torch.topk(weight, wanted - len(best["keep"])).indices.tolist()
+            best = {**best, "keep": sorted(best["keep"] + extra)}
         with torch.no_grad():
             for consumer in hook.consumers:
                 u = (n * best["a"]).to(consumer.weight.dtype)

@@ -97,7 +97,7 @@ class GrowingRegularization(PruningMethod):
             raise ConfigError(f"{name}: method.ratio_limit={ratio_limit!r} must be null or a number > 1")
         self.ratio_limit = None if ratio_limit is None else float(ratio_limit)
         self.granularity = granularity
-        self.budget_keys = ("sparsity",) if granularity == "weight" else ("flops", "params", "layer_ratios")
+        self.budget_keys = ("sparsity",) if granularity == "weight" else ("flops", "params", "latency", "layer_ratios")
         self.delta_lambda = float(delta_lambda)
         self.tau = float(tau)
         self.update_interval = update_interval

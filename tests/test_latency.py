@@ -1,0 +1,110 @@
+"""Latency budgets: per-layer tables cached per machine, the search meets the target as measured on the
+built model and respects round_to. A deterministic fake timer stands in for the clock (real timings
+belong to `scripts/bench.py`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import prunelab.budget as budget
+from conftest import make_cfg
+from prunelab import pipeline
+from prunelab.backbones import create
+from prunelab.budget import LatencyModel, search_threshold
+from prunelab.structure import apply_channel_plan, channel_groups
+
+SHAPE = (3, 32, 32)
+
+
+class FakeTimer:
+    """Milliseconds = `scale` per million MACs of the call (raised to `power`) + `per_call`; counts its calls."""
+
+    def __init__(self, scale: float = 1.0, power: float = 1.0, per_call: float = 0.05) -> None:
+        self.scale, self.power, self.per_call, self.calls = scale, power, per_call, []
+
+    def __call__(self, fn, x) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn(x)
+        self.calls.append(type(fn).__name__)
+        return self.scale * (counter.get_total_flops() / 2e6) ** self.power + self.per_call
+
+
+def scores_of(model):
+    gen = torch.Generator().manual_seed(0)
+    return {g.name: torch.rand(g.size, generator=gen) for g in channel_groups(model, SHAPE)}
+
+
+def options(tmp_path, timer, batch_size=2):
+    return {"batch_size": batch_size, "device": "cpu", "format": "eager", "cache_dir": tmp_path / "tables", "timer": timer}
+
+
+def test_latency_tables_are_measured_once_per_machine_and_batch(tmp_path):
+    model = create("resnet_tiny").eval()
+    groups = channel_groups(model, SHAPE)
+    first = LatencyModel(model, groups, SHAPE, **options(tmp_path, FakeTimer()))
+    assert first.probes > 0 and len(list((tmp_path / "tables").glob("*.json"))) == 1
+    timer = FakeTimer()
+    again = LatencyModel(model, groups, SHAPE, **options(tmp_path, timer))
+    # Only the deployed model is timed again (dense and two calibration widths), no layer.
+    assert again.probes == 0 and len(timer.calls) == 3 and not {"Conv2d", "Linear"} & set(timer.calls)
+    assert again.tables == first.tables
+    other = LatencyModel(model, groups, SHAPE, **options(tmp_path, FakeTimer(), batch_size=4))
+    assert other.probes == first.probes and len(list((tmp_path / "tables").glob("*.json"))) == 2
+
+
+def test_latency_model_estimates_a_plan_from_tables(tmp_path):
+    # Linear in MACs, with a per-call cost: the calibrated tables predict any plan exactly.
+    model = create("resnet_tiny").eval()
+    groups = channel_groups(model, SHAPE)
+    timer = FakeTimer(scale=0.7, per_call=0.3)
+    costs = LatencyModel(model, groups, SHAPE, **options(tmp_path, timer))
+    plan = budget.plan_by_threshold(scores_of(model), 0.4)
+    measured = costs.measure(apply_channel_plan(create("resnet_tiny").eval(), plan, SHAPE))
+    assert costs.count(plan)["latency"] == pytest.approx(measured, rel=0.02)
+
+
+@pytest.mark.parametrize("round_to", [1, 4])
+@pytest.mark.parametrize("power", [1.0, 1.3])
+def test_latency_search_meets_the_target_on_the_built_model(tmp_path, round_to, power):
+    # power 1.3: the model's latency is not the calibrated sum of its layers; measurements refit it.
+    model = create("resnet_tiny").eval()
+    timer = FakeTimer(power=power, per_call=0.02)
+    plan, ratio = search_threshold(
+        model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.05, round_to=round_to,
+        latency=options(tmp_path, timer),
+    )
+    built = apply_channel_plan(create("resnet_tiny").eval(), plan, SHAPE)
+    dense = FakeTimer(power=power, per_call=0.02)(model, torch.zeros(2, *SHAPE))
+    truth = FakeTimer(power=power, per_call=0.02)(built, torch.zeros(2, *SHAPE)) / dense
+    assert ratio == pytest.approx(truth) and abs(truth - 0.5) <= 0.05 * 0.5
+    assert all(kept % round_to == 0 for kept in plan.kept().values())
+
+
+def test_latency_budget_through_the_pipeline(tmp_path, monkeypatch):
+    timer = FakeTimer(scale=0.5, per_call=0.1)
+    monkeypatch.setattr(budget, "time_call", lambda fn, x, **_: timer(fn, x))
+    cfg = make_cfg(tmp_path, "method=l1_filter", "budget.latency=0.6", "budget.latency_format=eager",
+                   "budget.latency_batch_size=2", f"budget.latency_cache={tmp_path / 'tables'}",
+                   "latency.batch_sizes=[]", "test=false")
+    summary = pipeline.run(cfg, tmp_path)
+    assert summary["model/latency_ratio"] == pytest.approx(0.6, rel=0.05)
+    assert summary["model/flops_ratio"] < 0.75
+    assert list((tmp_path / "tables").glob("*.json"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["budget.latency=1.5"], "budget.latency=1.5 is out of range"),
+        (["budget.latency=0.5", "budget.flops=0.5"], "budget.latency and budget.flops are both set"),
+        (["budget.latency=0.5", "budget.latency_format=tflite"], "budget.latency_format='tflite' must be"),
+        (["export.format=tensorrt"], "export.format='tensorrt' must be one of"),
+    ],
+)
+def test_bad_latency_settings_are_refused_in_one_line(tmp_path, overrides, message):
+    from prunelab.validate import ConfigError, check_config
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        check_config(make_cfg(tmp_path, "method=l1_filter", *overrides))
