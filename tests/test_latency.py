@@ -69,13 +69,13 @@ def test_latency_model_estimates_a_plan_from_tables(tmp_path):
 @pytest.mark.parametrize("power", [1.0, 1.3])
 def test_latency_search_meets_the_target_on_the_built_model(tmp_path, round_to, power):
     # power 1.3: the model's latency is not the calibrated sum of its layers; measurements refit it.
-    model = create("resnet_tiny").eval()
+    model = create("resnet20").eval()
     timer = FakeTimer(power=power, per_call=0.02)
     plan, ratio = search_threshold(
         model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.05, round_to=round_to,
         latency=options(tmp_path, timer),
     )
-    built = apply_channel_plan(create("resnet_tiny").eval(), plan, SHAPE)
+    built = apply_channel_plan(create("resnet20").eval(), plan, SHAPE)
     dense = FakeTimer(power=power, per_call=0.02)(model, torch.zeros(2, *SHAPE))
     truth = FakeTimer(power=power, per_call=0.02)(built, torch.zeros(2, *SHAPE)) / dense
     assert ratio == pytest.approx(truth) and abs(truth - 0.5) <= 0.05 * 0.5
@@ -108,3 +108,17 @@ def test_bad_latency_settings_are_refused_in_one_line(tmp_path, overrides, messa
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         check_config(make_cfg(tmp_path, "method=l1_filter", *overrides))
+
+
+def test_latency_search_prunes_the_channels_that_cost_most_first(tmp_path):
+    # Importance alike everywhere (within +-10%): the knapsack removes the channels with the largest latency per channel.
+    model = create("resnet20").eval()
+    groups = channel_groups(model, SHAPE)
+    costs = LatencyModel(model, groups, SHAPE, **options(tmp_path, FakeTimer()))
+    per_channel = costs.channel_costs(groups)
+    gen = torch.Generator().manual_seed(0)
+    scores = {g.name: 0.9 + 0.2 * torch.rand(g.size, generator=gen) for g in groups}
+    plan, _ = search_threshold(model, scores, 0.6, SHAPE, metric="latency", tolerance=0.05, latency=options(tmp_path, FakeTimer()))
+    dearest, cheapest = max(per_channel, key=per_channel.get), min(per_channel, key=per_channel.get)
+    assert per_channel[dearest] > 1.5 * per_channel[cheapest]
+    assert len(plan.keep[dearest]) / plan.sizes[dearest] < len(plan.keep[cheapest]) / plan.sizes[cheapest]

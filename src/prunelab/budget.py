@@ -460,6 +460,26 @@ class LatencyModel(CostModel):
         layer = layer.to(self.device).eval()
         return float(self.timer(layer, torch.randn(self.batch_size, *x_shape, device=self.device)))
 
+    def channel_costs(self, groups: list) -> dict[str, float]:
+        """Milliseconds one channel of each group costs: the tables' saving when the group alone is halved, per channel.
+
+        A group whose channels cost nothing measurable (within the tables' noise) gets 1% of the mean cost.
+        """
+        from prunelab.structure import ChannelPlan
+
+        dense = self._layers_latency(self.widths(None))
+        costs = {}
+        for g in groups:
+            kept = keep_count(g.size // 2, g.size, 1, g.unit, g.multiple)
+            if kept == g.size:
+                costs[g.name] = 0.0
+                continue
+            halved = ChannelPlan({g.name: list(range(kept))}, {g.name: g.size})
+            costs[g.name] = self.scale * (dense - self._layers_latency(self.widths(halved))) / (g.size - kept)
+        positive = [c for c in costs.values() if c > 0]
+        floor = 0.01 * sum(positive) / len(positive) if positive else 1.0
+        return {name: max(cost, floor) for name, cost in costs.items()}
+
     def _layers_latency(self, widths: list[tuple[int, int]]) -> float:
         return sum(
             _interpolate(ins, inp, lambda i: _interpolate(outs, out, lambda o: table[f"{i},{o}"]))
@@ -512,8 +532,9 @@ def search_threshold(
     (`units`, group name to `ChannelGroup.unit`), and groups in `multiples` multiples of their
     count (`ChannelGroup.multiple`); both are read from the model when not given. Returns the plan and the ratio it achieves, as
     counted on the built model. Metric "latency" estimates candidates with a `LatencyModel` (built with
-    the `latency` keyword arguments: batch_size, device, format, cache_dir, timer) and measures the
-    built model.
+    the `latency` keyword arguments: batch_size, device, format, cache_dir, timer), ranks channels by
+    score per millisecond of their group (`LatencyModel.channel_costs`: the greedy solution of HALP's
+    latency knapsack, with one cost per group) and measures the built model.
     """
     import copy
 
@@ -527,6 +548,9 @@ def search_threshold(
     if metric == "latency":
         costs = LatencyModel(model, groups, input_shape, **(latency or {}))
         count = lambda m, _: costs.measure(m)  # noqa: E731
+        # HALP's knapsack, solved greedily: channels ranked by importance per millisecond they cost.
+        per_channel = costs.channel_costs(groups)
+        scores = {n: s / per_channel[n] for n, s in scores.items()}
     else:
         costs = CostModel(model, groups, input_shape)
         count = count_flops if metric == "flops" else (lambda m, _: count_params(m))
