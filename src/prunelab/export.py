@@ -154,16 +154,23 @@ def export_deployable(
 
 
 class OnnxModel:
-    """An onnxruntime session called like a module: tensor in, tensor out (on the input's device)."""
+    """An onnxruntime session called like a module: tensor in, tensor out (on the input's device).
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    It runs on the GPU where `device` is CUDA and onnxruntime has its CUDA provider (onnxruntime-gpu),
+    else on the CPU (`self.device` says which).
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", threads: int | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         # As many threads as torch uses, so that deployed and eager timings are comparable.
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        cuda = torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        self.device = "cuda" if cuda else "cpu"
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,14 +179,14 @@ class OnnxModel:
 
 
 def load_deployed(path: str | Path, device: str | torch.device = "cpu", optimize: bool = False):
-    """The exported model in `path` (`.ts`: TorchScript, `.onnx`: onnxruntime on the CPU), ready to call.
+    """The exported model in `path` (`.ts`: TorchScript, `.onnx`: onnxruntime), ready to call.
 
     `optimize` also runs `torch.jit.optimize_for_inference` on a frozen TorchScript model, as a
     deployment does after loading it (its MKL-DNN layouts cannot be saved in the file itself).
     """
     path = Path(path)
     if path.suffix == ".onnx":
-        return OnnxModel(path)
+        return OnnxModel(path, device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
         module = torch.jit.load(str(path), map_location=device)
