@@ -110,7 +110,7 @@ def test_bad_latency_settings_are_refused_in_one_line(tmp_path, overrides, messa
         check_config(make_cfg(tmp_path, "method=l1_filter", *overrides))
 
 
-def test_latency_search_prunes_the_channels_that_cost_most_first(tmp_path):
+def test_per_ms_ranking_prunes_the_channels_that_cost_most_first(tmp_path):
     # Importance alike everywhere (within +-10%): the knapsack removes the channels with the largest latency per channel.
     model = create("resnet20").eval()
     groups = channel_groups(model, SHAPE)
@@ -118,7 +118,8 @@ def test_latency_search_prunes_the_channels_that_cost_most_first(tmp_path):
     per_channel = costs.channel_costs(groups)
     gen = torch.Generator().manual_seed(0)
     scores = {g.name: 0.9 + 0.2 * torch.rand(g.size, generator=gen) for g in groups}
-    plan, _ = search_threshold(model, scores, 0.6, SHAPE, metric="latency", tolerance=0.05, latency=options(tmp_path, FakeTimer()))
+    plan, _ = search_threshold(model, scores, 0.6, SHAPE, metric="latency", tolerance=0.05,
+                               latency={**options(tmp_path, FakeTimer()), "ranking": "per_ms"})
     dearest, cheapest = max(per_channel, key=per_channel.get), min(per_channel, key=per_channel.get)
     assert per_channel[dearest] > 1.5 * per_channel[cheapest]
     assert len(plan.keep[dearest]) / plan.sizes[dearest] < len(plan.keep[cheapest]) / plan.sizes[cheapest]

@@ -538,9 +538,13 @@ def search_threshold(
     (`units`, group name to `ChannelGroup.unit`), and groups in `multiples` multiples of their
     count (`ChannelGroup.multiple`); both are read from the model when not given. Returns the plan and the ratio it achieves, as
     counted on the built model. Metric "latency" estimates candidates with a `LatencyModel` (built with
-    the `latency` keyword arguments: batch_size, device, format, cache_dir, timer), ranks channels by
-    score per millisecond of their group (`LatencyModel.channel_costs`: the greedy solution of HALP's
-    latency knapsack, with one cost per group) and measures the built model.
+    the `latency` keyword arguments: batch_size, device, format, cache_dir, timer) and measures the
+    built model. Its `ranking` "per_ms" ranks channels by score per millisecond of their group
+    (`LatencyModel.channel_costs`: the greedy solution of HALP's latency knapsack, one cost per group),
+    "importance" (default) by score alone, as the FLOPs search does. Per millisecond needs scores on one
+    scale across groups (a loss change, as HALP's Taylor scores): with filter-L1 on a pretrained ResNet-56
+    it cut two residual streams to one channel (residual streams are read by every block of their stage,
+    so each of their channels costs the most) and fine-tuning did not recover (10% accuracy; measured).
     """
     import copy
 
@@ -552,11 +556,14 @@ def search_threshold(
     if multiples is None:
         multiples = {g.name: g.multiple for g in groups}
     if metric == "latency":
-        costs = LatencyModel(model, groups, input_shape, **(latency or {}))
+        latency = dict(latency or {})
+        ranking = latency.pop("ranking", "importance")
+        costs = LatencyModel(model, groups, input_shape, **latency)
         count = lambda m, _: costs.measure(m)  # noqa: E731
-        # HALP's knapsack, solved greedily: channels ranked by importance per millisecond they cost.
-        per_channel = costs.channel_costs(groups)
-        scores = {n: s / per_channel[n] for n, s in scores.items()}
+        if ranking == "per_ms":
+            # HALP's knapsack, solved greedily: channels ranked by importance per millisecond they cost.
+            per_channel = costs.channel_costs(groups)
+            scores = {n: s / per_channel[n] for n, s in scores.items()}
     else:
         costs = CostModel(model, groups, input_shape)
         count = count_flops if metric == "flops" else (lambda m, _: count_params(m))
@@ -641,7 +648,9 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
             target = float(budget[metric])
             if not 0.0 < target <= 1.0:
                 raise BudgetError(f"budget.{metric} is the fraction to keep, in (0, 1]; got {target}")
-            latency = {**budget_latency(budget), "cache_dir": budget.get("latency_cache")} if metric == "latency" else None
+            latency = None
+            if metric == "latency":
+                latency = {**budget_latency(budget), "cache_dir": budget.get("latency_cache"), "ranking": budget.get("latency_ranking", "importance")}
             plan, _ = search_threshold(
                 model,
                 scores,
@@ -652,12 +661,25 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
                 tolerance=float(budget.get("latency_tolerance" if metric == "latency" else "tolerance", 0.01)),
                 iterations=int(budget.get("iterations", 30)),
                 round_to=round_to,
-                reference=ctx.dense.get(metric) if ctx.dense else None,
+                reference=_reference(model, ctx, metric),
                 units=units,
                 multiples=multiples,
             )
             return plan
     raise BudgetError("structured pruning needs budget.flops, budget.params, budget.latency or budget.layer_ratios")
+
+
+def _reference(model: nn.Module, ctx, metric: str) -> float | None:
+    """The dense backbone's count a budget is relative to (None: the model's own, counted by the search).
+
+    A latency is measured again by the search, beside its candidates, when the model still has the dense
+    architecture: the one measured when the run started may be minutes old, on a machine in another state.
+    """
+    if not ctx.dense:
+        return None
+    if metric == "latency" and count_flops(model, ctx.input_shape) == ctx.dense.get("flops"):
+        return None
+    return ctx.dense.get(metric)
 
 
 def budget_latency(budget) -> dict:

@@ -95,6 +95,8 @@ def check_config(cfg: DictConfig) -> None:
     if _number(cfg, "budget.latency") is not None:
         fmt = _number(cfg, "budget.latency_format")
         _require(fmt in ("eager", *FORMATS), f"budget.latency_format={fmt!r} must be eager or one of {', '.join(FORMATS)}")
+        ranking = _number(cfg, "budget.latency_ranking")
+        _require(ranking in (None, "importance", "per_ms"), f"budget.latency_ranking={ranking!r} must be importance or per_ms")
         other = [k for k in ("flops", "params", "layer_ratios") if _number(cfg, f"budget.{k}") is not None]
         _require(not other, f"budget.latency and budget.{other[0] if other else ''} are both set: a structured budget is one of them")
     scope = _number(cfg, "budget.scope")
