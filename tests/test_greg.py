@@ -147,7 +147,7 @@ def test_flops_budget_and_unstructured_granularity(tmp_path):
         (["method=greg1", "method.granularity=channel", "budget.flops=0.5"], "method.granularity='channel' is not one of"),
         (["method=greg1", "method.delta_lambda=0", "budget.flops=0.5"], "method.delta_lambda=0 must be a number > 0"),
         (["method=greg2", "method.tau0=2", "budget.flops=0.5"], "method.tau0=2 must be in (0, tau=1)"),
-        (["method=greg1"], "GReg1 prunes to a budget: set budget.flops or budget.params or budget.layer_ratios"),
+        (["method=greg1"], "GReg1 prunes to a budget: set budget.flops or budget.params or budget.latency or budget.layer_ratios"),
         (["method=greg1", "method.granularity=weight", "budget.flops=0.5"], "GReg1 prunes to a budget: set budget.sparsity"),
     ],
 )

@@ -31,7 +31,7 @@ QUIET = ["latency.batch_sizes=[]", "trainer.limit_val_batches=1"]
         (["dataset.batch_size=0"], "dataset.batch_size=0 must be a whole number >= 1"),
         (["optimizer.lr=0"], "optimizer.lr=0 is out of range"),
         (["backbone.pretrained=/no/such/file.th"], "backbone.pretrained=/no/such/file.th: no such file"),
-        (["method=l1_filter"], "L1Filter prunes to a budget: set budget.flops or budget.params or budget.layer_ratios"),
+        (["method=l1_filter"], "L1Filter prunes to a budget: set budget.flops or budget.params or budget.latency or budget.layer_ratios"),
         (["method=magnitude"], "Magnitude prunes to a budget: set budget.sparsity"),
         (["method=pfs"], "pfs: the target ratio r"),
         (["method=imp"], "imp needs budget.sparsity"),

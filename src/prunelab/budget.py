@@ -348,7 +348,7 @@ class LatencyModel(CostModel):
 
     Each conv/linear layer gets a table of its latency over kept input and output channels, measured
     on the device at the batch size on a standalone layer of the same shape (eager; a grid of `grid` +
-    1 counts per side that the plan can change, bilinear in between; a depthwise convolution's inputs
+    1 counts per side that the plan can change, on multiples of `round_to`, bilinear in between; a depthwise convolution's inputs
     follow its outputs). Tables are keyed by the layer's shape, the device, threads, torch version and
     batch, and kept in `cache_dir`, so that they are measured once per machine. The deployed model
     (`format`) runs the same layers with fewer calls and other memory layouts (frozen TorchScript
@@ -371,6 +371,7 @@ class LatencyModel(CostModel):
         cache_dir: str | Path | None = None,
         timer=None,
         grid: int = 8,
+        round_to: int = 1,
     ) -> None:
         import copy
 
@@ -387,8 +388,8 @@ class LatencyModel(CostModel):
         self.tables = []
         for (name, module), (_, _, _, fan_in, fan_out, writes, reads) in zip(self.modules, self.layers):
             depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
-            ins = self._points(fan_in, bool(reads) and not depthwise, grid)
-            outs = self._points(fan_out, bool(writes), grid)
+            ins = self._points(fan_in, bool(reads) and not depthwise, grid, round_to)
+            outs = self._points(fan_out, bool(writes), grid, round_to)
             table = known.setdefault(self._layer_key(module, self.inputs[name]), {})
             for cin in ins:
                 for cout in outs:
@@ -443,10 +444,12 @@ class LatencyModel(CostModel):
         )
 
     @staticmethod
-    def _points(size: int, variable: bool, grid: int) -> list[int]:
+    def _points(size: int, variable: bool, grid: int, round_to: int = 1) -> list[int]:
+        """Channel counts a table measures: `grid` steps up to `size`, on multiples of `round_to` (the counts a plan can keep)."""
         if not variable:
             return [size]
-        return sorted({1, size, *(math.ceil(size * k / grid) for k in range(1, grid))})
+        step = max(1, int(round_to))
+        return sorted({min(size, step), size, *(min(size, step * math.ceil(size * k / grid / step)) for k in range(1, grid))})
 
     def _probe(self, module: nn.Module, shape: tuple[int, ...], cin: int, cout: int) -> float:
         """Measured latency of a standalone copy of the layer with `cin` inputs and `cout` outputs."""
@@ -558,7 +561,7 @@ def search_threshold(
     if metric == "latency":
         latency = dict(latency or {})
         ranking = latency.pop("ranking", "importance")
-        costs = LatencyModel(model, groups, input_shape, **latency)
+        costs = LatencyModel(model, groups, input_shape, round_to=round_to, **latency)
         count = lambda m, _: costs.measure(m)  # noqa: E731
         if ranking == "per_ms":
             # HALP's knapsack, solved greedily: channels ranked by importance per millisecond they cost.
