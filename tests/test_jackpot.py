@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import CONF_DIR, CrashAtEpoch, make_cfg
 from prunelab import load_model, pipeline
@@ -134,6 +135,43 @@ def test_snip_and_grasp_scores_match_autograd():
 
     magnitude = criterion_scores(net, weights, "magnitude", [])
     assert all(torch.equal(magnitude[n], weights[n].detach().abs()) for n in names)
+
+
+class _Ops(TorchDispatchMode):
+    """Records each op run and the shape of its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[object, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, tuple(out.shape) if isinstance(out, torch.Tensor) else ()))
+        return out
+
+
+@pytest.mark.parametrize("absolute, grad_scale", [(False, None), (True, None), (True, 0.3)])
+def test_masked_weight_is_one_product_and_its_gradient_goes_straight_to_the_scores(absolute, grad_scale):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 4, 3, 3, generator=gen)
+    scores = torch.randn(6, 4, 3, 3, generator=gen)
+    mask = (torch.rand(6, 4, 3, 3, generator=gen) > 0.5).float()
+    layer = ScoredMask(scores, mask, absolute=absolute, grad_scale=grad_scale)
+    with _Ops() as forward:
+        out = layer(weight)
+    # The masked weight is the only tensor of the weight's size made: no copy of the mask or of |scores|.
+    assert torch.equal(out, weight * mask)
+    assert [f for f, shape in forward.ops if shape == weight.shape] == [torch.ops.aten.mul.Tensor]
+    upstream = torch.randn(weight.shape, generator=gen)
+    out.backward(upstream)
+    # Straight through: dL/dh = dL/d(w * h) * w, rescaled to mean magnitude grad_scale, then through |m|.
+    expected = upstream * weight
+    if grad_scale is not None:
+        expected = expected * grad_scale / expected.abs().mean()
+    if absolute:
+        expected = expected * torch.sign(scores)
+    assert torch.allclose(layer.scores.grad, expected, rtol=1e-5, atol=1e-7)
+    assert weight.grad is None
 
 
 @pytest.mark.parametrize("allocation", ["magnitude", "uniform", "global"])

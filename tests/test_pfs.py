@@ -44,8 +44,13 @@ RUN = [
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's own tensors (weights and buffers); the gates are the method's, not the model's."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """The model's own tensors (weights and buffers) by their plain names; the gates are the method's, not the model's.
+
+    During the search a gated BatchNorm's weight and bias are parametrized (the gate folded in): their
+    originals are `<bn>.parametrizations.weight.original`.
+    """
+    plain = lambda k: k.replace("parametrizations.", "").replace(".original", "")  # noqa: E731
+    return {plain(k): v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _stage_dir(run_dir, name):
@@ -237,6 +242,37 @@ def test_loss_term_and_clamp():
     assert gates.gates[0][0].item() == 0.0 and gates.gates[1][0].item() == 1.0
     method.teardown(model, SEARCH)
     assert method.extra_loss(model) is None and method.state_module() is None
+
+
+class _Products(TorchDispatchMode):
+    """Records the output shape of every elementwise product."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mul.Tensor, torch.ops.aten.mul_.Tensor):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_gates_cost_no_activation_sized_product():
+    # The gates are folded into the BatchNorms' weight and bias: forward and backward multiply
+    # channel vectors only, never a (batch, channels, h, w) activation.
+    model = _expanded().train()
+    method = PruningFromScratch(ratio=0.5)
+    method.setup(model, SEARCH, None)
+    x, y = torch.randn(4, *SHAPE), torch.randint(0, 10, (4,))
+    with _Products() as products:
+        (nn.functional.cross_entropy(model(x), y) + method.extra_loss(model)).backward()
+    assert products.shapes and all(len(shape) <= 1 for shape in products.shapes), products.shapes
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in method.parameters_to_train(model))
+    # And the model is plain again afterwards: same parameter names, nothing parametrized.
+    names = {n for n, _ in create("resnet_tiny", width=1.25).named_parameters()}
+    method.teardown(model, SEARCH)
+    assert {n for n, _ in model.named_parameters()} == names
 
 
 def test_gate_follows_batchnorm_and_is_shared_across_a_residual_stream():

@@ -66,29 +66,35 @@ ALLOCATIONS = ("magnitude", "uniform", "global")
 GRASP_TEMPERATURE = 200.0
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the binary mask held by the search. Backward: its gradient, unchanged, to the scores."""
+class _MaskedWeight(torch.autograd.Function):
+    """Forward: the weight times the binary mask held by the search. Backward: the mask's gradient,
+    dL/dh = dL/d(masked weight) * weight, passed straight through to the scores.
+
+    One product forward and one backward, nothing else of the weight's size: no copy of the mask, and
+    with `absolute` the sign of the scores is applied in the backward pass instead of taking |scores|
+    in every forward pass. With `grad_scale`, dL/dh is rescaled to that mean magnitude first.
+    """
 
     @staticmethod
-    def forward(ctx: Any, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return mask.clone()
+    def forward(ctx: Any, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, absolute: bool,
+                grad_scale: float | None) -> torch.Tensor:
+        ctx.save_for_backward(weight, scores, mask)
+        ctx.absolute, ctx.grad_scale = absolute, grad_scale
+        return weight * mask.to(weight.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
-class _NormalisedStraightThrough(torch.autograd.Function):
-    """The straight-through mask whose gradient is rescaled to a given mean magnitude."""
-
-    @staticmethod
-    def forward(ctx: Any, scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return mask.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad * (ctx.scale / grad.abs().mean().clamp_min(torch.finfo(grad.dtype).tiny)), None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        weight, scores, mask = ctx.saved_tensors
+        grad_weight = grad * mask.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_scores = None
+        if ctx.needs_input_grad[1]:
+            grad_scores = grad * weight
+            if ctx.grad_scale is not None:
+                grad_scores.mul_(ctx.grad_scale / grad_scores.abs().mean().clamp_min(torch.finfo(grad.dtype).tiny))
+            if ctx.absolute:
+                grad_scores.mul_(torch.sign(scores))
+            grad_scores = grad_scores.to(scores.dtype)
+        return grad_weight, grad_scores, None, None, None
 
 
 class ScoredMask(MaskParametrization):
@@ -114,9 +120,7 @@ class ScoredMask(MaskParametrization):
         return self.scores.abs() if self.absolute else self.scores
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.grad_scale is None:
-            return weight * _StraightThrough.apply(self.key(), self.mask).to(weight.dtype)
-        return weight * _NormalisedStraightThrough.apply(self.key(), self.mask, self.grad_scale).to(weight.dtype)
+        return _MaskedWeight.apply(weight, self.scores, self.mask, self.absolute, self.grad_scale)
 
     def binary(self) -> torch.Tensor:
         return self.mask.bool()

@@ -3,7 +3,8 @@
 The method starts from a freshly initialised backbone widened by `expansion` (1.25 in the paper; a
 width multiplier scales every layer, so a ResNet's block inputs and outputs grow together). Its
 `search` stage attaches one scalar gate to every prunable channel, multiplied onto the channel after
-its BatchNorm, and trains only the gates with Adam on
+its BatchNorm (folded into the BatchNorm's weight and bias, which is the same product without an
+activation-sized multiplication), and trains only the gates with Adam on
 
     cross-entropy + gamma * (sum_j ||lambda_j||_1 / sum_j C_j - r)^2,
 
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torch.nn.utils import parametrize
 
 from prunelab.budget import structured_plan
 from prunelab.io import write_json
@@ -140,6 +142,7 @@ class PruningFromScratch(PruningMethod):
         self.history: list[dict[str, float]] = []
         self._gates: ChannelGates | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._folded: list[nn.Module] = []
         self._grad_flags: dict[str, bool] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._selected: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
@@ -195,11 +198,18 @@ class PruningFromScratch(PruningMethod):
         self._grad_flags = freeze(model)
         param = next(model.parameters())
         gates = ChannelGates({group.name: group.size for group, _ in gated}).to(param.device)
-        self._hooks = [
-            model.get_submodule(point).register_forward_hook(_multiply_by_gate(gates, index))
-            for index, (_, points) in enumerate(gated)
-            for point in points
-        ]
+        self._hooks, self._folded = [], []
+        for index, (_, points) in enumerate(gated):
+            for point in points:
+                module = model.get_submodule(point)
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                    # gate * (gamma * x_hat + beta) = (gate * gamma) * x_hat + gate * beta: the gate goes into the
+                    # affine, so no activation-sized product runs forward or backward.
+                    for tensor in ("weight", "bias"):
+                        parametrize.register_parametrization(module, tensor, _GateScale(gates, index))
+                    self._folded.append(module)
+                else:
+                    self._hooks.append(module.register_forward_hook(_multiply_by_gate(gates, index)))
         self._gates = gates
         self.history = []
         return model
@@ -211,11 +221,14 @@ class PruningFromScratch(PruningMethod):
         _log_selection(self._selected[1])
         for hook in self._hooks:
             hook.remove()
+        for module in self._folded:
+            for tensor in ("weight", "bias"):
+                parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
         unfreeze(model, self._grad_flags)
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 buf.copy_(self._buffers[name])
-        self._gates, self._hooks, self._grad_flags, self._buffers = None, [], {}, {}
+        self._gates, self._hooks, self._folded, self._grad_flags, self._buffers = None, [], [], {}, {}
         return model
 
     def state_module(self) -> nn.Module | None:
@@ -288,6 +301,18 @@ def rank_scores(gates: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torc
     ranks = torch.empty(flat.numel())
     ranks[order] = torch.arange(1, flat.numel() + 1, dtype=torch.float)
     return dict(zip(names, torch.split(ranks / flat.numel(), [gates[n].numel() for n in names])))
+
+
+class _GateScale(nn.Module):
+    """Parametrization of a BatchNorm's weight or bias: multiplied by one group's gate."""
+
+    def __init__(self, gates: ChannelGates, index: int) -> None:
+        super().__init__()
+        self.gates = [gates]  # a list: the gates stay the method's module, not parameters of the model
+        self.index = index
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor * self.gates[0].gates[self.index]
 
 
 def _multiply_by_gate(gates: ChannelGates, index: int) -> Callable[..., torch.Tensor]:
