@@ -13,7 +13,7 @@ Sections (`--only`):
 - `round_to`: filter-L1 to half the FLOPs with `budget.round_to` 1, 4, 8, 16: deployed latency at
   (nearly) equal FLOPs.
 - `search`: the PFS gate-search step and the SR-popup / edge-popup mask-search steps against a dense
-  training step (`scripts/search_step_time.py`), and the FLOPs-threshold search's seconds
+  training step, in NCHW and in channels-last layout (`scripts/search_step_time.py`), and the FLOPs-threshold search's seconds
   (`scripts/flops_search.py`).
 - `budget`: on the shared CIFAR-10 subset and pretrained ResNet-56, `budget.latency` (ranking by
   importance, and per millisecond) against a FLOPs budget chosen to give the same measured latency (all
@@ -44,7 +44,6 @@ from prunelab.backbones import create
 from prunelab.budget import (
     count_flops,
     deployed,
-    deployed_latency,
     latency_device,
     search_threshold,
     time_call,
@@ -155,9 +154,12 @@ def search_section(args) -> None:
     import flops_search
     import search_step_time
 
-    print("\n## search steps against a dense training step (batch 128, interleaved)")
-    for line in search_step_time.report(search_step_time.measure(steps=args.steps)):
-        print(line)
+    for channels_last in (False, True):
+        layout = "channels_last (trainer.channels_last=true)" if channels_last else "NCHW"
+        print(f"\n## search steps against a dense training step (batch 128, interleaved, {layout})")
+        result = search_step_time.measure(args.backbone, steps=args.steps, channels_last=channels_last)
+        for line in search_step_time.report(result):
+            print(line)
     print("\n## FLOPs-threshold search (half the FLOPs, L1 scores)")
     flops_search.main()
 
@@ -175,33 +177,33 @@ def budget_section(args) -> None:
     if pretrained is None or not data.exists():
         print("\n## budget: skipped (needs ../shared: the CIFAR-10 subset and the pretrained ResNet-56)")
         return
-    measure = {"batch_size": args.latency_batch, "device": args.device, "format": "torchscript_frozen"}
     common = [
         "dataset=cifar10", f"dataset.root={data}", "dataset.val_size=500", "dataset.num_workers=0", "dataset.batch_size=128",
         "backbone=resnet56", f"backbone.pretrained={pretrained}", "retrain=finetune", f"retrain.epochs={args.finetune_epochs}",
         "optimizer.lr=0.01", "scheduler=constant", "test_pruned=true", "latency.batch_sizes=[]", "method=l1_filter",
         "trainer.enable_progress_bar=false", "quiet=true", f"budget.latency_batch_size={args.latency_batch}",
-        f"budget.latency_device={args.device}", "budget.latency_format=torchscript_frozen",
+        f"budget.latency_device={args.device}", "budget.latency_format=torchscript_frozen", f"budget.round_to={args.round_to}",
     ]  # fmt: skip
     out = args.out / "budget"
     start = time.perf_counter()
     by_latency = cli(out / "latency", [*common, f"budget.latency={args.latency}"])
     print(f"latency-budget run: {time.perf_counter() - start:.0f} s")
     per_ms = cli(out / "latency_per_ms", [*common, f"budget.latency={args.latency}", "budget.latency_ranking=per_ms"])
-    # The FLOPs budget whose filter-L1 model has the latency the latency-budget model measured.
+    # The FLOPs budget whose filter-L1 model has the latency of the latency-budget model, timed side by side.
     dense = create("resnet56", pretrained=pretrained).eval()
     groups = channel_groups(dense, SHAPE)
     scores = {g.name: sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(dense, g)) for g in groups}
-    base = deployed_latency(dense, SHAPE, **measure)
-    goal = deployed_latency(load(out / "latency"), SHAPE, **measure) / base
+    goal = deployed(load(out / "latency"), SHAPE, "torchscript_frozen", args.device)
     lo, hi, flops = 0.05, 1.0, by_latency["model/flops_ratio"]
-    for _ in range(8):
-        plan, _ = search_threshold(dense, scores, flops, SHAPE, tolerance=0.01, iterations=40)
-        got = deployed_latency(apply_channel_plan(copy.deepcopy(dense), plan, SHAPE), SHAPE, **measure) / base
-        print(f"  FLOPs {flops:.4f} -> latency {got:.4f} (goal {goal:.4f})")
-        if abs(got - goal) <= 0.02 * goal:
+    for _ in range(10):
+        plan, _ = search_threshold(dense, scores, flops, SHAPE, tolerance=0.03, iterations=40, round_to=args.round_to)
+        candidate = deployed(apply_channel_plan(copy.deepcopy(dense), plan, SHAPE), SHAPE, "torchscript_frozen", args.device)
+        times = interleaved({"goal": goal, "candidate": candidate}, [args.latency_batch], args)
+        got = times[("candidate", args.latency_batch)][0] / times[("goal", args.latency_batch)][0]
+        print(f"FLOPs budget {flops:.4f}: {got:.3f} x the latency of the latency-budget model", flush=True)
+        if abs(got - 1) <= 0.03:
             break
-        lo, hi = (flops, hi) if got < goal else (lo, flops)
+        lo, hi = (flops, hi) if got < 1 else (lo, flops)
         flops = (lo + hi) / 2
     by_flops = cli(out / "flops", [*common, f"budget.flops={flops:.6f}"])
     # Both final models timed again side by side, with the dense one.
@@ -209,7 +211,7 @@ def budget_section(args) -> None:
     forms = {name: deployed(m, SHAPE, "torchscript_frozen", args.device) for name, m in models.items()}
     times = interleaved(forms, [args.latency_batch], args)
     print(f"\n## budget: ResNet-56 on the CIFAR-10 subset, budget.latency={args.latency} (frozen TorchScript, batch "
-          f"{args.latency_batch}) vs a FLOPs budget at the same latency, both filter-L1, fine-tuned {args.finetune_epochs} epochs")
+          f"{args.latency_batch}, round_to {args.round_to}) vs a FLOPs budget at the same latency, all filter-L1, fine-tuned {args.finetune_epochs} epochs")
     print("| budget | FLOPs kept | latency kept (in its run) | latency kept (re-timed side by side) | after pruning (%) | after fine-tuning (%) |")
     print("|---|---|---|---|---|---|")
     for name, summary in (("latency", by_latency), ("latency_per_ms", per_ms), ("flops", by_flops)):
@@ -236,8 +238,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round of the search-step section")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile on the CPU")
-    parser.add_argument("--latency", type=float, default=0.5, help="budget.latency of the `budget` section")
+    parser.add_argument("--latency", type=float, default=0.7, help="budget.latency of the `budget` section")
     parser.add_argument("--latency-batch", type=int, default=64)
+    parser.add_argument("--round-to", type=int, default=4, help="budget.round_to of the `budget` section's runs")
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     args = parser.parse_args()
