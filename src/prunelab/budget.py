@@ -353,10 +353,11 @@ class LatencyModel(CostModel):
     batch, and kept in `cache_dir`, so that they are measured once per machine. The deployed model
     (`format`) runs the same layers with fewer calls and other memory layouts (frozen TorchScript
     keeps MKL-DNN layouts between layers; a standalone frozen layer pays the conversion each call,
-    so its tables would overstate wide layers), so the tables give each layer's share and two
-    measurements of the deployed model, dense and with every group halved, calibrate them:
-    latency = scale * sum of table entries + overhead. `search_threshold` measures the built model and
-    corrects the target where that is still off. `timer(fn, x)` returns milliseconds; tests pass a
+    so its tables would overstate wide layers), so the tables give each layer's share and measurements
+    of the deployed model calibrate them (dense, and every group at 3/4, 1/2 and 1/4 of its channels,
+    each timed beside the dense model): latency = a non-decreasing function of the sum of table entries
+    through the measurements (`observe`). `search_threshold` measures each built candidate beside the
+    dense model and adds it to the calibration until one lands on the target. `timer(fn, x)` returns milliseconds; tests pass a
     deterministic one.
     """
 
@@ -382,6 +383,8 @@ class LatencyModel(CostModel):
         self.batch_size, self.format, self.device = int(batch_size), format, latency_device(device)
         self.timer = timer or (lambda fn, x: time_call(fn, x, warmup=3, repeats=20, seconds=0.3))
         self.measure = lambda m: deployed_latency(m, self.input_shape, self.batch_size, self.device, self.format, self.timer)
+        self._dense_net = deployed(model, self.input_shape, self.format, self.device)
+        self._x = torch.randn(self.batch_size, *self.input_shape, device=self.device)
         self.probes = 0
         self.cache = Path(cache_dir) / f"{self._machine_key()}.json" if cache_dir is not None else None
         known = json.loads(self.cache.read_text()) if self.cache is not None and self.cache.exists() else {}
@@ -400,22 +403,35 @@ class LatencyModel(CostModel):
             from prunelab.io import write_json
 
             write_json(self.cache, known, sort_keys=True)
-        # Calibration on the deployed model: dense, and every group at a half and a quarter of its channels.
+        # Calibration on the deployed model: dense, and every group at 3/4, 1/2 and 1/4 of its channels.
         self.points: list[tuple[float, float]] = []
-        self.dense["latency"] = self.measure(model)
+        self.dense["latency"] = float(self.timer(self._dense_net, self._x))
         self.observe(None, self.dense["latency"])
-        for fraction in (2, 4):
+        for keep in (0.75, 0.5, 0.25):
             uniform = plan_by_counts(
                 {g.name: -torch.arange(g.size, dtype=torch.float) for g in groups},
-                {g.name: keep_count(g.size // fraction, g.size, 1, g.unit, g.multiple) for g in groups},
+                {g.name: keep_count(int(g.size * keep), g.size, 1, g.unit, g.multiple) for g in groups},
                 {g.name: g.unit for g in groups},
             )
-            self.observe(uniform, self.measure(apply_channel_plan(copy.deepcopy(model), uniform, input_shape)))
+            self.observe(uniform, self.measure_beside_dense(apply_channel_plan(copy.deepcopy(model), uniform, input_shape)))
+
+    def measure_beside_dense(self, model: nn.Module, rounds: int = 3) -> float:
+        """The deployed model's latency (ms), timed in `rounds` alternating with the dense model's, each
+        keeping its fastest: the ratio of the two, times the dense latency measured at calibration. A
+        machine whose load drifts during a search moves both alike."""
+        net = deployed(model, self.input_shape, self.format, self.device)
+        timed: tuple[list[float], list[float]] = ([], [])
+        for _ in range(rounds):
+            timed[0].append(float(self.timer(self._dense_net, self._x)))
+            timed[1].append(float(self.timer(net, self._x)))
+        return min(timed[1]) / min(timed[0]) * self.dense["latency"]
 
     def observe(self, plan, measured: float) -> None:
-        """Add a measurement of the deployed model under `plan` (None: dense) and refit scale and overhead.
+        """Add a measurement of the deployed model under `plan` (None: dense) and refit the calibration.
 
-        A least-squares line through (sum of table entries, measured latency) of every measurement so far.
+        The estimate follows the measurements: a non-decreasing fit of measured latency against the sum of
+        table entries (pool adjacent violators), linear between measurements; beyond them, and for
+        `channel_costs`, the slope of the least-squares line through all of them (`scale`).
         """
         self.points.append((self._layers_latency(self.widths(plan)), float(measured)))
         xs, ys = zip(*self.points)
@@ -425,6 +441,24 @@ class LatencyModel(CostModel):
         if not self.scale > 0:  # one point, or noise swamped the difference: the tables scaled to the dense model
             self.scale, mean_x, mean_y = self.points[0][1] / self.points[0][0], *self.points[0]
         self.overhead = mean_y - self.scale * mean_x
+        blocks: list[list[float]] = []  # [sum of x, sum of y, count] of pooled measurements
+        for x, y in sorted(self.points):
+            blocks.append([x, y, 1])
+            while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] > blocks[-1][1] / blocks[-1][2]:
+                x2, y2, n2 = blocks.pop()
+                blocks[-1] = [blocks[-1][0] + x2, blocks[-1][1] + y2, blocks[-1][2] + n2]
+        self.fit = [(bx / n, by / n) for bx, by, n in blocks]
+
+    def calibrated(self, layers: float) -> float:
+        """Estimated latency (ms) of the deployed model whose layers' table entries sum to `layers`."""
+        fit = self.fit
+        if layers <= fit[0][0]:
+            return max(0.0, fit[0][1] + self.scale * (layers - fit[0][0]))
+        if layers >= fit[-1][0]:
+            return fit[-1][1] + self.scale * (layers - fit[-1][0])
+        hi = next(i for i, (x, _) in enumerate(fit) if x >= layers)
+        (x0, y0), (x1, y1) = fit[hi - 1], fit[hi]
+        return y1 if x1 == x0 else y0 + (y1 - y0) * (layers - x0) / (x1 - x0)
 
     def _machine_key(self) -> str:
         import hashlib
@@ -498,7 +532,7 @@ class LatencyModel(CostModel):
     def count(self, plan) -> dict[str, float]:
         """Estimated latency (ms) of the model with the plan applied, with FLOPs and parameters."""
         counts = super().count(plan)
-        counts["latency"] = self.scale * self._layers_latency(self.widths(plan)) + self.overhead
+        counts["latency"] = self.calibrated(self._layers_latency(self.widths(plan)))
         return counts
 
 
@@ -562,7 +596,8 @@ def search_threshold(
         latency = dict(latency or {})
         ranking = latency.pop("ranking", "importance")
         costs = LatencyModel(model, groups, input_shape, round_to=round_to, **latency)
-        count = lambda m, _: costs.measure(m)  # noqa: E731
+        # Against a reference (a dense model of earlier rounds) the candidate alone; else beside this dense model.
+        count = lambda m, _: costs.measure(m) if reference is not None else costs.measure_beside_dense(m)  # noqa: E731
         if ranking == "per_ms":
             # HALP's knapsack, solved greedily: channels ranked by importance per millisecond they cost.
             per_channel = costs.channel_costs(groups)
@@ -584,7 +619,7 @@ def search_threshold(
             f"every prunable group still leaves {smallest:.4g} of the dense {metric}"
         )
     aim = target
-    for _ in range(5):
+    for _ in range(6 if metric == "latency" else 5):
         plan = _bisect(normalised, aim, estimated, tolerance * target / aim, iterations, round_to, units, multiples, metric)
         value = count(apply_channel_plan(copy.deepcopy(model), plan, input_shape), input_shape)
         ratio = value / dense
@@ -596,6 +631,13 @@ def search_threshold(
         else:
             # The cost model missed a cost that changes with channels: aim where the built model lands on target.
             aim *= target / ratio
+    if metric == "latency":
+        measured = ", ".join(f"{y / dense:.3f}" for _, y in costs.points[4:])
+        raise BudgetError(
+            f"the latency of the built candidates ({measured}, as fractions of the dense model's) stays off the "
+            f"target {target:.4g} by more than {tolerance:.2%}; where timing noise is that large, raise "
+            f"budget.latency_tolerance (scripts/bench.py prints this machine's noise)"
+        )
     raise BudgetError(
         f"the {metric} of the built model ({ratio:.4g}) stays off the target {target:.4g} by more than "
         f"{tolerance:.2%} after correcting the searched target 4 times; raise budget.tolerance"
