@@ -233,6 +233,9 @@ def test_edge_popup_mask_is_top_k_of_score_magnitudes_after_every_step():
             assert int(layer.mask.sum()) == n - round(0.8 * n)
             assert torch.equal(layer.mask.bool(), keep_top(layer.scores.abs(), n - round(0.8 * n)))
     assert sum(sum(r["swaps"]) for r in method.history) > 0
+    # The search computed no weight gradient: the frozen weights (and BN parameters) hold none.
+    frozen = [p for n, p in model.named_parameters() if not n.endswith("scores")]
+    assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
     method.teardown(model, stage)
     # The plain weights are back, untouched and trainable again; the mask waits for the prune stage.
     after = model.state_dict()
