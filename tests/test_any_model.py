@@ -154,7 +154,7 @@ def _pruned_and_reloaded(model: nn.Module, shape: tuple[int, int, int], target: 
     scores = {g.name: sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, g)) for g in groups}
     if target is None:
         counts = {g.name: keep_count(g.size // 2, g.size, 1, g.unit, g.multiple) for g in groups}
-        plan = plan_by_counts(scores, counts, {g.name: g.unit for g in groups})
+        plan = plan_by_counts(scores, counts, {g.name: g.unit for g in groups}, {g.name: g.blocks for g in groups})
     else:
         plan, ratio = search_threshold(model, scores, target, shape, tolerance=0.05)
     apply_channel_plan(model, plan, shape)
@@ -293,6 +293,66 @@ def test_attention_heads_are_pruned_whole_and_compute_what_the_kept_heads_did(tm
         assert torch.equal(reloaded(x), model(x))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_head_dimensions_are_pruned_and_compute_what_the_kept_dimensions_did(tmp_path, fused):
+    """structure.prune_head_dim: every head keeps the same number of its own best dimensions; removing them
+    equals zeroing their query, key and value rows in the dense model (the logits keep their 1/sqrt(D))."""
+    from prunelab.budget import plan_by_counts
+
+    torch.manual_seed(0)
+    model = create("timm:vit_tiny_patch16_224", **TINY_VIT, qkv_bias=True).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    model_record(model).prune_head_dim = True
+    dense = copy.deepcopy(model)
+    groups = {g.name: g for g in channel_groups(model, SHAPE) if g.heads}
+    assert [(g.unit, g.multiple, g.blocks) for g in groups.values()] == [(1, 4, 4)] * 2
+    check_prunable(model, SHAPE)
+    scores = {name: torch.rand(g.size) for name, g in groups.items()}
+    plan = plan_by_counts(scores, {"blocks.0.attn.qkv": 12, "blocks.1.attn.qkv": 20}, blocks={n: 4 for n in groups})
+    for name, kept in plan.keep.items():
+        per_head = [sum(c // 8 == h for c in kept) for h in range(4)]
+        assert len(set(per_head)) == 1
+        # Each head keeps its own best dimensions.
+        assert all(set(c % 8 for c in kept if c // 8 == h) == set(scores[name][8 * h: 8 * h + 8].topk(per_head[0]).indices.tolist()) for h in range(4))
+    apply_channel_plan(model, plan, SHAPE)
+    attn = [block.attn for block in model.blocks]
+    assert [(a.num_heads, a.head_dim, a.attn_dim, a.qkv.out_features, a.proj.in_features) for a in attn] == [(4, 3, 12, 36, 12), (4, 5, 20, 60, 20)]
+    with torch.no_grad():
+        for block, kept in zip(dense.blocks, plan.keep.values()):
+            rows = [c + part * 32 for part in range(3) for c in range(32) if c not in kept]
+            block.attn.qkv.weight[rows] = 0
+            block.attn.qkv.bias[rows] = 0
+        x = torch.randn(2, *SHAPE)
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
+    model_record(model).input_shape = SHAPE
+    reloaded = load_model(save_model(model, tmp_path / "vit.pt")).eval()
+    for block in reloaded.blocks:
+        block.attn.fused_attn = fused
+    assert [b.attn.scale for b in reloaded.blocks] == [a.scale for a in attn] == [3**-0.5, 5**-0.5]
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+
+
+def test_a_head_plan_with_uneven_heads_is_refused():
+    model = create("timm:vit_tiny_patch16_224", **TINY_VIT).eval()
+    keep = {"blocks.0.attn.qkv": [*range(0, 8), *range(8, 12)]}
+    with pytest.raises(ValueError, match="keeps 4 to 8 channels per head of 'blocks.0.attn'"):
+        apply_channel_plan(model, ChannelPlan(keep, {"blocks.0.attn.qkv": 32}), SHAPE)
+
+
+def test_window_attention_loses_head_dimensions(tmp_path):
+    torch.manual_seed(0)
+    model = create("timm:swin_tiny_patch4_window7_224", **TINY_SWIN).eval()
+    model_record(model).prune_head_dim = True
+    check_prunable(model, SHAPE)
+    _pruned_and_reloaded(model, SHAPE, None, tmp_path)
+    attn = [model.layers[i].blocks[0].attn for i in (0, 1)]
+    # Every head keeps half of its 8 dimensions, and its position-bias column.
+    assert [a.num_heads for a in attn] == [2, 4] and all(a.relative_position_bias_table.shape[-1] == a.num_heads for a in attn)
+    assert [(a.qkv.out_features, a.proj.in_features, a.scale) for a in attn] == [(24, 8, 0.5), (48, 16, 0.5)]
+
+
 def test_window_attention_loses_heads_with_their_position_bias(tmp_path):
     torch.manual_seed(0)
     model = create("timm:swin_tiny_patch4_window7_224", **TINY_SWIN).eval()
@@ -315,6 +375,18 @@ def test_a_timm_vit_prunes_to_a_flops_budget_end_to_end(tmp_path, method):
     heads = [block.attn.num_heads for block in model.blocks]
     assert all(block.attn.qkv.out_features == 3 * 8 * h for block, h in zip(model.blocks, heads))
     assert model.patch_embed.proj.out_channels == 32
+
+
+def test_a_timm_vit_loses_head_dimensions_end_to_end(tmp_path):
+    vit = [f"+backbone.{k}={v}" for k, v in TINY_VIT.items()]
+    cfg = make_cfg(tmp_path, "backbone=timm", "backbone.name=timm:vit_tiny_patch16_224", *vit,
+                   "method=l1_filter", "budget.flops=0.6", "budget.tolerance=0.05", "structure.prune_head_dim=true")  # fmt: skip
+    summary = pipeline.run(cfg, tmp_path)
+    assert summary["model/flops_ratio"] == pytest.approx(0.6, rel=0.05)
+    model = load_model(tmp_path / "model.pt")
+    assert [block.attn.num_heads for block in model.blocks] == [4, 4]
+    assert all(block.attn.qkv.out_features == 3 * 4 * block.attn.head_dim for block in model.blocks)
+    assert any(block.attn.head_dim < 8 for block in model.blocks)
 
 
 def test_a_resumed_run_reads_its_groups_from_the_run_directory(tmp_path, monkeypatch):

@@ -221,16 +221,29 @@ def unit_scores(scores: torch.Tensor, unit: int = 1) -> torch.Tensor:
     return scores.reshape(-1, unit).mean(1)
 
 
-def plan_by_counts(scores: dict[str, torch.Tensor], counts: dict[str, int], units: dict[str, int] | None = None):
+def plan_by_counts(
+    scores: dict[str, torch.Tensor],
+    counts: dict[str, int],
+    units: dict[str, int] | None = None,
+    blocks: dict[str, int] | None = None,
+):
     """A ChannelPlan keeping, in each group, the `counts[group]` channels with the highest scores.
 
     A group with a unit in `units` (`ChannelGroup.unit`) keeps whole units, ranked by their mean
-    score, with its count rounded up to a multiple of the unit.
+    score, with its count rounded up to a multiple of the unit. A group of `blocks` equal blocks
+    (`ChannelGroup.blocks`, an attention's heads by dimension) keeps count / blocks channels of each.
     """
     from prunelab.structure import ChannelPlan
 
     keep = {}
     for name, s in scores.items():
+        parts = (blocks or {}).get(name, 1)
+        if parts > 1:
+            per_block = s.detach().cpu().reshape(parts, -1)
+            width = per_block.shape[1]
+            each = min(width, max(1, counts[name] // parts))
+            keep[name] = [b * width + int(j) for b in range(parts) for j in torch.nonzero(keep_top(per_block[b], each)).flatten()]
+            continue
         unit = (units or {}).get(name, 1)
         kept = keep_top(unit_scores(s.detach().cpu(), unit), math.ceil(counts[name] / unit))
         keep[name] = torch.nonzero(kept.repeat_interleave(unit)).flatten().tolist()
@@ -243,11 +256,13 @@ def plan_by_threshold(
     round_to: int = 1,
     units: dict[str, int] | None = None,
     multiples: dict[str, int] | None = None,
+    blocks: dict[str, int] | None = None,
 ):
     """A ChannelPlan keeping the channels whose score is at least `tau` (at least one per group).
 
     A group with a unit in `units` keeps the whole units whose mean score is at least `tau`; one
-    in `multiples` keeps a multiple of that many channels (rounded up).
+    in `multiples` keeps a multiple of that many channels (rounded up); one in `blocks` as many in
+    each of its blocks (`plan_by_counts`).
     """
     units, multiples = units or {}, multiples or {}
     counts = {}
@@ -255,7 +270,7 @@ def plan_by_threshold(
         unit = units.get(name, 1)
         above = int((unit_scores(s, unit) >= tau).sum()) * unit
         counts[name] = keep_count(above, s.numel(), round_to, unit, multiples.get(name, 1))
-    return plan_by_counts(scores, counts, units)
+    return plan_by_counts(scores, counts, units, blocks)
 
 
 class CostModel:
@@ -412,6 +427,7 @@ class LatencyModel(CostModel):
                 {g.name: -torch.arange(g.size, dtype=torch.float) for g in groups},
                 {g.name: keep_count(int(g.size * keep), g.size, 1, g.unit, g.multiple) for g in groups},
                 {g.name: g.unit for g in groups},
+                {g.name: g.blocks for g in groups},
             )
             self.observe(uniform, self.measure_beside_dense(apply_channel_plan(copy.deepcopy(model), uniform, input_shape)))
 
@@ -561,6 +577,7 @@ def search_threshold(
     units: dict[str, int] | None = None,
     multiples: dict[str, int] | None = None,
     latency: dict | None = None,
+    blocks: dict[str, int] | None = None,
 ):
     """Binary search of a global threshold on normalised scores to keep `target` of the dense FLOPs.
 
@@ -592,6 +609,8 @@ def search_threshold(
         units = {g.name: g.unit for g in groups}
     if multiples is None:
         multiples = {g.name: g.multiple for g in groups}
+    if blocks is None:
+        blocks = {g.name: g.blocks for g in groups}
     if metric == "latency":
         latency = dict(latency or {})
         ranking = latency.pop("ranking", "importance")
@@ -612,7 +631,7 @@ def search_threshold(
     def estimated(plan) -> float:
         return costs.count(plan)[metric] / dense
 
-    smallest = estimated(plan_by_threshold(normalised, float("inf"), round_to, units, multiples))
+    smallest = estimated(plan_by_threshold(normalised, float("inf"), round_to, units, multiples, blocks))
     if smallest > target * (1 + tolerance):
         raise BudgetError(
             f"{metric} budget {target:.4g} cannot be met: keeping a single channel or unit (round_to={round_to}) in "
@@ -620,7 +639,7 @@ def search_threshold(
         )
     aim = target
     for _ in range(6 if metric == "latency" else 5):
-        plan = _bisect(normalised, aim, estimated, tolerance * target / aim, iterations, round_to, units, multiples, metric)
+        plan = _bisect(normalised, aim, estimated, tolerance * target / aim, iterations, round_to, units, multiples, blocks, metric)
         value = count(apply_channel_plan(copy.deepcopy(model), plan, input_shape), input_shape)
         ratio = value / dense
         if abs(ratio - target) / target <= tolerance:
@@ -644,13 +663,13 @@ def search_threshold(
     )
 
 
-def _bisect(normalised, target, estimated, tolerance, iterations, round_to, units, multiples, metric):
+def _bisect(normalised, target, estimated, tolerance, iterations, round_to, units, multiples, blocks, metric):
     """The threshold plan whose estimated ratio is within `tolerance` of `target` (relative), by bisection."""
     lo, hi = 0.0, 1.0
     best = None
     for _ in range(iterations):
         tau = (lo + hi) / 2
-        plan = plan_by_threshold(normalised, tau, round_to, units, multiples)
+        plan = plan_by_threshold(normalised, tau, round_to, units, multiples, blocks)
         ratio = estimated(plan)
         if abs(ratio - target) / target <= tolerance:
             return plan
@@ -681,13 +700,14 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
     groups = [g for g in channel_groups(model, input_shape) if g.name in scores]
     units = {g.name: g.unit for g in groups}
     multiples = {g.name: g.multiple for g in groups}
+    blocks = {g.name: g.blocks for g in groups}
     if budget.get("layer_ratios"):
         ratios = parse_layer_ratios(list(budget.layer_ratios), groups)
         counts = {
             n: keep_count(round(s.numel() * (1 - ratios.get(n, 0.0))), s.numel(), round_to, units.get(n, 1), multiples.get(n, 1))
             for n, s in scores.items()
         }
-        return plan_by_counts(scores, counts, units)
+        return plan_by_counts(scores, counts, units, blocks)
     for metric in ("flops", "params", "latency"):
         if budget.get(metric) is not None:
             target = float(budget[metric])
@@ -709,6 +729,7 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
                 reference=_reference(model, ctx, metric),
                 units=units,
                 multiples=multiples,
+                blocks=blocks,
             )
             return plan
     raise BudgetError("structured pruning needs budget.flops, budget.params, budget.latency or budget.layer_ratios")

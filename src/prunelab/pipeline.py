@@ -235,6 +235,7 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
     input_shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
     model_record(model).skip = check_skip(list(cfg.get("structure", {}).get("skip") or []), model)
     model_record(model).prune_embedding = bool(cfg.get("structure", {}).get("prune_embedding", False))
+    model_record(model).prune_head_dim = bool(cfg.get("structure", {}).get("prune_head_dim", False))
     if prunes and "flops" in method.budget_keys and any(cfg.budget.get(k) is not None for k in ("flops", "params", "latency", "layer_ratios")):
         # The groups (and that they passed the check) are kept in the run directory: a resumed run skips both.
         if not structure.remember_groups(model, input_shape, run_dir / "groups.json"):

@@ -59,7 +59,10 @@ class ChannelGroup:
     which splits its width evenly among them). `embedding` marks a transformer's embedding width: a
     residual stream through LayerNorms in a model with attention. `heads` names the attention module
     when the group is its heads (`attention_heads`): channel i is row i of its query, key and value
-    projections each and column i of its output projection, and `unit` is the head dimension.
+    projections each and column i of its output projection, and `unit` is the head dimension (whole
+    heads), or 1 when the model's record asks for `prune_head_dim`. `blocks`: the group's channels form
+    this many equal consecutive blocks that keep equal counts, each its own best channels (every head
+    keeps the same head dimension).
     """
 
     name: str
@@ -77,6 +80,7 @@ class ChannelGroup:
     multiple: int = 1
     embedding: bool = False
     heads: str | None = None
+    blocks: int = 1
 
 
 def grouped_unit(module: nn.Module) -> int | None:
@@ -582,44 +586,88 @@ def head_dim(attention: nn.Module) -> int:
     return found if isinstance(found, int) else attention.qkv.out_features // (3 * attention.num_heads)
 
 
+def head_dim_prunable(attention: nn.Module) -> bool:
+    """Whether the heads' dimension can shrink: the module scales its queries by a `scale` it keeps (timm's
+    Attention and WindowAttention) and normalises no query or key over the head dimension."""
+    plain = all(isinstance(getattr(attention, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm"))
+    return plain and isinstance(getattr(attention, "scale", None), float)
+
+
 def _head_group(model: nn.Module, attention: str, index_of: dict[str, int], stages: dict[str, int]) -> ChannelGroup:
-    """The group of an attention module's heads (`ChannelGroup.heads`), named after its qkv layer."""
+    """The group of an attention module's heads (`ChannelGroup.heads`), named after its qkv layer: whole
+    heads, or with the record's `prune_head_dim` (where `head_dim_prunable`) the same dimensions per head."""
     m = model.get_submodule(attention)
     width = m.num_heads * head_dim(m)
     qkv = f"{attention}.qkv" if attention else "qkv"
+    by_dim = bool(getattr(model.__dict__.get("prunelab"), "prune_head_dim", False)) and head_dim_prunable(m)
     return ChannelGroup(
         name=qkv,
         size=width,
         layers=[qkv],
         stage=stages.get(qkv, 0),
         layer_index=index_of[qkv],
-        unit=head_dim(m),
+        unit=1 if by_dim else head_dim(m),
         consumers=[f"{attention}.proj" if attention else "proj"],
+        multiple=m.num_heads if by_dim else 1,
         heads=attention,
+        blocks=m.num_heads if by_dim else 1,
     )
 
 
+def check_head_plan(model: nn.Module, group: ChannelGroup, kept: list[int]) -> int:
+    """The head dimension a plan keeping `kept` of `group`'s channels leaves; ValueError where it is not one:
+    every head the plan keeps must keep equally many channels, and fewer than all only where `head_dim_prunable`."""
+    m = model.get_submodule(group.heads)
+    dim = head_dim(m)
+    per_head: dict[int, int] = {}
+    for index in kept:
+        per_head[index // dim] = per_head.get(index // dim, 0) + 1
+    counts = sorted(set(per_head.values()))
+    if len(counts) > 1:
+        raise ValueError(
+            f"the plan keeps {counts[0]} to {counts[-1]} channels per head of {group.heads!r}: every head it keeps "
+            f"must keep the same number (heads of {dim} channels)"
+        )
+    kept_dim = counts[0] if counts else dim
+    if kept_dim < dim and not head_dim_prunable(m):
+        raise ValueError(
+            f"the plan splits a head of {group.heads!r}: heads of {dim} channels are kept or removed whole here "
+            f"(its queries or keys are normalised over the head dimension, or it keeps no `scale`)"
+        )
+    return kept_dim
+
+
 def prune_heads(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
-    """Keep the heads of `group.heads` whose channels are `kept` (whole heads): the rows of query, key and
-    value, the columns of the output projection, the module's own per-head parameters (Swin's relative
-    position bias table, heads last) and its head count."""
+    """Keep the channels `kept` of the heads of `group.heads`: the rows of query, key and value, the
+    columns of the output projection, the module's own per-head parameters (Swin's relative position bias
+    table, heads last) and its head count. Where every kept head keeps fewer dimensions (d of D), the
+    head dimension shrinks too: `scale` becomes d^-1/2 (what fused attention uses) and the query rows are
+    multiplied by (d/D)^1/2, so the logits of the kept dimensions stay what they were."""
     m = model.get_submodule(group.heads)
     dim, heads = head_dim(m), m.num_heads
-    index = torch.tensor(kept, dtype=torch.long, device=m.qkv.weight.device)
+    kept_dim = check_head_plan(model, group, kept)
+    index = torch.tensor(sorted(kept), dtype=torch.long, device=m.qkv.weight.device)
     rows = torch.cat([index + part * heads * dim for part in range(3)])
-    kept_heads = index[::dim] // dim
+    kept_heads = index[::kept_dim] // dim
+    factor = torch.ones(rows.numel(), device=rows.device)
+    factor[: index.numel()] = (kept_dim / dim) ** 0.5  # the query rows come first
     with torch.no_grad():
-        m.qkv.weight = nn.Parameter(m.qkv.weight[rows].clone(), m.qkv.weight.requires_grad)
+        weight = m.qkv.weight[rows] * factor[:, None].to(m.qkv.weight.dtype)
+        m.qkv.weight = nn.Parameter(weight, m.qkv.weight.requires_grad)
         if m.qkv.bias is not None:
-            m.qkv.bias = nn.Parameter(m.qkv.bias[rows].clone(), m.qkv.bias.requires_grad)
+            m.qkv.bias = nn.Parameter(m.qkv.bias[rows] * factor.to(m.qkv.bias.dtype), m.qkv.bias.requires_grad)
         m.proj.weight = nn.Parameter(m.proj.weight[:, index].clone(), m.proj.weight.requires_grad)
         for name, p in list(m.named_parameters(recurse=False)):
             if p.dim() and p.shape[-1] == heads:
                 setattr(m, name, nn.Parameter(p[..., kept_heads].clone(), p.requires_grad))
     m.qkv.out_features, m.proj.in_features = rows.numel(), index.numel()
     m.num_heads = len(kept_heads)
+    if kept_dim < dim:
+        m.scale = kept_dim**-0.5
+        if isinstance(getattr(m, "head_dim", None), int):
+            m.head_dim = kept_dim
     if hasattr(m, "attn_dim"):
-        m.attn_dim = m.num_heads * dim
+        m.attn_dim = m.num_heads * kept_dim
 
 
 def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[ChannelGroup]:
@@ -636,7 +684,7 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[
     before the architecture changes does not trace again.
     """
     key = _groups_key(model, input_shape)
-    _, skip, embedding, _ = key
+    _, skip, embedding, _, _ = key
     cached = model.__dict__.get("_prunelab_groups")
     if cached is not None and cached[0] == key:
         return copy.deepcopy(cached[1])
@@ -654,6 +702,7 @@ def _groups_key(model: nn.Module, input_shape: tuple[int, ...]) -> tuple:
         tuple(input_shape),
         tuple(getattr(record, "skip", ())),
         bool(getattr(record, "prune_embedding", False)),
+        bool(getattr(record, "prune_head_dim", False)),
         _signature(model),
     )
 

@@ -152,8 +152,10 @@ class ModelRecord:
     the model is traced and measured at; `plans` the channel plans applied to it, in order (replayed
     on a fresh model to rebuild a pruned one); `masks` its unstructured masks, or None; `skip` the
     layers (`structure.skip` patterns) whose channels are kept whole; `prune_embedding` whether a
-    transformer's embedding width may be pruned (`structure.prune_embedding`). `save_model`
-    writes all of it and `load_model` restores it.
+    transformer's embedding width may be pruned (`structure.prune_embedding`); `prune_head_dim` whether
+    attention heads lose dimensions instead of whole heads (`structure.prune_head_dim`). `save_model`
+    writes the spec, plans, input shape and masks, and `load_model` restores them (replaying a plan
+    needs neither setting).
     """
 
     spec: dict[str, Any] | None = None
@@ -162,6 +164,7 @@ class ModelRecord:
     masks: MaskPlan | None = None
     skip: tuple[str, ...] = ()
     prune_embedding: bool = False
+    prune_head_dim: bool = False
 
 
 def model_record(model: nn.Module) -> ModelRecord:

@@ -19,6 +19,7 @@ from prunelab.structure.groups import (
     build_graph,
     channel_groups,
     channels_written,
+    check_head_plan,
     eval_mode,
     grouped_unit,
     groups_from_graph,
@@ -52,12 +53,10 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
                 f"the plan was made for another architecture: group {name!r} has {groups[name].size} "
                 f"channels, the plan expects {size}"
             )
+        if groups[name].heads is not None:
+            check_head_plan(model, groups[name], plan.keep[name])
+            continue
         split = _split_unit(plan.keep[name], groups[name].unit)
-        if split is not None and groups[name].heads is not None:
-            raise ValueError(
-                f"the plan splits a head of {groups[name].heads!r}: heads of {groups[name].unit} channels are kept or "
-                f"removed whole, but only some of channels {split * groups[name].unit}-{(split + 1) * groups[name].unit - 1} are kept"
-            )
         if split is not None:
             unit = groups[name].unit
             convs = [layer for layer in groups[name].layers if (grouped_unit(model.get_submodule(layer)) or 1) > 1]
@@ -280,8 +279,12 @@ def _silenced(model: nn.Module, groups: list) -> Iterator[None]:
 
 
 def _trial_removed(group) -> list[int]:
-    """About half of the group's channels, every other unit, so that it keeps a valid count (`keep_count`)."""
+    """About half of the group's channels, every other unit, so that it keeps a valid count (`keep_count`);
+    in a group of equal blocks (`ChannelGroup.blocks`), every other channel of each block."""
     from prunelab.budget import keep_count
+
+    if group.blocks > 1:
+        return [i for i in range(group.size) if i % (group.size // group.blocks) % 2]
 
     units = group.size // group.unit
     kept = keep_count(group.size // 2, group.size, 1, group.unit, group.multiple) // group.unit
