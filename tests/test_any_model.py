@@ -364,7 +364,7 @@ def test_window_attention_loses_heads_with_their_position_bias(tmp_path):
     assert attn.num_heads == 2 and attn.relative_position_bias_table.shape[-1] == 2
 
 
-@pytest.mark.parametrize("method", ["l1_filter", "random"])
+@pytest.mark.parametrize("method", ["l1_filter", "random", "taylor"])
 def test_a_timm_vit_prunes_to_a_flops_budget_end_to_end(tmp_path, method):
     vit = [f"+backbone.{k}={v}" for k, v in TINY_VIT.items()]
     cfg = make_cfg(tmp_path, "backbone=timm", "backbone.name=timm:vit_tiny_patch16_224", *vit,

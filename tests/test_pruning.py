@@ -43,7 +43,7 @@ def _run(tmp_path, *overrides, callbacks=None):
     return pipeline.run(cfg, tmp_path, callbacks=callbacks), cfg
 
 
-@pytest.mark.parametrize("method", ["l1_filter", "uniform", "random", "slimming"])
+@pytest.mark.parametrize("method", ["l1_filter", "uniform", "random", "slimming", "taylor"])
 def test_structured_methods_meet_flops_budget_on_exported_model(tmp_path, method):
     # A uniform width moves every group at once, so on a tiny model its FLOPs steps are coarse.
     tolerance = 0.05 if method == "uniform" else 0.02
@@ -59,6 +59,49 @@ def test_structured_methods_meet_flops_budget_on_exported_model(tmp_path, method
     assert "dense/test/acc" not in summary
     for key in ("test/acc", "model/latency_b1_ms", "dense/latency_b1_ms", "time/prune_s"):
         assert key in summary, key
+
+
+@pytest.mark.parametrize("arch", ["resnet_tiny", "mobilenet_v2_tiny"])
+def test_taylor_score_is_the_squared_first_order_loss_change_of_removing_a_channel(arch):
+    """Molchanov et al.: removing channel c changes the loss by -(sum of g * w over its gate) to first order;
+    checked against a central finite difference of the loss along the channel's BatchNorm weight and bias
+    shrinking to zero (float64, training mode as the scores are taken)."""
+    from prunelab.methods.baselines import taylor_scores
+
+    torch.manual_seed(0)
+    model = create(arch).double()
+    groups = channel_groups(model, SHAPE)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, *SHAPE, generator=gen, dtype=torch.float64), torch.randint(0, 10, (8,), generator=gen)
+    state = copy.deepcopy(model.state_dict())
+    scores = taylor_scores(model, groups, [(x, y)])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())  # BN statistics untouched
+    for group in (groups[0], groups[-1]):
+        assert group.norms
+        for channel in (0, group.size - 1):
+
+            def loss(t: float) -> float:
+                net = copy.deepcopy(model).train()
+                with torch.no_grad():
+                    for name in group.norms:
+                        bn = net.get_submodule(name)
+                        bn.weight[channel] *= 1 - t
+                        bn.bias[channel] *= 1 - t
+                    return float(nn.functional.cross_entropy(net(x), y))
+
+            eps = 1e-5
+            change = (loss(eps) - loss(-eps)) / (2 * eps)  # = -(sum of g * w)
+            assert float(scores[group.name][channel]) == pytest.approx(change**2, rel=1e-3, abs=1e-12)
+    # Scores rank channels across layers as they are (no per-layer normalisation).
+    assert len({float(s.max()) for s in scores.values()}) > 1
+
+
+def test_taylor_needs_a_batch(tmp_path):
+    from prunelab.validate import ConfigError
+
+    with pytest.raises(ConfigError, match="method.batches=0 must be at least 1"):
+        _run(tmp_path, "method=taylor", "method.batches=0", "budget.flops=0.5")
+    assert not (tmp_path / "stages").exists()
 
 
 def test_params_budget(tmp_path):
