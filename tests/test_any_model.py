@@ -212,22 +212,42 @@ def tiny_vit() -> nn.Module:
     return create("test_tiny_vit").eval()
 
 
-def test_vit_prunes_mlp_width_and_keeps_the_embedding_unless_asked(tmp_path):
-    model = tiny_vit()
+def test_torchvision_vit_prunes_heads_and_mlp_width_and_keeps_the_embedding_unless_asked(tmp_path):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from prunelab.backbones.registry import SelfAttention
+
+    # torchvision's MultiheadAttention is rebuilt in timm's layout at creation: same outputs, same weights.
+    torch.manual_seed(0)
+    stock = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    torch.save(stock.state_dict(), tmp_path / "stock.pt")
+    model = create("test_tiny_vit", pretrained=str(tmp_path / "stock.pt")).eval()  # nn.MultiheadAttention's keys load
+    assert isinstance(model.encoder.layers[0].self_attention, SelfAttention)
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), stock(x), rtol=0, atol=1e-6)
+    again = create("test_tiny_vit").eval()
+    again.load_state_dict(stock.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
     groups = channel_groups(model, SHAPE)
-    assert [g.name for g in groups] == ["encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_1.mlp.0"]
+    layers = [f"encoder.layers.encoder_layer_{i}" for i in (0, 1)]
+    assert [g.name for g in groups] == [f"{b}.{n}" for b in layers for n in ("self_attention.qkv", "mlp.0")]
+    assert [g.unit for g in groups if g.heads] == [8, 8]
     _pruned_and_reloaded(model, SHAPE, 0.6, tmp_path / "mlp")
     assert model.hidden_dim == 32
 
     model = tiny_vit()
     model_record(model).prune_embedding = True
     embedding = next(g for g in channel_groups(model, SHAPE) if g.embedding)
-    assert (embedding.name, embedding.multiple) == ("conv_proj", 4)
+    # The attention width is its own group now: the embedding needs no multiple of the heads.
+    assert (embedding.name, embedding.multiple) == ("conv_proj", 1)
     check_prunable(model, SHAPE)
     _pruned_and_reloaded(model, SHAPE, None, tmp_path / "embedding")
     width = model.conv_proj.out_channels
-    assert width < 32 and width % 4 == 0 and model.hidden_dim == width
-    assert model.encoder.layers[0].self_attention.embed_dim == width
+    assert width < 32 and model.hidden_dim == width
+    attention = model.encoder.layers[0].self_attention
+    assert attention.qkv.in_features == width and attention.num_heads == 2
 
 
 class Shuffled(nn.Module):
