@@ -152,3 +152,17 @@ def test_per_ms_ranking_prunes_the_channels_that_cost_most_first(tmp_path):
     dearest, cheapest = max(per_channel, key=per_channel.get), min(per_channel, key=per_channel.get)
     assert per_channel[dearest] > 1.5 * per_channel[cheapest]
     assert len(plan.keep[dearest]) / plan.sizes[dearest] < len(plan.keep[cheapest]) / plan.sizes[cheapest]
+
+
+def test_per_ms_ranking_on_per_layer_normalised_scores_warns(tmp_path):
+    import warnings
+
+    from prunelab.validate import check_config
+
+    latency = ["budget.latency=0.5", "budget.latency_ranking=per_ms"]
+    with pytest.warns(UserWarning, match="method=taylor gives scores on one scale"):
+        check_config(make_cfg(tmp_path, "method=l1_filter", *latency))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_config(make_cfg(tmp_path, "method=taylor", *latency))
+        check_config(make_cfg(tmp_path, "method=l1_filter", "method.normalize=false", *latency))

@@ -97,6 +97,13 @@ def check_config(cfg: DictConfig) -> None:
         _require(fmt in ("eager", *FORMATS), f"budget.latency_format={fmt!r} must be eager or one of {', '.join(FORMATS)}")
         ranking = _number(cfg, "budget.latency_ranking")
         _require(ranking in (None, "importance", "per_ms"), f"budget.latency_ranking={ranking!r} must be importance or per_ms")
+        if ranking == "per_ms" and str(_number(cfg, "method._target_") or "").endswith(".L1Filter") and _number(cfg, "method.normalize") is not False:
+            warnings.warn(
+                "budget.latency_ranking=per_ms divides scores by each channel's latency across layers, but "
+                "method.normalize=true scales every layer's L1 scores to its own maximum: on ResNet-56 this cut "
+                "the residual streams to one channel; method=taylor gives scores on one scale (as HALP's)",
+                stacklevel=2,
+            )
         other = [k for k in ("flops", "params", "layer_ratios") if _number(cfg, f"budget.{k}") is not None]
         _require(not other, f"budget.latency and budget.{other[0] if other else ''} are both set: a structured budget is one of them")
     scope = _number(cfg, "budget.scope")
