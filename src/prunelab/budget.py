@@ -637,11 +637,12 @@ def search_threshold(
             f"{metric} budget {target:.4g} cannot be met: keeping a single channel or unit (round_to={round_to}) in "
             f"every prunable group still leaves {smallest:.4g} of the dense {metric}"
         )
-    aim = target
+    aim, ratios = target, []
     for _ in range(6 if metric == "latency" else 5):
         plan = _bisect(normalised, aim, estimated, tolerance * target / aim, iterations, round_to, units, multiples, blocks, metric)
         value = count(apply_channel_plan(copy.deepcopy(model), plan, input_shape), input_shape)
         ratio = value / dense
+        ratios.append(ratio)
         if abs(ratio - target) / target <= tolerance:
             return plan, ratio
         if metric == "latency":
@@ -651,7 +652,7 @@ def search_threshold(
             # The cost model missed a cost that changes with channels: aim where the built model lands on target.
             aim *= target / ratio
     if metric == "latency":
-        measured = ", ".join(f"{y / dense:.3f}" for _, y in costs.points[4:])
+        measured = ", ".join(f"{r:.3f}" for r in ratios)
         raise BudgetError(
             f"the latency of the built candidates ({measured}, as fractions of the dense model's) stays off the "
             f"target {target:.4g} by more than {tolerance:.2%}; where timing noise is that large, raise "

@@ -196,6 +196,16 @@ def sgd(lr: float, momentum: float, weight_decay: float) -> dict[str, Any]:
     return {"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr, "momentum": momentum, "weight_decay": weight_decay}
 
 
+def training_batches(data, count: int) -> list:
+    """The first `count` training batches with test-time transforms, in a fixed order, for data-driven scores."""
+    batches = []
+    for x, y in data.train_eval_dataloader():
+        batches.append((x, y))
+        if len(batches) >= count:
+            break
+    return batches
+
+
 def prunable_groups(model: nn.Module, ctx: MethodContext) -> list:
     """The channel groups a structured method may prune under the experiment's budget settings."""
     from prunelab.structure import channel_groups

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from prunelab.budget import structured_plan, unstructured_plan
-from prunelab.methods.base import MethodContext, PruningMethod, Stage, prunable_groups
+from prunelab.methods.base import MethodContext, PruningMethod, Stage, prunable_groups, training_batches
 from prunelab.structure import ChannelGroup, group_weights, prunable_weights
 from prunelab.validate import ConfigError
 
@@ -69,11 +69,7 @@ class Taylor(_OneShot):
     def plan(self, model: nn.Module, ctx: MethodContext):
         if ctx.data is None:
             raise ValueError("taylor: scoring channels needs the experiment's training data")
-        batches = []
-        for x, y in ctx.data.train_eval_dataloader():
-            batches.append((x, y))
-            if len(batches) >= self.batches:
-                break
+        batches = training_batches(ctx.data, self.batches)
         return structured_plan(model, taylor_scores(model, prunable_groups(model, ctx), batches), ctx)
 
 
@@ -102,22 +98,15 @@ def _channel_products(net: nn.Module, group: ChannelGroup) -> torch.Tensor:
     norms = [net.get_submodule(n) for n in group.norms]
     if norms and all(getattr(m, "weight", None) is not None and m.weight.numel() == group.size for m in norms):
         return sum(product(m.weight) + product(m.bias) for m in norms)
-    if group.heads is not None:
-        qkv = net.get_submodule(group.name)
-        total = product(qkv.weight).view(3, group.size, -1).sum((0, 2))
-        return total + (product(qkv.bias).view(3, group.size).sum(0) if qkv.bias is not None else 0.0)
-    total = torch.zeros(group.size, device=next(net.parameters()).device)
-    for name in group.layers:
-        m = net.get_submodule(name)
-        rows = product(m.weight)
-        rows = rows.flatten(1).sum(1) if torch.is_tensor(rows) else torch.zeros(m.weight.shape[0], device=total.device)
-        if getattr(m, "bias", None) is not None:
-            rows = rows + product(m.bias)
-        if name in group.rows:
-            index = torch.tensor(group.rows[name], device=rows.device)
-            rows = torch.where(index >= 0, rows[index.clamp_min(0)], 0.0)
-        total = total + rows
-    return total
+
+    def weight_and_bias(layer: nn.Module) -> torch.Tensor:
+        """Each output row's weight products and its bias product, one row per output."""
+        rows = product(layer.weight)
+        rows = rows.flatten(1) if torch.is_tensor(rows) else layer.weight.new_zeros(layer.weight.shape[0], 1)
+        bias = product(getattr(layer, "bias", None))
+        return torch.cat([rows, bias[:, None] if torch.is_tensor(bias) else rows.new_zeros(rows.shape[0], 1)], 1)
+
+    return sum(rows.sum(1) for rows in group_weights(net, group, weight_and_bias))
 
 
 class Magnitude(_OneShot):

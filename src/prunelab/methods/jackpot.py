@@ -44,7 +44,7 @@ from torch import nn
 
 from prunelab.budget import BudgetError, keep_top, keep_top_global
 from prunelab.io import write_json
-from prunelab.methods.base import MethodContext, PruningMethod, Stage, sgd
+from prunelab.methods.base import MethodContext, PruningMethod, Stage, sgd, training_batches
 from prunelab.structure import (
     MaskParametrization,
     MaskPlan,
@@ -484,13 +484,7 @@ class ScoreSearch(PruningMethod):
         """A few training batches (test-time transforms, fixed order) for the data-driven criteria."""
         if self.data is None:
             raise ValueError(f"{type(self).__name__}: {purpose} needs `data` (the datamodule)")
-        loader = self.data.train_eval_dataloader()
-        batches = []
-        for x, y in loader:
-            batches.append((x, y))
-            if len(batches) >= self.criterion_batches:
-                break
-        return batches
+        return training_batches(self.data, self.criterion_batches)
 
 
 class Jackpot(ScoreSearch):

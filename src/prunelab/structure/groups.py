@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -743,18 +743,22 @@ def root_weights(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     return _module(model, group.name).weight
 
 
-def group_weights(model: nn.Module, group: ChannelGroup) -> list[torch.Tensor]:
+def group_weights(
+    model: nn.Module, group: ChannelGroup, tensor: Callable[[nn.Module], torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """The weights of every layer producing the group's channels (root first), one row per channel of the group.
 
     A layer that produces only some of the group's channels (`ChannelGroup.rows`) has zero rows for the
     others; an attention's heads give one row per channel holding its query, key and value rows.
+    `tensor(layer)` picks another tensor with one row per output of the layer instead of its weight.
     """
+    tensor = tensor or (lambda layer: layer.weight)
     if group.heads is not None:
-        w = _module(model, group.name).weight
+        w = tensor(_module(model, group.name))
         return [w.view(3, group.size, -1).transpose(0, 1).reshape(group.size, -1)]
     weights = []
     for name in group.layers:
-        w = _module(model, name).weight
+        w = tensor(_module(model, name))
         if name in group.rows:
             rows = torch.tensor(group.rows[name], device=w.device)
             w = torch.where((rows >= 0).view(-1, *[1] * (w.dim() - 1)), w[rows.clamp_min(0)], 0)
