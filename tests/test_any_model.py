@@ -14,7 +14,7 @@ from torch import nn
 from conftest import EpochRecorder, make_cfg, run_cli
 from prunelab import load_model, pipeline
 from prunelab.backbones import create, registry
-from prunelab.export import save_model
+from prunelab.export import export_deployable, save_model
 from prunelab.structure import ChannelPlan, UnprunableError, apply_channel_plan, channel_groups, check_prunable, model_record
 
 SHAPE = (3, 32, 32)
@@ -28,6 +28,9 @@ def registered_models(monkeypatch):
         "test_layer_scaled": LayerScaled,
         "test_shuffled": Shuffled,
         "test_tiny_vit": _tiny_vit,
+        "test_tiny_swin": _tiny_swin,
+        "test_tiny_swin_v2": lambda **kw: _tiny_swin(v2=True, **kw),
+        "test_tiny_maxvit": _tiny_maxvit,
     }.items():
         monkeypatch.setitem(registry._REGISTRY, name, factory)
 
@@ -215,7 +218,7 @@ def tiny_vit() -> nn.Module:
 def test_torchvision_vit_prunes_heads_and_mlp_width_and_keeps_the_embedding_unless_asked(tmp_path):
     from torchvision.models.vision_transformer import VisionTransformer
 
-    from prunelab.backbones.registry import SelfAttention
+    from prunelab.backbones.attention import SelfAttention
 
     # torchvision's MultiheadAttention is rebuilt in timm's layout at creation: same outputs, same weights.
     torch.manual_seed(0)
@@ -287,6 +290,18 @@ TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, m
 TINY_SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 4))
 
 
+def _equals_silenced_dense_and_reloads(model: nn.Module, dense: nn.Module, tmp_path) -> torch.Tensor:
+    """The pruned `model` computes what `dense` (with the removed channels silenced) does, and reloads bit-equal."""
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
+    model_record(model).input_shape = SHAPE
+    reloaded = load_model(save_model(model, tmp_path / "model.pt")).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+    return x
+
+
 def test_attention_heads_are_pruned_whole_and_compute_what_the_kept_heads_did(tmp_path):
     """Removing heads equals silencing them in the dense model (their output-projection columns zeroed)."""
     torch.manual_seed(0)
@@ -305,12 +320,7 @@ def test_attention_heads_are_pruned_whole_and_compute_what_the_kept_heads_did(tm
         for i, kept in enumerate(keep.values()):
             dropped = [c for c in range(32) if c not in kept]
             dense.blocks[i].attn.proj.weight[:, dropped] = 0
-        x = torch.randn(2, *SHAPE)
-        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
-    model_record(model).input_shape = SHAPE
-    reloaded = load_model(save_model(model, tmp_path / "vit.pt")).eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(x), model(x))
+    _equals_silenced_dense_and_reloads(model, dense, tmp_path)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -382,6 +392,90 @@ def test_window_attention_loses_heads_with_their_position_bias(tmp_path):
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     attn = model.layers[1].blocks[0].attn
     assert attn.num_heads == 2 and attn.relative_position_bias_table.shape[-1] == 2
+
+
+def _tiny_swin(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, v2: bool = False) -> nn.Module:
+    from torchvision.models import swin_transformer as swin
+
+    blocks = dict(block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2) if v2 else {}
+    return swin.SwinTransformer([2, 2], 16, [2, 2], [2, 4], [4, 4], num_classes=num_classes, **blocks)
+
+
+def _tiny_maxvit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    from torchvision.models.maxvit import MaxVit
+
+    return MaxVit((32, 32), 8, 2, [16, 32], [1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=num_classes)
+
+
+def _attentions(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from prunelab.backbones.attention import Relaid
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Relaid)]
+
+
+@pytest.mark.parametrize("name", ["test_tiny_swin", "test_tiny_swin_v2", "test_tiny_maxvit"])
+def test_torchvision_window_attention_loses_whole_heads(tmp_path, name):
+    """torchvision's Swin (V1, V2) and MaxViT attention is rebuilt at creation: stock outputs from stock
+    weights (shifted and padded windows included), then whole heads removed with their position bias
+    (V2: logit scales, bias-MLP rows) compute what the dense model computes with those heads silenced."""
+    torch.manual_seed(0)
+    stock = registry._REGISTRY[name]().eval()
+    for p in stock.parameters():  # away from the initialisation's zeros and ones, so that every tensor matters
+        nn.init.normal_(p, std=0.2)
+    torch.save(stock.state_dict(), tmp_path / "stock.pt")
+    model = create(name, pretrained=str(tmp_path / "stock.pt")).eval()
+    attentions = _attentions(model)
+    assert len(attentions) == 4
+    shapes = [SHAPE, (3, 36, 36)] if "swin" in name else [SHAPE]  # 36: padded to whole windows
+    with torch.no_grad():
+        for shape in shapes:
+            x = torch.randn(2, *shape)
+            assert torch.equal(model(x), stock(x))
+    dense = copy.deepcopy(model)
+    groups = {g.name: g for g in channel_groups(model, SHAPE) if g.heads}
+    assert sorted(groups) == sorted(f"{n}.qkv" for n, _ in attentions)
+    # Keep the last head of each.
+    keep = {qkv: list(range(g.size - g.unit, g.size)) for qkv, g in groups.items()}
+    apply_channel_plan(model, ChannelPlan(keep, {qkv: g.size for qkv, g in groups.items()}), SHAPE)
+    for (_, m), (_, d) in zip(_attentions(model), _attentions(dense)):
+        assert m.num_heads == 1 and m.qkv.out_features == 3 * m.head_dim == 3 * d.head_dim
+        per_head = [p for n, p in m.named_parameters() if n in ("relative_position_bias_table", "logit_scale", "cpb_mlp.2.weight")]
+        assert per_head and all(p.shape[-1] == 1 or p.shape[0] == 1 for p in per_head)
+        with torch.no_grad():
+            d.proj.weight[:, : d.proj.in_features - d.head_dim] = 0
+    with torch.no_grad():
+        x = torch.randn(2, *SHAPE)
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
+    export_deployable(model, tmp_path / "model.onnx", SHAPE, "onnx")  # reloaded in onnxruntime, checked on a batch of 3
+    check_prunable(model, SHAPE)
+    _pruned_and_reloaded(model, SHAPE, None, tmp_path / "again")
+
+
+@pytest.mark.parametrize("name", ["test_tiny_swin", "test_tiny_maxvit"])
+def test_torchvision_window_attention_loses_head_dimensions(tmp_path, name):
+    """With prune_head_dim the kept dimensions' logits keep their scale: Swin's D^-1/2, MaxViT's embedding
+    width's; removing dimensions equals zeroing their query, key and value rows. Swin V2 normalises queries
+    and keys over the head dimension, so its heads stay whole."""
+    torch.manual_seed(0)
+    model = create(name).eval()
+    model_record(model).prune_head_dim = True
+    dense = copy.deepcopy(model)
+    groups = {g.name: g for g in channel_groups(model, SHAPE) if g.heads}
+    assert all(g.unit == 1 and g.blocks == g.multiple > 1 for g in groups.values())
+    # Every head keeps its first half.
+    keep = {qkv: [c for c in range(g.size) if c % (g.size // g.blocks) < g.size // g.blocks // 2] for qkv, g in groups.items()}
+    apply_channel_plan(model, ChannelPlan(keep, {qkv: g.size for qkv, g in groups.items()}), SHAPE)
+    for (_, m), (_, d) in zip(_attentions(model), _attentions(dense)):
+        assert m.head_dim == d.head_dim // 2 and m.num_heads == d.num_heads
+        assert m.scale == pytest.approx(d.scale * 2**0.5)
+        with torch.no_grad():
+            rows = [r for r in range(d.qkv.out_features) if r % d.head_dim >= d.head_dim // 2]
+            d.qkv.weight[rows] = 0
+            d.qkv.bias[rows] = 0
+    _equals_silenced_dense_and_reloads(model, dense, tmp_path)
+    v2 = create("test_tiny_swin_v2")
+    model_record(v2).prune_head_dim = True
+    assert [(g.unit, g.blocks) for g in channel_groups(v2, SHAPE) if g.heads] == [(8, 1)] * 4
 
 
 @pytest.mark.parametrize("method", ["l1_filter", "random", "taylor"])

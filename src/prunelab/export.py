@@ -118,7 +118,7 @@ def export_deployable(
     `torchscript`: traced TorchScript. `torchscript_frozen`: the same, frozen (`torch.jit.freeze`:
     parameters become constants and BatchNorm is folded into the convolution before it).
     `onnx`: ONNX from torch's exporter (`dynamo=True`) with a dynamic batch dimension, for onnxruntime.
-    The file is reloaded and its outputs compared with the model's on a batch of two random inputs;
+    The file is reloaded and its outputs compared with the model's on a batch of three random inputs (exported from two);
     a difference above `TOLERANCE` (relative to the largest output) raises. The model passed in keeps its
     mode, masks and hooks (the export works on a copy).
     """
@@ -128,7 +128,8 @@ def export_deployable(
         raise ValueError(f"export.format must be one of {sorted(FORMATS)}, got {format!r}")
     deployable = fold_masks(copy.deepcopy(model)).eval()
     param = next(deployable.parameters())
-    example = torch.randn(1, *input_shape, device=param.device, dtype=param.dtype)
+    # A batch of 2 to export from (torch.export specialises a dimension of size 1), another size to check on.
+    example = torch.randn(2, *input_shape, device=param.device, dtype=param.dtype)
     with torch.no_grad(), warnings.catch_warnings():
         # TorchScript is deprecated in favour of torch.export, but it is still the format that loads with
         # torch alone and runs any batch size; its deprecation warnings are expected here.
@@ -144,7 +145,7 @@ def export_deployable(
             if format == "torchscript_frozen":
                 traced = torch.jit.freeze(traced)
             path = atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp)))
-        x = torch.randn(2, *input_shape, device=param.device, dtype=param.dtype)
+        x = torch.randn(3, *input_shape, device=param.device, dtype=param.dtype)
         expected = deployable(x)
         got = load_deployed(path, device=param.device)(x)
     error = float((got.to(expected) - expected).abs().max()) / max(1.0, float(expected.abs().max()))

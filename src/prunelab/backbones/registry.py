@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunelab.backbones.attention import Relaid, relayout
 from prunelab.structure.plans import model_record
 
 Factory = Callable[..., nn.Module]
@@ -95,67 +96,6 @@ def _build_torchvision(model_name: str, num_classes: int, in_channels: int, **kw
     return model
 
 
-class SelfAttention(nn.Module):
-    """The `nn.MultiheadAttention` of a torchvision ViT encoder block, rebuilt in timm's layout (`qkv` and
-    `proj` Linear layers, `num_heads`, `head_dim`, `scale`), so that its heads and head dimensions prune
-    like timm's: the attention width no longer has to equal the embedding width, which
-    `nn.MultiheadAttention` requires. Same computation (scaled dot-product attention, batch first);
-    called as the block calls it, self-attention only, returning (output, None). It loads state dicts
-    written for `nn.MultiheadAttention` (`in_proj_*`, `out_proj.*`: torchvision's pretrained weights).
-    """
-
-    def __init__(self, mha: nn.MultiheadAttention) -> None:
-        super().__init__()
-        dim, heads = mha.embed_dim, mha.num_heads
-        self.num_heads, self.head_dim, self.attn_dim = heads, dim // heads, dim
-        self.scale = self.head_dim**-0.5
-        self.dropout = float(mha.dropout)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=mha.in_proj_bias is not None)
-        self.proj = nn.Linear(dim, dim, bias=mha.out_proj.bias is not None)
-        with torch.no_grad():
-            self.qkv.weight.copy_(mha.in_proj_weight)
-            self.proj.weight.copy_(mha.out_proj.weight)
-            if mha.in_proj_bias is not None:
-                self.qkv.bias.copy_(mha.in_proj_bias)
-            if mha.out_proj.bias is not None:
-                self.proj.bias.copy_(mha.out_proj.bias)
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                need_weights: bool = False, **_: Any) -> tuple[torch.Tensor, None]:
-        if (key is not None and key is not query) or (value is not None and value is not query):
-            raise ValueError("SelfAttention computes self-attention only: key and value must be the query")
-        batch, tokens, _ = query.shape
-        qkv = self.qkv(query).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        dropout = self.dropout if self.training else 0.0
-        x = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)), None
-
-    # nn.MultiheadAttention's tensor names and this module's.
-    RENAMED = (("in_proj_weight", "qkv.weight"), ("in_proj_bias", "qkv.bias"),
-               ("out_proj.weight", "proj.weight"), ("out_proj.bias", "proj.bias"))  # fmt: skip
-
-    @classmethod
-    def rename(cls, state_dict: dict, prefix: str) -> None:
-        """Give `nn.MultiheadAttention` tensors under `prefix` in `state_dict` this module's names, in place."""
-        for old, new in cls.RENAMED:
-            if prefix + old in state_dict:
-                state_dict[prefix + new] = state_dict.pop(prefix + old)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        self.rename(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def _split_vit_attention(model: nn.Module) -> None:
-    """Replace the `nn.MultiheadAttention` of every torchvision ViT encoder block by `SelfAttention`."""
-    for module in list(model.modules()):
-        mha = getattr(module, "self_attention", None)
-        if type(module).__name__ == "EncoderBlock" and isinstance(mha, nn.MultiheadAttention) and mha.batch_first:
-            if mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn:
-                module.self_attention = SelfAttention(mha)
-
-
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     """Swap the first RGB convolution for one that reads `in_channels` channels (torchvision has no option)."""
     for parent in model.modules():
@@ -201,7 +141,7 @@ def create(
         model = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, width=width, **kwargs)
     else:
         raise _unknown_name_error(name)
-    _split_vit_attention(model)
+    relayout(model)  # torchvision's attention in the layout whose heads prune
 
     model_record(model).spec = {
         "name": name,
@@ -261,8 +201,8 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     expected = model.state_dict()
     state = _strip_wrapper_prefixes(_extract_state_dict(checkpoint, path), set(expected))
     for name, module in model.named_modules():
-        if isinstance(module, SelfAttention):
-            SelfAttention.rename(state, f"{name}." if name else "")
+        if isinstance(module, Relaid):
+            module.rename(state, f"{name}." if name else "")
 
     # Old checkpoints predate BatchNorm's `num_batches_tracked`; BatchNorm fills it in itself.
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]

@@ -482,6 +482,9 @@ def groups_from_graph(
                 if type(target).__name__ == "_ElementWiseOp":
                     fn = getattr(target, "_grad_fn", None)
                     merges.add(fn if isinstance(fn, str) else type(fn).__name__)
+                if any(root is None for root in item.root_idxs):  # the index mapping was lost on the way (e.g. through a reshape)
+                    unmapped = unmapped or f"Torch-Pruning lost its channel indices on the way to {names.get(target, type(target).__name__)!r}"
+                    continue
                 reader = isinstance(target, PRUNABLE_TYPES) and grouped_unit(target) is None and target in names
                 if reader and graph.is_in_channel_pruning_fn(dep.handler) and names[target] not in consumers:
                     consumers.append(names[target])
@@ -569,8 +572,8 @@ def attention_heads(model: nn.Module) -> dict[str, nn.Module]:
         qkv, proj, heads = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
         if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 1):
             continue
-        # torchvision's ShiftedWindowAttention derives the head width from the embedding in a functional
-        # call, so its heads cannot shrink apart from it: a module must keep `head_dim`, or be timm's Swin one.
+        # A module that derives the head width from the embedding cannot lose heads apart from it: it must keep
+        # `head_dim`, or be timm's Swin one (torchvision's are rebuilt so at creation: backbones.attention).
         if not (isinstance(getattr(m, "head_dim", None), int) or type(m).__name__ == "WindowAttention"):
             continue
         dim = head_dim(m)
@@ -639,10 +642,11 @@ def check_head_plan(model: nn.Module, group: ChannelGroup, kept: list[int]) -> i
 
 def prune_heads(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
     """Keep the channels `kept` of the heads of `group.heads`: the rows of query, key and value, the
-    columns of the output projection, the module's own per-head parameters (Swin's relative position bias
-    table, heads last) and its head count. Where every kept head keeps fewer dimensions (d of D), the
-    head dimension shrinks too: `scale` becomes d^-1/2 (what fused attention uses) and the query rows are
-    multiplied by (d/D)^1/2, so the logits of the kept dimensions stay what they were."""
+    columns of the output projection, the module's own per-head parameters (relative position bias tables,
+    heads last; Swin V2's logit scales, heads first, and the rows of its position-bias MLP's last layer)
+    and its head count. Where every kept head keeps fewer dimensions (d of D), the head dimension shrinks
+    too: the query rows are multiplied by (d/D)^1/2 and `scale` by (D/d)^1/2 (so D^-1/2 becomes d^-1/2,
+    what fused attention uses), so the logits of the kept dimensions stay what they were."""
     m = model.get_submodule(group.heads)
     dim, heads = head_dim(m), m.num_heads
     kept_dim = check_head_plan(model, group, kept)
@@ -660,10 +664,19 @@ def prune_heads(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
         for name, p in list(m.named_parameters(recurse=False)):
             if p.dim() and p.shape[-1] == heads:
                 setattr(m, name, nn.Parameter(p[..., kept_heads].clone(), p.requires_grad))
+            elif p.dim() and p.shape[0] == heads and p[0].numel() == 1:
+                setattr(m, name, nn.Parameter(p[kept_heads].clone(), p.requires_grad))
+        bias_mlp = getattr(m, "cpb_mlp", None)
+        if isinstance(bias_mlp, nn.Sequential) and isinstance(bias_mlp[-1], nn.Linear) and bias_mlp[-1].out_features == heads:
+            last = bias_mlp[-1]
+            last.weight = nn.Parameter(last.weight[kept_heads].clone(), last.weight.requires_grad)
+            if last.bias is not None:
+                last.bias = nn.Parameter(last.bias[kept_heads].clone(), last.bias.requires_grad)
+            last.out_features = len(kept_heads)
     m.qkv.out_features, m.proj.in_features = rows.numel(), index.numel()
     m.num_heads = len(kept_heads)
     if kept_dim < dim:
-        m.scale = kept_dim**-0.5
+        m.scale = kept_dim**-0.5 if math.isclose(m.scale, dim**-0.5) else m.scale * (dim / kept_dim) ** 0.5
         if isinstance(getattr(m, "head_dim", None), int):
             m.head_dim = kept_dim
     if hasattr(m, "attn_dim"):
