@@ -31,6 +31,7 @@ def registered_models(monkeypatch):
         "test_tiny_swin": _tiny_swin,
         "test_tiny_swin_v2": lambda **kw: _tiny_swin(v2=True, **kw),
         "test_tiny_maxvit": _tiny_maxvit,
+        "test_ghost": Ghost,
     }.items():
         monkeypatch.setitem(registry._REGISTRY, name, factory)
 
@@ -197,6 +198,64 @@ class LayerScaled(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+
+
+class GhostModule(nn.Module):
+    """GhostNet's module: a primary convolution's channels x and a depthwise copy of them, cat([x, cheap(x)])."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.out_chs = cout
+        self.primary = nn.Sequential(nn.Conv2d(cin, cout // 2, 1, bias=False), nn.BatchNorm2d(cout // 2), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(cout // 2, cout // 2, 3, padding=1, groups=cout // 2, bias=False), nn.BatchNorm2d(cout // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.primary(x)
+        return torch.cat([x, self.cheap(x)], 1)[:, : self.out_chs]
+
+
+class Ghost(nn.Module):
+    """A ghost bottleneck: ghost module, depthwise conv and squeeze-excitation over the concatenation,
+    ghost module, and a convolutional shortcut added to the second concatenation."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.ghost1 = GhostModule(8, 24)
+        self.conv_dw = nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24, bias=False)
+        self.bn_dw = nn.BatchNorm2d(24)
+        self.se_reduce, self.se_expand = nn.Conv2d(24, 6, 1), nn.Conv2d(6, 24, 1)
+        self.ghost2 = GhostModule(24, 16)
+        self.shortcut = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.bn_dw(self.conv_dw(self.ghost1(x)))
+        y = y * torch.sigmoid(self.se_expand(F.relu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        y = self.ghost2(y) + self.shortcut(x)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_concatenation_that_holds_each_channel_twice_prunes_both_copies(tmp_path):
+    """GhostNet: each primary channel is held twice by the depthwise conv, the SE expansion and the shortcut
+    after the concatenation; removing it removes both copies (the trial checks against the silenced dense model)."""
+    torch.manual_seed(0)
+    model = create("test_ghost").eval()
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    ghost1 = groups["ghost1.primary.0"]
+    assert ghost1.rows["conv_dw"] == [[i, 12 + i] for i in range(12)]
+    assert ghost1.rows["se_expand"] == [[i, 12 + i] for i in range(12)]
+    check_prunable(model, SHAPE)
+    from prunelab.budget import CostModel, count_flops
+
+    costs = CostModel(model, list(groups.values()), SHAPE)
+    plan = ChannelPlan({"ghost1.primary.0": list(range(0, 12, 2))}, {"ghost1.primary.0": 12})
+    pruned = apply_channel_plan(copy.deepcopy(model), plan, SHAPE)
+    assert costs.count(plan)["flops"] == count_flops(pruned, SHAPE)  # both copies counted
+    _pruned_and_reloaded(copy.deepcopy(model), SHAPE, 0.6, tmp_path / "flops")
+    _pruned_and_reloaded(model, SHAPE, None, tmp_path / "half")
+    assert model.conv_dw.out_channels == model.se_expand.out_channels == 2 * model.ghost1.primary[0].out_channels == 12
 
 
 def test_layer_scale_learns_its_new_width(tmp_path):
@@ -431,6 +490,7 @@ def test_torchvision_window_attention_loses_whole_heads(tmp_path, name):
         for shape in shapes:
             x = torch.randn(2, *shape)
             assert torch.equal(model(x), stock(x))
+    check_prunable(model, SHAPE)  # every group, heads included, loses half its channels in a trial
     dense = copy.deepcopy(model)
     groups = {g.name: g for g in channel_groups(model, SHAPE) if g.heads}
     assert sorted(groups) == sorted(f"{n}.qkv" for n, _ in attentions)
@@ -447,7 +507,6 @@ def test_torchvision_window_attention_loses_whole_heads(tmp_path, name):
         x = torch.randn(2, *SHAPE)
         torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
     export_deployable(model, tmp_path / "model.onnx", SHAPE, "onnx")  # reloaded in onnxruntime, checked on a batch of 3
-    check_prunable(model, SHAPE)
     _pruned_and_reloaded(model, SHAPE, None, tmp_path / "again")
 
 
@@ -459,6 +518,7 @@ def test_torchvision_window_attention_loses_head_dimensions(tmp_path, name):
     torch.manual_seed(0)
     model = create(name).eval()
     model_record(model).prune_head_dim = True
+    check_prunable(model, SHAPE)
     dense = copy.deepcopy(model)
     groups = {g.name: g for g in channel_groups(model, SHAPE) if g.heads}
     assert all(g.unit == 1 and g.blocks == g.multiple > 1 for g in groups.values())

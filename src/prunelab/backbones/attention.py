@@ -89,6 +89,18 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-2, -3).flatten(-2)
 
 
+class KeylessBiasLinear(nn.Linear):
+    """Swin V2's query/key/value projection: the keys get no bias (torchvision drops it in the forward pass).
+    A Linear called as a module, so that the graph tracer sees the projection."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return F.linear(x, self.weight)
+        third = self.bias.numel() // 3
+        bias = torch.cat([self.bias[:third], torch.zeros_like(self.bias[third : 2 * third]), self.bias[2 * third :]])
+        return F.linear(x, self.weight, bias)
+
+
 class WindowSelfAttention(Relaid):
     """Swin's shifted-window attention (torchvision's V1, or V2 with cosine attention, `logit_scale` and
     the position-bias MLP `cpb_mlp`) on (B, H, W, C) inputs: the map is padded to whole windows,
@@ -105,6 +117,7 @@ class WindowSelfAttention(Relaid):
         self.qkv, self.proj = stock.qkv, stock.proj
         self.cosine = hasattr(stock, "logit_scale")
         if self.cosine:  # V2: the queries and keys are normalised over the head dimension, which stays whole.
+            self.qkv.__class__ = KeylessBiasLinear
             self.logit_scale, self.cpb_mlp = stock.logit_scale, stock.cpb_mlp
             self.register_buffer("relative_coords_table", stock.relative_coords_table)
         else:
@@ -143,11 +156,7 @@ class WindowSelfAttention(Relaid):
         grid = (padded_h // wh, padded_w // ww)
         windows = x.reshape(-1, grid[0], wh, grid[1], ww, channels).transpose(2, 3).reshape(-1, grid[0] * grid[1], wh * ww, channels)
 
-        bias = self.qkv.bias
-        if self.cosine and bias is not None:  # V2 gives the keys no bias.
-            third = bias.numel() // 3
-            bias = torch.cat([bias[:third], torch.zeros_like(bias[third : 2 * third]), bias[2 * third :]])
-        q, k, v = _split_heads(F.linear(windows, self.qkv.weight, bias), self.num_heads, self.head_dim)
+        q, k, v = _split_heads(self.qkv(windows), self.num_heads, self.head_dim)
         if self.cosine:
             logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
             logits = logits * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()

@@ -53,8 +53,9 @@ class ChannelGroup:
     per pixel; a layer after a split reads only some), how many of its input channels come from each
     of the group's channels; a consumer not named there reads each channel once. `rows` gives, for a
     producing layer or a norm whose channels are not the group's one to one (a depthwise convolution
-    or a BatchNorm after a concatenation holds several groups' channels), its channel for each of the
-    group's channels, -1 for a channel it does not hold (one half of a concatenation). `multiple`:
+    or a BatchNorm after a concatenation holds several groups' channels), its channels for each of the
+    group's channels: none where it does not hold it (one half of a concatenation), several where a
+    concatenation holds it more than once (GhostNet's [x, cheap(x)]). `multiple`:
     the group keeps a multiple of this many channels (the heads of a MultiheadAttention it feeds,
     which splits its width evenly among them). `embedding` marks a transformer's embedding width: a
     residual stream through LayerNorms in a model with attention. `heads` names the attention module
@@ -76,7 +77,7 @@ class ChannelGroup:
     consumers: list[str] = field(default_factory=list)
     merges: list[str] = field(default_factory=list)
     reads: dict[str, list[int]] = field(default_factory=dict)
-    rows: dict[str, list[int]] = field(default_factory=dict)
+    rows: dict[str, list[list[int]]] = field(default_factory=dict)
     multiple: int = 1
     embedding: bool = False
     heads: str | None = None
@@ -412,12 +413,12 @@ def skipped(name: str, patterns: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(f"{p}.") or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _order(item: Any, size: int) -> list[int]:
-    """A dependency's own channel index for each of the group's channels (-1 where it has none)."""
-    order = [-1] * size
+def _order(item: Any, size: int) -> list[list[int]]:
+    """A dependency's own channel indices for each of the group's channels (none, one, or several copies)."""
+    order: list[list[int]] = [[] for _ in range(size)]
     for root, index in zip(item.root_idxs, item.idxs):
-        order[int(root)] = int(index)
-    return order
+        order[int(root)].append(int(index))
+    return [sorted(rows) for rows in order]
 
 
 def groups_from_graph(
@@ -459,7 +460,8 @@ def groups_from_graph(
             norms: list[str] = []
             consumers: list[str] = []
             reads: dict[str, list[int]] = {}
-            rows: dict[str, list[int]] = {}
+            rows: dict[str, list[list[int]]] = {}
+            identity = [[i] for i in range(size)]
             unmapped = None
             multiple = 1
             layer_norm = False
@@ -472,7 +474,7 @@ def groups_from_graph(
                 if isinstance(target, nn.modules.batchnorm._BatchNorm) and target in names and names[target] not in norms:
                     norms.append(names[target])
                     order = _order(item, size)
-                    if order != list(range(size)) or target.num_features != size:
+                    if order != identity or target.num_features != size:
                         rows[names[target]] = order
                 if _unsupported_grouped(target):
                     blocked.append(target)
@@ -508,7 +510,7 @@ def groups_from_graph(
                 if isinstance(target, PRUNABLE_TYPES) and target in names and target not in producers:
                     producers.append(target)
                     order = _order(item, size)
-                    if order != list(range(size)) or out_channels(target) != size:
+                    if order != identity or out_channels(target) != size:
                         rows[names[target]] = order
             if not prunable:
                 continue
@@ -559,7 +561,7 @@ def channels_written(group: ChannelGroup, layer: str) -> list[int] | None:
     if group.heads is not None:
         return [3] * group.size  # its query, key and value rows
     if layer in group.rows:
-        return [int(r >= 0) for r in group.rows[layer]]
+        return [len(r) for r in group.rows[layer]]
     return None
 
 
@@ -697,7 +699,7 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[
     before the architecture changes does not trace again.
     """
     key = _groups_key(model, input_shape)
-    _, skip, embedding, _, _ = key
+    _, _, skip, embedding, _, _ = key
     cached = model.__dict__.get("_prunelab_groups")
     if cached is not None and cached[0] == key:
         return copy.deepcopy(cached[1])
@@ -709,9 +711,13 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[
     return groups
 
 
+GROUPS_FORMAT = 2  # ChannelGroup's fields as remember_groups writes them (2: rows hold lists of rows)
+
+
 def _groups_key(model: nn.Module, input_shape: tuple[int, ...]) -> tuple:
     record = model.__dict__.get("prunelab")
     return (
+        GROUPS_FORMAT,
         tuple(input_shape),
         tuple(getattr(record, "skip", ())),
         bool(getattr(record, "prune_embedding", False)),
@@ -762,7 +768,8 @@ def group_weights(
     """The weights of every layer producing the group's channels (root first), one row per channel of the group.
 
     A layer that produces only some of the group's channels (`ChannelGroup.rows`) has zero rows for the
-    others; an attention's heads give one row per channel holding its query, key and value rows.
+    others, and one that holds a channel k times (after a concatenation) its k rows joined along dim 1;
+    an attention's heads give one row per channel holding its query, key and value rows.
     `tensor(layer)` picks another tensor with one row per output of the layer instead of its weight.
     """
     tensor = tensor or (lambda layer: layer.weight)
@@ -773,7 +780,9 @@ def group_weights(
     for name in group.layers:
         w = tensor(_module(model, name))
         if name in group.rows:
-            rows = torch.tensor(group.rows[name], device=w.device)
-            w = torch.where((rows >= 0).view(-1, *[1] * (w.dim() - 1)), w[rows.clamp_min(0)], 0)
+            copies = max(1, *map(len, group.rows[name]))
+            rows = torch.tensor([r + [-1] * (copies - len(r)) for r in group.rows[name]], device=w.device)
+            w = torch.where((rows >= 0).view(*rows.shape, *[1] * (w.dim() - 1)), w[rows.clamp_min(0)], 0)
+            w = w.squeeze(1) if copies == 1 else w.flatten(1, 2) if w.dim() > 2 else w
         weights.append(w)
     return weights

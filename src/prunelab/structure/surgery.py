@@ -226,6 +226,9 @@ def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Mo
         try:
             if group.heads is not None:
                 prune_heads(model, group, [i for i in range(group.size) if i not in set(removed)])
+                # Its own per-head layers (Swin V2's position-bias MLP) lose the removed heads with it.
+                own = {f"{group.heads}.{n}": m for n, m in model.get_submodule(group.heads).named_modules() if n}
+                expected.update({n: _channels(m) for n, m in own.items() if n in expected and n not in (*group.layers, *group.consumers)})
             else:
                 graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs=removed).prune()
         except Exception as err:  # noqa: BLE001 - any failure of the removal is the reason to report
@@ -264,8 +267,7 @@ def _silenced(model: nn.Module, groups: list) -> Iterator[None]:
             for name in [*group.layers, *group.norms]:
                 module = model.get_submodule(name)
                 rows = group.rows.get(name)
-                index = [rows[i] if rows is not None else i for i in removed]
-                index = torch.tensor([i for i in index if i >= 0], dtype=torch.long)
+                index = torch.tensor([r for i in removed for r in (rows[i] if rows is not None else [i])], dtype=torch.long)
                 for tensor in (module.weight, module.bias):
                     if tensor is not None:
                         saved.append((tensor, tensor[index].clone(), index))
