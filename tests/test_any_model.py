@@ -14,6 +14,7 @@ from torch import nn
 from conftest import EpochRecorder, make_cfg, run_cli
 from prunelab import load_model, pipeline
 from prunelab.backbones import create, registry
+from prunelab.budget import CostModel, count_flops
 from prunelab.export import export_deployable, save_model
 from prunelab.structure import ChannelPlan, UnprunableError, apply_channel_plan, channel_groups, check_prunable, model_record
 
@@ -32,6 +33,8 @@ def registered_models(monkeypatch):
         "test_tiny_swin_v2": lambda **kw: _tiny_swin(v2=True, **kw),
         "test_tiny_maxvit": _tiny_maxvit,
         "test_ghost": Ghost,
+        "test_tiny_mixer": _tiny_mixer,
+        "test_tiny_resmlp": lambda **kw: _tiny_mixer(resmlp=True, **kw),
     }.items():
         monkeypatch.setitem(registry._REGISTRY, name, factory)
 
@@ -247,8 +250,6 @@ def test_a_concatenation_that_holds_each_channel_twice_prunes_both_copies(tmp_pa
     assert ghost1.rows["conv_dw"] == [[i, 12 + i] for i in range(12)]
     assert ghost1.rows["se_expand"] == [[i, 12 + i] for i in range(12)]
     check_prunable(model, SHAPE)
-    from prunelab.budget import CostModel, count_flops
-
     costs = CostModel(model, list(groups.values()), SHAPE)
     plan = ChannelPlan({"ghost1.primary.0": list(range(0, 12, 2))}, {"ghost1.primary.0": 12})
     pruned = apply_channel_plan(copy.deepcopy(model), plan, SHAPE)
@@ -256,6 +257,28 @@ def test_a_concatenation_that_holds_each_channel_twice_prunes_both_copies(tmp_pa
     _pruned_and_reloaded(copy.deepcopy(model), SHAPE, 0.6, tmp_path / "flops")
     _pruned_and_reloaded(model, SHAPE, None, tmp_path / "half")
     assert model.conv_dw.out_channels == model.se_expand.out_channels == 2 * model.ghost1.primary[0].out_channels == 12
+
+
+def _tiny_mixer(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, resmlp: bool = False) -> nn.Module:
+    from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
+
+    blocks = dict(block_layer=ResBlock, norm_layer=Affine, mlp_ratio=4) if resmlp else {}
+    return MlpMixer(num_classes, img_size=32, patch_size=8, num_blocks=2, embed_dim=32, **blocks)
+
+
+@pytest.mark.parametrize(("name", "mlps"), [("test_tiny_mixer", ["mlp_tokens", "mlp_channels"]), ("test_tiny_resmlp", ["mlp_channels"])])
+def test_token_mixing_mlps_keep_the_stream_whole_and_prune_their_hidden_width(tmp_path, name, mlps, caplog):
+    """MLP-Mixer and ResMLP mix tokens with Linear layers on the transposed stream: Torch-Pruning maps the
+    stream's channels onto their token inputs, so the stream is kept whole (with the reason) and the
+    channel and token MLPs' hidden widths prune."""
+    torch.manual_seed(0)
+    model = create(name).eval()
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    assert "stem.proj" not in groups and "it reads another axis" in caplog.text
+    assert list(groups) == [f"blocks.{i}.{mlp}.fc1" for i in (0, 1) for mlp in mlps]
+    check_prunable(model, SHAPE)
+    _pruned_and_reloaded(model, SHAPE, 0.6, tmp_path)
+    assert model.stem.proj.out_channels == 32
 
 
 def test_layer_scale_learns_its_new_width(tmp_path):
@@ -339,7 +362,7 @@ def test_channel_shuffle_is_kept_whole_with_a_reason_and_the_rest_prunes(tmp_pat
     with caplog.at_level("WARNING", logger="prunelab"):
         groups = channel_groups(model, SHAPE)
     assert [g.name for g in groups] == ["branch.0", "branch.3"]
-    assert "channel group 'conv1' is kept whole: its channels pass a reshape that cannot be followed (a reshape from " in caplog.text
+    assert "channel group 'conv1' is kept whole: Torch-Pruning cannot follow its channels (a reshape from " in caplog.text
     check_prunable(model, SHAPE)  # also compares the pruned outputs with the dense model's, channels silenced
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     assert model.conv1.out_channels == 8 and model.branch[0].out_channels == 6
@@ -457,7 +480,8 @@ def _tiny_swin(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, 
     from torchvision.models import swin_transformer as swin
 
     blocks = dict(block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2) if v2 else {}
-    return swin.SwinTransformer([2, 2], 16, [2, 2], [2, 4], [4, 4], num_classes=num_classes, **blocks)
+    # Stage 1: 4 heads of 4 dimensions (a head_dim equal to the head count, as in Swin-B's last stage).
+    return swin.SwinTransformer([2, 2], 16, [2, 2], [4, 4], [4, 4], num_classes=num_classes, **blocks)
 
 
 def _tiny_maxvit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
@@ -496,7 +520,11 @@ def test_torchvision_window_attention_loses_whole_heads(tmp_path, name):
     assert sorted(groups) == sorted(f"{n}.qkv" for n, _ in attentions)
     # Keep the last head of each.
     keep = {qkv: list(range(g.size - g.unit, g.size)) for qkv, g in groups.items()}
-    apply_channel_plan(model, ChannelPlan(keep, {qkv: g.size for qkv, g in groups.items()}), SHAPE)
+    plan = ChannelPlan(keep, {qkv: g.size for qkv, g in groups.items()})
+    costs = CostModel(model, list(groups.values()), SHAPE)
+    assert all(n > 0 for n in costs.products.values())  # the query-key and attention-value products scale with the heads
+    apply_channel_plan(model, plan, SHAPE)
+    assert costs.count(plan)["flops"] == count_flops(model, SHAPE)
     for (_, m), (_, d) in zip(_attentions(model), _attentions(dense)):
         assert m.num_heads == 1 and m.qkv.out_features == 3 * m.head_dim == 3 * d.head_dim
         per_head = [p for n, p in m.named_parameters() if n in ("relative_position_bias_table", "logit_scale", "cpb_mlp.2.weight")]
@@ -535,7 +563,7 @@ def test_torchvision_window_attention_loses_head_dimensions(tmp_path, name):
     _equals_silenced_dense_and_reloads(model, dense, tmp_path)
     v2 = create("test_tiny_swin_v2")
     model_record(v2).prune_head_dim = True
-    assert [(g.unit, g.blocks) for g in channel_groups(v2, SHAPE) if g.heads] == [(8, 1)] * 4
+    assert [(g.unit, g.blocks) for g in channel_groups(v2, SHAPE) if g.heads] == [(4, 1)] * 2 + [(8, 1)] * 2
 
 
 @pytest.mark.parametrize("method", ["l1_filter", "random", "taylor"])

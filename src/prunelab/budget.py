@@ -279,8 +279,8 @@ class CostModel:
     Counted once on the dense model: each conv/linear layer's multiply-accumulates (from its output
     shape, as FlopCounterMode counts them) and parameters, which group's channels it writes and which
     it reads (`ChannelGroup.layers`, `rows`, `consumers`, `reads`). Under a plan a layer's cost scales
-    with its kept input and output channels, a group's BatchNorms with its kept channels; everything else (pooling, attention
-    products, other parameters) is taken as fixed, so `search_threshold` checks the final plan on the
+    with its kept input and output channels, a group's BatchNorms with its kept channels, the attention products
+    (query-key and attention-value) of a head group with its kept channels; everything else (pooling, other parameters) is taken as fixed, so `search_threshold` checks the final plan on the
     built model and corrects the target where that assumption does not hold.
     """
 
@@ -313,12 +313,26 @@ class CostModel:
                 handle.remove()
         self.dense = {"flops": counter.get_total_flops() // 2, "params": count_params(model)}
         self.sizes = {g.name: g.size for g in groups}
+        # What an attention module computes beyond its layers: its products, linear in its kept width.
+        counted = counter.get_flop_counts()
+        self.products = {
+            g.name: max(0, sum(counted.get(f"{type(model).__name__}.{g.heads}", {}).values()) // 2
+                        - sum(n for layer, n in macs.items() if layer.startswith(f"{g.heads}.")))
+            for g in groups if g.heads
+        }  # fmt: skip
+        # An attention's own layers with one output per head (Swin V2's position-bias MLP) lose a row per removed head.
+        per_head = {
+            f"{g.heads}.{n}": [(g.name, [int(i % g.unit == 0) for i in range(g.size)])]
+            for g in groups if g.heads and g.unit > 1
+            for n, m in model.get_submodule(g.heads).named_modules()
+            if isinstance(m, nn.Linear) and n not in ("qkv", "proj") and m.out_features == g.size // g.unit
+        }  # fmt: skip
         self.layers = []
         for name, m in layers.items():
             weight = m.weight.numel() if m.weight is not None else 0
             bias = m.bias.numel() if m.bias is not None else 0
             reads = [(g.name, g.reads.get(name)) for g in groups if name in g.consumers]
-            writes = [(g.name, channels_written(g, name)) for g in groups if name in g.layers]
+            writes = [(g.name, channels_written(g, name)) for g in groups if name in g.layers] or per_head.get(name, [])
             fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
             self.layers.append((macs[name], weight, bias, fan_in, out_channels(m), writes, reads))
         self.modules = list(layers.items())
@@ -350,6 +364,7 @@ class CostModel:
             flops += round(macs * scale)
             params += round(weight * scale) + (bias * out // fan_out if bias else 0)
         params += sum(self.norm_params[name] * kept.get(name, size) for name, size in self.sizes.items())
+        flops += sum(round(n * kept.get(name, self.sizes[name]) / self.sizes[name]) for name, n in self.products.items())
         return {"flops": flops, "params": params}
 
     def count(self, plan) -> dict[str, int]:

@@ -495,6 +495,9 @@ def groups_from_graph(
                         counts[int(root)] += 1
                     if counts != [1] * size:
                         reads[names[target]] = counts
+                    fan_in = target.in_features if isinstance(target, nn.Linear) else target.in_channels
+                    if sum(counts) > fan_in:  # e.g. a token-mixing Linear (ResMLP, MLP-Mixer) reading the transposed stream
+                        unmapped = unmapped or f"{names[target]!r} would read {sum(counts)} of its {fan_in} inputs from them: it reads another axis"
                 if target in graph.unmapped:
                     unmapped = graph.unmapped[target]
                 if not graph.is_out_channel_pruning_fn(dep.handler):
@@ -515,7 +518,7 @@ def groups_from_graph(
             if not prunable:
                 continue
             if unmapped is not None:
-                _log_once(f"channel group {name!r} is kept whole: its channels pass a reshape that cannot be followed ({unmapped})")
+                _log_once(f"channel group {name!r} is kept whole: Torch-Pruning cannot follow its channels ({unmapped})")
                 continue
             # Grouped convolutions lose whole groups (GroupedConvPruner); where a group cannot be removed
             # whole, the channels are kept, and the reason is logged once.

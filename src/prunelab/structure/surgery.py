@@ -116,9 +116,12 @@ def _update_bookkeeping(model: nn.Module, before: dict[nn.Module, dict[str, tupl
     VisionTransformer `hidden_dim` beside its class token) reshapes with such attributes: an int
     attribute equal to a dimension that changed, or a tuple holding one, takes the new size when its
     name says it is a width (`_WIDTH_NAMES`; `image_size` may equal `hidden_dim` by chance).
-    check_prunable runs the pruned model, so a wrong guess is refused before any training.
+    check_prunable runs the pruned model, so a wrong guess is refused before any training. Attention
+    modules whose heads prune keep their own books (`prune_heads`): Swin-B's `head_dim` equals its head count.
     """
     for module, shapes in before.items():
+        if isinstance(getattr(module, "num_heads", None), int) and isinstance(getattr(module, "qkv", None), nn.Linear):
+            continue
         sizes = {}
         for name, shape in shapes.items():
             now = tuple(getattr(module, name).shape)
