@@ -33,6 +33,8 @@ def registered_models(monkeypatch):
         "test_tiny_swin_v2": lambda **kw: _tiny_swin(v2=True, **kw),
         "test_tiny_maxvit": _tiny_maxvit,
         "test_ghost": Ghost,
+        "test_ghost_residual": GhostResidual,
+        "test_mixed": Mixed,
         "test_tiny_mixer": _tiny_mixer,
         "test_tiny_resmlp": lambda **kw: _tiny_mixer(resmlp=True, **kw),
     }.items():
@@ -279,6 +281,61 @@ def test_token_mixing_mlps_keep_the_stream_whole_and_prune_their_hidden_width(tm
     check_prunable(model, SHAPE)
     _pruned_and_reloaded(model, SHAPE, 0.6, tmp_path)
     assert model.stem.proj.out_channels == 32
+
+
+class Mixed(nn.Module):
+    """MixNet's mixed convolutions (timm's MixedConv2d): the input split among convolutions by recorded sizes,
+    pointwise in two parts, depthwise in three (chunks that do not line up with the two before), concatenated."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        from timm.layers import MixedConv2d
+
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.pw = nn.Sequential(MixedConv2d(12, 24, [1, 1]), nn.BatchNorm2d(24), nn.ReLU())
+        self.dw = nn.Sequential(MixedConv2d(24, 24, [3, 5, 7], depthwise=True), nn.BatchNorm2d(24), nn.ReLU())
+        self.pwl = nn.Sequential(MixedConv2d(24, 16, [1, 1]), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pwl(self.dw(self.pw(self.stem(x)))).mean((2, 3)))
+
+
+class GhostResidual(nn.Module):
+    """Two ghost modules added to the stem's channels: stem channel k and k+8 meet primary channel k and its copy."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.expand, self.project = GhostModule(16, 24), GhostModule(24, 16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.fc((x + self.project(self.expand(x))).mean((2, 3)))
+
+
+def test_channels_tied_to_their_ghost_copies_are_kept_whole_with_a_reason(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = create("test_ghost_residual").eval()
+    assert [g.name for g in channel_groups(model, SHAPE)] == ["expand.primary.0"]
+    assert "channel group 'stem.0' is kept whole: some of its channels are copies of others" in caplog.text
+    check_prunable(model, SHAPE)
+    _pruned_and_reloaded(model, SHAPE, None, tmp_path)
+    assert model.stem[0].out_channels == 16 and model.project.primary[0].in_channels == 12
+
+
+def test_mixed_convolutions_split_their_input_in_the_chunks_they_read(tmp_path):
+    """Each part of a split goes to the convolution that reads it (Torch-Pruning alone swaps them), chunk sizes
+    follow the layers as groups are removed one after another, and the recorded split sizes take the new widths."""
+    torch.manual_seed(0)
+    model = create("test_mixed").eval()
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    assert groups["pw.0.0"].consumers == ["pwl.0.0"] and groups["pw.0.1"].consumers == ["pwl.0.1"]
+    check_prunable(model, SHAPE)  # against the dense model with the removed channels silenced
+    _pruned_and_reloaded(model, SHAPE, None, tmp_path)
+    assert model.dw[0].splits == [c.in_channels for c in model.dw[0].values()] and sum(model.dw[0].splits) == 12
+    assert model.pwl[0].in_channels == 12
 
 
 def test_layer_scale_learns_its_new_width(tmp_path):

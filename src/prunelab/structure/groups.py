@@ -276,7 +276,7 @@ def _graph_class() -> type:
             a group is read; such a reshape is kept in `unmapped` with the reason, and the channels
             through it are kept whole (`groups_from_graph`).
             """
-            from torch_pruning.dependency import index_mapping
+            from torch_pruning.dependency import index_mapping, shape_infer
 
             original = index_mapping.update_reshape_index_mapping
 
@@ -294,11 +294,30 @@ def _graph_class() -> type:
                 except (ArithmeticError, IndexError, ValueError, RuntimeError) as err:
                     self.unmapped[node.module] = f"{type(err).__name__} in Torch-Pruning's index mapping of {node.name}"
 
+            original_split = index_mapping.update_split_index_mapping
+
+            def in_split_order(graph: Any, node: Any) -> None:
+                # Torch-Pruning gives a split's chunks to its outputs in the order it traced them, not the
+                # order of the chunks (MixNet's mixed convolutions read them swapped); autograd knows which.
+                def chunk(out: Any) -> int:
+                    edges = getattr(out.grad_fn, "next_functions", None) or ()
+                    return next((nr for fn, nr in edges if fn is node.grad_fn), len(edges))
+
+                node.outputs.sort(key=chunk)
+                # The chunk sizes as the layers reading them now are: those traced go stale once a group is removed.
+                sizes = [shape_infer.infer_in_channels_recursively(graph, out, [0]) for out in node.outputs]
+                if node.module.offsets is not None and None not in sizes and len(sizes) == len(node.module.offsets) - 1:
+                    node.module.split_sizes = sizes
+                    node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+                original_split(graph, node)
+
             index_mapping.update_reshape_index_mapping = guarded
+            index_mapping.update_split_index_mapping = in_split_order
             try:
                 yield
             finally:
                 index_mapping.update_reshape_index_mapping = original
+                index_mapping.update_split_index_mapping = original_split
 
         def build_dependency(self, *args: Any, **kwargs: Any) -> Any:
             """Torch-Pruning's build, with the shapes of every view and reshape recorded while it traces."""
@@ -536,6 +555,12 @@ def groups_from_graph(
                     f"channels), and {why}, so no whole group of it can be removed"
                 )
                 continue
+            if _tied(graph, module, pruner, rows, names):
+                _log_once(
+                    f"channel group {name!r} is kept whole: some of its channels are copies of others (a depthwise copy "
+                    f"concatenated with its input, as in GhostNet's ghost modules), so they cannot be removed one by one"
+                )
+                continue
             others = sorted((m for m in producers if m is not module), key=lambda m: index_of[names[m]])
             members = [module, *others]
             groups.append(
@@ -557,6 +582,19 @@ def groups_from_graph(
                 )
             )
     return groups
+
+
+def _tied(graph: Any, root: nn.Module, pruner: Any, rows: dict[str, list[list[int]]], names: dict) -> bool:
+    """Whether some of a group's channels are copies of others: a depthwise layer holding only part of the group
+    (a ghost module's cheap copy, concatenated with its input and added to a stream) leads one of the channels it
+    holds back to another channel of the root. Torch-Pruning's group of all channels hides it; one channel shows it."""
+    by_name = {name: m for m, name in names.items() if isinstance(m, nn.Module)}
+    for layer, layer_rows in rows.items():
+        if grouped_unit(by_name.get(layer, nn.Identity())) and any(not r for r in layer_rows):
+            channel = next(c for c, r in enumerate(layer_rows) if r)
+            probe = graph.get_pruning_group(root, pruner.prune_out_channels, [channel])
+            return any(item.dep.target.module is root and len(set(map(int, item.idxs))) > 1 for item in probe)
+    return False
 
 
 def channels_written(group: ChannelGroup, layer: str) -> list[int] | None:

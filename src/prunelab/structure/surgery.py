@@ -119,6 +119,16 @@ def _update_bookkeeping(model: nn.Module, before: dict[nn.Module, dict[str, tupl
     check_prunable runs the pruned model, so a wrong guess is refused before any training. Attention
     modules whose heads prune keep their own books (`prune_heads`): Swin-B's `head_dim` equals its head count.
     """
+    for module in model.modules():
+        # A module that splits its input among its child convolutions by recorded sizes (timm's MixedConv2d,
+        # MixNet's mixed kernels): the sizes its parts now read.
+        splits, parts = getattr(module, "splits", None), list(module.children())
+        if isinstance(splits, (list, tuple)) and parts and len(splits) == len(parts):
+            if all(isinstance(c, nn.modules.conv._ConvNd) for c in parts):
+                module.splits = type(splits)(c.in_channels for c in parts)
+                for key, attr in (("in_channels", "in_channels"), ("out_channels", "out_channels")):
+                    if isinstance(getattr(module, key, None), int):
+                        setattr(module, key, sum(getattr(c, attr) for c in parts))
     for module, shapes in before.items():
         if isinstance(getattr(module, "num_heads", None), int) and isinstance(getattr(module, "qkv", None), nn.Linear):
             continue
