@@ -305,8 +305,13 @@ def _graph_class() -> type:
 
                 node.outputs.sort(key=chunk)
                 # The chunk sizes as the layers reading them now are: those traced go stale once a group is removed.
+                traced = node.module.split_sizes
+                total = shape_infer.infer_out_channels_recursively(graph, node.inputs[0], [0]) if len(node.inputs) == 1 else None
                 sizes = [shape_infer.infer_in_channels_recursively(graph, out, [0]) for out in node.outputs]
-                if node.module.offsets is not None and None not in sizes and len(sizes) == len(node.module.offsets) - 1:
+                if traced and total and (None in sizes or len(sizes) != len(traced) or sum(sizes) != total):
+                    # Equal chunks stay equal; otherwise the traced sizes are all there is to go by.
+                    sizes = [total // len(traced)] * len(traced) if len(set(traced)) == 1 and total % len(traced) == 0 else None
+                if traced and total and sizes:
                     node.module.split_sizes = sizes
                     node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
                 original_split(graph, node)
