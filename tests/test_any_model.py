@@ -334,8 +334,18 @@ def test_mixed_convolutions_split_their_input_in_the_chunks_they_read(tmp_path):
     assert groups["pw.0.0"].consumers == ["pwl.0.0"] and groups["pw.0.1"].consumers == ["pwl.0.1"]
     check_prunable(model, SHAPE)  # against the dense model with the removed channels silenced
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
-    assert model.dw[0].splits == [c.in_channels for c in model.dw[0].values()] and sum(model.dw[0].splits) == 12
-    assert model.pwl[0].in_channels == 12
+    assert model.dw[0].splits == [c.in_channels for c in model.dw[0].values()] and all(model.dw[0].splits)
+    assert sum(model.dw[0].splits) == model.pw[0].out_channels == model.pwl[0].in_channels < 24
+
+    # A plan that empties a part (pw.0.0's channels 0-7 are all the first depthwise part holds) keeps one of them.
+    model = create("test_mixed").eval()
+    plan = ChannelPlan({"pw.0.0": [8, 9, 10, 11]}, {"pw.0.0": 12})
+    apply_channel_plan(model, plan, SHAPE)
+    assert model.dw[0].splits == [1, 8, 8] and model_record(model).plans[-1].keep["pw.0.0"] == [0, 8, 9, 10, 11]
+    model_record(model).input_shape = SHAPE
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        assert torch.equal(load_model(save_model(model, tmp_path / "parts.pt")).eval()(x), model(x))
 
 
 def test_layer_scale_learns_its_new_width(tmp_path):

@@ -16,6 +16,7 @@ from torch import nn
 
 from prunelab.structure.groups import (
     PRUNABLE_TYPES,
+    _log_once,
     build_graph,
     channel_groups,
     channels_written,
@@ -65,6 +66,7 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
                 f"{', '.join(convs)} and are kept or removed in whole units of {unit}, but only some of channels "
                 f"{split * unit}-{(split + 1) * unit - 1} are kept"
             )
+    plan = _no_empty_parts(model, plan, groups)
     before = _own_shapes(model)
     # Groups are disjoint, so removing one group's channels leaves the indices of the others valid.
     for name, kept in plan.keep.items():
@@ -82,6 +84,24 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
     _update_bookkeeping(model, before)
     model_record(model).plans.append(plan)
     return model
+
+
+def _no_empty_parts(model: nn.Module, plan: ChannelPlan, groups: dict) -> ChannelPlan:
+    """The plan, keeping one channel more where it would empty a layer that holds or reads only part of a
+    group (a part of MixNet's mixed convolutions: a convolution cannot have no channels)."""
+    keep = {name: list(kept) for name, kept in plan.keep.items()}
+    for name, kept in keep.items():
+        group = groups[name]
+        parts = [[c for c, r in enumerate(rows) if r] for layer, rows in group.rows.items() if layer in group.layers]
+        parts += [[c for c, n in enumerate(counts) if n] for counts in group.reads.values()]
+        for held in parts:
+            if held and len(held) < group.size and not set(held) & set(kept):
+                unit = group.unit
+                kept.extend(i for i in range(held[0] // unit * unit, (held[0] // unit + 1) * unit) if i not in kept)
+                _log_once(f"group {name!r} keeps channel {held[0]}: the plan removed every channel a layer holds of it")
+    if keep == plan.keep:
+        return plan
+    return ChannelPlan({name: sorted(kept) for name, kept in keep.items()}, dict(plan.sizes))
 
 
 # Layers whose size attributes Torch-Pruning's own pruners update.
