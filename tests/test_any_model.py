@@ -646,6 +646,15 @@ def test_a_timm_vit_prunes_to_a_flops_budget_end_to_end(tmp_path, method):
     assert model.patch_embed.proj.out_channels == 32
 
 
+@pytest.mark.parametrize("name", ["test_tiny_swin_v2", "test_tiny_maxvit"])
+def test_torchvision_window_attention_prunes_to_a_flops_budget_end_to_end(tmp_path, name):
+    cfg = make_cfg(tmp_path, "backbone=timm", f"backbone.name={name}", "method=taylor", "budget.flops=0.6", "budget.tolerance=0.05")
+    summary = pipeline.run(cfg, tmp_path)
+    assert summary["model/flops_ratio"] == pytest.approx(0.6, rel=0.05)
+    model = load_model(tmp_path / "model.pt")
+    assert all(m.qkv.out_features == 3 * m.num_heads * m.head_dim for _, m in _attentions(model))
+
+
 def test_a_timm_vit_loses_head_dimensions_end_to_end(tmp_path):
     vit = [f"+backbone.{k}={v}" for k, v in TINY_VIT.items()]
     cfg = make_cfg(tmp_path, "backbone=timm", "backbone.name=timm:vit_tiny_patch16_224", *vit,
