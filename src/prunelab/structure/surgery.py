@@ -66,7 +66,7 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
                 f"{', '.join(convs)} and are kept or removed in whole units of {unit}, but only some of channels "
                 f"{split * unit}-{(split + 1) * unit - 1} are kept"
             )
-    plan = _no_empty_parts(model, plan, groups)
+    plan = _no_empty_parts(plan, groups)
     before = _own_shapes(model)
     # Groups are disjoint, so removing one group's channels leaves the indices of the others valid.
     for name, kept in plan.keep.items():
@@ -86,7 +86,7 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
     return model
 
 
-def _no_empty_parts(model: nn.Module, plan: ChannelPlan, groups: dict) -> ChannelPlan:
+def _no_empty_parts(plan: ChannelPlan, groups: dict) -> ChannelPlan:
     """The plan, keeping one channel more where it would empty a layer that holds or reads only part of a
     group (a part of MixNet's mixed convolutions: a convolution cannot have no channels)."""
     keep = {name: list(kept) for name, kept in plan.keep.items()}
@@ -146,9 +146,9 @@ def _update_bookkeeping(model: nn.Module, before: dict[nn.Module, dict[str, tupl
         if isinstance(splits, (list, tuple)) and parts and len(splits) == len(parts):
             if all(isinstance(c, nn.modules.conv._ConvNd) for c in parts):
                 module.splits = type(splits)(c.in_channels for c in parts)
-                for key, attr in (("in_channels", "in_channels"), ("out_channels", "out_channels")):
+                for key in ("in_channels", "out_channels"):
                     if isinstance(getattr(module, key, None), int):
-                        setattr(module, key, sum(getattr(c, attr) for c in parts))
+                        setattr(module, key, sum(getattr(c, key) for c in parts))
     for module, shapes in before.items():
         if isinstance(getattr(module, "num_heads", None), int) and isinstance(getattr(module, "qkv", None), nn.Linear):
             continue
