@@ -35,6 +35,7 @@ def registered_models(monkeypatch):
         "test_ghost": Ghost,
         "test_ghost_residual": GhostResidual,
         "test_mixed": Mixed,
+        "test_split": Split,
         "test_tiny_mixer": _tiny_mixer,
         "test_tiny_resmlp": lambda **kw: _tiny_mixer(resmlp=True, **kw),
     }.items():
@@ -437,6 +438,105 @@ def test_channel_shuffle_is_kept_whole_with_a_reason_and_the_rest_prunes(tmp_pat
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
 TINY_SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 4))
+
+
+def _conv_bn(c_in: int, c_out: int, k: int = 1, act: bool = True) -> nn.Sequential:
+    layers = [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out)]
+    return nn.Sequential(*layers, *([nn.ReLU()] if act else []))
+
+
+class CrossStage(nn.Module):
+    """timm's CSPNet stage: the expanded channels split in two halves by a recorded width (`expand_chs`), one half
+    through residual blocks and a transition, concatenated after the other half (traced second, placed first)."""
+
+    def __init__(self, c_in: int, c_out: int, expand: int) -> None:
+        super().__init__()
+        self.expand_chs = expand
+        self.conv_exp = _conv_bn(c_in, expand)
+        self.blocks = nn.ModuleList(nn.Sequential(_conv_bn(expand // 2, 4), _conv_bn(4, expand // 2, 3, act=False)) for _ in range(2))
+        self.conv_transition_b = _conv_bn(expand // 2, expand // 2)
+        self.conv_transition = _conv_bn(expand, c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs, xb = self.conv_exp(x).split(self.expand_chs // 2, dim=1)
+        for block in self.blocks:
+            xb = F.relu(xb + block(xb))
+        return self.conv_transition(torch.cat([xs, self.conv_transition_b(xb)], dim=1))
+
+
+class Res2Block(nn.Module):
+    """timm's Res2Net bottleneck: the width split in `scale` chunks of a recorded `width`, each chunk added to the
+    previous chunk's output before its convolution (the first block of a stage: not added, the last chunk pooled)."""
+
+    def __init__(self, channels: int, width: int, scale: int, first: bool) -> None:
+        super().__init__()
+        self.width, self.first = width, first
+        self.conv1 = _conv_bn(channels, width * scale)
+        self.convs = nn.ModuleList(_conv_bn(width, width, 3) for _ in range(scale - 1))
+        self.pool = nn.AvgPool2d(3, 1, 1) if first else None
+        self.conv3 = _conv_bn(width * scale, channels, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = torch.split(self.conv1(x), self.width, 1)
+        out, sp = [], chunks[0]
+        for i, conv in enumerate(self.convs):
+            sp = conv(chunks[i] if i == 0 or self.first else sp + chunks[i])
+            out.append(sp)
+        out.append(self.pool(chunks[-1]) if self.pool is not None else chunks[-1])
+        return F.relu(x + self.conv3(torch.cat(out, 1)))
+
+
+class Split(nn.Module):
+    """A CSP stage and two Res2Net blocks (a stage's first and a later one), between a stem and a classifier."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        self.stem = _conv_bn(in_channels, 12, 3)
+        self.csp = CrossStage(12, 16, 16)
+        self.res2 = nn.Sequential(Res2Block(16, 6, 4, first=True), Res2Block(16, 6, 4, first=False))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.res2(self.csp(self.stem(x))).mean((2, 3)))
+
+
+def test_equal_splits_keep_equal_chunks_and_their_recorded_width(tmp_path):
+    """A split into equal chunks (`x.split(k)`) keeps the same count in each chunk, each its own best channels; the
+    module's recorded width (CSP's `expand_chs`, Res2Net's `width`) takes the new size; a chunk's readers (several
+    for one chunk, a concatenation traced out of order, a concatenation back to a chunk) get that chunk's channels."""
+    torch.manual_seed(0)
+    model = create("test_split").eval()
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    csp, later = groups["csp.conv_exp.0"], groups["res2.1.conv1.0"]
+    assert (csp.blocks, csp.split_sizes) == (2, [["csp", "expand_chs", 1]])
+    assert csp.layers == ["csp.conv_exp.0", "csp.blocks.0.1.0", "csp.blocks.1.1.0"]  # the second half's residual stream
+    assert groups["csp.conv_transition_b.0"].consumers == ["csp.conv_transition.0"]
+    assert (later.blocks, later.split_sizes) == (4, [["res2.1", "width", 4]])
+    assert later.layers == ["res2.1.conv1.0", "res2.1.convs.0.0", "res2.1.convs.1.0"]  # chunks 1, 2 meet their outputs
+    assert groups["res2.0.conv1.0"].blocks == 4 and "res2.0.convs.0.0" in groups
+    check_prunable(model, SHAPE)  # against the dense model with other channels removed in each chunk
+
+    # Different channels in each chunk: the pruned model computes what the dense one does with them silenced.
+    dense = copy.deepcopy(model)
+    keep = {csp.name: [0, 3, 5, 8, 9, 14], later.name: [1, 4, 6, 9, 13, 14, 18, 22]}
+    plan = ChannelPlan(keep, {name: groups[name].size for name in keep})
+    apply_channel_plan(model, plan, SHAPE)
+    assert (model.csp.expand_chs, model.res2[1].width) == (6, 2)
+    with torch.no_grad():
+        for name, kept in keep.items():
+            group = groups[name]
+            for layer in [*group.layers, *group.norms]:
+                module, rows = dense.get_submodule(layer), group.rows.get(layer)
+                dropped = [r for i in range(group.size) if i not in kept for r in (rows[i] if rows else [i])]
+                module.weight[dropped] = 0
+                module.bias is not None and module.bias[dropped].zero_()
+    _equals_silenced_dense_and_reloads(model, dense.eval(), tmp_path)
+
+    with pytest.raises(ValueError, match=r"keeps \[3, 2\] channels of the 2 equal chunks of group 'csp.conv_exp.0'"):
+        apply_channel_plan(create("test_split").eval(), ChannelPlan({csp.name: [0, 1, 2, 8, 9]}, {csp.name: 16}), SHAPE)
+    model = create("test_split").eval()
+    _pruned_and_reloaded(model, SHAPE, 0.6, tmp_path)
+    assert model.csp.expand_chs == model.csp.conv_exp[0].out_channels == 2 * model.csp.conv_transition_b[0].in_channels
 
 
 def _equals_silenced_dense_and_reloads(model: nn.Module, dense: nn.Module, tmp_path) -> torch.Tensor:

@@ -231,20 +231,22 @@ def plan_by_counts(
 
     A group with a unit in `units` (`ChannelGroup.unit`) keeps whole units, ranked by their mean
     score, with its count rounded up to a multiple of the unit. A group of `blocks` equal blocks
-    (`ChannelGroup.blocks`, an attention's heads by dimension) keeps count / blocks channels of each.
+    (`ChannelGroup.blocks`: an attention's heads by dimension, the chunks of an equal split) keeps
+    count / blocks channels of each, in whole units.
     """
     from prunelab.structure import ChannelPlan
 
     keep = {}
     for name, s in scores.items():
         parts = (blocks or {}).get(name, 1)
+        unit = (units or {}).get(name, 1)
         if parts > 1:
             per_block = s.detach().cpu().reshape(parts, -1)
             width = per_block.shape[1]
-            each = min(width, max(1, counts[name] // parts))
-            keep[name] = [b * width + int(j) for b in range(parts) for j in torch.nonzero(keep_top(per_block[b], each)).flatten()]
+            each = math.ceil(min(width, max(1, counts[name] // parts)) / unit)
+            kept_units = [keep_top(unit_scores(per_block[b], unit), each).repeat_interleave(unit) for b in range(parts)]
+            keep[name] = [b * width + int(j) for b in range(parts) for j in torch.nonzero(kept_units[b]).flatten()]
             continue
-        unit = (units or {}).get(name, 1)
         kept = keep_top(unit_scores(s.detach().cpu(), unit), math.ceil(counts[name] / unit))
         keep[name] = torch.nonzero(kept.repeat_interleave(unit)).flatten().tolist()
     return ChannelPlan(keep=keep, sizes={name: int(s.numel()) for name, s in scores.items()})

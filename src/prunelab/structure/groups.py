@@ -63,7 +63,10 @@ class ChannelGroup:
     projections each and column i of its output projection, and `unit` is the head dimension (whole
     heads), or 1 when the model's record asks for `prune_head_dim`. `blocks`: the group's channels form
     this many equal consecutive blocks that keep equal counts, each its own best channels (every head
-    keeps the same head dimension).
+    keeps the same head dimension; every chunk of a split into equal chunks, `x.split(k)` or
+    `x.chunk(n)`, keeps the same size). `split_sizes` lists [module, attribute, chunks] for a module
+    attribute that holds the size of such a split (CSP's `expand_chs`, the whole width: chunks 1;
+    Res2Net's `width`, one chunk's: chunks = their count), which surgery sets to kept / chunks.
     """
 
     name: str
@@ -82,6 +85,7 @@ class ChannelGroup:
     embedding: bool = False
     heads: str | None = None
     blocks: int = 1
+    split_sizes: list[list] = field(default_factory=list)
 
 
 def grouped_unit(module: nn.Module) -> int | None:
@@ -185,11 +189,30 @@ def find_classifier(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module
 
 class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
     """Records (input shape, output shape) of every view and reshape, by the autograd node of its output,
-    and under "tokens" whether a linear layer saw more than flat features (channels last)."""
+    under "tokens" whether a linear layer saw more than flat features (channels last), and for a split
+    into equal chunks of a size given as a number (`x.split(k)`) the attribute of the module making it
+    that holds k or the whole width (`splits`: autograd node -> (module name, attribute, chunks per unit
+    of the attribute)), which surgery updates (CSP's `expand_chs`, Res2Net's `width`)."""
 
-    def __init__(self, shapes: dict) -> None:
+    def __init__(self, shapes: dict, splits: dict, model: nn.Module) -> None:
         super().__init__()
-        self.shapes = shapes
+        self.shapes, self.splits = shapes, splits
+        self.names = {m: name for name, m in model.named_modules()}
+        self.running: list[nn.Module] = []
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        def end(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+            self.running.pop()
+
+        self.hooks = [register_module_forward_pre_hook(lambda m, _inputs: self.running.append(m)), register_module_forward_hook(end)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -197,10 +220,19 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
             self.shapes[out.grad_fn] = (args[0].shape, out.shape)
         elif func is torch.nn.functional.linear and args[0].dim() > 2:
             self.shapes["tokens"] = True
+        elif func in _SPLITS and isinstance(out, tuple) and out and out[0].grad_fn is not None and self.running:
+            size = args[1] if len(args) > 1 else (kwargs or {}).get("split_size", (kwargs or {}).get("split_size_or_sections"))
+            owner = self.running[-1]
+            if type(size) is int and owner in self.names:
+                for key, value in vars(owner).items():
+                    if not key.startswith("_") and type(value) is int and value in (size, size * len(out)):
+                        self.splits[out[0].grad_fn] = (self.names[owner], key, len(out) if value == size else 1)
+                        break
         return out
 
 
 _RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
+_SPLITS = {torch.Tensor.split, torch.split}
 
 
 def _splits_channels(before: torch.Size, after: torch.Size) -> bool:
@@ -214,6 +246,29 @@ def _splits_channels(before: torch.Size, after: torch.Size) -> bool:
     flatten = len(after) == 2 and after[1] == math.prod(before[1:])
     unflatten = len(before) == 2 and before[1] == math.prod(after[1:])
     return not (flatten or unflatten)
+
+
+def _equal_split(split: Any) -> bool:
+    """Whether an autograd node is a split of the channels into chunks of one size (`x.split(k)`, `x.chunk(n)`):
+    a split whose chunks must stay equal as channels go (one with a list of sizes can be given new sizes)."""
+    return type(split).__name__ == "SplitBackward0" and getattr(split, "_saved_dim", 1) == 1
+
+
+def resize_splits(model: nn.Module, group: ChannelGroup, kept: int) -> None:
+    """Give the module attributes that hold the size of an equal split of the group (`split_sizes`) the kept size."""
+    for module, attribute, chunks in group.split_sizes:
+        setattr(model.get_submodule(module), attribute, kept // chunks)
+
+
+def _chunk_sizes(split: Any) -> list[int] | None:
+    """The sizes of the chunks a split's autograd node cut, as traced (Torch-Pruning records one per reader)."""
+    if hasattr(split, "_saved_split_sizes"):
+        return [int(k) for k in split._saved_split_sizes]
+    dims = getattr(split, "_saved_self_sym_sizes", None)
+    if hasattr(split, "_saved_split_size") and dims:
+        size, k = int(dims[split._saved_dim]), int(split._saved_split_size)
+        return [min(k, size - i) for i in range(0, size, k)]
+    return None
 
 
 @functools.cache
@@ -276,6 +331,7 @@ def _graph_class() -> type:
             a group is read; such a reshape is kept in `unmapped` with the reason, and the channels
             through it are kept whole (`groups_from_graph`).
             """
+            from torch_pruning import ops
             from torch_pruning.dependency import index_mapping, shape_infer
 
             original = index_mapping.update_reshape_index_mapping
@@ -297,38 +353,95 @@ def _graph_class() -> type:
             original_split = index_mapping.update_split_index_mapping
 
             def in_split_order(graph: Any, node: Any) -> None:
-                # Torch-Pruning gives a split's chunks to its outputs in the order it traced them, not the
-                # order of the chunks (MixNet's mixed convolutions read them swapped); autograd knows which.
-                def chunk(out: Any) -> int:
-                    edges = getattr(out.grad_fn, "next_functions", None) or ()
-                    return next((nr for fn, nr in edges if fn is node.grad_fn), len(edges))
-
-                node.outputs.sort(key=chunk)
-                # The chunk sizes as the layers reading them now are: those traced go stale once a group is removed.
-                traced = node.module.split_sizes
+                # Torch-Pruning gives a split's chunks to its outputs by position in the order it traced them,
+                # one output per chunk; but outputs come in any order (MixNet's mixed convolutions read them
+                # swapped) and a chunk may have several readers (CSP's half feeding a residual block). Autograd
+                # knows which chunk each reads.
+                if getattr(node.grad_fn, "_saved_dim", 1) != 1:
+                    return original_split(graph, node)  # not split along channels: Torch-Pruning leaves it unmapped
+                chunk: dict[Any, int] = {}
+                traced_nodes = {n.grad_fn for n in graph.module2node.values()}
+                for out in node.outputs:
+                    # A layer's node is its output's autograd node (BatchNormAct's activation): look a few steps back.
+                    read, todo = set(), [(out.grad_fn, 0)]
+                    while todo:
+                        fn, depth = todo.pop()
+                        for before, nr in getattr(fn, "next_functions", None) or ():
+                            if before is node.grad_fn:
+                                read.add(nr)
+                            elif before is not None and before not in traced_nodes and depth < 4:
+                                todo.append((before, depth + 1))
+                    if len(read) != 1:
+                        self.unmapped[node.module] = f"{node.name}: an output reads {len(read) or 'none'} of its chunks"
+                        return
+                    chunk[out] = read.pop()
+                node.outputs.sort(key=chunk.get)
+                # The chunk sizes as they are now: those traced go stale once a group is removed. Equal chunks
+                # stay equal (`x.split(k)`, `x.chunk(n)`); others are read off the layers reading them.
+                traced = _chunk_sizes(node.grad_fn) or node.module.split_sizes
                 total = shape_infer.infer_out_channels_recursively(graph, node.inputs[0], [0]) if len(node.inputs) == 1 else None
-                sizes = [shape_infer.infer_in_channels_recursively(graph, out, [0]) for out in node.outputs]
-                if traced and total and (None in sizes or len(sizes) != len(traced) or sum(sizes) != total):
-                    # Equal chunks stay equal; otherwise the traced sizes are all there is to go by.
-                    sizes = [total // len(traced)] * len(traced) if len(set(traced)) == 1 and total % len(traced) == 0 else None
-                if traced and total and sizes:
-                    node.module.split_sizes = sizes
-                    node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+                if not traced or not total:
+                    return original_split(graph, node)
+                if _equal_split(node.grad_fn) and len(set(traced)) == 1 and total % len(traced) == 0:
+                    sizes = [total // len(traced)] * len(traced)
+                else:
+                    read = {chunk[out]: graph.get_in_channels(out) for out in reversed(node.outputs) if graph.get_in_channels(out)}
+                    sizes = [read.get(i) for i in range(len(traced))]
+                    sizes = sizes if None not in sizes and sum(sizes) == total else list(traced)
+                # Torch-Pruning reads split_sizes by output (one per reader); the offsets here are by chunk.
+                node.module.split_sizes = [sizes[chunk[out]] for out in node.outputs]
+                node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
                 original_split(graph, node)
+                offsets = node.module.offsets
+                for out, nr in chunk.items():
+                    for dep, reverse in [*((d, False) for d in node.dependencies), *((d, True) for d in out.dependencies)]:
+                        if dep.target is (node if reverse else out) and isinstance(dep.index_mapping[0], index_mapping._SplitIndexMapping):
+                            dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offsets[nr : nr + 2], reverse=reverse)
+                    if out.type == ops.OPTYPE.CONCAT:
+                        cat_reads_split(out, node, nr)
+
+            def cat_reads_split(cat: Any, split: Any, nr: int) -> None:
+                # From a concatenation back to a split chunk it reads, the concatenation's part is cut out before
+                # the chunk's offset is added: Torch-Pruning applies the two in the other order (Res2Net's last chunk).
+                if cat.module.offsets is None or split.module.offsets is None or split not in cat.inputs:
+                    return
+                i = cat.inputs.index(split)
+                for dep in cat.dependencies:
+                    if dep.target is split:
+                        dep.index_mapping = [
+                            index_mapping._ConcatIndexMapping(offset=cat.module.offsets[i : i + 2], reverse=True),
+                            index_mapping._SplitIndexMapping(offset=split.module.offsets[nr : nr + 2], reverse=True),
+                        ]
+
+            original_concat = index_mapping.update_concat_index_mapping
+
+            def concat_with_chunks(graph: Any, node: Any) -> None:
+                for split in node.inputs:
+                    if split.type == ops.OPTYPE.SPLIT:  # its chunk sizes first (Torch-Pruning's own guess is a reader's width)
+                        in_split_order(graph, split)
+                original_concat(graph, node)
+                for split in node.inputs:
+                    read = {nr for fn, nr in getattr(node.grad_fn, "next_functions", None) or () if fn is split.grad_fn}
+                    if split.type == ops.OPTYPE.SPLIT and len(read) == 1 and split.module not in self.unmapped:
+                        cat_reads_split(node, split, read.pop())
 
             index_mapping.update_reshape_index_mapping = guarded
             index_mapping.update_split_index_mapping = in_split_order
+            index_mapping.update_concat_index_mapping = concat_with_chunks
             try:
                 yield
             finally:
                 index_mapping.update_reshape_index_mapping = original
                 index_mapping.update_split_index_mapping = original_split
+                index_mapping.update_concat_index_mapping = original_concat
 
-        def build_dependency(self, *args: Any, **kwargs: Any) -> Any:
-            """Torch-Pruning's build, with the shapes of every view and reshape recorded while it traces."""
+        def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            """Torch-Pruning's build, with the shapes of every view and reshape, and the attributes holding
+            the sizes of equal splits, recorded while it traces (`_ReshapeRecorder`)."""
             self.reshapes: dict[Any, tuple[torch.Size, torch.Size]] = {}
-            with self._guarded_reshapes(), _ReshapeRecorder(self.reshapes):
-                return super().build_dependency(*args, **kwargs)
+            self.splits: dict[Any, tuple[str, str, int]] = {}
+            with self._guarded_reshapes(), _ReshapeRecorder(self.reshapes, self.splits, model):
+                return super().build_dependency(model, *args, **kwargs)
 
         def get_pruning_group(self, *args: Any, **kwargs: Any) -> Any:
             with self._guarded_reshapes():
@@ -492,9 +605,13 @@ def groups_from_graph(
             merges: set[str] = set()
             prunable = True
             blocked: list[nn.Module] = []
+            chunked: dict[Any, set[tuple[int, int]]] = {}  # equal splits of the channels: (index, group channel) pairs
             for item in group:
                 dep = item.dep
                 target = dep.target.module
+                node = graph.module2node.get(target) if type(target).__name__ == "_SplitOp" else None
+                if node is not None and _equal_split(node.grad_fn) and None not in item.root_idxs:
+                    chunked.setdefault(node, set()).update(zip(map(int, item.idxs), map(int, item.root_idxs)))
                 if isinstance(target, nn.modules.batchnorm._BatchNorm) and target in names and names[target] not in norms:
                     norms.append(names[target])
                     order = _order(item, size)
@@ -541,6 +658,15 @@ def groups_from_graph(
                         rows[names[target]] = order
             if not prunable:
                 continue
+            blocks, split_sizes = 1, []
+            for node, pairs in chunked.items():
+                chunks = _chunk_sizes(node.grad_fn)
+                if len(set(chunks)) > 1 or sorted(pairs) != [(i, i) for i in range(size)]:
+                    unmapped = unmapped or f"they are split by {node.name} into chunks {chunks}, not equal ones that hold all of them"
+                    continue
+                blocks = math.lcm(blocks, len(chunks))
+                if node.grad_fn in graph.splits:
+                    split_sizes.append(list(graph.splits[node.grad_fn]))
             if unmapped is not None:
                 _log_once(f"channel group {name!r} is kept whole: Torch-Pruning cannot follow its channels ({unmapped})")
                 continue
@@ -582,7 +708,10 @@ def groups_from_graph(
                     merges=sorted(merges),
                     reads=reads,
                     rows=rows,
-                    multiple=multiple,
+                    # Every block keeps whole units: counts per block are multiples of the unit.
+                    multiple=math.lcm(multiple, blocks * unit) if blocks > 1 else multiple,
+                    blocks=blocks,
+                    split_sizes=split_sizes,
                     embedding=attention and layer_norm and sum(grouped_unit(m) is None for m in members) > 1,
                 )
             )
@@ -757,7 +886,7 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[
     return groups
 
 
-GROUPS_FORMAT = 2  # ChannelGroup's fields as remember_groups writes them (2: rows hold lists of rows)
+GROUPS_FORMAT = 3  # ChannelGroup's fields as remember_groups writes them (2: rows hold lists of rows; 3: split_sizes)
 
 
 def _groups_key(model: nn.Module, input_shape: tuple[int, ...]) -> tuple:

@@ -25,6 +25,7 @@ from prunelab.structure.groups import (
     grouped_unit,
     groups_from_graph,
     prune_heads,
+    resize_splits,
     skipped,
 )
 from prunelab.structure.masks import attach_masks, fold_masks, has_masks, masks_of
@@ -57,6 +58,12 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
         if groups[name].heads is not None:
             check_head_plan(model, groups[name], plan.keep[name])
             continue
+        counts = _block_counts(plan.keep[name], groups[name])
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"the plan keeps {counts} channels of the {len(counts)} equal chunks of group {name!r}: a split into "
+                f"equal chunks ({groups[name].size // len(counts)} channels each) must keep the same number in each"
+            )
         split = _split_unit(plan.keep[name], groups[name].unit)
         if split is not None:
             unit = groups[name].unit
@@ -79,8 +86,8 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
             continue
         root = model.get_submodule(name)
         pruner = graph.get_pruner_of_module(root)
-        group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs=removed)
-        group.prune()
+        graph.get_pruning_group(root, pruner.prune_out_channels, idxs=removed).prune()
+        resize_splits(model, groups[name], len(kept))
     _update_bookkeeping(model, before)
     model_record(model).plans.append(plan)
     return model
@@ -264,6 +271,7 @@ def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Mo
                 expected.update({n: _channels(m) for n, m in own.items() if n in expected and n not in (*group.layers, *group.consumers)})
             else:
                 graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs=removed).prune()
+                resize_splits(model, group, group.size - len(removed))
         except Exception as err:  # noqa: BLE001 - any failure of the removal is the reason to report
             return group.name, _reason(err)
     _update_bookkeeping(model, before)
@@ -315,11 +323,13 @@ def _silenced(model: nn.Module, groups: list) -> Iterator[None]:
 
 def _trial_removed(group) -> list[int]:
     """About half of the group's channels, every other unit, so that it keeps a valid count (`keep_count`);
-    in a group of equal blocks (`ChannelGroup.blocks`), every other channel of each block."""
+    in a group of equal blocks (`ChannelGroup.blocks`), every other channel of each block, shifted by one from
+    block to block so that a mapping that mixes the blocks up shows."""
     from prunelab.budget import keep_count
 
     if group.blocks > 1:
-        return [i for i in range(group.size) if i % (group.size // group.blocks) % 2]
+        width = group.size // group.blocks
+        return sorted(b * width + (j + b) % width for b in range(group.blocks) for j in range(1, width, 2))
 
     units = group.size // group.unit
     kept = keep_count(group.size // 2, group.size, 1, group.unit, group.multiple) // group.unit
@@ -377,6 +387,12 @@ def _restore(saved: tuple[list, list]) -> None:
         vars(module).update({k: _shallow(v) for k, v in values.items()})
     for tensor, value in data:
         tensor.data = value
+
+
+def _block_counts(kept: list[int], group) -> list[int]:
+    """How many channels the plan keeps of each of a group's equal blocks (`ChannelGroup.blocks`)."""
+    width = group.size // group.blocks
+    return [sum(1 for i in kept if i // width == b) for b in range(group.blocks)]
 
 
 def _split_unit(kept: list[int], unit: int) -> int | None:
