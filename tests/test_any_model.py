@@ -36,6 +36,7 @@ def registered_models(monkeypatch):
         "test_ghost_residual": GhostResidual,
         "test_mixed": Mixed,
         "test_split": Split,
+        "test_rex": Rex,
         "test_tiny_mixer": _tiny_mixer,
         "test_tiny_resmlp": lambda **kw: _tiny_mixer(resmlp=True, **kw),
     }.items():
@@ -522,21 +523,69 @@ def test_equal_splits_keep_equal_chunks_and_their_recorded_width(tmp_path):
     plan = ChannelPlan(keep, {name: groups[name].size for name in keep})
     apply_channel_plan(model, plan, SHAPE)
     assert (model.csp.expand_chs, model.res2[1].width) == (6, 2)
-    with torch.no_grad():
-        for name, kept in keep.items():
-            group = groups[name]
-            for layer in [*group.layers, *group.norms]:
-                module, rows = dense.get_submodule(layer), group.rows.get(layer)
-                dropped = [r for i in range(group.size) if i not in kept for r in (rows[i] if rows else [i])]
-                module.weight[dropped] = 0
-                module.bias is not None and module.bias[dropped].zero_()
-    _equals_silenced_dense_and_reloads(model, dense.eval(), tmp_path)
+    _equals_silenced_dense_and_reloads(model, _silence(dense, groups, keep), tmp_path)
 
     with pytest.raises(ValueError, match=r"keeps \[3, 2\] channels of the 2 equal chunks of group 'csp.conv_exp.0'"):
         apply_channel_plan(create("test_split").eval(), ChannelPlan({csp.name: [0, 1, 2, 8, 9]}, {csp.name: 16}), SHAPE)
     model = create("test_split").eval()
     _pruned_and_reloaded(model, SHAPE, 0.6, tmp_path)
     assert model.csp.expand_chs == model.csp.conv_exp[0].out_channels == 2 * model.csp.conv_transition_b[0].in_channels
+
+
+class PartialResidual(nn.Module):
+    """ReXNet's linear bottleneck: the input added to the first `in_channels` of a wider output, a slice bounded by
+    a recorded width, concatenated with the new channels."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.in_channels = c_in
+        self.conv_exp, self.conv_pwl = _conv_bn(c_in, 2 * c_in), _conv_bn(2 * c_in, c_out, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv_pwl(self.conv_exp(x))
+        return torch.cat([y[:, 0 : self.in_channels] + x, y[:, self.in_channels :]], dim=1)
+
+
+class Rex(nn.Module):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        self.stem = _conv_bn(in_channels, 8, 3)
+        self.blocks = nn.Sequential(PartialResidual(8, 12), PartialResidual(12, 16))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def _silence(model: nn.Module, groups: dict, keep: dict[str, list[int]]) -> nn.Module:
+    """Zero, in `model`, the weights and norms of every channel a plan keeping `keep` removes."""
+    with torch.no_grad():
+        for name, kept in keep.items():
+            group = groups[name]
+            for layer in [*group.layers, *group.norms]:
+                module, rows = model.get_submodule(layer), group.rows.get(layer)
+                dropped = [r for i in range(group.size) if i not in kept for r in (rows[i] if rows else [i])]
+                module.weight[dropped] = 0
+                module.bias is not None and module.bias[dropped].zero_()
+    return model.eval()
+
+
+def test_a_partial_residual_slice_follows_its_channels_and_its_recorded_bound(tmp_path):
+    """cat([y[:, :c] + x, y[:, c:]]): the sliced part joins the input's group (Torch-Pruning alone sizes the slice as
+    its whole input and maps the rest onto rows past the layer's end), and `c` takes the new bound."""
+    torch.manual_seed(0)
+    model = create("test_rex").eval()
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    stem = groups["stem.0"]
+    assert stem.layers == ["stem.0", "blocks.0.conv_pwl.0", "blocks.1.conv_pwl.0"]
+    assert [sum(map(len, stem.rows[f"blocks.{i}.conv_pwl.0"])) for i in (0, 1)] == [8, 8]  # one row each, of 12 and 16
+    check_prunable(model, SHAPE)
+    dense = copy.deepcopy(model)
+    keep = {"stem.0": [1, 2, 5, 6, 7]}
+    apply_channel_plan(model, ChannelPlan(keep, {"stem.0": 8}), SHAPE)
+    assert [b.in_channels for b in model.blocks] == [5, 9] and model.blocks[1].conv_pwl[0].out_channels == 13
+    _equals_silenced_dense_and_reloads(model, _silence(dense, groups, keep), tmp_path)
+    _pruned_and_reloaded(create("test_rex").eval(), SHAPE, 0.6, tmp_path)
 
 
 def _equals_silenced_dense_and_reloads(model: nn.Module, dense: nn.Module, tmp_path) -> torch.Tensor:

@@ -192,11 +192,13 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
     under "tokens" whether a linear layer saw more than flat features (channels last), and for a split
     into equal chunks of a size given as a number (`x.split(k)`) the attribute of the module making it
     that holds k or the whole width (`splits`: autograd node -> (module name, attribute, chunks per unit
-    of the attribute)), which surgery updates (CSP's `expand_chs`, Res2Net's `width`)."""
+    of the attribute)), which surgery updates (CSP's `expand_chs`, Res2Net's `width`); likewise the attribute
+    that bounds a slice of the channels (`slices`: autograd node -> (module name, attribute, "start" or "end"), and
+    the sizes of a concatenation's parts (`cats`: autograd node -> sizes along its dimension)."""
 
-    def __init__(self, shapes: dict, splits: dict, model: nn.Module) -> None:
+    def __init__(self, shapes: dict, splits: dict, slices: dict, cats: dict, model: nn.Module) -> None:
         super().__init__()
-        self.shapes, self.splits = shapes, splits
+        self.shapes, self.splits, self.slices, self.cats = shapes, splits, slices, cats
         self.names = {m: name for name, m in model.named_modules()}
         self.running: list[nn.Module] = []
 
@@ -228,6 +230,18 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
                     if not key.startswith("_") and type(value) is int and value in (size, size * len(out)):
                         self.splits[out[0].grad_fn] = (self.names[owner], key, len(out) if value == size else 1)
                         break
+        elif func is torch.cat and isinstance(out, torch.Tensor) and out.grad_fn is not None and out.dim() > 1:
+            dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim", 0)
+            self.cats[out.grad_fn] = [int(t.shape[dim]) for t in args[0]]
+        elif func is torch.Tensor.__getitem__ and isinstance(out, torch.Tensor) and out.grad_fn is not None and self.running:
+            index = args[1] if len(args) > 1 else None
+            cut = index[1] if isinstance(index, tuple) and len(index) > 1 and isinstance(index[1], slice) else None
+            owner = self.running[-1]
+            if cut is not None and owner in self.names:
+                for key, value in vars(owner).items():
+                    if not key.startswith("_") and type(value) is int and value > 0 and value in (cut.start, cut.stop):
+                        self.slices[out.grad_fn] = (self.names[owner], key, "end" if value == cut.stop else "start")
+                        break
         return out
 
 
@@ -258,6 +272,16 @@ def resize_splits(model: nn.Module, group: ChannelGroup, kept: int) -> None:
     """Give the module attributes that hold the size of an equal split of the group (`split_sizes`) the kept size."""
     for module, attribute, chunks in group.split_sizes:
         setattr(model.get_submodule(module), attribute, kept // chunks)
+
+
+def resize_slices(model: nn.Module, graph: Any) -> None:
+    """Give the module attributes that bound a slice of the channels (`x[:, :self.in_channels]`, ReXNet's partial
+    residual) the bound Torch-Pruning's slice now has, after channels were removed."""
+    for node in graph.module2node.values():
+        found = graph.slices.get(node.grad_fn)
+        if found is not None and isinstance(getattr(node.module, found[2], None), int):  # a slice Torch-Pruning follows
+            module, attribute, bound = found
+            setattr(model.get_submodule(module), attribute, int(getattr(node.module, bound)))
 
 
 def _chunk_sizes(split: Any) -> list[int] | None:
@@ -416,6 +440,14 @@ def _graph_class() -> type:
             original_concat = index_mapping.update_concat_index_mapping
 
             def concat_with_chunks(graph: Any, node: Any) -> None:
+                # The sizes of its parts as traced, in the order of its arguments: Torch-Pruning infers them from the
+                # layers before, which a slice hides (ReXNet's cat([x[:, :c] + shortcut, x[:, c:]])).
+                position = {fn: i for i, (fn, _) in enumerate(getattr(node.grad_fn, "next_functions", None) or ())}
+                traced = self.cats.get(node.grad_fn)
+                at = [position.get(n.grad_fn) for n in node.inputs]
+                if node.module.concat_sizes is None and traced and None not in at and sorted(at) == list(range(len(traced))):
+                    node.inputs.sort(key=lambda n: position[n.grad_fn])
+                    node.module.concat_sizes = list(traced)
                 for split in node.inputs:
                     if split.type == ops.OPTYPE.SPLIT:  # its chunk sizes first (Torch-Pruning's own guess is a reader's width)
                         in_split_order(graph, split)
@@ -440,7 +472,9 @@ def _graph_class() -> type:
             the sizes of equal splits, recorded while it traces (`_ReshapeRecorder`)."""
             self.reshapes: dict[Any, tuple[torch.Size, torch.Size]] = {}
             self.splits: dict[Any, tuple[str, str, int]] = {}
-            with self._guarded_reshapes(), _ReshapeRecorder(self.reshapes, self.splits, model):
+            self.slices: dict[Any, tuple[str, str, str]] = {}
+            self.cats: dict[Any, list[int]] = {}
+            with self._guarded_reshapes(), _ReshapeRecorder(self.reshapes, self.splits, self.slices, self.cats, model):
                 return super().build_dependency(model, *args, **kwargs)
 
         def get_pruning_group(self, *args: Any, **kwargs: Any) -> Any:

@@ -25,6 +25,7 @@ from prunelab.structure.groups import (
     grouped_unit,
     groups_from_graph,
     prune_heads,
+    resize_slices,
     resize_splits,
     skipped,
 )
@@ -88,6 +89,7 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
         pruner = graph.get_pruner_of_module(root)
         graph.get_pruning_group(root, pruner.prune_out_channels, idxs=removed).prune()
         resize_splits(model, groups[name], len(kept))
+    resize_slices(model, graph)
     _update_bookkeeping(model, before)
     model_record(model).plans.append(plan)
     return model
@@ -274,6 +276,7 @@ def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Mo
                 resize_splits(model, group, group.size - len(removed))
         except Exception as err:  # noqa: BLE001 - any failure of the removal is the reason to report
             return group.name, _reason(err)
+    resize_slices(model, graph)
     _update_bookkeeping(model, before)
     for name, m in layers.items():
         if _channels(m) != expected[name]:
