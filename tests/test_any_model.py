@@ -506,7 +506,7 @@ def test_equal_splits_keep_equal_chunks_and_their_recorded_width(tmp_path):
     module's recorded width (CSP's `expand_chs`, Res2Net's `width`) takes the new size; a chunk's readers (several
     for one chunk, a concatenation traced out of order, a concatenation back to a chunk) get that chunk's channels."""
     torch.manual_seed(0)
-    model = create("test_split").eval()
+    model = _random_norms(create("test_split").eval())
     groups = {g.name: g for g in channel_groups(model, SHAPE)}
     csp, later = groups["csp.conv_exp.0"], groups["res2.1.conv1.0"]
     assert (csp.blocks, csp.split_sizes) == (2, [["csp", "expand_chs", 1]])
@@ -566,7 +566,8 @@ def _silence(model: nn.Module, groups: dict, keep: dict[str, list[int]]) -> nn.M
                 module, rows = model.get_submodule(layer), group.rows.get(layer)
                 dropped = [r for i in range(group.size) if i not in kept for r in (rows[i] if rows else [i])]
                 module.weight[dropped] = 0
-                module.bias is not None and module.bias[dropped].zero_()
+                if module.bias is not None:
+                    module.bias[dropped] = 0
     return model.eval()
 
 
@@ -574,7 +575,7 @@ def test_a_partial_residual_slice_follows_its_channels_and_its_recorded_bound(tm
     """cat([y[:, :c] + x, y[:, c:]]): the sliced part joins the input's group (Torch-Pruning alone sizes the slice as
     its whole input and maps the rest onto rows past the layer's end), and `c` takes the new bound."""
     torch.manual_seed(0)
-    model = create("test_rex").eval()
+    model = _random_norms(create("test_rex").eval())
     groups = {g.name: g for g in channel_groups(model, SHAPE)}
     stem = groups["stem.0"]
     assert stem.layers == ["stem.0", "blocks.0.conv_pwl.0", "blocks.1.conv_pwl.0"]
@@ -586,6 +587,44 @@ def test_a_partial_residual_slice_follows_its_channels_and_its_recorded_bound(tm
     assert [b.in_channels for b in model.blocks] == [5, 9] and model.blocks[1].conv_pwl[0].out_channels == 13
     _equals_silenced_dense_and_reloads(model, _silence(dense, groups, keep), tmp_path)
     _pruned_and_reloaded(create("test_rex").eval(), SHAPE, 0.6, tmp_path)
+
+
+def _random_norms(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm random statistics and affine parameters, so that no branch starts silent."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1), m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def test_heads_laid_out_head_by_head_are_pruned_whole(tmp_path):
+    """LeViT's attention writes each head's query, key and value together (keys narrower than values) through a
+    Linear + BatchNorm, its downsampling attention through two projections (q and kv): removing whole heads computes
+    what the dense model does with those heads silenced, and the head count, widths and attention biases follow."""
+    shape = (3, 64, 64)
+    torch.manual_seed(0)
+    model = _random_norms(create("timm:levit_128s", img_size=64).eval())  # LeViT starts its output BatchNorms at 0
+    groups = {g.name: g for g in channel_groups(model, shape) if g.heads}
+    attn, down = groups["stages.0.blocks.0.attn.qkv.linear"], groups["stages.1.downsample.attn_downsample.kv.linear"]
+    assert (attn.size, attn.unit, attn.norms) == (4 * 64, 64, ["stages.0.blocks.0.attn.qkv.bn"])  # 4 heads of 16+16+32
+    assert down.layers == ["stages.1.downsample.attn_downsample.kv.linear", "stages.1.downsample.attn_downsample.q.ln.linear"]
+    assert (down.size, sum(down.reads["stages.1.downsample.attn_downsample.proj.ln.linear"])) == (8 * 96, 8 * 64)  # values
+    check_prunable(model, shape)  # BatchNorm only: against the dense model with the removed heads silenced
+
+    dense = copy.deepcopy(model)
+    keep = {attn.name: list(range(64, 128)) + list(range(192, 256)), down.name: list(range(5 * 96))}
+    apply_channel_plan(model, ChannelPlan(keep, {attn.name: attn.size, down.name: down.size}), shape)
+    block, sub = model.stages[0].blocks[0].attn, model.stages[1].downsample.attn_downsample
+    assert (block.num_heads, block.val_attn_dim, tuple(block.attention_biases.shape)) == (2, 64, (2, 16))
+    assert (sub.num_heads, sub.key_attn_dim, sub.q.ln.linear.out_features, sub.proj.ln.linear.in_features) == (5, 80, 80, 320)
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _silence(dense, groups, keep)(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="splits a head"):
+        apply_channel_plan(model, ChannelPlan({attn.name: [*range(32), *range(64, 96)]}, {attn.name: 128}), shape)
+    model = create("timm:levit_128s", img_size=64).eval()
+    _pruned_and_reloaded(model, shape, 0.6, tmp_path)
 
 
 def _equals_silenced_dense_and_reloads(model: nn.Module, dense: nn.Module, tmp_path) -> torch.Tensor:

@@ -437,6 +437,14 @@ def _graph_class() -> type:
                             index_mapping._SplitIndexMapping(offset=split.module.offsets[nr : nr + 2], reverse=True),
                         ]
 
+            original_slice = index_mapping.update_slice_index_mapping
+
+            def channel_slice(graph: Any, node: Any) -> None:
+                sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+                if self.reshapes.get("tokens") and sizes is not None and node.grad_fn._saved_dim % len(sizes) != len(sizes) - 1:
+                    return  # channels last: a slice of another dimension (LeViT's subsampled tokens) keeps every channel
+                original_slice(graph, node)
+
             original_concat = index_mapping.update_concat_index_mapping
 
             def concat_with_chunks(graph: Any, node: Any) -> None:
@@ -460,12 +468,14 @@ def _graph_class() -> type:
             index_mapping.update_reshape_index_mapping = guarded
             index_mapping.update_split_index_mapping = in_split_order
             index_mapping.update_concat_index_mapping = concat_with_chunks
+            index_mapping.update_slice_index_mapping = channel_slice
             try:
                 yield
             finally:
                 index_mapping.update_reshape_index_mapping = original
                 index_mapping.update_split_index_mapping = original_split
                 index_mapping.update_concat_index_mapping = original_concat
+                index_mapping.update_slice_index_mapping = original_slice
 
         def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             """Torch-Pruning's build, with the shapes of every view and reshape, and the attributes holding
@@ -610,11 +620,15 @@ def groups_from_graph(
     visited: set[nn.Module] = set()
     groups: list[ChannelGroup] = []
     heads = attention_heads(model)
-    qkv_layers = {model.get_submodule(f"{name}.qkv") for name in heads}
+    # The layers that write the heads' queries, keys and values, by the attention they belong to.
+    head_layers = {model.get_submodule(layer): name for name in heads for layer in _head_writers(model, name)}
+    emitted: set[str] = set()
     with graph.reading():
         for name, module in layers:
-            if module in qkv_layers and not (skip and skipped(name, skip)):
-                groups.append(_head_group(model, name.rpartition(".")[0], index_of, stages))
+            if module in head_layers and not (skip and skipped(name, skip)):
+                if head_layers[module] not in emitted:
+                    emitted.add(head_layers[module])
+                    groups.append(_head_group(model, head_layers[module], index_of, stages))
                 continue
             if module in visited or module is classifier or module not in graph.module2node:
                 continue
@@ -677,7 +691,7 @@ def groups_from_graph(
                     unmapped = graph.unmapped[target]
                 if not graph.is_out_channel_pruning_fn(dep.handler):
                     continue
-                if target in qkv_layers:
+                if target in head_layers:
                     # Torch-Pruning sees a qkv projection's rows as plain channels; its heads are a group of their own.
                     prunable = False
                 if skip and target in names and skipped(names[target], skip):
@@ -767,19 +781,69 @@ def _tied(graph: Any, root: nn.Module, pruner: Any, rows: dict[str, list[list[in
 
 def channels_written(group: ChannelGroup, layer: str) -> list[int] | None:
     """How many output channels of a producing `layer` each of the group's channels is (None: one each)."""
-    if group.heads is not None:
+    if group.heads is not None and not group.rows:
         return [3] * group.size  # its query, key and value rows
     if layer in group.rows:
         return [len(r) for r in group.rows[layer]]
     return None
 
 
+def _linear_of(module: nn.Module | None) -> nn.Linear | None:
+    """The Linear layer of a projection: itself, LeViT's LinearNorm's `linear`, or a Sequential's last one's."""
+    if isinstance(module, nn.Linear):
+        return module
+    if isinstance(getattr(module, "linear", None), nn.Linear):
+        return module.linear
+    if isinstance(module, nn.Sequential) and len(module):
+        return _linear_of(module[-1])
+    return None
+
+
+def _norm_of(module: nn.Module | None) -> nn.Module | None:
+    """The BatchNorm that follows a projection's Linear layer inside it (LeViT's LinearNorm's `bn`), if any."""
+    if isinstance(module, nn.Sequential) and len(module):
+        return _norm_of(module[-1])
+    norm = getattr(module, "bn", None)
+    return norm if isinstance(norm, nn.modules.batchnorm._BatchNorm) else None
+
+
+def interleaved_heads(m: nn.Module) -> list[tuple[str, int, int]] | None:
+    """The projections of an attention that lays each head's query, key and value out together (timm's LeViT,
+    EfficientFormer, TinyViT: `qkv(x).view(B, N, heads, -1).split([key_dim, key_dim, val_dim], dim=3)`, or
+    LeViT's downsampling attention with `q` and `kv`): [(projection, first channel of a head it writes, channels
+    per head)] in a head's channel order q, k, v; None for any other module. Key and value widths may differ."""
+    heads, kd, vd = (getattr(m, n, None) for n in ("num_heads", "key_dim", "val_dim"))
+    if not all(type(v) is int and v > 0 for v in (heads, kd, vd)):
+        return None
+    parts = [("qkv", 0, 2 * kd + vd)] if hasattr(m, "qkv") else [("q", 0, kd), ("kv", kd, kd + vd)]
+    linears = [_linear_of(getattr(m, part, None)) for part, _, _ in parts]
+    proj = _linear_of(getattr(m, "proj", None))
+    if proj is None or proj.in_features != heads * vd or any(l is None for l in linears):
+        return None
+    if any(l.out_features != heads * width for l, (_, _, width) in zip(linears, parts)):
+        return None
+    return parts
+
+
+def _head_writers(model: nn.Module, attention: str) -> list[str]:
+    """The names of the Linear layers that write an attention's heads (qkv; or q and kv)."""
+    m = model.get_submodule(attention)
+    prefix = f"{attention}." if attention else ""
+    names = {id(module): name for name, module in m.named_modules()}
+    parts = interleaved_heads(m)
+    return [prefix + names[id(_linear_of(getattr(m, part)))] for part, _, _ in parts] if parts else [f"{prefix}qkv"]
+
+
 def attention_heads(model: nn.Module) -> dict[str, nn.Module]:
     """The attention modules whose heads can be pruned, by name: timm's layout (`qkv` and `proj`
     Linear layers, `num_heads` heads, query/key/value stacked in `qkv`'s rows; ViT's Attention, Swin's
-    WindowAttention) with no layer over the joint head width (`norm` an Identity, no `gate`)."""
+    WindowAttention) with no layer over the joint head width (`norm` an Identity, no `gate`), and the
+    layout with each head's query, key and value together (`interleaved_heads`)."""
     found = {}
     for name, m in model.named_modules():
+        if interleaved_heads(m):
+            found[name] = m
+            continue
         qkv, proj, heads = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
         if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 1):
             continue
@@ -811,6 +875,8 @@ def _head_group(model: nn.Module, attention: str, index_of: dict[str, int], stag
     """The group of an attention module's heads (`ChannelGroup.heads`), named after its qkv layer: whole
     heads, or with the record's `prune_head_dim` (where `head_dim_prunable`) the same dimensions per head."""
     m = model.get_submodule(attention)
+    if interleaved_heads(m):
+        return _interleaved_group(model, attention, index_of, stages)
     width = m.num_heads * head_dim(m)
     qkv = f"{attention}.qkv" if attention else "qkv"
     by_dim = bool(getattr(model.__dict__.get("prunelab"), "prune_head_dim", False)) and head_dim_prunable(m)
@@ -828,11 +894,44 @@ def _head_group(model: nn.Module, attention: str, index_of: dict[str, int], stag
     )
 
 
+def _interleaved_group(model: nn.Module, attention: str, index_of: dict[str, int], stages: dict[str, int]) -> ChannelGroup:
+    """The heads of an attention laid out head by head (`interleaved_heads`): channel c is row c of the joint
+    [q k v] layout of head c // (2 key_dim + val_dim), held by the projection writing that part (`rows`, with its
+    BatchNorm's), and the output projection reads the value channels (`reads`). Whole heads only (`unit`)."""
+    m = model.get_submodule(attention)
+    kd, vd, heads = m.key_dim, m.val_dim, m.num_heads
+    per = 2 * kd + vd
+    prefix = f"{attention}." if attention else ""
+    names = {id(module): prefix + name for name, module in m.named_modules()}
+    rows: dict[str, list[list[int]]] = {}
+    for part, first, width in interleaved_heads(m):
+        held = [[c // per * width + c % per - first] if first <= c % per < first + width else [] for c in range(heads * per)]
+        rows[names[id(_linear_of(getattr(m, part)))]] = held
+        norm = _norm_of(getattr(m, part))
+        if norm is not None:
+            rows[names[id(norm)]] = held
+    layers = sorted((n for n in rows if isinstance(model.get_submodule(n), nn.Linear)), key=index_of.get)
+    proj = names[id(_linear_of(m.proj))]
+    return ChannelGroup(
+        name=layers[0],
+        size=heads * per,
+        layers=layers,
+        stage=stages.get(layers[0], 0),
+        layer_index=index_of[layers[0]],
+        norms=[n for n in rows if n not in layers],
+        unit=per,
+        consumers=[proj],
+        reads={proj: [int(c % per >= 2 * kd) for c in range(heads * per)]},
+        rows=rows,
+        heads=attention,
+    )
+
+
 def check_head_plan(model: nn.Module, group: ChannelGroup, kept: list[int]) -> int:
     """The head dimension a plan keeping `kept` of `group`'s channels leaves; ValueError where it is not one:
     every head the plan keeps must keep equally many channels, and fewer than all only where `head_dim_prunable`."""
     m = model.get_submodule(group.heads)
-    dim = head_dim(m)
+    dim = group.unit if group.rows else head_dim(m)
     per_head: dict[int, int] = {}
     for index in kept:
         per_head[index // dim] = per_head.get(index // dim, 0) + 1
@@ -843,7 +942,7 @@ def check_head_plan(model: nn.Module, group: ChannelGroup, kept: list[int]) -> i
             f"must keep the same number (heads of {dim} channels)"
         )
     kept_dim = counts[0] if counts else dim
-    if kept_dim < dim and not head_dim_prunable(m):
+    if kept_dim < dim and (group.rows or not head_dim_prunable(m)):
         raise ValueError(
             f"the plan splits a head of {group.heads!r}: heads of {dim} channels are kept or removed whole here "
             f"(its queries or keys are normalised over the head dimension, or it keeps no `scale`)"
@@ -859,6 +958,8 @@ def prune_heads(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
     too: the query rows are multiplied by (d/D)^1/2 and `scale` by (D/d)^1/2 (so D^-1/2 becomes d^-1/2,
     what fused attention uses), so the logits of the kept dimensions stay what they were."""
     m = model.get_submodule(group.heads)
+    if group.rows:
+        return _prune_interleaved(model, group, kept)
     dim, heads = head_dim(m), m.num_heads
     kept_dim = check_head_plan(model, group, kept)
     index = torch.tensor(sorted(kept), dtype=torch.long, device=m.qkv.weight.device)
@@ -892,6 +993,48 @@ def prune_heads(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
             m.head_dim = kept_dim
     if hasattr(m, "attn_dim"):
         m.attn_dim = m.num_heads * kept_dim
+
+
+def _prune_interleaved(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
+    """Keep the whole heads `kept` holds of an attention laid out head by head (`_interleaved_group`): the rows of
+    its projections and their BatchNorms, the value columns of its output projection, its per-head parameters
+    (attention biases, heads first), its head count and joint widths; its cached attention biases are dropped."""
+    m = model.get_submodule(group.heads)
+    check_head_plan(model, group, kept)
+    kept = sorted(kept)
+    kept_heads = sorted({c // group.unit for c in kept})
+    with torch.no_grad():
+        for name, rows in group.rows.items():
+            layer = model.get_submodule(name)
+            index = torch.tensor([r for c in kept for r in rows[c]], dtype=torch.long, device=layer.weight.device)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                tensor = getattr(layer, key, None)
+                if isinstance(tensor, nn.Parameter):
+                    setattr(layer, key, nn.Parameter(tensor[index].clone(), tensor.requires_grad))
+                elif tensor is not None:
+                    setattr(layer, key, tensor[index].clone())  # a buffer stays one
+            if isinstance(layer, nn.Linear):
+                layer.out_features = index.numel()
+            else:
+                layer.num_features = index.numel()
+        (proj_name, reads), = group.reads.items()
+        proj = model.get_submodule(proj_name)
+        column = {c: i for i, c in enumerate(c for c in range(group.size) if reads[c])}
+        columns = torch.tensor([column[c] for c in kept if reads[c]], dtype=torch.long, device=proj.weight.device)
+        proj.weight = nn.Parameter(proj.weight[:, columns].clone(), proj.weight.requires_grad)
+        proj.in_features = columns.numel()
+        for name, p in list(m.named_parameters(recurse=False)):
+            if p.dim() and p.shape[0] == m.num_heads:
+                setattr(m, name, nn.Parameter(p[kept_heads].clone(), p.requires_grad))
+    # Its joint widths (LeViT's key_attn_dim and val_attn_dim, TinyViT's out_dim): heads times a head's width.
+    widths = {m.num_heads * w: len(kept_heads) * w for w in (m.key_dim, m.val_dim)}
+    for key, value in list(vars(m).items()):
+        if "dim" in key and type(value) is int and value in widths and key not in ("key_dim", "val_dim"):
+            setattr(m, key, widths[value])
+    m.num_heads = len(kept_heads)
+    for key, value in vars(m).items():
+        if not key.startswith("_") and isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
+            value.clear()
 
 
 def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[ChannelGroup]:
@@ -982,7 +1125,7 @@ def group_weights(
     `tensor(layer)` picks another tensor with one row per output of the layer instead of its weight.
     """
     tensor = tensor or (lambda layer: layer.weight)
-    if group.heads is not None:
+    if group.heads is not None and not group.rows:
         w = tensor(_module(model, group.name))
         return [w.view(3, group.size, -1).transpose(0, 1).reshape(group.size, -1)]
     weights = []

@@ -24,6 +24,7 @@ from prunelab.structure.groups import (
     eval_mode,
     grouped_unit,
     groups_from_graph,
+    interleaved_heads,
     prune_heads,
     resize_slices,
     resize_splits,
@@ -130,12 +131,19 @@ _WIDTH_NAMES = ("dim", "channel", "shape", "feature", "width", "planes")
 
 
 def _own_shapes(model: nn.Module) -> dict[nn.Module, dict[str, tuple[int, ...]]]:
-    """The shapes of each module's own parameters, for modules whose size attributes nobody else updates."""
+    """The shapes of each module's own parameters, for modules whose size attributes nobody else updates (attention
+    modules whose heads prune keep their own books: `prune_heads`)."""
     return {
         m: {n: tuple(p.shape) for n, p in m.named_parameters(recurse=False)}
         for m in model.modules()
-        if not isinstance(m, _SIZED_BY_TP) and any(True for _ in m.parameters(recurse=False))
+        if not isinstance(m, _SIZED_BY_TP) and any(True for _ in m.parameters(recurse=False)) and not _keeps_own_books(m)
     }
+
+
+def _keeps_own_books(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "num_heads", None), int) and (
+        isinstance(getattr(module, "qkv", None), nn.Linear) or interleaved_heads(module) is not None
+    )
 
 
 def _update_bookkeeping(model: nn.Module, before: dict[nn.Module, dict[str, tuple[int, ...]]]) -> None:
@@ -159,8 +167,6 @@ def _update_bookkeeping(model: nn.Module, before: dict[nn.Module, dict[str, tupl
                     if isinstance(getattr(module, key, None), int):
                         setattr(module, key, sum(getattr(c, key) for c in parts))
     for module, shapes in before.items():
-        if isinstance(getattr(module, "num_heads", None), int) and isinstance(getattr(module, "qkv", None), nn.Linear):
-            continue
         sizes = {}
         for name, shape in shapes.items():
             now = tuple(getattr(module, name).shape)
