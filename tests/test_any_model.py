@@ -627,6 +627,20 @@ def test_heads_laid_out_head_by_head_are_pruned_whole(tmp_path):
     _pruned_and_reloaded(model, shape, 0.6, tmp_path)
 
 
+def test_heads_of_1x1_convolutions_prune_and_their_products_are_not_traced_through(tmp_path):
+    """LeViT's convolutional variant: the heads of 1x1 convolution projections prune whole; a matrix product of 4-D
+    maps is not followed as channels (Torch-Pruning's flatten mappings around it multiplied the indices round the
+    product without end: group discovery ran out of memory)."""
+    shape = (3, 64, 64)
+    torch.manual_seed(0)
+    model = _random_norms(create("timm:levit_conv_128s", img_size=64).eval())
+    heads = [g for g in channel_groups(model, shape) if g.heads]
+    assert len(heads) == 11 and isinstance(model.get_submodule(heads[0].name), nn.Conv2d)
+    check_prunable(model, shape)  # against the dense model with the removed heads silenced
+    _pruned_and_reloaded(model, shape, 0.6, tmp_path)
+    assert model.stages[0].blocks[0].attn.num_heads < 4
+
+
 def _equals_silenced_dense_and_reloads(model: nn.Module, dense: nn.Module, tmp_path) -> torch.Tensor:
     """The pruned `model` computes what `dense` (with the removed channels silenced) does, and reloads bit-equal."""
     x = torch.randn(2, *SHAPE)

@@ -284,6 +284,11 @@ def resize_slices(model: nn.Module, graph: Any) -> None:
             setattr(model.get_submodule(module), attribute, int(getattr(node.module, bound)))
 
 
+def _beside_matmul(node: Any) -> bool:
+    """Whether a graph node feeds or is fed by a (batched) matrix product of tensors."""
+    return any(type(n.grad_fn).__name__ in ("BmmBackward0", "MmBackward0") for n in (*node.inputs, *node.outputs))
+
+
 def _chunk_sizes(split: Any) -> list[int] | None:
     """The sizes of the chunks a split's autograd node cut, as traced (Torch-Pruning records one per reader)."""
     if hasattr(split, "_saved_split_sizes"):
@@ -366,6 +371,11 @@ def _graph_class() -> type:
                     # Torch-Pruning assumes for 3-D tokens; its flatten mappings would expand every index.
                     return
                 shapes = self.reshapes.get(node.grad_fn)
+                if shapes is None and _beside_matmul(node):
+                    # A view autograd makes inside a batched matrix product (attention on 4-D maps): Torch-Pruning
+                    # maps it as a flatten, and round the product's cycle the indices multiply without end.
+                    self.unmapped[node.module] = "a reshape inside a matrix product"
+                    return
                 if shapes is not None and _splits_channels(*shapes):
                     self.unmapped[node.module] = f"a reshape from {list(shapes[0])} to {list(shapes[1])} splits or merges channels"
                     return
@@ -437,6 +447,14 @@ def _graph_class() -> type:
                             index_mapping._SplitIndexMapping(offset=split.module.offsets[nr : nr + 2], reverse=True),
                         ]
 
+            original_expand = index_mapping.update_expand_index_mapping
+
+            def expand(graph: Any, node: Any) -> None:
+                if _beside_matmul(node):
+                    self.unmapped[node.module] = "an expansion inside a matrix product"
+                    return
+                original_expand(graph, node)
+
             original_slice = index_mapping.update_slice_index_mapping
 
             def channel_slice(graph: Any, node: Any) -> None:
@@ -469,6 +487,7 @@ def _graph_class() -> type:
             index_mapping.update_split_index_mapping = in_split_order
             index_mapping.update_concat_index_mapping = concat_with_chunks
             index_mapping.update_slice_index_mapping = channel_slice
+            index_mapping.update_expand_index_mapping = expand
             try:
                 yield
             finally:
@@ -476,6 +495,7 @@ def _graph_class() -> type:
                 index_mapping.update_split_index_mapping = original_split
                 index_mapping.update_concat_index_mapping = original_concat
                 index_mapping.update_slice_index_mapping = original_slice
+                index_mapping.update_expand_index_mapping = original_expand
 
         def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             """Torch-Pruning's build, with the shapes of every view and reshape, and the attributes holding
@@ -788,12 +808,15 @@ def channels_written(group: ChannelGroup, layer: str) -> list[int] | None:
     return None
 
 
-def _linear_of(module: nn.Module | None) -> nn.Linear | None:
-    """The Linear layer of a projection: itself, LeViT's LinearNorm's `linear`, or a Sequential's last one's."""
-    if isinstance(module, nn.Linear):
+def _linear_of(module: nn.Module | None) -> nn.Module | None:
+    """The Linear layer (or 1x1 convolution) of a projection: itself, LeViT's LinearNorm's or ConvNorm's `linear`,
+    or a Sequential's last one's."""
+    if isinstance(module, nn.Linear) or (
+        isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1 and module.stride == (1, 1)
+    ):
         return module
-    if isinstance(getattr(module, "linear", None), nn.Linear):
-        return module.linear
+    if getattr(module, "linear", None) is not None:
+        return _linear_of(module.linear)
     if isinstance(module, nn.Sequential) and len(module):
         return _linear_of(module[-1])
     return None
@@ -818,11 +841,15 @@ def interleaved_heads(m: nn.Module) -> list[tuple[str, int, int]] | None:
     parts = [("qkv", 0, 2 * kd + vd)] if hasattr(m, "qkv") else [("q", 0, kd), ("kv", kd, kd + vd)]
     linears = [_linear_of(getattr(m, part, None)) for part, _, _ in parts]
     proj = _linear_of(getattr(m, "proj", None))
-    if proj is None or proj.in_features != heads * vd or any(l is None for l in linears):
+    if proj is None or any(l is None for l in linears) or _fan_in(proj) != heads * vd:
         return None
-    if any(l.out_features != heads * width for l, (_, _, width) in zip(linears, parts)):
+    if any(out_channels(l) != heads * width for l, (_, _, width) in zip(linears, parts)):
         return None
     return parts
+
+
+def _fan_in(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
 def _head_writers(model: nn.Module, attention: str) -> list[str]:
@@ -910,7 +937,7 @@ def _interleaved_group(model: nn.Module, attention: str, index_of: dict[str, int
         norm = _norm_of(getattr(m, part))
         if norm is not None:
             rows[names[id(norm)]] = held
-    layers = sorted((n for n in rows if isinstance(model.get_submodule(n), nn.Linear)), key=index_of.get)
+    layers = sorted((n for n in rows if isinstance(model.get_submodule(n), PRUNABLE_TYPES)), key=index_of.get)
     proj = names[id(_linear_of(m.proj))]
     return ChannelGroup(
         name=layers[0],
@@ -1015,6 +1042,8 @@ def _prune_interleaved(model: nn.Module, group: ChannelGroup, kept: list[int]) -
                     setattr(layer, key, tensor[index].clone())  # a buffer stays one
             if isinstance(layer, nn.Linear):
                 layer.out_features = index.numel()
+            elif isinstance(layer, nn.Conv2d):
+                layer.out_channels = index.numel()
             else:
                 layer.num_features = index.numel()
         (proj_name, reads), = group.reads.items()
@@ -1022,7 +1051,7 @@ def _prune_interleaved(model: nn.Module, group: ChannelGroup, kept: list[int]) -
         column = {c: i for i, c in enumerate(c for c in range(group.size) if reads[c])}
         columns = torch.tensor([column[c] for c in kept if reads[c]], dtype=torch.long, device=proj.weight.device)
         proj.weight = nn.Parameter(proj.weight[:, columns].clone(), proj.weight.requires_grad)
-        proj.in_features = columns.numel()
+        setattr(proj, "in_features" if isinstance(proj, nn.Linear) else "in_channels", columns.numel())
         for name, p in list(m.named_parameters(recurse=False)):
             if p.dim() and p.shape[0] == m.num_heads:
                 setattr(m, name, nn.Parameter(p[kept_heads].clone(), p.requires_grad))
