@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,14 +24,27 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     (BN, ReLU, additions) are not counted, as in those papers. The model runs in eval mode, and every
     submodule gets its own training flag back afterwards.
     """
-    from prunelab.structure import eval_mode
-
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     x = torch.zeros(1, *input_shape, device=device)
-    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with _counting(model) as counter:
         model(x)
     return counter.get_total_flops() // 2
+
+
+@contextmanager
+def _counting(model: nn.Module) -> Iterator[FlopCounterMode]:
+    """FlopCounterMode over a forward pass in eval mode without gradients. The parameters stop requiring gradients
+    meanwhile: a view of one made under no_grad still requires them, with no autograd node, and FlopCounterMode's
+    module tracker fails on it as a module's input (timm's PiT and CaiT pass an expanded class token)."""
+    from prunelab.structure import eval_mode, freeze, unfreeze
+
+    flags = freeze(model)
+    try:
+        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            yield counter
+    finally:
+        unfreeze(model, flags)
 
 
 def count_params(model: nn.Module) -> int:
@@ -287,7 +302,7 @@ class CostModel:
     """
 
     def __init__(self, model: nn.Module, groups: list, input_shape: tuple[int, ...]):
-        from prunelab.structure import PRUNABLE_TYPES, eval_mode
+        from prunelab.structure import PRUNABLE_TYPES
         from prunelab.structure.groups import channels_written, out_channels
 
         layers = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
@@ -308,7 +323,7 @@ class CostModel:
         handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
         param = next(model.parameters())
         try:
-            with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            with _counting(model) as counter:
                 model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
         finally:
             for handle in handles:
