@@ -37,6 +37,7 @@ def registered_models(monkeypatch):
         "test_mixed": Mixed,
         "test_split": Split,
         "test_rex": Rex,
+        "test_botnet": BottleneckAttention,
         "test_tiny_mixer": _tiny_mixer,
         "test_tiny_resmlp": lambda **kw: _tiny_mixer(resmlp=True, **kw),
     }.items():
@@ -660,6 +661,35 @@ def test_flops_are_counted_where_a_parameter_view_is_a_layer_input():
     model.stem.weight.requires_grad_(False)
     assert count_flops(model, SHAPE) == 8 * 3 * 9 * 32 * 32 + 8 * 10
     assert {n: p.requires_grad for n, p in model.named_parameters()} == {"token": True, "stem.weight": False, "stem.bias": True, "head.weight": True, "head.bias": True}
+
+
+class BottleneckAttention(nn.Module):
+    """timm's BoTNet block: self-attention over a feature map with relative position logits (reshapes, pads and
+    slices of the token axes around the products)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        from timm.layers.bottleneck_attn import BottleneckAttn
+
+        super().__init__()
+        self.stem = _conv_bn(in_channels, 16, 3)
+        self.attn = BottleneckAttn(16, 16, feat_size=(8, 8), num_heads=2)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.attn(F.avg_pool2d(self.stem(x), 4)).mean((2, 3)))
+
+
+def test_a_group_walk_ends_where_its_channels_cannot_be_followed(tmp_path, caplog):
+    """Past the view that merges an attention's heads into the batch, Torch-Pruning's flatten mappings round the
+    relative-position products multiplied the indices without end (timm's BoTNet ran out of memory finding its
+    groups): the walk now ends there, that group is kept whole with the reason, and the rest prunes."""
+    torch.manual_seed(0)
+    model = create("test_botnet").eval()
+    assert [g.name for g in channel_groups(model, SHAPE)] == ["stem.0"]
+    assert "channel group 'attn.qkv' is kept whole" in caplog.text and "splits or merges channels" in caplog.text
+    check_prunable(model, SHAPE)
+    _pruned_and_reloaded(model, SHAPE, None, tmp_path)
+    assert model.attn.qkv.in_channels == 8
 
 
 def _equals_silenced_dense_and_reloads(model: nn.Module, dense: nn.Module, tmp_path) -> torch.Tensor:

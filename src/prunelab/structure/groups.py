@@ -235,7 +235,8 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
             self.cats[out.grad_fn] = [int(t.shape[dim]) for t in args[0]]
         elif func is torch.Tensor.__getitem__ and isinstance(out, torch.Tensor) and out.grad_fn is not None and self.running:
             index = args[1] if len(args) > 1 else None
-            cut = index[1] if isinstance(index, tuple) and len(index) > 1 and isinstance(index[1], slice) else None
+            # Channels first: a slice of dim 1 of a batch of maps or vectors (3-D tensors are tokens, channels last).
+            cut = index[1] if isinstance(index, tuple) and len(index) > 1 and isinstance(index[1], slice) and args[0].dim() in (2, 4) else None
             owner = self.running[-1]
             if cut is not None and owner in self.names:
                 for key, value in vars(owner).items():
@@ -282,6 +283,11 @@ def resize_slices(model: nn.Module, graph: Any) -> None:
         if found is not None and isinstance(getattr(node.module, found[2], None), int):  # a slice Torch-Pruning follows
             module, attribute, bound = found
             setattr(model.get_submodule(module), attribute, int(getattr(node.module, bound)))
+
+
+def _no_channels(idxs: list) -> list:
+    """An index mapping that maps to nothing: Torch-Pruning's walk of a group ends where it is."""
+    return []
 
 
 def _beside_matmul(node: Any) -> bool:
@@ -380,15 +386,15 @@ def _graph_class() -> type:
                 if shapes is None and _beside_matmul(node):
                     # A view autograd makes inside a batched matrix product (attention on 4-D maps): Torch-Pruning
                     # maps it as a flatten, and round the product's cycle the indices multiply without end.
-                    self.unmapped[node.module] = "a reshape inside a matrix product"
+                    self.stop(node, "a reshape inside a matrix product")
                     return
                 if shapes is not None and _splits_channels(*shapes):
-                    self.unmapped[node.module] = f"a reshape from {list(shapes[0])} to {list(shapes[1])} splits or merges channels"
+                    self.stop(node, f"a reshape from {list(shapes[0])} to {list(shapes[1])} splits or merges channels")
                     return
                 try:
                     original(graph, node)
                 except (ArithmeticError, IndexError, ValueError, RuntimeError) as err:
-                    self.unmapped[node.module] = f"{type(err).__name__} in Torch-Pruning's index mapping of {node.name}"
+                    self.stop(node, f"{type(err).__name__} in Torch-Pruning's index mapping of {node.name}")
 
             original_split = index_mapping.update_split_index_mapping
 
@@ -412,7 +418,7 @@ def _graph_class() -> type:
                             elif before is not None and before not in traced_nodes and depth < 4:
                                 todo.append((before, depth + 1))
                     if len(read) != 1:
-                        self.unmapped[node.module] = f"{node.name}: an output reads {len(read) or 'none'} of its chunks"
+                        self.stop(node, f"{node.name}: an output reads {len(read) or 'none'} of its chunks")
                         return
                     chunk[out] = read.pop()
                 node.outputs.sort(key=chunk.get)
@@ -457,7 +463,7 @@ def _graph_class() -> type:
 
             def expand(graph: Any, node: Any) -> None:
                 if _beside_matmul(node):
-                    self.unmapped[node.module] = "an expansion inside a matrix product"
+                    self.stop(node, "an expansion inside a matrix product")
                     return
                 original_expand(graph, node)
 
@@ -502,6 +508,14 @@ def _graph_class() -> type:
                 index_mapping.update_concat_index_mapping = original_concat
                 index_mapping.update_slice_index_mapping = original_slice
                 index_mapping.update_expand_index_mapping = original_expand
+
+        def stop(self, node: Any, reason: str) -> None:
+            """Record a node whose channel mapping is unknown (`unmapped`: groups through it are kept whole) and end
+            every group's walk there: past it, Torch-Pruning's guesses (flatten mappings round an attention's
+            products) can multiply the indices without end (timm's BoTNet ran out of memory)."""
+            self.unmapped[node.module] = reason
+            for dep in node.dependencies:
+                dep.index_mapping = [_no_channels, None]
 
         def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             """Torch-Pruning's build, with the shapes of every view and reshape, and the attributes holding
