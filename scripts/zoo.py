@@ -15,7 +15,8 @@ limit, so that a crash, a hang or a memory blow-up costs one row and not the run
 Each path reports ok or the step that failed with the exception's type and first line, the FLOPs
 ratio reached (each library's own counter: prunelab counts every convolution and matrix product,
 Torch-Pruning's counter hooks layers, so e.g. attention products differ), seconds after the model is
-built (search included), and the peak RSS above the RSS of the built model. The input is the
+built (search included), and the peak RSS above the RSS of the built model (in the CSV also the peak until
+the channel groups are found, `pl_groups_peak_gb`, which bounds group discovery's). The input is the
 model's own default size (timm's `pretrained_cfg`, else 224) unless `--size` is given.
 
 Rows print as each model finishes and go to a Markdown file (`--out`, default zoo.md) and a CSV
@@ -74,7 +75,7 @@ COLUMNS = [
     ("tp_total_s", "tp s"),
     ("tp_peak_gb", "tp peak GB"),
 ]
-CSV_ONLY = ["pl_max_diff", "tp_pruning_ratio"]
+CSV_ONLY = ["pl_max_diff", "pl_groups_peak_gb", "tp_pruning_ratio"]
 
 
 # --- worker side: one path on one model, in a subprocess -------------------------------------------
@@ -127,6 +128,8 @@ def prunelab_path(name: str, size: int | None, result: dict) -> None:
     start = time.perf_counter()
     channel_groups(model, shape)
     result["groups_s"] = time.perf_counter() - start
+    # The peak until the groups are found (the FLOPs count's forward pass included): an upper bound for discovery.
+    result["groups_peak_gb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - result["model_rss"]) / 1e9
     step(result, "check")
     check_prunable(model, shape)  # as the pipeline does before any training: a refusal names the layers
     step(result, "plan")
