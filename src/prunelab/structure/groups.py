@@ -225,11 +225,9 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
         elif func in _SPLITS and isinstance(out, tuple) and out and out[0].grad_fn is not None and self.running:
             size = args[1] if len(args) > 1 else (kwargs or {}).get("split_size", (kwargs or {}).get("split_size_or_sections"))
             owner = self.running[-1]
-            if type(size) is int and owner in self.names:
-                for key, value in vars(owner).items():
-                    if not key.startswith("_") and type(value) is int and value in (size, size * len(out)):
-                        self.splits[out[0].grad_fn] = (self.names[owner], key, len(out) if value == size else 1)
-                        break
+            found = _int_attribute(owner, (size, size * len(out))) if type(size) is int and owner in self.names else None
+            if found is not None:
+                self.splits[out[0].grad_fn] = (self.names[owner], found[0], len(out) if found[1] == size else 1)
         elif func is torch.cat and isinstance(out, torch.Tensor) and out.grad_fn is not None and out.dim() > 1:
             dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim", 0)
             self.cats[out.grad_fn] = [int(t.shape[dim]) for t in args[0]]
@@ -238,12 +236,18 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
             # Channels first: a slice of dim 1 of a batch of maps or vectors (3-D tensors are tokens, channels last).
             cut = index[1] if isinstance(index, tuple) and len(index) > 1 and isinstance(index[1], slice) and args[0].dim() in (2, 4) else None
             owner = self.running[-1]
-            if cut is not None and owner in self.names:
-                for key, value in vars(owner).items():
-                    if not key.startswith("_") and type(value) is int and value > 0 and value in (cut.start, cut.stop):
-                        self.slices[out.grad_fn] = (self.names[owner], key, "end" if value == cut.stop else "start")
-                        break
+            found = _int_attribute(owner, (cut.start, cut.stop)) if cut is not None and owner in self.names else None
+            if found is not None:
+                self.slices[out.grad_fn] = (self.names[owner], found[0], "end" if found[1] == cut.stop else "start")
         return out
+
+
+def _int_attribute(module: nn.Module, values: tuple) -> tuple[str, int] | None:
+    """The first public positive int attribute of a module holding one of `values`, as (name, value)."""
+    for key, value in vars(module).items():
+        if not key.startswith("_") and type(value) is int and value > 0 and value in values:
+            return key, value
+    return None
 
 
 _RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
@@ -406,17 +410,8 @@ def _graph_class() -> type:
                 if getattr(node.grad_fn, "_saved_dim", 1) != 1:
                     return original_split(graph, node)  # not split along channels: Torch-Pruning leaves it unmapped
                 chunk: dict[Any, int] = {}
-                traced_nodes = {n.grad_fn for n in graph.module2node.values()}
                 for out in node.outputs:
-                    # A layer's node is its output's autograd node (BatchNormAct's activation): look a few steps back.
-                    read, todo = set(), [(out.grad_fn, 0)]
-                    while todo:
-                        fn, depth = todo.pop()
-                        for before, nr in getattr(fn, "next_functions", None) or ():
-                            if before is node.grad_fn:
-                                read.add(nr)
-                            elif before is not None and before not in traced_nodes and depth < 4:
-                                todo.append((before, depth + 1))
+                    read = chunks_read(out, node)
                     if len(read) != 1:
                         self.stop(node, f"{node.name}: an output reads {len(read) or 'none'} of its chunks")
                         return
@@ -445,6 +440,21 @@ def _graph_class() -> type:
                             dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offsets[nr : nr + 2], reverse=reverse)
                     if out.type == ops.OPTYPE.CONCAT:
                         cat_reads_split(out, node, nr)
+
+            def chunks_read(out: Any, split: Any) -> set[int]:
+                """The chunks of a split that a node reads. A layer's node is its output's autograd node
+                (BatchNormAct's activation): the split is looked for a few steps back, short of other nodes."""
+                if not hasattr(self, "traced_fns"):
+                    self.traced_fns = {n.grad_fn for n in self.module2node.values()}
+                read, todo = set(), [(out.grad_fn, 0)]
+                while todo:
+                    fn, depth = todo.pop()
+                    for before, nr in getattr(fn, "next_functions", None) or ():
+                        if before is split.grad_fn:
+                            read.add(nr)
+                        elif before is not None and before not in self.traced_fns and depth < 4:
+                            todo.append((before, depth + 1))
+                return read
 
             def cat_reads_split(cat: Any, split: Any, nr: int) -> None:
                 # From a concatenation back to a split chunk it reads, the concatenation's part is cut out before
@@ -491,8 +501,7 @@ def _graph_class() -> type:
                         in_split_order(graph, split)
                 original_concat(graph, node)
                 for split in node.inputs:
-                    read = {nr for fn, nr in getattr(node.grad_fn, "next_functions", None) or () if fn is split.grad_fn}
-                    if split.type == ops.OPTYPE.SPLIT and len(read) == 1 and split.module not in self.unmapped:
+                    if split.type == ops.OPTYPE.SPLIT and split.module not in self.unmapped and len(read := chunks_read(node, split)) == 1:
                         cat_reads_split(node, split, read.pop())
 
             index_mapping.update_reshape_index_mapping = guarded
@@ -518,8 +527,8 @@ def _graph_class() -> type:
                 dep.index_mapping = [_no_channels, None]
 
         def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            """Torch-Pruning's build, with the shapes of every view and reshape, and the attributes holding
-            the sizes of equal splits, recorded while it traces (`_ReshapeRecorder`)."""
+            """Torch-Pruning's build, with the shapes of every view and reshape, the attributes holding the sizes of
+            equal splits and slice bounds, and concatenations' part sizes recorded while it traces (`_ReshapeRecorder`)."""
             self.reshapes: dict[Any, tuple[torch.Size, torch.Size]] = {}
             self.splits: dict[Any, tuple[str, str, int]] = {}
             self.slices: dict[Any, tuple[str, str, str]] = {}
