@@ -943,3 +943,67 @@ def test_a_resumed_run_reads_its_groups_from_the_run_directory(tmp_path, monkeyp
     assert groups_module.remember_groups(model, SHAPE, tmp_path / "groups.json")
     assert [g.name for g in channel_groups(model, SHAPE)] == [g["name"] for g in saved["groups"]] and traced == []
     pipeline.run(make_cfg(tmp_path, *overrides), tmp_path)  # a finished run, resumed: nothing checked again
+
+
+# timm attentions that derive their head width from the embedding, as tiny configurations: (model, arguments, input
+# side, the rebuilt classes and how many of each are head groups).
+TIMM_HEAD_WIDTH = {
+    "cait_xxs24_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, depth_token_only=1), 32, {"ClassAttn": 1}),
+    "crossvit_tiny_240": (
+        dict(img_size=48, img_scale=(1.0, 1.0), patch_size=[8, 16], embed_dim=[24, 48], depth=[[1, 1, 0]], num_heads=[3, 3], mlp_ratio=[2, 2, 1]),
+        48,
+        {"CrossAttention": 2},
+    ),
+    "twins_svt_small": (
+        dict(img_size=32, embed_dims=[16, 32], num_heads=[2, 4], mlp_ratios=[2, 2], depths=[2, 2], wss=[4, 4], sr_ratios=[2, 1]),
+        32,
+        {"LocallyGroupedAttn": 2, "GlobalSubSampleAttn": 2},
+    ),
+    "convit_tiny": (dict(img_size=32, patch_size=8, embed_dim=8, num_heads=4, depth=2, local_up_to_layer=1), 32, {"GPSA": 1, "MHSA": 1}),
+    "edgenext_xx_small": (dict(depths=(1, 1, 1, 1), dims=(16, 16, 24, 32), heads=(2, 2, 2, 2)), 64, {"CrossCovarianceAttn": 3}),
+}
+
+
+@pytest.mark.parametrize("name", list(TIMM_HEAD_WIDTH))
+def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_heads(name, tmp_path):
+    """CaiT's class attention and CrossViT's cross-attention (the first token's query; q, k, v projections), Twins'
+    sub-sampled (q + kv) and windowed attention, ConViT's gated positional attention (qk + v + a positional score per
+    head) and plain one, EdgeNeXt's cross-covariance attention: rebuilt at creation, they compute what timm's modules
+    do with the same weights; removing heads computes what the dense model does with those heads' output-projection
+    columns zeroed, and the pruned model reloads."""
+    import timm
+
+    arguments, side, expected = TIMM_HEAD_WIDTH[name]
+    shape = (3, side, side)
+    torch.manual_seed(0)
+    model = create(f"timm:{name}", **arguments).eval()
+    stock = timm.create_model(name, num_classes=10, **arguments).eval()
+    stock.load_state_dict(model.state_dict())
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), stock(x), rtol=1e-5, atol=1e-5)
+
+    groups = [g for g in channel_groups(model, shape) if g.heads]
+    found: dict[str, int] = {}
+    for group in groups:
+        kind = type(model.get_submodule(group.heads)).__name__
+        found[kind] = found.get(kind, 0) + 1
+    assert {kind: found.get(kind, 0) for kind in expected} == expected
+    check_prunable(model, shape)
+
+    # Keep every other head (at least one) of each attention; silence the others in the dense model.
+    dense, keep, heads_before = copy.deepcopy(model), {}, {}
+    with torch.no_grad():
+        for group in groups:
+            attention, heads = model.get_submodule(group.heads), group.size // group.unit
+            heads_before[group.heads] = heads
+            keep[group.name] = [c for h in range(1, heads, 2) for c in range(h * group.unit, (h + 1) * group.unit)]
+            reads = group.reads.get(group.consumers[0]) or [1] * group.size
+            column = {c: i for i, c in enumerate(c for c in range(group.size) if reads[c])}
+            dropped = [column[c] for c in range(group.size) if reads[c] and c not in keep[group.name]]
+            dense.get_submodule(group.consumers[0]).weight[:, dropped] = 0
+    apply_channel_plan(model, ChannelPlan(keep, {g.name: g.size for g in groups}), shape)
+    assert {n: model.get_submodule(n).num_heads for n in heads_before} == {n: h // 2 for n, h in heads_before.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
+    _pruned_and_reloaded(create(f"timm:{name}", **arguments).eval(), shape, 0.7, tmp_path)

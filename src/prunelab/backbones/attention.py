@@ -198,8 +198,155 @@ class PartitionAttention(Relaid):
         return self.proj(_merge_heads(logits.softmax(-1) @ v))
 
 
+def _sdpa(m: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention with the module's `scale` and attention dropout."""
+    dropout = m.attn_drop.p if m.training and isinstance(getattr(m, "attn_drop", None), nn.Dropout) else 0.0
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=m.scale)
+
+
+def _heads(x: torch.Tensor, parts: int, heads: int, dim: int) -> tuple[torch.Tensor, ...]:
+    """(B, N, parts x heads x dim), parts stacked -> `parts` tensors of (B, heads, N, dim)."""
+    return x.unflatten(-1, (parts, heads, dim)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+class HeadWidth:
+    """A timm attention that derives its head width from the embedding (`C // num_heads`) rebuilt at creation to
+    compute with its own `num_heads` x `head_dim`, so that it runs with fewer heads than the embedding was split into.
+    The modules keep their class (a subclass of this and theirs), attributes and tensor names, so their state dicts
+    and methods stay; only `forward` changes (same outputs for the same weights)."""
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, dim) -> the output projection of (B, N, heads x dim)."""
+        return self.proj_drop(self.proj(x.transpose(1, 2).flatten(2)))
+
+
+class QueryTokenAttention(HeadWidth):
+    """CaiT's class attention and CrossViT's cross-attention: the first token's query against every token's key
+    and value, from three projections (`writers`: CaiT's q, k, v; CrossViT's wq, wk, wv)."""
+
+    writers = ("q", "k", "v")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (getattr(self, name) for name in self.writers)
+        (q,), (k,), (v,) = (_heads(y, 1, self.num_heads, self.head_dim) for y in (q(x[:, :1]), k(x), v(x)))
+        return self._out(_sdpa(self, q, k, v))
+
+    def head_layout(self):
+        from prunelab.structure.groups import HeadLayout
+
+        d = self.head_dim
+        return HeadLayout([(name, [(i * d, d)], False) for i, name in enumerate(self.writers)], 3 * d, (2 * d, d))
+
+
+class SubsampledAttention(HeadWidth):
+    """Twins' global sub-sampled attention: queries from every token (`q`), keys and values (`kv`, stacked) from
+    the map reduced by a strided convolution (`sr`, then `norm`), whose width prunes on its own."""
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        (q,) = _heads(self.q(x), 1, self.num_heads, self.head_dim)
+        if self.sr is not None:
+            x = self.norm(self.sr(x.transpose(1, 2).unflatten(-1, tuple(size))).flatten(2).transpose(1, 2))
+        k, v = _heads(self.kv(x), 2, self.num_heads, self.head_dim)
+        return self._out(_sdpa(self, q, k, v))
+
+    def head_layout(self):
+        from prunelab.structure.groups import HeadLayout
+
+        d = self.head_dim
+        return HeadLayout([("q", [(0, d)], False), ("kv", [(d, d), (2 * d, d)], False)], 3 * d, (2 * d, d))
+
+
+class GroupedWindowAttention(HeadWidth):
+    """Twins' locally-grouped attention: self-attention within windows of `ws` x `ws` tokens (the map padded
+    with zeros to whole windows), query, key and value stacked in `qkv`."""
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        batch, tokens, channels = x.shape
+        (height, width), ws = size, self.ws
+        x = F.pad(x.view(batch, height, width, channels), (0, 0, 0, (-width) % ws, 0, (-height) % ws))
+        rows, cols = x.shape[1] // ws, x.shape[2] // ws
+        x = x.reshape(batch, rows, ws, cols, ws, channels).transpose(2, 3).reshape(batch, rows * cols * ws * ws, channels)
+        q, k, v = (y.unflatten(2, (rows * cols, ws * ws)).transpose(1, 2) for y in _heads(self.qkv(x), 3, self.num_heads, self.head_dim))
+        x = _sdpa(self, q, k, v).permute(0, 1, 3, 2, 4).flatten(3)  # (B, windows, ws x ws, heads x dim)
+        x = x.reshape(batch, rows, cols, ws, ws, -1).transpose(2, 3).reshape(batch, rows * ws, cols * ws, -1)
+        return self.proj_drop(self.proj(x[:, :height, :width].reshape(batch, tokens, -1)))
+
+
+class StackedAttention(HeadWidth):
+    """ConViT's plain self-attention (MHSA): query, key and value stacked in `qkv`, as timm's Attention."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._out(_sdpa(self, *_heads(self.qkv(x), 3, self.num_heads, self.head_dim)))
+
+
+class GatedPositionalAttention(HeadWidth):
+    """ConViT's gated positional self-attention: per head, a gate (`gating_param`) mixes the softmax of the
+    query-key logits (`qk`, stacked) with that of a positional score (`pos_proj`, one row per head over the
+    relative positions); values from `v`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rel_indices is None or self.rel_indices.shape[1] != x.shape[1]:
+            self.rel_indices = self.get_rel_indices(x.shape[1])
+        (v,) = _heads(self.v(x), 1, self.num_heads, self.head_dim)
+        return self._out(self.get_attention(x) @ v)
+
+    def get_attention(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = _heads(self.qk(x), 2, self.num_heads, self.head_dim)
+        position = self.pos_proj(self.rel_indices.expand(x.shape[0], -1, -1, -1)).permute(0, 3, 1, 2).softmax(-1)
+        patch = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
+        gate = torch.sigmoid(self.gating_param.view(1, -1, 1, 1))
+        attn = (1.0 - gate) * patch + gate * position
+        return self.attn_drop(attn / attn.sum(dim=-1, keepdim=True))
+
+    def head_layout(self):
+        from prunelab.structure.groups import HeadLayout
+
+        d = self.head_dim
+        writers = [("qk", [(0, d), (d, d)], False), ("v", [(2 * d, d)], False), ("pos_proj", [(3 * d, 1)], False)]
+        return HeadLayout(writers, 3 * d + 1, (2 * d, d))
+
+
+class CrossCovarianceAttention(HeadWidth):
+    """EdgeNeXt's cross-covariance attention (XCA): per head, a softmax over the head's channels of the
+    channels' cosine similarities across tokens, times a learned `temperature`; `qkv` stacked."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (y.transpose(-2, -1) for y in _heads(self.qkv(x), 3, self.num_heads, self.head_dim))  # (B, heads, dim, N)
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
+        return self._out((self.attn_drop(attn.softmax(-1)) @ v).transpose(-2, -1))
+
+
+# timm's attention modules rebuilt by `relayout`, by module and class name: (mixin, its attributes, writer of the
+# query rows, whose outputs over heads give the head width).
+_TIMM = {
+    "timm.models.cait.ClassAttn": (QueryTokenAttention, {}, "q"),
+    "timm.models.crossvit.CrossAttention": (QueryTokenAttention, {"writers": ("wq", "wk", "wv")}, "wq"),
+    "timm.models.twins.GlobalSubSampleAttn": (SubsampledAttention, {}, "q"),
+    "timm.models.twins.LocallyGroupedAttn": (GroupedWindowAttention, {}, None),
+    "timm.models.convit.MHSA": (StackedAttention, {}, None),
+    "timm.models.convit.GPSA": (GatedPositionalAttention, {}, "v"),
+    "timm.models.edgenext.CrossCovarianceAttn": (CrossCovarianceAttention, {}, None),
+}
+_REBUILT: dict[type, type] = {}
+
+
+def _rebuild_timm(module: nn.Module) -> None:
+    """Give a timm attention listed in `_TIMM` its `HeadWidth` class and `head_dim`, in place."""
+    cls = type(module)
+    mixin, attributes, query = _TIMM[f"{cls.__module__}.{cls.__name__}"]
+    if cls not in _REBUILT:
+        _REBUILT[cls] = type(cls.__name__, (mixin, cls), {"__module__": __name__, **attributes})
+    module.__class__ = _REBUILT[cls]
+    rows = getattr(module, query).out_features if query else module.qkv.out_features // 3
+    module.head_dim = rows // module.num_heads
+
+
 def relayout(model: nn.Module) -> None:
-    """Replace torchvision's attention modules in `model` by their `Relaid` equivalents, in place."""
+    """Replace torchvision's attention modules in `model` by their `Relaid` equivalents, and give timm's that derive
+    their head width from the embedding a `HeadWidth` forward (`_TIMM`), in place."""
+    for module in list(model.modules()):
+        if f"{type(module).__module__}.{type(module).__name__}" in _TIMM:
+            _rebuild_timm(module)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             kind = type(child).__name__ if type(child).__module__.startswith("torchvision.") else None

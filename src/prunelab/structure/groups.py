@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -859,22 +859,39 @@ def _norm_of(module: nn.Module | None) -> nn.Module | None:
     return norm if isinstance(norm, nn.modules.batchnorm._BatchNorm) else None
 
 
-def interleaved_heads(m: nn.Module) -> list[tuple[str, int, int]] | None:
-    """The projections of an attention that lays each head's query, key and value out together (timm's LeViT,
-    EfficientFormer, TinyViT: `qkv(x).view(B, N, heads, -1).split([key_dim, key_dim, val_dim], dim=3)`, or
-    LeViT's downsampling attention with `q` and `kv`): [(projection, first channel of a head it writes, channels
-    per head)] in a head's channel order q, k, v; None for any other module. Key and value widths may differ."""
+class HeadLayout(NamedTuple):
+    """Where an attention whose heads are written by several projections (or laid out head by head) keeps a head's
+    channels. A head has `per` slots in the order query, key, value (and any other per-head rows); `writers` holds
+    (projection attribute, [(first slot, width), ...] it writes, by_head): its rows are the parts it writes head by
+    head (`by_head`: head 0's parts, then head 1's) or part by part (all heads' first part, then the next part's).
+    The output projection reads the value slots `values` = (first slot, width)."""
+
+    writers: list[tuple[str, list[tuple[int, int]], bool]]
+    per: int
+    values: tuple[int, int]
+
+
+def head_layout(m: nn.Module) -> HeadLayout | None:
+    """The `HeadLayout` of an attention module, or None for any other module (and for timm's stacked `qkv` layout,
+    which `attention_heads` reads on its own). A module that says so itself (`head_layout()`: the timm attentions
+    rebuilt at creation, backbones.attention), or one laying each head's query, key and value out together (timm's
+    LeViT, EfficientFormer, TinyViT: `qkv(x).view(B, N, heads, -1).split([key_dim, key_dim, val_dim], dim=3)`, or
+    LeViT's downsampling attention with `q` and `kv`; key and value widths may differ)."""
+    own = getattr(m, "head_layout", None)
+    layout = own() if callable(own) else None
     heads, kd, vd = (getattr(m, n, None) for n in ("num_heads", "key_dim", "val_dim"))
-    if not all(type(v) is int and v > 0 for v in (heads, kd, vd)):
+    if layout is None and all(type(v) is int and v > 0 for v in (heads, kd, vd)):
+        writers = [("qkv", [(0, 2 * kd + vd)], True)] if hasattr(m, "qkv") else [("q", [(0, kd)], True), ("kv", [(kd, kd + vd)], True)]
+        layout = HeadLayout(writers, 2 * kd + vd, (2 * kd, vd))
+    if layout is None or not isinstance(heads, int):
         return None
-    parts = [("qkv", 0, 2 * kd + vd)] if hasattr(m, "qkv") else [("q", 0, kd), ("kv", kd, kd + vd)]
-    linears = [_linear_of(getattr(m, part, None)) for part, _, _ in parts]
+    linears = [_linear_of(getattr(m, part, None)) for part, _, _ in layout.writers]
     proj = _linear_of(getattr(m, "proj", None))
-    if proj is None or any(l is None for l in linears) or _fan_in(proj) != heads * vd:
+    if proj is None or any(l is None for l in linears) or _fan_in(proj) != heads * layout.values[1]:
         return None
-    if any(out_channels(l) != heads * width for l, (_, _, width) in zip(linears, parts)):
+    if any(out_channels(l) != heads * sum(w for _, w in parts) for l, (_, parts, _) in zip(linears, layout.writers)):
         return None
-    return parts
+    return layout
 
 
 def _fan_in(layer: nn.Module) -> int:
@@ -886,18 +903,18 @@ def _head_writers(model: nn.Module, attention: str) -> list[str]:
     m = model.get_submodule(attention)
     prefix = f"{attention}." if attention else ""
     names = {id(module): name for name, module in m.named_modules()}
-    parts = interleaved_heads(m)
-    return [prefix + names[id(_linear_of(getattr(m, part)))] for part, _, _ in parts] if parts else [f"{prefix}qkv"]
+    layout = head_layout(m)
+    return [prefix + names[id(_linear_of(getattr(m, part)))] for part, _, _ in layout.writers] if layout else [f"{prefix}qkv"]
 
 
 def attention_heads(model: nn.Module) -> dict[str, nn.Module]:
     """The attention modules whose heads can be pruned, by name: timm's layout (`qkv` and `proj`
     Linear layers, `num_heads` heads, query/key/value stacked in `qkv`'s rows; ViT's Attention, Swin's
     WindowAttention) with no layer over the joint head width (`norm` an Identity, no `gate`), and the
-    layout with each head's query, key and value together (`interleaved_heads`)."""
+    layouts of `head_layout` (heads written by several projections, or each head's query, key and value together)."""
     found = {}
     for name, m in model.named_modules():
-        if interleaved_heads(m):
+        if head_layout(m):
             found[name] = m
             continue
         qkv, proj, heads = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
@@ -931,8 +948,8 @@ def _head_group(model: nn.Module, attention: str, index_of: dict[str, int], stag
     """The group of an attention module's heads (`ChannelGroup.heads`), named after its qkv layer: whole
     heads, or with the record's `prune_head_dim` (where `head_dim_prunable`) the same dimensions per head."""
     m = model.get_submodule(attention)
-    if interleaved_heads(m):
-        return _interleaved_group(model, attention, index_of, stages)
+    if head_layout(m):
+        return _layout_group(model, attention, index_of, stages)
     width = m.num_heads * head_dim(m)
     qkv = f"{attention}.qkv" if attention else "qkv"
     by_dim = bool(getattr(model.__dict__.get("prunelab"), "prune_head_dim", False)) and head_dim_prunable(m)
@@ -950,18 +967,24 @@ def _head_group(model: nn.Module, attention: str, index_of: dict[str, int], stag
     )
 
 
-def _interleaved_group(model: nn.Module, attention: str, index_of: dict[str, int], stages: dict[str, int]) -> ChannelGroup:
-    """The heads of an attention laid out head by head (`interleaved_heads`): channel c is row c of the joint
-    [q k v] layout of head c // (2 key_dim + val_dim), held by the projection writing that part (`rows`, with its
-    BatchNorm's), and the output projection reads the value channels (`reads`). Whole heads only (`unit`)."""
+def _layout_group(model: nn.Module, attention: str, index_of: dict[str, int], stages: dict[str, int]) -> ChannelGroup:
+    """The heads of an attention with a `head_layout`: channel c is slot c % per of head c // per, held by the
+    projection writing that slot (`rows`, with its BatchNorm's), and the output projection reads the value slots
+    (`reads`). Whole heads only (`unit`)."""
     m = model.get_submodule(attention)
-    kd, vd, heads = m.key_dim, m.val_dim, m.num_heads
-    per = 2 * kd + vd
+    layout, heads = head_layout(m), m.num_heads
+    per, (first_value, values) = layout.per, layout.values
     prefix = f"{attention}." if attention else ""
     names = {id(module): prefix + name for name, module in m.named_modules()}
     rows: dict[str, list[list[int]]] = {}
-    for part, first, width in interleaved_heads(m):
-        held = [[c // per * width + c % per - first] if first <= c % per < first + width else [] for c in range(heads * per)]
+    for part, parts, by_head in layout.writers:
+        held: list[list[int]] = [[] for _ in range(heads * per)]
+        total, before = sum(w for _, w in parts), 0
+        for first, width in parts:
+            for h in range(heads):
+                for j in range(width):
+                    held[h * per + first + j] = [h * total + before + j if by_head else before * heads + h * width + j]
+            before += width
         rows[names[id(_linear_of(getattr(m, part)))]] = held
         norm = _norm_of(getattr(m, part))
         if norm is not None:
@@ -977,7 +1000,7 @@ def _interleaved_group(model: nn.Module, attention: str, index_of: dict[str, int
         norms=[n for n in rows if n not in layers],
         unit=per,
         consumers=[proj],
-        reads={proj: [int(c % per >= 2 * kd) for c in range(heads * per)]},
+        reads={proj: [int(first_value <= c % per < first_value + values) for c in range(heads * per)]},
         rows=rows,
         heads=attention,
     )
@@ -1015,7 +1038,7 @@ def prune_heads(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
     what fused attention uses), so the logits of the kept dimensions stay what they were."""
     m = model.get_submodule(group.heads)
     if group.rows:
-        return _prune_interleaved(model, group, kept)
+        return _prune_laid_out(model, group, kept)
     dim, heads = head_dim(m), m.num_heads
     kept_dim = check_head_plan(model, group, kept)
     index = torch.tensor(sorted(kept), dtype=torch.long, device=m.qkv.weight.device)
@@ -1051,8 +1074,8 @@ def prune_heads(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
         m.attn_dim = m.num_heads * kept_dim
 
 
-def _prune_interleaved(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
-    """Keep the whole heads `kept` holds of an attention laid out head by head (`_interleaved_group`): the rows of
+def _prune_laid_out(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
+    """Keep the whole heads `kept` holds of an attention with a `head_layout` (`_layout_group`): the rows of
     its projections and their BatchNorms, the value columns of its output projection, its per-head parameters
     (attention biases, heads first), its head count and joint widths; its cached attention biases are dropped."""
     m = model.get_submodule(group.heads)
@@ -1062,7 +1085,8 @@ def _prune_interleaved(model: nn.Module, group: ChannelGroup, kept: list[int]) -
     with torch.no_grad():
         for name, rows in group.rows.items():
             layer = model.get_submodule(name)
-            index = torch.tensor([r for c in kept for r in rows[c]], dtype=torch.long, device=layer.weight.device)
+            # Rows in their order: a projection writing parts one after the other (kv) holds a head's rows apart.
+            index = torch.tensor(sorted(r for c in kept for r in rows[c]), dtype=torch.long, device=layer.weight.device)
             for key in ("weight", "bias", "running_mean", "running_var"):
                 tensor = getattr(layer, key, None)
                 if isinstance(tensor, nn.Parameter):
@@ -1085,7 +1109,7 @@ def _prune_interleaved(model: nn.Module, group: ChannelGroup, kept: list[int]) -
             if p.dim() and p.shape[0] == m.num_heads:
                 setattr(m, name, nn.Parameter(p[kept_heads].clone(), p.requires_grad))
     # Its joint widths (LeViT's key_attn_dim and val_attn_dim, TinyViT's out_dim): heads times a head's width.
-    widths = {m.num_heads * w: len(kept_heads) * w for w in (m.key_dim, m.val_dim)}
+    widths = {m.num_heads * w: len(kept_heads) * w for w in (getattr(m, "key_dim", 0), getattr(m, "val_dim", 0)) if w}
     for key, value in list(vars(m).items()):
         if "dim" in key and type(value) is int and value in widths and key not in ("key_dim", "val_dim"):
             setattr(m, key, widths[value])

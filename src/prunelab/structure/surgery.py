@@ -24,7 +24,7 @@ from prunelab.structure.groups import (
     eval_mode,
     grouped_unit,
     groups_from_graph,
-    interleaved_heads,
+    head_layout,
     prune_heads,
     resize_slices,
     resize_splits,
@@ -142,7 +142,7 @@ def _own_shapes(model: nn.Module) -> dict[nn.Module, dict[str, tuple[int, ...]]]
 
 def _keeps_own_books(module: nn.Module) -> bool:
     return isinstance(getattr(module, "num_heads", None), int) and (
-        isinstance(getattr(module, "qkv", None), nn.Linear) or interleaved_heads(module) is not None
+        isinstance(getattr(module, "qkv", None), nn.Linear) or head_layout(module) is not None
     )
 
 
@@ -201,14 +201,23 @@ def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
     if not groups:
         return
     # With BatchNorm alone, zeroing a channel's weights and affine parameters silences it exactly, so
-    # the pruned copy must compute what the dense model computes with the removed channels zeroed.
+    # the pruned copy must compute what the dense model computes with the removed channels zeroed. So it
+    # does for attention heads in any model (zeroed query, key and value rows: the head adds nothing), so head
+    # groups are removed and compared first, then the others.
     other_norms = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
-    dense = None if any(isinstance(m, other_norms) for m in model.modules()) else copy.deepcopy(model)
+    exact = not any(isinstance(m, other_norms) for m in model.modules())
+    dense = copy.deepcopy(model) if exact or any(g.heads for g in groups) else None
     trial = copy.deepcopy(model)
     graph, _ = build_graph(trial, tuple(input_shape))
     param = next(trial.parameters())
     x = torch.randn(2, *input_shape, device=param.device, dtype=param.dtype)
-    together = _breaks(trial, graph, groups, x, dense)
+    if exact:
+        together = _breaks(trial, graph, groups, x, dense)
+    else:
+        heads, others = [g for g in groups if g.heads], [g for g in groups if not g.heads]
+        together = _breaks(trial, graph, heads, x, dense) if heads else None
+        if together is None and others:
+            together = _breaks(trial, graph, others, x, None)
     if together is None:
         return
     trial = copy.deepcopy(model)
@@ -216,7 +225,7 @@ def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
     saved = _state(trial, graph)
     failures = {}
     for group in groups:
-        found = _breaks(trial, graph, [group], x, dense)
+        found = _breaks(trial, graph, [group], x, dense if exact or group.heads else None)
         if found is not None:
             failures[group.name] = found
         _restore(saved)
@@ -317,6 +326,8 @@ def _silenced(model: nn.Module, groups: list) -> Iterator[None]:
             for name in [*group.layers, *group.norms]:
                 module = model.get_submodule(name)
                 rows = group.rows.get(name)
+                if rows is None and group.heads is not None:  # timm's stacked qkv: a channel's query, key and value rows
+                    rows = [[i + part * group.size for part in range(3)] for i in range(group.size)]
                 index = torch.tensor([r for i in removed for r in (rows[i] if rows is not None else [i])], dtype=torch.long)
                 for tensor in (module.weight, module.bias):
                     if tensor is not None:
