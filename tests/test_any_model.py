@@ -961,6 +961,7 @@ TIMM_HEAD_WIDTH = {
     ),
     "convit_tiny": (dict(img_size=32, patch_size=8, embed_dim=8, num_heads=4, depth=2, local_up_to_layer=1), 32, {"GPSA": 1, "MHSA": 1}),
     "edgenext_xx_small": (dict(depths=(1, 1, 1, 1), dims=(16, 16, 24, 32), heads=(2, 2, 2, 2)), 64, {"CrossCovarianceAttn": 3}),
+    "mobilevitv2_050": ({}, 64, {"LinearSelfAttention": 9}),
 }
 
 
@@ -968,7 +969,8 @@ TIMM_HEAD_WIDTH = {
 def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_heads(name, tmp_path):
     """CaiT's class attention and CrossViT's cross-attention (the first token's query; q, k, v projections), Twins'
     sub-sampled (q + kv) and windowed attention, ConViT's gated positional attention (qk + v + a positional score per
-    head) and plain one, EdgeNeXt's cross-covariance attention: rebuilt at creation, they compute what timm's modules
+    head) and plain one, EdgeNeXt's cross-covariance attention, MobileViTv2's separable attention (a key/value channel
+    pair per head, beside a shared query row): rebuilt at creation, they compute what timm's modules
     do with the same weights; removing heads computes what the dense model does with those heads' output-projection
     columns zeroed, and the pruned model reloads."""
     import timm

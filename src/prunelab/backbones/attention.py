@@ -215,6 +215,10 @@ class HeadWidth:
     The modules keep their class (a subclass of this and theirs), attributes and tensor names, so their state dicts
     and methods stay; only `forward` changes (same outputs for the same weights)."""
 
+    def rebuilt(self) -> None:
+        """Record the head width the module derived from the embedding: its stacked `qkv`'s rows per head and part."""
+        self.head_dim = self.qkv.out_features // (3 * self.num_heads)
+
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         """(B, heads, N, dim) -> the output projection of (B, N, heads x dim)."""
         return self.proj_drop(self.proj(x.transpose(1, 2).flatten(2)))
@@ -226,21 +230,27 @@ class QueryTokenAttention(HeadWidth):
 
     writers = ("q", "k", "v")
 
+    def rebuilt(self) -> None:
+        self.head_dim = getattr(self, self.writers[0]).out_features // self.num_heads
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (getattr(self, name) for name in self.writers)
         (q,), (k,), (v,) = (_heads(y, 1, self.num_heads, self.head_dim) for y in (q(x[:, :1]), k(x), v(x)))
         return self._out(_sdpa(self, q, k, v))
 
     def head_layout(self):
-        from prunelab.structure.groups import HeadLayout
+        from prunelab.structure.groups import HeadLayout, Writer
 
         d = self.head_dim
-        return HeadLayout([(name, [(i * d, d)], False) for i, name in enumerate(self.writers)], 3 * d, (2 * d, d))
+        return HeadLayout([Writer(name, [(i * d, d)]) for i, name in enumerate(self.writers)], 3 * d, (2 * d, d))
 
 
 class SubsampledAttention(HeadWidth):
     """Twins' global sub-sampled attention: queries from every token (`q`), keys and values (`kv`, stacked) from
     the map reduced by a strided convolution (`sr`, then `norm`), whose width prunes on its own."""
+
+    def rebuilt(self) -> None:
+        self.head_dim = self.q.out_features // self.num_heads
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         (q,) = _heads(self.q(x), 1, self.num_heads, self.head_dim)
@@ -250,10 +260,10 @@ class SubsampledAttention(HeadWidth):
         return self._out(_sdpa(self, q, k, v))
 
     def head_layout(self):
-        from prunelab.structure.groups import HeadLayout
+        from prunelab.structure.groups import HeadLayout, Writer
 
         d = self.head_dim
-        return HeadLayout([("q", [(0, d)], False), ("kv", [(d, d), (2 * d, d)], False)], 3 * d, (2 * d, d))
+        return HeadLayout([Writer("q", [(0, d)]), Writer("kv", [(d, d), (2 * d, d)])], 3 * d, (2 * d, d))
 
 
 class GroupedWindowAttention(HeadWidth):
@@ -284,6 +294,9 @@ class GatedPositionalAttention(HeadWidth):
     query-key logits (`qk`, stacked) with that of a positional score (`pos_proj`, one row per head over the
     relative positions); values from `v`."""
 
+    def rebuilt(self) -> None:
+        self.head_dim = self.v.out_features // self.num_heads
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rel_indices is None or self.rel_indices.shape[1] != x.shape[1]:
             self.rel_indices = self.get_rel_indices(x.shape[1])
@@ -299,10 +312,10 @@ class GatedPositionalAttention(HeadWidth):
         return self.attn_drop(attn / attn.sum(dim=-1, keepdim=True))
 
     def head_layout(self):
-        from prunelab.structure.groups import HeadLayout
+        from prunelab.structure.groups import HeadLayout, Writer
 
         d = self.head_dim
-        writers = [("qk", [(0, d), (d, d)], False), ("v", [(2 * d, d)], False), ("pos_proj", [(3 * d, 1)], False)]
+        writers = [Writer("qk", [(0, d), (d, d)]), Writer("v", [(2 * d, d)]), Writer("pos_proj", [(3 * d, 1)])]
         return HeadLayout(writers, 3 * d + 1, (2 * d, d))
 
 
@@ -316,29 +329,51 @@ class CrossCovarianceAttention(HeadWidth):
         return self._out((self.attn_drop(attn.softmax(-1)) @ v).transpose(-2, -1))
 
 
-# timm's attention modules rebuilt by `relayout`, by module and class name: (mixin, its attributes, writer of the
-# query rows, whose outputs over heads give the head width).
+class LinearAttention(HeadWidth):
+    """MobileViTv2's separable self-attention, each of its key/value channel pairs a head of width 1: a query row
+    shared by all (`qkv_proj`'s first, kept whole) weighs the tokens, whose weighted keys give each channel a
+    context that scales the channel's rectified value. Its `embed_dim` channels of key and of value are its heads
+    (`num_heads`, the same attribute), so timm's forward runs as it is."""
+
+    def rebuilt(self) -> None:
+        self.head_dim = 1
+
+    @property
+    def num_heads(self) -> int:
+        return self.embed_dim
+
+    @num_heads.setter
+    def num_heads(self, heads: int) -> None:
+        self.embed_dim = heads
+
+    def head_layout(self):
+        from prunelab.structure.groups import HeadLayout, Writer
+
+        return HeadLayout([Writer("qkv_proj", [(0, 1), (1, 1)], offset=1)], 2, (1, 1), proj="out_proj")
+
+
+# timm's attention modules rebuilt by `relayout` (module.Class: the class they take, with these class attributes).
 _TIMM = {
-    "timm.models.cait.ClassAttn": (QueryTokenAttention, {}, "q"),
-    "timm.models.crossvit.CrossAttention": (QueryTokenAttention, {"writers": ("wq", "wk", "wv")}, "wq"),
-    "timm.models.twins.GlobalSubSampleAttn": (SubsampledAttention, {}, "q"),
-    "timm.models.twins.LocallyGroupedAttn": (GroupedWindowAttention, {}, None),
-    "timm.models.convit.MHSA": (StackedAttention, {}, None),
-    "timm.models.convit.GPSA": (GatedPositionalAttention, {}, "v"),
-    "timm.models.edgenext.CrossCovarianceAttn": (CrossCovarianceAttention, {}, None),
+    "timm.models.cait.ClassAttn": (QueryTokenAttention, {}),
+    "timm.models.crossvit.CrossAttention": (QueryTokenAttention, {"writers": ("wq", "wk", "wv")}),
+    "timm.models.twins.GlobalSubSampleAttn": (SubsampledAttention, {}),
+    "timm.models.twins.LocallyGroupedAttn": (GroupedWindowAttention, {}),
+    "timm.models.convit.MHSA": (StackedAttention, {}),
+    "timm.models.convit.GPSA": (GatedPositionalAttention, {}),
+    "timm.models.edgenext.CrossCovarianceAttn": (CrossCovarianceAttention, {}),
+    "timm.models.mobilevit.LinearSelfAttention": (LinearAttention, {}),
 }
 _REBUILT: dict[type, type] = {}
 
 
 def _rebuild_timm(module: nn.Module) -> None:
-    """Give a timm attention listed in `_TIMM` its `HeadWidth` class and `head_dim`, in place."""
+    """Give a timm attention listed in `_TIMM` its `HeadWidth` class and head width, in place."""
     cls = type(module)
-    mixin, attributes, query = _TIMM[f"{cls.__module__}.{cls.__name__}"]
+    mixin, attributes = _TIMM[f"{cls.__module__}.{cls.__name__}"]
     if cls not in _REBUILT:
         _REBUILT[cls] = type(cls.__name__, (mixin, cls), {"__module__": __name__, **attributes})
     module.__class__ = _REBUILT[cls]
-    rows = getattr(module, query).out_features if query else module.qkv.out_features // 3
-    module.head_dim = rows // module.num_heads
+    module.rebuilt()
 
 
 def relayout(model: nn.Module) -> None:

@@ -859,16 +859,26 @@ def _norm_of(module: nn.Module | None) -> nn.Module | None:
     return norm if isinstance(norm, nn.modules.batchnorm._BatchNorm) else None
 
 
+class Writer(NamedTuple):
+    """A projection writing part of each head (`HeadLayout`): the slots `parts` = [(first slot, width), ...] it writes,
+    head by head (`by_head`: head 0's parts, then head 1's) or part by part (all heads' first part, then the next
+    part's), after `offset` rows of its own that belong to no head (kept whole)."""
+
+    attr: str
+    parts: list[tuple[int, int]]
+    by_head: bool = False
+    offset: int = 0
+
+
 class HeadLayout(NamedTuple):
     """Where an attention whose heads are written by several projections (or laid out head by head) keeps a head's
-    channels. A head has `per` slots in the order query, key, value (and any other per-head rows); `writers` holds
-    (projection attribute, [(first slot, width), ...] it writes, by_head): its rows are the parts it writes head by
-    head (`by_head`: head 0's parts, then head 1's) or part by part (all heads' first part, then the next part's).
-    The output projection reads the value slots `values` = (first slot, width)."""
+    channels: a head has `per` slots in the order query, key, value (and any other per-head rows), written by
+    `writers`; the output projection (attribute `proj`) reads the value slots `values` = (first slot, width)."""
 
-    writers: list[tuple[str, list[tuple[int, int]], bool]]
+    writers: list[Writer]
     per: int
     values: tuple[int, int]
+    proj: str = "proj"
 
 
 def head_layout(m: nn.Module) -> HeadLayout | None:
@@ -881,15 +891,15 @@ def head_layout(m: nn.Module) -> HeadLayout | None:
     layout = own() if callable(own) else None
     heads, kd, vd = (getattr(m, n, None) for n in ("num_heads", "key_dim", "val_dim"))
     if layout is None and all(type(v) is int and v > 0 for v in (heads, kd, vd)):
-        writers = [("qkv", [(0, 2 * kd + vd)], True)] if hasattr(m, "qkv") else [("q", [(0, kd)], True), ("kv", [(kd, kd + vd)], True)]
+        writers = [Writer("qkv", [(0, 2 * kd + vd)], True)] if hasattr(m, "qkv") else [Writer("q", [(0, kd)], True), Writer("kv", [(kd, kd + vd)], True)]
         layout = HeadLayout(writers, 2 * kd + vd, (2 * kd, vd))
     if layout is None or not isinstance(heads, int):
         return None
-    linears = [_linear_of(getattr(m, part, None)) for part, _, _ in layout.writers]
-    proj = _linear_of(getattr(m, "proj", None))
+    linears = [_linear_of(getattr(m, w.attr, None)) for w in layout.writers]
+    proj = _linear_of(getattr(m, layout.proj, None))
     if proj is None or any(l is None for l in linears) or _fan_in(proj) != heads * layout.values[1]:
         return None
-    if any(out_channels(l) != heads * sum(w for _, w in parts) for l, (_, parts, _) in zip(linears, layout.writers)):
+    if any(out_channels(l) != w.offset + heads * sum(n for _, n in w.parts) for l, w in zip(linears, layout.writers)):
         return None
     return layout
 
@@ -904,7 +914,7 @@ def _head_writers(model: nn.Module, attention: str) -> list[str]:
     prefix = f"{attention}." if attention else ""
     names = {id(module): name for name, module in m.named_modules()}
     layout = head_layout(m)
-    return [prefix + names[id(_linear_of(getattr(m, part)))] for part, _, _ in layout.writers] if layout else [f"{prefix}qkv"]
+    return [prefix + names[id(_linear_of(getattr(m, w.attr)))] for w in layout.writers] if layout else [f"{prefix}qkv"]
 
 
 def attention_heads(model: nn.Module) -> dict[str, nn.Module]:
@@ -977,20 +987,21 @@ def _layout_group(model: nn.Module, attention: str, index_of: dict[str, int], st
     prefix = f"{attention}." if attention else ""
     names = {id(module): prefix + name for name, module in m.named_modules()}
     rows: dict[str, list[list[int]]] = {}
-    for part, parts, by_head in layout.writers:
+    for writer in layout.writers:
         held: list[list[int]] = [[] for _ in range(heads * per)]
-        total, before = sum(w for _, w in parts), 0
-        for first, width in parts:
+        total, before = sum(w for _, w in writer.parts), 0
+        for first, width in writer.parts:
             for h in range(heads):
                 for j in range(width):
-                    held[h * per + first + j] = [h * total + before + j if by_head else before * heads + h * width + j]
+                    row = h * total + before + j if writer.by_head else before * heads + h * width + j
+                    held[h * per + first + j] = [writer.offset + row]
             before += width
-        rows[names[id(_linear_of(getattr(m, part)))]] = held
-        norm = _norm_of(getattr(m, part))
+        rows[names[id(_linear_of(getattr(m, writer.attr)))]] = held
+        norm = _norm_of(getattr(m, writer.attr))
         if norm is not None:
             rows[names[id(norm)]] = held
     layers = sorted((n for n in rows if isinstance(model.get_submodule(n), PRUNABLE_TYPES)), key=index_of.get)
-    proj = names[id(_linear_of(m.proj))]
+    proj = names[id(_linear_of(getattr(m, layout.proj)))]
     return ChannelGroup(
         name=layers[0],
         size=heads * per,
@@ -1085,8 +1096,12 @@ def _prune_laid_out(model: nn.Module, group: ChannelGroup, kept: list[int]) -> N
     with torch.no_grad():
         for name, rows in group.rows.items():
             layer = model.get_submodule(name)
-            # Rows in their order: a projection writing parts one after the other (kv) holds a head's rows apart.
-            index = torch.tensor(sorted(r for c in kept for r in rows[c]), dtype=torch.long, device=layer.weight.device)
+            # Rows in their order (a projection writing parts one after the other, kv, holds a head's rows apart), and
+            # the rows of no head (`Writer.offset`).
+            held = {r for held in rows for r in held}
+            size = layer.num_features if isinstance(layer, nn.modules.batchnorm._BatchNorm) else out_channels(layer)
+            index = sorted({r for c in kept for r in rows[c]} | set(range(size)) - held)
+            index = torch.tensor(index, dtype=torch.long, device=layer.weight.device)
             for key in ("weight", "bias", "running_mean", "running_var"):
                 tensor = getattr(layer, key, None)
                 if isinstance(tensor, nn.Parameter):
