@@ -242,3 +242,28 @@ def test_the_papers_presets():
         assert (cfg.backbone.name, cfg.budget.flops, cfg.dataset.batch_size, cfg.retrain.epochs) == (arch, flops, 256, 150)
         assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay, cfg.scheduler._target_.split(".")[-1]) == (
             lr, 0.9, 5e-5, "cosine")
+
+
+class Halves(nn.Module):
+    """A layer's channels split into two equal halves, each read by its own convolution (no addition)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.stem = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
+        self.left, self.right = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.relu(self.stem(torch.relu(self.first(x)))).chunk(2, dim=1)
+        return self.fc(torch.cat([torch.relu(self.left(a)), torch.relu(self.right(b))], 1).mean((2, 3)))
+
+
+def test_groups_that_keep_counts_in_step_are_kept_whole():
+    """Imitation picks one layer's neurons with no equal count per chunk of a split: such a group stays whole (each
+    chunk's reader reads part of it, so it has no single consumer), where a plan of its would be refused only after
+    the search."""
+    model, shape = Halves().eval(), (3, 16, 16)
+    groups = {g.name: g for g in channel_groups(model, shape)}
+    assert groups["stem"].blocks == 2 and not any(op.startswith(("Add", "Sub")) for op in groups["stem"].merges)
+    roles = {g.name: c for g, c in GreedyImitation()._groups(model, type("Ctx", (), {"input_shape": shape})())}
+    assert roles == {"first": ["stem"]}  # the halves' outputs are concatenated: kept whole as before
