@@ -948,7 +948,11 @@ def test_a_resumed_run_reads_its_groups_from_the_run_directory(tmp_path, monkeyp
 # timm attentions that derive their head width from the embedding, as tiny configurations: (model, arguments, input
 # side, the rebuilt classes and how many of each are head groups).
 TIMM_HEAD_WIDTH = {
-    "cait_xxs24_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, depth_token_only=1), 32, {"ClassAttn": 1}),
+    "cait_xxs24_224": (
+        dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, depth_token_only=1),
+        32,
+        {"ClassAttn": 1, "TalkingHeadAttn": 1},
+    ),
     "crossvit_tiny_240": (
         dict(img_size=48, img_scale=(1.0, 1.0), patch_size=[8, 16], embed_dim=[24, 48], depth=[[1, 1, 0]], num_heads=[3, 3], mlp_ratio=[2, 2, 1]),
         48,
@@ -967,12 +971,13 @@ TIMM_HEAD_WIDTH = {
 
 @pytest.mark.parametrize("name", list(TIMM_HEAD_WIDTH))
 def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_heads(name, tmp_path):
-    """CaiT's class attention and CrossViT's cross-attention (the first token's query; q, k, v projections), Twins'
+    """CaiT's class attention and CrossViT's cross-attention (the first token's query; q, k, v projections), CaiT's
+    talking heads (heads mixed: each keeps fewer dimensions instead), Twins'
     sub-sampled (q + kv) and windowed attention, ConViT's gated positional attention (qk + v + a positional score per
     head) and plain one, EdgeNeXt's cross-covariance attention, MobileViTv2's separable attention (a key/value channel
     pair per head, beside a shared query row): rebuilt at creation, they compute what timm's modules
-    do with the same weights; removing heads computes what the dense model does with those heads' output-projection
-    columns zeroed, and the pruned model reloads."""
+    do with the same weights; removing heads computes what the dense model does with those heads silenced, and the
+    pruned model reloads."""
     import timm
 
     arguments, side, expected = TIMM_HEAD_WIDTH[name]
@@ -993,19 +998,39 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
     assert {kind: found.get(kind, 0) for kind in expected} == expected
     check_prunable(model, shape)
 
-    # Keep every other head (at least one) of each attention; silence the others in the dense model.
-    dense, keep, heads_before = copy.deepcopy(model), {}, {}
+    # Keep every other head (at least one) of each attention, or where heads are mixed (CaiT's talking heads) every
+    # other dimension of each head; silence the others in the dense model (their query, key and value rows zeroed).
+    dense, keep, widths = copy.deepcopy(model), {}, {}
     with torch.no_grad():
         for group in groups:
-            attention, heads = model.get_submodule(group.heads), group.size // group.unit
-            heads_before[group.heads] = heads
-            keep[group.name] = [c for h in range(1, heads, 2) for c in range(h * group.unit, (h + 1) * group.unit)]
-            reads = group.reads.get(group.consumers[0]) or [1] * group.size
-            column = {c: i for i, c in enumerate(c for c in range(group.size) if reads[c])}
-            dropped = [column[c] for c in range(group.size) if reads[c] and c not in keep[group.name]]
-            dense.get_submodule(group.consumers[0]).weight[:, dropped] = 0
+            if group.blocks > 1:
+                keep[group.name] = list(range(1, group.size, 2))
+            else:
+                keep[group.name] = [c for h in range(1, group.size // group.unit, 2) for c in range(h * group.unit, (h + 1) * group.unit)]
+            attention = model.get_submodule(group.heads)
+            widths[group.heads] = (attention.num_heads, attention.head_dim)
+            rows = group.rows or {group.layers[0]: [[c + part * group.size for part in range(3)] for c in range(group.size)]}
+            for layer, held in rows.items():
+                dropped = [r for c in range(group.size) if c not in keep[group.name] for r in held[c]]
+                for tensor in (dense.get_submodule(layer).weight, dense.get_submodule(layer).bias):
+                    if tensor is not None:
+                        tensor[dropped] = 0
     apply_channel_plan(model, ChannelPlan(keep, {g.name: g.size for g in groups}), shape)
-    assert {n: model.get_submodule(n).num_heads for n in heads_before} == {n: h // 2 for n, h in heads_before.items()}
+    for attention, (heads, dim) in widths.items():
+        mixed = getattr(model.get_submodule(attention), "heads_mix", False)
+        assert (model.get_submodule(attention).num_heads, model.get_submodule(attention).head_dim) == ((heads, dim // 2) if mixed else (heads // 2, dim))
     with torch.no_grad():
         torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
     _pruned_and_reloaded(create(f"timm:{name}", **arguments).eval(), shape, 0.7, tmp_path)
+
+
+def test_heads_whose_logits_are_mixed_lose_dimensions_not_heads():
+    """CaiT's talking heads mix the heads' logits (before and after the softmax): the head group prunes by dimension,
+    the same count in every head, and a plan removing a whole head is refused in one line."""
+    arguments, side, _ = TIMM_HEAD_WIDTH["cait_xxs24_224"]
+    shape = (3, side, side)
+    model = create("timm:cait_xxs24_224", **arguments).eval()
+    group = next(g for g in channel_groups(model, shape) if g.heads == "blocks.0.attn")
+    assert (group.size, group.unit, group.blocks) == (32, 1, 4)
+    with pytest.raises(ValueError, match="removes whole heads of 'blocks.0.attn', whose heads' logits are mixed"):
+        apply_channel_plan(model, ChannelPlan({group.name: list(range(8, 32))}, {group.name: 32}), shape)

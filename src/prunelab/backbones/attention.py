@@ -329,6 +329,20 @@ class CrossCovarianceAttention(HeadWidth):
         return self._out((self.attn_drop(attn.softmax(-1)) @ v).transpose(-2, -1))
 
 
+class TalkingHeadsAttention(HeadWidth):
+    """CaiT's talking-heads attention: the heads' logits are mixed across heads before (`proj_l`) and after
+    (`proj_w`) the softmax, so no head can leave alone; every head keeps the same fewer dimensions instead
+    (`heads_mix`: the head group prunes by dimension)."""
+
+    heads_mix = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = _heads(self.qkv(x), 3, self.num_heads, self.head_dim)
+        attn = self.proj_l(((q * self.scale) @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(-1)
+        attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self._out(self.attn_drop(attn) @ v)
+
+
 class LinearAttention(HeadWidth):
     """MobileViTv2's separable self-attention, each of its key/value channel pairs a head of width 1: a query row
     shared by all (`qkv_proj`'s first, kept whole) weighs the tokens, whose weighted keys give each channel a
@@ -355,6 +369,7 @@ class LinearAttention(HeadWidth):
 # timm's attention modules rebuilt by `relayout` (module.Class: the class they take, with these class attributes).
 _TIMM = {
     "timm.models.cait.ClassAttn": (QueryTokenAttention, {}),
+    "timm.models.cait.TalkingHeadAttn": (TalkingHeadsAttention, {}),
     "timm.models.crossvit.CrossAttention": (QueryTokenAttention, {"writers": ("wq", "wk", "wv")}),
     "timm.models.twins.GlobalSubSampleAttn": (SubsampledAttention, {}),
     "timm.models.twins.LocallyGroupedAttn": (GroupedWindowAttention, {}),

@@ -962,7 +962,9 @@ def _head_group(model: nn.Module, attention: str, index_of: dict[str, int], stag
         return _layout_group(model, attention, index_of, stages)
     width = m.num_heads * head_dim(m)
     qkv = f"{attention}.qkv" if attention else "qkv"
-    by_dim = bool(getattr(model.__dict__.get("prunelab"), "prune_head_dim", False)) and head_dim_prunable(m)
+    # Heads whose logits are mixed (`heads_mix`: CaiT's talking heads) cannot leave alone: they lose dimensions.
+    asked = bool(getattr(model.__dict__.get("prunelab"), "prune_head_dim", False)) or getattr(m, "heads_mix", False)
+    by_dim = asked and head_dim_prunable(m)
     return ChannelGroup(
         name=qkv,
         size=width,
@@ -1030,6 +1032,11 @@ def check_head_plan(model: nn.Module, group: ChannelGroup, kept: list[int]) -> i
         raise ValueError(
             f"the plan keeps {counts[0]} to {counts[-1]} channels per head of {group.heads!r}: every head it keeps "
             f"must keep the same number (heads of {dim} channels)"
+        )
+    if getattr(m, "heads_mix", False) and len(per_head) < m.num_heads:
+        raise ValueError(
+            f"the plan removes whole heads of {group.heads!r}, whose heads' logits are mixed: every head must keep "
+            f"some of its {dim} channels"
         )
     kept_dim = counts[0] if counts else dim
     if kept_dim < dim and (group.rows or not head_dim_prunable(m)):
