@@ -966,6 +966,8 @@ TIMM_HEAD_WIDTH = {
     "convit_tiny": (dict(img_size=32, patch_size=8, embed_dim=8, num_heads=4, depth=2, local_up_to_layer=1), 32, {"GPSA": 1, "MHSA": 1}),
     "edgenext_xx_small": (dict(depths=(1, 1, 1, 1), dims=(16, 16, 24, 32), heads=(2, 2, 2, 2)), 64, {"CrossCovarianceAttn": 3}),
     "mobilevitv2_050": ({}, 64, {"LinearSelfAttention": 9}),
+    "pvt_v2_b2_li": (dict(embed_dims=(16, 32), num_heads=(2, 4), mlp_ratios=(2, 2), depths=(1, 1), sr_ratios=(2, 1)), 32, {"Attention": 2}),
+    "xcit_nano_12_p16_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1), 32, {"XCA": 1, "ClassAttn": 1}),
 }
 
 
@@ -1034,3 +1036,12 @@ def test_heads_whose_logits_are_mixed_lose_dimensions_not_heads():
     assert (group.size, group.unit, group.blocks) == (32, 1, 4)
     with pytest.raises(ValueError, match="removes whole heads of 'blocks.0.attn', whose heads' logits are mixed"):
         apply_channel_plan(model, ChannelPlan({group.name: list(range(8, 32))}, {group.name: 32}), shape)
+
+
+def test_heads_whose_projection_is_applied_as_a_function_are_kept_whole():
+    """EVA's attention applies its qkv layer's weight through F.linear (with query and value biases of its own): the
+    layer is not traced, so its heads are kept whole (the check failed with a KeyError before)."""
+    shape = (3, 32, 32)
+    model = create("timm:eva02_tiny_patch14_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4).eval()
+    assert not [g for g in channel_groups(model, shape) if g.heads]
+    check_prunable(model, shape)

@@ -246,8 +246,9 @@ class QueryTokenAttention(HeadWidth):
 
 
 class SubsampledAttention(HeadWidth):
-    """Twins' global sub-sampled attention: queries from every token (`q`), keys and values (`kv`, stacked) from
-    the map reduced by a strided convolution (`sr`, then `norm`), whose width prunes on its own."""
+    """Twins' global sub-sampled attention and PVT v2's spatial-reduction attention: queries from every token (`q`),
+    keys and values (`kv`, stacked) from the map reduced by a strided convolution (`sr`, then `norm`; PVT v2's linear
+    variant pools first and ends with `act`), whose width prunes on its own."""
 
     def rebuilt(self) -> None:
         self.head_dim = self.q.out_features // self.num_heads
@@ -255,7 +256,9 @@ class SubsampledAttention(HeadWidth):
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         (q,) = _heads(self.q(x), 1, self.num_heads, self.head_dim)
         if self.sr is not None:
-            x = self.norm(self.sr(x.transpose(1, 2).unflatten(-1, tuple(size))).flatten(2).transpose(1, 2))
+            x = x.transpose(1, 2).unflatten(-1, tuple(size))
+            x = self.norm(self.sr(x if getattr(self, "pool", None) is None else self.pool(x)).flatten(2).transpose(1, 2))
+            x = x if getattr(self, "act", None) is None else self.act(x)
         k, v = _heads(self.kv(x), 2, self.num_heads, self.head_dim)
         return self._out(_sdpa(self, q, k, v))
 
@@ -320,7 +323,7 @@ class GatedPositionalAttention(HeadWidth):
 
 
 class CrossCovarianceAttention(HeadWidth):
-    """EdgeNeXt's cross-covariance attention (XCA): per head, a softmax over the head's channels of the
+    """EdgeNeXt's and XCiT's cross-covariance attention (XCA): per head, a softmax over the head's channels of the
     channels' cosine similarities across tokens, times a learned `temperature`; `qkv` stacked."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -373,9 +376,11 @@ _TIMM = {
     "timm.models.crossvit.CrossAttention": (QueryTokenAttention, {"writers": ("wq", "wk", "wv")}),
     "timm.models.twins.GlobalSubSampleAttn": (SubsampledAttention, {}),
     "timm.models.twins.LocallyGroupedAttn": (GroupedWindowAttention, {}),
+    "timm.models.pvt_v2.Attention": (SubsampledAttention, {}),
     "timm.models.convit.MHSA": (StackedAttention, {}),
     "timm.models.convit.GPSA": (GatedPositionalAttention, {}),
     "timm.models.edgenext.CrossCovarianceAttn": (CrossCovarianceAttention, {}),
+    "timm.models.xcit.XCA": (CrossCovarianceAttention, {}),
     "timm.models.mobilevit.LinearSelfAttention": (LinearAttention, {}),
 }
 _REBUILT: dict[type, type] = {}

@@ -669,6 +669,13 @@ def groups_from_graph(
     visited: set[nn.Module] = set()
     groups: list[ChannelGroup] = []
     heads = attention_heads(model)
+    for name in list(heads):
+        # Heads are pruned through their projections: ones applied as functions (EVA's and timm Swin V2's `qkv`,
+        # through F.linear with a bias of their own) are not traced, and the heads are kept whole.
+        projections = [*_head_writers(model, name), _head_reader(model, name)]
+        if any(model.get_submodule(layer) not in graph.module2node for layer in projections):
+            _log_once(f"the heads of {name!r} are kept whole: its projection {projections[0]!r} is not called as a module")
+            del heads[name]
     # The layers that write the heads' queries, keys and values, by the attention they belong to.
     head_layers = {model.get_submodule(layer): name for name in heads for layer in _head_writers(model, name)}
     emitted: set[str] = set()
@@ -915,6 +922,15 @@ def _head_writers(model: nn.Module, attention: str) -> list[str]:
     names = {id(module): name for name, module in m.named_modules()}
     layout = head_layout(m)
     return [prefix + names[id(_linear_of(getattr(m, w.attr)))] for w in layout.writers] if layout else [f"{prefix}qkv"]
+
+
+def _head_reader(model: nn.Module, attention: str) -> str:
+    """The name of the output projection that reads an attention's heads."""
+    m = model.get_submodule(attention)
+    layout = head_layout(m)
+    prefix = f"{attention}." if attention else ""
+    names = {id(module): name for name, module in m.named_modules()}
+    return prefix + names[id(_linear_of(getattr(m, layout.proj)))] if layout else f"{prefix}proj"
 
 
 def attention_heads(model: nn.Module) -> dict[str, nn.Module]:
