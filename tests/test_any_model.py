@@ -37,6 +37,7 @@ def registered_models(monkeypatch):
         "test_mixed": Mixed,
         "test_split": Split,
         "test_rex": Rex,
+        "test_sections": Sections,
         "test_botnet": BottleneckAttention,
         "test_tiny_mixer": _tiny_mixer,
         "test_tiny_resmlp": lambda **kw: _tiny_mixer(resmlp=True, **kw),
@@ -1045,3 +1046,68 @@ def test_heads_whose_projection_is_applied_as_a_function_are_kept_whole():
     model = create("timm:eva02_tiny_patch14_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4).eval()
     assert not [g for g in channel_groups(model, shape) if g.heads]
     check_prunable(model, shape)
+
+
+class PartialConv(nn.Module):
+    """FasterNet's partial convolution: a split into two sections of sizes held one per attribute, the first convolved."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim_conv3, self.dim_untouched = dim // 4, dim - dim // 4
+        self.partial_conv3 = nn.Conv2d(self.dim_conv3, self.dim_conv3, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = torch.split(x, [self.dim_conv3, self.dim_untouched], dim=1)
+        return torch.cat((self.partial_conv3(x1), x2), 1)
+
+
+class InceptionDepthwise(nn.Module):
+    """InceptionNeXt's token mixer: a split into sections of sizes held in one tuple, three of them depthwise-convolved."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        gc = dim // 8
+        self.dwconv_hw = nn.Conv2d(gc, gc, 3, padding=1, groups=gc)
+        self.dwconv_w = nn.Conv2d(gc, gc, (1, 5), padding=(0, 2), groups=gc)
+        self.dwconv_h = nn.Conv2d(gc, gc, (5, 1), padding=(2, 0), groups=gc)
+        self.split_indexes = (dim - 3 * gc, gc, gc, gc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_id, x_hw, x_w, x_h = torch.split(x, self.split_indexes, dim=1)
+        return torch.cat((x_id, self.dwconv_hw(x_hw), self.dwconv_w(x_w), self.dwconv_h(x_h)), 1)
+
+
+class Sections(nn.Module):
+    """A residual stream through a partial convolution and an inception token mixer, each followed by an MLP."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        self.stem = _conv_bn(in_channels, 16, 3)
+        self.mix1, self.mlp1 = PartialConv(16), nn.Sequential(_conv_bn(16, 24), _conv_bn(24, 16, act=False))
+        self.mix2, self.mlp2 = InceptionDepthwise(16), nn.Sequential(_conv_bn(16, 24), _conv_bn(24, 16, act=False))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.mlp1(self.mix1(x))
+        x = x + self.mlp2(self.mix2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_split_into_sections_of_recorded_sizes_takes_the_sizes_left(tmp_path):
+    """`x.split([a, b])` with the sizes held by the module (FasterNet's `dim_conv3` / `dim_untouched`, InceptionNeXt's
+    `split_indexes`): each section keeps what the plan leaves it and the attributes follow; a section read by no layer
+    (passed to a concatenation) is sized as the rest (the sizes went back to the traced ones when several groups were
+    removed, and the model failed with "split_with_sizes expects split_sizes to sum exactly to ...")."""
+    torch.manual_seed(0)
+    model = _random_norms(create("test_sections").eval())
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    stream = groups["stem.0"]
+    assert {"mix1.partial_conv3", "mix2.dwconv_hw", "mix2.dwconv_w", "mix2.dwconv_h"} <= set(stream.layers) | set(stream.consumers)
+    check_prunable(model, SHAPE)  # BatchNorm only: against the dense model with the removed channels silenced
+    dense = copy.deepcopy(model)
+    keep = {"stem.0": [0, 2, 3, 5, 8, 9, 10, 12, 13, 15], "mix1.partial_conv3": [1, 2]}
+    apply_channel_plan(model, ChannelPlan(keep, {name: groups[name].size for name in keep}), SHAPE)
+    assert (model.mix1.dim_conv3, model.mix1.dim_untouched) == (3, 7) and model.mix2.split_indexes == (6, 1, 2, 1)
+    _equals_silenced_dense_and_reloads(model, _silence(dense, groups, keep), tmp_path)
+    _pruned_and_reloaded(create("test_sections").eval(), SHAPE, 0.6, tmp_path)

@@ -192,13 +192,15 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
     under "tokens" whether a linear layer saw more than flat features (channels last), and for a split
     into equal chunks of a size given as a number (`x.split(k)`) the attribute of the module making it
     that holds k or the whole width (`splits`: autograd node -> (module name, attribute, chunks per unit
-    of the attribute)), which surgery updates (CSP's `expand_chs`, Res2Net's `width`); likewise the attribute
-    that bounds a slice of the channels (`slices`: autograd node -> (module name, attribute, "start" or "end"), and
+    of the attribute)), which surgery updates (CSP's `expand_chs`, Res2Net's `width`); for a split into sections of
+    listed sizes (`x.split([a, b])`), the module attribute holding the list or one attribute per section (`sections`:
+    autograd node -> (module name, attribute or attributes): InceptionNeXt's `split_indexes`, FasterNet's
+    `dim_conv3` and `dim_untouched`); likewise the attribute that bounds a slice of the channels (`slices`: autograd node -> (module name, attribute, "start" or "end"), and
     the sizes of a concatenation's parts (`cats`: autograd node -> sizes along its dimension)."""
 
-    def __init__(self, shapes: dict, splits: dict, slices: dict, cats: dict, model: nn.Module) -> None:
+    def __init__(self, shapes: dict, splits: dict, sections: dict, slices: dict, cats: dict, model: nn.Module) -> None:
         super().__init__()
-        self.shapes, self.splits, self.slices, self.cats = shapes, splits, slices, cats
+        self.shapes, self.splits, self.sections, self.slices, self.cats = shapes, splits, sections, slices, cats
         self.names = {m: name for name, m in model.named_modules()}
         self.running: list[nn.Module] = []
 
@@ -228,6 +230,9 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
             found = _int_attribute(owner, (size, size * len(out))) if type(size) is int and owner in self.names else None
             if found is not None:
                 self.splits[out[0].grad_fn] = (self.names[owner], found[0], len(out) if found[1] == size else 1)
+            held = _sections_attribute(owner, list(size)) if isinstance(size, (list, tuple)) and owner in self.names else None
+            if held is not None:
+                self.sections[out[0].grad_fn] = (self.names[owner], held)
         elif func is torch.cat and isinstance(out, torch.Tensor) and out.grad_fn is not None and out.dim() > 1:
             dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim", 0)
             self.cats[out.grad_fn] = [int(t.shape[dim]) for t in args[0]]
@@ -247,6 +252,19 @@ def _int_attribute(module: nn.Module, values: tuple) -> tuple[str, int] | None:
     for key, value in vars(module).items():
         if not key.startswith("_") and type(value) is int and value > 0 and value in values:
             return key, value
+    return None
+
+
+def _sections_attribute(module: nn.Module, sizes: list) -> str | list[str] | None:
+    """The public attribute of a module holding a split's section sizes (a list or tuple of ints equal to them), else
+    one int attribute per section where the sizes differ and each is held by exactly one, else None."""
+    public = {key: value for key, value in vars(module).items() if not key.startswith("_")}
+    for key, value in public.items():
+        if isinstance(value, (list, tuple)) and list(value) == sizes and all(type(v) is int for v in value):
+            return key
+    holders = [[key for key, value in public.items() if type(value) is int and value == size] for size in sizes]
+    if len(set(sizes)) == len(sizes) and all(len(keys) == 1 for keys in holders):
+        return [keys[0] for keys in holders]
     return None
 
 
@@ -281,8 +299,18 @@ def resize_splits(model: nn.Module, group: ChannelGroup, kept: int) -> None:
 
 def resize_slices(model: nn.Module, graph: Any) -> None:
     """Give the module attributes that bound a slice of the channels (`x[:, :self.in_channels]`, ReXNet's partial
-    residual) the bound Torch-Pruning's slice now has, after channels were removed."""
+    residual) the bound Torch-Pruning's slice now has, after channels were removed; likewise those holding the section
+    sizes of a split (`graph.sections`), where each section has one reader."""
     for node in graph.module2node.values():
+        held = graph.sections.get(node.grad_fn)
+        sizes = getattr(node.module, "split_sizes", None)
+        if held is not None and sizes is not None and len(sizes) == len(_chunk_sizes(node.grad_fn) or ()):
+            owner, attribute = model.get_submodule(held[0]), held[1]
+            if isinstance(attribute, str):
+                setattr(owner, attribute, type(getattr(owner, attribute))(int(n) for n in sizes))
+            else:
+                for key, n in zip(attribute, sizes):
+                    setattr(owner, key, int(n))
         found = graph.slices.get(node.grad_fn)
         if found is not None and isinstance(getattr(node.module, found[2], None), int):  # a slice Torch-Pruning follows
             module, attribute, bound = found
@@ -428,6 +456,8 @@ def _graph_class() -> type:
                 else:
                     read = {chunk[out]: graph.get_in_channels(out) for out in reversed(node.outputs) if graph.get_in_channels(out)}
                     sizes = [read.get(i) for i in range(len(traced))]
+                    if sizes.count(None) == 1:  # one section read by no layer (passed on to a concatenation): the rest
+                        sizes[sizes.index(None)] = total - sum(n for n in sizes if n is not None)
                     sizes = sizes if None not in sizes and sum(sizes) == total else list(traced)
                 # Torch-Pruning reads split_sizes by output (one per reader); the offsets here are by chunk.
                 node.module.split_sizes = [sizes[chunk[out]] for out in node.outputs]
@@ -531,9 +561,11 @@ def _graph_class() -> type:
             equal splits and slice bounds, and concatenations' part sizes recorded while it traces (`_ReshapeRecorder`)."""
             self.reshapes: dict[Any, tuple[torch.Size, torch.Size]] = {}
             self.splits: dict[Any, tuple[str, str, int]] = {}
+            self.sections: dict[Any, tuple[str, str | list[str]]] = {}
             self.slices: dict[Any, tuple[str, str, str]] = {}
             self.cats: dict[Any, list[int]] = {}
-            with self._guarded_reshapes(), _ReshapeRecorder(self.reshapes, self.splits, self.slices, self.cats, model):
+            recorder = _ReshapeRecorder(self.reshapes, self.splits, self.sections, self.slices, self.cats, model)
+            with self._guarded_reshapes(), recorder:
                 return super().build_dependency(model, *args, **kwargs)
 
         def get_pruning_group(self, *args: Any, **kwargs: Any) -> Any:
