@@ -322,6 +322,20 @@ class GatedPositionalAttention(HeadWidth):
         return HeadLayout(writers, 3 * d + 1, (2 * d, d))
 
 
+class QueryKeyValueAttention(HeadWidth):
+    """TNT's attention: queries and keys stacked in `qk` (`head_dim` each per head), values from `v` with a width of
+    their own per head; timm's forward already computes with `num_heads`, so only the layout is added."""
+
+    def rebuilt(self) -> None:
+        pass
+
+    def head_layout(self):
+        from prunelab.structure.groups import HeadLayout, Writer
+
+        d, dv = self.head_dim, self.v.out_features // self.num_heads
+        return HeadLayout([Writer("qk", [(0, d), (d, d)]), Writer("v", [(2 * d, dv)])], 2 * d + dv, (2 * d, dv))
+
+
 class CrossCovarianceAttention(HeadWidth):
     """EdgeNeXt's and XCiT's cross-covariance attention (XCA): per head, a softmax over the head's channels of the
     channels' cosine similarities across tokens, times a learned `temperature`; `qkv` stacked."""
@@ -381,6 +395,7 @@ _TIMM = {
     "timm.models.convit.GPSA": (GatedPositionalAttention, {}),
     "timm.models.edgenext.CrossCovarianceAttn": (CrossCovarianceAttention, {}),
     "timm.models.xcit.XCA": (CrossCovarianceAttention, {}),
+    "timm.models.tnt.Attention": (QueryKeyValueAttention, {}),
     "timm.models.mobilevit.LinearSelfAttention": (LinearAttention, {}),
 }
 _REBUILT: dict[type, type] = {}
