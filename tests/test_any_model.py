@@ -1114,3 +1114,23 @@ def test_a_split_into_sections_of_recorded_sizes_takes_the_sizes_left(tmp_path):
     assert (model.mix1.dim_conv3, model.mix1.dim_untouched) == (3, 7) and model.mix2.split_indexes == (6, 1, 2, 1)
     _equals_silenced_dense_and_reloads(model, _silence(dense, groups, keep), tmp_path)
     _pruned_and_reloaded(create("test_sections").eval(), SHAPE, 0.6, tmp_path)
+
+
+def test_a_group_walk_that_keeps_reaching_a_node_with_new_channels_is_stopped():
+    """Torch-Pruning's walk of a group adds a node again whenever it arrives with other indices: round a cycle of views,
+    an expansion and a batched product (timm's lambda layers) that never settles, group discovery ran past 5 minutes
+    (lambda_resnet26t, focalnet_tiny_srf). A node reached more than WALK_REVISITS times ends the walk with the reason,
+    and the group is kept whole."""
+    from torch_pruning.dependency.group import Group
+
+    from prunelab.structure.groups import WALK_REVISITS, _bounded_walk
+
+    node = type("Node", (), {"name": "_Reshape_7"})()
+    dep, group = type("Dep", (), {"target": node})(), Group()
+    with _bounded_walk():
+        for i in range(WALK_REVISITS):
+            group.add_dep(dep, [i])
+        with pytest.raises(RuntimeError, match="goes round _Reshape_7 without settling"):
+            group.add_dep(dep, [WALK_REVISITS])
+    group.add_dep(dep, [0])  # outside a walk nothing is counted
+    assert len(group) == WALK_REVISITS + 1

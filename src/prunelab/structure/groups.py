@@ -344,6 +344,34 @@ def _chunk_sizes(split: Any) -> list[int] | None:
     return None
 
 
+# How often a group's walk may reach one node with other channels before it is taken as going round without end.
+WALK_REVISITS = 16
+
+
+@contextmanager
+def _bounded_walk() -> Iterator[None]:
+    """Torch-Pruning's walk of a group, stopped with a RuntimeError where it reaches a node with other channels again
+    and again: index mappings round a cycle (views, an expansion and a batched product of timm's lambda layers) that
+    give new indices at every turn never end, and the group grows without bound."""
+    from torch_pruning.dependency.group import Group
+
+    original = Group.add_dep
+    seen: dict[tuple[int, Any], int] = {}
+
+    def add_dep(group: Any, dep: Any, idxs: Any) -> Any:
+        key = (id(group), dep.target)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > WALK_REVISITS:
+            raise RuntimeError(f"its channel mapping goes round {dep.target.name} without settling")
+        return original(group, dep, idxs)
+
+    Group.add_dep = add_dep
+    try:
+        yield
+    finally:
+        Group.add_dep = original
+
+
 @functools.cache
 def _graph_class() -> type:
     """Torch-Pruning's DependencyGraph, with grouped convolutions pruned by whole groups.
@@ -569,7 +597,7 @@ def _graph_class() -> type:
                 return super().build_dependency(model, *args, **kwargs)
 
         def get_pruning_group(self, *args: Any, **kwargs: Any) -> Any:
-            with self._guarded_reshapes():
+            with self._guarded_reshapes(), _bounded_walk():
                 return super().get_pruning_group(*args, **kwargs)
 
         @contextmanager
