@@ -969,6 +969,8 @@ TIMM_HEAD_WIDTH = {
     "mobilevitv2_050": ({}, 64, {"LinearSelfAttention": 9}),
     "pvt_v2_b2_li": (dict(embed_dims=(16, 32), num_heads=(2, 4), mlp_ratios=(2, 2), depths=(1, 1), sr_ratios=(2, 1)), 32, {"Attention": 2}),
     "xcit_nano_12_p16_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1), 32, {"XCA": 1, "ClassAttn": 1}),
+    "vit_relpos_small_patch16_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4), 32, {"RelPosAttention": 1}),
+    "vit_relpos_base_patch16_clsgap_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4), 32, {"RelPosAttention": 1}),
     "tnt_s_patch16_224": (
         dict(img_size=32, patch_size=8, embed_dim=48, inner_dim=16, depth=1, num_heads_outer=4, num_heads_inner=2), 32, {"Attention": 2}
     ),
@@ -981,7 +983,8 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
     talking heads (heads mixed: each keeps fewer dimensions instead), Twins'
     sub-sampled (q + kv) and windowed attention, ConViT's gated positional attention (qk + v + a positional score per
     head) and plain one, EdgeNeXt's cross-covariance attention, MobileViTv2's separable attention (a key/value channel
-    pair per head, beside a shared query row), TNT's (values wider than queries and keys): rebuilt at creation, they compute what timm's modules
+    pair per head, beside a shared query row), TNT's (values wider than queries and keys), ViT's with a relative
+    position bias per head (a table or an MLP, pruned with the heads): rebuilt at creation, they compute what timm's modules
     do with the same weights; removing heads computes what the dense model does with those heads silenced, and the
     pruned model reloads."""
     import timm

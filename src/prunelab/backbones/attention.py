@@ -336,6 +336,21 @@ class QueryKeyValueAttention(HeadWidth):
         return HeadLayout([Writer("qk", [(0, d), (d, d)]), Writer("v", [(2 * d, dv)])], 2 * d + dv, (2 * d, dv))
 
 
+class RelativePositionAttention(HeadWidth):
+    """timm's ViT with relative position biases: `qkv` stacked, a bias per head from its `rel_pos` module (a table or
+    an MLP, whose heads are pruned with the attention's) or shared by the model."""
+
+    def rebuilt(self) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = _heads(self.qkv(x), 3, self.num_heads, self.head_dim)
+        bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos
+        dropout = self.attn_drop.p if self.training else 0.0
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
+        return self._out(x)
+
+
 class CrossCovarianceAttention(HeadWidth):
     """EdgeNeXt's and XCiT's cross-covariance attention (XCA): per head, a softmax over the head's channels of the
     channels' cosine similarities across tokens, times a learned `temperature`; `qkv` stacked."""
@@ -396,6 +411,7 @@ _TIMM = {
     "timm.models.edgenext.CrossCovarianceAttn": (CrossCovarianceAttention, {}),
     "timm.models.xcit.XCA": (CrossCovarianceAttention, {}),
     "timm.models.tnt.Attention": (QueryKeyValueAttention, {}),
+    "timm.models.vision_transformer_relpos.RelPosAttention": (RelativePositionAttention, {}),
     "timm.models.mobilevit.LinearSelfAttention": (LinearAttention, {}),
 }
 _REBUILT: dict[type, type] = {}
@@ -417,6 +433,8 @@ def relayout(model: nn.Module) -> None:
     for module in list(model.modules()):
         if f"{type(module).__module__}.{type(module).__name__}" in _TIMM:
             _rebuild_timm(module)
+            # A position bias the model shares among its blocks has every head: the heads stay whole.
+            module.whole_heads = getattr(model, "shared_rel_pos", None) is not None
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             kind = type(child).__name__ if type(child).__module__.startswith("torchvision.") else None

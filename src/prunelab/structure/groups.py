@@ -1000,6 +1000,8 @@ def attention_heads(model: nn.Module) -> dict[str, nn.Module]:
     layouts of `head_layout` (heads written by several projections, or each head's query, key and value together)."""
     found = {}
     for name, m in model.named_modules():
+        if getattr(m, "whole_heads", False):  # backbones.attention.relayout: a bias shared with other blocks
+            continue
         if head_layout(m):
             found[name] = m
             continue
@@ -1151,13 +1153,7 @@ def prune_heads(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
                 setattr(m, name, nn.Parameter(p[..., kept_heads].clone(), p.requires_grad))
             elif p.dim() and p.shape[0] == heads and p[0].numel() == 1:
                 setattr(m, name, nn.Parameter(p[kept_heads].clone(), p.requires_grad))
-        bias_mlp = getattr(m, "cpb_mlp", None)
-        if isinstance(bias_mlp, nn.Sequential) and isinstance(bias_mlp[-1], nn.Linear) and bias_mlp[-1].out_features == heads:
-            last = bias_mlp[-1]
-            last.weight = nn.Parameter(last.weight[kept_heads].clone(), last.weight.requires_grad)
-            if last.bias is not None:
-                last.bias = nn.Parameter(last.bias[kept_heads].clone(), last.bias.requires_grad)
-            last.out_features = len(kept_heads)
+        _prune_position_bias(m, heads, kept_heads)
     m.qkv.out_features, m.proj.in_features = rows.numel(), index.numel()
     m.num_heads = len(kept_heads)
     if kept_dim < dim:
@@ -1166,6 +1162,29 @@ def prune_heads(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
             m.head_dim = kept_dim
     if hasattr(m, "attn_dim"):
         m.attn_dim = m.num_heads * kept_dim
+
+
+def _prune_position_bias(m: nn.Module, heads: int, kept_heads: torch.Tensor) -> None:
+    """Keep the heads `kept_heads` in an attention's position-bias modules (its children besides the projections and
+    norms: Swin V2's `cpb_mlp`, timm's RelPosBias / RelPosMlp): the rows of a Linear layer with one output per head, a
+    table's last dimension of heads, and the head count they record (`num_heads`, `bias_shape` ending in it)."""
+    own = {id(getattr(m, n, None)) for n in ("qkv", "proj", "q_norm", "k_norm", "norm")}
+    for child in [c for c in m.children() if id(c) not in own]:
+        for sub in child.modules():
+            if isinstance(sub, nn.Linear) and sub.out_features == heads:
+                sub.weight = nn.Parameter(sub.weight[kept_heads].clone(), sub.weight.requires_grad)
+                if sub.bias is not None:
+                    sub.bias = nn.Parameter(sub.bias[kept_heads].clone(), sub.bias.requires_grad)
+                sub.out_features = len(kept_heads)
+            elif not isinstance(sub, nn.Linear):
+                for name, p in list(sub.named_parameters(recurse=False)):
+                    if p.dim() > 1 and p.shape[-1] == heads:
+                        setattr(sub, name, nn.Parameter(p[..., kept_heads].clone(), p.requires_grad))
+            if getattr(sub, "num_heads", None) == heads:
+                sub.num_heads = len(kept_heads)
+            shape = getattr(sub, "bias_shape", None)
+            if isinstance(shape, tuple) and shape and shape[-1] == heads:
+                sub.bias_shape = (*shape[:-1], len(kept_heads))
 
 
 def _prune_laid_out(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
