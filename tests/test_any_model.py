@@ -38,6 +38,7 @@ def registered_models(monkeypatch):
         "test_split": Split,
         "test_rex": Rex,
         "test_sections": Sections,
+        "test_std_convs": StdConvs,
         "test_botnet": BottleneckAttention,
         "test_tiny_mixer": _tiny_mixer,
         "test_tiny_resmlp": lambda **kw: _tiny_mixer(resmlp=True, **kw),
@@ -1137,3 +1138,40 @@ def test_a_group_walk_that_keeps_reaching_a_node_with_new_channels_is_stopped():
             group.add_dep(dep, [WALK_REVISITS])
     group.add_dep(dep, [0])  # outside a walk nothing is counted
     assert len(group) == WALK_REVISITS + 1
+
+
+class StdConvs(nn.Module):
+    """Two of timm's weight-standardised convolutions (NFNets' ScaledStdConv2d, with a gain per output channel)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        from timm.layers import ScaledStdConv2d
+
+        self.conv1, self.conv2 = ScaledStdConv2d(in_channels, 8, 3, padding=1), ScaledStdConv2d(8, 12, 3, padding=1)
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.conv2(F.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def test_a_convolution_with_a_gain_per_output_channel_loses_its_rows(tmp_path):
+    """The gain of a weight-standardised convolution is cut with its rows (its standardisation failed with "weight
+    should contain 8 elements not 4" and every NFNet was refused), and the weight's reshape inside the layer is no
+    channel reshape (the input group was kept whole). A standardised reader re-standardises over the inputs it keeps,
+    so check_prunable does not hold the model to the silenced dense one."""
+    torch.manual_seed(0)
+    model = create("test_std_convs").eval()
+    with torch.no_grad():
+        model.conv1.gain.uniform_(0.5, 1.5)
+    assert [g.name for g in channel_groups(model, SHAPE)] == ["conv1", "conv2"]
+    check_prunable(model, SHAPE)
+    dense, keep = copy.deepcopy(model), {"conv1": [0, 2, 5, 7]}
+    apply_channel_plan(model, ChannelPlan(keep, {"conv1": 8}), SHAPE)
+    assert model.conv1.gain.shape == (4, 1, 1, 1) and model.conv2.weight.shape == (12, 4, 3, 3)
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(model.conv1(x), dense.conv1(x)[:, keep["conv1"]])
+    model_record(model).input_shape = SHAPE
+    reloaded = load_model(save_model(model, tmp_path / "model.pt")).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))

@@ -222,6 +222,9 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if func in _RESHAPES and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             self.shapes[out.grad_fn] = (args[0].shape, out.shape)
+            if self.running and args[0] is getattr(self.running[-1], "weight", None) and isinstance(self.running[-1], nn.modules.conv._ConvNd):
+                # A convolution computing the weight it applies from its own (weight standardisation).
+                self.shapes.setdefault("parameters", set()).add(out.grad_fn)
         elif func is torch.nn.functional.linear and args[0].dim() > 2:
             self.shapes["tokens"] = True
         elif func in _SPLITS and isinstance(out, tuple) and out and out[0].grad_fn is not None and self.running:
@@ -372,6 +375,12 @@ def _bounded_walk() -> Iterator[None]:
         Group.add_dep = original
 
 
+def _extra_rows(layer: nn.Module) -> list[str]:
+    """A convolution's own parameters besides weight and bias with one entry per output channel (timm's
+    ScaledStdConv2d `gain`), which its pruner must cut with the rows."""
+    return [n for n, p in layer.named_parameters(recurse=False) if n not in ("weight", "bias") and p.dim() and p.shape[0] == layer.out_channels]
+
+
 @functools.cache
 def _graph_class() -> type:
     """Torch-Pruning's DependencyGraph, with grouped convolutions pruned by whole groups.
@@ -400,14 +409,26 @@ def _graph_class() -> type:
                     f"{unit}, but the indices {removed} split a group"
                 )
             keep = [i for i in range(layer.out_channels) if i // unit not in blocks]
-            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
-            if layer.bias is not None:
-                layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+            for name in ("weight", "bias", *_extra_rows(layer)):
+                if getattr(layer, name) is not None:
+                    setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 0))
             layer.in_channels = layer.out_channels = len(keep)
             layer.groups -= len(blocks)
             return layer
 
         prune_in_channels = prune_out_channels
+
+    class ExtrasConvPruner(tp.pruner.function.ConvPruner):
+        """Torch-Pruning's convolution pruner, also keeping the rows of the layer's own parameters with one entry per
+        output channel (`_extra_rows`: timm's weight-standardised ScaledStdConv2d `gain`, NFNets)."""
+
+        def prune_out_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+            removed, extras = {int(i) for i in idxs}, _extra_rows(layer)
+            keep = [i for i in range(layer.out_channels) if i not in removed]
+            layer = super().prune_out_channels(layer, idxs)
+            for name in extras:
+                setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 0))
+            return layer
 
     class Graph(tp.DependencyGraph):
         """Sends grouped convolutions whose outputs follow their inputs (`grouped_unit` > 1) to `GroupedConvPruner`.
@@ -421,6 +442,7 @@ def _graph_class() -> type:
         def __init__(self) -> None:
             super().__init__()
             self.grouped_conv_pruner = GroupedConvPruner()
+            self.extras_conv_pruner = ExtrasConvPruner()
             self.unmapped: dict[nn.Module, str] = {}
 
         @contextmanager
@@ -443,6 +465,12 @@ def _graph_class() -> type:
                     # Torch-Pruning assumes for 3-D tokens; its flatten mappings would expand every index.
                     return
                 shapes = self.reshapes.get(node.grad_fn)
+                if node.grad_fn in self.reshapes.get("parameters", ()):
+                    # A layer's weight reshaped to compute the weight it applies (NFNets' standardised convolutions):
+                    # no activation's channels pass there, so a group's walk ends.
+                    for dep in node.dependencies:
+                        dep.index_mapping = [_no_channels, None]
+                    return
                 if shapes is None and _beside_matmul(node):
                     # A view autograd makes inside a batched matrix product (attention on 4-D maps): Torch-Pruning
                     # maps it as a flatten, and round the product's cycle the indices multiply without end.
@@ -618,13 +646,17 @@ def _graph_class() -> type:
         def get_pruner_of_module(self, module: nn.Module) -> Any:
             if (grouped_unit(module) or 1) > 1:
                 return self.grouped_conv_pruner
+            if isinstance(module, nn.Conv2d) and module.groups == 1 and _extra_rows(module):
+                return self.extras_conv_pruner
             return super().get_pruner_of_module(module)
 
         def is_out_channel_pruning_fn(self, fn: Any) -> bool:
-            return fn == self.grouped_conv_pruner.prune_out_channels or super().is_out_channel_pruning_fn(fn)
+            own = (self.grouped_conv_pruner.prune_out_channels, self.extras_conv_pruner.prune_out_channels)
+            return fn in own or super().is_out_channel_pruning_fn(fn)
 
         def is_in_channel_pruning_fn(self, fn: Any) -> bool:
-            return fn == self.grouped_conv_pruner.prune_in_channels or super().is_in_channel_pruning_fn(fn)
+            own = (self.grouped_conv_pruner.prune_in_channels, self.extras_conv_pruner.prune_in_channels)
+            return fn in own or super().is_in_channel_pruning_fn(fn)
 
     return Graph
 

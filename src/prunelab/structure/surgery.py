@@ -205,10 +205,11 @@ def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
     # does for attention heads in any model (zeroed query, key and value rows: the head adds nothing), so head
     # groups are removed and compared first, then the others.
     other_norms = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
-    exact = not any(isinstance(m, other_norms) for m in model.modules())
-    dense = copy.deepcopy(model) if exact or any(g.heads for g in groups) else None
     trial = copy.deepcopy(model)
     graph, _ = build_graph(trial, tuple(input_shape))
+    # A layer that standardises its weight (NFNets) standardises it anew over the inputs it keeps: no zeroing matches.
+    exact = not any(isinstance(m, other_norms) for m in model.modules()) and not graph.reshapes.get("parameters")
+    dense = copy.deepcopy(model) if exact or any(g.heads for g in groups) else None
     param = next(trial.parameters())
     x = torch.randn(2, *input_shape, device=param.device, dtype=param.dtype)
     if exact:
