@@ -39,6 +39,7 @@ def registered_models(monkeypatch):
         "test_rex": Rex,
         "test_sections": Sections,
         "test_std_convs": StdConvs,
+        "test_norm_no_bias": NormWithoutBias,
         "test_botnet": BottleneckAttention,
         "test_tiny_mixer": _tiny_mixer,
         "test_tiny_resmlp": lambda **kw: _tiny_mixer(resmlp=True, **kw),
@@ -1175,3 +1176,24 @@ def test_a_convolution_with_a_gain_per_output_channel_loses_its_rows(tmp_path):
     reloaded = load_model(save_model(model, tmp_path / "model.pt")).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(x), model(x))
+
+
+class NormWithoutBias(nn.Module):
+    """A norm made without a bias (timm's GroupNorm1NoBias, PoolFormer v2) between two convolutions."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        from timm.models.metaformer import GroupNorm1NoBias
+
+        self.conv1, self.norm, self.conv2 = nn.Conv2d(in_channels, 8, 3, padding=1), GroupNorm1NoBias(8), nn.Conv2d(8, 12, 3, padding=1)
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.conv2(F.relu(self.norm(self.conv1(x))))).mean((2, 3)))
+
+
+def test_a_norm_without_a_bias_loses_its_weights_rows(tmp_path):
+    """Torch-Pruning cut a norm's bias whenever it was affine: without one, it failed ("'NoneType' object has no
+    attribute 'device'") and PoolFormer v2 was refused."""
+    model = _pruned_and_reloaded(create("test_norm_no_bias").eval(), SHAPE, None, tmp_path)
+    assert model.norm.weight.shape == (4,) and model.norm.bias is None and model.conv2.in_channels == 4

@@ -389,6 +389,18 @@ def _graph_class() -> type:
     """
     import torch_pruning as tp
 
+    # Torch-Pruning's norm pruners cut `bias` whenever the norm is affine; a norm made without one (timm's
+    # GroupNorm1NoBias in PoolFormer v2, LayerNorm(bias=False)) failed with "'NoneType' object has no attribute 'device'".
+    base = tp.pruner.function.BasePruningFunc
+    if not getattr(base._prune_parameter_and_grad, "keeps_none", False):
+        cut = base._prune_parameter_and_grad
+
+        def cut_unless_none(self: Any, weight: Any, keep_idxs: list, pruning_dim: int) -> Any:
+            return None if weight is None else cut(self, weight, keep_idxs, pruning_dim)
+
+        cut_unless_none.keeps_none = True
+        base._prune_parameter_and_grad = cut_unless_none
+
     # Chosen over keeping grouped convolutions whole: coupling both sides, as for depthwise ones, keeps ResNeXt prunable.
     class GroupedConvPruner(tp.pruner.function.ConvPruner):
         """Removes whole groups of a grouped convolution whose outputs follow its inputs (`grouped_unit`).
