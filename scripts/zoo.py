@@ -20,7 +20,7 @@ the channel groups are found, `pl_groups_peak_gb`, which bounds group discovery'
 model's own default size (timm's `pretrained_cfg`, else 224) unless `--size` is given.
 
 Rows print as each model finishes and go to a Markdown file (`--out`, default zoo.md) and a CSV
-next to it (zoo.csv). The default list (all torchvision classifiers and ~50 timm families) takes
+next to it (zoo.csv). The default list (all torchvision classifiers and ~140 timm models, one or two per family) takes
 hours on a few CPU cores. Run:
 
     python scripts/zoo.py
@@ -60,6 +60,19 @@ convnext_atto convnextv2_atto poolformer_s12 vit_tiny_patch16_224 deit_tiny_patc
 swin_tiny_patch4_window7_224 levit_128s mobilevit_xxs efficientformer_l1 coat_lite_tiny pit_ti_224
 cait_xxs24_224 crossvit_tiny_240 twins_svt_small convit_tiny resmlp_12_224 mixer_s16_224 gmlp_ti16_224
 repvgg_a0 vgg11_bn nfnet_l0 edgenext_xx_small fastvit_t8 efficientvit_b0 tresnet_m
+beit_base_patch16_224 eva02_tiny_patch14_224 deit3_small_patch16_224 flexivit_small volo_d1_224
+xcit_nano_12_p16_224 nest_tiny sequencer2d_s focalnet_tiny_srf davit_tiny gcvit_xxtiny hiera_tiny_224 hgnet_tiny
+inception_next_tiny mambaout_femto mvitv2_tiny nextvit_small pvt_v2_b0 rdnet_tiny repghostnet_050 repvit_m0_9
+resnest14d selecsls42b seresnet18 skresnet18 starnet_s1 swinv2_cr_tiny_224 swinv2_tiny_window8_256
+tnt_s_patch16_224 ese_vovnet19b_dw visformer_tiny ghostnetv2_100 efficientnetv2_rw_t fasternet_t0 hgnetv2_b0
+mobilenetv4_conv_small mobileone_s0 convmixer_768_32 dla46_c vitamin_small_224 regnetv_040 resnetv2_50
+bat_resnext26ts halonet26t lambda_resnet26t sebotnet33ts_256 eca_nfnet_l0 vit_relpos_small_patch16_224
+vit_srelpos_small_patch16_224 vit_base_patch16_rope_reg1_gap_256 efficientvit_m0 fastvit_mci0 coatnet_0_rw_224
+maxvit_tiny_rw_224 maxxvit_rmlp_nano_rw_256 coat_tiny crossvit_9_240 poolformerv2_s12 convformer_s18 caformer_s18
+res2next50 resnext26ts cs3darknet_s dm_nfnet_f0 vgg11 mnasnet_small spnasnet_100 fbnetc_100 semnasnet_050
+mixnet_m tf_mixnet_s hardcorenas_a gernet_s legacy_seresnet18 inception_v4 inception_resnet_v2 xception65
+pit_xs_distilled_224 edgenext_small_rw rexnetr_100 ghostnetv3_050 shvit_s1 mobilenetv5_300m_enc
+levit_conv_128s efficientformerv2_s0 tiny_vit_5m_224 twins_pcpvt_small mobilevitv2_050 botnet26t_256
 """.split()
 
 COLUMNS = [
