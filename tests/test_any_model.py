@@ -1054,6 +1054,13 @@ def test_heads_whose_projection_is_applied_as_a_function_are_kept_whole():
     model = create("timm:eva02_tiny_patch14_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4).eval()
     assert not [g for g in channel_groups(model, shape) if g.heads]
     check_prunable(model, shape)
+    # Its SwiGLU MLPs are kept whole too: no group is left, and a structured budget says so in one line.
+    from prunelab.budget import BudgetError, structured_plan
+
+    assert channel_groups(model, shape) == []
+    ctx = type("Ctx", (), {"budget": {"flops": 0.5}, "input_shape": shape, "dense": {}})()
+    with pytest.raises(BudgetError, match="no channel group of this model can lose channels"):
+        structured_plan(model, {}, ctx)
 
 
 class PartialConv(nn.Module):

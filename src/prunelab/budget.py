@@ -729,6 +729,11 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
     from prunelab.structure import channel_groups
 
     budget, input_shape = ctx.budget, ctx.input_shape
+    if not scores:
+        raise BudgetError(
+            "no channel group of this model can lose channels (the reason each is kept whole is logged above), so no "
+            "structured budget can be met; an unstructured method (method=magnitude) prunes its weights instead"
+        )
     round_to = int(budget.get("round_to") or 1)
     groups = [g for g in channel_groups(model, input_shape) if g.name in scores]
     units = {g.name: g.unit for g in groups}
