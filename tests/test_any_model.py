@@ -40,6 +40,7 @@ def registered_models(monkeypatch):
         "test_sections": Sections,
         "test_std_convs": StdConvs,
         "test_norm_no_bias": NormWithoutBias,
+        "test_tiny_volo": _tiny_volo,
         "test_botnet": BottleneckAttention,
         "test_tiny_mixer": _tiny_mixer,
         "test_tiny_resmlp": lambda **kw: _tiny_mixer(resmlp=True, **kw),
@@ -948,6 +949,15 @@ def test_a_resumed_run_reads_its_groups_from_the_run_directory(tmp_path, monkeyp
     pipeline.run(make_cfg(tmp_path, *overrides), tmp_path)  # a finished run, resumed: nothing checked again
 
 
+def _tiny_volo(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    from timm.models.volo import VOLO  # timm's volo_* entry points fix the layers: built from the class
+
+    return VOLO(
+        layers=(1, 1), img_size=32, in_chans=in_channels, num_classes=num_classes, embed_dims=(16, 32), num_heads=(2, 4),
+        downsamples=(True, False), outlook_attention=(True, False), mlp_ratio=2.0, post_layers=("ca",), stem_hidden_dim=16,
+    )
+
+
 # timm attentions that derive their head width from the embedding, as tiny configurations: (model, arguments, input
 # side, the rebuilt classes and how many of each are head groups).
 TIMM_HEAD_WIDTH = {
@@ -973,6 +983,7 @@ TIMM_HEAD_WIDTH = {
     "xcit_nano_12_p16_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1), 32, {"XCA": 1, "ClassAttn": 1}),
     "vit_relpos_small_patch16_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4), 32, {"RelPosAttention": 1}),
     "vit_relpos_base_patch16_clsgap_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4), 32, {"RelPosAttention": 1}),
+    "test_tiny_volo": ({}, 32, {"OutlookAttention": 1, "Attention": 1, "ClassAttention": 1}),
     "tnt_s_patch16_224": (
         dict(img_size=32, patch_size=8, embed_dim=48, inner_dim=16, depth=1, num_heads_outer=4, num_heads_inner=2), 32, {"Attention": 2}
     ),
@@ -986,7 +997,8 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
     sub-sampled (q + kv) and windowed attention, ConViT's gated positional attention (qk + v + a positional score per
     head) and plain one, EdgeNeXt's cross-covariance attention, MobileViTv2's separable attention (a key/value channel
     pair per head, beside a shared query row), TNT's (values wider than queries and keys), ViT's with a relative
-    position bias per head (a table or an MLP, pruned with the heads): rebuilt at creation, they compute what timm's modules
+    position bias per head (a table or an MLP, pruned with the heads), VOLO's outlook attention (k^4 window weights
+    per head), plain attention on maps and class attention: rebuilt at creation, they compute what timm's modules
     do with the same weights; removing heads computes what the dense model does with those heads silenced, and the
     pruned model reloads."""
     import timm
@@ -994,9 +1006,10 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
     arguments, side, expected = TIMM_HEAD_WIDTH[name]
     shape = (3, side, side)
     torch.manual_seed(0)
-    model = create(f"timm:{name}", **arguments).eval()
-    stock = timm.create_model(name, num_classes=10, **arguments).eval()
-    stock.load_state_dict(model.state_dict())
+    backbone = name if name.startswith("test_") else f"timm:{name}"  # a registered test model, built by timm's class
+    model = create(backbone, **arguments).eval()
+    stock = registry._REGISTRY[name]() if backbone == name else timm.create_model(name, num_classes=10, **arguments)
+    stock.eval().load_state_dict(model.state_dict())
     x = torch.randn(2, *shape)
     with torch.no_grad():
         torch.testing.assert_close(model(x), stock(x), rtol=1e-5, atol=1e-5)
@@ -1032,7 +1045,7 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
         assert (model.get_submodule(attention).num_heads, model.get_submodule(attention).head_dim) == ((heads, dim // 2) if mixed else (heads // 2, dim))
     with torch.no_grad():
         torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
-    _pruned_and_reloaded(create(f"timm:{name}", **arguments).eval(), shape, 0.7, tmp_path)
+    _pruned_and_reloaded(create(backbone, **arguments).eval(), shape, 0.7, tmp_path)
 
 
 def test_heads_whose_logits_are_mixed_lose_dimensions_not_heads():

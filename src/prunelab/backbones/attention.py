@@ -245,13 +245,24 @@ class QueryTokenAttention(HeadWidth):
         return HeadLayout([Writer(name, [(i * d, d)]) for i, name in enumerate(self.writers)], 3 * d, (2 * d, d))
 
 
-class SubsampledAttention(HeadWidth):
-    """Twins' global sub-sampled attention and PVT v2's spatial-reduction attention: queries from every token (`q`),
-    keys and values (`kv`, stacked) from the map reduced by a strided convolution (`sr`, then `norm`; PVT v2's linear
-    variant pools first and ends with `act`), whose width prunes on its own."""
+class QueryKeyValueLayout(HeadWidth):
+    """Queries from `q`, keys and values stacked in `kv`, `head_dim` each per head (VOLO's class attention, whose forward
+    already computes with them; the base of `SubsampledAttention`)."""
 
     def rebuilt(self) -> None:
         self.head_dim = self.q.out_features // self.num_heads
+
+    def head_layout(self):
+        from prunelab.structure.groups import HeadLayout, Writer
+
+        d = self.head_dim
+        return HeadLayout([Writer("q", [(0, d)]), Writer("kv", [(d, d), (2 * d, d)])], 3 * d, (2 * d, d))
+
+
+class SubsampledAttention(QueryKeyValueLayout):
+    """Twins' global sub-sampled attention and PVT v2's spatial-reduction attention: queries from every token (`q`),
+    keys and values (`kv`, stacked) from the map reduced by a strided convolution (`sr`, then `norm`; PVT v2's linear
+    variant pools first and ends with `act`), whose width prunes on its own."""
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         (q,) = _heads(self.q(x), 1, self.num_heads, self.head_dim)
@@ -261,12 +272,6 @@ class SubsampledAttention(HeadWidth):
             x = x if getattr(self, "act", None) is None else self.act(x)
         k, v = _heads(self.kv(x), 2, self.num_heads, self.head_dim)
         return self._out(_sdpa(self, q, k, v))
-
-    def head_layout(self):
-        from prunelab.structure.groups import HeadLayout, Writer
-
-        d = self.head_dim
-        return HeadLayout([Writer("q", [(0, d)]), Writer("kv", [(d, d), (2 * d, d)])], 3 * d, (2 * d, d))
 
 
 class GroupedWindowAttention(HeadWidth):
@@ -286,10 +291,37 @@ class GroupedWindowAttention(HeadWidth):
 
 
 class StackedAttention(HeadWidth):
-    """ConViT's plain self-attention (MHSA): query, key and value stacked in `qkv`, as timm's Attention."""
+    """ConViT's and VOLO's plain self-attention: query, key and value stacked in `qkv`, as timm's Attention, over
+    (B, N, C) tokens or a (B, H, W, C) map."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._out(_sdpa(self, *_heads(self.qkv(x), 3, self.num_heads, self.head_dim)))
+        out = self._out(_sdpa(self, *_heads(self.qkv(x.flatten(1, -2)), 3, self.num_heads, self.head_dim)))
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class OutlookAttention(HeadWidth):
+    """VOLO's outlook attention on (B, H, W, C) maps: per head, weights over each k x k window (`attn`, k^4 rows per
+    head, from the pooled map) mix the unfolded values (`v`, `head_dim` per head), folded back."""
+
+    def rebuilt(self) -> None:
+        self.head_dim = self.v.out_features // self.num_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        window, cells = self.kernel_size**2, math.ceil(height / self.stride) * math.ceil(width / self.stride)
+        v = self.unfold(self.v(x).permute(0, 3, 1, 2)).reshape(batch, self.num_heads, self.head_dim, window, cells)
+        attn = self.attn(self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        attn = attn.reshape(batch, cells, self.num_heads, window, window).permute(0, 2, 1, 3, 4)
+        attn = self.attn_drop((attn * self.scale).softmax(dim=-1))
+        x = (attn @ v.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2).reshape(batch, -1, cells)
+        x = F.fold(x, output_size=(height, width), kernel_size=self.kernel_size, padding=self.padding, stride=self.stride)
+        return self.proj_drop(self.proj(x.permute(0, 2, 3, 1)))
+
+    def head_layout(self):
+        from prunelab.structure.groups import HeadLayout, Writer
+
+        d, window = self.head_dim, self.kernel_size**4
+        return HeadLayout([Writer("v", [(0, d)]), Writer("attn", [(d, window)])], d + window, (0, d))
 
 
 class GatedPositionalAttention(HeadWidth):
@@ -407,6 +439,9 @@ _TIMM = {
     "timm.models.twins.LocallyGroupedAttn": (GroupedWindowAttention, {}),
     "timm.models.pvt_v2.Attention": (SubsampledAttention, {}),
     "timm.models.convit.MHSA": (StackedAttention, {}),
+    "timm.models.volo.Attention": (StackedAttention, {}),
+    "timm.models.volo.OutlookAttention": (OutlookAttention, {}),
+    "timm.models.volo.ClassAttention": (QueryKeyValueLayout, {}),
     "timm.models.convit.GPSA": (GatedPositionalAttention, {}),
     "timm.models.edgenext.CrossCovarianceAttn": (CrossCovarianceAttention, {}),
     "timm.models.xcit.XCA": (CrossCovarianceAttention, {}),
