@@ -221,7 +221,8 @@ class HeadWidth:
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         """(B, heads, N, dim) -> the output projection of (B, N, heads x dim)."""
-        return self.proj_drop(self.proj(x.transpose(1, 2).flatten(2)))
+        out = self.proj(x.transpose(1, 2).flatten(2))
+        return out if getattr(self, "proj_drop", None) is None else self.proj_drop(out)
 
 
 class QueryTokenAttention(HeadWidth):
@@ -291,7 +292,7 @@ class GroupedWindowAttention(HeadWidth):
 
 
 class StackedAttention(HeadWidth):
-    """ConViT's and VOLO's plain self-attention: query, key and value stacked in `qkv`, as timm's Attention, over
+    """ConViT's, VOLO's and DaViT's (windowed) plain self-attention: query, key and value stacked in `qkv`, as timm's Attention, over
     (B, N, C) tokens or a (B, H, W, C) map."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -383,6 +384,16 @@ class RelativePositionAttention(HeadWidth):
         return self._out(x)
 
 
+class ChannelGroupAttention(HeadWidth):
+    """DaViT's channel attention: per head, a softmax over the head's channels of the keys' and values' products
+    across tokens, applied to the queries; `qkv` stacked."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = _heads(self.qkv(x), 3, self.num_heads, self.head_dim)
+        attn = ((k * self.scale).transpose(-1, -2) @ v).softmax(dim=-1)
+        return self._out((attn @ q.transpose(-1, -2)).transpose(-1, -2))
+
+
 class CrossCovarianceAttention(HeadWidth):
     """EdgeNeXt's and XCiT's cross-covariance attention (XCA): per head, a softmax over the head's channels of the
     channels' cosine similarities across tokens, times a learned `temperature`; `qkv` stacked."""
@@ -440,6 +451,8 @@ _TIMM = {
     "timm.models.pvt_v2.Attention": (SubsampledAttention, {}),
     "timm.models.convit.MHSA": (StackedAttention, {}),
     "timm.models.volo.Attention": (StackedAttention, {}),
+    "timm.models.davit.WindowAttention": (StackedAttention, {}),
+    "timm.models.davit.ChannelAttention": (ChannelGroupAttention, {}),
     "timm.models.volo.OutlookAttention": (OutlookAttention, {}),
     "timm.models.volo.ClassAttention": (QueryKeyValueLayout, {}),
     "timm.models.convit.GPSA": (GatedPositionalAttention, {}),
