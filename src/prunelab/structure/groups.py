@@ -222,8 +222,9 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if func in _RESHAPES and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             self.shapes[out.grad_fn] = (args[0].shape, out.shape)
-            if self.running and args[0] is getattr(self.running[-1], "weight", None) and isinstance(self.running[-1], nn.modules.conv._ConvNd):
-                # A convolution computing the weight it applies from its own (weight standardisation).
+            if self.running and isinstance(self.running[-1], nn.modules.conv._ConvNd):
+                # A reshape inside a convolution's own forward: the convolution computing the weight it applies from
+                # its own (weight standardisation: to (1, out, -1) and back with reshape_as).
                 self.shapes.setdefault("parameters", set()).add(out.grad_fn)
         elif func is torch.nn.functional.linear and args[0].dim() > 2:
             self.shapes["tokens"] = True
@@ -271,7 +272,7 @@ def _sections_attribute(module: nn.Module, sizes: list) -> str | list[str] | Non
     return None
 
 
-_RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
+_RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.reshape_as, torch.Tensor.view_as}
 _SPLITS = {torch.Tensor.split, torch.split}
 
 
@@ -284,7 +285,7 @@ def _splits_channels(before: torch.Size, after: torch.Size) -> bool:
     if len(before) < 2 or len(after) < 2 or before[1] == after[1]:
         return False
     flatten = len(after) == 2 and after[1] == math.prod(before[1:])
-    unflatten = len(before) == 2 and before[1] == math.prod(after[1:])
+    unflatten = len(before) == 2 and before[1] == math.prod(after[1:]) and after[1] > 1  # not channels made positions
     return not (flatten or unflatten)
 
 
