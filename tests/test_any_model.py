@@ -41,6 +41,7 @@ def registered_models(monkeypatch):
         "test_std_convs": StdConvs,
         "test_norm_no_bias": NormWithoutBias,
         "test_tiny_volo": _tiny_volo,
+        "test_tiny_caformer": _tiny_caformer,
         "test_botnet": BottleneckAttention,
         "test_tiny_mixer": _tiny_mixer,
         "test_tiny_resmlp": lambda **kw: _tiny_mixer(resmlp=True, **kw),
@@ -958,6 +959,15 @@ def _tiny_volo(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) 
     )
 
 
+def _tiny_caformer(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
+
+    return MetaFormer(
+        in_chans=in_channels, num_classes=num_classes, depths=(1, 1, 1, 1), dims=(8, 16, 64, 64),
+        token_mixers=(SepConv, SepConv, Attention, Attention), norm_layers=(LayerNorm2dNoBias,) * 2 + (LayerNormNoBias,) * 2,
+    )
+
+
 # timm attentions that derive their head width from the embedding, as tiny configurations: (model, arguments, input
 # side, the rebuilt classes and how many of each are head groups).
 TIMM_HEAD_WIDTH = {
@@ -984,6 +994,7 @@ TIMM_HEAD_WIDTH = {
     "vit_relpos_small_patch16_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4), 32, {"RelPosAttention": 1}),
     "vit_relpos_base_patch16_clsgap_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4), 32, {"RelPosAttention": 1}),
     "test_tiny_volo": ({}, 32, {"OutlookAttention": 1, "Attention": 1, "ClassAttention": 1}),
+    "test_tiny_caformer": ({}, 32, {"Attention": 2}),
     "davit_tiny": (dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(2, 4), window_size=4), 32, {"WindowAttention": 2, "ChannelAttention": 2}),
     "tnt_s_patch16_224": (
         dict(img_size=32, patch_size=8, embed_dim=48, inner_dim=16, depth=1, num_heads_outer=4, num_heads_inner=2), 32, {"Attention": 2}
@@ -999,7 +1010,8 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
     head) and plain one, EdgeNeXt's cross-covariance attention, MobileViTv2's separable attention (a key/value channel
     pair per head, beside a shared query row), TNT's (values wider than queries and keys), ViT's with a relative
     position bias per head (a table or an MLP, pruned with the heads), VOLO's outlook attention (k^4 window weights
-    per head), plain attention on maps and class attention, DaViT's windowed and channel attention: rebuilt at creation, they compute what timm's modules
+    per head), plain attention on maps and class attention, DaViT's windowed and channel attention, CAFormer's:
+    rebuilt at creation, they compute what timm's modules
     do with the same weights; removing heads computes what the dense model does with those heads silenced, and the
     pruned model reloads."""
     import timm

@@ -292,7 +292,7 @@ class GroupedWindowAttention(HeadWidth):
 
 
 class StackedAttention(HeadWidth):
-    """ConViT's, VOLO's and DaViT's (windowed) plain self-attention: query, key and value stacked in `qkv`, as timm's Attention, over
+    """ConViT's, VOLO's, DaViT's (windowed) and MetaFormer's (CAFormer) plain self-attention: query, key and value stacked in `qkv`, as timm's Attention, over
     (B, N, C) tokens or a (B, H, W, C) map."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -452,6 +452,7 @@ _TIMM = {
     "timm.models.convit.MHSA": (StackedAttention, {}),
     "timm.models.volo.Attention": (StackedAttention, {}),
     "timm.models.davit.WindowAttention": (StackedAttention, {}),
+    "timm.models.metaformer.Attention": (StackedAttention, {}),
     "timm.models.davit.ChannelAttention": (ChannelGroupAttention, {}),
     "timm.models.volo.OutlookAttention": (OutlookAttention, {}),
     "timm.models.volo.ClassAttention": (QueryKeyValueLayout, {}),
