@@ -1161,7 +1161,7 @@ def test_a_group_walk_that_keeps_reaching_a_node_with_new_channels_is_stopped():
     and the group is kept whole."""
     from torch_pruning.dependency.group import Group
 
-    from prunelab.structure.groups import WALK_REVISITS, _bounded_walk
+    from prunelab.structure.groups import WALK_MAX_INDICES, WALK_REVISITS, _bounded_walk
 
     node = type("Node", (), {"name": "_Reshape_7"})()
     dep, group = type("Dep", (), {"target": node})(), Group()
@@ -1172,6 +1172,8 @@ def test_a_group_walk_that_keeps_reaching_a_node_with_new_channels_is_stopped():
             group.add_dep(dep, [WALK_REVISITS])
     group.add_dep(dep, [0])  # outside a walk nothing is counted
     assert len(group) == WALK_REVISITS + 1
+    with _bounded_walk(), pytest.raises(RuntimeError, match="expands to"):  # flatten mappings multiplying the indices
+        Group().add_dep(dep, list(range(WALK_MAX_INDICES + 1)))
 
 
 class StdConvs(nn.Module):

@@ -348,15 +348,18 @@ def _chunk_sizes(split: Any) -> list[int] | None:
     return None
 
 
-# How often a group's walk may reach one node with other channels before it is taken as going round without end.
+# How often a group's walk may reach one node with other channels before it is taken as going round without end, and
+# how many indices one step may carry (a flatten into a classifier carries C x H x W: VGG's 25,088).
 WALK_REVISITS = 16
+WALK_MAX_INDICES = 2**17
 
 
 @contextmanager
 def _bounded_walk() -> Iterator[None]:
     """Torch-Pruning's walk of a group, stopped with a RuntimeError where it reaches a node with other channels again
-    and again: index mappings round a cycle (views, an expansion and a batched product of timm's lambda layers) that
-    give new indices at every turn never end, and the group grows without bound."""
+    and again, or with more indices than any layer has: index mappings round a cycle (views, an expansion and a
+    batched product of timm's lambda layers; EfficientViT-M's window views) that give new indices at every turn
+    never end, and the group grows without bound."""
     from torch_pruning.dependency.group import Group
 
     original = Group.add_dep
@@ -367,6 +370,8 @@ def _bounded_walk() -> Iterator[None]:
         seen[key] = seen.get(key, 0) + 1
         if seen[key] > WALK_REVISITS:
             raise RuntimeError(f"its channel mapping goes round {dep.target.name} without settling")
+        if len(idxs) > WALK_MAX_INDICES:  # flatten mappings round a cycle multiply the indices at every turn
+            raise RuntimeError(f"its channel mapping expands to {len(idxs)} indices at {dep.target.name}")
         return original(group, dep, idxs)
 
     Group.add_dep = add_dep
