@@ -1242,3 +1242,13 @@ def test_channels_made_positions_of_one_channel_end_a_group_walk():
 
     assert _splits_channels(torch.Size([1, 256]), torch.Size([1, 1, 256]))
     assert not _splits_channels(torch.Size([1, 256]), torch.Size([1, 16, 4, 4]))  # features unflattened into maps
+
+
+def test_a_position_bias_shared_by_all_blocks_keeps_every_head():
+    """A ViT whose blocks share one relative-position bias MLP (timm's vit_srelpos): its heads stay whole in every
+    block and so do the MLP's per-head outputs (pruned as plain channels they broke the bias's view); the rest prunes."""
+    shape = (3, 32, 32)
+    model = create("timm:vit_srelpos_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4).eval()
+    names = [g.name for g in channel_groups(model, shape)]
+    assert names and not [n for n in names if n.endswith("attn.qkv") or n == "shared_rel_pos.mlp.fc2"]
+    check_prunable(model, shape)

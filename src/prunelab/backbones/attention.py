@@ -484,6 +484,10 @@ def relayout(model: nn.Module) -> None:
             _rebuild_timm(module)
             # A position bias the model shares among its blocks has every head: the heads stay whole.
             module.whole_heads = getattr(model, "shared_rel_pos", None) is not None
+    shared = getattr(model, "shared_rel_pos", None)
+    for layer in shared.modules() if isinstance(shared, nn.Module) else ():
+        if isinstance(layer, nn.Linear) and layer.out_features == getattr(shared, "num_heads", None):
+            layer.keep_whole = True  # its outputs are the heads' biases (groups_from_graph keeps them whole)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             kind = type(child).__name__ if type(child).__module__.startswith("torchvision.") else None

@@ -860,7 +860,7 @@ def groups_from_graph(
                 if target in head_layers:
                     # Torch-Pruning sees a qkv projection's rows as plain channels; its heads are a group of their own.
                     prunable = False
-                if skip and target in names and skipped(names[target], skip):
+                if (skip and target in names and skipped(names[target], skip)) or getattr(target, "keep_whole", False):
                     prunable = False
                 visited.add(target)
                 if target is classifier:
