@@ -327,13 +327,12 @@ def _no_channels(idxs: list) -> list:
 
 
 def _beside_matmul(node: Any) -> bool:
-    """Whether a graph node feeds or is fed by a batched matrix product of tensors of three or more dimensions
-    (attention, with a heads dimension or over flattened maps as EfficientViT-M's), which autograd computes as views
-    and expansions around a batched product."""
+    """Whether a graph node feeds or is fed by a matrix product of tensors of four or more dimensions (attention
+    with a heads dimension), which autograd computes as views and expansions to three around a batched product."""
     for n in (*node.inputs, *node.outputs):
         if type(n.grad_fn).__name__ == "BmmBackward0":
             operands = [fn for fn, _ in n.grad_fn.next_functions if fn is not None]
-            if any(len(getattr(fn, "_saved_self_sym_sizes", ())) >= 3 for fn in operands):
+            if any(len(getattr(fn, "_saved_self_sym_sizes", ())) >= 4 for fn in operands):
                 return True
     return False
 
