@@ -216,8 +216,10 @@ class HeadWidth:
     and methods stay; only `forward` changes (same outputs for the same weights)."""
 
     def rebuilt(self) -> None:
-        """Record the head width the module derived from the embedding: its stacked `qkv`'s rows per head and part."""
-        self.head_dim = self.qkv.out_features // (3 * self.num_heads)
+        """Record the head width the module derived from the embedding (where it keeps none): its stacked `qkv`'s rows
+        per head and part."""
+        if not isinstance(getattr(self, "head_dim", None), int):
+            self.head_dim = self.qkv.out_features // (3 * self.num_heads)
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         """(B, heads, N, dim) -> the output projection of (B, N, heads x dim)."""
@@ -359,9 +361,6 @@ class QueryKeyValueAttention(HeadWidth):
     """TNT's attention: queries and keys stacked in `qk` (`head_dim` each per head), values from `v` with a width of
     their own per head; timm's forward already computes with `num_heads`, so only the layout is added."""
 
-    def rebuilt(self) -> None:
-        pass
-
     def head_layout(self):
         from prunelab.structure.groups import HeadLayout, Writer
 
@@ -372,9 +371,6 @@ class QueryKeyValueAttention(HeadWidth):
 class RelativePositionAttention(HeadWidth):
     """timm's ViT with relative position biases: `qkv` stacked, a bias per head from its `rel_pos` module (a table or
     an MLP, whose heads are pruned with the attention's) or shared by the model."""
-
-    def rebuilt(self) -> None:
-        pass
 
     def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = _heads(self.qkv(x), 3, self.num_heads, self.head_dim)
@@ -482,12 +478,15 @@ def relayout(model: nn.Module) -> None:
     for module in list(model.modules()):
         if f"{type(module).__module__}.{type(module).__name__}" in _TIMM:
             _rebuild_timm(module)
-            # A position bias the model shares among its blocks has every head: the heads stay whole.
-            module.whole_heads = getattr(model, "shared_rel_pos", None) is not None
+    # A position bias the model shares among its blocks has every head: the heads, and the bias's layer with one output
+    # per head, stay whole (`keep_whole`, read by groups_from_graph and attention_heads).
     shared = getattr(model, "shared_rel_pos", None)
-    for layer in shared.modules() if isinstance(shared, nn.Module) else ():
-        if isinstance(layer, nn.Linear) and layer.out_features == getattr(shared, "num_heads", None):
-            layer.keep_whole = True  # its outputs are the heads' biases (groups_from_graph keeps them whole)
+    if isinstance(shared, nn.Module):
+        for module in model.modules():
+            if isinstance(module, RelativePositionAttention):
+                module.keep_whole = True
+            elif isinstance(module, nn.Linear) and module in set(shared.modules()) and module.out_features == shared.num_heads:
+                module.keep_whole = True
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             kind = type(child).__name__ if type(child).__module__.startswith("torchvision.") else None

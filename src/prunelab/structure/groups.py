@@ -1050,7 +1050,7 @@ def attention_heads(model: nn.Module) -> dict[str, nn.Module]:
     layouts of `head_layout` (heads written by several projections, or each head's query, key and value together)."""
     found = {}
     for name, m in model.named_modules():
-        if getattr(m, "whole_heads", False):  # backbones.attention.relayout: a bias shared with other blocks
+        if getattr(m, "keep_whole", False):  # backbones.attention.relayout: a bias shared with other blocks
             continue
         if head_layout(m):
             found[name] = m
