@@ -447,8 +447,8 @@ TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, m
 TINY_SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 4))
 
 
-def _conv_bn(c_in: int, c_out: int, k: int = 1, act: bool = True) -> nn.Sequential:
-    layers = [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out)]
+def _conv_bn(c_in: int, c_out: int, k: int = 1, act: bool = True, groups: int = 1) -> nn.Sequential:
+    layers = [nn.Conv2d(c_in, c_out, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out)]
     return nn.Sequential(*layers, *([nn.ReLU()] if act else []))
 
 
@@ -473,13 +473,14 @@ class CrossStage(nn.Module):
 
 class Res2Block(nn.Module):
     """timm's Res2Net bottleneck: the width split in `scale` chunks of a recorded `width`, each chunk added to the
-    previous chunk's output before its convolution (the first block of a stage: not added, the last chunk pooled)."""
+    previous chunk's output before its convolution (the first block of a stage: not added, the last chunk pooled).
+    `cardinality` > 1 makes the chunks' convolutions grouped (Res2NeXt)."""
 
-    def __init__(self, channels: int, width: int, scale: int, first: bool) -> None:
+    def __init__(self, channels: int, width: int, scale: int, first: bool, cardinality: int = 1) -> None:
         super().__init__()
         self.width, self.first = width, first
         self.conv1 = _conv_bn(channels, width * scale)
-        self.convs = nn.ModuleList(_conv_bn(width, width, 3) for _ in range(scale - 1))
+        self.convs = nn.ModuleList(_conv_bn(width, width, 3, groups=cardinality) for _ in range(scale - 1))
         self.pool = nn.AvgPool2d(3, 1, 1) if first else None
         self.conv3 = _conv_bn(width * scale, channels, act=False)
 
@@ -536,6 +537,26 @@ def test_equal_splits_keep_equal_chunks_and_their_recorded_width(tmp_path):
     model = create("test_split").eval()
     _pruned_and_reloaded(model, SHAPE, 0.6, tmp_path)
     assert model.csp.expand_chs == model.csp.conv_exp[0].out_channels == 2 * model.csp.conv_transition_b[0].in_channels
+
+
+def test_equal_chunks_through_grouped_convolutions_lose_whole_groups_of_each_chunk(tmp_path):
+    """Res2NeXt's first block: each equal chunk of the width goes through a grouped convolution, so each chunk loses
+    whole convolution groups, as many in every chunk (the check's trial plan too: it used to split a group)."""
+    torch.manual_seed(0)
+    model = _random_norms(nn.Sequential(_conv_bn(3, 8), Res2Block(8, 8, 4, first=True, cardinality=2), nn.Flatten(1)).eval())
+    shape = (3, 8, 8)
+    group = {g.name: g for g in channel_groups(model, shape)}["1.conv1.0"]
+    assert (group.size, group.blocks, group.unit) == (32, 4, 4)
+    check_prunable(model, shape)
+    dense = copy.deepcopy(model)
+    keep = [0, 1, 2, 3, 12, 13, 14, 15, 20, 21, 22, 23, 24, 25, 26, 27]  # a different group of 4 in each chunk
+    apply_channel_plan(model, ChannelPlan({group.name: keep}, {group.name: 32}), shape)
+    assert model[1].width == 4 and [c.groups for c in (model[1].convs[0][0], model[1].convs[2][0])] == [1, 1]
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        assert torch.allclose(model(x), _silence(dense, {group.name: group}, {group.name: keep})(x), atol=1e-5)
+    with pytest.raises(ValueError, match="splits a unit"):
+        apply_channel_plan(copy.deepcopy(dense), ChannelPlan({group.name: [0, 1, 8, 9, 16, 17, 24, 25]}, {group.name: 32}), shape)
 
 
 class PartialResidual(nn.Module):

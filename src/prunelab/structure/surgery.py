@@ -344,13 +344,19 @@ def _silenced(model: nn.Module, groups: list) -> Iterator[None]:
 
 def _trial_removed(group) -> list[int]:
     """About half of the group's channels, every other unit, so that it keeps a valid count (`keep_count`);
-    in a group of equal blocks (`ChannelGroup.blocks`), every other channel of each block, shifted by one from
+    in a group of equal blocks (`ChannelGroup.blocks`), every other unit of each block, shifted by one unit from
     block to block so that a mapping that mixes the blocks up shows."""
     from prunelab.budget import keep_count
 
     if group.blocks > 1:
-        width = group.size // group.blocks
-        return sorted(b * width + (j + b) % width for b in range(group.blocks) for j in range(1, width, 2))
+        unit = group.unit
+        units = group.size // group.blocks // unit
+        return sorted(
+            (b * units + (j + b) % units) * unit + i
+            for b in range(group.blocks)
+            for j in range(1, units, 2)
+            for i in range(unit)
+        )
 
     units = group.size // group.unit
     kept = keep_count(group.size // 2, group.size, 1, group.unit, group.multiple) // group.unit
