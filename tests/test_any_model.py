@@ -1182,19 +1182,44 @@ def test_a_group_walk_that_keeps_reaching_a_node_with_new_channels_is_stopped():
     and the group is kept whole."""
     from torch_pruning.dependency.group import Group
 
-    from prunelab.structure.groups import WALK_MAX_INDICES, WALK_REVISITS, _bounded_walk
+    from prunelab.structure.groups import WALK_REVISITS, _bounded_walk
 
     node = type("Node", (), {"name": "_Reshape_7"})()
     dep, group = type("Dep", (), {"target": node})(), Group()
-    with _bounded_walk():
+    with _bounded_walk(100):
         for i in range(WALK_REVISITS):
             group.add_dep(dep, [i])
         with pytest.raises(RuntimeError, match="goes round _Reshape_7 without settling"):
             group.add_dep(dep, [WALK_REVISITS])
     group.add_dep(dep, [0])  # outside a walk nothing is counted
     assert len(group) == WALK_REVISITS + 1
-    with _bounded_walk(), pytest.raises(RuntimeError, match="expands to"):  # flatten mappings multiplying the indices
-        Group().add_dep(dep, list(range(WALK_MAX_INDICES + 1)))
+    with _bounded_walk(100), pytest.raises(RuntimeError, match="expands to"):  # flatten mappings multiplying the indices
+        Group().add_dep(dep, list(range(101)))
+
+
+def test_a_flatten_is_stopped_before_it_builds_more_indices_than_any_layer_has():
+    """The bound on a step's indices is twice the model's widest layer (VGG's flatten into its classifier passes), and
+    a flatten mapping is checked before it builds its list: round EfficientViT-M's attention views a flatten built
+    lists of 944,784 indices again and again (group discovery 37.5 s)."""
+    from torch_pruning._helpers import _HybridIndex
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    from prunelab.structure.groups import WALK_MIN_INDICES, _bounded_walk, walk_limit
+
+    assert walk_limit(create("vgg_tiny")) == WALK_MIN_INDICES
+    assert walk_limit(nn.Sequential(nn.Conv2d(3, 512, 1), nn.Flatten(), nn.Linear(512 * 7 * 7, 10))) == 2 * 25088
+    flatten, calls = _FlattenIndexMapping(stride=49), []
+    original = _FlattenIndexMapping.__call__
+    _FlattenIndexMapping.__call__ = lambda mapping, idxs: calls.append(len(idxs)) or original(mapping, idxs)
+    try:
+        idxs = [_HybridIndex(i, i) for i in range(3)]
+        with _bounded_walk(147):
+            assert len(flatten(idxs)) == 147
+            with pytest.raises(RuntimeError, match="expands to 196 indices at a flatten"):
+                flatten([*idxs, _HybridIndex(3, 3)])
+    finally:
+        _FlattenIndexMapping.__call__ = original
+    assert calls == [3]  # the stopped one never ran
 
 
 class StdConvs(nn.Module):

@@ -349,36 +349,57 @@ def _chunk_sizes(split: Any) -> list[int] | None:
 
 
 # How often a group's walk may reach one node with other channels before it is taken as going round without end, and
-# how many indices one step may carry (a flatten into a classifier carries C x H x W: VGG's 25,088).
+# the fewest indices one step may carry (`walk_limit`).
 WALK_REVISITS = 16
-WALK_MAX_INDICES = 2**17
+WALK_MIN_INDICES = 4096
+
+
+def walk_limit(model: nn.Module) -> int:
+    """How many indices one step of a group's walk may carry: twice the widest input or output of any layer (a flatten
+    into a classifier carries C x H x W, VGG's 25,088 at 224 pixels), at least WALK_MIN_INDICES."""
+    widths = [n for m in model.modules() if isinstance(m, PRUNABLE_TYPES) for n in _channels(m)]
+    return max(WALK_MIN_INDICES, 2 * max(widths, default=0))
+
+
+def _channels(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.in_channels, layer.out_channels
 
 
 @contextmanager
-def _bounded_walk() -> Iterator[None]:
+def _bounded_walk(limit: int) -> Iterator[None]:
     """Torch-Pruning's walk of a group, stopped with a RuntimeError where it reaches a node with other channels again
-    and again, or with more indices than any layer has: index mappings round a cycle (views, an expansion and a
-    batched product of timm's lambda layers; EfficientViT-M's window views) that give new indices at every turn
-    never end, and the group grows without bound."""
+    and again, or with more than `limit` indices (more than any layer has): index mappings round a cycle (views, an
+    expansion and a batched product of timm's lambda layers; EfficientViT-M's window views) that give new indices at
+    every turn never end, and the group grows without bound."""
     from torch_pruning.dependency.group import Group
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
     original = Group.add_dep
+    original_flatten = _FlattenIndexMapping.__call__
     seen: dict[tuple[int, Any], int] = {}
+
+    def flatten(mapping: Any, idxs: Any) -> Any:
+        # Checked before the mapping builds its list: a flatten round a cycle builds millions of indices (EfficientViT-M).
+        if not mapping.reverse and len(idxs) * mapping._stride > limit:
+            raise RuntimeError(f"its channel mapping expands to {len(idxs) * mapping._stride} indices at a flatten")
+        return original_flatten(mapping, idxs)
 
     def add_dep(group: Any, dep: Any, idxs: Any) -> Any:
         key = (id(group), dep.target)
         seen[key] = seen.get(key, 0) + 1
         if seen[key] > WALK_REVISITS:
             raise RuntimeError(f"its channel mapping goes round {dep.target.name} without settling")
-        if len(idxs) > WALK_MAX_INDICES:  # flatten mappings round a cycle multiply the indices at every turn
+        if len(idxs) > limit:  # flatten mappings round a cycle multiply the indices at every turn
             raise RuntimeError(f"its channel mapping expands to {len(idxs)} indices at {dep.target.name}")
         return original(group, dep, idxs)
 
-    Group.add_dep = add_dep
+    Group.add_dep, _FlattenIndexMapping.__call__ = add_dep, flatten
     try:
         yield
     finally:
-        Group.add_dep = original
+        Group.add_dep, _FlattenIndexMapping.__call__ = original, original_flatten
 
 
 def _extra_rows(layer: nn.Module) -> list[str]:
@@ -639,11 +660,12 @@ def _graph_class() -> type:
             self.slices: dict[Any, tuple[str, str, str]] = {}
             self.cats: dict[Any, list[int]] = {}
             recorder = _ReshapeRecorder(self.reshapes, self.splits, self.sections, self.slices, self.cats, model)
+            self.walk_limit = walk_limit(model)
             with self._guarded_reshapes(), recorder:
                 return super().build_dependency(model, *args, **kwargs)
 
         def get_pruning_group(self, *args: Any, **kwargs: Any) -> Any:
-            with self._guarded_reshapes(), _bounded_walk():
+            with self._guarded_reshapes(), _bounded_walk(self.walk_limit):
                 return super().get_pruning_group(*args, **kwargs)
 
         @contextmanager

@@ -16,6 +16,7 @@ from torch import nn
 
 from prunelab.structure.groups import (
     PRUNABLE_TYPES,
+    _channels,
     _log_once,
     build_graph,
     channel_groups,
@@ -362,12 +363,6 @@ def _trial_removed(group) -> list[int]:
     kept = keep_count(group.size // 2, group.size, 1, group.unit, group.multiple) // group.unit
     order = [j for j in range(units) if j % 2] + [j for j in reversed(range(units)) if j % 2 == 0]
     return sorted(i for j in order[: units - kept] for i in range(j * group.unit, (j + 1) * group.unit))
-
-
-def _channels(layer: nn.Module) -> tuple[int, int]:
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    return layer.in_channels, layer.out_channels
 
 
 def _reason(err: BaseException) -> str:
