@@ -1020,6 +1020,8 @@ TIMM_HEAD_WIDTH = {
     "tnt_s_patch16_224": (
         dict(img_size=32, patch_size=8, embed_dim=48, inner_dim=16, depth=1, num_heads_outer=4, num_heads_inner=2), 32, {"Attention": 2}
     ),
+    "fastvit_mci0": (dict(layers=(1, 1, 1, 1), embed_dims=(16, 16, 32, 64), mlp_ratios=(4, 4, 4, 4)), 64, {"Attention": 1}),
+    "nextvit_small": (dict(depths=(1, 1, 5, 1)), 64, {"EfficientAttention": 3}),
 }
 
 
@@ -1031,7 +1033,8 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
     head) and plain one, EdgeNeXt's cross-covariance attention, MobileViTv2's separable attention (a key/value channel
     pair per head, beside a shared query row), TNT's (values wider than queries and keys), ViT's with a relative
     position bias per head (a table or an MLP, pruned with the heads), VOLO's outlook attention (k^4 window weights
-    per head), plain attention on maps and class attention, DaViT's windowed and channel attention, CAFormer's:
+    per head), plain attention on maps and class attention, DaViT's windowed and channel attention, CAFormer's,
+    FastViT's (on (B, C, H, W) maps), Next-ViT's (q, k, v projections; keys and values from pooled tokens):
     rebuilt at creation, they compute what timm's modules
     do with the same weights; removing heads computes what the dense model does with those heads silenced, and the
     pruned model reloads."""

@@ -262,6 +262,18 @@ class QueryKeyValueLayout(HeadWidth):
         return HeadLayout([Writer("q", [(0, d)]), Writer("kv", [(d, d), (2 * d, d)])], 3 * d, (2 * d, d))
 
 
+class SeparateProjectionAttention(QueryTokenAttention):
+    """Next-ViT's efficient multi-head self-attention: queries, keys and values from three projections (`q`, `k`, `v`),
+    the keys and values from the tokens average-pooled by `sr` (then `norm`, over channels) where `sr_ratio` > 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (q,) = _heads(self.q(x), 1, self.num_heads, self.head_dim)
+        if self.sr is not None:
+            x = self.norm(self.sr(x.transpose(1, 2))).transpose(1, 2)
+        (k,), (v,) = (_heads(y, 1, self.num_heads, self.head_dim) for y in (self.k(x), self.v(x)))
+        return self._out(_sdpa(self, q, k, v))
+
+
 class SubsampledAttention(QueryKeyValueLayout):
     """Twins' global sub-sampled attention and PVT v2's spatial-reduction attention: queries from every token (`q`),
     keys and values (`kv`, stacked) from the map reduced by a strided convolution (`sr`, then `norm`; PVT v2's linear
@@ -300,6 +312,16 @@ class StackedAttention(HeadWidth):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._out(_sdpa(self, *_heads(self.qkv(x.flatten(1, -2)), 3, self.num_heads, self.head_dim)))
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class MapAttention(HeadWidth):
+    """FastViT's self-attention on (B, C, H, W) maps: query, key and value stacked in `qkv` over the map's positions,
+    the output projection's result laid back as a map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        out = self._out(_sdpa(self, *_heads(self.qkv(x.flatten(2).transpose(1, 2)), 3, self.num_heads, self.head_dim)))
+        return out.transpose(1, 2).reshape(batch, -1, height, width)
 
 
 class OutlookAttention(HeadWidth):
@@ -458,6 +480,8 @@ _TIMM = {
     "timm.models.tnt.Attention": (QueryKeyValueAttention, {}),
     "timm.models.vision_transformer_relpos.RelPosAttention": (RelativePositionAttention, {}),
     "timm.models.mobilevit.LinearSelfAttention": (LinearAttention, {}),
+    "timm.models.fastvit.Attention": (MapAttention, {}),
+    "timm.models.nextvit.EfficientAttention": (SeparateProjectionAttention, {}),
 }
 _REBUILT: dict[type, type] = {}
 
