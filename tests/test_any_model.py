@@ -14,7 +14,7 @@ from torch import nn
 from conftest import EpochRecorder, make_cfg, run_cli
 from prunelab import load_model, pipeline
 from prunelab.backbones import create, registry
-from prunelab.budget import CostModel, count_flops
+from prunelab.budget import CostModel, count_flops, count_params
 from prunelab.export import export_deployable, save_model
 from prunelab.structure import ChannelPlan, UnprunableError, apply_channel_plan, channel_groups, check_prunable, model_record
 
@@ -1022,6 +1022,10 @@ TIMM_HEAD_WIDTH = {
     ),
     "fastvit_mci0": (dict(layers=(1, 1, 1, 1), embed_dims=(16, 16, 32, 64), mlp_ratios=(4, 4, 4, 4)), 64, {"Attention": 1}),
     "nextvit_small": (dict(depths=(1, 1, 5, 1)), 64, {"EfficientAttention": 3}),
+    "hiera_tiny_224": (dict(img_size=64, embed_dim=16, num_heads=2, stages=(1, 1, 1, 1)), 64, {"MaskUnitAttention": 4}),
+    "swinv2_cr_tiny_224": (
+        dict(img_size=32, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4)), 32, {"WindowMultiHeadAttention": 4}
+    ),
 }
 
 
@@ -1034,7 +1038,8 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
     pair per head, beside a shared query row), TNT's (values wider than queries and keys), ViT's with a relative
     position bias per head (a table or an MLP, pruned with the heads), VOLO's outlook attention (k^4 window weights
     per head), plain attention on maps and class attention, DaViT's windowed and channel attention, CAFormer's,
-    FastViT's (on (B, C, H, W) maps), Next-ViT's (q, k, v projections; keys and values from pooled tokens):
+    FastViT's (on (B, C, H, W) maps), Next-ViT's (q, k, v projections; keys and values from pooled tokens), Hiera's
+    mask-unit attention (pooled queries), timm's Swin V2 CR (cosine attention, a meta-MLP bias and logit scale per head):
     rebuilt at creation, they compute what timm's modules
     do with the same weights; removing heads computes what the dense model does with those heads silenced, and the
     pruned model reloads."""
@@ -1076,7 +1081,11 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
                 for tensor in (dense.get_submodule(layer).weight, dense.get_submodule(layer).bias):
                     if tensor is not None:
                         tensor[dropped] = 0
-    apply_channel_plan(model, ChannelPlan(keep, {g.name: g.size for g in groups}), shape)
+    plan = ChannelPlan(keep, {g.name: g.size for g in groups})
+    costs = CostModel(model, channel_groups(model, shape), shape).count(plan)
+    apply_channel_plan(model, plan, shape)
+    # The cost model counts, from the plan alone, what the pruned model counts: its products, per-head rows and tables.
+    assert costs == {"flops": count_flops(model, shape), "params": count_params(model)}
     for attention, (heads, dim) in widths.items():
         mixed = getattr(model.get_submodule(attention), "heads_mix", False)
         assert (model.get_submodule(attention).num_heads, model.get_submodule(attention).head_dim) == ((heads, dim // 2) if mixed else (heads // 2, dim))

@@ -193,6 +193,8 @@ COST_MODELS = {
     "vgg_flatten": FlattenHead,
     "densenet_concat": TinyDenseNet,
     "resnext_grouped": tiny_resnext,
+    # Layers on windows folded into the first dimension and a position-bias MLP on a table of coordinate pairs.
+    "swin_v2_cr_windows": lambda: create("timm:swinv2_cr_tiny_224", img_size=32, window_size=4, embed_dim=16, depths=(2,), num_heads=(2,)),
 }
 
 

@@ -316,7 +316,7 @@ class CostModel:
                 per_output = module.in_features if isinstance(module, nn.Linear) else (
                     module.in_channels // module.groups * math.prod(module.kernel_size)
                 )
-                macs[name] += output.numel() // output.shape[0] * per_output
+                macs[name] += output.numel() * per_output  # one example: a first dimension of windows or rows counts
 
             return record
 
@@ -357,6 +357,12 @@ class CostModel:
         norms = {name: sum(p.numel() for p in m.parameters()) // m.num_features for name, m in model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm)}
         self.norm_params = {g.name: sum(norms.get(n, 0) for n in g.norms) for g in groups}
+        # An attention's parameters with entries per head besides its layers (Swin V2's logit scale, position-bias tables,
+        # LeViT's attention biases) lose a head's entries with it: parameters per channel of a group losing whole heads.
+        self.head_params = {
+            g.name: _per_head_parameters(model.get_submodule(g.heads), bool(g.rows)) / g.size
+            for g in groups if g.heads and g.unit > 1
+        }  # fmt: skip
         known = self._count({}, self.widths(None))
         self.fixed = {metric: self.dense[metric] - known[metric] for metric in self.dense}
 
@@ -381,6 +387,7 @@ class CostModel:
             flops += round(macs * scale)
             params += round(weight * scale) + (bias * out // fan_out if bias else 0)
         params += sum(self.norm_params[name] * kept.get(name, size) for name, size in self.sizes.items())
+        params += sum(round(n * kept.get(name, self.sizes[name])) for name, n in self.head_params.items())
         flops += sum(round(n * kept.get(name, self.sizes[name]) / self.sizes[name]) for name, n in self.products.items())
         return {"flops": flops, "params": params}
 
@@ -388,6 +395,23 @@ class CostModel:
         """FLOPs (MACs) and parameters of the model with the plan applied."""
         counts = self._count(plan.kept(), self.widths(plan))
         return {metric: counts[metric] + self.fixed[metric] for metric in counts}
+
+
+def _per_head_parameters(m: nn.Module, laid_out: bool) -> int:
+    """How many parameters of an attention outside its Linear layers hold entries per head, as head pruning cuts them
+    (`prunelab.structure.groups.prune_heads`): a laid-out attention's own parameters with heads first; else its own
+    tables with heads last or one value per head, and its position-bias modules' tables with heads last."""
+    heads = m.num_heads
+    own = list(m.parameters(recurse=False))
+    if laid_out:
+        return sum(p.numel() for p in own if p.dim() and p.shape[0] == heads)
+    total = sum(p.numel() for p in own if p.dim() and (p.shape[-1] == heads or (p.shape[0] == heads and p[0].numel() == 1)))
+    layers = {id(getattr(m, n, None)) for n in ("qkv", "proj", "q_norm", "k_norm", "norm")}
+    for child in (c for c in m.children() if id(c) not in layers):
+        for sub in child.modules():
+            if not isinstance(sub, nn.Linear):
+                total += sum(p.numel() for p in sub.parameters(recurse=False) if p.dim() > 1 and p.shape[-1] == heads)
+    return total
 
 
 class LatencyModel(CostModel):

@@ -209,6 +209,11 @@ def _heads(x: torch.Tensor, parts: int, heads: int, dim: int) -> tuple[torch.Ten
     return x.unflatten(-1, (parts, heads, dim)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def _alias(name: str) -> property:
+    """`num_heads` read and written as the module's own attribute `name` (where the module counts its heads so)."""
+    return property(lambda self: getattr(self, name), lambda self, value: setattr(self, name, value))
+
+
 class HeadWidth:
     """A timm attention that derives its head width from the embedding (`C // num_heads`) rebuilt at creation to
     compute with its own `num_heads` x `head_dim`, so that it runs with fewer heads than the embedding was split into.
@@ -322,6 +327,45 @@ class MapAttention(HeadWidth):
         batch, _, height, width = x.shape
         out = self._out(_sdpa(self, *_heads(self.qkv(x.flatten(2).transpose(1, 2)), 3, self.num_heads, self.head_dim)))
         return out.transpose(1, 2).reshape(batch, -1, height, width)
+
+
+class MaskUnitAttention(HeadWidth):
+    """Hiera's attention within mask units (windows) or over all tokens, queries max-pooled over `q_stride`; query, key
+    and value stacked in `qkv`; it counts its heads in `heads`."""
+
+    num_heads = _alias("heads")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        if self.use_mask_unit_attn:
+            windows = tokens // (self.q_stride * self.window_size)
+            qkv = self.qkv(x).reshape(batch, -1, windows, 3, self.heads, self.head_dim).permute(3, 0, 4, 2, 1, 5)
+        else:
+            windows, qkv = 1, self.qkv(x).reshape(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.q_stride > 1:  # the pooled positions lie q_stride apart within each unit (timm's Unroll)
+            q = q.unflatten(-2, (self.q_stride, -1)).amax(dim=-3)
+        x = _sdpa(self, q, k, v)
+        x = x.transpose(1, 3) if self.use_mask_unit_attn else x.transpose(1, 2)
+        return self.proj(x.reshape(batch, -1, self.heads * self.head_dim))
+
+
+class CosineWindowAttention(HeadWidth):
+    """timm's Swin V2 (CR) windowed attention: scaled cosine attention with a logit scale per head and a position bias
+    per head from the meta MLP (`meta_mlp`, one output per head), query, key and value stacked in `qkv`."""
+
+    def rebuilt(self) -> None:
+        self.head_dim = self.qkv.out_features // (3 * self.num_heads)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = _heads(self.qkv(x), 3, self.num_heads, self.head_dim)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale.reshape(1, -1, 1, 1), max=math.log(100.0)).exp()
+        attn = attn + self._relative_positional_encodings()
+        if mask is not None:
+            windows, tokens = mask.shape[0], x.shape[1]
+            attn = (attn.view(-1, windows, self.num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)).flatten(0, 1)
+        return self._out(self.attn_drop(attn.softmax(dim=-1)) @ v)
 
 
 class OutlookAttention(HeadWidth):
@@ -445,13 +489,7 @@ class LinearAttention(HeadWidth):
     def rebuilt(self) -> None:
         self.head_dim = 1
 
-    @property
-    def num_heads(self) -> int:
-        return self.embed_dim
-
-    @num_heads.setter
-    def num_heads(self, heads: int) -> None:
-        self.embed_dim = heads
+    num_heads = _alias("embed_dim")
 
     def head_layout(self):
         from prunelab.structure.groups import HeadLayout, Writer
@@ -482,6 +520,8 @@ _TIMM = {
     "timm.models.mobilevit.LinearSelfAttention": (LinearAttention, {}),
     "timm.models.fastvit.Attention": (MapAttention, {}),
     "timm.models.nextvit.EfficientAttention": (SeparateProjectionAttention, {}),
+    "timm.models.hiera.MaskUnitAttention": (MaskUnitAttention, {}),
+    "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention": (CosineWindowAttention, {}),
 }
 _REBUILT: dict[type, type] = {}
 
