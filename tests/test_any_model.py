@@ -36,6 +36,7 @@ def registered_models(monkeypatch):
         "test_ghost_residual": GhostResidual,
         "test_mixed": Mixed,
         "test_split": Split,
+        "test_blurred": Blurred,
         "test_rex": Rex,
         "test_sections": Sections,
         "test_std_convs": StdConvs,
@@ -557,6 +558,38 @@ def test_equal_chunks_through_grouped_convolutions_lose_whole_groups_of_each_chu
         assert torch.allclose(model(x), _silence(dense, {group.name: group}, {group.name: keep})(x), atol=1e-5)
     with pytest.raises(ValueError, match="splits a unit"):
         apply_channel_plan(copy.deepcopy(dense), ChannelPlan({group.name: [0, 1, 8, 9, 16, 17, 24, 25]}, {group.name: 32}), shape)
+
+
+class Blurred(nn.Module):
+    """TResNet's anti-aliased downsampling: timm's BlurPool2d made with one copy of its filter per channel."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        from timm.layers import BlurPool2d
+
+        super().__init__()
+        self.conv = _conv_bn(in_channels, 16, 3)
+        self.aa = BlurPool2d(channels=16)
+        self.head = _conv_bn(16, 32, 3)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.head(self.aa(self.conv(x))).mean((2, 3)))
+
+
+def test_an_anti_aliasing_blur_with_a_filter_per_channel_follows_the_channels(tmp_path):
+    """The blur's per-channel filter is a buffer no pruner cuts (TResNet was refused: "expected input to have 128
+    channels, but got 64"): at creation it shares one filter, with the same outputs, and the channels it blurs prune."""
+    torch.manual_seed(0)
+    stock = Blurred().eval()
+    model = create("test_blurred").eval()
+    model.load_state_dict(stock.state_dict())
+    assert model.aa.channels is None and model.aa.filt.shape[0] == 1
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        assert torch.equal(model(x), stock(x))
+    check_prunable(model, SHAPE)
+    _pruned_and_reloaded(model, SHAPE, None, tmp_path)
+    assert model.conv[0].out_channels == 8
 
 
 class PartialResidual(nn.Module):

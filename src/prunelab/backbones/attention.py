@@ -542,6 +542,10 @@ def relayout(model: nn.Module) -> None:
     for module in list(model.modules()):
         if f"{type(module).__module__}.{type(module).__name__}" in _TIMM:
             _rebuild_timm(module)
+        elif type(module).__name__ == "BlurPool2d" and getattr(module, "channels", None) is not None:
+            # timm's anti-aliasing blur (TResNet) holds one copy of its fixed filter per channel, a buffer no pruner
+            # cuts: it shares one, expanded to the channels it gets (its `channels` None), with the same outputs.
+            module.channels, module.filt = None, module.filt[:1].clone()
     # A position bias the model shares among its blocks has every head: the heads, and the bias's layer with one output
     # per head, stay whole (`keep_whole`, read by groups_from_graph and attention_heads).
     shared = getattr(model, "shared_rel_pos", None)
