@@ -37,6 +37,7 @@ def registered_models(monkeypatch):
         "test_mixed": Mixed,
         "test_split": Split,
         "test_blurred": Blurred,
+        "test_gated_tokens": GatedTokens,
         "test_rex": Rex,
         "test_sections": Sections,
         "test_std_convs": StdConvs,
@@ -163,13 +164,13 @@ def test_cli_says_it_in_one_line(tmp_path):
 def _pruned_and_reloaded(model: nn.Module, shape: tuple[int, int, int], target: float | None, tmp_path) -> nn.Module:
     """Prune `model` with L1 scores to `target` of its FLOPs (None: half of every group), save and reload;
     the reload must compute the same."""
-    from prunelab.budget import count_flops, keep_count, plan_by_counts, search_threshold
+    from prunelab.budget import count_flops, keep_count, plan_by_counts, search_threshold, tie_scores
     from prunelab.export import save_model
     from prunelab.structure import apply_channel_plan, group_weights
 
     dense = count_flops(model, shape)
     groups = channel_groups(model, shape)
-    scores = {g.name: sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, g)) for g in groups}
+    scores = tie_scores({g.name: sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, g)) for g in groups}, groups)
     if target is None:
         counts = {g.name: keep_count(g.size // 2, g.size, 1, g.unit, g.multiple) for g in groups}
         plan = plan_by_counts(scores, counts, {g.name: g.unit for g in groups}, {g.name: g.blocks for g in groups})
@@ -324,14 +325,30 @@ class GhostResidual(nn.Module):
         return self.fc((x + self.project(self.expand(x))).mean((2, 3)))
 
 
-def test_channels_tied_to_their_ghost_copies_are_kept_whole_with_a_reason(tmp_path, caplog):
+def test_channels_tied_to_their_ghost_copies_lose_the_same_position_in_each_half(tmp_path):
+    """Stem channel k and k+8 meet the project module's primary channel k and its cheap copy: removing one removes the
+    other, so the stem's two halves are tied blocks that keep the same positions (they were kept whole before)."""
     torch.manual_seed(0)
+    model = _random_norms(create("test_ghost_residual").eval())
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    stem = groups["stem.0"]
+    assert (stem.size, stem.blocks, stem.tied) == (16, 2, [0, 1]) and stem.layers == ["stem.0", "project.primary.0", "project.cheap.0"]
+    check_prunable(model, SHAPE)  # the trial removes the same positions of both halves
+    with pytest.raises(ValueError, match=r"keeps other positions in blocks \[0, 1\] of group 'stem.0'"):
+        apply_channel_plan(copy.deepcopy(model), ChannelPlan({"stem.0": [0, 1, 2, 8, 9, 11]}, {"stem.0": 16}), SHAPE)
+
+    dense, keep = copy.deepcopy(model), [1, 2, 6, 9, 10, 14]
+    costs = CostModel(model, list(groups.values()), SHAPE)
+    apply_channel_plan(model, ChannelPlan({"stem.0": keep}, {"stem.0": 16}), SHAPE)
+    assert model.stem[0].out_channels == 6 and model.project.primary[0].out_channels == 3
+    assert costs.count(ChannelPlan({"stem.0": keep}, {"stem.0": 16})) == {"flops": count_flops(model, SHAPE), "params": count_params(model)}
+    _equals_silenced_dense_and_reloads(model, _silence(dense, groups, {"stem.0": keep}), tmp_path)
+
+    # Plans score each position by its mean over the halves (`tie_scores`) and keep the same positions in both.
     model = create("test_ghost_residual").eval()
-    assert [g.name for g in channel_groups(model, SHAPE)] == ["expand.primary.0"]
-    assert "channel group 'stem.0' is kept whole: some of its channels are copies of others" in caplog.text
-    check_prunable(model, SHAPE)
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
-    assert model.stem[0].out_channels == 16 and model.project.primary[0].in_channels == 12
+    assert model.stem[0].out_channels == 2 * model.project.primary[0].out_channels == 8
+    _pruned_and_reloaded(create("test_ghost_residual").eval(), SHAPE, 0.6, tmp_path)
 
 
 def test_mixed_convolutions_split_their_input_in_the_chunks_they_read(tmp_path):
@@ -560,6 +577,27 @@ def test_equal_chunks_through_grouped_convolutions_lose_whole_groups_of_each_chu
         apply_channel_plan(copy.deepcopy(dense), ChannelPlan({group.name: [0, 1, 8, 9, 16, 17, 24, 25]}, {group.name: 32}), shape)
 
 
+def test_chunks_added_through_grouped_convolutions_keep_the_same_groups(tmp_path):
+    """Res2NeXt's later blocks: chunk i is added to the output of chunk i-1's grouped convolution, whose group j follows
+    its input group j, so chunks 0-2 lose the same convolution groups (tied blocks); the last chunk, passed on alone,
+    its own (kept whole before)."""
+    torch.manual_seed(0)
+    block = Res2Block(8, 8, 4, first=False, cardinality=2)
+    model = _random_norms(nn.Sequential(_conv_bn(3, 8), block, nn.Flatten(1)).eval())
+    shape = (3, 8, 8)
+    group = {g.name: g for g in channel_groups(model, shape)}["1.conv1.0"]
+    assert (group.size, group.blocks, group.unit, group.tied) == (32, 4, 4, [0, 1, 2])
+    check_prunable(model, shape)
+    dense = copy.deepcopy(model)
+    keep = [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 24, 25, 26, 27]  # group 1 of chunks 0-2, group 0 of chunk 3
+    with pytest.raises(ValueError, match=r"keeps other positions in blocks \[0, 1, 2\]"):
+        apply_channel_plan(copy.deepcopy(model), ChannelPlan({group.name: [0, 1, 2, 3, *keep[4:]]}, {group.name: 32}), shape)
+    apply_channel_plan(model, ChannelPlan({group.name: keep}, {group.name: 32}), shape)
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        assert torch.allclose(model(x), _silence(dense, {group.name: group}, {group.name: keep})(x), atol=1e-5)
+
+
 class Blurred(nn.Module):
     """TResNet's anti-aliased downsampling: timm's BlurPool2d made with one copy of its filter per channel."""
 
@@ -590,6 +628,43 @@ def test_an_anti_aliasing_blur_with_a_filter_per_channel_follows_the_channels(tm
     check_prunable(model, SHAPE)
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     assert model.conv[0].out_channels == 8
+
+
+class GatedTokens(nn.Module):
+    """Tokens through timm's GluMlp (EVA-02's SwiGLU): one Linear's output cut by `chunk(2, dim=-1)`, halves multiplied."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        from timm.layers import GluMlp
+
+        super().__init__()
+        self.embed = nn.Conv2d(in_channels, 16, 8, stride=8)
+        self.norm = nn.LayerNorm(16)
+        self.mlp = GluMlp(16, 48, act_layer=nn.SiLU, gate_last=False)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        return self.fc((x + self.mlp(self.norm(x))).mean(1))
+
+
+def test_halves_of_a_gated_mlp_cut_on_the_last_dimension_lose_the_same_positions(tmp_path):
+    """A split of the last dimension of tokens is a split of their channels (Torch-Pruning maps dim 1 only, and
+    autograd keeps dim -1 as 2**64 - 1): the gate's and the value's halves are tied blocks, read once by fc2 (the
+    group was kept whole: "fc2 would read 48 of its 24 inputs")."""
+    torch.manual_seed(0)
+    model = create("test_gated_tokens").eval()
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    fc1 = groups["mlp.fc1"]
+    assert (fc1.size, fc1.blocks, fc1.tied, fc1.consumers, sum(fc1.reads["mlp.fc2"])) == (48, 2, [0, 1], ["mlp.fc2"], 24)
+    check_prunable(model, SHAPE)
+    dense, keep = copy.deepcopy(model), [c + half for half in (0, 24) for c in range(0, 24, 3)]
+    plan = ChannelPlan({"mlp.fc1": keep}, {"mlp.fc1": 48})
+    costs = CostModel(model, list(groups.values()), SHAPE).count(plan)
+    apply_channel_plan(model, plan, SHAPE)
+    assert (model.mlp.fc1.out_features, model.mlp.fc2.in_features) == (16, 8)
+    assert costs == {"flops": count_flops(model, SHAPE), "params": count_params(model)}
+    _equals_silenced_dense_and_reloads(model, _silence(dense, groups, {"mlp.fc1": keep}), tmp_path)
+    _pruned_and_reloaded(create("test_gated_tokens").eval(), SHAPE, 0.6, tmp_path)
 
 
 class PartialResidual(nn.Module):
@@ -1146,10 +1221,11 @@ def test_heads_whose_projection_is_applied_as_a_function_are_kept_whole():
     model = create("timm:eva02_tiny_patch14_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4).eval()
     assert not [g for g in channel_groups(model, shape) if g.heads]
     check_prunable(model, shape)
-    # Its SwiGLU MLPs are kept whole too: no group is left, and a structured budget says so in one line.
+    # Its SwiGLU MLP (one Linear cut in halves on the last dimension) prunes its halves alike; a model with no group
+    # left gets a structured budget's refusal in one line.
     from prunelab.budget import BudgetError, structured_plan
 
-    assert channel_groups(model, shape) == []
+    assert [(g.name, g.tied) for g in channel_groups(model, shape)] == [("blocks.0.mlp.fc1", [0, 1])]
     ctx = type("Ctx", (), {"budget": {"flops": 0.5}, "input_shape": shape, "dense": {}})()
     with pytest.raises(BudgetError, match="no channel group of this model can lose channels"):
         structured_plan(model, {}, ctx)

@@ -236,6 +236,18 @@ def unit_scores(scores: torch.Tensor, unit: int = 1) -> torch.Tensor:
     return scores.reshape(-1, unit).mean(1)
 
 
+def tie_scores(scores: dict[str, torch.Tensor], groups: list) -> dict[str, torch.Tensor]:
+    """Scores where a group's tied blocks (`ChannelGroup.tied`) all hold, at each position, the mean of their scores
+    there: channel p of each goes with the others', so they keep the same positions."""
+    out = dict(scores)
+    for g in groups:
+        if g.tied and g.name in scores:
+            per_block = scores[g.name].reshape(g.blocks, -1).clone()
+            per_block[g.tied] = per_block[g.tied].mean(0)
+            out[g.name] = per_block.flatten()
+    return out
+
+
 def plan_by_counts(
     scores: dict[str, torch.Tensor],
     counts: dict[str, int],
@@ -356,14 +368,18 @@ class CostModel:
         # Parameters per channel of each norm (a BatchNorm after a concatenation holds several groups' channels).
         norms = {name: sum(p.numel() for p in m.parameters()) // m.num_features for name, m in model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-        self.norm_params = {g.name: sum(norms.get(n, 0) for n in g.norms) for g in groups}
+        # Per channel of each group (a norm holding a channel twice, after a concatenation of it and its copy, twice).
+        self.norm_params = {
+            g.name: [sum(norms.get(n, 0) * (len(g.rows[n][c]) if n in g.rows else 1) for n in g.norms) for c in range(g.size)]
+            for g in groups
+        }  # fmt: skip
         # An attention's parameters with entries per head besides its layers (Swin V2's logit scale, position-bias tables,
         # LeViT's attention biases) lose a head's entries with it: parameters per channel of a group losing whole heads.
         self.head_params = {
             g.name: _per_head_parameters(model.get_submodule(g.heads), bool(g.rows)) / g.size
             for g in groups if g.heads and g.unit > 1
         }  # fmt: skip
-        known = self._count({}, self.widths(None))
+        known = self._count(None, self.widths(None))
         self.fixed = {metric: self.dense[metric] - known[metric] for metric in self.dense}
 
     def widths(self, plan) -> list[tuple[int, int]]:
@@ -379,21 +395,23 @@ class CostModel:
 
         return [(fan_in - removed(reads), fan_out - removed(writes)) for _, _, _, fan_in, fan_out, writes, reads in self.layers]
 
-    def _count(self, kept: dict[str, int], widths: list[tuple[int, int]]) -> dict[str, int]:
+    def _count(self, plan, widths: list[tuple[int, int]]) -> dict[str, int]:
+        kept = plan.kept() if plan is not None else {}
         flops = params = 0
         for (macs, weight, bias, fan_in, fan_out, *_), (inp, out) in zip(self.layers, widths):
             # A grouped convolution whose channels follow its groups is no consumer: its fan-in stays, its cost scales with out.
             scale = inp * out / (fan_in * fan_out)
             flops += round(macs * scale)
             params += round(weight * scale) + (bias * out // fan_out if bias else 0)
-        params += sum(self.norm_params[name] * kept.get(name, size) for name, size in self.sizes.items())
+        for name, per_channel in self.norm_params.items():
+            params += sum(per_channel[c] for c in plan.keep[name]) if plan is not None and name in plan.keep else sum(per_channel)
         params += sum(round(n * kept.get(name, self.sizes[name])) for name, n in self.head_params.items())
         flops += sum(round(n * kept.get(name, self.sizes[name]) / self.sizes[name]) for name, n in self.products.items())
         return {"flops": flops, "params": params}
 
     def count(self, plan) -> dict[str, int]:
         """FLOPs (MACs) and parameters of the model with the plan applied."""
-        counts = self._count(plan.kept(), self.widths(plan))
+        counts = self._count(plan, self.widths(plan))
         return {metric: counts[metric] + self.fixed[metric] for metric in counts}
 
 
@@ -661,6 +679,7 @@ def search_threshold(
     from prunelab.structure import apply_channel_plan, channel_groups
 
     groups = [g for g in channel_groups(model, input_shape) if g.name in scores]
+    scores = tie_scores(scores, groups)
     if units is None:
         units = {g.name: g.unit for g in groups}
     if multiples is None:
@@ -760,6 +779,7 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
         )
     round_to = int(budget.get("round_to") or 1)
     groups = [g for g in channel_groups(model, input_shape) if g.name in scores]
+    scores = tie_scores(scores, groups)
     units = {g.name: g.unit for g in groups}
     multiples = {g.name: g.multiple for g in groups}
     blocks = {g.name: g.blocks for g in groups}

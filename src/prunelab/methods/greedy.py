@@ -342,7 +342,7 @@ class GreedyImitation(PruningMethod):
         is exact (every reader of the channels is a consumer). Residual streams (channels merged by an
         addition) are kept whole, by policy (see the module docstring), like grouped consumers.
         """
-        if group.unit != 1 or any(op.startswith(("Add", "Sub")) for op in group.merges):
+        if group.unit != 1 or group.tied or any(op.startswith(("Add", "Sub")) for op in group.merges):
             return None
         extra = {name for name in group.layers[1:] if grouped_unit(model.get_submodule(name)) is None}
         rooted = {g.name: g for g in groups}

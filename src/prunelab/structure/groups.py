@@ -66,7 +66,10 @@ class ChannelGroup:
     keeps the same head dimension; every chunk of a split into equal chunks, `x.split(k)` or
     `x.chunk(n)`, keeps the same size). `split_sizes` lists [module, attribute, chunks] for a module
     attribute that holds the size of such a split (CSP's `expand_chs`, the whole width: chunks 1;
-    Res2Net's `width`, one chunk's: chunks = their count), which surgery sets to kept / chunks.
+    Res2Net's `width`, one chunk's: chunks = their count), which surgery sets to kept / chunks. `tied` lists
+    blocks whose channel p goes with the others' channel p, so they keep the same positions (a residual stream meeting
+    a ghost module's cheap copy; the halves of a gated MLP's `chunk(2)` multiplied together; Res2NeXt's chunks added
+    through grouped convolutions, all but the last, which passes on alone).
     """
 
     name: str
@@ -86,6 +89,7 @@ class ChannelGroup:
     heads: str | None = None
     blocks: int = 1
     split_sizes: list[list] = field(default_factory=list)
+    tied: list[int] = field(default_factory=list)
 
 
 def grouped_unit(module: nn.Module) -> int | None:
@@ -289,10 +293,25 @@ def _splits_channels(before: torch.Size, after: torch.Size) -> bool:
     return not (flatten or unflatten)
 
 
-def _equal_split(split: Any) -> bool:
+def _saved_dim(fn: Any) -> int:
+    """The dimension an autograd node saved (1 where it saved none), as a non-negative index where it knows its input's
+    rank: autograd keeps a negative dimension as an unsigned 64-bit number (dim=-1: 2**64 - 1)."""
+    dim, sizes = int(getattr(fn, "_saved_dim", 1)), getattr(fn, "_saved_self_sym_sizes", None)
+    dim = dim - 2**64 if dim >= 2**63 else dim
+    return dim % len(sizes) if sizes else dim
+
+
+def _splits_channels_dim(split: Any, channels_last: bool) -> bool:
+    """Whether a split's autograd node cuts the channel dimension: dim 1, or the last one where channels are last (a
+    gated MLP's `x.chunk(2, dim=-1)` on tokens, which Torch-Pruning leaves unmapped)."""
+    sizes = getattr(split, "_saved_self_sym_sizes", None)
+    return _saved_dim(split) == 1 or (channels_last and sizes is not None and _saved_dim(split) == len(sizes) - 1)
+
+
+def _equal_split(split: Any, channels_last: bool = False) -> bool:
     """Whether an autograd node is a split of the channels into chunks of one size (`x.split(k)`, `x.chunk(n)`):
     a split whose chunks must stay equal as channels go (one with a list of sizes can be given new sizes)."""
-    return type(split).__name__ == "SplitBackward0" and getattr(split, "_saved_dim", 1) == 1
+    return type(split).__name__ == "SplitBackward0" and _splits_channels_dim(split, channels_last)
 
 
 def resize_splits(model: nn.Module, group: ChannelGroup, kept: int) -> None:
@@ -343,7 +362,7 @@ def _chunk_sizes(split: Any) -> list[int] | None:
         return [int(k) for k in split._saved_split_sizes]
     dims = getattr(split, "_saved_self_sym_sizes", None)
     if hasattr(split, "_saved_split_size") and dims:
-        size, k = int(dims[split._saved_dim]), int(split._saved_split_size)
+        size, k = int(dims[_saved_dim(split)]), int(split._saved_split_size)
         return [min(k, size - i) for i in range(0, size, k)]
     return None
 
@@ -530,7 +549,8 @@ def _graph_class() -> type:
                 # one output per chunk; but outputs come in any order (MixNet's mixed convolutions read them
                 # swapped) and a chunk may have several readers (CSP's half feeding a residual block). Autograd
                 # knows which chunk each reads.
-                if getattr(node.grad_fn, "_saved_dim", 1) != 1:
+                channels_last = bool(self.reshapes.get("tokens")) and _saved_dim(node.grad_fn) != 1
+                if not _splits_channels_dim(node.grad_fn, channels_last):
                     return original_split(graph, node)  # not split along channels: Torch-Pruning leaves it unmapped
                 chunk: dict[Any, int] = {}
                 for out in node.outputs:
@@ -546,7 +566,7 @@ def _graph_class() -> type:
                 total = shape_infer.infer_out_channels_recursively(graph, node.inputs[0], [0]) if len(node.inputs) == 1 else None
                 if not traced or not total:
                     return original_split(graph, node)
-                if _equal_split(node.grad_fn) and len(set(traced)) == 1 and total % len(traced) == 0:
+                if _equal_split(node.grad_fn, channels_last) and len(set(traced)) == 1 and total % len(traced) == 0:
                     sizes = [total // len(traced)] * len(traced)
                 else:
                     read = {chunk[out]: graph.get_in_channels(out) for out in reversed(node.outputs) if graph.get_in_channels(out)}
@@ -561,7 +581,9 @@ def _graph_class() -> type:
                 offsets = node.module.offsets
                 for out, nr in chunk.items():
                     for dep, reverse in [*((d, False) for d in node.dependencies), *((d, True) for d in out.dependencies)]:
-                        if dep.target is (node if reverse else out) and isinstance(dep.index_mapping[0], index_mapping._SplitIndexMapping):
+                        # Channels last, Torch-Pruning maps none of them (it maps splits of dim 1 only).
+                        mapped = isinstance(dep.index_mapping[0], index_mapping._SplitIndexMapping) or channels_last
+                        if dep.target is (node if reverse else out) and mapped:
                             dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offsets[nr : nr + 2], reverse=reverse)
                     if out.type == ops.OPTYPE.CONCAT:
                         cat_reads_split(out, node, nr)
@@ -606,7 +628,7 @@ def _graph_class() -> type:
 
             def channel_slice(graph: Any, node: Any) -> None:
                 sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
-                if self.reshapes.get("tokens") and sizes is not None and node.grad_fn._saved_dim % len(sizes) != len(sizes) - 1:
+                if self.reshapes.get("tokens") and sizes is not None and _saved_dim(node.grad_fn) != len(sizes) - 1:
                     return  # channels last: a slice of another dimension (LeViT's subsampled tokens) keeps every channel
                 original_slice(graph, node)
 
@@ -842,11 +864,12 @@ def groups_from_graph(
             prunable = True
             blocked: list[nn.Module] = []
             chunked: dict[Any, set[tuple[int, int]]] = {}  # equal splits of the channels: (index, group channel) pairs
+            overread: dict[str, tuple[int, list[int]]] = {}  # readers of more inputs than they have: fan-in, counts
             for item in group:
                 dep = item.dep
                 target = dep.target.module
                 node = graph.module2node.get(target) if type(target).__name__ == "_SplitOp" else None
-                if node is not None and _equal_split(node.grad_fn) and None not in item.root_idxs:
+                if node is not None and _equal_split(node.grad_fn, bool(graph.reshapes.get("tokens"))) and None not in item.root_idxs:
                     chunked.setdefault(node, set()).update(zip(map(int, item.idxs), map(int, item.root_idxs)))
                 if isinstance(target, nn.modules.batchnorm._BatchNorm) and target in names and names[target] not in norms:
                     norms.append(names[target])
@@ -873,8 +896,8 @@ def groups_from_graph(
                     if counts != [1] * size:
                         reads[names[target]] = counts
                     fan_in = target.in_features if isinstance(target, nn.Linear) else target.in_channels
-                    if sum(counts) > fan_in:  # e.g. a token-mixing Linear (ResMLP, MLP-Mixer) reading the transposed stream
-                        unmapped = unmapped or f"{names[target]!r} would read {sum(counts)} of its {fan_in} inputs from them: it reads another axis"
+                    if sum(counts) > fan_in:  # settled once ties are known (below)
+                        overread[names[target]] = (fan_in, counts)
                 if target in graph.unmapped:
                     unmapped = graph.unmapped[target]
                 if not graph.is_out_channel_pruning_fn(dep.handler):
@@ -903,6 +926,23 @@ def groups_from_graph(
                 blocks = math.lcm(blocks, len(chunks))
                 if node.grad_fn in graph.splits:
                     split_sizes.append(list(graph.splits[node.grad_fn]))
+            tied: list[int] | None = []
+            if unmapped is None and (blocks > 1 or overread or _holds_part(rows, names)):
+                tied = _tied_blocks(graph, module, pruner, size, blocks)
+                if tied is None:
+                    _log_once(
+                        f"channel group {name!r} is kept whole: some of its channels are copies of others (a depthwise copy "
+                        f"concatenated with its input, as in GhostNet's ghost modules) at positions that do not line up "
+                        f"block by block, so they cannot be removed one by one"
+                    )
+                    continue
+            for consumer, (fan_in, counts) in overread.items():
+                # Tied blocks multiplied together (a gated MLP's halves) reach a reader's input once per block: counted once.
+                width = size // max(blocks, len(tied))
+                counts = [n * (c // width not in tied[1:]) for c, n in enumerate(counts)]
+                if sum(counts) > fan_in:  # e.g. a token-mixing Linear (ResMLP, MLP-Mixer) reading the transposed stream
+                    unmapped = unmapped or f"{consumer!r} would read {sum(counts)} of its {fan_in} inputs from them: it reads another axis"
+                reads[consumer] = counts
             if unmapped is not None:
                 _log_once(f"channel group {name!r} is kept whole: Torch-Pruning cannot follow its channels ({unmapped})")
                 continue
@@ -922,12 +962,7 @@ def groups_from_graph(
                     f"channels), and {why}, so no whole group of it can be removed"
                 )
                 continue
-            if _tied(graph, module, pruner, rows, names):
-                _log_once(
-                    f"channel group {name!r} is kept whole: some of its channels are copies of others (a depthwise copy "
-                    f"concatenated with its input, as in GhostNet's ghost modules), so they cannot be removed one by one"
-                )
-                continue
+            blocks = max(blocks, len(tied))
             others = sorted((m for m in producers if m is not module), key=lambda m: index_of[names[m]])
             members = [module, *others]
             groups.append(
@@ -948,23 +983,40 @@ def groups_from_graph(
                     multiple=math.lcm(multiple, blocks * unit) if blocks > 1 else multiple,
                     blocks=blocks,
                     split_sizes=split_sizes,
+                    tied=tied,
                     embedding=attention and layer_norm and sum(grouped_unit(m) is None for m in members) > 1,
                 )
             )
     return groups
 
 
-def _tied(graph: Any, root: nn.Module, pruner: Any, rows: dict[str, list[list[int]]], names: dict) -> bool:
-    """Whether some of a group's channels are copies of others: a depthwise layer holding only part of the group
-    (a ghost module's cheap copy, concatenated with its input and added to a stream) leads one of the channels it
-    holds back to another channel of the root. Torch-Pruning's group of all channels hides it; one channel shows it."""
+def _holds_part(rows: dict[str, list[list[int]]], names: dict) -> bool:
+    """Whether a grouped layer holds only part of a group (a ghost module's cheap copy): its channels may be copies."""
     by_name = {name: m for m, name in names.items() if isinstance(m, nn.Module)}
-    for layer, layer_rows in rows.items():
-        if grouped_unit(by_name.get(layer, nn.Identity())) and any(not r for r in layer_rows):
-            channel = next(c for c, r in enumerate(layer_rows) if r)
-            probe = graph.get_pruning_group(root, pruner.prune_out_channels, [channel])
-            return any(item.dep.target.module is root and len(set(map(int, item.idxs))) > 1 for item in probe)
-    return False
+    return any(grouped_unit(by_name.get(layer, nn.Identity())) and any(not r for r in held) for layer, held in rows.items())
+
+
+def _tied_blocks(graph: Any, root: nn.Module, pruner: Any, size: int, blocks: int) -> list[int] | None:
+    """The blocks of a group whose channel p goes with the others' channel p when it is removed (`ChannelGroup.tied`):
+    none where each channel goes alone; else, of its `blocks` equal blocks (or, where it has none, of as many as
+    channels go together), those holding the first channel's partners, at its position in each (a stream added to a
+    ghost module's input and cheap copy; halves multiplied together; chunks added through grouped convolutions); None
+    where they lie otherwise. Torch-Pruning's group of all channels hides it; the first and the last channel of the
+    first block, walked alone, show it."""
+
+    def partners(channel: int) -> set[int]:
+        probe = graph.get_pruning_group(root, pruner.prune_out_channels, [channel])
+        return {int(i) for item in probe if item.dep.target.module is root and graph.is_out_channel_pruning_fn(item.dep.handler) for i in item.idxs}
+
+    first = partners(0)
+    if len(first) == 1:
+        return []
+    blocks = blocks if blocks > 1 else len(first)
+    width = size // blocks
+    tied = sorted(c // width for c in first)
+    if size % blocks or first != {b * width for b in tied} or partners(width - 1) != {b * width + width - 1 for b in tied}:
+        return None
+    return tied
 
 
 def channels_written(group: ChannelGroup, layer: str) -> list[int] | None:

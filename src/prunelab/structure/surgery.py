@@ -62,6 +62,12 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
             check_head_plan(model, groups[name], plan.keep[name])
             continue
         counts = _block_counts(plan.keep[name], groups[name])
+        width = groups[name].size // groups[name].blocks
+        if len({tuple(i % width for i in plan.keep[name] if i // width == b) for b in groups[name].tied}) > 1:
+            raise ValueError(
+                f"the plan keeps other positions in blocks {groups[name].tied} of group {name!r} ({width} channels each): "
+                f"channel p of each goes with the others' channel p, so they must keep the same positions"
+            )
         if len(set(counts)) > 1:
             raise ValueError(
                 f"the plan keeps {counts} channels of the {len(counts)} equal chunks of group {name!r}: a split into "
@@ -107,8 +113,11 @@ def _no_empty_parts(plan: ChannelPlan, groups: dict) -> ChannelPlan:
         parts += [[c for c, n in enumerate(counts) if n] for counts in group.reads.values()]
         for held in parts:
             if held and len(held) < group.size and not set(held) & set(kept):
-                unit = group.unit
-                kept.extend(i for i in range(held[0] // unit * unit, (held[0] // unit + 1) * unit) if i not in kept)
+                unit, width = group.unit, group.size // group.blocks
+                first = range(held[0] // unit * unit, (held[0] // unit + 1) * unit)
+                tied = group.tied if held[0] // width in group.tied else []
+                positions = [c % width + b * width for c in first for b in tied] or first
+                kept.extend(i for i in positions if i not in kept)
                 _log_once(f"group {name!r} keeps channel {held[0]}: the plan removed every channel a layer holds of it")
     if keep == plan.keep:
         return plan
@@ -346,14 +355,14 @@ def _silenced(model: nn.Module, groups: list) -> Iterator[None]:
 def _trial_removed(group) -> list[int]:
     """About half of the group's channels, every other unit, so that it keeps a valid count (`keep_count`);
     in a group of equal blocks (`ChannelGroup.blocks`), every other unit of each block, shifted by one unit from
-    block to block so that a mapping that mixes the blocks up shows."""
+    block to block so that a mapping that mixes the blocks up shows (tied blocks: the same units in each)."""
     from prunelab.budget import keep_count
 
     if group.blocks > 1:
         unit = group.unit
         units = group.size // group.blocks // unit
         return sorted(
-            (b * units + (j + b) % units) * unit + i
+            (b * units + (j + b * (b not in group.tied)) % units) * unit + i  # tied blocks lose the same positions
             for b in range(group.blocks)
             for j in range(1, units, 2)
             for i in range(unit)
