@@ -38,6 +38,7 @@ def registered_models(monkeypatch):
         "test_split": Split,
         "test_blurred": Blurred,
         "test_gated_tokens": GatedTokens,
+        "test_gated_sections": GatedSections,
         "test_rex": Rex,
         "test_sections": Sections,
         "test_std_convs": StdConvs,
@@ -665,6 +666,38 @@ def test_halves_of_a_gated_mlp_cut_on_the_last_dimension_lose_the_same_positions
     assert costs == {"flops": count_flops(model, SHAPE), "params": count_params(model)}
     _equals_silenced_dense_and_reloads(model, _silence(dense, groups, {"mlp.fc1": keep}), tmp_path)
     _pruned_and_reloaded(create("test_gated_tokens").eval(), SHAPE, 0.6, tmp_path)
+
+
+class GatedSections(nn.Module):
+    """MambaOut's gated convolution block on a (B, H, W, C) map: fc1's output split into sections of recorded sizes
+    (`split_indices`: gate, identity, convolved) on the last dimension, the gate multiplied with the other two."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        from timm.models.mambaout import GatedConvBlock
+
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 12, 4, stride=4)
+        self.block = GatedConvBlock(12, expansion_ratio=2, kernel_size=3, conv_ratio=0.5)
+        self.head = nn.Linear(12, 32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.head(self.block(self.stem(x).permute(0, 2, 3, 1)))).mean((1, 2)))
+
+
+def test_sections_of_the_last_dimension_keep_their_sizes_as_later_groups_are_removed(tmp_path):
+    """The gate's section is tied to the identity and convolved ones it multiplies; the recorded sizes follow what the
+    plan leaves each section, also while groups after it are removed (their walks map the split again: the sizes it
+    fell back to were the traced ones, and MambaOut broke with "split_sizes=[128, 80, 48]" once every group went)."""
+    torch.manual_seed(0)
+    model = create("test_gated_sections").eval()
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    fc1 = groups["block.fc1"]
+    assert (fc1.size, fc1.blocks, fc1.tied) == (48, 2, [0, 1]) and "head" in groups
+    check_prunable(model, SHAPE)  # every group at once, the later ones after block.fc1
+    _pruned_and_reloaded(model, SHAPE, None, tmp_path)
+    assert sum(model.block.split_indices[1:]) == model.block.split_indices[0] == model.block.fc1.out_features // 2 < 24
+    assert model.block.split_indices[2] == model.block.conv.in_channels
 
 
 class PartialResidual(nn.Module):

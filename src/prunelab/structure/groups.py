@@ -573,6 +573,12 @@ def _graph_class() -> type:
                     sizes = [read.get(i) for i in range(len(traced))]
                     if sizes.count(None) == 1:  # one section read by no layer (passed on to a concatenation): the rest
                         sizes[sizes.index(None)] = total - sum(n for n in sizes if n is not None)
+                    if None in sizes or sum(sizes) != total:
+                        # Sections the layers do not tell (MambaOut's gate and value read by products): the sizes
+                        # Torch-Pruning's split pruner left from an earlier removal, else the traced ones.
+                        now = node.module.split_sizes or []
+                        by_chunk = dict(zip((chunk[out] for out in node.outputs), now)) if len(now) == len(node.outputs) else {}
+                        sizes = [by_chunk.get(i) for i in range(len(traced))]
                     sizes = sizes if None not in sizes and sum(sizes) == total else list(traced)
                 # Torch-Pruning reads split_sizes by output (one per reader); the offsets here are by chunk.
                 node.module.split_sizes = [sizes[chunk[out]] for out in node.outputs]
