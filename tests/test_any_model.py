@@ -39,6 +39,7 @@ def registered_models(monkeypatch):
         "test_blurred": Blurred,
         "test_gated_tokens": GatedTokens,
         "test_gated_sections": GatedSections,
+        "test_position_map": PositionMap,
         "test_rex": Rex,
         "test_sections": Sections,
         "test_std_convs": StdConvs,
@@ -698,6 +699,37 @@ def test_sections_of_the_last_dimension_keep_their_sizes_as_later_groups_are_rem
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     assert sum(model.block.split_indices[1:]) == model.block.split_indices[0] == model.block.fc1.out_features // 2 < 24
     assert model.block.split_indices[2] == model.block.conv.in_channels
+
+
+class PositionMap(nn.Module):
+    """Visformer's stem: a position embedding of shape (1, C, H, W) added to a convolution's channels-first maps."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(in_channels, 12, 4, stride=4)
+        self.pos_embed = nn.Parameter(torch.randn(1, 12, 8, 8))
+        self.conv = _conv_bn(12, 16, 3)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(self.embed(x) + self.pos_embed).mean((2, 3)))
+
+
+def test_a_position_map_added_to_channels_first_maps_loses_the_same_channels(tmp_path):
+    """Torch-Pruning cuts a parameter no layer holds along its last dimension that is not 1 (the map's width here:
+    Visformer failed with "size of tensor a (28) must match b (14) at dimension 3"); channels first, dim 1 follows."""
+    torch.manual_seed(0)
+    model = create("test_position_map").eval()
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    check_prunable(model, SHAPE)
+    dense, keep = copy.deepcopy(model), [0, 3, 4, 7, 9, 10]
+    apply_channel_plan(model, ChannelPlan({"embed": keep}, {"embed": 12}), SHAPE)
+    assert model.pos_embed.shape == (1, 6, 8, 8) and model.conv[0].in_channels == 6
+    with torch.no_grad():  # silenced: the removed channels' embedding rows and position maps zeroed
+        dropped = [c for c in range(12) if c not in keep]
+        dense.embed.weight[dropped], dense.embed.bias[dropped], dense.pos_embed[:, dropped] = 0, 0, 0
+    _equals_silenced_dense_and_reloads(model, dense.eval(), tmp_path)
+    assert "embed" in groups
 
 
 class PartialResidual(nn.Module):

@@ -690,7 +690,14 @@ def _graph_class() -> type:
             recorder = _ReshapeRecorder(self.reshapes, self.splits, self.sections, self.slices, self.cats, model)
             self.walk_limit = walk_limit(model)
             with self._guarded_reshapes(), recorder:
-                return super().build_dependency(model, *args, **kwargs)
+                graph = super().build_dependency(model, *args, **kwargs)
+            if not self.reshapes.get("tokens"):
+                # A parameter added to channels-first maps (Visformer's position embeddings, (1, C, H, W)) loses channels
+                # along dim 1; Torch-Pruning's default for a parameter no layer holds is its last dimension that is not 1.
+                for key, node in self.module2node.items():
+                    if isinstance(key, nn.Parameter) and key.dim() == 4 and key.shape[0] == 1 and key.shape[1] > 1:
+                        node.pruning_dim = 1
+            return graph
 
         def get_pruning_group(self, *args: Any, **kwargs: Any) -> Any:
             with self._guarded_reshapes(), _bounded_walk(self.walk_limit):

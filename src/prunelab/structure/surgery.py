@@ -217,8 +217,13 @@ def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
     other_norms = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
     trial = copy.deepcopy(model)
     graph, _ = build_graph(trial, tuple(input_shape))
-    # A layer that standardises its weight (NFNets) standardises it anew over the inputs it keeps: no zeroing matches.
-    exact = not any(isinstance(m, other_norms) for m in model.modules()) and not graph.reshapes.get("parameters")
+    # A layer that standardises its weight (NFNets) standardises it anew over the inputs it keeps, and a map added to the
+    # channels (Visformer's position embeddings, (1, C, H, W)) keeps them alive: no zeroing of layers matches.
+    added = any(
+        p.dim() == 4 and p.shape[0] == 1 and p.shape[1] > 1 and p.shape[2:].numel() > 1
+        for m in model.modules() if not isinstance(m, nn.modules.conv._ConvNd) for p in m.parameters(recurse=False)
+    )  # fmt: skip
+    exact = not any(isinstance(m, other_norms) for m in model.modules()) and not graph.reshapes.get("parameters") and not added
     dense = copy.deepcopy(model) if exact or any(g.heads for g in groups) else None
     param = next(trial.parameters())
     x = torch.randn(2, *input_shape, device=param.device, dtype=param.dtype)
