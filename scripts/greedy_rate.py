@@ -457,7 +457,9 @@ def main() -> None:
     parser.add_argument("--middle-init", choices=("normal", "zero"), default="normal",
                         help="zero: the middle layer V starts at 0 (see `init_net`)")
     parser.add_argument("--scratch-widths", type=int, nargs="+", default=list(SCRATCH_WIDTHS))
+    parser.add_argument("--input-dim", type=int, default=INPUT_DIM, help="dimension d of the simulated inputs x ~ N(0, I_d)")
     args = parser.parse_args()
+    globals()["INPUT_DIM"] = args.input_dim
 
     torch.set_num_threads(1)
     start = time.perf_counter()
