@@ -732,6 +732,17 @@ def test_a_position_map_added_to_channels_first_maps_loses_the_same_channels(tmp
     assert "embed" in groups
 
 
+def test_a_chunk_of_a_view_of_the_last_dimension_is_not_a_channel_split():
+    """timm's MaxViT chunks a view of qkv to (B, N, heads, 3 x head_dim) on its last dimension: that cuts a head's
+    width, not the channels, so it is not mapped as a channel split (it was, once last-dimension splits were, and the
+    check refused the attention; its qkv stays whole, as before)."""
+    shape = (3, 64, 64)
+    model = create("timm:maxvit_tiny_rw_224", img_size=64, depths=(1, 1, 1, 1), embed_dim=(64, 64, 64, 64), stem_width=(8, 16)).eval()
+    groups = channel_groups(model, shape)
+    assert not [g for g in groups if g.tied] and not [g for g in groups if g.name.endswith("attn.qkv")]  # kept whole
+    check_prunable(model, shape)
+
+
 class PartialResidual(nn.Module):
     """ReXNet's linear bottleneck: the input added to the first `in_channels` of a wider output, a slice bounded by
     a recorded width, concatenated with the new channels."""

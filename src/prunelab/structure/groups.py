@@ -566,6 +566,12 @@ def _graph_class() -> type:
                 total = shape_infer.infer_out_channels_recursively(graph, node.inputs[0], [0]) if len(node.inputs) == 1 else None
                 if not traced or not total:
                     return original_split(graph, node)
+                if channels_last:
+                    # The last dimension holds the channels only where it is as wide as the layer's output: MaxViT's
+                    # chunk of a view to (B, N, heads, 3 x head_dim) cuts a head's width, not the channels.
+                    if node.grad_fn._saved_self_sym_sizes[-1] != total:
+                        return original_split(graph, node)
+                    self.last_dim_splits.add(node.grad_fn)
                 if _equal_split(node.grad_fn, channels_last) and len(set(traced)) == 1 and total % len(traced) == 0:
                     sizes = [total // len(traced)] * len(traced)
                 else:
@@ -689,6 +695,7 @@ def _graph_class() -> type:
             self.cats: dict[Any, list[int]] = {}
             recorder = _ReshapeRecorder(self.reshapes, self.splits, self.sections, self.slices, self.cats, model)
             self.walk_limit = walk_limit(model)
+            self.last_dim_splits: set[Any] = set()  # splits of channels last (`_splits_channels_dim`), mapped as channels
             with self._guarded_reshapes(), recorder:
                 graph = super().build_dependency(model, *args, **kwargs)
             if not self.reshapes.get("tokens"):
@@ -882,7 +889,7 @@ def groups_from_graph(
                 dep = item.dep
                 target = dep.target.module
                 node = graph.module2node.get(target) if type(target).__name__ == "_SplitOp" else None
-                if node is not None and _equal_split(node.grad_fn, bool(graph.reshapes.get("tokens"))) and None not in item.root_idxs:
+                if node is not None and _equal_split(node.grad_fn, node.grad_fn in graph.last_dim_splits) and None not in item.root_idxs:
                     chunked.setdefault(node, set()).update(zip(map(int, item.idxs), map(int, item.root_idxs)))
                 if isinstance(target, nn.modules.batchnorm._BatchNorm) and target in names and names[target] not in norms:
                     norms.append(names[target])
