@@ -46,6 +46,7 @@ def registered_models(monkeypatch):
         "test_norm_no_bias": NormWithoutBias,
         "test_tiny_volo": _tiny_volo,
         "test_tiny_caformer": _tiny_caformer,
+        "test_tiny_nest": _tiny_nest,
         "test_botnet": BottleneckAttention,
         "test_tiny_mixer": _tiny_mixer,
         "test_tiny_resmlp": lambda **kw: _tiny_mixer(resmlp=True, **kw),
@@ -1164,6 +1165,12 @@ def _tiny_volo(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) 
     )
 
 
+def _tiny_nest(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    from timm.models.nest import Nest
+
+    return Nest(img_size=32, in_chans=in_channels, patch_size=4, num_levels=2, embed_dims=(32, 64), num_heads=(2, 4), depths=(1, 1), num_classes=num_classes)
+
+
 def _tiny_caformer(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
 
@@ -1200,6 +1207,7 @@ TIMM_HEAD_WIDTH = {
     "vit_relpos_base_patch16_clsgap_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4), 32, {"RelPosAttention": 1}),
     "test_tiny_volo": ({}, 32, {"OutlookAttention": 1, "Attention": 1, "ClassAttention": 1}),
     "test_tiny_caformer": ({}, 32, {"Attention": 2}),
+    "test_tiny_nest": ({}, 32, {"Attention": 2}),
     "davit_tiny": (dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(2, 4), window_size=4), 32, {"WindowAttention": 2, "ChannelAttention": 2}),
     "tnt_s_patch16_224": (
         dict(img_size=32, patch_size=8, embed_dim=48, inner_dim=16, depth=1, num_heads_outer=4, num_heads_inner=2), 32, {"Attention": 2}
@@ -1223,7 +1231,8 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
     position bias per head (a table or an MLP, pruned with the heads), VOLO's outlook attention (k^4 window weights
     per head), plain attention on maps and class attention, DaViT's windowed and channel attention, CAFormer's,
     FastViT's (on (B, C, H, W) maps), Next-ViT's (q, k, v projections; keys and values from pooled tokens), Hiera's
-    mask-unit attention (pooled queries), timm's Swin V2 CR (cosine attention, a meta-MLP bias and logit scale per head):
+    mask-unit attention (pooled queries), timm's Swin V2 CR (cosine attention, a meta-MLP bias and logit scale per head),
+    NesT's (heads read by `proj` dimension by dimension):
     rebuilt at creation, they compute what timm's modules
     do with the same weights; removing heads computes what the dense model does with those heads silenced, and the
     pruned model reloads."""

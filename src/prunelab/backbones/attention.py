@@ -368,6 +368,19 @@ class CosineWindowAttention(HeadWidth):
         return self._out(self.attn_drop(attn.softmax(dim=-1)) @ v)
 
 
+class DimensionMajorAttention(HeadWidth):
+    """NesT's attention on (B, blocks, tokens, C): query, key and value stacked in `qkv`, and the heads' outputs laid
+    out dimension by dimension for `proj` (column d x heads + h holds dimension d of head h): `proj_dim_major`."""
+
+    proj_dim_major = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, blocks, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, blocks, tokens, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
+        x = _sdpa(self, *qkv.unbind(0)).permute(0, 2, 3, 4, 1).reshape(batch, blocks, tokens, -1)
+        return self.proj_drop(self.proj(x))
+
+
 class OutlookAttention(HeadWidth):
     """VOLO's outlook attention on (B, H, W, C) maps: per head, weights over each k x k window (`attn`, k^4 rows per
     head, from the pooled map) mix the unfolded values (`v`, `head_dim` per head), folded back."""
@@ -521,6 +534,7 @@ _TIMM = {
     "timm.models.fastvit.Attention": (MapAttention, {}),
     "timm.models.nextvit.EfficientAttention": (SeparateProjectionAttention, {}),
     "timm.models.hiera.MaskUnitAttention": (MaskUnitAttention, {}),
+    "timm.models.nest.Attention": (DimensionMajorAttention, {}),
     "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention": (CosineWindowAttention, {}),
 }
 _REBUILT: dict[type, type] = {}

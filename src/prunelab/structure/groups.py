@@ -1173,7 +1173,8 @@ def head_dim_prunable(attention: nn.Module) -> bool:
     """Whether the heads' dimension can shrink: the module scales its queries by a `scale` it keeps (timm's
     Attention and WindowAttention) and normalises no query or key over the head dimension."""
     plain = all(isinstance(getattr(attention, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm"))
-    return plain and isinstance(getattr(attention, "scale", None), float)
+    # Heads read dimension by dimension (NesT) lose whole heads only: kept dimensions could differ from head to head.
+    return plain and isinstance(getattr(attention, "scale", None), float) and not getattr(attention, "proj_dim_major", False)
 
 
 def _head_group(model: nn.Module, attention: str, index_of: dict[str, int], stages: dict[str, int]) -> ChannelGroup:
@@ -1291,7 +1292,9 @@ def prune_heads(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
         m.qkv.weight = nn.Parameter(weight, m.qkv.weight.requires_grad)
         if m.qkv.bias is not None:
             m.qkv.bias = nn.Parameter(m.qkv.bias[rows] * factor.to(m.qkv.bias.dtype), m.qkv.bias.requires_grad)
-        m.proj.weight = nn.Parameter(m.proj.weight[:, index].clone(), m.proj.weight.requires_grad)
+        # Columns of the kept channels: head by head, or dimension by dimension (NesT: column d x heads + h).
+        columns = torch.sort(index % dim * heads + index // dim).values if getattr(m, "proj_dim_major", False) else index
+        m.proj.weight = nn.Parameter(m.proj.weight[:, columns].clone(), m.proj.weight.requires_grad)
         for name, p in list(m.named_parameters(recurse=False)):
             if p.dim() and p.shape[-1] == heads:
                 setattr(m, name, nn.Parameter(p[..., kept_heads].clone(), p.requires_grad))
