@@ -47,6 +47,11 @@ def registered_models(monkeypatch):
         "test_tiny_volo": _tiny_volo,
         "test_tiny_caformer": _tiny_caformer,
         "test_tiny_nest": _tiny_nest,
+        "test_tiny_gcvit": _tiny_gcvit,
+        "test_tiny_mvitv2": _tiny_mvitv2,
+        "test_tiny_mvitv2_one_head": lambda **kw: _tiny_mvitv2(heads=1, **kw),
+        "test_tiny_lambda": _tiny_lambda,
+        "test_tiny_shvit": _tiny_shvit,
         "test_botnet": BottleneckAttention,
         "test_tiny_mixer": _tiny_mixer,
         "test_tiny_resmlp": lambda **kw: _tiny_mixer(resmlp=True, **kw),
@@ -1171,6 +1176,32 @@ def _tiny_nest(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) 
     return Nest(img_size=32, in_chans=in_channels, patch_size=4, num_levels=2, embed_dims=(32, 64), num_heads=(2, 4), depths=(1, 1), num_classes=num_classes)
 
 
+def _tiny_gcvit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    from timm.models.gcvit import GlobalContextVit
+
+    return GlobalContextVit(in_chans=in_channels, num_classes=num_classes, img_size=64, embed_dim=8, depths=(2, 2, 1, 1), num_heads=(2, 2, 4, 8), mlp_ratio=2.0)
+
+
+def _tiny_mvitv2(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, heads: int = 2) -> nn.Module:
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    return MultiScaleVit(MultiScaleVitCfg(depths=(1, 1), embed_dim=16, num_heads=heads), img_size=(32, 32), in_chans=in_channels, num_classes=num_classes)
+
+
+def _tiny_lambda(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    from timm.models.byobnet import ByobNet, ByoBlockCfg, ByoModelCfg
+
+    blocks = (ByoBlockCfg(type="bottle", d=1, c=32, s=1, gs=0, br=0.25), ByoBlockCfg(type="self_attn", d=2, c=64, s=2, gs=0, br=0.25))
+    cfg = ByoModelCfg(blocks=blocks, stem_chs=16, stem_type="tiered", stem_pool="maxpool", self_attn_layer="lambda", self_attn_kwargs=dict(r=3, dim_head=4))
+    return ByobNet(cfg, in_chans=in_channels, num_classes=num_classes)
+
+
+def _tiny_shvit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    from timm.models.shvit import SHViT
+
+    return SHViT(in_chans=in_channels, num_classes=num_classes, embed_dim=(16, 32, 48), partial_dim=(8, 8, 16), qk_dim=(4, 4, 4), depth=(1, 1, 1))
+
+
 def _tiny_caformer(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
 
@@ -1218,6 +1249,8 @@ TIMM_HEAD_WIDTH = {
     "swinv2_cr_tiny_224": (
         dict(img_size=32, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4)), 32, {"WindowMultiHeadAttention": 4}
     ),
+    "test_tiny_gcvit": ({}, 64, {"WindowAttentionGlobal": 4}),  # the two global-query blocks keep their heads
+    "test_tiny_mvitv2": ({}, 32, {"MultiScaleAttention": 2}),
 }
 
 
@@ -1232,7 +1265,8 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
     per head), plain attention on maps and class attention, DaViT's windowed and channel attention, CAFormer's,
     FastViT's (on (B, C, H, W) maps), Next-ViT's (q, k, v projections; keys and values from pooled tokens), Hiera's
     mask-unit attention (pooled queries), timm's Swin V2 CR (cosine attention, a meta-MLP bias and logit scale per head),
-    NesT's (heads read by `proj` dimension by dimension):
+    NesT's (heads read by `proj` dimension by dimension), GCViT's (local blocks; the global-query ones keep their heads),
+    MViTv2's pooling attention (output width `dim_out` read as the heads' joint width):
     rebuilt at creation, they compute what timm's modules
     do with the same weights; removing heads computes what the dense model does with those heads silenced, and the
     pruned model reloads."""
@@ -1285,6 +1319,52 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
     with torch.no_grad():
         torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
     _pruned_and_reloaded(create(backbone, **arguments).eval(), shape, 0.7, tmp_path)
+
+
+def test_a_single_head_attention_keeps_its_head(tmp_path):
+    """A timm attention with one head (MViTv2's first stage) is a head group that cannot lose its head, not a group of
+    plain channels of `qkv` (whose rows Torch-Pruning mapped onto the output projection: refused by the check)."""
+    model = create("test_tiny_mvitv2_one_head").eval()
+    shape = (3, 32, 32)
+    attention = model.stages[0].blocks[0].attn
+    assert attention.num_heads == 1
+    group = next(g for g in channel_groups(model, shape) if g.heads == "stages.0.blocks.0.attn")
+    assert group.size == group.unit == attention.head_dim
+    assert not any("stages.0.blocks.0.attn.qkv" in g.layers for g in channel_groups(model, shape) if not g.heads)
+    check_prunable(model, shape)
+    model = _pruned_and_reloaded(model, shape, 0.6, tmp_path)
+    assert model.stages[0].blocks[0].attn.qkv.out_features == 3 * attention.head_dim
+
+
+@pytest.mark.parametrize("name", ["test_tiny_lambda", "test_tiny_shvit"])
+def test_timm_layers_laid_out_to_their_input_width_compute_with_their_own(name, tmp_path):
+    """timm's lambda layer (output reshaped to the input's width) and SHViT's partial single-head attention (the
+    stream split into `pdim` and `dim - pdim` channels, the values reshaped to `pdim`): rebuilt at creation, they compute what timm's
+    do with the same weights, the channels they read prune apart from what they write, and the pruned model reloads."""
+    shape = (3, 32, 32) if name == "test_tiny_lambda" else (3, 64, 64)
+    torch.manual_seed(0)
+    model = create(name).eval()
+    stock = registry._REGISTRY[name]().eval()
+    stock.load_state_dict(model.state_dict())
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), stock(x), rtol=1e-5, atol=1e-5)
+    kind = "LambdaLayer" if name == "test_tiny_lambda" else "SHSA"
+    layers = {n: m for n, m in model.named_modules() if type(m).__name__ == kind}
+    reader = "qkv" if name == "test_tiny_lambda" else "qkv.c"
+    readers = {f"{n}.{reader}" for n in layers}
+    groups = channel_groups(model, shape)
+    # The channels each layer reads belong to a group that can lose them.
+    assert readers <= {c for g in groups for c in g.consumers}
+    check_prunable(model, shape)
+    before = {n: list(m.sections) for n, m in layers.items()} if kind == "SHSA" else {}
+    pruned = _pruned_and_reloaded(model, shape, None, tmp_path)
+    for n in layers:
+        reads = pruned.get_submodule(f"{n}.{reader}")
+        assert reads.in_channels < stock.get_submodule(f"{n}.{reader}").in_channels
+        if kind == "SHSA":
+            m = pruned.get_submodule(n)
+            assert reads.in_channels == m.sections[0] < before[n][0] and m.sections[1] < before[n][1]
 
 
 def test_heads_whose_logits_are_mixed_lose_dimensions_not_heads():

@@ -321,10 +321,12 @@ class CostModel:
         macs = dict.fromkeys(layers, 0)
 
         self.inputs: dict[str, tuple[int, ...]] = {}
+        firsts: dict[str, int] = {}
 
         def hook(name):
             def record(module, inputs, output):
                 self.inputs[name] = tuple(inputs[0].shape[1:])
+                firsts[name] = int(inputs[0].shape[0])
                 per_output = module.in_features if isinstance(module, nn.Linear) else (
                     module.in_channels // module.groups * math.prod(module.kernel_size)
                 )
@@ -333,6 +335,7 @@ class CostModel:
             return record
 
         handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
+        folded: set[str] = set()
         param = next(model.parameters())
         try:
             with _counting(model) as counter:
@@ -342,13 +345,24 @@ class CostModel:
                 handle.remove()
         self.dense = {"flops": counter.get_total_flops() // 2, "params": count_params(model)}
         self.sizes = {g.name: g.size for g in groups}
-        # What an attention module computes beyond its layers: its products, linear in its kept width.
+        # An attention's layers that no group sizes and that run on its heads folded into the first dimension (MViTv2's
+        # pooling convolutions, one example: a first dimension of a multiple of the heads) cost in proportion to the heads.
+        described = {n for g in groups for n in [*g.layers, *g.consumers]}
+        for g in groups:
+            heads = getattr(model.get_submodule(g.heads), "num_heads", 1) if g.heads else 1
+            for name in layers:
+                if heads > 1 and name.startswith(f"{g.heads}.") and name not in described and firsts.get(name, 1) % heads == 0:
+                    folded.add(name)
+        # What an attention module computes beyond its layers (those folded over its heads aside): its products, linear
+        # in its kept width.
         counted = counter.get_flop_counts()
         self.products = {
             g.name: max(0, sum(counted.get(f"{type(model).__name__}.{g.heads}", {}).values()) // 2
-                        - sum(n for layer, n in macs.items() if layer.startswith(f"{g.heads}.")))
+                        - sum(n for layer, n in macs.items() if layer.startswith(f"{g.heads}.") and layer not in folded))
             for g in groups if g.heads
         }  # fmt: skip
+        for name in folded:
+            macs[name] = 0
         # An attention's own layers with one output per head (Swin V2's position-bias MLP) lose a row per removed head.
         per_head = {
             f"{g.heads}.{n}": [(g.name, [int(i % g.unit == 0) for i in range(g.size)])]

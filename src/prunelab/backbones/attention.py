@@ -510,6 +510,83 @@ class LinearAttention(HeadWidth):
         return HeadLayout([Writer("qkv_proj", [(0, 1), (1, 1)], offset=1)], 2, (1, 1), proj="out_proj")
 
 
+
+class GlobalQueryAttention(HeadWidth):
+    """GCViT's window attention: query, key and value stacked in `qkv` (local blocks), or key and value stacked and the
+    queries taken from the stage's global query (`q_global`, the stream's channels split into heads), a position bias
+    per head (`rel_pos`). A global block's heads stay whole (`keep_whole`): its queries are channels of the stream."""
+
+    def rebuilt(self) -> None:
+        if self.use_global:
+            self.keep_whole = self.qkv.keep_whole = True
+
+    def forward(self, x: torch.Tensor, q_global: torch.Tensor | None = None) -> torch.Tensor:
+        if self.use_global and q_global is not None:
+            k, v = _heads(self.qkv(x), 2, self.num_heads, self.head_dim)
+            q = q_global.repeat_interleave(x.shape[0] // q_global.shape[0], dim=0).reshape(*x.shape[:2], -1)
+            (q,) = _heads(q, 1, self.num_heads, self.head_dim)
+        else:
+            q, k, v = _heads(self.qkv(x), 3, self.num_heads, self.head_dim)
+        attn = self.rel_pos((q * self.scale) @ k.transpose(-2, -1))
+        return self._out(self.attn_drop(attn.softmax(dim=-1)) @ v)
+
+
+class PoolingAttention(HeadWidth):
+    """MViTv2's pooling attention: timm's forward, whose output width `dim_out` is read here as the heads' joint width
+    (it is the stream's width only while no head is removed). Its pooling convolutions, norms and position tables
+    act on the head dimension, shared by all heads, so heads leave whole and keep their dimension (`head_dim_whole`);
+    with pooling unshared across heads (`conv_unshared`) they stay whole (`keep_whole`)."""
+
+    head_dim_whole = True
+    dim_out = property(lambda self: self.num_heads * self.head_dim, lambda self, value: None)
+
+    def rebuilt(self) -> None:
+        vars(self).pop("dim_out", None)
+        if self.unshared:
+            self.keep_whole = self.qkv.keep_whole = True
+
+
+class LambdaWidth(HeadWidth):
+    """timm's lambda layer, whose output (heads x value dimensions) is laid out to the input's width: computed with its
+    own widths, so that its input channels (the layer before it) prune apart from its output."""
+
+    def rebuilt(self) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        q, k, v = torch.split(self.qkv(x), [self.num_heads * self.dim_qk, self.dim_qk, self.dim_v], dim=1)
+        q = self.norm_q(q).flatten(2).unflatten(1, (self.num_heads, self.dim_qk)).transpose(-1, -2)  # (B, heads, M, K)
+        v = self.norm_v(v).flatten(2).transpose(-1, -2)  # (B, M, V)
+        content = q @ (k.flatten(2).softmax(dim=-1) @ v).unsqueeze(1)  # (B, heads, M, V)
+        if self.pos_emb is None:
+            position = self.conv_lambda(v.reshape(batch, 1, height, width, self.dim_v))  # (B, K, H, W, V)
+            position = position.reshape(batch, 1, self.dim_qk, height * width, self.dim_v).transpose(2, 3)
+        else:
+            table = self.pos_emb[self.rel_pos_indices[0], self.rel_pos_indices[1]].expand(batch, -1, -1, -1)
+            position = (table.transpose(-1, -2) @ v.unsqueeze(1)).unsqueeze(1)
+        out = content + (q.unsqueeze(-2) @ position).squeeze(-2)
+        return self.pool(out.transpose(-1, -2).reshape(batch, -1, height, width))
+
+
+class PartialSingleHeadAttention(HeadWidth):
+    """SHViT's single-head attention on the stream's first `pdim` channels: queries and keys (`qk_dim` each) and values
+    from `qkv` (a convolution and its BatchNorm), the values' output concatenated with the untouched channels. Computed
+    with the widths its layers have and the stream's two parts in a list of their own (`sections`, which surgery sets),
+    so the stream prunes apart from `pdim` and `dim`; queries, keys and values stay whole."""
+
+    def rebuilt(self) -> None:
+        self.sections = [self.pdim, self.dim - self.pdim]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        x1, x2 = torch.split(x, self.sections, dim=1)
+        qkv = self.qkv(self.pre_norm(x1)).flatten(2)
+        q, k, v = torch.split(qkv, [self.qk_dim, self.qk_dim, qkv.shape[1] - 2 * self.qk_dim], dim=1)
+        attn = ((q.transpose(-2, -1) @ k) * self.scale).softmax(dim=-1)
+        x1 = (v @ attn.transpose(-2, -1)).reshape(batch, -1, height, width)
+        return self.proj(torch.cat([x1, x2], dim=1))
+
 # timm's attention modules rebuilt by `relayout` (module.Class: the class they take, with these class attributes).
 _TIMM = {
     "timm.models.cait.ClassAttn": (QueryTokenAttention, {}),
@@ -536,6 +613,10 @@ _TIMM = {
     "timm.models.hiera.MaskUnitAttention": (MaskUnitAttention, {}),
     "timm.models.nest.Attention": (DimensionMajorAttention, {}),
     "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention": (CosineWindowAttention, {}),
+    "timm.models.gcvit.WindowAttentionGlobal": (GlobalQueryAttention, {}),
+    "timm.models.mvitv2.MultiScaleAttention": (PoolingAttention, {}),
+    "timm.layers.lambda_layer.LambdaLayer": (LambdaWidth, {}),
+    "timm.models.shvit.SHSA": (PartialSingleHeadAttention, {}),
 }
 _REBUILT: dict[type, type] = {}
 

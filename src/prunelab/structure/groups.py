@@ -1150,7 +1150,7 @@ def attention_heads(model: nn.Module) -> dict[str, nn.Module]:
             found[name] = m
             continue
         qkv, proj, heads = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
-        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 1):
+        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads >= 1):
             continue
         # A module that derives the head width from the embedding cannot lose heads apart from it: it must keep
         # `head_dim`, or be timm's Swin one (torchvision's are rebuilt so at creation: backbones.attention).
@@ -1174,7 +1174,9 @@ def head_dim_prunable(attention: nn.Module) -> bool:
     Attention and WindowAttention) and normalises no query or key over the head dimension."""
     plain = all(isinstance(getattr(attention, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm"))
     # Heads read dimension by dimension (NesT) lose whole heads only: kept dimensions could differ from head to head.
-    return plain and isinstance(getattr(attention, "scale", None), float) and not getattr(attention, "proj_dim_major", False)
+    # MViTv2's pooling layers act on the head dimension shared by all heads (`head_dim_whole`).
+    whole = getattr(attention, "proj_dim_major", False) or getattr(attention, "head_dim_whole", False)
+    return plain and isinstance(getattr(attention, "scale", None), float) and not whole
 
 
 def _head_group(model: nn.Module, attention: str, index_of: dict[str, int], stages: dict[str, int]) -> ChannelGroup:
