@@ -52,6 +52,7 @@ def registered_models(monkeypatch):
         "test_tiny_mvitv2_one_head": lambda **kw: _tiny_mvitv2(heads=1, **kw),
         "test_tiny_lambda": _tiny_lambda,
         "test_tiny_shvit": _tiny_shvit,
+        "test_tiny_resnest": _tiny_resnest,
         "test_botnet": BottleneckAttention,
         "test_tiny_mixer": _tiny_mixer,
         "test_tiny_resmlp": lambda **kw: _tiny_mixer(resmlp=True, **kw),
@@ -1202,6 +1203,16 @@ def _tiny_shvit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0)
     return SHViT(in_chans=in_channels, num_classes=num_classes, embed_dim=(16, 32, 48), partial_dim=(8, 8, 16), qk_dim=(4, 4, 4), depth=(1, 1, 1))
 
 
+def _tiny_resnest(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    from timm.models.resnest import ResNestBottleneck
+    from timm.models.resnet import ResNet
+
+    return ResNet(
+        block=ResNestBottleneck, layers=[1, 1, 1, 1], channels=(8, 8, 16, 16), in_chans=in_channels, num_classes=num_classes, stem_type="deep",
+        stem_width=8, avg_down=True, base_width=64, cardinality=1, block_args=dict(radix=2, avd=True, avd_first=False),
+    )
+
+
 def _tiny_caformer(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
 
@@ -1365,6 +1376,29 @@ def test_timm_layers_laid_out_to_their_input_width_compute_with_their_own(name, 
         if kind == "SHSA":
             m = pruned.get_submodule(n)
             assert reads.in_channels == m.sections[0] < before[n][0] and m.sections[1] < before[n][1]
+
+
+def test_radix_splits_of_split_attention_lose_the_same_channels(tmp_path):
+    """ResNeSt's split attention: the radix convolution (groups=radix, writing radix splits) and the attention's fc2
+    (softmax across the splits) lose channel p of every split together, the same count in each convolution group;
+    the model computes what timm's does, the check holds the pruned copy to the silenced dense one (BatchNorm only),
+    and a budget is met (before, every radix convolution was kept whole: resnest14d could not go below 0.55 of its
+    FLOPs)."""
+    torch.manual_seed(0)
+    model = create("test_tiny_resnest").eval()
+    stock = registry._REGISTRY["test_tiny_resnest"]().eval()
+    stock.load_state_dict(model.state_dict())
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), stock(x), rtol=1e-5, atol=1e-5)
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    radix = [g for name, g in groups.items() if name.endswith("conv2.conv")]
+    assert len(radix) == 4 and all((g.blocks, g.tied, g.layers[-1].endswith("fc2")) == (2, [0, 1], True) for g in radix)
+    check_prunable(model, SHAPE)
+    model = _pruned_and_reloaded(model, SHAPE, None, tmp_path)
+    convs = [model.get_submodule(g.name) for g in radix]
+    assert all(c.groups == 2 and 2 * c.out_channels == stock.get_submodule(g.name).out_channels for c, g in zip(convs, radix))
+    _pruned_and_reloaded(create("test_tiny_resnest").eval(), SHAPE, 0.4, tmp_path)
 
 
 def test_heads_whose_logits_are_mixed_lose_dimensions_not_heads():

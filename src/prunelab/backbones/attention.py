@@ -587,6 +587,28 @@ class PartialSingleHeadAttention(HeadWidth):
         x1 = (v @ attn.transpose(-2, -1)).reshape(batch, -1, height, width)
         return self.proj(torch.cat([x1, x2], dim=1))
 
+
+class RadixSplitAttention(HeadWidth):
+    """ResNeSt's split attention with `radix` > 1 splits (cardinality 1): the radix splits of `conv`'s output taken as
+    equal chunks (not a reshape to (B, radix, C)), summed, and weighed by a softmax across the chunks of `fc2`'s
+    output computed chunk by chunk, so that a channel leaves every split at once (tied blocks); same outputs. Each
+    chunk passes an operation of its own before chunks meet (the graph follows a chunk per reader), and the softmax's
+    stabilising maximum is a constant to it (detached: the softmax does not depend on it)."""
+
+    def rebuilt(self) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.radix == 1 or self.rsoftmax.cardinality != 1:
+            return super().forward(x)
+        splits = self.act0(self.drop(self.bn0(self.conv(x)))).chunk(self.radix, dim=1)
+        gap = sum(split.mean((2, 3), keepdim=True) for split in splits)
+        logits = self.fc2(self.act1(self.bn1(self.fc1(gap)))).chunk(self.radix, dim=1)
+        top = torch.stack([logit.detach() for logit in logits]).amax(dim=0)
+        weights = [torch.exp(logit - top) for logit in logits]
+        total = sum(weights)
+        return sum(w / total * split for w, split in zip(weights, splits))
+
 # timm's attention modules rebuilt by `relayout` (module.Class: the class they take, with these class attributes).
 _TIMM = {
     "timm.models.cait.ClassAttn": (QueryTokenAttention, {}),
@@ -617,6 +639,7 @@ _TIMM = {
     "timm.models.mvitv2.MultiScaleAttention": (PoolingAttention, {}),
     "timm.layers.lambda_layer.LambdaLayer": (LambdaWidth, {}),
     "timm.models.shvit.SHSA": (PartialSingleHeadAttention, {}),
+    "timm.layers.split_attn.SplitAttn": (RadixSplitAttention, {}),
 }
 _REBUILT: dict[type, type] = {}
 

@@ -883,6 +883,7 @@ def groups_from_graph(
             merges: set[str] = set()
             prunable = True
             blocked: list[nn.Module] = []
+            writing: list[nn.Module] = []  # grouped convolutions writing the channels (ResNeSt's radix convolution)
             chunked: dict[Any, set[tuple[int, int]]] = {}  # equal splits of the channels: (index, group channel) pairs
             overread: dict[str, tuple[int, list[int]]] = {}  # readers of more inputs than they have: fan-in, counts
             for item in group:
@@ -897,7 +898,8 @@ def groups_from_graph(
                     if order != identity or target.num_features != size:
                         rows[names[target]] = order
                 if _unsupported_grouped(target):
-                    blocked.append(target)
+                    # One that only writes the channels may lose the same count in each of its groups (equal blocks, below).
+                    (writing if graph.is_out_channel_pruning_fn(dep.handler) and out_channels(target) == size else blocked).append(target)
                 if isinstance(target, nn.MultiheadAttention):
                     multiple = math.lcm(multiple, target.num_heads)
                 layer_norm = layer_norm or isinstance(target, nn.LayerNorm)
@@ -937,10 +939,15 @@ def groups_from_graph(
                         rows[names[target]] = order
             if not prunable:
                 continue
-            blocks, split_sizes = 1, []
+            blocks, split_sizes, crossed = 1, [], False
             for node, pairs in chunked.items():
                 chunks = _chunk_sizes(node.grad_fn)
-                if len(set(chunks)) > 1 or sorted(pairs) != [(i, i) for i in range(size)]:
+                # Each channel of the split's input at its own place, or (ResNeSt's radix splits weighed by a softmax
+                # across them) at its place in another chunk, which the blocks' ties must then explain (below).
+                width = size // len(chunks) if size % len(chunks) == 0 else 0
+                if sorted(pairs) != [(i, i) for i in range(size)]:
+                    crossed = True
+                if len(set(chunks)) > 1 or not width or sorted(a for a, _ in pairs) != list(range(size)) or any(a % width != b % width for a, b in pairs):
                     unmapped = unmapped or f"they are split by {node.name} into chunks {chunks}, not equal ones that hold all of them"
                     continue
                 blocks = math.lcm(blocks, len(chunks))
@@ -956,6 +963,9 @@ def groups_from_graph(
                         f"block by block, so they cannot be removed one by one"
                     )
                     continue
+            if unmapped is None and crossed and len(tied) != blocks:
+                unmapped = "a split's chunks are mapped onto each other's channels, and not every chunk is tied to the others"
+            blocked += [conv for conv in writing if conv not in blocked and (blocks % conv.groups or names.get(conv) in rows)]
             for consumer, (fan_in, counts) in overread.items():
                 # Tied blocks multiplied together (a gated MLP's halves) reach a reader's input once per block: counted once.
                 width = size // max(blocks, len(tied))
