@@ -4,6 +4,7 @@ training, in one line naming them, and `structure.skip` keeps them whole while t
 from __future__ import annotations
 
 import copy
+import re
 import json
 
 import pytest
@@ -104,6 +105,45 @@ def test_a_layer_that_breaks_is_named_with_the_skip_that_keeps_it_whole():
 
     model_record(model).skip = ("conv2",)
     assert [g.name for g in channel_groups(model, SHAPE)] == ["conv1"]
+    check_prunable(model, SHAPE)
+
+
+class HardWired(nn.Module):
+    """A mixer that reshapes its input to the width it was built with (kept where no bookkeeping finds it), then writes
+    the stream with `proj`."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.layout, self.proj = (channels,), nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.reshape(x.shape[0], *self.layout, x.shape[2] * x.shape[3]).tanh().reshape(x.shape))
+
+
+class HardWiredBlocks(nn.Module):
+    """A stem and two residual blocks, each adding a `HardWired` mixer's output to the stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"attn": HardWired(8)}) for _ in range(2))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block["attn"](x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_the_skip_a_refusal_suggests_for_repeated_blocks_keeps_their_layers_whole():
+    """The suggested pattern names the failing module in every block with a wildcard (`blocks.*.attn`); it must keep
+    the layers inside those modules whole (a glob matched the module names only, not their children's: efficientvit_m0
+    was refused again with the very setting the refusal suggested)."""
+    model = HardWiredBlocks().eval()
+    with pytest.raises(UnprunableError, match=re.escape("set structure.skip=[blocks.*.attn] to keep it whole")):
+        check_prunable(model, SHAPE)
+    model_record(model).skip = ("blocks.*.attn",)
     check_prunable(model, SHAPE)
 
 

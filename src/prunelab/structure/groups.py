@@ -814,7 +814,7 @@ def _unit_of(group: Any, size: int) -> tuple[int, nn.Module | None]:
 
 def skipped(name: str, patterns: tuple[str, ...]) -> bool:
     """Whether a module name is one of `structure.skip`'s patterns, lies inside one, or matches one as a glob."""
-    return any(name == p or name.startswith(f"{p}.") or fnmatch.fnmatchcase(name, p) for p in patterns)
+    return any(name == p or name.startswith(f"{p}.") or fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"{p}.*") for p in patterns)
 
 
 def _order(item: Any, size: int) -> list[list[int]]:
