@@ -46,6 +46,8 @@ def registered_models(monkeypatch):
         "test_std_convs": StdConvs,
         "test_norm_no_bias": NormWithoutBias,
         "test_rms_normed": RmsNormed,
+        "test_group_normed": GroupNormed,
+        "test_expanding_grouped": ExpandingGrouped,
         "test_tiny_volo": _tiny_volo,
         "test_tiny_caformer": _tiny_caformer,
         "test_tiny_nest": _tiny_nest,
@@ -1696,6 +1698,69 @@ def test_a_norm_over_channels_known_by_its_class_name_is_not_held_to_the_silence
     check_prunable(model, SHAPE)
     model = _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     assert model.norm.weight.shape == (4,) and model.conv2.in_channels == 4
+
+
+class GroupNormed(nn.Module):
+    """Two convolutions each followed by a GroupNorm of several groups (ResNetV2's GroupNormAct, BiT, ViT hybrids)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(in_channels, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.conv2, self.norm2 = nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(8, 16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.norm2(self.conv2(F.relu(self.norm1(self.conv1(x)))))).mean((2, 3)))
+
+
+def test_a_group_norm_of_several_groups_loses_whole_groups(tmp_path):
+    """Torch-Pruning keeps a GroupNorm's `num_groups`, so a plan keeping a count it does not divide crashed the budget
+    search (timm's vit_small_r26_s32_224: "Expected number of channels in input to be divisible by num_groups"). Its
+    groups are now units: removing whole ones keeps the others' statistics, so the pruned model computes what the dense
+    one does with those groups silenced."""
+    torch.manual_seed(0)
+    model = create("test_group_normed").eval()
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    assert (groups["conv1"].unit, groups["conv2"].unit) == (4, 2)
+    check_prunable(model, SHAPE)
+    dense, keep = copy.deepcopy(model), {"conv1": [4, 5, 6, 7, 12, 13, 14, 15], "conv2": [0, 1, 6, 7, 8, 9]}
+    apply_channel_plan(model, ChannelPlan(keep, {"conv1": 16, "conv2": 16}), SHAPE)
+    assert (model.norm1.num_groups, model.norm1.num_channels, model.norm2.num_groups, model.norm2.num_channels) == (2, 8, 3, 6)
+    with torch.no_grad():  # the norms' affine parameters of the removed channels too (a silenced group gives its bias)
+        for name, norm in (("conv1", dense.norm1), ("conv2", dense.norm2)):
+            dropped = [c for c in range(16) if c not in keep[name]]
+            norm.weight[dropped], norm.bias[dropped] = 0, 0
+    _equals_silenced_dense_and_reloads(model, _silence(dense, groups, keep), tmp_path)
+    _pruned_and_reloaded(create("test_group_normed").eval(), SHAPE, None, tmp_path)
+
+
+class ExpandingGrouped(nn.Module):
+    """A grouped convolution that widens its input (CPUBone's spatial convolutions: groups=2, 8 -> 32 channels)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 32, 3, padding=1, groups=2), nn.BatchNorm2d(32)
+        self.conv3 = nn.Conv2d(32, 16, 1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc(F.relu(self.conv3(x)).mean((2, 3)))
+
+
+def test_a_grouped_convolution_that_widens_its_input_loses_as_many_outputs_in_each_group(tmp_path):
+    """Its outputs were kept whole ("its input and output groups differ in size"), and cpubone_t0 could not reach half
+    its FLOPs; its outputs are now equal blocks, one per convolution group (its input stays whole)."""
+    torch.manual_seed(0)
+    model = create("test_expanding_grouped").eval()
+    groups = {g.name: g for g in channel_groups(model, SHAPE)}
+    assert "conv1" not in groups and (groups["conv2"].blocks, groups["conv2"].tied) == (2, [])
+    check_prunable(model, SHAPE)  # BatchNorm only: held to the dense model with the removed channels silenced
+    model = _pruned_and_reloaded(model, SHAPE, None, tmp_path)
+    assert (model.conv2.groups, model.conv2.in_channels, model.conv2.out_channels, model.conv3.in_channels) == (2, 8, 16, 16)
+    with pytest.raises(ValueError, match="equal chunks"):
+        apply_channel_plan(create("test_expanding_grouped").eval(), ChannelPlan({"conv2": list(range(12))}, {"conv2": 32}), SHAPE)
 
 
 def test_channels_made_positions_of_one_channel_end_a_group_walk():

@@ -520,7 +520,8 @@ class ConcatGroups(nn.Module):
 
 
 KEPT_WHOLE = [
-    (SplitGroups, ["conv"], "group 'stem' is kept whole: it passes through the grouped convolution 'widen' "
+    # Its own outputs lose as many channels in each of its groups (equal blocks); its input stays whole.
+    (SplitGroups, ["widen", "conv"], "group 'stem' is kept whole: it passes through the grouped convolution 'widen' "
      "(groups=2, 8 -> 16 channels), and its input and output groups differ in size"),
     (ConcatGroups, ["c"], "group 'b' is kept whole: it passes through the grouped convolution 'mix' "
      "(groups=5, 20 -> 20 channels), and its groups do not line up with blocks of 4"),
@@ -537,7 +538,7 @@ def test_grouped_convolution_without_whole_groups_is_kept_whole(caplog, cls: typ
     assert message in caplog.text
     dense = {name: m.weight.shape for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     scores = {g.name: torch.rand(g.size) for g in groups}
-    plan = plan_by_counts(scores, {g.name: g.size // 2 for g in groups}, {g.name: g.unit for g in groups})
+    plan = plan_by_counts(scores, {g.name: g.size // 2 for g in groups}, {g.name: g.unit for g in groups}, {g.name: g.blocks for g in groups})
     apply_channel_plan(model, plan, SHAPE)
     assert model(torch.randn(2, *SHAPE)).shape == (2, 10)
     # Only the prunable group's producers lost output channels.

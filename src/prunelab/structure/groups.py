@@ -447,6 +447,22 @@ def _graph_class() -> type:
         cut_unless_none.keeps_none = True
         base._prune_parameter_and_grad = cut_unless_none
 
+    # Its GroupNorm pruner keeps `num_groups`: a GroupNorm of G > 1 groups (ResNetV2's GroupNormAct, 32) loses whole groups
+    # (`_unit_of`), and its count follows.
+    norm_pruner = tp.pruner.function.GroupNormPruner
+    if not getattr(norm_pruner.prune_out_channels, "counts_groups", False):
+        prune = norm_pruner.prune_out_channels
+
+        def prune_whole_groups(self: Any, layer: nn.Module, idxs: list) -> nn.Module:
+            per_group = layer.num_channels // layer.num_groups
+            layer = prune(self, layer, idxs)
+            if layer.num_groups > 1:
+                layer.num_groups = layer.num_channels // per_group
+            return layer
+
+        prune_whole_groups.counts_groups = True
+        norm_pruner.prune_out_channels = norm_pruner.prune_in_channels = prune_whole_groups
+
     # Chosen over keeping grouped convolutions whole: coupling both sides, as for depthwise ones, keeps ResNeXt prunable.
     class GroupedConvPruner(tp.pruner.function.ConvPruner):
         """Removes whole groups of a grouped convolution whose outputs follow its inputs (`grouped_unit`).
@@ -800,7 +816,7 @@ def _unit_of(group: Any, size: int) -> tuple[int, nn.Module | None]:
     concatenation or a split on the way may shift or cut it); the first convolution for which that
     fails is returned, else None.
     """
-    convs = [(item, k) for item in group if (k := grouped_unit(item.dep.target.module) or 1) > 1]
+    convs = [(item, k) for item in group if (k := grouped_unit(item.dep.target.module) or _norm_group(item.dep.target.module)) > 1]
     unit = math.lcm(*(k for _, k in convs))
     for item, k in convs:
         blocks: dict[int, list[int]] = {}
@@ -810,6 +826,11 @@ def _unit_of(group: Any, size: int) -> tuple[int, nn.Module | None]:
         if size % unit or not whole:
             return unit, item.dep.target.module
     return unit, None
+
+
+def _norm_group(module: nn.Module) -> int:
+    """Channels per group of a GroupNorm of several groups, which loses whole groups (1 for any other module)."""
+    return module.num_channels // module.num_groups if isinstance(module, nn.GroupNorm) and module.num_groups > 1 else 1
 
 
 def skipped(name: str, patterns: tuple[str, ...]) -> bool:
@@ -953,6 +974,13 @@ def groups_from_graph(
                 blocks = math.lcm(blocks, len(chunks))
                 if node.grad_fn in graph.splits:
                     split_sizes.append(list(graph.splits[node.grad_fn]))
+            # A grouped convolution writing the channels in its own order keeps the same count in each of its groups:
+            # its groups are equal blocks (CPUBone's expanding convolutions, ResNeSt's radix splits).
+            for conv in writing:
+                if names.get(conv) in rows:
+                    blocked.append(conv)
+                elif conv not in blocked:
+                    blocks = math.lcm(blocks, conv.groups)
             tied: list[int] | None = []
             if unmapped is None and (blocks > 1 or overread or _holds_part(rows, names)):
                 tied = _tied_blocks(graph, module, pruner, size, blocks)
@@ -965,7 +993,6 @@ def groups_from_graph(
                     continue
             if unmapped is None and crossed and len(tied) != blocks:
                 unmapped = "a split's chunks are mapped onto each other's channels, and not every chunk is tied to the others"
-            blocked += [conv for conv in writing if conv not in blocked and (blocks % conv.groups or names.get(conv) in rows)]
             for consumer, (fan_in, counts) in overread.items():
                 # Tied blocks multiplied together (a gated MLP's halves) reach a reader's input once per block: counted once.
                 width = size // max(blocks, len(tied))
@@ -986,11 +1013,12 @@ def groups_from_graph(
                     if blocked
                     else f"its groups do not line up with blocks of {unit} of the group's channels"
                 )
-                _log_once(
-                    f"channel group {name!r} is kept whole: it passes through the grouped convolution "
-                    f"{names[conv]!r} (groups={conv.groups}, {conv.in_channels} -> {conv.out_channels} "
-                    f"channels), and {why}, so no whole group of it can be removed"
+                what = (
+                    f"the group norm {names.get(conv, type(conv).__name__)!r} ({conv.num_groups} groups of {conv.num_channels} channels)"
+                    if isinstance(conv, nn.GroupNorm)
+                    else f"the grouped convolution {names[conv]!r} (groups={conv.groups}, {conv.in_channels} -> {conv.out_channels} channels)"
                 )
+                _log_once(f"channel group {name!r} is kept whole: it passes through {what}, and {why}, so no whole group of it can be removed")
                 continue
             blocks = max(blocks, len(tied))
             others = sorted((m for m in producers if m is not module), key=lambda m: index_of[names[m]])
