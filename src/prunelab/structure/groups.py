@@ -674,7 +674,11 @@ def _graph_class() -> type:
                 for split in node.inputs:
                     if split.type == ops.OPTYPE.SPLIT:  # its chunk sizes first (Torch-Pruning's own guess is a reader's width)
                         in_split_order(graph, split)
-                original_concat(graph, node)
+                try:
+                    original_concat(graph, node)
+                except (ArithmeticError, IndexError, ValueError, RuntimeError) as err:  # its shape inference (Gemma 4's ViT)
+                    self.stop(node, f"{type(err).__name__} in Torch-Pruning's index mapping of {node.name}")
+                    return
                 for split in node.inputs:
                     if split.type == ops.OPTYPE.SPLIT and split.module not in self.unmapped and len(read := chunks_read(node, split)) == 1:
                         cat_reads_split(node, split, read.pop())
