@@ -20,7 +20,7 @@ the channel groups are found, `pl_groups_peak_gb`, which bounds group discovery'
 model's own default size (timm's `pretrained_cfg`, else 224) unless `--size` is given.
 
 Rows print as each model finishes and go to a Markdown file (`--out`, default zoo.md) and a CSV
-next to it (zoo.csv). The default list (all torchvision classifiers and ~140 timm models, one or two per family) takes
+next to it (zoo.csv). The default list (all torchvision classifiers and ~150 timm models, one or two per family) takes
 hours on a few CPU cores. Run:
 
     python scripts/zoo.py
@@ -73,6 +73,9 @@ res2next50 resnext26ts cs3darknet_s dm_nfnet_f0 vgg11 mnasnet_small spnasnet_100
 mixnet_m tf_mixnet_s hardcorenas_a gernet_s legacy_seresnet18 inception_v4 inception_resnet_v2 xception65
 pit_xs_distilled_224 edgenext_small_rw rexnetr_100 ghostnetv3_050 shvit_s1 mobilenetv5_300m_enc
 levit_conv_128s efficientformerv2_s0 tiny_vit_5m_224 twins_pcpvt_small mobilevitv2_050 botnet26t_256
+cpubone_t0 csatv2 cspnext_tiny efficientvim_m1 iformer_t lcnetv2_small lowformer_b0 swiftformer_xs
+vit_small_r26_s32_224 legacy_xception naflexvit_base_patch16_gap hieradet_small samvit_base_patch16_224
+nasnetalarge pnasnet5large
 """.split()
 
 COLUMNS = [
