@@ -222,8 +222,8 @@ class HeadWidth:
 
     def rebuilt(self) -> None:
         """Record the head width the module derived from the embedding (where it keeps none): its stacked `qkv`'s rows
-        per head and part."""
-        if not isinstance(getattr(self, "head_dim", None), int):
+        per head and part; nothing for modules without a stacked Linear `qkv` (lambda layers, split attention)."""
+        if not isinstance(getattr(self, "head_dim", None), int) and isinstance(getattr(self, "qkv", None), nn.Linear):
             self.head_dim = self.qkv.out_features // (3 * self.num_heads)
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
@@ -510,7 +510,6 @@ class LinearAttention(HeadWidth):
         return HeadLayout([Writer("qkv_proj", [(0, 1), (1, 1)], offset=1)], 2, (1, 1), proj="out_proj")
 
 
-
 class GlobalQueryAttention(HeadWidth):
     """GCViT's window attention: query, key and value stacked in `qkv` (local blocks), or key and value stacked and the
     queries taken from the stage's global query (`q_global`, the stream's channels split into heads), a position bias
@@ -549,9 +548,6 @@ class PoolingAttention(HeadWidth):
 class LambdaWidth(HeadWidth):
     """timm's lambda layer, whose output (heads x value dimensions) is laid out to the input's width: computed with its
     own widths, so that its input channels (the layer before it) prune apart from its output."""
-
-    def rebuilt(self) -> None:
-        pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
@@ -595,9 +591,6 @@ class RadixSplitAttention(HeadWidth):
     chunk passes an operation of its own before chunks meet (the graph follows a chunk per reader), and the softmax's
     stabilising maximum is a constant to it (detached: the softmax does not depend on it)."""
 
-    def rebuilt(self) -> None:
-        pass
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.radix == 1 or self.rsoftmax.cardinality != 1:
             return super().forward(x)
@@ -608,6 +601,7 @@ class RadixSplitAttention(HeadWidth):
         weights = [torch.exp(logit - top) for logit in logits]
         total = sum(weights)
         return sum(w / total * split for w, split in zip(weights, splits))
+
 
 # timm's attention modules rebuilt by `relayout` (module.Class: the class they take, with these class attributes).
 _TIMM = {
