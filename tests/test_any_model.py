@@ -29,6 +29,7 @@ def registered_models(monkeypatch):
         "test_bookkept": Bookkept,
         "test_layer_scaled": LayerScaled,
         "test_shuffled": Shuffled,
+        "test_concatenated": Concatenated,
         "test_tiny_vit": _tiny_vit,
         "test_tiny_swin": _tiny_swin,
         "test_tiny_swin_v2": lambda **kw: _tiny_swin(v2=True, **kw),
@@ -539,6 +540,41 @@ def test_channel_shuffle_is_kept_whole_with_a_reason_and_the_rest_prunes(tmp_pat
     check_prunable(model, SHAPE)  # also compares the pruned outputs with the dense model's, channels silenced
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     assert model.conv1.out_channels == 8 and model.branch[0].out_channels == 6
+
+
+class Concatenated(nn.Module):
+    """Two branches of a stem concatenated and fused: DenseNet's pattern, the smallest model with a concatenation."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a, self.b = nn.Conv2d(8, 6, 1), nn.Conv2d(8, 6, 3, padding=1)
+        self.fuse = nn.Sequential(nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.fc(self.fuse(torch.cat([self.a(x), self.b(x)], dim=1)).mean((2, 3)))
+
+
+def test_a_concatenation_torch_pruning_cannot_map_is_kept_whole_with_a_reason(tmp_path, caplog, monkeypatch):
+    """Torch-Pruning's shape inference of a concatenation can raise (Gemma 4's ViT: an IndexError): its parts
+    are kept whole, said once, and the rest of the model prunes; without the guard group discovery crashes."""
+    from torch_pruning.dependency import index_mapping
+
+    def fails(graph, node):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(index_mapping, "update_concat_index_mapping", fails)
+    torch.manual_seed(0)
+    model = create("test_concatenated").eval()
+    with caplog.at_level("WARNING", logger="prunelab"):
+        groups = channel_groups(model, SHAPE)
+    assert sorted(g.name for g in groups) == ["fuse.2", "stem.0"]
+    assert "kept whole: Torch-Pruning cannot follow its channels (IndexError in Torch-Pruning's index mapping of " in caplog.text
+    check_prunable(model, SHAPE)
+    _pruned_and_reloaded(model, SHAPE, None, tmp_path)
+    assert model.a.out_channels == 6 and model.b.out_channels == 6 and model.stem[0].out_channels < 8
 
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
