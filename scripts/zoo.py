@@ -20,12 +20,15 @@ the channel groups are found, `pl_groups_peak_gb`, which bounds group discovery'
 model's own default size (timm's `pretrained_cfg`, else 224) unless `--size` is given.
 
 Rows print as each model finishes and go to a Markdown file (`--out`, default zoo.md) and a CSV
-next to it (zoo.csv). The default list (all torchvision classifiers and ~150 timm models, one or two per family) takes
+next to it (zoo.csv); the run ends with a summary (counts, FLOPs range, the largest times and memory with
+their models) and a compact grid for the README, which `--summary zoo.csv` prints again from a CSV
+(also from a run that was cut short). The default list (all torchvision classifiers and ~150 timm models, one or two per family) takes
 hours on a few CPU cores. Run:
 
     python scripts/zoo.py
     python scripts/zoo.py --models torchvision:resnet18,timm:ghostnet_100
     python scripts/zoo.py --only timm --limit 10 --skip-tp
+    python scripts/zoo.py --summary zoo.csv
 """
 
 from __future__ import annotations
@@ -311,6 +314,47 @@ def cell(key: str, value) -> str:
     return str(value).replace("|", "\\|")
 
 
+def summary(rows: list[dict], per_line: int = 4) -> list[str]:
+    """prunelab's path over a run's rows (as written to the CSV): counts, ranges and maxima naming their models, and
+    a compact grid (FLOPs kept / seconds / peak GB per model; the status where it is not ok), for the README."""
+
+    def number(row: dict, key: str) -> float | None:
+        value = row.get(key)
+        return None if value in (None, "") else float(value)
+
+    def short(name: str) -> str:
+        return name.split(":", 1)[-1]
+
+    ok = [row for row in rows if row.get("pl_status") == "ok"]
+    tp = [row for row in rows if row.get("tp_status") not in (None, "", "skipped")]
+    lines = [f"prunelab: {len(ok)} ok / {len(rows)}"]
+    if tp:
+        lines.append(f"torch-pruning: {sum(row['tp_status'] == 'ok' for row in tp)} ok / {len(tp)}")
+    if ok:
+        flops = [number(row, "pl_flops_ratio") for row in ok]
+        lines[0] += f"; FLOPs kept {min(flops):.3f}-{max(flops):.3f}"
+        for key, what, unit in [("pl_groups_s", "group discovery", "s"), ("pl_groups_peak_gb", "group discovery", "GB"),
+                                ("pl_total_s", "the whole path", "s"), ("pl_peak_gb", "the whole path", "GB"),
+                                ("pl_max_diff", "reloaded vs in memory, max abs difference", "")]:
+            known = [row for row in ok if number(row, key) is not None]
+            if known:
+                top = max(known, key=lambda row: number(row, key))
+                value = number(top, key)
+                shown = f"{value:.3g}" if not unit else f"{value:.2f} GB" if unit == "GB" else f"{value:.1f} s"
+                lines.append(f"{what}: at most {shown} ({short(top['model'])})")
+    cells = [
+        f"{short(row['model'])} {number(row, 'pl_flops_ratio'):.3f} / {number(row, 'pl_total_s'):.0f} s / "
+        f"{number(row, 'pl_peak_gb'):.2f} GB" if row in ok else f"{short(row['model'])}: {row.get('pl_status')}"
+        for row in rows
+    ]
+    if cells:
+        lines += ["", "|" + " |" * per_line, "|" + "---|" * per_line]
+        for start in range(0, len(cells), per_line):
+            chunk = [cell("", c) for c in cells[start : start + per_line]]
+            lines.append("| " + " | ".join(chunk + [""] * (per_line - len(chunk))) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated names with a torchvision: or timm: prefix (default: the zoo)")
@@ -320,8 +364,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="square input size (default: the model's own, else 224)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model and path")
     parser.add_argument("--out", type=Path, default=Path("zoo.md"), help="Markdown table; the CSV goes next to it")
+    parser.add_argument("--summary", type=Path, metavar="CSV", help="print the summary and grid of a run's CSV; run nothing")
     parser.add_argument("--worker", choices=["prunelab", "tp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.summary:
+        with args.summary.open(newline="") as f:
+            print("\n".join(summary(list(csv.DictReader(f)))))
+        return
 
     if args.worker:
         worker(args.worker, args.models, args.size)
@@ -356,14 +406,13 @@ def main() -> None:
         emit(note + "\n")
     emit("| " + " | ".join(title for _, title in COLUMNS) + " |")
     emit("|" + "---|" * len(COLUMNS))
-    ok = {"pl": 0, "tp": 0}
+    rows = []
     for name in names:
         row = {"model": name}
         paths = [("pl", "prunelab")] + ([] if args.skip_tp else [("tp", "tp")])
         for prefix, path in paths:
             result = run_worker(path, name, args.size, args.timeout)
             row["size"] = row.get("size") or result.get("size")
-            ok[prefix] += result["status"] == "ok"
             for key, value in result.items():
                 if key != "size":
                     row[f"{prefix}_{key}"] = value
@@ -372,8 +421,10 @@ def main() -> None:
         emit("| " + " | ".join(cell(key, row.get(key)) for key, _ in COLUMNS) + " |")
         table.writerow({k: row.get(k) for k in table.fieldnames})
         csv_file.flush()
-    tp_summary = "skipped" if args.skip_tp else f"{ok['tp']} ok / {len(names)}"
-    emit(f"\nprunelab: {ok['pl']} ok / {len(names)}; torch-pruning: {tp_summary}")
+        rows.append(row)
+    emit("")
+    for line in summary(rows):
+        emit(line)
     md.close()
     csv_file.close()
 
