@@ -344,7 +344,7 @@ def summary(rows: list[dict], per_line: int = 4) -> list[str]:
                 lines.append(f"{what}: at most {shown} ({short(top['model'])})")
     cells = [
         f"{short(row['model'])} {number(row, 'pl_flops_ratio'):.3f} / {number(row, 'pl_total_s'):.0f} s / "
-        f"{number(row, 'pl_peak_gb'):.2f} GB" if row in ok else f"{short(row['model'])}: {row.get('pl_status')}"
+        f"{number(row, 'pl_peak_gb'):.2f} GB" if row in ok else f"{short(row['model'])}: {one_line(str(row.get('pl_status')), 60)}"
         for row in rows
     ]
     if cells:
