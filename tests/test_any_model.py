@@ -8,6 +8,7 @@ import csv
 import re
 import json
 import sys
+import warnings
 
 import pytest
 import torch
@@ -458,7 +459,13 @@ def test_mixed_convolutions_split_their_input_in_the_chunks_they_read(tmp_path):
 
 
 def test_layer_scale_learns_its_new_width(tmp_path):
-    model = _pruned_and_reloaded(create("test_layer_scaled").eval(), SHAPE, None, tmp_path)
+    model = create("test_layer_scaled").eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        channel_groups(model, SHAPE)
+    # Torch-Pruning's advice on the layer scale, a parameter no layer holds, is not for prunelab's users.
+    assert not [w for w in caught if "Unwrapped parameters" in str(w.message)]
+    model = _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     assert model.scale.shape == (8, 1, 1) and model.stem.out_channels == 8
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -716,7 +717,10 @@ def _graph_class() -> type:
             recorder = _ReshapeRecorder(self.reshapes, self.splits, self.sections, self.slices, self.cats, model)
             self.walk_limit = walk_limit(model)
             self.last_dim_splits: set[Any] = set()  # splits of channels last (`_splits_channels_dim`), mapped as channels
-            with self._guarded_reshapes(), recorder:
+            with self._guarded_reshapes(), recorder, warnings.catch_warnings():
+                # Parameters no layer holds (position biases, layer scales) are mapped here and checked by `check_prunable`:
+                # Torch-Pruning's advice to pass them as `unwrapped_parameters` is not for prunelab's users.
+                warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
                 graph = super().build_dependency(model, *args, **kwargs)
             if not self.reshapes.get("tokens"):
                 # A parameter added to channels-first maps (Visformer's position embeddings, (1, C, H, W)) loses channels
