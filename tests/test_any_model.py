@@ -33,6 +33,7 @@ def registered_models(monkeypatch):
         "test_layer_scaled": LayerScaled,
         "test_shuffled": Shuffled,
         "test_concatenated": Concatenated,
+        "test_cascaded": Cascaded,
         "test_tiny_vit": _tiny_vit,
         "test_tiny_swin": _tiny_swin,
         "test_tiny_swin_v2": lambda **kw: _tiny_swin(v2=True, **kw),
@@ -580,10 +581,46 @@ def test_a_concatenation_torch_pruning_cannot_map_is_kept_whole_with_a_reason(tm
     with caplog.at_level("WARNING", logger="prunelab"):
         groups = channel_groups(model, SHAPE)
     assert sorted(g.name for g in groups) == ["fuse.2", "stem.0"]
-    assert "kept whole: Torch-Pruning cannot follow its channels (IndexError in Torch-Pruning's index mapping of " in caplog.text
+    assert "groups 'a' and 'b' are kept whole: Torch-Pruning cannot follow their channels (IndexError in Torch-Pruning's " in caplog.text
     check_prunable(model, SHAPE)
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     assert model.a.out_channels == 6 and model.b.out_channels == 6 and model.stem[0].out_channels < 8
+
+
+class Cascaded(nn.Module):
+    """timm's EfficientViT-M block in small: cascaded group attention (each head adds its output to the next head's chunk
+    of the stream) and an FFN, both residual."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        from timm.models.efficientvit_msra import CascadedGroupAttention
+
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, stride=4, padding=1), nn.BatchNorm2d(16))
+        self.attn = CascadedGroupAttention(16, key_dim=4, num_heads=2, attn_ratio=2, resolution=8)
+        self.ffn = nn.Sequential(_conv_bn(16, 32), _conv_bn(32, 16, act=False))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.attn(x)
+        return self.fc((x + self.ffn(x)).mean((2, 3)))
+
+
+def test_cascaded_group_attention_and_its_stream_are_kept_whole_with_a_reason_and_the_ffn_prunes(tmp_path, caplog):
+    """A head's values are added to the next head's chunk of the stream (EfficientViT-M): no pruner maps that, so the
+    attention and the stream stay whole, said at creation, and the FFN's hidden width prunes (it was refused before)."""
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="prunelab"):
+        model = create("test_cascaded").eval()
+    assert "1 cascaded group attention(s) kept whole (attn): each head adds its output to the next head's chunk" in caplog.text
+    for module in model.attn.modules():  # timm's zero-initialised biases and projection BatchNorm hide a wrong mapping
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+    nn.init.normal_(model.attn.attention_biases)
+    assert [g.name for g in channel_groups(model, SHAPE)] == ["ffn.0.0"]
+    check_prunable(model, SHAPE)
+    _pruned_and_reloaded(model, SHAPE, None, tmp_path)
+    assert model.ffn[0][0].out_channels < 32 and model.stem[0].out_channels == 16 and model.attn.qkvs[0].conv.out_channels == 16
 
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
@@ -1276,6 +1313,8 @@ def test_a_resumed_run_reads_its_groups_from_the_run_directory(tmp_path, monkeyp
     assert groups_module.remember_groups(model, SHAPE, tmp_path / "groups.json")
     assert [g.name for g in channel_groups(model, SHAPE)] == [g["name"] for g in saved["groups"]] and traced == []
     pipeline.run(make_cfg(tmp_path, *overrides), tmp_path)  # a finished run, resumed: nothing checked again
+    model.conv1.keep_whole = True  # as another prunelab would decide at creation: the saved groups are not used
+    assert not groups_module.remember_groups(model, SHAPE, tmp_path / "groups.json") and traced == [1]
 
 
 def _tiny_volo(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:

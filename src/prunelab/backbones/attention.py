@@ -17,6 +17,7 @@ Each gives the stock module's outputs for the stock weights and loads state dict
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -638,6 +639,9 @@ _TIMM = {
 _REBUILT: dict[type, type] = {}
 
 
+_CASCADED = "timm.models.efficientvit_msra.CascadedGroupAttention"
+
+
 def _rebuild_timm(module: nn.Module) -> None:
     """Give a timm attention listed in `_TIMM` its `HeadWidth` class and head width, in place."""
     cls = type(module)
@@ -658,6 +662,18 @@ def relayout(model: nn.Module) -> None:
             # timm's anti-aliasing blur (TResNet) holds one copy of its fixed filter per channel, a buffer no pruner
             # cuts: it shares one, expanded to the channels it gets (its `channels` None), with the same outputs.
             module.channels, module.filt = None, module.filt[:1].clone()
+    # EfficientViT-M's cascaded group attention adds each head's output to the next head's chunk of its input, so a
+    # head's values are tied to a chunk of the stream it reads: that attention and the stream its projection writes stay
+    # whole, with the reason (Torch-Pruning maps neither; its FFNs and the rest prune).
+    cascaded = [name for name, m in model.named_modules() if f"{type(m).__module__}.{type(m).__name__}" == _CASCADED]
+    for name in cascaded:
+        for layer in model.get_submodule(name).modules():
+            layer.keep_whole = True
+    if cascaded:
+        logging.getLogger("prunelab").warning(
+            "%d cascaded group attention(s) kept whole (%s%s): each head adds its output to the next head's chunk of the "
+            "stream, so their values and the stream they write keep their channels",
+            len(cascaded), cascaded[0], ", ..." if len(cascaded) > 1 else "")
     # A position bias the model shares among its blocks has every head: the heads, and the bias's layer with one output
     # per head, stay whole (`keep_whole`, read by groups_from_graph and attention_heads).
     shared = getattr(model, "shared_rel_pos", None)

@@ -882,6 +882,7 @@ def groups_from_graph(
     # The layers that write the heads' queries, keys and values, by the attention they belong to.
     head_layers = {model.get_submodule(layer): name for name in heads for layer in _head_writers(model, name)}
     emitted: set[str] = set()
+    unfollowed: dict[str, list[str]] = {}  # reason -> the groups kept whole for it, said in one line each
     with graph.reading():
         for name, module in layers:
             if module in head_layers and not (skip and skipped(name, skip)):
@@ -898,7 +899,7 @@ def groups_from_graph(
             try:
                 group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
             except (ArithmeticError, IndexError, ValueError, RuntimeError) as err:
-                _log_once(f"channel group {name!r} is kept whole: Torch-Pruning cannot follow its channels ({type(err).__name__}: {err})")
+                unfollowed.setdefault(f"{type(err).__name__}: {err}", []).append(name)
                 continue
             producers = []
             norms: list[str] = []
@@ -1009,7 +1010,7 @@ def groups_from_graph(
                     unmapped = unmapped or f"{consumer!r} would read {sum(counts)} of its {fan_in} inputs from them: it reads another axis"
                 reads[consumer] = counts
             if unmapped is not None:
-                _log_once(f"channel group {name!r} is kept whole: Torch-Pruning cannot follow its channels ({unmapped})")
+                unfollowed.setdefault(unmapped, []).append(name)
                 continue
             # Grouped convolutions lose whole groups (GroupedConvPruner); where a group cannot be removed
             # whole, the channels are kept, and the reason is logged once.
@@ -1053,6 +1054,12 @@ def groups_from_graph(
                     embedding=attention and layer_norm and sum(grouped_unit(m) is None for m in members) > 1,
                 )
             )
+    for reason, kept in unfollowed.items():
+        if len(kept) == 1:
+            _log_once(f"channel group {kept[0]!r} is kept whole: Torch-Pruning cannot follow its channels ({reason})")
+        else:
+            listed = f"{kept[0]!r}, {kept[1]!r} and {len(kept) - 2} more" if len(kept) > 2 else f"{kept[0]!r} and {kept[1]!r}"
+            _log_once(f"channel groups {listed} are kept whole: Torch-Pruning cannot follow their channels ({reason})")
     return groups
 
 
@@ -1445,7 +1452,7 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[
     before the architecture changes does not trace again.
     """
     key = _groups_key(model, input_shape)
-    _, _, skip, embedding, _, _ = key
+    _, _, skip, embedding, *_ = key
     cached = model.__dict__.get("_prunelab_groups")
     if cached is not None and cached[0] == key:
         return copy.deepcopy(cached[1])
@@ -1469,7 +1476,21 @@ def _groups_key(model: nn.Module, input_shape: tuple[int, ...]) -> tuple:
         bool(getattr(record, "prune_embedding", False)),
         bool(getattr(record, "prune_head_dim", False)),
         _signature(model),
+        # What the code decided at creation (layers kept whole, `backbones.attention.relayout`), and the code's version:
+        # groups saved by another prunelab are found again.
+        tuple(name for name, m in model.named_modules() if getattr(m, "keep_whole", False)),
+        _version(),
     )
+
+
+@functools.cache
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prunelab")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def remember_groups(model: nn.Module, input_shape: tuple[int, int, int], path: Path, checked: bool = False) -> bool:
