@@ -14,7 +14,8 @@ its neurons, Sec. 2): the trained parameters are w1, b1, V = N1 w2, v3 = N2 w3, 
 i.i.d. N(0, 1) (b2, b3 at 0). Every network (dense and from scratch, same recipe, float64) is trained by
 full-batch Adam on the mean squared error, learning rate `--lr` with cosine decay over `--steps`
 steps. The discrepancy of any network f to the dense network F is the paper's
-D[f, F] = mean over the training points of (f(x) - F(x))^2.
+D[f, F] = mean over the training points of (f(x) - F(x))^2 (`--heldout M`: over M fresh points instead;
+`--noise s` adds N(0, s^2) to the training targets).
 
 Pruning, as in Sections 2.1-2.2. The paper writes the dense layer as F_1 = (1/N) sum_i sigma_i: neuron
 i is the vector it sends to the next layer, sigma_i(x) = V[:, i] h_i(x) with h_i = tanh(w1_i . x + b1_i)
@@ -83,13 +84,22 @@ class Net:
         return [self.w1, self.b1, self.w2, self.b2, self.w3, self.b3]
 
 
-def make_data(samples: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs x ~ N(0, I_4) and noiseless targets y = sum_j c_j sin(w_j . x + phi_j)."""
+def make_data(
+    samples: int, gen: torch.Generator, heldout: int = 0, noise: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs x ~ N(0, I_d) and targets y = sum_j c_j sin(w_j . x + phi_j) + noise * N(0, 1); also the points
+    on which D is measured: `heldout` fresh inputs from the same distribution, or x itself when 0."""
     x = torch.randn(samples, INPUT_DIM, generator=gen, dtype=DTYPE)
     w = torch.randn(RIDGES, INPUT_DIM, generator=gen, dtype=DTYPE)
     c = torch.randn(RIDGES, generator=gen, dtype=DTYPE) / math.sqrt(RIDGES)
     phi = 2 * math.pi * torch.rand(RIDGES, generator=gen, dtype=DTYPE)
-    return x, torch.sin(x @ w.T + phi) @ c
+    y = torch.sin(x @ w.T + phi) @ c
+    # Drawn from their own generators, so that every network starts from the same weights with and without them.
+    side = [torch.Generator().manual_seed(gen.initial_seed() + k) for k in (1, 2)]
+    x_eval = torch.randn(heldout, INPUT_DIM, generator=side[0], dtype=DTYPE) if heldout else x
+    if noise:
+        y = y + noise * torch.randn(samples, generator=side[1], dtype=DTYPE)
+    return x, y, x_eval
 
 
 def init_net(width1: int, width2: int, gen: torch.Generator, middle: str = "normal") -> Net:
@@ -269,7 +279,7 @@ def step_kinds(iterates: torch.Tensor) -> tuple[int, int, int]:
 
 
 def pruning_curve(net: Net, x: torch.Tensor, iterates: torch.Tensor, losses: torch.Tensor) -> np.ndarray:
-    """D of the network pruned to n = 1..N neurons (the best iterate of each size, folded)."""
+    """D of the network pruned to n = 1..N neurons (the best iterate of each size, folded), measured on x."""
     target = forward(net, x)
     best = best_per_size(iterates, losses, net.w1.shape[0])
     cache = {k: discrepancy(fold(net, iterates[k]), target, x) for k in set(best)}
@@ -287,6 +297,8 @@ def run(
     global_picks: int | None = None,
     trainer: str = "adam",
     middle: str = "normal",
+    heldout: int = 0,
+    noise: float = 0.0,
 ) -> dict:
     """Trains the dense network, prunes its first hidden layer both ways, trains from scratch.
 
@@ -294,13 +306,16 @@ def run(
     `scratch_n` and `scratch` (D of the from-scratch networks) and `scratch_mse` (their training MSE);
     `dense_mse` and `target_var` (Var y); the iterates and losses of both algorithms
     (`local_iterates`, `local_losses`, `global_iterates`, `global_losses`); and the settings. By
-    default local imitation may take 20 * width steps and global imitation 5 * width picks."""
+    default local imitation may take 20 * width steps and global imitation 5 * width picks. Every network
+    is trained and pruned on the `samples` points; D is measured on them too, or on `heldout` fresh points
+    when given (the paper's D is an expectation over the data distribution). `noise` adds N(0, noise^2)
+    to the training targets."""
     local_steps = 20 * width if local_steps is None else local_steps
     global_picks = 5 * width if global_picks is None else global_picks
     gen = torch.Generator().manual_seed(seed)
-    x, y = make_data(samples, gen)
+    x, y, x_eval = make_data(samples, gen, heldout, noise)
     dense = train(init_net(width, width, gen, middle), x, y, steps, lr, trainer)
-    target = forward(dense, x)
+    target = forward(dense, x_eval)
 
     local_it, local_loss = local_imitation(local_gram(dense, x), local_steps)
     global_it, global_loss = global_imitation(dense, x, global_picks)
@@ -308,17 +323,17 @@ def run(
     scratch, scratch_mse = [], []
     for n in scratch_widths:
         net = train(init_net(n, width, gen, middle), x, y, steps, lr, trainer)
-        scratch.append(discrepancy(net, target, x))
+        scratch.append(discrepancy(net, target, x_eval))
         scratch_mse.append(float(((forward(net, x) - y) ** 2).mean()))
 
     return {
         "n": np.arange(1, width + 1),
-        "local": pruning_curve(dense, x, local_it, local_loss),
-        "global": pruning_curve(dense, x, global_it, global_loss),
+        "local": pruning_curve(dense, x_eval, local_it, local_loss),
+        "global": pruning_curve(dense, x_eval, global_it, global_loss),
         "scratch_n": np.array(scratch_widths),
         "scratch": np.array(scratch),
         "scratch_mse": np.array(scratch_mse),
-        "dense_mse": float(((target - y) ** 2).mean()),
+        "dense_mse": float(((forward(dense, x) - y) ** 2).mean()),
         "target_var": float(y.var()),
         "local_iterates": local_it,
         "local_losses": local_loss,
@@ -331,6 +346,8 @@ def run(
         "lr": lr,
         "trainer": trainer,
         "middle": middle,
+        "heldout": heldout,
+        "noise": noise,
     }
 
 
@@ -457,6 +474,9 @@ def main() -> None:
     parser.add_argument("--middle-init", choices=("normal", "zero"), default="normal",
                         help="zero: the middle layer V starts at 0 (see `init_net`)")
     parser.add_argument("--scratch-widths", type=int, nargs="+", default=list(SCRATCH_WIDTHS))
+    parser.add_argument("--heldout", type=int, default=0,
+                        help="measure D on this many fresh points of the same distribution (0: on the training points)")
+    parser.add_argument("--noise", type=float, default=0.0, help="standard deviation of noise added to the training targets")
     parser.add_argument("--input-dim", type=int, default=INPUT_DIM, help="dimension d of the simulated inputs x ~ N(0, I_d)")
     args = parser.parse_args()
     globals()["INPUT_DIM"] = args.input_dim
@@ -464,13 +484,16 @@ def main() -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
     res = run(args.seed, args.width, args.samples, args.steps, args.lr, args.scratch_widths,
-              trainer=args.trainer, middle=args.middle_init)
+              trainer=args.trainer, middle=args.middle_init, heldout=args.heldout, noise=args.noise)
     elapsed = time.perf_counter() - start
     fit = rates(res)
 
+    noise = f" + noise {res['noise']:g}" if res["noise"] else ""
+    heldout = f" (D on {res['heldout']} held-out points)" if res["heldout"] else ""
     print("Ye, Wu and Liu, Sec. 2.3 / Fig. 1 -- simulated data of our choice (the paper's appendix is lost)")
     print(
-        f"x ~ N(0, I_{INPUT_DIM}), y = sum of {RIDGES} random sine ridges, {res['samples']} points; tanh layers "
+        f"x ~ N(0, I_{INPUT_DIM}), y = sum of {RIDGES} random sine ridges"
+        f"{noise}, {res['samples']} points{heldout}; tanh layers "
         f"{res['width']}-{res['width']} (middle init {res['middle']}); {res['trainer']} {res['steps']} steps, "
         f"lr {res['lr']:g}; seed {res['seed']}; "
         f"{elapsed:.1f} s"

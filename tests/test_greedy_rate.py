@@ -24,7 +24,7 @@ def tiny(script):
     """A trained 5-5 network on 40 points: (net, x, u)."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
-    x, y = script.make_data(40, gen)
+    x, y, _ = script.make_data(40, gen)
     net = script.train(script.init_net(WIDTH, WIDTH, gen), x, y, steps=200, lr=3e-2)
     return net, x, torch.full((WIDTH,), 1.0 / WIDTH, dtype=script.DTYPE)
 
@@ -113,11 +113,33 @@ def test_run_tiny_end_to_end(script):
     assert [r["n"] for r in script.table(res)] == [1, 2, 6]
 
 
+def test_held_out_points_and_noise_leave_the_training_data_and_measure_d_elsewhere(script):
+    """--heldout M draws M fresh inputs and --noise s perturbs the targets, both without changing the training inputs
+    or any network's initial weights; D is then measured on the fresh points, where pruning to full width still
+    gives the dense network."""
+    x, y, x_eval = script.make_data(40, torch.Generator().manual_seed(3))
+    assert x_eval is x
+    x2, y2, fresh = script.make_data(40, torch.Generator().manual_seed(3), heldout=25)
+    assert torch.equal(x2, x) and torch.equal(y2, y) and fresh.shape == (25, x.shape[1])
+    assert torch.cdist(fresh, x).min() > 0
+    x3, noisy, _ = script.make_data(400, torch.Generator().manual_seed(3), heldout=25, noise=0.1)
+    clean = script.make_data(400, torch.Generator().manual_seed(3), heldout=25)[1]
+    assert float((noisy - clean).std()) == pytest.approx(0.1, rel=0.15)
+
+    kwargs = dict(seed=1, width=6, samples=48, steps=100, scratch_widths=(1, 6), local_steps=300, global_picks=30)
+    on_train, held_out = script.run(**kwargs), script.run(**kwargs, heldout=30)
+    assert held_out["local"][-1] <= 1e-8 * held_out["local"][0]
+    assert not np.allclose(held_out["local"][:-1], on_train["local"][:-1])
+    assert held_out["dense_mse"] == on_train["dense_mse"]  # the same dense network
+    noisy_run = script.run(**kwargs, noise=0.1)
+    assert noisy_run["dense_mse"] != on_train["dense_mse"]
+
+
 def test_mean_field_variant_starts_the_middle_layer_at_zero_and_learns(script):
     """--trainer mf-gd --middle-init zero: V starts at exactly 0 and mean-field gradient descent fits the data."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
-    x, y = script.make_data(40, gen)
+    x, y, _ = script.make_data(40, gen)
     net = script.init_net(WIDTH, WIDTH, gen, middle="zero")
     assert torch.count_nonzero(net.w2) == 0
     before = float(((script.forward(net, x) - y) ** 2).mean())
