@@ -587,6 +587,38 @@ def test_a_concatenation_torch_pruning_cannot_map_is_kept_whole_with_a_reason(tm
     assert model.a.out_channels == 6 and model.b.out_channels == 6 and model.stem[0].out_channels < 8
 
 
+class TwiceConcatenated(Concatenated):
+    """Concatenated, then a second concatenation of two branches of the fused output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.d = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1)
+        self.fuse2 = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fuse(torch.cat([self.a(x := self.stem(x)), self.b(x)], dim=1))
+        return self.fc(self.fuse2(torch.cat([self.c(x), self.d(x)], dim=1)).mean((2, 3)))
+
+
+def test_one_reason_met_at_several_concatenations_is_said_in_one_line(caplog, monkeypatch):
+    """Torch-Pruning names each operation with a running number (Gemma 4's ViT: one failing concatenation per block):
+    the reason is said once for all of them, not once per concatenation."""
+    from torch_pruning.dependency import index_mapping
+
+    def fails(graph, node):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(index_mapping, "update_concat_index_mapping", fails)
+    with caplog.at_level("WARNING", logger="prunelab"):
+        groups = channel_groups(TwiceConcatenated().eval(), SHAPE)
+    assert sorted(g.name for g in groups) == ["fuse.2", "fuse2.2", "stem.0"]
+    lines = [r.getMessage() for r in caplog.records if "cannot follow" in r.getMessage()]
+    assert lines == [
+        "channel groups 'a', 'b' and 2 more are kept whole: Torch-Pruning cannot follow their channels "
+        "(IndexError in Torch-Pruning's index mapping of _ConcatOp)"
+    ]
+
+
 class Cascaded(nn.Module):
     """timm's EfficientViT-M block in small: cascaded group attention (each head adds its output to the next head's chunk
     of the stream) and an FFN, both residual."""

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -374,6 +375,12 @@ WALK_REVISITS = 16
 WALK_MIN_INDICES = 4096
 
 
+def _op_kind(node: Any) -> str:
+    """A graph node's name without the running number and arguments Torch-Pruning gives an operation
+    (`_ConcatOp_1862(None)` -> `_ConcatOp`), so that a reason met at many of them is said once."""
+    return re.sub(r"^(_\w+Op)_\d+\(.*\)$", r"\1", node.name)
+
+
 def walk_limit(model: nn.Module) -> int:
     """How many indices one step of a group's walk may carry: twice the widest input or output of any layer (a flatten
     into a classifier carries C x H x W, VGG's 25,088 at 224 pixels), at least WALK_MIN_INDICES."""
@@ -557,7 +564,7 @@ def _graph_class() -> type:
                 try:
                     original(graph, node)
                 except (ArithmeticError, IndexError, ValueError, RuntimeError) as err:
-                    self.stop(node, f"{type(err).__name__} in Torch-Pruning's index mapping of {node.name}")
+                    self.stop(node, f"{type(err).__name__} in Torch-Pruning's index mapping of {_op_kind(node)}")
 
             original_split = index_mapping.update_split_index_mapping
 
@@ -678,7 +685,7 @@ def _graph_class() -> type:
                 try:
                     original_concat(graph, node)
                 except (ArithmeticError, IndexError, ValueError, RuntimeError) as err:  # its shape inference (Gemma 4's ViT)
-                    self.stop(node, f"{type(err).__name__} in Torch-Pruning's index mapping of {node.name}")
+                    self.stop(node, f"{type(err).__name__} in Torch-Pruning's index mapping of {_op_kind(node)}")
                     return
                 for split in node.inputs:
                     if split.type == ops.OPTYPE.SPLIT and split.module not in self.unmapped and len(read := chunks_read(node, split)) == 1:
