@@ -95,10 +95,12 @@ def make_data(
     phi = 2 * math.pi * torch.rand(RIDGES, generator=gen, dtype=DTYPE)
     y = torch.sin(x @ w.T + phi) @ c
     # Drawn from their own generators, so that every network starts from the same weights with and without them.
-    side = [torch.Generator().manual_seed(gen.initial_seed() + k) for k in (1, 2)]
-    x_eval = torch.randn(heldout, INPUT_DIM, generator=side[0], dtype=DTYPE) if heldout else x
+    def side(k: int) -> torch.Generator:
+        return torch.Generator().manual_seed(gen.initial_seed() + k)
+
+    x_eval = torch.randn(heldout, INPUT_DIM, generator=side(1), dtype=DTYPE) if heldout else x
     if noise:
-        y = y + noise * torch.randn(samples, generator=side[1], dtype=DTYPE)
+        y = y + noise * torch.randn(samples, generator=side(2), dtype=DTYPE)
     return x, y, x_eval
 
 

@@ -122,7 +122,7 @@ def test_held_out_points_and_noise_leave_the_training_data_and_measure_d_elsewhe
     x2, y2, fresh = script.make_data(40, torch.Generator().manual_seed(3), heldout=25)
     assert torch.equal(x2, x) and torch.equal(y2, y) and fresh.shape == (25, x.shape[1])
     assert torch.cdist(fresh, x).min() > 0
-    x3, noisy, _ = script.make_data(400, torch.Generator().manual_seed(3), heldout=25, noise=0.1)
+    _, noisy, _ = script.make_data(400, torch.Generator().manual_seed(3), heldout=25, noise=0.1)
     clean = script.make_data(400, torch.Generator().manual_seed(3), heldout=25)[1]
     assert float((noisy - clean).std()) == pytest.approx(0.1, rel=0.15)
 
