@@ -109,6 +109,7 @@ def test_quickstart_preset_prunes_and_prints_before_after_table(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for row in ("accuracy (%)", "FLOPs (MACs)", "parameters", "latency batch 1 (ms, eager)", "latency batch 64 (ms, deployed)", "deployed (torchscript_frozen"):
         assert row in out.stdout, row
+    assert "timing the final and the dense model, eager and as torchscript_frozen, at batch sizes [1, 64]" in out.stdout + out.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["model/flops_ratio"] == pytest.approx(0.5, rel=0.02)
     assert summary["dense/test/acc"] > 50.0  # three epochs on real digits already clear chance (10%) by far

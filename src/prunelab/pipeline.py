@@ -733,6 +733,11 @@ def _latency(
     changed = model_record(model).plans or model_record(model).spec != dense_spec
     dense_model = create(**dense_spec) if changed else model
     out: dict[str, Any] = {"latency/format": fmt, "latency/threads": torch.get_num_threads(), "latency/device": str(latency_device(lat.device))}
+    # On a CPU a large model at batch 64 takes minutes here (a 167M-parameter ViT at 224 px: over 5), without it silent.
+    log.info(
+        "timing the %s model, eager and as %s, at batch sizes %s (latency.batch_sizes=[] skips this)",
+        "final and the dense" if changed else "final", fmt, list(lat.batch_sizes),
+    )
     for prefix, form in (("", "eager"), ("deployed_", fmt)):
         final = measure_latency(model, input_shape, format=form, **kwargs)
         dense = measure_latency(dense_model, input_shape, format=form, **kwargs) if changed else final
