@@ -20,8 +20,12 @@ install: $(STAMP)
 quickstart: install
 	$(VENV)/bin/prunelab experiment=quickstart
 
+# One test process per core (at most 4), each with one torch thread so that they do not oversubscribe
+# the cores (measured on 2 cores: 8.6 min of pytest instead of 19.8 serially with torch's threads).
+TEST_PROCESSES ?= auto --maxprocesses 4
+
 test: install
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_PROCESSES)
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
