@@ -130,6 +130,8 @@ def test_latency_budget_through_the_pipeline(tmp_path, monkeypatch):
         (["budget.latency=0.5", "budget.flops=0.5"], "budget.latency and budget.flops are both set"),
         (["budget.latency=0.5", "budget.latency_format=tflite"], "budget.latency_format='tflite' must be"),
         (["export.format=tensorrt"], "export.format='tensorrt' must be one of"),
+        (["latency.max_seconds=0"], "latency.max_seconds=0 is out of range"),
+        (["latency.repeats=0"], "latency.repeats=0 must be a whole number >= 1"),
     ],
 )
 def test_bad_latency_settings_are_refused_in_one_line(tmp_path, overrides, message):
@@ -137,6 +139,25 @@ def test_bad_latency_settings_are_refused_in_one_line(tmp_path, overrides, messa
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         check_config(make_cfg(tmp_path, "method=l1_filter", *overrides))
+
+
+@pytest.mark.parametrize(("max_seconds", "warm", "timed"), [(None, 3, 10), (0.05, 1, 3), (0.3, 3, 3), (3.0, 3, 10)])
+def test_a_latency_measurement_stops_after_max_seconds_with_one_warm_up_and_three_timed_calls(max_seconds, warm, timed, caplog):
+    import logging
+    import time
+
+    calls = []
+
+    def slow(x):  # 60 ms a call: the 13 calls of warmup=3, repeats=10 take 0.78 s
+        calls.append(time.perf_counter())
+        time.sleep(0.06)
+        return x
+
+    with caplog.at_level(logging.INFO, logger="prunelab.budget"):
+        median = budget.time_call(slow, torch.zeros(1), warmup=3, repeats=10, max_seconds=max_seconds, label="dense model, eager,")
+    assert len(calls) == warm + timed and median >= 60.0
+    said = f"dense model, eager, batch 1: {timed} timed calls after {warm} warm-up (not 10 after 3)"
+    assert (said in caplog.text) == (timed < 10), caplog.text
 
 
 def test_per_ms_ranking_prunes_the_channels_that_cost_most_first(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunelab.validate import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -67,20 +70,34 @@ def measure(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
     return {"flops": count_flops(model, input_shape), "params": count_params(model), "sparsity": sparsity(model)}
 
 
-def time_call(fn, x: torch.Tensor, warmup: int = 3, repeats: int = 10, seconds: float = 0.0) -> float:
+def time_call(
+    fn, x: torch.Tensor, warmup: int = 3, repeats: int = 10, seconds: float = 0.0, max_seconds: float | None = None,
+    label: str = "",
+) -> float:
     """Median time in milliseconds of `fn(x)` under inference mode, after `warmup` calls.
 
     At least `repeats` timed calls, more (up to 20 times as many) until they add up to `seconds`. On
     CUDA each call is timed with CUDA events (the GPU's own clock), on the CPU with the wall clock.
+    With `max_seconds`, warm-up and timing each stop once all calls so far took that long, after at
+    least one warm-up and three timed calls (a large model at batch 64 on a CPU: seconds a call), and
+    the log says so, naming the measurement by `label`.
     """
     import statistics
     import time
 
     cuda = x.device.type == "cuda"
     times: list[float] = []
+    began = time.perf_counter()
+    warm = 0
+    over = lambda: max_seconds is not None and time.perf_counter() - began >= max_seconds  # noqa: E731
     with torch.inference_mode():
-        for i in range(warmup + 20 * repeats):
-            if i >= warmup + repeats and sum(times) >= seconds * 1000.0:
+        while warm < warmup and not (warm >= 1 and over()):
+            fn(x)
+            warm += 1
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        while len(times) < 20 * repeats:
+            if len(times) >= repeats and sum(times) >= seconds * 1000.0 or len(times) >= 3 and over():
                 break
             if cuda:
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -88,13 +105,17 @@ def time_call(fn, x: torch.Tensor, warmup: int = 3, repeats: int = 10, seconds: 
                 fn(x)
                 end.record()
                 end.synchronize()
-                elapsed = begin.elapsed_time(end)
+                times.append(begin.elapsed_time(end))
             else:
                 start = time.perf_counter()
                 fn(x)
-                elapsed = (time.perf_counter() - start) * 1000.0
-            if i >= warmup:
-                times.append(elapsed)
+                times.append((time.perf_counter() - start) * 1000.0)
+    if warm < warmup or len(times) < repeats:
+        log.info(
+            "%sbatch %d: %d timed calls after %d warm-up (not %d after %d): a call takes %.2f s and a measurement "
+            "stops after %g s (latency.max_seconds)", f"{label} " if label else "", x.shape[0], len(times), warm, repeats, warmup,
+            statistics.median(times) / 1000.0, max_seconds,
+        )
     return statistics.median(times)
 
 
@@ -158,14 +179,17 @@ def measure_latency(
     warmup: int = 3,
     repeats: int = 10,
     format: str = "eager",
+    max_seconds: float | None = None,
+    label: str = "",
 ) -> dict[str, float]:
     """Latency in `format` at each batch size, as `latency_b<N>_ms` entries (one export for all of them)."""
     device = latency_device(device)
     net = deployed(model, input_shape, format, device)
-    return {
-        f"latency_b{b}_ms": round(time_call(net, torch.randn(b, *input_shape, device=device), warmup, repeats), 4)
-        for b in batch_sizes
-    }
+    out = {}
+    for b in batch_sizes:
+        x = torch.randn(b, *input_shape, device=device)
+        out[f"latency_b{b}_ms"] = round(time_call(net, x, warmup=warmup, repeats=repeats, max_seconds=max_seconds, label=label), 4)
+    return out
 
 
 def scratch_b_epochs(base_epochs: int, dense_flops: float, pruned_flops: float, max_factor: float | None = None) -> int:

@@ -728,19 +728,20 @@ def _latency(
         return {}
     from prunelab.backbones import create
 
-    kwargs = {"batch_sizes": tuple(lat.batch_sizes), "device": lat.device, "warmup": lat.warmup, "repeats": lat.repeats}
+    kwargs = {"batch_sizes": tuple(lat.batch_sizes), "device": lat.device, "warmup": lat.warmup, "repeats": lat.repeats,
+              "max_seconds": lat.get("max_seconds")}
     # An architecture no plan changed is the dense one: timing it twice would only measure noise.
     changed = model_record(model).plans or model_record(model).spec != dense_spec
     dense_model = create(**dense_spec) if changed else model
     out: dict[str, Any] = {"latency/format": fmt, "latency/threads": torch.get_num_threads(), "latency/device": str(latency_device(lat.device))}
-    # On a CPU a large model at batch 64 takes minutes here (a 167M-parameter ViT at 224 px: over 5), without it silent.
+    # On a CPU a large model at batch 64 takes seconds a call (a 167M-parameter ViT at 224 px), minutes in all.
     log.info(
         "timing the %s model, eager and as %s, at batch sizes %s (latency.batch_sizes=[] skips this)",
         "final and the dense" if changed else "final", fmt, list(lat.batch_sizes),
     )
     for prefix, form in (("", "eager"), ("deployed_", fmt)):
-        final = measure_latency(model, input_shape, format=form, **kwargs)
-        dense = measure_latency(dense_model, input_shape, format=form, **kwargs) if changed else final
+        final = measure_latency(model, input_shape, format=form, label=f"final model, {form},", **kwargs)
+        dense = measure_latency(dense_model, input_shape, format=form, label=f"dense model, {form},", **kwargs) if changed else final
         for key, value in final.items():
             out[f"dense/{prefix}{key}"] = dense[key]
             out[f"model/{prefix}{key}"] = value

@@ -123,6 +123,9 @@ def check_config(cfg: DictConfig) -> None:
     _whole(cfg, "dataset.num_workers", 0, "data-loader worker processes")
     _whole(cfg, "dataset.val_size", 0, "training images held out for validation")
     _whole(cfg, "dataset.subset", 1, "the first N training images")
+    _whole(cfg, "latency.warmup", 0, "untimed calls before a latency measurement")
+    _whole(cfg, "latency.repeats", 1, "timed calls of a latency measurement")
+    _fraction(cfg, "latency.max_seconds", 0, math.inf, False, False, "the seconds after which a latency measurement stops")
     for batch in _number(cfg, "latency.batch_sizes") or []:
         _require(isinstance(batch, int) and batch >= 1, f"latency.batch_sizes has {batch!r}: batch sizes are whole numbers >= 1")
     _fraction(cfg, "backbone.width", 0, math.inf, False, False, "the channel multiplier of the backbone")
