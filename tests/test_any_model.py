@@ -51,6 +51,7 @@ def registered_models(monkeypatch):
         "test_std_convs": StdConvs,
         "test_norm_no_bias": NormWithoutBias,
         "test_rms_normed": RmsNormed,
+        "test_rms_vit": _rms_vit,
         "test_group_normed": GroupNormed,
         "test_expanding_grouped": ExpandingGrouped,
         "test_tiny_volo": _tiny_volo,
@@ -1814,6 +1815,39 @@ def test_a_norm_over_channels_known_by_its_class_name_is_not_held_to_the_silence
     check_prunable(model, SHAPE)
     model = _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     assert model.norm.weight.shape == (4,) and model.conv2.in_channels == 4
+
+
+def _rms_vit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    """A tiny timm ViT whose norms are timm's RmsNorm (as DeepSeek's and Gemma 4's vision encoders), with random weights."""
+    from timm.layers import RmsNorm
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=32, patch_size=8, in_chans=in_channels, num_classes=num_classes, embed_dim=32,
+                              depth=2, num_heads=4, mlp_ratio=2.0, norm_layer=RmsNorm)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RmsNorm):
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def test_a_vit_with_rms_norms_keeps_its_embedding_and_prunes_it_when_asked(tmp_path):
+    """timm's RmsNorm subclasses no torch norm: its weight was cut as a loose parameter and its `normalized_shape` kept, so
+    the stream through it was not known as the embedding width and broke the norms (deepseek_vit_412m was refused)."""
+    torch.manual_seed(0)
+    model = create("test_rms_vit").eval()
+    check_prunable(model, SHAPE)
+    _pruned_and_reloaded(model, SHAPE, None, tmp_path / "default")
+    assert model.patch_embed.proj.out_channels == 32 and model.blocks[1].mlp.fc1.out_features == 32
+
+    model = create("test_rms_vit").eval()
+    model_record(model).prune_embedding = True
+    assert [g.name for g in channel_groups(model, SHAPE) if g.embedding] == ["patch_embed.proj"]
+    check_prunable(model, SHAPE)
+    _pruned_and_reloaded(model, SHAPE, None, tmp_path / "embedding")
+    width = model.patch_embed.proj.out_channels
+    norms = [model.blocks[0].norm1, model.blocks[1].norm2, model.norm]
+    assert width == 16 and all(n.normalized_shape == (width,) and n.weight.shape == (width,) for n in norms)
 
 
 class GroupNormed(nn.Module):

@@ -471,6 +471,30 @@ def _graph_class() -> type:
         prune_whole_groups.counts_groups = True
         norm_pruner.prune_out_channels = norm_pruner.prune_in_channels = prune_whole_groups
 
+    class NormWeightPruner(tp.pruner.function.BasePruningFunc):
+        """Cuts a `rms_norm_like` norm's weight (and bias, where it has one) and its `normalized_shape`.
+
+        Without it Torch-Pruning cut the weight as a parameter no layer holds and left `normalized_shape`, so a
+        transformer's stream through RMSNorms (DeepSeek's and Gemma 4's ViTs) broke the norm, and was not known as
+        the embedding width (`ChannelGroup.embedding`) that prunelab keeps by default.
+        """
+
+        def prune_out_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+            size = layer.normalized_shape[0]
+            keep = torch.tensor(sorted(set(range(size)) - {int(i) for i in idxs}))
+            for attr in ("weight", "bias"):
+                if isinstance(getattr(layer, attr, None), nn.Parameter):
+                    setattr(layer, attr, self._prune_parameter_and_grad(getattr(layer, attr), keep, 0))
+            layer.normalized_shape = (len(keep),)
+            return layer
+
+        prune_in_channels = prune_out_channels
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return layer.normalized_shape[0]
+
+        get_in_channels = get_out_channels
+
     # Chosen over keeping grouped convolutions whole: coupling both sides, as for depthwise ones, keeps ResNeXt prunable.
     class GroupedConvPruner(tp.pruner.function.ConvPruner):
         """Removes whole groups of a grouped convolution whose outputs follow its inputs (`grouped_unit`).
@@ -525,6 +549,7 @@ def _graph_class() -> type:
             super().__init__()
             self.grouped_conv_pruner = GroupedConvPruner()
             self.extras_conv_pruner = ExtrasConvPruner()
+            self.norm_weight_pruner = NormWeightPruner()
             self.unmapped: dict[nn.Module, str] = {}
 
         @contextmanager
@@ -715,7 +740,8 @@ def _graph_class() -> type:
 
         def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             """Torch-Pruning's build, with the shapes of every view and reshape, the attributes holding the sizes of
-            equal splits and slice bounds, and concatenations' part sizes recorded while it traces (`_ReshapeRecorder`)."""
+            equal splits and slice bounds, and concatenations' part sizes recorded while it traces (`_ReshapeRecorder`);
+            `rms_norm_like` norms go to `NormWeightPruner`."""
             self.reshapes: dict[Any, tuple[torch.Size, torch.Size]] = {}
             self.splits: dict[Any, tuple[str, str, int]] = {}
             self.sections: dict[Any, tuple[str, str | list[str]]] = {}
@@ -724,6 +750,8 @@ def _graph_class() -> type:
             recorder = _ReshapeRecorder(self.reshapes, self.splits, self.sections, self.slices, self.cats, model)
             self.walk_limit = walk_limit(model)
             self.last_dim_splits: set[Any] = set()  # splits of channels last (`_splits_channels_dim`), mapped as channels
+            norms = {type(m): self.norm_weight_pruner for m in model.modules() if rms_norm_like(m)}
+            kwargs["customized_pruners"] = {**norms, **(kwargs.get("customized_pruners") or {})}
             with self._guarded_reshapes(), recorder, warnings.catch_warnings():
                 # Parameters no layer holds (position biases, layer scales) are mapped here and checked by `check_prunable`:
                 # Torch-Pruning's advice to pass them as `unwrapped_parameters` is not for prunelab's users.
@@ -843,6 +871,13 @@ def _unit_of(group: Any, size: int) -> tuple[int, nn.Module | None]:
     return unit, None
 
 
+def rms_norm_like(module: nn.Module) -> bool:
+    """A norm over the last or channel dimension with a `normalized_shape` and a per-channel `weight` that subclasses
+    no norm Torch-Pruning knows: torch's RMSNorm, timm's RmsNorm / RmsNorm2d / SimpleNorm families (told by class name)."""
+    named = isinstance(module, nn.RMSNorm) or any(re.match(r"(Rms|RMS|Simple)Norm", c.__name__) for c in type(module).__mro__)
+    return named and isinstance(getattr(module, "normalized_shape", None), tuple) and len(module.normalized_shape) == 1
+
+
 def _norm_group(module: nn.Module) -> int:
     """Channels per group of a GroupNorm of several groups, which loses whole groups (1 for any other module)."""
     return module.num_channels // module.num_groups if isinstance(module, nn.GroupNorm) and module.num_groups > 1 else 1
@@ -939,7 +974,7 @@ def groups_from_graph(
                     (writing if graph.is_out_channel_pruning_fn(dep.handler) and out_channels(target) == size else blocked).append(target)
                 if isinstance(target, nn.MultiheadAttention):
                     multiple = math.lcm(multiple, target.num_heads)
-                layer_norm = layer_norm or isinstance(target, nn.LayerNorm)
+                layer_norm = layer_norm or isinstance(target, nn.LayerNorm) or rms_norm_like(target)
                 if type(target).__name__ == "_ElementWiseOp":
                     fn = getattr(target, "_grad_fn", None)
                     merges.add(fn if isinstance(fn, str) else type(fn).__name__)
