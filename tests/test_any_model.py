@@ -588,6 +588,25 @@ def test_a_concatenation_torch_pruning_cannot_map_is_kept_whole_with_a_reason(tm
     assert model.a.out_channels == 6 and model.b.out_channels == 6 and model.stem[0].out_channels < 8
 
 
+def test_a_group_kept_whole_anyway_gets_no_second_reason_when_its_walk_fails(caplog, monkeypatch):
+    """EfficientViT-M's cascaded attentions, kept whole at creation, also logged 'Torch-Pruning cannot follow their
+    channels' (their walks expand at a flatten): three lines that said nothing new. So for a layer in `structure.skip`."""
+    import prunelab.structure.groups as groups_module
+
+    monkeypatch.setattr(groups_module, "walk_limit", lambda model: 8)  # the walk of 4 channels into a 2x2 flatten fails
+    for whole in ("keep_whole", "skip", None):
+        model = nn.Sequential(_conv_bn(3, 8), _conv_bn(8, 4), nn.AdaptiveAvgPool2d(2), nn.Flatten(1), nn.Linear(16, 10)).eval()
+        if whole == "keep_whole":
+            model[1][0].keep_whole = True
+        elif whole == "skip":
+            model_record(model).skip = ["1.0"]
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="prunelab"):
+            assert [g.name for g in channel_groups(model, SHAPE)] == ["0.0"]
+        said = "channel group '1.0' is kept whole: Torch-Pruning cannot follow its channels (RuntimeError: its channel"
+        assert (said in caplog.text) == (whole is None), (whole, caplog.text)
+
+
 class TwiceConcatenated(Concatenated):
     """Concatenated, then a second concatenation of two branches of the fused output."""
 

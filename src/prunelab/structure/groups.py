@@ -941,7 +941,9 @@ def groups_from_graph(
             try:
                 group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
             except (ArithmeticError, IndexError, ValueError, RuntimeError) as err:
-                unfollowed.setdefault(f"{type(err).__name__}: {err}", []).append(name)
+                # A root kept whole anyway (`keep_whole`, said at creation; `structure.skip`, the user's) needs no second reason.
+                if not (getattr(module, "keep_whole", False) or (skip and skipped(name, skip))):
+                    unfollowed.setdefault(f"{type(err).__name__}: {err}", []).append(name)
                 continue
             producers = []
             norms: list[str] = []
