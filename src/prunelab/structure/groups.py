@@ -874,8 +874,14 @@ def _unit_of(group: Any, size: int) -> tuple[int, nn.Module | None]:
 def rms_norm_like(module: nn.Module) -> bool:
     """A norm over the last or channel dimension with a `normalized_shape` and a per-channel `weight` that subclasses
     no norm Torch-Pruning knows: torch's RMSNorm, timm's RmsNorm / RmsNorm2d / SimpleNorm families (told by class name)."""
-    named = isinstance(module, nn.RMSNorm) or any(re.match(r"(Rms|RMS|Simple)Norm", c.__name__) for c in type(module).__mro__)
-    return named and isinstance(getattr(module, "normalized_shape", None), tuple) and len(module.normalized_shape) == 1
+    shape = getattr(module, "normalized_shape", None)
+    return _rms_named(type(module)) and isinstance(shape, tuple) and len(shape) == 1
+
+
+@functools.cache
+def _rms_named(cls: type) -> bool:
+    # Asked for every module of every group's walk: the class names are read once per class.
+    return issubclass(cls, nn.RMSNorm) or any(re.match(r"(Rms|RMS|Simple)Norm", c.__name__) for c in cls.__mro__)
 
 
 def _norm_group(module: nn.Module) -> int:
