@@ -399,3 +399,38 @@ def test_retraining_with_validation_images(tmp_path):
     # The retraining stage validates on the test set, so the objective sweepers see is pre-training's.
     assert summary["finetune/val/acc"] == summary["test/acc"]
     assert summary["val/acc"] == summary["pretrain/val/acc"]
+
+
+@pytest.mark.parametrize("seed", [2, 5, 10])
+def test_budget_no_threshold_lands_on_is_completed_channel_by_channel(seed):
+    """Where every global threshold jumps past the band, the closest plan under budget is completed in score order.
+
+    With these scores the bisection alone ends 'closest under budget' at 0.47-0.49 of the FLOPs, outside
+    0.5 +- 0.5% (the failure of `experiment=pfs_quick`: a channel of a full-resolution layer costs more
+    than the band is wide).
+    """
+    model = create("resnet20", width=0.5)
+    groups = channel_groups(model, (3, 32, 32))
+    generator = torch.Generator().manual_seed(seed)
+    scores = {g.name: torch.rand(g.size, generator=generator) for g in groups}
+    costs = CostModel(model, groups, (3, 32, 32))
+    top = max(float(s.max()) for s in scores.values())
+    normalised = {n: s / top for n, s in scores.items()}
+    ratios = [costs.count(plan_by_threshold(normalised, tau))["flops"] / costs.dense["flops"] for tau in torch.linspace(0, 1, 2001).tolist()]
+    assert not any(abs(r - 0.5) <= 0.005 * 0.5 for r in ratios)
+    plan, ratio = search_threshold(model, scores, 0.5, (3, 32, 32), tolerance=0.005)
+    assert abs(ratio - 0.5) <= 0.005 * 0.5
+    assert ratio == count_flops(apply_channel_plan(copy.deepcopy(model), plan, (3, 32, 32)), (3, 32, 32)) / count_flops(model, (3, 32, 32))
+    # Each group keeps its best-scored channels, and every channel above the closest threshold under budget.
+    under = max((r, tau) for r, tau in zip(ratios, torch.linspace(0, 1, 2001).tolist()) if r <= 0.5)[1]
+    for name, kept in plan.keep.items():
+        order = torch.argsort(scores[name], descending=True)[: len(kept)]
+        assert sorted(order.tolist()) == kept
+        assert set(torch.nonzero(normalised[name] >= under).flatten().tolist()) <= set(kept)
+
+
+def test_budget_no_plan_meets_names_the_closest():
+    model = create("resnet20", width=0.5)
+    scores = {g.name: torch.rand(g.size, generator=torch.Generator().manual_seed(2)) for g in channel_groups(model, (3, 32, 32))}
+    with pytest.raises(BudgetError, match=r"no plan brings the flops ratio within 0\.00% of 0\.5 \(closest under budget: 0\.4"):
+        search_threshold(model, scores, 0.5, (3, 32, 32), tolerance=1e-9)

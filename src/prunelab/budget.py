@@ -778,7 +778,12 @@ def search_threshold(
 
 
 def _bisect(normalised, target, estimated, tolerance, iterations, round_to, units, multiples, blocks, metric):
-    """The threshold plan whose estimated ratio is within `tolerance` of `target` (relative), by bisection."""
+    """The threshold plan whose estimated ratio is within `tolerance` of `target` (relative), by bisection.
+
+    Where no threshold lands in the band (ties, or a coarse layer whose next channel costs more than the
+    band is wide, make the ratio jump past it), the closest plan under budget is completed channel by
+    channel in score order (`_complete`); only a budget that no such plan meets fails.
+    """
     lo, hi = 0.0, 1.0
     best = None
     for _ in range(iterations):
@@ -793,11 +798,76 @@ def _bisect(normalised, target, estimated, tolerance, iterations, round_to, unit
             lo = tau
         else:
             hi = tau
-    closest = f"closest under budget: {best[1]:.4g}" if best else "no candidate was under budget"
+    if best is not None:
+        plan, ratio = _complete(normalised, best[0], target, tolerance, estimated, round_to, units, multiples, blocks)
+        if abs(ratio - target) / target <= tolerance:
+            log.info(
+                "budget: no threshold lands within %.2f%% of %s %.4g (closest under budget %.4g); completed channel by "
+                "channel in score order to %.4g", 100 * tolerance, metric, target, best[1], ratio,
+            )
+            return plan
+        best = (plan, ratio)
+    closest = f"closest under budget: {best[1]:.4g}, completed channel by channel" if best else "no candidate was under budget"
     raise BudgetError(
-        f"no threshold in {iterations} binary-search steps brings the {metric} ratio within "
-        f"{tolerance:.2%} of {target:.4g} ({closest}); raise budget.tolerance or budget.iterations"
+        f"no plan brings the {metric} ratio within {tolerance:.2%} of {target:.4g} ({closest}); raise budget.tolerance"
     )
+
+
+def _complete(normalised, plan, target, tolerance, estimated, round_to, units, multiples, blocks):
+    """Grow an under-budget plan one step of one group at a time, best next channel first, while it stays in budget.
+
+    A step is the smallest increase of a group's count that keeps one more channel (or unit, or one more
+    channel in each block) under the group's rounding; the group whose next unit has the highest score
+    goes first. A step that would go over `target * (1 + tolerance)` is not taken and closes its group: a
+    plan's cost only grows as channels are added, so that step would never fit later either. Stops once
+    the ratio is within the band, or when every group is closed. Returns the plan and its estimated ratio.
+    """
+    units, multiples, blocks = units or {}, multiples or {}, blocks or {}
+    counts = {name: len(kept) for name, kept in plan.keep.items()}
+    sizes = {name: s.numel() for name, s in normalised.items()}
+
+    def realized(name: str, count: int) -> int:
+        # The number of channels `plan_by_counts` keeps for this count (see its rounding).
+        unit, parts = units.get(name, 1), blocks.get(name, 1)
+        count = keep_count(count, sizes[name], round_to, unit, multiples.get(name, 1))
+        if parts > 1:
+            width = sizes[name] // parts
+            return parts * math.ceil(min(width, max(1, count // parts)) / unit) * unit
+        return math.ceil(count / unit) * unit
+
+    def next_count(name: str) -> int | None:
+        now = counts[name]
+        for count in range(now + 1, sizes[name] + 1):
+            if realized(name, count) > now:
+                return realized(name, count)
+        return None
+
+    ranked = {
+        name: torch.sort(unit_scores(s, units.get(name, 1)), descending=True).values for name, s in normalised.items()
+    }
+    ratio = estimated(plan)
+    closed: set[str] = set()
+    while ratio < target * (1 - tolerance):
+        steps = []
+        for name in counts:
+            if name in closed:
+                continue
+            count = next_count(name)
+            if count is None:
+                closed.add(name)
+                continue
+            # The score of the group's best unit not kept yet.
+            steps.append((float(ranked[name][min(counts[name] // units.get(name, 1), ranked[name].numel() - 1)]), name, count))
+        if not steps:
+            break
+        _, name, count = max(steps, key=lambda step: step[0])
+        trial = plan_by_counts(normalised, {**counts, name: count}, units, blocks)
+        value = estimated(trial)
+        if value > target * (1 + tolerance):
+            closed.add(name)
+            continue
+        counts[name], plan, ratio = count, trial, value
+    return plan, ratio
 
 
 def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
