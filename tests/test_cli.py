@@ -244,3 +244,35 @@ def test_a_terminated_run_exits_143_not_0(tmp_path):
     (run_dir,) = tmp_path.glob("outputs/runs/*")
     assert not (run_dir / "summary.json").exists()
 
+
+
+def test_a_run_directory_refuses_another_experiment_and_resumes_its_own(tmp_path):
+    """The issue's two commands on one hydra.run.dir: the second is refused before any work, D untouched;
+    the first again, with only what is printed or logged changed, resumes without training."""
+    run_dir = tmp_path / "D"
+    common = [*FAST, "budget.flops=0.5", "latency.batch_sizes=[]", f"hydra.run.dir={run_dir}"]
+    first = run_cli(*common, "method=l1_filter", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = (run_dir / "summary.json").read_bytes()
+    files = sorted(run_dir.rglob("*"))
+    stamps = {p: p.stat().st_mtime_ns for p in files if p.is_file() and p.parent.name != ".hydra" and p.suffix != ".log"}
+
+    other = run_cli(*common, "method=random", cwd=tmp_path)
+    assert other.returncode == 2, other.stderr[-2000:]
+    lines = [line for line in other.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"prunelab: error: run directory {run_dir} holds another experiment: ")
+    assert ("method._target_ (prunelab.methods.baselines.L1Filter here, prunelab.methods.baselines.Random asked)" in lines[0]
+            and f"delete {run_dir} to start over" in lines[0])
+    # Refused before anything was built: no stage started, and no file of D was written again.
+    assert "starting" not in other.stdout + other.stderr and "Traceback" not in other.stderr
+    assert (run_dir / "summary.json").read_bytes() == summary
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert "L1Filter" in (run_dir / "config.yaml").read_text()
+
+    again = run_cli(*common, "method=l1_filter", "quiet=true", "logger=tensorboard", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    done = {p: t for p, t in stamps.items() if p.name in ("done.json", "last.ckpt")}
+    assert len(done) == 4 and {p: p.stat().st_mtime_ns for p in done} == done
+    assert list((run_dir / "tensorboard").rglob("events.*"))
+    before, after = json.loads(summary), json.loads((run_dir / "summary.json").read_text())
+    assert {k: v for k, v in after.items() if not k.startswith("time/")} == {k: v for k, v in before.items() if not k.startswith("time/")}

@@ -13,6 +13,7 @@ from conftest import CrashAtEpoch, EpochRecorder, make_cfg
 from prunelab import load_model, pipeline
 from prunelab.budget import count_flops, count_params
 from prunelab.lit import PruneLitModule, cosine, multistep
+from prunelab.validate import ConfigError
 
 SUMMARY_KEYS = [
     "test/acc",
@@ -76,6 +77,54 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     again = EpochRecorder()
     assert pipeline.run(cfg, tmp_path, callbacks=[again])["test/acc"] == summary["test/acc"]
     assert again.epochs == []
+
+
+def test_only_the_settings_that_decide_a_result_are_recorded(tmp_path):
+    record = pipeline.experiment_record(make_cfg(tmp_path, "method=l1_filter", "budget.flops=0.5"))
+    assert record["method._target_"] == "prunelab.methods.baselines.L1Filter" and record["budget.flops"] == 0.5
+    # What is printed or logged, where files are, devices and the export/timing redone by every invocation.
+    same = make_cfg(tmp_path / "elsewhere", "method=l1_filter", "budget.flops=0.5", "quiet=true", "logger=tensorboard",
+                    "trainer.devices=2", "trainer.accelerator=gpu", "dataset.num_workers=4", "export.format=onnx",
+                    "latency.batch_sizes=[8]", "checkpoint_every_n_steps=3")
+    assert pipeline.experiment_differences(record, pipeline.experiment_record(same)) == []
+    changed = make_cfg(tmp_path, "method=l1_filter", "budget.flops=0.5", "seed=1", "trainer.precision=bf16-mixed")
+    assert pipeline.experiment_differences(record, pipeline.experiment_record(changed)) == [
+        ("seed", 0, 1), ("dataset.seed", 0, 1), ("trainer.precision", "32-true", "bf16-mixed")
+    ]
+    # Under a latency budget, its format (the export format by default) decides the architecture.
+    latency = [pipeline.experiment_record(make_cfg(tmp_path, "method=l1_filter", "budget.latency=0.5", f"export.format={f}"))
+               for f in ("onnx", "torchscript")]
+    assert pipeline.experiment_differences(*latency) == [("budget.latency_format", "onnx", "torchscript")]
+    # A setting one record lacks (added to prunelab since the run started) differs only when it is set.
+    older = {k: v for k, v in record.items() if k not in ("test_pruned", "label_smoothing")}
+    assert pipeline.experiment_differences(older, record) == []
+    assert pipeline.experiment_differences(older, {**record, "test_pruned": True}) == [("test_pruned", "absent", True)]
+
+
+def test_a_run_directory_from_before_records_resumes_and_is_recorded(tmp_path):
+    cfg = make_cfg(tmp_path, "trainer.max_epochs=2")
+    pipeline.run(cfg, tmp_path)
+    record = tmp_path / pipeline.EXPERIMENT_FILE
+    assert json.loads(record.read_text()) == pipeline.experiment_record(cfg)
+    record.unlink()
+
+    recorder = EpochRecorder()
+    pipeline.run(cfg, tmp_path, callbacks=[recorder])
+    assert recorder.epochs == [] and json.loads(record.read_text()) == pipeline.experiment_record(cfg)
+    summary = (tmp_path / "summary.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"holds another experiment: trainer\.max_epochs \(2 here, 3 asked\) \(use another"):
+        pipeline.run(make_cfg(tmp_path, "trainer.max_epochs=3"), tmp_path, callbacks=[recorder])
+    assert recorder.epochs == [] and (tmp_path / "summary.json").read_bytes() == summary
+
+
+def test_a_command_refused_before_any_work_leaves_its_run_directory_free(tmp_path):
+    # The missing budget is found after the record is written, but before the run computes anything.
+    with pytest.raises(ConfigError, match="L1Filter prunes to a budget: set budget.flops"):
+        pipeline.run(make_cfg(tmp_path, "method=l1_filter"), tmp_path)
+    assert json.loads((tmp_path / pipeline.EXPERIMENT_FILE).read_text())["budget.flops"] is None
+    summary = pipeline.run(make_cfg(tmp_path, "method=l1_filter", "budget.flops=0.5", "latency.batch_sizes=[]"), tmp_path)
+    assert summary["model/flops_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert json.loads((tmp_path / pipeline.EXPERIMENT_FILE).read_text())["budget.flops"] == 0.5
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):
