@@ -85,7 +85,7 @@ def test_only_the_settings_that_decide_a_result_are_recorded(tmp_path):
     # What is printed or logged, where files are, devices and the export/timing redone by every invocation.
     same = make_cfg(tmp_path / "elsewhere", "method=l1_filter", "budget.flops=0.5", "quiet=true", "logger=tensorboard",
                     "trainer.devices=2", "trainer.accelerator=gpu", "dataset.num_workers=4", "export.format=onnx",
-                    "latency.batch_sizes=[8]", "checkpoint_every_n_steps=3")
+                    "latency.batch_sizes=[8]", "checkpoint_every_n_steps=3", "verbose_libraries=true")
     assert pipeline.experiment_differences(record, pipeline.experiment_record(same)) == []
     changed = make_cfg(tmp_path, "method=l1_filter", "budget.flops=0.5", "seed=1", "trainer.precision=bf16-mixed")
     assert pipeline.experiment_differences(record, pipeline.experiment_record(changed)) == [

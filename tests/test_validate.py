@@ -4,13 +4,15 @@ stop it too; one process writes a run directory at a time."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import make_cfg
+from conftest import FAST, make_cfg, run_cli
 from prunelab import pipeline
 from prunelab.io import RunLock
 from prunelab.validate import ConfigError, NonFiniteError, PrunelabError
@@ -142,22 +144,51 @@ def test_a_resumed_stage_reports_its_whole_time(tmp_path):
     assert summary["time/train_s"] >= 1.5
 
 
-def test_log_lines_appear_once_without_tips_and_quiet_keeps_only_the_summary(tmp_path):
-    import re
+def test_log_lines_appear_once_without_other_libraries_info_and_quiet_keeps_only_the_summary(tmp_path):
+    def messages(out):
+        assert out.returncode == 0, out.stderr[-2000:]
+        text = out.stdout + out.stderr
+        assert "💡" not in text and "LeafSpec" not in text and "prunelab summary" in text
+        return [re.sub(r"^\[[^\]]*\]\[[^\]]*\]\[\w+\] - |^\w+: ", "", line) for line in text.splitlines()], text
 
-    from conftest import FAST, run_cli
+    # An ONNX export runs the exporter's passes, whose INFO lines ("Replaced initializer ...") are off by default.
+    command = [*FAST, "latency.batch_sizes=[]", "export.format=onnx"]
+    for folder in ("default", "verbose"):
+        (tmp_path / folder).mkdir()
+    lines, text = messages(run_cli(*command, cwd=tmp_path / "default"))
+    assert lines.count("stage train (fit) starting") == 1 and lines.count("stage test (test) starting") == 1
+    assert not re.search(r"onnxscript|onnx_ir|GPU available|Seed set to|Replaced initializer|\[lightning[^\]]*\]\[INFO\]", text)
 
-    out = run_cli(*FAST, "latency.batch_sizes=[]", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    text = out.stdout + out.stderr
-    messages = [re.sub(r"^\[[^\]]*\]\[[^\]]*\]\[\w+\] - |^\w+: ", "", line) for line in text.splitlines()]
-    logged = [m for m in messages if m in ("Seed set to 0", "GPU available: False, used: False")]
-    assert logged.count("Seed set to 0") == 1 and logged.count("GPU available: False, used: False") == 2
-    assert "💡" not in text and "LeafSpec" not in text and "prunelab summary" in text
+    # verbose_libraries=true brings them back, each line once (Lightning's console handler is not doubled).
+    lines, text = messages(run_cli(*command, "verbose_libraries=true", cwd=tmp_path / "verbose"))
+    assert lines.count("Seed set to 0") == 1 and lines.count("GPU available: False, used: False") == 2
+    assert "[onnx_ir." in text and lines.count("stage train (fit) starting") == 1
 
     quiet = run_cli(*FAST, "latency.batch_sizes=[]", "quiet=true", "seed=1", cwd=tmp_path)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert "[INFO]" not in quiet.stdout + quiet.stderr and "prunelab summary" in quiet.stdout
+
+
+@pytest.mark.parametrize("verbose", [True, ("onnx_ir",), ("lightning",)])
+def test_loggers_named_by_hydra_verbose_keep_their_level(verbose):
+    names = ["prunelab", "lightning", "lightning.pytorch", "onnx", "onnxscript", "onnx_ir"]
+    saved = {name: logging.getLogger(name).level for name in names}
+    try:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.DEBUG)
+        pipeline._quiet_logs(quiet=False, libraries=False, verbose=verbose)
+        levels = {name: logging.getLogger(name).level for name in names}
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+    if verbose is True:
+        assert set(levels.values()) == {logging.DEBUG}
+    else:
+        # A named logger and those under it keep Hydra's DEBUG; prunelab logs INFO, the other libraries WARNING.
+        kept = {n for n in names if n == verbose[0] or n.startswith(verbose[0] + ".")}
+        assert {n: lv for n, lv in levels.items() if n in kept} == dict.fromkeys(kept, logging.DEBUG)
+        assert levels["prunelab"] == logging.INFO
+        assert all(lv == logging.WARNING for n, lv in levels.items() if n not in kept and n != "prunelab")
 
 
 def _comparable(summary: dict) -> dict:
@@ -205,8 +236,6 @@ def test_a_run_killed_at_random_moments_several_times_ends_bit_identically(tmp_p
     import random
     import signal
     import time
-
-    from conftest import FAST
 
     args = [*FAST, *QUIET, "checkpoint_every_n_steps=1", "method=l1_filter", "budget.flops=0.5",
             "budget.tolerance=0.05", "pretrain.epochs=4", "retrain.epochs=3"]

@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -202,6 +203,7 @@ def run(cfg: DictConfig, run_dir: str | Path, callbacks: list[Callback] | None =
 NOT_DECIDING = (
     # What is printed and where metrics are logged.
     "quiet",
+    "verbose_libraries",
     "logger",
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
@@ -343,7 +345,7 @@ def _build(node: Any, **kwargs: Any) -> Any:
 
 
 def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> dict[str, Any]:
-    _quiet_logs(bool(cfg.get("quiet", False)))
+    _quiet_logs(bool(cfg.get("quiet", False)), bool(cfg.get("verbose_libraries", False)), _hydra_verbose())
     _use_wandb_offline_without_key()
     # Every rank checks (ranks > 0 only read): a refused command stops before it writes or loads anything.
     _claim_run_dir(run_dir, cfg)
@@ -909,8 +911,19 @@ _KNOWN_WARNINGS = (
 )
 
 
-def _quiet_logs(quiet: bool) -> None:
-    """Every log line once, without Lightning's tips or known deprecation noise; `quiet` keeps warnings only.
+# Other libraries' loggers whose INFO lines say nothing about the run: Lightning's accelerator lines
+# ("GPU available: False, used: False", "Loading `train_dataloader` to estimate ...") repeat for every
+# stage, the ONNX exporter's passes ("Replaced initializer ...", "The value 'step' is not 1.") for every
+# export; an ONNX run printed 99 of them in 132 lines. `verbose_libraries` or `hydra.verbose` shows them.
+_LIBRARY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "onnx", "onnxscript", "onnx_ir")
+
+
+def _quiet_logs(quiet: bool, libraries: bool = False, verbose: bool | tuple[str, ...] = ()) -> None:
+    """Every log line once, without Lightning's tips, known deprecation noise or other libraries' INFO lines.
+
+    `quiet` keeps warnings only, prunelab's included; `libraries` lets other libraries log what prunelab
+    does (INFO unless `quiet`). A logger that Hydra's `hydra.verbose` names (`verbose`, True: all of them)
+    keeps the level Hydra gave it, and so do the loggers under it.
 
     Lightning gives its "lightning" logger a console handler of its own and also passes records on to
     the root logger, which Hydra gives a console and a file handler: with both, every line shows twice.
@@ -927,8 +940,21 @@ def _quiet_logs(quiet: bool) -> None:
         warnings.filterwarnings("ignore", message=message)
     level = logging.WARNING if quiet else logging.INFO
     # Lightning sets INFO on its sub-packages' loggers itself, so each is set here.
-    for name in ("prunelab", "lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(level)
+    levels = {"prunelab": level, **{name: level if libraries else logging.WARNING for name in _LIBRARY_LOGGERS}}
+    for name, value in levels.items():
+        named = verbose is True or any(name == v or name.startswith(v + ".") for v in verbose or ())
+        if not named:
+            logging.getLogger(name).setLevel(value)
+
+
+def _hydra_verbose() -> bool | tuple[str, ...]:
+    """The loggers `hydra.verbose` sets to DEBUG: True for all of them, else their names (none outside Hydra)."""
+    if not HydraConfig.initialized():
+        return ()
+    verbose = HydraConfig.get().verbose
+    if isinstance(verbose, bool):
+        return verbose
+    return (verbose,) if isinstance(verbose, str) else tuple(verbose)
 
 
 def _use_wandb_offline_without_key() -> None:
