@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-slow clean
+.PHONY: install quickstart test test-slow check-results clean
 
 # The dependencies' exact versions come from constraints.txt (pyproject.toml gives ranges).
 $(STAMP): pyproject.toml constraints.txt
@@ -29,6 +29,11 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# Each method's quick configuration on the shared real data, its figures beside tests/reference_results.json
+# (about 30 minutes on 2 cores; ONLY=pfs_quick,jackpot for some).
+check-results: install
+	$(PY) -m prunelab.guard --reference tests/reference_results.json --shared ../shared $(if $(ONLY),--only $(ONLY))
 
 clean:
 	rm -rf $(VENV) outputs
