@@ -70,3 +70,30 @@ def test_guarded_method_gives_its_reference_figures(name, tmp_path):
     assert outcome.error is None, f"{name}: {outcome.error} (log: {tmp_path / (name + '.log')})"
     moved = [(key, got, expected) for key, got, expected, ok in guard.compare(outcome.figures, entry["figures"], entry.get("tolerance")) if not ok]
     assert not moved, f"{name} moved (figure, measured, reference): {moved}"
+
+
+def test_accuracy_tolerance_is_twice_the_seed_spread_and_at_least_the_floor():
+    assert guard.fit_tolerance([80.0, 80.1, 79.9]) == guard.MIN_ACC_TOLERANCE
+    # stdev of (70, 74, 72) is 2.0: twice it, 4.0
+    assert guard.fit_tolerance([70.0, 74.0, 72.0]) == 4.0
+    # rounded up to a tenth: stdev 1.0327 -> 2.0655 -> 2.1
+    assert guard.fit_tolerance([10.0, 12.0, 11.5, 10.0]) == 2.1
+
+
+def test_spread_runs_every_entry_at_each_seed_and_writes_the_fitted_tolerance(tmp_path, monkeypatch):
+    reference = tmp_path / "reference.json"
+    document = {"ci": [], "entries": {"a": {"overrides": ["x=1"], "figures": {"plan": "p", "test/acc": 50.0}}}}
+    reference.write_text(json.dumps(document))
+    accuracy = {None: 50.0, 1: 54.0, 2: 52.0}
+    calls = []
+
+    def fake_run(name, overrides, out_dir, shared, seed=None):
+        calls.append((name, seed))
+        return guard.Outcome(name, {"plan": "p", "test/acc": accuracy[seed]})
+
+    monkeypatch.setattr(guard, "run_entry", fake_run)
+    ok, _ = guard.check(reference, tmp_path, jobs=1, out_dir=tmp_path / "out", spread=[1, 2])
+    assert ok and sorted(calls, key=str) == sorted([("a", None), ("a-seed1", 1), ("a-seed2", 2)], key=str)
+    entry = json.loads(reference.read_text())["entries"]["a"]
+    assert entry["spread"] == {"test/acc": {"0": 50.0, "1": 54.0, "2": 52.0}}
+    assert entry["tolerance"]["test/acc"] == 4.0 and entry["figures"]["test/acc"] == 50.0

@@ -8,6 +8,10 @@ on every machine of a kind, several runs side by side) and prints every figure b
 it exits 1 when one is off by more than its tolerance. The plan hash has none: a method that decides
 anything else has moved, and the commit that moves it says why and runs `--update`.
 
+The accuracy's tolerance is fitted to how far the entry's accuracy moves with its batches alone:
+`--spread 1,2` runs every entry again at those seeds and writes, beside the reference, the accuracies
+of seeds 0, 1, 2 and a tolerance of twice their standard deviation (at least `MIN_ACC_TOLERANCE`).
+
 Overrides may hold `{shared}`, the folder of the project's read-only data and weights (`--shared`);
 without it the guard stops in one line.
 """
@@ -38,6 +42,8 @@ FIGURES = {
     "model/sparsity": 1e-4,
     "test/acc": 0.5,
 }
+# The least accuracy tolerance (points): a same-plan run whose training rounds otherwise moves about this much.
+MIN_ACC_TOLERANCE = 0.5
 # Settings every guarded run shares: no latency timing (machine noise, not a result), no progress bars.
 COMMON = ["latency.batch_sizes=[]", "trainer.enable_progress_bar=false", "quiet=true"]
 
@@ -125,8 +131,12 @@ def check(
     jobs: int = 2,
     out_dir: Path | None = None,
     update: bool = False,
+    spread: list[int] | None = None,
 ) -> tuple[bool, list[Outcome]]:
-    """Run the entries (all, or `names`), print the table; returns (all within tolerance, outcomes)."""
+    """Run the entries (all, or `names`), print the table; returns (all within tolerance, outcomes).
+
+    With `spread` (seeds other than 0), every entry also runs at those seeds, and the reference file gets each entry's
+    accuracies by seed and an accuracy tolerance fitted to them (`fit_tolerance`)."""
     document = json.loads(path.read_text())
     entries = document["entries"]
     unknown = [n for n in names or [] if n not in entries]
@@ -139,9 +149,11 @@ def check(
     out_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
+    runs = [(n, None) for n in chosen] + [(n, s) for s in spread or [] for n in chosen]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        outcomes = list(pool.map(lambda n: run_entry(n, entries[n]["overrides"], out_dir, shared), chosen))
+        done = list(pool.map(lambda r: run_entry(r[0] if r[1] is None else f"{r[0]}-seed{r[1]}", entries[r[0]]["overrides"], out_dir, shared, r[1]), runs))
     elapsed = time.perf_counter() - start
+    outcomes = done[: len(chosen)]
     ok = _print(outcomes, entries)
     print(
         f"{len(outcomes)} entries in {elapsed / 60:.1f} min with {jobs} at a time, one torch thread each; "
@@ -154,7 +166,31 @@ def check(
                 entries[outcome.name]["figures"] = outcome.figures
         path.write_text(json.dumps(document, indent=1) + "\n")
         print(f"{path} updated: say in the commit why these figures moved")
+    if spread:
+        by_seed = {n: {0: o} for n, o in zip(chosen, outcomes)}
+        for (name, seed), outcome in zip(runs[len(chosen):], done[len(chosen):]):
+            by_seed[name][seed] = outcome
+        for name, seeds in by_seed.items():
+            failed = [f"seed {s}: {o.error}" for s, o in seeds.items() if o.error is not None]
+            if failed:
+                print(f"{name}: no spread written ({'; '.join(failed)})")
+                continue
+            accs = {str(s): o.figures["test/acc"] for s, o in sorted(seeds.items())}
+            entries[name]["spread"] = {"test/acc": accs}
+            entries[name].setdefault("tolerance", {})["test/acc"] = fit_tolerance(list(accs.values()))
+            print(f"{name}: test/acc by seed {accs}, tolerance {entries[name]['tolerance']['test/acc']}")
+        path.write_text(json.dumps(document, indent=1) + "\n")
     return ok, outcomes
+
+
+def fit_tolerance(accuracies: list[float]) -> float:
+    """The accuracy tolerance from one entry's accuracies at several seeds: twice their sample standard deviation (one
+    run of a changed method falls that close to its old mean about 95 times in 100 where only the batches moved it),
+    at least `MIN_ACC_TOLERANCE`, rounded up to a tenth of a point."""
+    import math
+    import statistics
+
+    return max(MIN_ACC_TOLERANCE, math.ceil(20 * statistics.stdev(accuracies)) / 10)
 
 
 def _print(outcomes: list[Outcome], entries: dict[str, dict[str, Any]]) -> bool:
@@ -162,22 +198,24 @@ def _print(outcomes: list[Outcome], entries: dict[str, dict[str, Any]]) -> bool:
     from rich.table import Table
 
     table = Table(title="results guard")
-    for column in ("entry", "figure", "measured", "reference", "", "seconds"):
+    for column in ("entry", "figure", "measured", "reference", "tolerance", "", "seconds"):
         table.add_column(column, justify="left" if column in ("entry", "figure") else "right")
     all_ok = True
     for outcome in outcomes:
         entry = entries[outcome.name]
         if outcome.error is not None:
             all_ok = False
-            table.add_row(outcome.name, "run", outcome.error, "", "FAIL", f"{outcome.seconds:.0f}")
+            table.add_row(outcome.name, "run", outcome.error, "", "", "FAIL", f"{outcome.seconds:.0f}")
             continue
         rows = compare(outcome.figures, entry.get("figures", {}), entry.get("tolerance"))
         if not rows:
-            table.add_row(outcome.name, "(no reference)", json.dumps(outcome.figures), "", "NEW", f"{outcome.seconds:.0f}")
+            table.add_row(outcome.name, "(no reference)", json.dumps(outcome.figures), "", "", "NEW", f"{outcome.seconds:.0f}")
             all_ok = False
+        tolerances = {**FIGURES, **entry.get("tolerance", {})}
         for i, (key, got, expected, ok) in enumerate(rows):
             all_ok = all_ok and ok
-            table.add_row(outcome.name if i == 0 else "", key, _fmt(got), _fmt(expected), "ok" if ok else "MOVED",
+            tolerance = "exact" if tolerances.get(key) is None else f"{tolerances[key]:g}"
+            table.add_row(outcome.name if i == 0 else "", key, _fmt(got), _fmt(expected), tolerance, "ok" if ok else "MOVED",
                           f"{outcome.seconds:.0f}" if i == 0 else "")
     Console(width=140).print(table)
     return all_ok
@@ -195,9 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one torch thread each)")
     parser.add_argument("--out", type=Path, default=None, help="where the run directories go (default: a temporary folder)")
     parser.add_argument("--update", action="store_true", help="write the measured figures into the reference file")
+    parser.add_argument("--spread", default="", help="comma-separated seeds besides 0: run them too and fit the accuracy tolerance")
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or None
-    ok, _ = check(args.reference, args.shared.resolve(), names, args.jobs, args.out, args.update)
+    try:
+        spread = [int(s) for s in args.spread.split(",") if s]
+    except ValueError:
+        parser.error(f"--spread takes seeds such as 1,2; got {args.spread!r}")
+    if 0 in spread:
+        parser.error("--spread: seed 0 is the reference run itself; give the other seeds")
+    ok, _ = check(args.reference, args.shared.resolve(), names, args.jobs, args.out, args.update, spread)
     return 0 if ok or args.update else 1
 
 
