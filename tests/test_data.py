@@ -418,6 +418,15 @@ def test_loader_options() -> None:
     assert not SyntheticDataModule().train_dataloader().persistent_workers
 
 
+def test_loaders_use_no_more_workers_than_usable_cores(monkeypatch) -> None:
+    import prunelab.data.base as base
+
+    monkeypatch.setattr(base, "usable_cores", lambda: 2)
+    dm = SyntheticDataModule(num_workers=4, batch_size=16)
+    assert dm.train_dataloader().num_workers == dm.test_dataloader().num_workers == 2
+    assert SyntheticDataModule(num_workers=1).train_dataloader().num_workers == 1
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "tiny_imagenet", "imagenet", "digits", "synthetic"])
 def test_dataset_configs(name: str, tmp_path: Path) -> None:
     from hydra.errors import InstantiationException

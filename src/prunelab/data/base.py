@@ -8,6 +8,7 @@ option and builds every loader the same way, so that all datasets behave identic
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +54,11 @@ class FileSource(Dataset):
         # Reading inside the context manager closes the file at once, which matters with many workers.
         with Image.open(path) as image:
             return image.convert("RGB"), label
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system tells it, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class TransformedSubset(Dataset):
@@ -237,11 +243,14 @@ class ImageDataModule(L.LightningDataModule):
         """
         rank, size = world() if shard else (0, 1)
         sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
+        # No more workers than usable cores (a preset's 4 on a 2-core laptop made PyTorch warn at every loader); the
+        # batches do not depend on it: each sample's augmentation is a function of the seed, the epoch and the sample.
+        workers = min(self.num_workers, usable_cores())
         common = dict(
             generator=torch.Generator().manual_seed(self.seed),
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
         )
         if size > 1 and shuffle:
             return DataLoader(dataset, batch_sampler=ShardedBatches(sampler, batch_size, rank, size), **common)
