@@ -1,8 +1,10 @@
 """Latency budgets: per-layer tables cached per machine, the search meets the target as measured on the
-built model and respects round_to. A deterministic fake timer stands in for the clock (real timings
-belong to `scripts/bench.py`)."""
+built model and respects round_to, and holds on a loaded machine; reported latencies carry their spread.
+Deterministic fake timers stand in for the clock, noisy ones seeded (real timings belong to `scripts/bench.py`)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -29,6 +31,23 @@ class FakeTimer:
             fn(x)
         self.calls.append(type(fn).__name__)
         return self.scale * (counter.get_total_flops() / 2e6) ** self.power + self.per_call
+
+
+class Loaded:
+    """A fake timer (`inner`) on a shared machine: another job comes and goes (before each measurement, with
+    probability `switch`, the load flips between none and a slowdown of 1 + U(0.2, 0.6)), so a burst of load hits
+    whichever model is being timed, and every measurement jitters by `jitter` (log-normal). Seeded, so every run sees
+    the same noise."""
+
+    def __init__(self, inner, seed: int, switch: float = 0.3, jitter: float = 0.03) -> None:
+        import random
+
+        self.inner, self.random, self.switch, self.jitter, self.load = inner, random.Random(seed), switch, jitter, 1.0
+
+    def __call__(self, fn, x) -> float:
+        if self.random.random() < self.switch:
+            self.load = 1.0 if self.load > 1.0 else 1.0 + self.random.uniform(0.2, 0.6)
+        return self.inner(fn, x) * self.load * self.random.lognormvariate(0.0, self.jitter)
 
 
 def scores_of(model):
@@ -62,7 +81,7 @@ def test_latency_model_estimates_a_plan_from_tables(tmp_path):
     timer = FakeTimer(scale=0.7, per_call=0.3)
     costs = LatencyModel(model, groups, SHAPE, **options(tmp_path, timer))
     plan = budget.plan_by_threshold(scores_of(model), 0.4)
-    measured = costs.measure(apply_channel_plan(create("resnet_tiny").eval(), plan, SHAPE))
+    measured = budget.deployed_latency(apply_channel_plan(create("resnet_tiny").eval(), plan, SHAPE), SHAPE, 2, "cpu", "eager", timer)
     assert costs.count(plan)["latency"] == pytest.approx(measured, rel=0.02)
 
 
@@ -132,6 +151,8 @@ def test_latency_budget_through_the_pipeline(tmp_path, monkeypatch):
         (["export.format=tensorrt"], "export.format='tensorrt' must be one of"),
         (["latency.max_seconds=0"], "latency.max_seconds=0 is out of range"),
         (["latency.repeats=0"], "latency.repeats=0 must be a whole number >= 1"),
+        (["latency.rounds=0"], "latency.rounds=0 must be a whole number >= 1"),
+        (["budget.latency=0.5", "budget.latency_rounds=0"], "budget.latency_rounds=0 must be a whole number >= 1"),
     ],
 )
 def test_bad_latency_settings_are_refused_in_one_line(tmp_path, overrides, message):
@@ -189,3 +210,228 @@ def test_per_ms_ranking_on_per_layer_normalised_scores_warns(tmp_path):
         warnings.simplefilter("error")
         check_config(make_cfg(tmp_path, "method=taylor", *latency))
         check_config(make_cfg(tmp_path, "method=l1_filter", "method.normalize=false", *latency))
+
+
+@pytest.mark.parametrize("seed", [2, 5, 6, 16])
+def test_latency_search_holds_on_a_loaded_machine(tmp_path, caplog, seed):
+    # Another job comes and goes while candidates are timed (a burst hits whichever model is being timed). Judged by
+    # the fastest of three rounds of each model, as the search did before, seed 6 failed and 6 seeds of 20 (2 and 16
+    # among them) accepted candidates that run at 0.46-0.55 of the dense model without noise, off the band; by the ratio of the fastest
+    # rounds, seed 16 still did, and without re-timing an unclear median, seed 5. The median of the rounds' ratios,
+    # re-timed while unclear, accepts a candidate within tolerance of the noiseless truth (all of seeds 0-19), and the
+    # log says how noisy the machine was.
+    import logging
+
+    model = create("resnet_tiny").eval()
+    with caplog.at_level(logging.INFO, logger="prunelab.budget"):
+        plan, ratio = search_threshold(model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.05,
+                                       latency=options(tmp_path, Loaded(FakeTimer(per_call=0.02), seed)))
+    built = apply_channel_plan(create("resnet_tiny").eval(), plan, SHAPE)
+    clean = FakeTimer(per_call=0.02)
+    truth = clean(built, torch.zeros(2, *SHAPE)) / clean(model, torch.zeros(2, *SHAPE))
+    assert abs(ratio - 0.5) <= 0.05 * 0.5 and abs(truth - 0.5) <= 0.05 * 0.5
+    assert "interleaved rounds" in caplog.text and "round-to-round spread" in caplog.text and "machine noisy" in caplog.text
+
+
+class ConcaveDeployment(FakeTimer):
+    """Layers cost their MACs; a deployed model the square root of its MACs (narrow models fall off faster than the
+    layer tables say, so the calibration's line through 3/4, 1/2 and 1/4 width overestimates the narrowest plans)."""
+
+    def __call__(self, fn, x) -> float:
+        ms = super().__call__(fn, x)
+        return ms if type(fn).__name__ in ("Conv2d", "Linear") else ms**0.5
+
+
+def test_a_latency_budget_is_refused_on_the_smallest_plans_measurement_not_its_estimate(tmp_path):
+    # The estimate puts the smallest plan (one channel a group) at 0.213 of the dense latency and used to refuse 0.15
+    # on that; measured, it runs at 0.065, and the search lands. A floor the smallest plan cannot pass is refused,
+    # saying what was measured.
+    model = create("resnet_tiny").eval()
+    plan, ratio = search_threshold(model, scores_of(model), 0.15, SHAPE, metric="latency", tolerance=0.05,
+                                   latency=options(tmp_path, ConcaveDeployment(per_call=0.0)))
+    built = apply_channel_plan(create("resnet_tiny").eval(), plan, SHAPE)
+    truth = ConcaveDeployment(per_call=0.0)(built, torch.zeros(2, *SHAPE)) / ConcaveDeployment(per_call=0.0)(model, torch.zeros(2, *SHAPE))
+    assert ratio == pytest.approx(truth) and abs(truth - 0.15) <= 0.05 * 0.15
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(2, *SHAPE))
+    floor = 0.7 * counter.get_total_flops() / 2e6
+    with pytest.raises(budget.BudgetError, match=r"still runs at 0\.7000 of the dense latency \(median of 5 interleaved rounds"):
+        search_threshold(model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.05,
+                         latency=options(tmp_path, FlooredTimer(floor)))
+
+
+def test_a_smallest_plan_measured_over_budget_on_a_loaded_machine_is_refused_in_one_line(tmp_path):
+    # However narrow, the deployed model runs at 0.7 of the dense one; timed under bursts of load, the smallest plan's
+    # median ratio still shows that, and the budget 0.5 is refused in one line naming it and the noise.
+    import re
+
+    model = create("resnet_tiny").eval()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(2, *SHAPE))
+    timer = Loaded(FlooredTimer(0.7 * counter.get_total_flops() / 2e6), seed=0)
+    with pytest.raises(budget.BudgetError) as refused:
+        search_threshold(model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.05,
+                         latency=options(tmp_path, timer))
+    message = str(refused.value)
+    measured = re.search(r"^latency budget 0\.5 cannot be met: .* still runs at (0\.\d{4}) of the dense latency \(median of "
+                         r"\d+ interleaved rounds beside the dense model, round-to-round spread [\d.]+%", message)
+    assert "\n" not in message and measured and float(measured.group(1)) == pytest.approx(0.7, abs=0.05)
+
+
+def test_re_timing_stops_at_its_bound_and_says_so(tmp_path, caplog):
+    # A machine far noisier (half the measurements switch the load, 30% jitter) than a 0.1% tolerance: the bounds on
+    # a candidate's median stay wider than the band, so it is timed in at most 3 x 5 rounds and the log says that the
+    # bound, not the spread, ended the timing; no median lands in so narrow a band, and the search ends in one line
+    # that names every measured ratio and the noise.
+    import logging
+    import re
+
+    model = create("resnet_tiny").eval()
+    timer = Loaded(FakeTimer(per_call=0.02), seed=0, switch=0.5, jitter=0.3)
+    with caplog.at_level(logging.INFO, logger="prunelab.budget"), pytest.raises(budget.BudgetError) as failed:
+        search_threshold(model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.001,
+                         latency=options(tmp_path, timer))
+    rounds = [int(n) for n in re.findall(r"(\d+) interleaved rounds, ratio", caplog.text)]
+    assert rounds and max(rounds) == 15
+    assert "still unclear after 15 interleaved rounds (the bound, 3 x latency_rounds)" in caplog.text
+    message = str(failed.value)
+    assert "\n" not in message and message.startswith("no candidate's measured latency came within 0.10% of the target 0.5")
+    assert re.search(r"; all \d\.\d{4}(, \d\.\d{4})*, medians of interleaved rounds beside the dense model, round-to", message)
+    assert "machine noisy: above the 0.10% tolerance" in message
+
+
+class PaddedKernels(FakeTimer):
+    """Layers alone cost their MACs; in the deployed model every convolution runs as if its channel counts were rounded
+    up to a multiple of 8 (kernels that favour such counts), so plans of uneven counts run slower than the uniform
+    widths that calibrate the estimate, and measured latency is a staircase over it."""
+
+    def __call__(self, fn, x) -> float:
+        if type(fn).__name__ in ("Conv2d", "Linear"):
+            return super().__call__(fn, x)
+        macs = []
+
+        def padded(m, inputs, out):
+            cin, cout = -(-m.in_channels // 8) * 8, -(-m.out_channels // 8) * 8
+            macs.append(out.shape[0] * out.shape[2] * out.shape[3] * cin * cout // m.groups * m.kernel_size[0] * m.kernel_size[1])
+
+        hooks = [m.register_forward_hook(padded) for m in fn.modules() if isinstance(m, torch.nn.Conv2d)]
+        with torch.no_grad():
+            fn(x)
+        for hook in hooks:
+            hook.remove()
+        return self.scale * sum(macs) / 1e6 + self.per_call
+
+
+@pytest.mark.parametrize("target", [0.3, 0.4])
+def test_latency_search_aims_where_the_measurements_put_the_target(tmp_path, target):
+    # The estimate puts plans of the scores' uneven channel counts too low (as ResNet-56 in ONNX at batch 64: estimated
+    # 0.48-0.52, measured 0.61-0.66). Refitting the estimate to each measurement, as the search did before, met the
+    # same stair again and again and failed for 0.3; bisecting to the target's estimate each time, and measuring the
+    # closest plan not measured yet, crept along a stair and failed for 0.4. Bisecting to the estimate where the
+    # measurements put the target lands.
+    model = create("resnet20").eval()
+    plan, ratio = search_threshold(model, scores_of(model), target, SHAPE, metric="latency", tolerance=0.05,
+                                   latency=options(tmp_path, PaddedKernels(per_call=0.02)))
+    built = apply_channel_plan(create("resnet20").eval(), plan, SHAPE)
+    truth = PaddedKernels(per_call=0.02)(built, torch.zeros(2, *SHAPE)) / PaddedKernels(per_call=0.02)(model, torch.zeros(2, *SHAPE))
+    assert ratio == pytest.approx(truth) and abs(truth - target) <= 0.05 * target
+
+
+class ScrambledTables(FakeTimer):
+    """A machine so loaded while the layer tables were measured that each entry is a seeded draw of 1-40 ms, in no order
+    of width (as measured: a 16-to-16 convolution at batch 64 took 10-44 ms at any width); deployed models cost their
+    MACs."""
+
+    def __init__(self, seed: int = 0) -> None:
+        import random
+
+        super().__init__(per_call=0.02)
+        self.random = random.Random(seed)
+
+    def __call__(self, fn, x) -> float:
+        return self.random.uniform(1.0, 40.0) if type(fn).__name__ in ("Conv2d", "Linear") else super().__call__(fn, x)
+
+
+def test_layer_tables_out_of_order_give_way_to_macs(tmp_path, caplog):
+    # The calibration's measurements follow MACs, not the tables' sums: the estimate switches to MACs, says so in the
+    # log, and the search lands within tolerance of the noiseless truth.
+    import logging
+
+    model = create("resnet20").eval()
+    with caplog.at_level(logging.WARNING, logger="prunelab.budget"):
+        plan, ratio = search_threshold(model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.05,
+                                       latency=options(tmp_path, ScrambledTables()))
+    built = apply_channel_plan(create("resnet20").eval(), plan, SHAPE)
+    clean = FakeTimer(per_call=0.02)
+    truth = clean(built, torch.zeros(2, *SHAPE)) / clean(model, torch.zeros(2, *SHAPE))
+    assert ratio == pytest.approx(truth) and abs(truth - 0.5) <= 0.05 * 0.5
+    assert "pairs the wrong way round" in caplog.text and "the estimate follows MACs" in caplog.text
+
+
+def test_a_median_of_interleaved_rounds_is_bounded_by_order_statistics():
+    # Rounds whose ratios are 0.1, 0.2, ... (in shuffled order): the median and its bounds at >= 80% confidence.
+    five = budget.Beside([10.0] * 5, [3.0, 1.0, 5.0, 2.0, 4.0])
+    assert five.ratio == pytest.approx(0.3) and five.interval() == pytest.approx((0.1, 0.5))  # 94%: the extremes
+    ten = budget.Beside([10.0] * 10, [float(m) for m in (7, 1, 9, 3, 5, 10, 2, 8, 4, 6)])
+    assert ten.ratio == pytest.approx(0.55) and ten.interval() == pytest.approx((0.3, 0.8))  # 89%: 3rd and 8th
+    assert ten.spread == pytest.approx(0.9 / 0.55) and ten.speedups[0] == pytest.approx(1.0)
+
+
+class FlatDeployment(FakeTimer):
+    """Eager models cost their MACs; a deployed (TorchScript) one costs `ms` whatever its width, so the pruned and the
+    dense model deploy alike. Each measurement is scaled by a seeded noise of +-`noise`."""
+
+    def __init__(self, ms: float = 1.0, noise: float = 0.08, seed: int = 0) -> None:
+        import random
+
+        super().__init__(per_call=0.1)
+        self.ms, self.noise, self.random = ms, noise, random.Random(seed)
+
+    def __call__(self, fn, x) -> float:
+        ms = self.ms if isinstance(fn, torch.jit.ScriptModule) else super().__call__(fn, x)
+        return ms * (1.0 + self.random.uniform(-self.noise, self.noise))
+
+
+def test_reported_latencies_carry_their_spread_and_a_speedup_within_noise_says_so(tmp_path, monkeypatch, capsys):
+    timer = FlatDeployment()
+    monkeypatch.setattr(budget, "time_call", lambda fn, x, **_: timer(fn, x))
+    cfg = make_cfg(tmp_path, "method=l1_filter", "budget.flops=0.5", "latency.batch_sizes=[1]", "latency.rounds=5",
+                   "export.format=torchscript_frozen", "retrain=none", "test=false")
+    summary = pipeline.run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("model/latency_b1_ms", "dense/deployed_latency_b1_ms", "model/speedup_b1", "model/deployed_speedup_b1"):
+        for suffix in ("", "_min", "_max"):
+            assert saved[f"{key}{suffix}"] == summary[f"{key}{suffix}"]
+        assert saved[f"{key}_min"] <= saved[key] <= saved[f"{key}_max"]
+    assert saved["latency/rounds"] == 5 and saved["model/deployed_speedup_b1_spread"] > 0
+    # Eager, half the MACs run clearly faster; deployed, the rounds' speedups straddle 1.0.
+    assert saved["model/speedup_b1_min"] > 1.0
+    assert saved["model/deployed_speedup_b1_min"] < 1.0 < saved["model/deployed_speedup_b1_max"]
+    printed = " ".join(capsys.readouterr().out.split())
+    deployed = f"{saved['model/deployed_speedup_b1']:.2f}x ({saved['model/deployed_speedup_b1_min']:.2f}-"
+    assert f"{deployed}{saved['model/deployed_speedup_b1_max']:.2f}, within noise) at batch 1" in printed
+    eager = saved["model/speedup_b1"], saved["model/speedup_b1_min"], saved["model/speedup_b1_max"]
+    assert "(eager {:.2f}x ({:.2f}-{:.2f}))".format(*eager) in printed
+
+
+def test_rounds_of_a_slow_model_stop_after_max_seconds(monkeypatch, caplog):
+    # A model whose every call takes 5 s on a clock only its calls move: at latency.max_seconds=20 each model gets
+    # three rounds of one timed call after one warm-up (20 s), not five rounds of two after three (65 s).
+    import logging
+    import time
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            clock[0] += 5.0
+            return x
+
+    with caplog.at_level(logging.INFO, logger="prunelab.budget"):
+        measured = budget.latency_beside(Slow(), Slow(), (1,), (64,), "cpu", rounds=5, warmup=3, repeats=10, max_seconds=20,
+                                         label="final and dense model, eager,")
+    beside = measured[64]
+    assert beside.rounds == 3 and beside.model == [5000.0] * 3 and beside.reference == [5000.0] * 3
+    assert clock[0] == pytest.approx(2 * 4 * 5.0)
+    assert "final and dense model, eager, batch 64: 3 of 5 interleaved rounds" in caplog.text

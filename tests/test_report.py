@@ -104,3 +104,21 @@ def test_pareto_averages_seeds_per_method_and_budget_and_overlays_the_papers_poi
     assert "| L1Filter | 0.25 | 2 | 25.00 +- 0.00 | 82.00 +- 2.83 |" in (tmp_path / "pareto.md").read_text()
     with pytest.raises(ValueError, match="x must be one of"):
         report.pareto(find_runs([tmp_path]), x="latency")
+
+
+def test_table_gives_timed_metrics_the_range_of_their_rounds(tmp_path):
+    # Two seeds' speedups, each a median over rounds with its lowest and highest round: the table keeps the lowest and
+    # highest round of all, and a speedup whose rounds straddle 1.0 reads as within noise, a clear one does not.
+    speedups = [(1.05, 0.93, 1.14, 2.1, 1.9, 2.3), (0.98, 0.91, 1.08, 2.0, 1.95, 2.2)]
+    runs = [
+        report.Run(tmp_path / f"seed{seed}", None, {"model/deployed_speedup_b1": d, "model/deployed_speedup_b1_min": d_lo,
+                                                    "model/deployed_speedup_b1_max": d_hi, "model/speedup_b1": e,
+                                                    "model/speedup_b1_min": e_lo, "model/speedup_b1_max": e_hi, "test/acc": 90.0})
+        for seed, (d, d_lo, d_hi, e, e_lo, e_hi) in enumerate(speedups)
+    ]
+    metrics = ["model/deployed_speedup_b1", "model/speedup_b1", "test/acc"]
+    (row,) = table(runs, by=["seed"], metrics=metrics, out=tmp_path / "out")
+    assert (row["model/deployed_speedup_b1 min"], row["model/deployed_speedup_b1 max"]) == (0.91, 1.14)
+    assert "test/acc min" not in row
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "| 1.015 +- 0.049 (rounds 0.91-1.14, within noise) | 2.05 +- 0.071 (rounds 1.9-2.3) | 90 +- 0 |" in text

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from prunelab import dashboard, distributed, structure
-from prunelab.budget import budget_latency, count_flops, deployed_latency, latency_device, measure, measure_latency, scratch_b_epochs
+from prunelab.budget import budget_latency, count_flops, deployed_latency, latency_beside, latency_device, measure, scratch_b_epochs
 from prunelab.export import FORMATS, export_deployable, load_model, save_model
 from prunelab.io import RunLock, atomic_write, save_torch, write_json, write_text
 from prunelab.lit import PruneLitModule
@@ -425,15 +425,20 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
         }
     )
     if cfg.budget.get("latency") is not None:
-        # What the latency budget asked for, as the search measures it: the final and the dense architecture
-        # timed in three interleaved rounds, the fastest of each.
+        # What the latency budget asked for, as the search measures it: the final and the dense architecture timed
+        # in interleaved rounds, the median of the rounds' ratios, with the lowest and highest round's and the spread.
         from prunelab.backbones import create
 
-        reference, timed = create(**dense_spec), {"dense": [], "final": []}
-        for _ in range(3):
-            timed["dense"].append(deployed_latency(reference, ctx.input_shape, **budget_latency(cfg.budget)))
-            timed["final"].append(deployed_latency(model, ctx.input_shape, **budget_latency(cfg.budget)))
-        summary["model/latency_ratio"] = min(timed["final"]) / min(timed["dense"])
+        measured, rounds = budget_latency(cfg.budget), int(cfg.budget.get("latency_rounds", 5))
+        # Rounds of at least 5 calls and 0.2 s each, as the search times its candidates.
+        beside = latency_beside(
+            model, create(**dense_spec), ctx.input_shape, (measured["batch_size"],), measured["device"], measured["format"],
+            rounds=rounds, repeats=5 * rounds, seconds=0.2 * rounds,
+        )[measured["batch_size"]]
+        summary.update({"model/latency_ratio": round(beside.ratio, 4), "model/latency_ratio_min": round(beside.ratios[0], 4),
+                        "model/latency_ratio_max": round(beside.ratios[-1], 4), "model/latency_ratio_spread": round(beside.spread, 4)})
+        log.info("latency budget %g: the final model, %s beside the dense model, round-to-round spread %.1f%%",
+                 float(cfg.budget.latency), beside.describe(), 100 * beside.spread)
     fmt = cfg.export.format
     summary.update(_latency(cfg, model, dense_spec, ctx.input_shape, fmt))
     summary.update(_final_validation(stages, summary, retrain_on_val=bool(cfg.retrain.get("with_val", False))))
@@ -858,31 +863,44 @@ def _latency(
 
     Eager (`model/latency_b<N>_ms`) and as deployed in the export format (`model/deployed_latency_b<N>_ms`:
     the exported file reloaded, a frozen TorchScript one also through `torch.jit.optimize_for_inference`),
-    with the format, device and thread count they were taken with.
+    with the format, device and thread count they were taken with. The two models are timed in
+    `latency.rounds` interleaved rounds (dense, final, dense, final, ...): each latency is the median
+    over rounds, with its fastest and slowest round (`_ms_min`, `_ms_max`); each speedup the median of
+    the rounds' dense / final, with its lowest and highest round's (`_min`, `_max`) and the
+    round-to-round spread of the ratio (`_spread`), the noise the measurement saw.
     """
     lat = cfg.get("latency")
     if not lat or not lat.batch_sizes:
         return {}
     from prunelab.backbones import create
 
+    # Each round of a model lasts at least 0.05 s: a round of two calls of a few milliseconds is over before a burst
+    # of load passes (speedups of 0.6-11x between such rounds on a loaded 2-core machine).
+    rounds = int(lat.get("rounds", 1))
     kwargs = {"batch_sizes": tuple(lat.batch_sizes), "device": lat.device, "warmup": lat.warmup, "repeats": lat.repeats,
-              "max_seconds": lat.get("max_seconds")}
+              "rounds": rounds, "seconds": 0.05 * rounds, "max_seconds": lat.get("max_seconds")}
     # An architecture no plan changed is the dense one: timing it twice would only measure noise.
     changed = model_record(model).plans or model_record(model).spec != dense_spec
-    dense_model = create(**dense_spec) if changed else model
-    out: dict[str, Any] = {"latency/format": fmt, "latency/threads": torch.get_num_threads(), "latency/device": str(latency_device(lat.device))}
+    dense_model = create(**dense_spec) if changed else None
+    out: dict[str, Any] = {"latency/format": fmt, "latency/threads": torch.get_num_threads(), "latency/device": str(latency_device(lat.device)),
+                           "latency/rounds": kwargs["rounds"]}
     # On a CPU a large model at batch 64 takes seconds a call (a 167M-parameter ViT at 224 px), minutes in all.
     log.info(
-        "timing the %s model, eager and as %s, at batch sizes %s (latency.batch_sizes=[] skips this)",
-        "final and the dense" if changed else "final", fmt, list(lat.batch_sizes),
+        "timing the %s model, eager and as %s, at batch sizes %s in %d interleaved rounds (latency.batch_sizes=[] skips this)",
+        "final and the dense" if changed else "final", fmt, list(lat.batch_sizes), kwargs["rounds"],
     )
     for prefix, form in (("", "eager"), ("deployed_", fmt)):
-        final = measure_latency(model, input_shape, format=form, label=f"final model, {form},", **kwargs)
-        dense = measure_latency(dense_model, input_shape, format=form, label=f"dense model, {form},", **kwargs) if changed else final
-        for key, value in final.items():
-            out[f"dense/{prefix}{key}"] = dense[key]
-            out[f"model/{prefix}{key}"] = value
-            out[f"model/{prefix}speedup_{key.split('_')[1]}"] = round(dense[key] / value, 4) if value else None
+        label = f"{'final and dense' if changed else 'final'} model, {form},"
+        for b, beside in latency_beside(model, dense_model, input_shape, format=form, label=label, **kwargs).items():
+            figures = beside.figures()
+            key = f"{prefix}latency_b{b}_ms"
+            for suffix in ("", "_min", "_max"):
+                out[f"model/{key}{suffix}"] = figures[f"ms{suffix}"]
+                out[f"dense/{key}{suffix}"] = figures.get(f"dense_ms{suffix}", figures[f"ms{suffix}"])
+                out[f"model/{prefix}speedup_b{b}{suffix}"] = figures.get(f"speedup{suffix}", 1.0)
+            out[f"model/{prefix}speedup_b{b}_spread"] = figures["spread"] if changed else 0.0
+            if changed:
+                log.info("%s batch %d: %s, round-to-round spread %.1f%%", label, b, beside.describe(), 100 * beside.spread)
     return out
 
 
@@ -972,29 +990,43 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
     rows = [("accuracy (%)", "dense/test/acc", "test/acc"), ("FLOPs (MACs)", "dense/flops", "model/flops")]
     rows.append(("parameters", "dense/params", "model/params"))
-    batches = sorted(int(k[len("model/latency_b"):].split("_")[0]) for k in summary if k.startswith("model/latency_b"))
+    batches = sorted({int(k[len("model/latency_b"):].split("_")[0]) for k in summary if k.startswith("model/latency_b")})
     for b in batches:
         rows.append((f"latency batch {b} (ms, eager)", f"dense/latency_b{b}_ms", f"model/latency_b{b}_ms"))
         rows.append((f"latency batch {b} (ms, deployed)", f"dense/deployed_latency_b{b}_ms", f"model/deployed_latency_b{b}_ms"))
     table = Table(title="prunelab summary")
     for column in ("", "dense", "final", "final / dense"):
-        table.add_column(column, justify="right" if column else "left")
+        table.add_column(column, justify="right" if column else "left", no_wrap=not column)
     for label, dense_key, final_key in rows:
         dense, final = summary.get(dense_key), summary.get(final_key)
-        ratio = f"{final / dense:.3f}" if dense and final is not None else ""
-        table.add_row(label, _fmt(dense), _fmt(final), ratio)
+        cells = [_fmt(dense), _fmt(final), f"{final / dense:.3f}" if dense and final is not None else ""]
+        if "latency" in final_key and summary.get(f"{final_key}_min") is not None:
+            # A latency is the median over interleaved rounds, with its fastest and slowest round; the ratio the
+            # inverse of the median speedup, with the rounds' range.
+            speedup = final_key.replace("latency", "speedup").removesuffix("_ms")
+            cells = [
+                _with_range(dense, summary.get(f"{dense_key}_min"), summary.get(f"{dense_key}_max"), _fmt),
+                _with_range(final, summary.get(f"{final_key}_min"), summary.get(f"{final_key}_max"), _fmt),
+                _with_range(1 / summary[speedup], 1 / summary[f"{speedup}_max"], 1 / summary[f"{speedup}_min"], "{:.3f}".format),
+            ]
+        table.add_row(label, *cells)
+    if summary.get("model/latency_ratio") is not None:
+        table.add_row("latency budget (final / dense)", "", "", _with_range(
+            summary["model/latency_ratio"], summary.get("model/latency_ratio_min"), summary.get("model/latency_ratio_max"), "{:.3f}".format
+        ))
     table.add_row("weight sparsity", "", _fmt(summary.get("model/sparsity")), "")
     console = Console()
     console.print(table)
     if batches and summary.get("model/flops"):
         speedups = ", ".join(
-            f"{summary[f'model/deployed_speedup_b{b}']:.2f}x at batch {b} (eager {summary[f'model/speedup_b{b}']:.2f}x)"
+            f"{_speedup(summary, f'model/deployed_speedup_b{b}')} at batch {b} (eager {_speedup(summary, f'model/speedup_b{b}')})"
             for b in batches
             if summary.get(f"model/deployed_speedup_b{b}") and summary.get(f"model/speedup_b{b}")
         )
+        how = f", median of {summary['latency/rounds']} interleaved rounds (lowest-highest round)" if summary.get("latency/rounds", 1) > 1 else ""
         console.print(
-            f"deployed ({summary.get('latency/format')}, {summary.get('latency/device')}, {summary.get('latency/threads')} threads): {speedups} "
-            f"for {summary['dense/flops'] / summary['model/flops']:.2f}x fewer FLOPs"
+            f"deployed ({summary.get('latency/format')}, {summary.get('latency/device')}, {summary.get('latency/threads')} threads{how}): "
+            f"{speedups} for {summary['dense/flops'] / summary['model/flops']:.2f}x fewer FLOPs"
         )
     rounds = round_rows(summary)
     if rounds:
@@ -1005,6 +1037,23 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             per_round.add_row(str(row["round"]), _fmt(row["sparsity"]), _fmt(row["flops_ratio"]), _fmt(row["test/acc"]))
         console.print(per_round)
     console.print(f"run directory: {run_dir}  (all metrics in summary.json)")
+
+
+def _with_range(value: float, low: float | None, high: float | None, form) -> str:
+    """A median (formatted by `form`) over the range of its rounds, "1.230\n(1.10-1.31)", or the median alone without a
+    range. The range has three significant digits or two decimals, to fit an 80-column table."""
+    if low is None or high is None or low == high:
+        return form(value)
+    short = lambda v: f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"  # noqa: E731
+    return f"{form(value)}\n({short(low)}-{short(high)})"
+
+
+def _speedup(summary: dict[str, Any], key: str) -> str:
+    """A speedup with the range of its rounds; one whose range holds 1.0 is no measured speedup or slowdown."""
+    median, low, high = summary[key], summary.get(f"{key}_min"), summary.get(f"{key}_max")
+    if low is None or high is None or low == high:
+        return f"{median:.2f}x"
+    return f"{median:.2f}x ({low:.2f}-{high:.2f}{', within noise' if low <= 1.0 <= high else ''})"
 
 
 def _fmt(value: Any) -> str:

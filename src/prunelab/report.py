@@ -249,13 +249,15 @@ def table(
 ) -> list[dict[str, Any]]:
     """Mean and standard deviation of summary metrics over the runs that share the `by` config values.
 
-    Writes `table.csv` and `table.md` (mean +- std per metric) into `out` when given. Runs without a
-    summary (unfinished) are left out.
+    A metric timed in interleaved rounds (a latency or speedup with `_min` / `_max` in the summaries) also gets
+    the lowest and highest round of all the runs (`<metric> min`, `<metric> max`). Writes `table.csv` and
+    `table.md` (mean +- std per metric) into `out` when given. Runs without a summary (unfinished) are left out.
     """
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         if run.summary:
             groups.setdefault(tuple(str(run.get(k)) for k in by), []).append(run)
+    ranged = {m for m in metrics for members in groups.values() for r in members if f"{m}_min" in r.summary}
     rows = []
     for key, members in groups.items():
         row: dict[str, Any] = dict(zip(by, key))
@@ -264,6 +266,9 @@ def table(
             values = [float(r.summary[metric]) for r in members if metric in r.summary]
             row[f"{metric} mean"] = statistics.fmean(values) if values else float("nan")
             row[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            if metric in ranged:
+                row[f"{metric} min"] = min((float(r.summary[f"{metric}_min"]) for r in members if f"{metric}_min" in r.summary), default=math.nan)
+                row[f"{metric} max"] = max((float(r.summary[f"{metric}_max"]) for r in members if f"{metric}_max" in r.summary), default=math.nan)
         rows.append(row)
     if out is not None and rows:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -273,12 +278,19 @@ def table(
 
 
 def markdown_table(rows: list[dict[str, Any]], by: Sequence[str], metrics: Sequence[str]) -> str:
-    """The rows of `table` as a Markdown table with one `mean +- std` cell per metric."""
+    """The rows of `table` as a Markdown table with one `mean +- std` cell per metric, followed by the range of the
+    rounds where the metric has one; a speedup whose rounds straddle 1.0 reads "within noise"."""
     header = [*by, "runs", *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [str(row[k]) for k in by] + [str(row["runs"])]
-        cells += [f"{row[f'{m} mean']:.4g} +- {row[f'{m} std']:.2g}" for m in metrics]
+        for m in metrics:
+            cell = f"{row[f'{m} mean']:.4g} +- {row[f'{m} std']:.2g}"
+            low, high = row.get(f"{m} min", math.nan), row.get(f"{m} max", math.nan)
+            if not (math.isnan(low) or math.isnan(high)):
+                noise = ", within noise" if "speedup" in m and low <= 1.0 <= high else ""
+                cell += f" (rounds {low:.3g}-{high:.3g}{noise})"
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -88,6 +88,7 @@ def check_config(cfg: DictConfig) -> None:
     _fraction(cfg, "budget.latency", 0, 1, False, True, "the fraction of the dense model's measured latency to keep")
     _whole(cfg, "budget.latency_batch_size", 1, "the batch size the latency budget is measured at")
     _fraction(cfg, "budget.latency_tolerance", 0, 1, False, False, "the relative tolerance of the latency budget")
+    _whole(cfg, "budget.latency_rounds", 1, "interleaved rounds a latency-budget candidate is first timed in")
     from prunelab.export import FORMATS
 
     fmt = _number(cfg, "export.format")
@@ -125,6 +126,7 @@ def check_config(cfg: DictConfig) -> None:
     _whole(cfg, "dataset.subset", 1, "the first N training images")
     _whole(cfg, "latency.warmup", 0, "untimed calls before a latency measurement")
     _whole(cfg, "latency.repeats", 1, "timed calls of a latency measurement")
+    _whole(cfg, "latency.rounds", 1, "interleaved rounds in which the final and the dense model are timed")
     _fraction(cfg, "latency.max_seconds", 0, math.inf, False, False, "the seconds after which a latency measurement stops")
     for batch in _number(cfg, "latency.batch_sizes") or []:
         _require(isinstance(batch, int) and batch >= 1, f"latency.batch_sizes has {batch!r}: batch sizes are whole numbers >= 1")
