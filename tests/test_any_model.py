@@ -591,9 +591,9 @@ def test_a_concatenation_torch_pruning_cannot_map_is_kept_whole_with_a_reason(tm
 def test_a_group_kept_whole_anyway_gets_no_second_reason_when_its_walk_fails(caplog, monkeypatch):
     """EfficientViT-M's cascaded attentions, kept whole at creation, also logged 'Torch-Pruning cannot follow their
     channels' (their walks expand at a flatten): three lines that said nothing new. So for a layer in `structure.skip`."""
-    import prunelab.structure.groups as groups_module
+    import prunelab.structure.tp_graph as tp_graph
 
-    monkeypatch.setattr(groups_module, "walk_limit", lambda model: 8)  # the walk of 4 channels into a 2x2 flatten fails
+    monkeypatch.setattr(tp_graph, "walk_limit", lambda model: 8)  # the walk of 4 channels into a 2x2 flatten fails
     for whole in ("keep_whole", "skip", None):
         model = nn.Sequential(_conv_bn(3, 8), _conv_bn(8, 4), nn.AdaptiveAvgPool2d(2), nn.Flatten(1), nn.Linear(16, 10)).eval()
         if whole == "keep_whole":
@@ -1707,21 +1707,18 @@ def test_a_group_walk_that_keeps_reaching_a_node_with_new_channels_is_stopped():
     an expansion and a batched product (timm's lambda layers) that never settles, group discovery ran past 5 minutes
     (lambda_resnet26t, focalnet_tiny_srf). A node reached more than WALK_REVISITS times ends the walk with the reason,
     and the group is kept whole."""
-    from torch_pruning.dependency.group import Group
-
-    from prunelab.structure.groups import WALK_REVISITS, _bounded_walk
+    from prunelab.structure.tp_graph import WALK_REVISITS, BoundedGroup
 
     node = type("Node", (), {"name": "_Reshape_7"})()
-    dep, group = type("Dep", (), {"target": node})(), Group()
-    with _bounded_walk(100):
-        for i in range(WALK_REVISITS):
-            group.add_dep(dep, [i])
-        with pytest.raises(RuntimeError, match="goes round _Reshape_7 without settling"):
-            group.add_dep(dep, [WALK_REVISITS])
-    group.add_dep(dep, [0])  # outside a walk nothing is counted
-    assert len(group) == WALK_REVISITS + 1
-    with _bounded_walk(100), pytest.raises(RuntimeError, match="expands to"):  # flatten mappings multiplying the indices
-        Group().add_dep(dep, list(range(101)))
+    dep, group = type("Dep", (), {"target": node})(), BoundedGroup(100)
+    for i in range(WALK_REVISITS):
+        group.add_dep(dep, [i])
+    with pytest.raises(RuntimeError, match="goes round _Reshape_7 without settling"):
+        group.add_dep(dep, [WALK_REVISITS])
+    assert len(group) == WALK_REVISITS
+    BoundedGroup(100).add_dep(dep, [0])  # each walk counts its own arrivals
+    with pytest.raises(RuntimeError, match="expands to"):  # flatten mappings multiplying the indices
+        BoundedGroup(100).add_dep(dep, list(range(101)))
 
 
 def test_a_flatten_is_stopped_before_it_builds_more_indices_than_any_layer_has():
@@ -1731,21 +1728,22 @@ def test_a_flatten_is_stopped_before_it_builds_more_indices_than_any_layer_has()
     from torch_pruning._helpers import _HybridIndex
     from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
-    from prunelab.structure.groups import WALK_MIN_INDICES, _bounded_walk, walk_limit
+    from prunelab.structure.tp_graph import WALK_MIN_INDICES, BoundedGroup, walk_limit
 
     assert walk_limit(create("vgg_tiny")) == WALK_MIN_INDICES
     assert walk_limit(nn.Sequential(nn.Conv2d(3, 512, 1), nn.Flatten(), nn.Linear(512 * 7 * 7, 10))) == 2 * 25088
-    flatten, calls = _FlattenIndexMapping(stride=49), []
-    original = _FlattenIndexMapping.__call__
-    _FlattenIndexMapping.__call__ = lambda mapping, idxs: calls.append(len(idxs)) or original(mapping, idxs)
-    try:
-        idxs = [_HybridIndex(i, i) for i in range(3)]
-        with _bounded_walk(147):
-            assert len(flatten(idxs)) == 147
-            with pytest.raises(RuntimeError, match="expands to 196 indices at a flatten"):
-                flatten([*idxs, _HybridIndex(3, 3)])
-    finally:
-        _FlattenIndexMapping.__call__ = original
+    calls = []
+
+    class Flatten(_FlattenIndexMapping):
+        def __call__(self, idxs):
+            calls.append(len(idxs))
+            return super().__call__(idxs)
+
+    dep = type("Dep", (), {"index_mapping": [Flatten(stride=49), None]})()
+    idxs = [_HybridIndex(i, i) for i in range(3)]
+    assert len(BoundedGroup(147).carry(dep, idxs)) == 147
+    with pytest.raises(RuntimeError, match="expands to 196 indices at a flatten"):
+        BoundedGroup(147).carry(dep, [*idxs, _HybridIndex(3, 3)])
     assert calls == [3]  # the stopped one never ran
 
 
