@@ -31,7 +31,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 # Each method's quick configuration on the shared real data, its figures beside tests/reference_results.json
-# (about 30 minutes on 2 cores; ONLY=pfs_quick,jackpot for some).
+# (about 16 minutes on 2 cores; ONLY=pfs_quick,jackpot for some).
 check-results: install
 	$(PY) -m prunelab.guard --reference tests/reference_results.json --shared ../shared $(if $(ONLY),--only $(ONLY))
 
