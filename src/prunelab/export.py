@@ -50,12 +50,12 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
     That is the model's record (`model.prunelab`): its spec, the applied channel plans with the input
     shape they were traced at (required with plans) and its masks; and the weights, with any attached
     masks folded in. The file is written atomically, so a killed run never leaves a half-written model.
+    A model of the user's own class (given to `prunelab.prune`) has no spec: its file holds the rest,
+    and `load_model` rebuilds it on an unpruned instance of that class (`base`).
     """
     from prunelab.structure import model_record
 
     info = model_record(model)
-    if info.spec is None:
-        raise ValueError("save_model needs a model built by prunelab.backbones.create (its record has no spec)")
     if info.plans and info.input_shape is None:
         raise ValueError(
             "save_model: the model has channel plans but no input shape; set model.prunelab.input_shape to the "
@@ -63,7 +63,7 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
         )
     payload: dict[str, Any] = {
         "format": FORMAT,
-        "spec": dict(info.spec),
+        "spec": dict(info.spec) if info.spec is not None else None,
         "state_dict": _plain_state_dict(model),
         "plans": [plan.to_dict() for plan in info.plans],
         "masks": _mask_tensors(model),
@@ -72,14 +72,16 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
     return save_torch(path, payload)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", base: nn.Module | None = None) -> nn.Module:
     """Rebuild a saved model from its file alone: architecture, channel plans, weights, masks.
 
+    A model of the user's own class (saved without a spec) is rebuilt on a copy of `base`, an unpruned
+    instance of that class (its weights are replaced); `base` is left as it is.
     Masks come back in the record (`model.prunelab.masks`, a MaskPlan) but are not attached; the weights
     already hold their zeros. Attach them with `prunelab.structure.attach_masks` to keep training sparse.
     """
     from prunelab.backbones import create
-    from prunelab.structure import ChannelPlan, MaskPlan, apply_channel_plan, model_record
+    from prunelab.structure import ChannelPlan, MaskPlan, ModelRecord, apply_channel_plan, model_record
 
     path = Path(path)
     if not path.is_file():
@@ -87,7 +89,16 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a prunelab model file (expected format '{FORMAT}')")
-    model = create(**payload["spec"])
+    if payload["spec"] is not None:
+        model = create(**payload["spec"])
+    elif base is not None:
+        model = copy.deepcopy(base)
+        model.__dict__["prunelab"] = ModelRecord()
+    else:
+        raise ValueError(
+            f"{path} holds a model of the user's own class (no prunelab backbone spec): load it with "
+            "load_model(path, base=<an unpruned instance of that class>)"
+        )
     input_shape = payload.get("input_shape")
     if input_shape is not None:
         model_record(model).input_shape = tuple(int(n) for n in input_shape)
@@ -96,7 +107,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
-        raise ValueError(f"the weights in {path} do not fit the architecture {payload['spec']}: {err}") from err
+        raise ValueError(f"the weights in {path} do not fit the architecture {payload['spec'] or type(model).__name__}: {err}") from err
     masks = payload.get("masks")
     if masks is not None:
         model_record(model).masks = MaskPlan(dict(masks))

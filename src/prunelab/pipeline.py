@@ -68,11 +68,13 @@ class Rewind:
     structure (its channel plans, replayed) and masks; the next fit stage builds a fresh optimizer.
     """
 
-    def __init__(self, path: Path, iteration: int) -> None:
+    def __init__(self, path: Path, iteration: int, base: nn.Module | None = None) -> None:
         if iteration < 0:
             raise ValueError(f"retrain.rewind_iteration must be >= 0, got {iteration}")
         self.path = path
         self.iteration = int(iteration)
+        # A model given from Python is rebuilt on a copy of it (`load_model`'s `base`).
+        self.base = base
 
     def save_initial(self, model: nn.Module) -> None:
         if self.iteration == 0 and not self.path.exists():
@@ -92,7 +94,7 @@ class Rewind:
                 f"but {self.path} was never written: training ended before that iteration"
             )
         current = model_record(model)
-        rewound = load_model(self.path)
+        rewound = load_model(self.path, base=self.base)
         for plan in current.plans:
             structure.apply_channel_plan(rewound, plan, current.input_shape)
         if current.masks is not None:
@@ -149,6 +151,8 @@ class Context:
     callbacks: list[Callback] = field(default_factory=list)
     rewind: Rewind | None = None
     rounds: int = 0
+    # The model given from Python as it came (None when built from `backbone`): saved models are rebuilt on it.
+    base: nn.Module | None = None
 
     @property
     def budget(self) -> DictConfig:
@@ -170,7 +174,8 @@ class Context:
             seed=int(self.cfg.seed),
             run_dir=self.run_dir,
             dense=self.dense,
-            pretrained=bool(self.cfg.backbone.get("pretrained")),
+            # A model given from Python starts from its own weights, as a loaded checkpoint does.
+            pretrained=bool(self.cfg.backbone.get("pretrained")) or self.base is not None,
             logger=self.logger,
             round=stage.round if stage is not None else None,
             rounds=self.rounds,
@@ -180,20 +185,29 @@ class Context:
         )
 
 
-def run(cfg: DictConfig, run_dir: str | Path, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+def run(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    callbacks: list[Callback] | None = None,
+    model: nn.Module | None = None,
+    datamodule: L.LightningDataModule | None = None,
+) -> dict[str, Any]:
     """Run (or resume) the experiment described by `cfg` in `run_dir`; returns the summary.
 
     The config is checked before anything is built, and the run directory is locked for this process
-    (a second process on it stops at once).
+    (a second process on it stops at once). `model` and `datamodule` (`prunelab.prune`: the user's own,
+    with the datamodule's `input_shape` and `splits`) replace what `backbone` and `dataset` would build;
+    such a model is changed in place (pruned, trained), and the final one is saved as `model.pt` in
+    `run_dir` (`load_model` rebuilds it on an unpruned instance of its class, `base`).
     """
     check_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Only global rank 0 holds the lock (DDP ranks > 0, launched by Lightning or as SLURM tasks, share it).
     if rank_zero_only.rank != 0:
-        return _run(cfg, run_dir, callbacks)
+        return _run(cfg, run_dir, callbacks, model, datamodule)
     with RunLock(run_dir):
-        return _run(cfg, run_dir, callbacks)
+        return _run(cfg, run_dir, callbacks, model, datamodule)
 
 
 # The settings that do not decide a run's result, left out of the record of what a run directory holds
@@ -344,7 +358,13 @@ def _build(node: Any, **kwargs: Any) -> Any:
         raise
 
 
-def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> dict[str, Any]:
+def _run(
+    cfg: DictConfig,
+    run_dir: Path,
+    callbacks: list[Callback] | None,
+    model: nn.Module | None = None,
+    datamodule: L.LightningDataModule | None = None,
+) -> dict[str, Any]:
     _quiet_logs(bool(cfg.get("quiet", False)), bool(cfg.get("verbose_libraries", False)), _hydra_verbose())
     _use_wandb_offline_without_key()
     # Every rank checks (ranks > 0 only read): a refused command stops before it writes or loads anything.
@@ -352,24 +372,29 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
 
-    # The one place where the experiment's objects are built from the config.
-    datamodule = _build(cfg.dataset)
+    # The one place where the experiment's objects are built from the config (unless given from Python).
+    if datamodule is None:
+        datamodule = _build(cfg.dataset)
     try:
         datamodule.prepare_data()
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
-    variant = check_variant(cfg, datamodule.image_size)
-    extra = {"variant": variant} if variant is not None else {}
-    model = _build(cfg.backbone, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels, **extra)
+    # A model given from Python, as it came: models of its class are rebuilt on a copy of it (`load_model`).
+    base = copy.deepcopy(model) if model is not None else None
+    if model is None:
+        variant = check_variant(cfg, datamodule.image_size)
+        extra = {"variant": variant} if variant is not None else {}
+        model = _build(cfg.backbone, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels, **extra)
     if cfg.budget.get("layer_ratios"):
         check_layer_ratios(list(cfg.budget.layer_ratios), model)
     method = _build(cfg.method)
-    stages = plan_stages(cfg, method)
+    stages = plan_stages(cfg, method, pretrained=base is not None)
+    _check_data(stages, method, datamodule)
     prunes = any(s.kind == "prune" for s in stages)
     if method.budget_keys and prunes and all(cfg.budget.get(k) is None for k in method.budget_keys):
         wanted = " or ".join(f"budget.{k}" for k in method.budget_keys)
         raise ConfigError(f"{type(method).__name__} prunes to a budget: set {wanted}")
-    input_shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
+    input_shape = tuple(datamodule.input_shape)
     model_record(model).skip = check_skip(list(cfg.get("structure", {}).get("skip") or []), model)
     model_record(model).prune_embedding = bool(cfg.get("structure", {}).get("prune_embedding", False))
     model_record(model).prune_head_dim = bool(cfg.get("structure", {}).get("prune_head_dim", False))
@@ -392,8 +417,9 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
         input_shape=input_shape,
         logger=logger,
         callbacks=list(callbacks or []),
-        rewind=Rewind(run_dir / "rewind.pt", cfg.retrain.rewind_iteration) if rewinds else None,
+        rewind=Rewind(run_dir / "rewind.pt", cfg.retrain.rewind_iteration, base) if rewinds else None,
         rounds=max((s.round for s in stages if s.round is not None), default=0),
+        base=base,
     )
     if ctx.rewind is not None and ctx.rewind.iteration > 0:
         _check_rewind_reachable(ctx, stages)
@@ -402,7 +428,8 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
     if cfg.budget.get("latency") is not None:
         ctx.dense["latency"] = deployed_latency(model, ctx.input_shape, **budget_latency(cfg.budget))
     method.bind(ctx.for_method(model))
-    dense_spec = dict(model_record(model).spec)
+    # A model given from Python has no spec: its dense copy is `base`.
+    dense_spec = dict(model_record(model).spec) if model_record(model).spec is not None else None
     model = method.initial_model(model)
     model_record(model).input_shape = ctx.input_shape
     if ctx.rewind is not None:
@@ -427,12 +454,10 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
     if cfg.budget.get("latency") is not None:
         # What the latency budget asked for, as the search measures it: the final and the dense architecture timed
         # in interleaved rounds, the median of the rounds' ratios, with the lowest and highest round's and the spread.
-        from prunelab.backbones import create
-
         measured, rounds = budget_latency(cfg.budget), int(cfg.budget.get("latency_rounds", 5))
         # Rounds of at least 5 calls and 0.2 s each, as the search times its candidates.
         beside = latency_beside(
-            model, create(**dense_spec), ctx.input_shape, (measured["batch_size"],), measured["device"], measured["format"],
+            model, _dense_model(dense_spec, base), ctx.input_shape, (measured["batch_size"],), measured["device"], measured["format"],
             rounds=rounds, repeats=5 * rounds, seconds=0.2 * rounds,
         )[measured["batch_size"]]
         summary.update({"model/latency_ratio": round(beside.ratio, 4), "model/latency_ratio_min": round(beside.ratios[0], 4),
@@ -440,7 +465,7 @@ def _run(cfg: DictConfig, run_dir: Path, callbacks: list[Callback] | None) -> di
         log.info("latency budget %g: the final model, %s beside the dense model, round-to-round spread %.1f%%",
                  float(cfg.budget.latency), beside.describe(), 100 * beside.spread)
     fmt = cfg.export.format
-    summary.update(_latency(cfg, model, dense_spec, ctx.input_shape, fmt))
+    summary.update(_latency(cfg, model, dense_spec, ctx.input_shape, fmt, base))
     summary.update(_final_validation(stages, summary, retrain_on_val=bool(cfg.retrain.get("with_val", False))))
     _check_finite(summary)
     if rank_zero_only.rank == 0:
@@ -476,6 +501,23 @@ def _check_rewind_reachable(ctx: Context, stages: list[Stage]) -> None:
         )
 
 
+def _check_data(stages: list[Stage], method: PruningMethod, datamodule: L.LightningDataModule) -> None:
+    """Refuse, before any work, a stage or a method that needs data the datamodule does not hold.
+
+    Training stages need "train", tests "test" (a datamodule lists what it holds in `splits`), and so
+    does a method whose plan reads training batches (`PruningMethod.needs_training_data`).
+    """
+    held = getattr(datamodule, "splits", ("train", "val", "test"))
+    needs = {"fit": "train", "retrain": "train", "recalibrate": "train", "test": "test"}
+    for stage in stages:
+        split = needs.get(stage.kind)
+        if split is not None and split not in held:
+            fix = "train=<DataLoader>, or retrain=none" if stage.kind == "retrain" else f"{split}=<DataLoader>"
+            raise ConfigError(f"{type(method).__name__}: stage {stage.tag} ({stage.kind}) needs {split} data, and none was given (pass {fix})")
+    if method.needs_training_data and "train" not in held:
+        raise ConfigError(f"{type(method).__name__} scores with training batches, and no training data was given (pass train=<DataLoader>)")
+
+
 def _final_validation(stages: list[Stage], summary: dict[str, Any], retrain_on_val: bool = False) -> dict[str, float]:
     """`val/acc` and `val/loss`: the validation metrics of the last training stage, what sweepers optimise.
 
@@ -499,7 +541,7 @@ def _check_finite(summary: dict[str, Any]) -> None:
         raise NonFiniteError(f"the run ended with non-finite results ({', '.join(bad)}); nothing was written as complete")
 
 
-def plan_stages(cfg: DictConfig, method: PruningMethod) -> list[Stage]:
+def plan_stages(cfg: DictConfig, method: PruningMethod, pretrained: bool = False) -> list[Stage]:
     """The full, flat stage list: the method's own stages (rounds expanded), wrapped in the shared steps.
 
     A method that prunes gets dense pre-training (when `pretrain.epochs` > 0), an evaluation of the
@@ -508,7 +550,7 @@ def plan_stages(cfg: DictConfig, method: PruningMethod) -> list[Stage]:
     `test_pruned`) and retraining by `retrain.mode`: where the method places a
     "retrain" stage itself (e.g. in every round of IMP), else once at the end. A retraining stage is
     named after its mode and follows the `retrain` schedule; `retrain=none` drops it. Every run ends
-    with the test.
+    with the test. `pretrained`: the model arrives trained without `backbone.pretrained` (given from Python).
     """
     own: list[Stage] = []
     for item in method.stages():
@@ -519,7 +561,7 @@ def plan_stages(cfg: DictConfig, method: PruningMethod) -> list[Stage]:
         if cfg.pretrain.epochs:
             stages.append(Stage("pretrain", "fit", **_schedule(cfg.pretrain)))
         # The dense model is worth testing only when it was trained or loaded, not at random initialisation.
-        if cfg.get("test", True) and (cfg.pretrain.epochs or cfg.backbone.get("pretrained")):
+        if cfg.get("test", True) and (cfg.pretrain.epochs or pretrained or cfg.backbone.get("pretrained")):
             stages.append(Stage("dense", "test"))
         for stage in own:
             if stage.kind == "retrain":
@@ -575,7 +617,7 @@ def _run_stage(
         saved = stage_dir / "model.pt"
         if state_file.exists():
             ctx.method.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
-        return (load_model(saved) if saved.exists() else model), results
+        return (load_model(saved, base=ctx.base) if saved.exists() else model), results
 
     log.info("stage %s (%s) starting", stage.tag, stage.kind)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -857,7 +899,7 @@ def _readable(path: Path) -> bool:
 
 
 def _latency(
-    cfg: DictConfig, model: nn.Module, dense_spec: dict, input_shape: tuple[int, int, int], fmt: str
+    cfg: DictConfig, model: nn.Module, dense_spec: dict | None, input_shape: tuple[int, ...], fmt: str, base: nn.Module | None = None
 ) -> dict[str, Any]:
     """Latency of the final model beside that of the dense architecture, measured in the same run.
 
@@ -872,8 +914,6 @@ def _latency(
     lat = cfg.get("latency")
     if not lat or not lat.batch_sizes:
         return {}
-    from prunelab.backbones import create
-
     # Each round of a model lasts at least 0.05 s: a round of two calls of a few milliseconds is over before a burst
     # of load passes (speedups of 0.6-11x between such rounds on a loaded 2-core machine).
     rounds = int(lat.get("rounds", 1))
@@ -881,7 +921,7 @@ def _latency(
               "rounds": rounds, "seconds": 0.05 * rounds, "max_seconds": lat.get("max_seconds")}
     # An architecture no plan changed is the dense one: timing it twice would only measure noise.
     changed = model_record(model).plans or model_record(model).spec != dense_spec
-    dense_model = create(**dense_spec) if changed else None
+    dense_model = _dense_model(dense_spec, base) if changed else None
     out: dict[str, Any] = {"latency/format": fmt, "latency/threads": torch.get_num_threads(), "latency/device": str(latency_device(lat.device)),
                            "latency/rounds": kwargs["rounds"]}
     # On a CPU a large model at batch 64 takes seconds a call (a 167M-parameter ViT at 224 px), minutes in all.
@@ -902,6 +942,14 @@ def _latency(
             if changed:
                 log.info("%s batch %d: %s, round-to-round spread %.1f%%", label, b, beside.describe(), 100 * beside.spread)
     return out
+
+
+def _dense_model(spec: dict | None, base: nn.Module | None) -> nn.Module:
+    """A dense model of the run's architecture to time beside the final one: built from the backbone's
+    spec, or a copy of the model given from Python."""
+    from prunelab.backbones import create
+
+    return create(**spec) if spec is not None else copy.deepcopy(base)
 
 
 def _floats(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -4,6 +4,7 @@ from prunelab.data.base import IMAGENET_MEAN, IMAGENET_STD, ImageDataModule
 from prunelab.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from prunelab.data.digits import DigitsDataModule
 from prunelab.data.imagenet import ImageNetDataModule
+from prunelab.data.loaders import LoaderDataModule
 from prunelab.data.synthetic import SyntheticDataModule
 from prunelab.data.tiny_imagenet import TinyImageNetDataModule
 
@@ -15,6 +16,7 @@ __all__ = [
     "DigitsDataModule",
     "ImageDataModule",
     "ImageNetDataModule",
+    "LoaderDataModule",
     "SyntheticDataModule",
     "TinyImageNetDataModule",
 ]

@@ -161,6 +161,13 @@ class ImageDataModule(L.LightningDataModule):
     num_classes: int = 0
     in_channels: int = 3
     image_size: int = 0
+    #: The data the pipeline may ask for (a datamodule over a user's loaders may lack some).
+    splits: tuple[str, ...] = ("train", "val", "test")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One example's shape, (C, H, W)."""
+        return (self.in_channels, self.image_size, self.image_size)
 
     def __init__(
         self,

@@ -103,6 +103,8 @@ class PruningMethod:
 
     #: The budget settings the method can prune to; unless one of them is set, a run stops before any work.
     budget_keys: tuple[str, ...] = ()
+    #: Whether `plan()` reads training batches (data-driven scores): a run without training data stops before any work.
+    needs_training_data: bool = False
 
     def stages(self) -> list[Stage | Rounds]:
         """The method's own stages in order; the default trains the dense model.

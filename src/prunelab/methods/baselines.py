@@ -61,6 +61,8 @@ class Taylor(_OneShot):
     before squaring, one score per shared channel, where the paper scores each gate alone.
     """
 
+    needs_training_data = True
+
     def __init__(self, batches: int = 10):
         if int(batches) < 1:
             raise ConfigError(f"method.batches={batches} must be at least 1 (training batches the scores average over)")

@@ -178,6 +178,8 @@ class GreedyImitation(PruningMethod):
     layer whole). `taylor_after` / `taylor_top`: the Taylor speed-up of global imitation (null: off).
     """
 
+    needs_training_data = True
+
     def __init__(
         self,
         epsilon: float = 0.05,

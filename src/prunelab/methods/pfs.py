@@ -160,6 +160,11 @@ class PruningFromScratch(PruningMethod):
         """A freshly initialised copy of the backbone, `expansion` times as wide (or loaded from `init_from`)."""
         from prunelab.backbones import create, load_pretrained
 
+        if model_record(model).spec is None:
+            raise ConfigError(
+                "pfs starts from a fresh copy of a prunelab backbone made `expansion` times as wide; a model given "
+                "from Python has no backbone spec to rebuild (use prunelab.backbones.create, or another method)"
+            )
         spec = dict(model_record(model).spec)
         spec["width"] = float(spec.get("width", 1.0)) * self.expansion
         start = create(**spec)
