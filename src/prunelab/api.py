@@ -1,0 +1,239 @@
+"""prunelab as a library: prune, count, time, inspect and export a model of the user's own, from Python.
+
+`prune` is a thin face over the command's path: it composes the same Hydra config the `prunelab`
+command would (`method=<name>`, `budget.<key>=<value>` and the caller's overrides) and runs the same
+`pipeline.run`, with the user's model and DataLoaders in place of `backbone` and `dataset`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+from torch.utils.data import DataLoader
+
+from prunelab import pipeline, structure
+from prunelab.budget import latency as _latency
+from prunelab.budget import measure
+from prunelab.data import LoaderDataModule
+from prunelab.export import export_deployable, load_model
+from prunelab.structure import ChannelGroup, ChannelPlan, MaskPlan, model_record
+from prunelab.validate import ConfigError
+
+log = logging.getLogger("prunelab")
+
+# The configs the `prunelab` command composes (`pkg://prunelab.conf`).
+CONF_MODULE = "prunelab.conf"
+
+
+@dataclass
+class PruneResult:
+    """What `prune` returns.
+
+    `model`: the pruned model (channels removed, or weights masked to exact zeros); `plan`: what was
+    decided: a MaskPlan for unstructured methods, the ChannelPlan for structured ones (a list of them,
+    in the order applied, for methods that prune over several rounds), None when nothing was pruned;
+    `report`: the run's summary (`model/flops_ratio`, `model/params_ratio`, `model/sparsity`,
+    `test/acc` with data, latency when asked; as `summary.json`); `run_dir`: where the run was written.
+    """
+
+    model: nn.Module
+    plan: ChannelPlan | MaskPlan | list[ChannelPlan] | None
+    report: dict[str, Any]
+    run_dir: Path
+
+
+def prune(
+    model: nn.Module,
+    method: str,
+    budget: dict[str, Any] | None = None,
+    example_inputs: torch.Tensor | None = None,
+    *,
+    train: DataLoader | None = None,
+    val: DataLoader | None = None,
+    test: DataLoader | None = None,
+    num_classes: int | None = None,
+    overrides: Sequence[str] = (),
+    run_dir: str | Path | None = None,
+    latency: bool = False,
+) -> PruneResult:
+    """Prune `model` with `method` (a `prunelab method=` choice) to `budget`, as the `prunelab` command would.
+
+    `budget` holds `budget.*` settings, e.g. {"flops": 0.5} (fraction of FLOPs to keep) or
+    {"sparsity": 0.9} (fraction of weights to remove). `example_inputs` is a batch of inputs (any
+    shape, not necessarily square; default: the first batch of a loader); the model's output on it
+    gives `num_classes` unless that is passed. `train`, `val`, `test` are DataLoaders of (inputs,
+    labels) batches: methods that train or score with data need `train`, and a run tests on `test`
+    (else `val`). Without `train`, nothing is retrained (`retrain=none`) and without `val` or `test`
+    nothing is tested (`test=false`), unless `overrides` choose otherwise; a method or stage that needs
+    data it was not given stops at once with a `ConfigError`, before any work. `overrides` are the
+    command line's (`"retrain=finetune"`, `"trainer.max_epochs=3"`); `latency` also times the final
+    and the dense model (the config's `latency.batch_sizes`).
+
+    `model` itself is left as it is: a copy is pruned. The run is written to `run_dir`, by default a
+    new directory under the system's temporary directory (`tempfile.mkdtemp`), which is kept
+    (`result.run_dir`); calling again with the same `run_dir` and settings resumes or reuses the run.
+    """
+    budget = dict(budget or {})
+    overrides = list(overrides)
+    for item in overrides:
+        key = item.lstrip("+~").split("=", 1)[0]
+        if key.split(".")[0] in ("backbone", "dataset"):
+            raise ConfigError(f"override {item!r}: prune() takes the model and the data from Python, not from `{key}`")
+    if example_inputs is None:
+        example_inputs = _first_inputs(train, val, test)
+    net = copy.deepcopy(model)
+    data = LoaderDataModule(tuple(example_inputs.shape[1:]), num_classes or _num_classes(net, example_inputs), train, val, test)
+    skipped = _without_data(data, overrides, latency)
+    run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="prunelab-"))
+    cfg = compose_config(method, budget, [f"paths.output_dir={run_dir}", *skipped, *overrides])
+    # The config records what was given in place of `backbone` and `dataset`.
+    with open_dict(cfg):
+        cfg.backbone = {"name": f"{type(model).__module__}.{type(model).__qualname__}"}
+        cfg.dataset = {"name": "loaders", "splits": list(data.splits), "batch_size": data.batch_size,
+                       "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+    report = pipeline.run(cfg, run_dir, model=net, datamodule=data)
+    # The final model as the run directory holds it, rebuilt on an unpruned copy of the user's class.
+    final = load_model(run_dir / "model.pt", base=model)
+    return PruneResult(final, _plan(final), report, run_dir)
+
+
+def compose_config(method: str, budget: dict[str, Any], overrides: Sequence[str] = ()) -> DictConfig:
+    """The config the `prunelab` command composes for `method=<method> budget.<key>=<value> ... <overrides>`.
+
+    An unknown method or budget key, or an override Hydra refuses, raises a one-line `ConfigError`.
+    """
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+        methods = GlobalHydra.instance().config_loader().get_group_options("method")
+        if method not in methods:
+            raise ConfigError(f"method={method!r} does not exist (choices: {', '.join(methods)})")
+        asked = [f"method={method}", *overrides]
+        try:
+            keys = list(compose("config", overrides=asked).budget)
+        except HydraException as err:
+            raise ConfigError(_one_line(err)) from None
+        unknown = [k for k in budget if k not in keys]
+        if unknown:
+            raise ConfigError(f"budget key {unknown[0]!r} is not a budget setting (budget keys: {', '.join(keys)})")
+        try:
+            return compose("config", overrides=[*asked, *(f"budget.{k}={_value(v)}" for k, v in budget.items())])
+        except HydraException as err:
+            raise ConfigError(_one_line(err)) from None
+
+
+def count(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, float]:
+    """FLOPs (multiply-accumulates of one input), parameters and weight sparsity, as a run reports them."""
+    return measure(model, tuple(example_inputs.shape[1:]))
+
+
+def latency(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    format: str = "eager",
+    device: str | torch.device = "auto",
+    warmup: int = 3,
+    repeats: int = 10,
+) -> float:
+    """Median milliseconds of one forward pass on a batch the size of `example_inputs` (random inputs of its shape).
+
+    `format` "eager" times the model itself (eval mode); "torchscript", "torchscript_frozen" or "onnx"
+    time it exported, reloaded and optimised, as deployed. `device` "auto" is CUDA when present.
+    """
+    return _latency(model, tuple(example_inputs.shape[1:]), batch_size=len(example_inputs), device=device, warmup=warmup,
+                    repeats=repeats, format=format)
+
+
+def channel_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[ChannelGroup]:
+    """The model's prunable channel groups: channels that must be removed together (across residual additions,
+    depthwise convolutions, concatenations), each named after the layer that produces them."""
+    return structure.channel_groups(model, tuple(example_inputs.shape[1:]))
+
+
+def export_model(model: nn.Module, path: str | Path, example_inputs: torch.Tensor, format: str = "torchscript_frozen") -> Path:
+    """Write the model in a form that runs without prunelab: "torchscript", "torchscript_frozen" or "onnx".
+
+    (`prunelab.export` is the module that saves and exports models, hence the name.)
+
+    The file is reloaded and checked against the model on random inputs of `example_inputs`' shape.
+    """
+    return export_deployable(model, path, tuple(example_inputs.shape[1:]), format)
+
+
+def _first_inputs(*loaders: DataLoader | None) -> torch.Tensor:
+    loader = next((loader for loader in loaders if loader is not None), None)
+    if loader is None:
+        raise ConfigError("prune() needs example_inputs (a batch of inputs) when no DataLoader is given")
+    return next(iter(loader))[0]
+
+
+def _num_classes(model: nn.Module, example_inputs: torch.Tensor) -> int:
+    """The number of classes the model predicts: its output's second dimension on `example_inputs`."""
+    param = next(model.parameters())
+    with structure.eval_mode(model), torch.no_grad():
+        out = model(example_inputs[:1].to(param.device))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"the model's output on example_inputs is {shape}, not (batch, classes): pass num_classes")
+    return int(out.shape[1])
+
+
+def _without_data(data: LoaderDataModule, overrides: list[str], latency: bool) -> list[str]:
+    """The overrides that leave out what the data given cannot serve (said in one line), and the timing unless asked."""
+    keys = {item.lstrip("+~").split("=", 1)[0] for item in overrides}
+    chosen = keys | {key.split(".")[0] for key in keys}
+    skipped, reasons = [], []
+    if "train" not in data.splits and "retrain" not in chosen:
+        skipped.append("retrain=none")
+        reasons.append("no retraining (no train loader)")
+    if "test" not in data.splits:
+        if "test" not in chosen:
+            skipped.append("test=false")
+            reasons.append("no test (no val or test loader)")
+        if "trainer.limit_val_batches" not in chosen:
+            skipped.append("trainer.limit_val_batches=0")
+    if reasons:
+        log.warning("prunelab: %s", "; ".join(reasons))
+    if not latency and "latency" not in chosen:
+        skipped.append("latency.batch_sizes=[]")
+    return skipped
+
+
+def _plan(model: nn.Module) -> ChannelPlan | MaskPlan | list[ChannelPlan] | None:
+    record = model_record(model)
+    if record.masks is not None:
+        return record.masks
+    if len(record.plans) == 1:
+        return record.plans[0]
+    return list(record.plans) or None
+
+
+def _value(value: Any) -> str:
+    """A Python value written as a Hydra override value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_value(v)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"budget value {value!r} is not a number, string, list or dict")
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
