@@ -119,6 +119,20 @@ def test_magnitude_reaches_the_exact_sparsity(model, x, tmp_path):
     assert result.report["model/flops"] == dense_macs()
 
 
+def test_latency_is_timed_when_asked_and_budgets_follow_it(model, x, tmp_path, monkeypatch):
+    # The latency tables a latency budget measures are cached under paths.output_root (./outputs).
+    monkeypatch.chdir(tmp_path)
+    timed = prunelab.prune(model, "l1_filter", {"flops": 0.5}, x, latency=True, run_dir=tmp_path / "flops",
+                           overrides=["latency.batch_sizes=[2]", "latency.repeats=3"])
+    # The pruned model is timed beside a copy of the dense one the user gave.
+    assert timed.report["model/latency_b2_ms"] > 0 and timed.report["dense/latency_b2_ms"] > 0
+    assert "model/deployed_speedup_b2" in timed.report
+    assert "model/latency_b2_ms" not in prunelab.prune(model, "l1_filter", {"flops": 0.5}, x, run_dir=tmp_path / "off").report
+    budgeted = prunelab.prune(model, "l1_filter", {"latency": 0.6}, x, run_dir=tmp_path / "latency",
+                              overrides=["budget.latency_tolerance=0.5", "latency.rounds=1"])
+    assert budgeted.report["model/flops_ratio"] < 1.0 and budgeted.report["model/latency_ratio"] > 0
+
+
 @pytest.mark.parametrize(("method", "trained"), [("slimming", "sparsity"), ("taylor", None)])
 def test_methods_that_need_data_run_their_stages_on_the_users_loaders(model, method, trained, tmp_path):
     train, test = loaders()

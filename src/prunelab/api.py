@@ -24,8 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from prunelab import pipeline, structure
-from prunelab.budget import latency as _latency
-from prunelab.budget import measure
+from prunelab.budget import deployed, latency_device, measure, time_call
 from prunelab.data import LoaderDataModule
 from prunelab.export import export_deployable, load_model
 from prunelab.structure import ChannelGroup, ChannelPlan, MaskPlan, model_record
@@ -145,13 +144,14 @@ def latency(
     warmup: int = 3,
     repeats: int = 10,
 ) -> float:
-    """Median milliseconds of one forward pass on a batch the size of `example_inputs` (random inputs of its shape).
+    """Median milliseconds of one forward pass on `example_inputs`, after `warmup` calls, as a run times it.
 
-    `format` "eager" times the model itself (eval mode); "torchscript", "torchscript_frozen" or "onnx"
+    `format` "eager" times a copy of the model in eval mode; "torchscript", "torchscript_frozen" or "onnx"
     time it exported, reloaded and optimised, as deployed. `device` "auto" is CUDA when present.
     """
-    return _latency(model, tuple(example_inputs.shape[1:]), batch_size=len(example_inputs), device=device, warmup=warmup,
-                    repeats=repeats, format=format)
+    device = latency_device(device)
+    net = deployed(model, tuple(example_inputs.shape[1:]), format, device)
+    return time_call(net, example_inputs.to(device), warmup=warmup, repeats=repeats)
 
 
 def channel_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[ChannelGroup]:
