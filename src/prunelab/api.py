@@ -78,7 +78,7 @@ def prune(
     nothing is tested (`test=false`), unless `overrides` choose otherwise; a method or stage that needs
     data it was not given stops at once with a `ConfigError`, before any work. `overrides` are the
     command line's (`"retrain=finetune"`, `"trainer.max_epochs=3"`); `latency` also times the final
-    and the dense model (the config's `latency.batch_sizes`).
+    and the dense model (at the config's `latency.batch_sizes`; setting those times them too).
 
     `model` itself is left as it is: a copy is pruned. The run is written to `run_dir`, by default a
     new directory under the system's temporary directory (`tempfile.mkdtemp`), which is kept
@@ -96,7 +96,7 @@ def prune(
     data = LoaderDataModule(tuple(example_inputs.shape[1:]), num_classes or _num_classes(net, example_inputs), train, val, test)
     skipped = _without_data(data, overrides, latency)
     run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="prunelab-"))
-    cfg = compose_config(method, budget, [f"paths.output_dir={run_dir}", *skipped, *overrides])
+    cfg = compose_config(method, budget, [f"paths.output_dir={_value(str(run_dir))}", *skipped, *overrides])
     # The config records what was given in place of `backbone` and `dataset`.
     with open_dict(cfg):
         cfg.backbone = {"name": f"{type(model).__module__}.{type(model).__qualname__}"}
@@ -204,7 +204,7 @@ def _without_data(data: LoaderDataModule, overrides: list[str], latency: bool) -
             skipped.append("trainer.limit_val_batches=0")
     if reasons:
         log.warning("prunelab: %s", "; ".join(reasons))
-    if not latency and "latency" not in chosen:
+    if not latency and "latency.batch_sizes" not in chosen:
         skipped.append("latency.batch_sizes=[]")
     return skipped
 
@@ -219,7 +219,7 @@ def _plan(model: nn.Module) -> ChannelPlan | MaskPlan | list[ChannelPlan] | None
 
 
 def _value(value: Any) -> str:
-    """A Python value written as a Hydra override value."""
+    """A Python value written as a Hydra override value (strings quoted, so paths and patterns pass as they are)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
