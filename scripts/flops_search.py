@@ -14,7 +14,7 @@ import copy
 import time
 
 from prunelab.backbones import create
-from prunelab import budget
+from prunelab.budget import search as budget_search
 from prunelab.budget import count_flops, plan_by_threshold, search_threshold
 from prunelab.structure import apply_channel_plan, channel_groups, group_weights
 
@@ -36,11 +36,11 @@ def main() -> None:
         scores = l1_scores(model, groups)
         tries = []
         counting = lambda *args, **kwargs: tries.append(1) or plan_by_threshold(*args, **kwargs)  # noqa: E731
-        budget.plan_by_threshold = counting  # how many candidates the search looks at
+        budget_search.plan_by_threshold = counting  # how many candidates the search looks at
         start = time.perf_counter()
         plan, ratio = search_threshold(model, scores, 0.5, shape, tolerance=0.01)
         searched = time.perf_counter() - start
-        budget.plan_by_threshold, tries = plan_by_threshold, len(tries)
+        budget_search.plan_by_threshold, tries = plan_by_threshold, len(tries)
         start = time.perf_counter()
         count_flops(apply_channel_plan(copy.deepcopy(model), plan, shape), shape)
         built = time.perf_counter() - start

@@ -1934,7 +1934,7 @@ def test_channels_made_positions_of_one_channel_end_a_group_walk():
     """ECA's `y.view(B, 1, C)` turns the channels into the positions of a one-channel signal for a Conv1d: no unflatten
     of features into channels. Torch-Pruning mapped it as one, each channel to C, and group discovery of eca_nfnet_l0
     took 50 s (0.5 s now)."""
-    from prunelab.structure.groups import _splits_channels
+    from prunelab.structure.reshapes import _splits_channels
 
     assert _splits_channels(torch.Size([1, 256]), torch.Size([1, 1, 256]))
     assert not _splits_channels(torch.Size([1, 256]), torch.Size([1, 16, 4, 4]))  # features unflattened into maps

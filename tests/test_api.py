@@ -18,7 +18,7 @@ from conftest import ROOT, make_cfg
 from prunelab import pipeline
 from prunelab.export import load_deployed
 from prunelab.structure import ChannelPlan, MaskPlan
-from prunelab.validate import ConfigError
+from prunelab.errors import ConfigError
 
 
 class UserNet(nn.Module):

@@ -18,7 +18,7 @@ from prunelab.backbones import create
 from prunelab.methods.base import MethodContext, Stage
 from prunelab.methods.concave import Concave, ContinuousSparsification, SoftMask, log_regularizer
 from prunelab.structure import MaskPlan, prunable_weights
-from prunelab.validate import ConfigError
+from prunelab.errors import ConfigError
 
 QUIET = ["latency.batch_sizes=[]", "quiet=true"]
 

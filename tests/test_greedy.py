@@ -24,7 +24,7 @@ from prunelab.methods.greedy import (
     taylor_scores,
 )
 from prunelab.structure import ChannelPlan, apply_channel_plan, channel_groups
-from prunelab.validate import ConfigError
+from prunelab.errors import ConfigError
 
 
 def _layer(seed: int = 0, n: int = 6):

@@ -21,7 +21,7 @@ from prunelab.budget import BudgetError
 from prunelab.methods.base import MethodContext, PruningMethod, Rounds, Stage
 from prunelab.methods.imp import IMP, round_sparsities
 from prunelab.structure import MaskPlan, prunable_weights
-from prunelab.validate import ConfigError
+from prunelab.errors import ConfigError
 
 QUIET = ["latency.batch_sizes=[]", "trainer.limit_val_batches=1"]
 # 224 training images at batch 32: 7 optimizer steps per epoch.

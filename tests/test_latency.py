@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import prunelab.budget as budget
+import prunelab.budget.timing as timing
 from conftest import make_cfg
 from prunelab import pipeline
 from prunelab.backbones import create
@@ -132,7 +133,7 @@ def test_latency_search_follows_a_deployed_model_that_flattens(tmp_path, target)
 
 def test_latency_budget_through_the_pipeline(tmp_path, monkeypatch):
     timer = FakeTimer(scale=0.5, per_call=0.1)
-    monkeypatch.setattr(budget, "time_call", lambda fn, x, **_: timer(fn, x))
+    monkeypatch.setattr(timing, "time_call", lambda fn, x, **_: timer(fn, x))
     cfg = make_cfg(tmp_path, "method=l1_filter", "budget.latency=0.6", "budget.latency_format=eager",
                    "budget.latency_batch_size=2", f"budget.latency_cache={tmp_path / 'tables'}",
                    "latency.batch_sizes=[]", "test=false")
@@ -394,7 +395,7 @@ class FlatDeployment(FakeTimer):
 
 def test_reported_latencies_carry_their_spread_and_a_speedup_within_noise_says_so(tmp_path, monkeypatch, capsys):
     timer = FlatDeployment()
-    monkeypatch.setattr(budget, "time_call", lambda fn, x, **_: timer(fn, x))
+    monkeypatch.setattr(timing, "time_call", lambda fn, x, **_: timer(fn, x))
     cfg = make_cfg(tmp_path, "method=l1_filter", "budget.flops=0.5", "latency.batch_sizes=[1]", "latency.rounds=5",
                    "export.format=torchscript_frozen", "retrain=none", "test=false")
     summary = pipeline.run(cfg, tmp_path)

@@ -13,7 +13,7 @@ from conftest import CrashAtEpoch, EpochRecorder, make_cfg
 from prunelab import load_model, pipeline
 from prunelab.budget import count_flops, count_params
 from prunelab.lit import PruneLitModule, cosine, multistep
-from prunelab.validate import ConfigError
+from prunelab.errors import ConfigError
 
 SUMMARY_KEYS = [
     "test/acc",

@@ -97,7 +97,7 @@ def test_taylor_score_is_the_squared_first_order_loss_change_of_removing_a_chann
 
 
 def test_taylor_needs_a_batch(tmp_path):
-    from prunelab.validate import ConfigError
+    from prunelab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="method.batches=0 must be at least 1"):
         _run(tmp_path, "method=taylor", "method.batches=0", "budget.flops=0.5")

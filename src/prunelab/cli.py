@@ -14,6 +14,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from prunelab.errors import user_error
+
 # The configs are the package `prunelab.conf` (the repository's conf/ folder, mapped in pyproject.toml),
 # so a source checkout, an editable and a regular install all load them the same way. Users add their
 # own config folders on top with `hydra.searchpath=[file:///path/to/my_conf]`.
@@ -47,7 +49,6 @@ def main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from prunelab import pipeline
-    from prunelab.validate import user_error
 
     try:
         summary = pipeline.run(cfg, HydraConfig.get().runtime.output_dir)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prunelab.errors import PrunelabError
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Call `write(tmp)` to fill a temporary file, then rename it to `path` in one step (rank 0 only)."""
@@ -67,8 +69,6 @@ class RunLock:
         import socket
         import time
         import warnings
-
-        from prunelab.validate import PrunelabError
 
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):

@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from prunelab.distributed import global_mean
 from prunelab.methods.base import PruningMethod
-from prunelab.validate import NonFiniteError
+from prunelab.errors import NonFiniteError
 
 # Every epoch value logged here is already the same on every DDP rank (torchmetrics sums its states
 # over ranks; the training sums hold global-batch means), so Lightning's advice to average it is moot.

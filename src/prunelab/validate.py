@@ -16,28 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-
-class PrunelabError(Exception):
-    """An error the user can act on: shown as one line, without a traceback."""
-
-
-class ConfigError(PrunelabError, ValueError):
-    """A setting that cannot work, found before (or instead of) any work."""
-
-
-class NonFiniteError(PrunelabError, ArithmeticError):
-    """A loss, gate, score or metric became NaN or infinite: the run stops, nothing after it is done."""
-
-
-def user_error(err: BaseException) -> PrunelabError | None:
-    """The `PrunelabError` behind an exception, looking through Hydra's instantiation wrappers."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, PrunelabError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+# The error classes live in the leaf module `prunelab.errors`; importers of them from here keep working.
+from prunelab.errors import ConfigError, NonFiniteError, PrunelabError, user_error  # noqa: F401
 
 
 def _number(cfg: DictConfig, key: str) -> Any:
@@ -164,7 +144,7 @@ def _check_layer_ratio_syntax(spec: list) -> None:
 def check_layer_ratios(spec: list, model: Any) -> None:
     """The layer-ratio list fits the model: one entry per stage, or index ranges inside its layers."""
     from prunelab.structure import PRUNABLE_TYPES
-    from prunelab.structure.groups import _stage_of
+    from prunelab.structure.layers import _stage_of
 
     layers = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
     stages = 1 + max(_stage_of(model).values(), default=-1)
@@ -188,7 +168,7 @@ def check_layer_ratios(spec: list, model: Any) -> None:
 
 def check_skip(patterns: list, model: Any) -> tuple[str, ...]:
     """`structure.skip` as a tuple, each entry a module name, a parent of one or a glob matching one."""
-    from prunelab.structure.groups import skipped
+    from prunelab.structure.layers import skipped
 
     names = [name for name, _ in model.named_modules() if name]
     for pattern in patterns:

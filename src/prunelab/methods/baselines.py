@@ -11,7 +11,7 @@ from torch import nn
 from prunelab.budget import structured_plan, unstructured_plan
 from prunelab.methods.base import MethodContext, PruningMethod, Stage, prunable_groups, training_batches
 from prunelab.structure import ChannelGroup, group_weights, prunable_weights
-from prunelab.validate import ConfigError
+from prunelab.errors import ConfigError
 
 
 STRUCTURED = ("flops", "params", "latency", "layer_ratios")

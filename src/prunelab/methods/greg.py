@@ -39,7 +39,7 @@ from prunelab.budget import parse_layer_ratios, structured_plan, unstructured_pl
 from prunelab.io import atomic_write, write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage, prunable_groups, sgd
 from prunelab.structure import ChannelPlan, MaskPlan, group_weights, prunable_weights
-from prunelab.validate import ConfigError
+from prunelab.errors import ConfigError
 
 log = logging.getLogger("prunelab")
 

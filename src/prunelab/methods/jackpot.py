@@ -55,7 +55,7 @@ from prunelab.structure import (
     model_record,
     unfreeze,
 )
-from prunelab.validate import ConfigError
+from prunelab.errors import ConfigError
 
 log = logging.getLogger("prunelab")
 

@@ -37,7 +37,7 @@ from prunelab.budget import structured_plan
 from prunelab.io import write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage
 from prunelab.structure import PRUNABLE_TYPES, ChannelGroup, channel_groups, eval_mode, freeze, model_record, unfreeze
-from prunelab.validate import ConfigError
+from prunelab.errors import ConfigError
 
 log = logging.getLogger("prunelab")
 

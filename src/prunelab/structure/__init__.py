@@ -1,17 +1,8 @@
 """Structure of a model for pruning: channel groups, plans, channel surgery and weight masks."""
 
-from prunelab.structure.groups import (
-    PRUNABLE_TYPES,
-    ChannelGroup,
-    channel_groups,
-    eval_mode,
-    freeze,
-    group_weights,
-    prunable_weights,
-    remember_groups,
-    root_weights,
-    unfreeze,
-)
+from prunelab.structure.channel_group import ChannelGroup, group_weights, root_weights
+from prunelab.structure.groups import channel_groups, remember_groups
+from prunelab.structure.layers import PRUNABLE_TYPES, eval_mode, freeze, prunable_weights, unfreeze
 from prunelab.structure.masks import (
     MaskParametrization,
     WeightMask,
@@ -24,7 +15,8 @@ from prunelab.structure.masks import (
     zero_masked_,
 )
 from prunelab.structure.plans import ChannelPlan, MaskPlan, ModelRecord, model_record
-from prunelab.structure.surgery import UnprunableError, apply_channel_plan, check_prunable, reinitialize
+from prunelab.errors import UnprunableError
+from prunelab.structure.surgery import apply_channel_plan, check_prunable, reinitialize
 
 __all__ = [
     "PRUNABLE_TYPES",

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from prunelab.io import save_torch, write_json
-from prunelab.structure.groups import ChannelGroup
+from prunelab.structure.channel_group import ChannelGroup
 
 CHANNEL_PLAN_FORMAT = "prunelab-channel-plan-v1"
 MASK_PLAN_FORMAT = "prunelab-mask-plan-v1"

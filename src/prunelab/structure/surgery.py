@@ -14,26 +14,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from prunelab.structure.groups import (
-    PRUNABLE_TYPES,
-    _channels,
-    _log_once,
-    build_graph,
-    channel_groups,
-    channels_written,
-    check_head_plan,
-    eval_mode,
-    grouped_unit,
-    groups_from_graph,
-    head_layout,
-    prune_heads,
-    resize_slices,
-    resize_splits,
-    skipped,
-)
+from prunelab.structure.channel_group import channels_written
+from prunelab.structure.groups import build_graph, channel_groups, groups_from_graph
+from prunelab.structure.heads import check_head_plan, head_layout, prune_heads
+from prunelab.structure.layers import PRUNABLE_TYPES, _channels, _log_once, eval_mode, grouped_unit, skipped
 from prunelab.structure.masks import attach_masks, fold_masks, has_masks, masks_of
 from prunelab.structure.plans import ChannelPlan, model_record
-from prunelab.validate import ConfigError
+from prunelab.structure.reshapes import resize_slices, resize_splits
+from prunelab.errors import UnprunableError
 
 
 def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[int, int, int]) -> nn.Module:
@@ -191,10 +179,6 @@ def _update_bookkeeping(model: nn.Module, before: dict[nn.Module, dict[str, tupl
             elif isinstance(value, tuple) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 if any(v in sizes for v in value):
                     setattr(module, key, tuple(sizes.get(v, v) for v in value))
-
-
-class UnprunableError(ConfigError):
-    """Removing some channel group's channels breaks the model: found before any training, said in one line."""
 
 
 def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:

@@ -28,17 +28,14 @@ from torch_pruning.dependency.group import Group
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping, _SplitIndexMapping
 from torch_pruning.pruner import function
 
-from prunelab.structure.groups import (
-    PRUNABLE_TYPES,
-    _channels,
+from prunelab.structure.layers import PRUNABLE_TYPES, _channels, grouped_unit, rms_norm_like
+from prunelab.structure.reshapes import (
     _chunk_sizes,
     _equal_split,
     _ReshapeRecorder,
     _saved_dim,
     _splits_channels,
     _splits_channels_dim,
-    grouped_unit,
-    rms_norm_like,
 )
 
 # How often a group's walk may reach one node with other channels before it is taken as going round without end, and
