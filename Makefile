@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-slow check-results clean
+.PHONY: install quickstart test test-slow lint-imports check-results clean
 
 # The dependencies' exact versions come from constraints.txt (pyproject.toml gives ranges).
 $(STAMP): pyproject.toml constraints.txt
@@ -29,6 +29,10 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The layers of the code ([tool.importlinter] in pyproject.toml): a module imports only from the layers below it.
+lint-imports: install
+	$(VENV)/bin/lint-imports
 
 # Each method's quick configuration on the shared real data, its figures beside tests/reference_results.json
 # (about 16 minutes on 2 cores; ONLY=pfs_quick,jackpot for some).

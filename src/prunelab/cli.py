@@ -46,6 +46,7 @@ def main(cfg: DictConfig) -> float | None:
     `HYDRA_FULL_ERROR=1` shows its traceback instead. Anything else is a bug and keeps its traceback.
     A run stopped by SIGTERM (a scheduler's preemption, `kill`) exits with 143, to be resumed.
     """
+    # Imported here, not at the top, so that `prunelab --help` and Hydra's config errors do not load Lightning.
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from prunelab import pipeline

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab.io import atomic_write
+from prunelab.report import _plot_rounds, round_rows
 
 
 def _is_wandb(logger: Any) -> bool:
@@ -114,8 +115,6 @@ def log_prune(logger: Any, tag: str, rows: list[dict[str, Any]], png: Path) -> N
 
 def finish(logger: Any, cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> None:
     """Per-round curves (PNG, and on W&B), the summary, and the final model as an artifact when asked."""
-    from prunelab.report import _plot_rounds, round_rows
-
     rows = round_rows(summary)
     png = run_dir / "rounds.png"
     if rows:

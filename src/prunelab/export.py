@@ -15,15 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunelab.backbones import create
 from prunelab.io import atomic_write, save_torch
+from prunelab.structure import ChannelPlan, MaskPlan, ModelRecord, apply_channel_plan, has_masks, masks_of, model_record
+from prunelab.structure.masks import attached, fold_masks
 
 FORMAT = "prunelab-model-v1"
 
 
 def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with attached masks folded in: `weight` holds exact zeros, no parametrizations."""
-    from prunelab.structure.masks import attached
-
     state = model.state_dict()
     for name, (module, tensor_name, _) in attached(model).items():
         prefix = f"{name[: -len(tensor_name)]}parametrizations.{tensor_name}."
@@ -34,8 +35,6 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _mask_tensors(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    from prunelab.structure import has_masks, masks_of, model_record
-
     plan = model_record(model).masks
     if plan is None and has_masks(model):
         plan = masks_of(model)
@@ -53,8 +52,6 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
     A model of the user's own class (given to `prunelab.prune`) has no spec: its file holds the rest,
     and `load_model` rebuilds it on an unpruned instance of that class (`base`).
     """
-    from prunelab.structure import model_record
-
     info = model_record(model)
     if info.plans and info.input_shape is None:
         raise ValueError(
@@ -80,9 +77,6 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", base:
     Masks come back in the record (`model.prunelab.masks`, a MaskPlan) but are not attached; the weights
     already hold their zeros. Attach them with `prunelab.structure.attach_masks` to keep training sparse.
     """
-    from prunelab.backbones import create
-    from prunelab.structure import ChannelPlan, MaskPlan, ModelRecord, apply_channel_plan, model_record
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path.resolve()}")
@@ -133,8 +127,6 @@ def export_deployable(
     a difference above `TOLERANCE` (relative to the largest output) raises. The model passed in keeps its
     mode, masks and hooks (the export works on a copy).
     """
-    from prunelab.structure.masks import fold_masks
-
     if format not in FORMATS:
         raise ValueError(f"export.format must be one of {sorted(FORMATS)}, got {format!r}")
     deployable = fold_masks(copy.deepcopy(model)).eval()

@@ -16,8 +16,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from prunelab.backbones import create
+from prunelab.budget import count_flops
 # The error classes live in the leaf module `prunelab.errors`; importers of them from here keep working.
 from prunelab.errors import ConfigError, NonFiniteError, PrunelabError, user_error  # noqa: F401
+from prunelab.export import FORMATS
+from prunelab.structure import PRUNABLE_TYPES
+from prunelab.structure.layers import _stage_of, skipped
 
 
 def _number(cfg: DictConfig, key: str) -> Any:
@@ -69,8 +74,6 @@ def check_config(cfg: DictConfig) -> None:
     _whole(cfg, "budget.latency_batch_size", 1, "the batch size the latency budget is measured at")
     _fraction(cfg, "budget.latency_tolerance", 0, 1, False, False, "the relative tolerance of the latency budget")
     _whole(cfg, "budget.latency_rounds", 1, "interleaved rounds a latency-budget candidate is first timed in")
-    from prunelab.export import FORMATS
-
     fmt = _number(cfg, "export.format")
     _require(fmt is None or fmt in FORMATS, f"export.format={fmt!r} must be one of {', '.join(FORMATS)}")
     if _number(cfg, "budget.latency") is not None:
@@ -143,9 +146,6 @@ def _check_layer_ratio_syntax(spec: list) -> None:
 
 def check_layer_ratios(spec: list, model: Any) -> None:
     """The layer-ratio list fits the model: one entry per stage, or index ranges inside its layers."""
-    from prunelab.structure import PRUNABLE_TYPES
-    from prunelab.structure.layers import _stage_of
-
     layers = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
     stages = 1 + max(_stage_of(model).values(), default=-1)
     if all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in spec):
@@ -168,8 +168,6 @@ def check_layer_ratios(spec: list, model: Any) -> None:
 
 def check_skip(patterns: list, model: Any) -> tuple[str, ...]:
     """`structure.skip` as a tuple, each entry a module name, a parent of one or a glob matching one."""
-    from prunelab.structure.layers import skipped
-
     names = [name for name, _ in model.named_modules() if name]
     for pattern in patterns:
         if not isinstance(pattern, str) or not any(skipped(name, (pattern,)) for name in names):
@@ -194,9 +192,6 @@ def check_variant(cfg: DictConfig, image_size: int) -> str | None:
         return natural
     _require(variant in ("cifar", "imagenet"), f"backbone.variant={variant!r} must be auto, cifar or imagenet")
     if variant != natural:
-        from prunelab.backbones import create
-        from prunelab.budget import count_flops
-
         spec = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if k not in ("_target_", "pretrained")}
         shape = (3, image_size, image_size)
         chosen, other = (count_flops(create(**{**spec, "variant": v}), shape) for v in (variant, natural))

@@ -5,24 +5,11 @@ importing this package makes all names available to `create`. Names that start w
 `torchvision:` are built by those libraries without downloading anything.
 """
 
-from typing import Any
-
-from torch import nn
-
 from prunelab.backbones.registry import available, create, load_pretrained, register, scale_channels
+from prunelab.structure.pruners import customized_pruners
 
-# Importing the family modules runs their `register` decorators and so fills the registry.
+# Importing the family modules runs their `register` decorators and so fills the registry (and registers their
+# custom modules' pruners with structure, `customized_pruners`).
 from prunelab.backbones import cifar_resnet, imagenet_resnet, mobilenet, vgg, wrn  # noqa: E402,F401
-
-
-def customized_pruners() -> dict[type[nn.Module], Any]:
-    """Torch-Pruning pruning functions for the custom modules of all families.
-
-    Pass them as `customized_pruners=` to `torch_pruning.DependencyGraph().build_dependency` or to a
-    Torch-Pruning pruner; without them the parameter-free option-A shortcut of the CIFAR ResNets
-    couples channels wrongly.
-    """
-    return {**cifar_resnet.customized_pruners()}
-
 
 __all__ = ["available", "create", "customized_pruners", "load_pretrained", "register", "scale_channels"]

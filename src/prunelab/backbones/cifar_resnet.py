@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.backbones.registry import register, scale_channels
+from prunelab.structure.pruners import register_pruner
 
 INITS = ("reference", "pfs_official")
 
@@ -97,9 +98,7 @@ def _pad_shortcut_pruner() -> Any:
     return PadShortcutPruner()
 
 
-def customized_pruners() -> dict[type[nn.Module], Any]:
-    """Torch-Pruning `customized_pruners` needed by this family (pass them to DependencyGraph or a pruner)."""
-    return {PadShortcut: _pad_shortcut_pruner()}
+register_pruner(PadShortcut, _pad_shortcut_pruner)
 
 
 class BasicBlock(nn.Module):

@@ -9,8 +9,6 @@ from prunelab.budget.cost import CostModel
 from prunelab.budget.counting import count_flops, count_params, measure, sparsity
 from prunelab.budget.latency import LatencyModel
 from prunelab.budget.plans import (
-    BudgetError,
-    keep_count,
     keep_top,
     keep_top_global,
     parse_layer_ratios,
@@ -31,6 +29,8 @@ from prunelab.budget.timing import (
     time_call,
     time_rounds,
 )
+from prunelab.errors import BudgetError
+from prunelab.structure.channel_group import keep_count
 
 __all__ = [
     "Beside",

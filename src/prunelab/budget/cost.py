@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 from prunelab.budget.counting import _counting, count_params
+from prunelab.structure import PRUNABLE_TYPES
+from prunelab.structure.channel_group import channels_written
+from prunelab.structure.layers import out_channels
 
 
 class CostModel:
@@ -22,10 +25,6 @@ class CostModel:
     """
 
     def __init__(self, model: nn.Module, groups: list, input_shape: tuple[int, ...]):
-        from prunelab.structure import PRUNABLE_TYPES
-        from prunelab.structure.channel_group import channels_written
-        from prunelab.structure.layers import out_channels
-
         layers = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
         macs = dict.fromkeys(layers, 0)
 

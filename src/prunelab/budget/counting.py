@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from prunelab.structure import eval_mode, freeze, prunable_weights, unfreeze
+
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass on a single input of `input_shape` (C, H, W).
@@ -31,8 +33,6 @@ def _counting(model: nn.Module) -> Iterator[FlopCounterMode]:
     """FlopCounterMode over a forward pass in eval mode without gradients. The parameters stop requiring gradients
     meanwhile: a view of one made under no_grad still requires them, with no autograd node, and FlopCounterMode's
     module tracker fails on it as a module's input (timm's PiT and CaiT pass an expanded class token)."""
-    from prunelab.structure import eval_mode, freeze, unfreeze
-
     flags = freeze(model)
     try:
         with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -48,8 +48,6 @@ def count_params(model: nn.Module) -> int:
 
 def sparsity(model: nn.Module) -> float:
     """Fraction of exactly-zero entries among the prunable weights."""
-    from prunelab.structure import prunable_weights
-
     weights = [w for _, w in prunable_weights(model)]
     total = sum(w.numel() for w in weights)
     zeros = sum(int((w == 0).sum()) for w in weights)

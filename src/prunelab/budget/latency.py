@@ -15,6 +15,8 @@ from prunelab.budget import timing
 from prunelab.budget.cost import CostModel
 from prunelab.budget.plans import keep_count, plan_by_counts
 from prunelab.budget.timing import Beside, deployed, latency_device, time_rounds
+from prunelab.io import write_json
+from prunelab.structure import ChannelPlan, apply_channel_plan
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,6 @@ class LatencyModel(CostModel):
     ) -> None:
         import copy
 
-        from prunelab.structure import apply_channel_plan
-
         super().__init__(model, groups, input_shape)
         self.input_shape = tuple(input_shape)
         self.batch_size, self.format, self.device = int(batch_size), format, latency_device(device)
@@ -85,8 +85,6 @@ class LatencyModel(CostModel):
                         table[f"{cin},{cout}"] = self._probe(module, self.inputs[name], cin, cout)
             self.tables.append((ins, outs, table))
         if self.cache is not None and self.probes:
-            from prunelab.io import write_json
-
             write_json(self.cache, known, sort_keys=True)
         # Calibration on the deployed model: dense, and every group at 3/4, 1/2 and 1/4 of its channels.
         self.by_macs = False
@@ -247,8 +245,6 @@ class LatencyModel(CostModel):
 
         A group whose channels cost nothing measurable (within the tables' noise) gets 1% of the mean cost.
         """
-        from prunelab.structure import ChannelPlan
-
         dense = self._work(None)
         costs = {}
         for g in groups:

@@ -7,6 +7,8 @@ import math
 import torch
 
 from prunelab.errors import BudgetError
+from prunelab.structure import ChannelPlan, MaskPlan
+from prunelab.structure.channel_group import keep_count
 
 
 def parse_layer_ratios(spec: list, groups: list) -> dict[str, float]:
@@ -40,17 +42,6 @@ def parse_layer_ratios(spec: list, groups: list) -> dict[str, float]:
     if bad:
         raise BudgetError(f"layer ratios must be in [0, 1) (a layer never loses all channels): {bad}")
     return ratios
-
-
-def keep_count(count: int, size: int, round_to: int = 1, unit: int = 1, multiple: int = 1) -> int:
-    """Channels to keep: at least one, rounded up to a multiple of `round_to`, never more than `size`.
-
-    A group read by grouped convolutions also rounds up to a multiple of its `unit`
-    (`ChannelGroup.unit`), so that it keeps whole units, and one that must keep a multiple of some
-    count (`ChannelGroup.multiple`, an attention's heads) to a multiple of that.
-    """
-    step = math.lcm(max(1, int(round_to)), max(1, int(unit)), max(1, int(multiple)))
-    return min(size, math.ceil(max(1, int(count)) / step) * step)
 
 
 def unit_scores(scores: torch.Tensor, unit: int = 1) -> torch.Tensor:
@@ -87,8 +78,6 @@ def plan_by_counts(
     (`ChannelGroup.blocks`: an attention's heads by dimension, the chunks of an equal split) keeps
     count / blocks channels of each, in whole units.
     """
-    from prunelab.structure import ChannelPlan
-
     keep = {}
     for name, s in scores.items():
         parts = (blocks or {}).get(name, 1)
@@ -135,8 +124,6 @@ def unstructured_plan(scores: dict[str, torch.Tensor], sparsity: float, scope: s
     fraction from every tensor (exact to one weight per tensor). Ties break by position, so the
     result is deterministic.
     """
-    from prunelab.structure import MaskPlan
-
     if not 0.0 <= sparsity < 1.0:
         raise BudgetError(f"budget.sparsity is the fraction of weights to remove, in [0, 1); got {sparsity}")
     if scope not in ("global", "layer"):

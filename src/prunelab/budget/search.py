@@ -12,14 +12,15 @@ from prunelab.budget.cost import CostModel
 from prunelab.budget.counting import count_flops, count_params
 from prunelab.budget.latency import LatencyModel
 from prunelab.budget.plans import (
-    BudgetError,
-    keep_count,
     parse_layer_ratios,
     plan_by_counts,
     plan_by_threshold,
     tie_scores,
     unit_scores,
 )
+from prunelab.errors import BudgetError
+from prunelab.structure import apply_channel_plan, channel_groups
+from prunelab.structure.channel_group import keep_count
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ def search_threshold(
     so each of their channels costs the most) and fine-tuning did not recover (10% accuracy; measured).
     """
     import copy
-
-    from prunelab.structure import apply_channel_plan, channel_groups
 
     groups = [g for g in channel_groups(model, input_shape) if g.name in scores]
     scores = tie_scores(scores, groups)
@@ -129,8 +128,6 @@ def _search_latency(model, costs, normalised, target, input_shape, tolerance, it
     """
     import copy
     import time
-
-    from prunelab.structure import apply_channel_plan
 
     # A ratio beside the search's own model, as a fraction of `dense` (1 when that model is the reference).
     scale = costs.dense["latency"] / dense
@@ -335,8 +332,6 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
     searched to meet `budget.flops` or `budget.params`, fractions of the dense backbone
     (`ctx.dense`) to keep. `ctx` is the pipeline's Context (budget, input_shape, dense).
     """
-    from prunelab.structure import channel_groups
-
     budget, input_shape = ctx.budget, ctx.input_shape
     if not scores:
         raise BudgetError(

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunelab.export import FORMATS, export_deployable, load_deployed
+
 log = logging.getLogger(__name__)
 
 
@@ -219,8 +221,6 @@ def deployed(model: nn.Module, input_shape: tuple[int, ...], format: str, device
     """The model as it runs deployed in `format` ("eager": an eval-mode copy; else exported, reloaded, optimised)."""
     import copy
     import tempfile
-
-    from prunelab.export import FORMATS, export_deployable, load_deployed
 
     device = latency_device(device)
     net = copy.deepcopy(model).to(device).eval()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.structure import ChannelPlan, MaskPlan
+from prunelab.structure import ChannelPlan, MaskPlan, channel_groups
 
 
 @dataclass
@@ -210,8 +210,6 @@ def training_batches(data, count: int) -> list:
 
 def prunable_groups(model: nn.Module, ctx: MethodContext) -> list:
     """The channel groups a structured method may prune under the experiment's budget settings."""
-    from prunelab.structure import channel_groups
-
     groups = channel_groups(model, ctx.input_shape)
     if not ctx.budget.get("prune_coupled", True):
         groups = [g for g in groups if not g.coupled]

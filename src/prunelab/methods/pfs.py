@@ -33,11 +33,12 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import parametrize
 
+from prunelab.backbones import create, load_pretrained
 from prunelab.budget import structured_plan
+from prunelab.errors import ConfigError
 from prunelab.io import write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage
 from prunelab.structure import PRUNABLE_TYPES, ChannelGroup, channel_groups, eval_mode, freeze, model_record, unfreeze
-from prunelab.errors import ConfigError
 
 log = logging.getLogger("prunelab")
 
@@ -158,8 +159,6 @@ class PruningFromScratch(PruningMethod):
 
     def initial_model(self, model: nn.Module) -> nn.Module:
         """A freshly initialised copy of the backbone, `expansion` times as wide (or loaded from `init_from`)."""
-        from prunelab.backbones import create, load_pretrained
-
         if model_record(model).spec is None:
             raise ConfigError(
                 "pfs starts from a fresh copy of a prunelab backbone made `expansion` times as wide; a model given "

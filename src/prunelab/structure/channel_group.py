@@ -1,8 +1,9 @@
-"""A `ChannelGroup`: the plain, picklable summary of one set of output channels that must be removed together, and
-the weights of the layers that write them."""
+"""A `ChannelGroup`: the plain, picklable summary of one set of output channels that must be removed together, the
+counts of channels it can keep (`keep_count`), and the weights of the layers that write them."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,6 +70,17 @@ class ChannelGroup:
     blocks: int = 1
     split_sizes: list[list] = field(default_factory=list)
     tied: list[int] = field(default_factory=list)
+
+
+def keep_count(count: int, size: int, round_to: int = 1, unit: int = 1, multiple: int = 1) -> int:
+    """Channels to keep: at least one, rounded up to a multiple of `round_to`, never more than `size`.
+
+    A group read by grouped convolutions also rounds up to a multiple of its `unit`
+    (`ChannelGroup.unit`), so that it keeps whole units, and one that must keep a multiple of some
+    count (`ChannelGroup.multiple`, an attention's heads) to a multiple of that.
+    """
+    step = math.lcm(max(1, int(round_to)), max(1, int(unit)), max(1, int(multiple)))
+    return min(size, math.ceil(max(1, int(count)) / step) * step)
 
 
 def channels_written(group: ChannelGroup, layer: str) -> list[int] | None:

@@ -40,6 +40,7 @@ from prunelab.structure.layers import (
     skipped,
 )
 from prunelab.structure.masks import has_masks
+from prunelab.structure.pruners import customized_pruners
 from prunelab.structure.reshapes import _chunk_sizes, _equal_split
 
 # Names this module held before the group type, layers, reshapes and heads moved to their own modules, which other
@@ -59,8 +60,6 @@ from prunelab.structure.reshapes import resize_slices, resize_splits  # noqa: E4
 
 def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Any, nn.Module | None]:
     """Trace the model into a Torch-Pruning DependencyGraph, with the classifier's outputs protected."""
-    from prunelab.backbones import customized_pruners
-
     # Imported here, not at the top, so that importing prunelab does not import Torch-Pruning.
     from prunelab.structure.tp_graph import Graph
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from prunelab.structure.channel_group import channels_written
+from prunelab.structure.channel_group import channels_written, keep_count
 from prunelab.structure.groups import build_graph, channel_groups, groups_from_graph
 from prunelab.structure.heads import check_head_plan, head_layout, prune_heads
 from prunelab.structure.layers import PRUNABLE_TYPES, _channels, _log_once, eval_mode, grouped_unit, skipped
@@ -366,8 +366,6 @@ def _trial_removed(group) -> list[int]:
     """About half of the group's channels, every other unit, so that it keeps a valid count (`keep_count`);
     in a group of equal blocks (`ChannelGroup.blocks`), every other unit of each block, shifted by one unit from
     block to block so that a mapping that mixes the blocks up shows (tied blocks: the same units in each)."""
-    from prunelab.budget import keep_count
-
     if group.blocks > 1:
         unit = group.unit
         units = group.size // group.blocks // unit
