@@ -139,7 +139,7 @@ class CostModel:
 
 def _per_head_parameters(m: nn.Module, laid_out: bool) -> int:
     """How many parameters of an attention outside its Linear layers hold entries per head, as head pruning cuts them
-    (`prunelab.structure.groups.prune_heads`): a laid-out attention's own parameters with heads first; else its own
+    (`prunelab.structure.heads.prune_heads`): a laid-out attention's own parameters with heads first; else its own
     tables with heads last or one value per head, and its position-bias modules' tables with heads last."""
     heads = m.num_heads
     own = list(m.parameters(recurse=False))
