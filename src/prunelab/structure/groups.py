@@ -43,20 +43,6 @@ from prunelab.structure.masks import has_masks
 from prunelab.structure.pruners import customized_pruners
 from prunelab.structure.reshapes import _chunk_sizes, _equal_split
 
-# Names this module held before the group type, layers, reshapes and heads moved to their own modules, which other
-# modules still import from here.
-from prunelab.structure.channel_group import channels_written, group_weights, root_weights  # noqa: E402,F401
-from prunelab.structure.heads import (  # noqa: E402,F401
-    HeadLayout,
-    Writer,
-    check_head_plan,
-    head_dim,
-    head_dim_prunable,
-    head_layout,
-    prune_heads,
-)
-from prunelab.structure.layers import freeze, prunable_weights, unfreeze  # noqa: E402,F401
-from prunelab.structure.reshapes import resize_slices, resize_splits  # noqa: E402,F401
 
 def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Any, nn.Module | None]:
     """Trace the model into a Torch-Pruning DependencyGraph, with the classifier's outputs protected."""
