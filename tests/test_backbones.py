@@ -15,6 +15,7 @@ from prunelab import backbones
 from prunelab.backbones import available, create, load_pretrained, register
 from prunelab.backbones.cifar_resnet import PadShortcut
 from prunelab.structure import reinitialize
+from prunelab.structure.pruners import _FACTORIES, register_pruner
 
 # The shared weights and data sit in a `shared` folder beside the repository root.
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
@@ -328,6 +329,18 @@ def test_pad_shortcut_pruner_keeps_the_mapping() -> None:
     expected = PadShortcut(4, 8, stride=2)(zeroed)[:, [1, 2, 4, 5, 6]]
     torch.testing.assert_close(shortcut(x[:, [0, 2, 3]]), expected, rtol=0, atol=0)
     assert (shortcut.in_channels, shortcut.out_channels) == (3, 5)
+
+
+
+def test_a_second_pruner_for_a_registered_module_is_refused() -> None:
+    # The family registered its shortcut's pruner with structure when it was imported; registering the same factory
+    # again changes nothing, another one is refused and the first stays.
+    factory = _FACTORIES[PadShortcut]
+    register_pruner(PadShortcut, factory)
+    with pytest.raises(ValueError, match="already registered"):
+        register_pruner(PadShortcut, lambda: None)
+    assert _FACTORIES[PadShortcut] is factory
+    assert type(backbones.customized_pruners()[PadShortcut]).__name__ == "PadShortcutPruner"
 
 
 def test_load_strips_module_prefix(tmp_path: Path) -> None:
