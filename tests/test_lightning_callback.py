@@ -203,6 +203,35 @@ def test_the_method_ends_its_training_and_the_pruned_model_meets_the_budget(tmp_
     assert (tmp_path / "greg_history.json").exists() and (tmp_path / "prune" / "plan.json").exists()
 
 
+@pytest.mark.parametrize(("method", "budget"), [("l1_filter", {"flops": 0.5}), ("magnitude", {"sparsity": 0.5})])
+def test_a_prune_after_an_epoch_goes_on_training_the_pruned_network_as_a_plain_loop_does(method, budget, tmp_path):
+    batches = data(3)
+    x = batches[0][0]
+    # The loop: an epoch of dense training, the prune, a new optimizer on the pruned network, another epoch.
+    pruner = prunelab.Pruner(net(), method, budget, x, run_dir=tmp_path / "loop")
+    train(pruner, batches, torch.optim.SGD(pruner.parameters(), lr=LR, momentum=0.9))
+    looped = pruner.prune()
+    train(pruner, batches, torch.optim.SGD(pruner.parameters(), lr=LR, momentum=0.9))
+
+    pruning = Pruning(method, budget, x, submodule="net", prune_at=1, run_dir=tmp_path / "callback")
+    module = LitNet(net())
+    fit = trainer(max_epochs=2, callbacks=[pruning])
+    fit.fit(module, loader(batches))
+    assert fit.global_step == 2 * len(batches)
+    if method == "magnitude":
+        assert pruning.result.plan.masks.keys() == looped.plan.masks.keys()
+        assert all(torch.equal(pruning.result.plan.masks[k], m) for k, m in looped.plan.masks.items())
+    else:
+        assert pruning.result.plan == looped.plan
+    # The Trainer's optimizer was built anew on the pruned network, which trained on as the loop's did.
+    assert {id(p) for p in fit.optimizers[0].param_groups[0]["params"]} == {id(p) for p in module.net.parameters()}
+    assert_same(weights(module.net), weights(pruner.model))
+    if method == "magnitude":
+        assert prunelab.count(module.net, x)["sparsity"] == pytest.approx(0.5, abs=1e-4)
+    else:
+        assert prunelab.count(module.net, x)["flops"] / prunelab.count(net(), x)["flops"] == pytest.approx(0.5, rel=0.01)
+
+
 def test_an_unstructured_prune_keeps_its_zeros_while_the_loop_fine_tunes(tmp_path):
     batches = data(3)
     pruner = prunelab.Pruner(net(), "magnitude", {"sparsity": 0.5}, batches[0][0], run_dir=tmp_path)
@@ -234,6 +263,21 @@ def test_a_mask_search_trains_only_its_scores_on_frozen_weights(tmp_path):
         expected = before[name] * mask if mask is not None else before[name]
         if "running" not in name and "num_batches" not in name:
             assert torch.equal(value, expected), name
+
+
+def test_the_callback_hands_configure_optimizers_what_a_mask_search_trains(tmp_path):
+    batches = data(4)
+    x = batches[0][0]
+    before = weights(net())
+    pruning = Pruning("jackpot", {"sparsity": 0.5}, x, submodule="net", overrides=["method.overlap_with=[magnitude]"], run_dir=tmp_path)
+    module = LitNet(net(), lr=0.1, pruning=pruning)
+    fit = trainer(max_epochs=2, callbacks=[pruning])
+    fit.fit(module, loader(batches))
+    # The search's length came from the Trainer (its swap schedule ends at T = 8 steps); only the scores trained.
+    assert pruning.pruner.method.total_steps == 8 == len(pruning.pruner.method.history)
+    assert abs(pruning.result.plan.sparsity() - 0.5) < 1e-4
+    for name, mask in pruning.result.plan.masks.items():
+        assert torch.equal(module.net.get_parameter(name), before[name] * mask), name
 
 
 def test_mistakes_stop_in_one_line_before_any_training(tmp_path):

@@ -134,8 +134,8 @@ class Pruner:
         self.steps = 0
         self.stop_reason: str | None = None
         self.result: PruneResult | None = None
-        # Methods whose schedule spans the whole training must hear its length first (`fit_start`).
-        self._needs_steps = type(self.method).on_fit_start is not PruningMethod.on_fit_start and self.stage is not None
+        #: Whether the method's schedule spans the whole training, so that it must hear its length first (`fit_start`).
+        self.needs_steps = type(self.method).on_fit_start is not PruningMethod.on_fit_start and self.stage is not None
         self._started = False
         if steps is not None:
             self.fit_start(steps)
@@ -265,7 +265,7 @@ class Pruner:
         self.stop_reason = state.get("stop_reason")
 
     def _check_started(self) -> None:
-        if self._needs_steps and not self._started:
+        if self.needs_steps and not self._started:
             raise ConfigError(f"{type(self.method).__name__} schedules its search over the whole training: pass steps=<optimizer steps> or call fit_start(steps) first")
 
 

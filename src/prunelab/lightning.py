@@ -9,6 +9,7 @@ Trainer's checkpoints, and the model is pruned at the end of the fit or after a 
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,8 +91,11 @@ class Pruning(Callback):
         self._place(pl_module, self.pruner.model)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.pruner.pruned:
-            self.pruner.fit_start(max(1, int(trainer.estimated_stepping_batches)))
+        if self.pruner.needs_steps and not self.pruner.pruned:
+            steps = trainer.estimated_stepping_batches
+            if not math.isfinite(steps):
+                raise ConfigError(f"{type(self.pruner.method).__name__} schedules its search over the whole training: give the Trainer max_steps or max_epochs")
+            self.pruner.fit_start(max(1, int(steps)))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed fit has already taken the checkpoint's steps.
