@@ -58,6 +58,27 @@ class LitNet(L.LightningModule):
         return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
 
 
+class Whole(L.LightningModule):
+    """A user's LightningModule that is itself the network (layers and forward of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+
+
 SHAPE = (3, 8, 8)
 LR = 0.05
 # GReg-1 on a short schedule: lambda grows by 0.05 every 2 steps and passes tau=0.28 at iteration 10 (its 6th
@@ -232,6 +253,27 @@ def test_a_prune_after_an_epoch_goes_on_training_the_pruned_network_as_a_plain_l
         assert prunelab.count(module.net, x)["flops"] / prunelab.count(net(), x)["flops"] == pytest.approx(0.5, rel=0.01)
 
 
+def test_the_callback_prunes_a_lightning_module_that_is_the_network_itself(tmp_path):
+    batches = data(3)
+    x = batches[0][0]
+    # Network Slimming's L1 penalty on the BatchNorm scales; this network meets half the FLOPs within 5%.
+    settings = dict(method="slimming", budget={"flops": 0.5, "tolerance": 0.05}, example_inputs=x, overrides=["method.penalty=0.01"])
+    torch.manual_seed(0)
+    pruner = prunelab.Pruner(Whole(), **settings, run_dir=tmp_path / "loop")
+    optimizer = torch.optim.SGD(pruner.parameters(), lr=LR, momentum=0.9)
+    train(pruner, batches + batches, optimizer)
+    looped = pruner.prune()
+
+    torch.manual_seed(0)
+    module = Whole()
+    pruning = Pruning(**settings, run_dir=tmp_path / "callback")
+    trainer(max_epochs=2, callbacks=[pruning]).fit(module, loader(batches))
+    assert pruning.result.model is module and pruning.result.plan == looped.plan
+    assert_same(weights(module), weights(looped.model))
+    assert pruning.result.report["model/flops_ratio"] == pytest.approx(0.5, rel=0.05)
+    assert module(x).shape == (8, 4)
+
+
 def test_an_unstructured_prune_keeps_its_zeros_while_the_loop_fine_tunes(tmp_path):
     batches = data(3)
     pruner = prunelab.Pruner(net(), "magnitude", {"sparsity": 0.5}, batches[0][0], run_dir=tmp_path)
@@ -269,7 +311,8 @@ def test_the_callback_hands_configure_optimizers_what_a_mask_search_trains(tmp_p
     batches = data(4)
     x = batches[0][0]
     before = weights(net())
-    pruning = Pruning("jackpot", {"sparsity": 0.5}, x, submodule="net", overrides=["method.overlap_with=[magnitude]"], run_dir=tmp_path)
+    pruning = Pruning("jackpot", {"sparsity": 0.5}, x, submodule="net", overrides=["method.overlap_with=[magnitude]"],
+                      run_dir=tmp_path)
     module = LitNet(net(), lr=0.1, pruning=pruning)
     fit = trainer(max_epochs=2, callbacks=[pruning])
     fit.fit(module, loader(batches))
@@ -284,7 +327,8 @@ def test_mistakes_stop_in_one_line_before_any_training(tmp_path):
     x = data(1)[0][0]
     fits = ", ".join(IN_YOUR_LOOP)
     cases = [
-        (dict(method="imp", budget={"sparsity": 0.5}), rf"method=imp runs .*round1/prune \(prune\).*round2/prune .*: a loop of yours runs at most one training stage, then one prune \(methods that fit your loop: {fits}\)"),
+        (dict(method="imp", budget={"sparsity": 0.5}), r"method=imp runs .*round1/prune \(prune\).*round2/prune .*: a loop of yours runs "
+         rf"at most one training stage, then one prune \(methods that fit your loop: {fits}\)"),
         (dict(method="concave", budget={"sparsity": 0.5}), r"method=concave runs .*round2/search \(fit\)"),
         (dict(method="pfs", budget={"flops": 0.5}), r"method=pfs starts from a new model of its own"),
         (dict(method="dense"), r"method=dense runs train \(fit\)"),
@@ -301,9 +345,9 @@ def test_mistakes_stop_in_one_line_before_any_training(tmp_path):
             prunelab.Pruner(model, example_inputs=x, run_dir=tmp_path, **kwargs)
         assert "\n" not in str(caught.value), str(caught.value)
         assert_same(weights(model), before)
-        if "budget" in kwargs and "flop" not in kwargs["budget"] and kwargs["method"] != "taylor":
-            with pytest.raises(ConfigError, match=message):
-                Pruning(example_inputs=x, run_dir=tmp_path, **kwargs)
+        # The callback refuses the same when it is made, before a Trainer exists.
+        with pytest.raises(ConfigError, match=message):
+            Pruning(example_inputs=x, run_dir=tmp_path, **kwargs)
     # jackpot's swap schedule spans the whole search: it needs the training's length before the first step.
     pruner = prunelab.Pruner(net(), "jackpot", {"sparsity": 0.5}, x, overrides=["method.overlap_with=[]"], run_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"Jackpot schedules its search over the whole training: pass steps="):
@@ -316,10 +360,11 @@ def test_mistakes_stop_in_one_line_before_any_training(tmp_path):
 def test_the_methods_said_to_fit_a_users_loop_are_those_whose_stages_do(tmp_path):
     names = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
     unstructured = {"imp", "concave", "cs", "jackpot", "edge_popup", "magnitude"}
+    train = loader(data(1))
     fitting = []
     for name in names:
         try:
-            loop_method(name, {"sparsity": 0.5} if name in unstructured else {"flops": 0.5}, [], tmp_path)
+            loop_method(name, {"sparsity": 0.5} if name in unstructured else {"flops": 0.5}, [], tmp_path, train)
         except ConfigError:
             continue
         fitting.append(name)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from prunelab import structure
 from prunelab.api import PruneResult, compose_config, user_data, user_overrides
 from prunelab.budget import measure
+from prunelab.data import LoaderDataModule
 from prunelab.lit import trainable
 from prunelab.methods.base import PruningMethod, Rounds, Stage
 from prunelab.pipeline import Context, _build, _check_data, _prune
@@ -34,22 +35,28 @@ from prunelab.structure import MaskPlan, model_record
 from prunelab.validate import ConfigError, check_config, check_layer_ratios, check_skip
 
 #: The methods (`method=` choices, with their default settings) whose stages a loop of the user's can run.
-IN_YOUR_LOOP = ("greg1", "greg2", "slimming", "jackpot", "edge_popup", "l1_filter", "taylor", "magnitude", "random", "uniform", "greedy")
+IN_YOUR_LOOP = (
+    "greg1", "greg2", "slimming", "jackpot", "edge_popup", "l1_filter", "taylor", "magnitude", "random", "uniform", "greedy",
+)
 
 
-def loop_method(method: str, budget: dict[str, Any] | None, overrides: Sequence[str], run_dir: Path) -> tuple[DictConfig, PruningMethod, Stage | None, Stage]:
+def loop_method(
+    method: str, budget: dict[str, Any] | None, overrides: Sequence[str], run_dir: Path, train: DataLoader | None = None
+) -> tuple[DictConfig, PruningMethod, Stage | None, Stage]:
     """Compose the config of `method=<method> budget.<k>=<v> <overrides>`, check it and build the method.
 
     Returns the config, the method, its training stage (None for a one-shot method) and its prune
-    stage. A setting that cannot work, or a method whose stages a user's loop cannot run, raises a
-    one-line `ConfigError`.
+    stage. A setting that cannot work, a method whose stages a user's loop cannot run, or one that
+    scores with training batches while no `train` loader is given raises a one-line `ConfigError`.
     """
     user_overrides("Pruner", overrides)
     cfg = compose_config(method, dict(budget or {}), overrides, run_dir=run_dir)
     check_config(cfg)
     built = _build(cfg.method)
     if type(built).initial_model is not PruningMethod.initial_model:
-        raise ConfigError(f"method={method} starts from a new model of its own, not from yours (methods that fit your loop: {', '.join(IN_YOUR_LOOP)})")
+        raise ConfigError(
+            f"method={method} starts from a new model of its own, not from yours (methods that fit your loop: {', '.join(IN_YOUR_LOOP)})"
+        )
     own: list[Stage] = []
     for item in built.stages():
         own.extend(item.expand() if isinstance(item, Rounds) else [item])
@@ -63,7 +70,9 @@ def loop_method(method: str, budget: dict[str, Any] | None, overrides: Sequence[
             f"(methods that fit your loop: {', '.join(IN_YOUR_LOOP)})"
         )
     if built.budget_keys and all(cfg.budget.get(k) is None for k in built.budget_keys):
-        raise ConfigError(f"{type(built).__name__} prunes to a budget: set {' or '.join(f'budget.{k}' for k in built.budget_keys)}")
+        wanted = " or ".join(f"budget.{k}" for k in built.budget_keys)
+        raise ConfigError(f"{type(built).__name__} prunes to a budget: set {wanted}")
+    _check_data([], built, LoaderDataModule((), 1, train))
     return cfg, built, (kept[0] if len(kept) == 2 else None), kept[-1]
 
 
@@ -109,9 +118,8 @@ class Pruner:
     ) -> None:
         overrides = list(overrides)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="prunelab-"))
-        cfg, self.method, self.stage, self._prune_stage = loop_method(method, budget, overrides, self.run_dir)
+        cfg, self.method, self.stage, self._prune_stage = loop_method(method, budget, overrides, self.run_dir, train)
         example_inputs, data = user_data(model, example_inputs, num_classes, train)
-        _check_data([], self.method, data)
         shape = tuple(example_inputs.shape[1:])
         if cfg.budget.get("layer_ratios"):
             check_layer_ratios(list(cfg.budget.layer_ratios), model)
@@ -121,7 +129,8 @@ class Pruner:
         record.skip = check_skip(list(cfg.get("structure", {}).get("skip") or []), model)
         record.prune_embedding = bool(cfg.get("structure", {}).get("prune_embedding", False))
         record.prune_head_dim = bool(cfg.get("structure", {}).get("prune_head_dim", False))
-        if "flops" in self.method.budget_keys and any(cfg.budget.get(k) is not None for k in ("flops", "params", "latency", "layer_ratios")):
+        channels = ("flops", "params", "latency", "layer_ratios")
+        if "flops" in self.method.budget_keys and any(cfg.budget.get(k) is not None for k in channels):
             structure.check_prunable(model, shape)
         self._ctx = Context(cfg=cfg, run_dir=self.run_dir, datamodule=data, method=self.method, input_shape=shape, base=model)
         self._ctx.dense = measure(model, shape)
@@ -266,7 +275,10 @@ class Pruner:
 
     def _check_started(self) -> None:
         if self.needs_steps and not self._started:
-            raise ConfigError(f"{type(self.method).__name__} schedules its search over the whole training: pass steps=<optimizer steps> or call fit_start(steps) first")
+            raise ConfigError(
+                f"{type(self.method).__name__} schedules its search over the whole training: "
+                "pass steps=<optimizer steps> or call fit_start(steps) first"
+            )
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -68,7 +68,7 @@ class Pruning(Callback):
             raise ConfigError("Pruning needs example_inputs (a batch of inputs) or train=<DataLoader>")
         self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="prunelab-"))
         # Every setting is checked now, before the Trainer does any work.
-        loop_method(method, budget, overrides, self.run_dir)
+        loop_method(method, budget, overrides, self.run_dir, train)
         self._settings = dict(method=method, budget=budget, example_inputs=example_inputs, train=train,
                               num_classes=num_classes, overrides=list(overrides), run_dir=self.run_dir)
         self.submodule = submodule
@@ -94,7 +94,8 @@ class Pruning(Callback):
         if self.pruner.needs_steps and not self.pruner.pruned:
             steps = trainer.estimated_stepping_batches
             if not math.isfinite(steps):
-                raise ConfigError(f"{type(self.pruner.method).__name__} schedules its search over the whole training: give the Trainer max_steps or max_epochs")
+                name = type(self.pruner.method).__name__
+                raise ConfigError(f"{name} schedules its search over the whole training: give the Trainer max_steps or max_epochs")
             self.pruner.fit_start(max(1, int(steps)))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
