@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -202,6 +203,31 @@ def test_the_callback_in_a_users_trainer_matches_the_plain_loop(accumulate, tmp_
         assert_same(weights(module.net), weights(looped.model))
     else:
         torch.testing.assert_close(weights(module.net), weights(looped.model), rtol=1e-5, atol=1e-7)
+
+
+def test_under_mixed_precision_the_extra_gradient_is_scaled_as_the_loss_is(tmp_path):
+    batches = data(8)
+    x = batches[0][0]
+    # The user's loop under float16 autocast with a gradient scaler (on the CPU, as on a GPU).
+    pruner = prunelab.Pruner(net(), "greg1", {"flops": 0.5}, x, overrides=GREG, run_dir=tmp_path / "loop")
+    optimizer = torch.optim.SGD(pruner.parameters(), lr=LR, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu")
+    for inputs, labels in batches:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(pruner.model(inputs), labels) + pruner.extra_loss()
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        pruner.after_step()
+    assert scaler.get_scale() > 1.0
+    looped = pruner.prune()
+
+    pruning = Pruning("greg1", {"flops": 0.5}, x, submodule="net", overrides=GREG, run_dir=tmp_path / "callback")
+    module = LitNet(net())
+    amp = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    trainer(max_steps=len(batches), callbacks=[pruning], plugins=[amp]).fit(module, loader(batches))
+    assert_same(weights(module.net), weights(looped.model))
 
 
 def test_the_method_ends_its_training_and_the_pruned_model_meets_the_budget(tmp_path):
