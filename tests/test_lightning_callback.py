@@ -364,6 +364,10 @@ def test_mistakes_stop_in_one_line_before_any_training(tmp_path):
         (dict(method="taylor", budget={"flops": 0.5}), r"Taylor scores with training batches, and no training data was given"),
         (dict(method="greg1", budget={"flops": 0.5}, overrides=["backbone=resnet20"]), r"takes the model and the data from Python"),
     ]
+    model = net()
+    with pytest.raises(ConfigError, match=r"steps=0 must be a whole number >= 1"):
+        prunelab.Pruner(model, "jackpot", {"sparsity": 0.5}, x, steps=0, run_dir=tmp_path)
+    assert not any("parametrizations" in name for name in model.state_dict())
     for kwargs, message in cases:
         model = net()
         before = weights(model)
@@ -374,6 +378,17 @@ def test_mistakes_stop_in_one_line_before_any_training(tmp_path):
         # The callback refuses the same when it is made, before a Trainer exists.
         with pytest.raises(ConfigError, match=message):
             Pruning(example_inputs=x, run_dir=tmp_path, **kwargs)
+    # jackpot's default criteria to compare with (snip, grasp) read training batches when the search is set up:
+    # the Pruner refuses at once, the callback when the fit is set up, before any step.
+    model = net()
+    with pytest.raises(ConfigError, match=r"^no training loader was given \(pass train=<DataLoader>\)$"):
+        prunelab.Pruner(model, "jackpot", {"sparsity": 0.5}, x, steps=4, run_dir=tmp_path)
+    pruning = Pruning("jackpot", {"sparsity": 0.5}, x, submodule="net", run_dir=tmp_path)
+    module = LitNet(model)
+    fit = trainer(max_steps=4, callbacks=[pruning])
+    with pytest.raises(ConfigError, match=r"^no training loader was given"):
+        fit.fit(module, loader(data(4)))
+    assert fit.global_step == 0 and not any("parametrizations" in name for name in model.state_dict())
     # jackpot's swap schedule spans the whole search: it needs the training's length before the first step.
     pruner = prunelab.Pruner(net(), "jackpot", {"sparsity": 0.5}, x, overrides=["method.overlap_with=[]"], run_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"Jackpot schedules its search over the whole training: pass steps="):

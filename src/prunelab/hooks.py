@@ -117,6 +117,8 @@ class Pruner:
         run_dir: str | Path | None = None,
     ) -> None:
         overrides = list(overrides)
+        if steps is not None:
+            _check_steps(steps)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="prunelab-"))
         cfg, self.method, self.stage, self._prune_stage = loop_method(method, budget, overrides, self.run_dir, train)
         example_inputs, data = user_data(model, example_inputs, num_classes, train)
@@ -156,8 +158,7 @@ class Pruner:
 
     def fit_start(self, steps: int) -> None:
         """Tell the method the training's length in optimizer steps (call before the first step, again on a resume)."""
-        if not (isinstance(steps, int) and steps >= 1):
-            raise ConfigError(f"steps={steps!r} must be a whole number >= 1 (the optimizer steps of your training)")
+        _check_steps(steps)
         if self.stage is not None:
             self.method.on_fit_start(self.model, self.stage.tag, steps)
         self._started = True
@@ -279,6 +280,11 @@ class Pruner:
                 f"{type(self.method).__name__} schedules its search over the whole training: "
                 "pass steps=<optimizer steps> or call fit_start(steps) first"
             )
+
+
+def _check_steps(steps: Any) -> None:
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        raise ConfigError(f"steps={steps!r} must be a whole number >= 1 (the optimizer steps of your training)")
 
 
 def _device(model: nn.Module) -> torch.device:
