@@ -333,6 +333,31 @@ def test_a_mask_search_trains_only_its_scores_on_frozen_weights(tmp_path):
             assert torch.equal(value, expected), name
 
 
+def test_one_round_of_continuous_sparsification_with_parameter_groups_and_epoch_hooks(tmp_path):
+    batches = data(4)
+    pruner = prunelab.Pruner(net(), "cs", {"sparsity": 0.5}, batches[0][0], overrides=["method.rounds=1", "method.lam=1e-3"],
+                             run_dir=tmp_path)
+    # The weights with the optimizer's settings; the relaxed masks in a group of their own, without weight decay.
+    groups = pruner.parameters()
+    masks = [layer.values for layer in pruner.method._layers.values()]
+    assert [len(g["params"]) for g in groups] == [len(list(net().parameters())), len(masks)]
+    assert groups[1]["weight_decay"] == 0.0 and all(a is b for a, b in zip(groups[1]["params"], masks))
+    optimizer = torch.optim.SGD(groups, lr=LR, momentum=0.9, weight_decay=5e-4)
+    epochs = 3
+    for epoch in range(epochs):
+        pruner.epoch_start(epoch, epochs)
+        # beta_t = final_beta^(t / (E - 1)): 1, then sqrt(200), then 200.
+        assert all(layer.beta == pytest.approx(200.0 ** (epoch / 2)) for layer in pruner.method._layers.values())
+        train(pruner, batches, optimizer)
+        pruner.epoch_end(epoch)
+    assert pruner.extra_loss() > 0
+    result = pruner.prune()
+    # The entries whose s ended at or below 0 go; the others stay, with the weights the search left (theta <- m * theta).
+    assert isinstance(result.plan, MaskPlan) and 0.0 < result.plan.sparsity() < 1.0
+    assert prunelab.count(result.model, batches[0][0])["sparsity"] == pytest.approx(result.plan.sparsity(), abs=1e-4)
+    assert not any("parametrizations" in name for name in result.model.state_dict())
+
+
 def test_the_callback_hands_configure_optimizers_what_a_mask_search_trains(tmp_path):
     batches = data(4)
     x = batches[0][0]
