@@ -46,7 +46,8 @@ class Pruning(Callback):
 
     After the fit, `pruning.result` holds the `PruneResult` (model, plan, report) and the
     LightningModule holds the pruned network. A checkpoint saved after a structured prune inside the fit
-    does not resume into an unpruned model (reload the network with `prunelab.load_model`).
+    does not resume into an unpruned model (reload the network with `prunelab.load_model`). Made for one
+    process: under DDP every process would run the method alike, which is untested.
     """
 
     def __init__(
