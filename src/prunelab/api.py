@@ -86,17 +86,12 @@ def prune(
     """
     budget = dict(budget or {})
     overrides = list(overrides)
-    for item in overrides:
-        key = item.lstrip("+~").split("=", 1)[0]
-        if key.split(".")[0] in ("backbone", "dataset"):
-            raise ConfigError(f"override {item!r}: prune() takes the model and the data from Python, not from `{key}`")
-    if example_inputs is None:
-        example_inputs = _first_inputs(train, val, test)
+    user_overrides("prune()", overrides)
     net = copy.deepcopy(model)
-    data = LoaderDataModule(tuple(example_inputs.shape[1:]), num_classes or _num_classes(net, example_inputs), train, val, test)
+    example_inputs, data = user_data(net, example_inputs, num_classes, train, val, test)
     skipped = _without_data(data, overrides, latency)
     run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="prunelab-"))
-    cfg = compose_config(method, budget, [f"paths.output_dir={_value(str(run_dir))}", *skipped, *overrides])
+    cfg = compose_config(method, budget, [*skipped, *overrides], run_dir=run_dir)
     # The config records what was given in place of `backbone` and `dataset`.
     with open_dict(cfg):
         cfg.backbone = {"name": f"{type(model).__module__}.{type(model).__qualname__}"}
@@ -108,16 +103,18 @@ def prune(
     return PruneResult(final, _plan(final), report, run_dir)
 
 
-def compose_config(method: str, budget: dict[str, Any], overrides: Sequence[str] = ()) -> DictConfig:
+def compose_config(method: str, budget: dict[str, Any], overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> DictConfig:
     """The config the `prunelab` command composes for `method=<method> budget.<key>=<value> ... <overrides>`.
 
-    An unknown method or budget key, or an override Hydra refuses, raises a one-line `ConfigError`.
+    `run_dir` sets `paths.output_dir`. An unknown method or budget key, or an override Hydra refuses,
+    raises a one-line `ConfigError`.
     """
+    placed = [f"paths.output_dir={_value(str(run_dir))}"] if run_dir is not None else []
     with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         methods = GlobalHydra.instance().config_loader().get_group_options("method")
         if method not in methods:
             raise ConfigError(f"method={method!r} does not exist (choices: {', '.join(methods)})")
-        asked = [f"method={method}", *overrides]
+        asked = [f"method={method}", *placed, *overrides]
         try:
             keys = list(compose("config", overrides=asked).budget)
         except HydraException as err:
@@ -170,10 +167,36 @@ def export_model(model: nn.Module, path: str | Path, example_inputs: torch.Tenso
     return export_deployable(model, path, tuple(example_inputs.shape[1:]), format)
 
 
+def user_overrides(caller: str, overrides: Sequence[str]) -> None:
+    """Refuse, in one line, an override of `backbone` or `dataset`: the model and the data come from Python."""
+    for item in overrides:
+        key = item.lstrip("+~").split("=", 1)[0]
+        if key.split(".")[0] in ("backbone", "dataset"):
+            raise ConfigError(f"override {item!r}: {caller} takes the model and the data from Python, not from `{key}`")
+
+
+def user_data(
+    model: nn.Module,
+    example_inputs: torch.Tensor | None,
+    num_classes: int | None,
+    train: DataLoader | None = None,
+    val: DataLoader | None = None,
+    test: DataLoader | None = None,
+) -> tuple[torch.Tensor, LoaderDataModule]:
+    """The example inputs (default: a loader's first batch) and a datamodule over the user's loaders.
+
+    The number of classes is the model's output width on the example inputs unless given.
+    """
+    if example_inputs is None:
+        example_inputs = _first_inputs(train, val, test)
+    classes = num_classes or _num_classes(model, example_inputs)
+    return example_inputs, LoaderDataModule(tuple(example_inputs.shape[1:]), classes, train, val, test)
+
+
 def _first_inputs(*loaders: DataLoader | None) -> torch.Tensor:
     loader = next((loader for loader in loaders if loader is not None), None)
     if loader is None:
-        raise ConfigError("prune() needs example_inputs (a batch of inputs) when no DataLoader is given")
+        raise ConfigError("example_inputs (a batch of inputs) are needed when no DataLoader is given")
     return next(iter(loader))[0]
 
 

@@ -8,6 +8,8 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
+from prunelab.validate import ConfigError
+
 
 class LoaderDataModule(L.LightningDataModule):
     """The splits a user hands over as DataLoaders of (inputs, integer labels) batches, each optional.
@@ -48,7 +50,7 @@ class LoaderDataModule(L.LightningDataModule):
         dataset in an order seeded by `epoch`.
         """
         if self.train is None:
-            raise RuntimeError("no training loader was given (pass train=<DataLoader>)")
+            raise ConfigError("no training loader was given (pass train=<DataLoader>)")
         loader = self.train
         if self._with_val and self.val is not None:
             loader = self._reloaded(ConcatDataset([self.train.dataset, self.val.dataset]), self.batch_size, epoch)
