@@ -1,4 +1,5 @@
-"""A datamodule over a user's own DataLoaders, for pruning a model from Python (`prunelab.prune`)."""
+"""A datamodule over a user's own DataLoaders: given from Python (`prunelab.prune`), or taken from a
+LightningDataModule of the user's own class named on the command line (`adopt`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
+
+from prunelab.validate import ConfigError
+
+# What the pipeline asks of a datamodule beyond Lightning's hooks.
+PRUNELAB_INTERFACE = ("splits", "input_shape", "num_classes", "train_eval_dataloader", "train_on_validation")
 
 
 class LoaderDataModule(L.LightningDataModule):
@@ -78,3 +84,51 @@ class LoaderDataModule(L.LightningDataModule):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(splits={self.splits}, input_shape={self.input_shape}, num_classes={self.num_classes})"
+
+
+def adopt(datamodule: L.LightningDataModule, name: str = "") -> L.LightningDataModule:
+    """A datamodule as the pipeline uses it: prunelab's own (or one with its interface) as it is, any other
+    LightningDataModule (`dataset=custom dataset._target_=my_pkg.MyDataModule`) as a `LoaderDataModule` over
+    the loaders its `train_dataloader`, `val_dataloader` and `test_dataloader` give (those it implements).
+
+    Such a module is prepared and set up here (`prepare_data`, `setup("fit")`, `setup("test")`). The number
+    of classes is its `num_classes` attribute, else the length of its training dataset's `classes` (as
+    torchvision datasets have); one example's shape is its `input_shape` attribute, else that of the first
+    training batch's inputs. Its loaders are used as they come (see `LoaderDataModule`). `name` (the
+    `_target_`) names the module in the one-line `ConfigError` about what it lacks.
+    """
+    if all(hasattr(datamodule, attribute) for attribute in PRUNELAB_INTERFACE):
+        return datamodule
+    name = name or f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
+    if not isinstance(datamodule, L.LightningDataModule):
+        raise ConfigError(f"dataset._target_={name} made a {type(datamodule).__name__}, not a lightning LightningDataModule")
+    datamodule.prepare_data()
+    loaders = {}
+    for split, stage in (("train", "fit"), ("val", "fit"), ("test", "test")):
+        hook = f"{split}_dataloader"
+        if getattr(type(datamodule), hook) is getattr(L.LightningDataModule, hook):
+            continue
+        datamodule.setup(stage)
+        loaders[split] = getattr(datamodule, hook)()
+    if not loaders:
+        raise ConfigError(f"dataset._target_={name} implements none of train_dataloader, val_dataloader, test_dataloader")
+    first = next(iter(loaders.values()))
+    input_shape = getattr(datamodule, "input_shape", None) or _first_inputs_shape(first, name)
+    num_classes = getattr(datamodule, "num_classes", None)
+    if num_classes is None:
+        classes = getattr(getattr(first, "dataset", None), "classes", None)
+        if classes is None:
+            raise ConfigError(
+                f"dataset._target_={name}: prunelab cannot tell the number of classes; give the module a num_classes "
+                "attribute (e.g. self.num_classes = 10 in its __init__)"
+            )
+        num_classes = len(classes)
+    return LoaderDataModule(tuple(input_shape), int(num_classes), loaders.get("train"), loaders.get("val"), loaders.get("test"))
+
+
+def _first_inputs_shape(loader: DataLoader, name: str) -> tuple[int, ...]:
+    """One example's shape, from the inputs of the loader's first batch, which must be (inputs, labels)."""
+    batch = next(iter(loader))
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[0], torch.Tensor):
+        raise ConfigError(f"dataset._target_={name}: its loaders must give (inputs, labels) batches, got {type(batch).__name__}")
+    return tuple(batch[0].shape[1:])
