@@ -382,9 +382,9 @@ def _run(
     if datamodule is None:
         datamodule = _dataset(cfg.dataset)
     try:
-        datamodule.prepare_data()
         # A LightningDataModule of the user's own class (`dataset._target_`) is used through its loaders.
         datamodule = adopt(datamodule, str(cfg.dataset.get("_target_", "")))
+        datamodule.prepare_data()
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
     # A model given from Python, as it came: models of its class are rebuilt on a copy of it (`load_model`).
@@ -489,7 +489,7 @@ def _dataset(node: DictConfig) -> L.LightningDataModule:
     if str(node.get("_target_")).startswith("prunelab."):
         return _build(node)
     # A preset's keys left in the node (`dataset._target_=...` without `dataset=custom`) say where to start.
-    hint = "; start from dataset=custom to leave out the keys of prunelab's presets: dataset=custom dataset._target_=<class> +dataset.<argument>=<value>"
+    hint = "; start from dataset=custom to leave out the keys of prunelab's presets: dataset=custom dataset._target_={node._target_} +dataset.<argument>=<value>"
     return call(OmegaConf.to_container(node, resolve=True), "dataset", hint=hint if "val_size" in node else "")[0]
 
 

@@ -79,6 +79,11 @@ class ImageFolderDataModule(ImageDataModule):
                 f"dataset.val_size={self.val_size}: {resolve_root(self.root) / 'val'} is the validation split "
                 f"(a test/ folder is there), so no images are carved from train/; leave dataset.val_size=0"
             )
+        if self.val_size >= len(self.samples["train"]):
+            raise ConfigError(
+                f"dataset.val_size={self.val_size} must be smaller than the number of training images "
+                f"({len(self.samples['train'])} in {resolve_root(self.root) / 'train'})"
+            )
         if "test" in self.samples:
             # The pool is train/ then val/; `split_indices` takes val/ as the validation split.
             self.val_size = len(self.samples["val"])

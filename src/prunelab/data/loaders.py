@@ -91,10 +91,10 @@ def adopt(datamodule: L.LightningDataModule, name: str = "") -> L.LightningDataM
     LightningDataModule (`dataset=custom dataset._target_=my_pkg.MyDataModule`) as a `LoaderDataModule` over
     the loaders its `train_dataloader`, `val_dataloader` and `test_dataloader` give (those it implements).
 
-    Such a module is prepared and set up here (`prepare_data`, `setup("fit")`, `setup("test")`). The number
-    of classes is its `num_classes` attribute, else the length of its training dataset's `classes` (as
-    torchvision datasets have); one example's shape is its `input_shape` attribute, else that of the first
-    training batch's inputs. Its loaders are used as they come (see `LoaderDataModule`). `name` (the
+    Such a module is prepared and set up here (`prepare_data`, then `setup("fit")` and `setup("test")` once
+    each); prunelab's own are prepared by the caller. The number of classes is its `num_classes` attribute,
+    else the length of its training dataset's `classes` (as torchvision datasets have); one example's shape
+    is its `input_shape` attribute, else that of the first training batch's inputs. Its loaders are used as they come (see `LoaderDataModule`). `name` (the
     `_target_`) names the module in the one-line `ConfigError` about what it lacks.
     """
     if all(hasattr(datamodule, attribute) for attribute in PRUNELAB_INTERFACE):
@@ -103,12 +103,14 @@ def adopt(datamodule: L.LightningDataModule, name: str = "") -> L.LightningDataM
     if not isinstance(datamodule, L.LightningDataModule):
         raise ConfigError(f"dataset._target_={name} made a {type(datamodule).__name__}, not a lightning LightningDataModule")
     datamodule.prepare_data()
-    loaders = {}
+    loaders, stages = {}, set()
     for split, stage in (("train", "fit"), ("val", "fit"), ("test", "test")):
         hook = f"{split}_dataloader"
         if getattr(type(datamodule), hook) is getattr(L.LightningDataModule, hook):
             continue
-        datamodule.setup(stage)
+        if stage not in stages:
+            datamodule.setup(stage)
+            stages.add(stage)
         loaders[split] = getattr(datamodule, hook)()
     if not loaders:
         raise ConfigError(f"dataset._target_={name} implements none of train_dataloader, val_dataloader, test_dataloader")
