@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -184,3 +186,43 @@ def test_a_killed_run_on_an_image_folder_resumes_to_the_uninterrupted_result(tmp
     assert _stable(resumed) == _stable(whole)
     a, b = (load_model(d / "model.pt").state_dict() for d in (tmp_path / "whole", killed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrained_weights_of_ones_own_class_load_strictly(tmp_path):
+    import user_pkg
+
+    from prunelab.backbones import from_target
+
+    trained = user_pkg.SmallNet(3, width=8)
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "weights.pt")
+    spec = {"_target_": "user_pkg.SmallNet", "width": 8, "pretrained": str(tmp_path / "weights.pt")}
+    model = from_target(spec, num_classes=3, in_channels=3, input_shape=(3, 16, 16))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+    assert model.prunelab.spec == {"_target_": "user_pkg.SmallNet", "width": 8, "num_classes": 3, "in_channels": 3}
+    with pytest.raises(ValueError, match="shape mismatch"):
+        from_target({**spec, "width": 16}, num_classes=3, in_channels=3)
+
+
+def readme_commands() -> list[list[str]]:
+    """The `prunelab` commands of the README's "Your own model and data" section, as argument lists."""
+    text = (TESTS.parent / "README.md").read_text()
+    section = text.split("\n## Your own model and data\n", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
+    return [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("prunelab ")]
+
+
+def test_the_readmes_own_model_and_data_commands_run(tmp_path, images, monkeypatch):
+    """Each command as written, with tests/user_pkg's classes for my_pkg's and a generated image folder, shortened."""
+    from prunelab import cli
+
+    names = {"my_pkg.MyNet": "user_pkg.SmallNet", "my_pkg.MyDataModule": "user_pkg.BlobsDataModule", "/data/pets": str(images)}
+    commands = readme_commands()
+    assert len(commands) == 2
+    for index, command in enumerate(commands):
+        args = [next((arg.replace(k, v) for k, v in names.items() if k in arg), arg) for arg in command]
+        quick = ["dataset.num_workers=0"] if "dataset=image_folder" in args else []
+        run_dir = tmp_path / str(index)
+        monkeypatch.setattr(sys, "argv", ["prunelab", *args, *quick, "retrain.epochs=1", *QUICK, f"hydra.run.dir={run_dir}"])
+        cli.main()
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert "test/acc" in summary and type(load_model(run_dir / "model.pt")).__name__ == "SmallNet"
