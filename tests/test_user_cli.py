@@ -226,3 +226,13 @@ def test_the_readmes_own_model_and_data_commands_run(tmp_path, images, monkeypat
         cli.main()
         summary = json.loads((run_dir / "summary.json").read_text())
         assert "test/acc" in summary and type(load_model(run_dir / "model.pt")).__name__ == "SmallNet"
+
+
+def test_pfs_refuses_a_class_of_ones_own_without_a_width_multiplier():
+    from prunelab.methods.pfs import PruningFromScratch
+    from prunelab.structure import model_record
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    model_record(model).spec = {"_target_": "torch.nn.Sequential"}
+    with pytest.raises(ConfigError, match="torch.nn.Sequential must take a `width` argument"):
+        PruningFromScratch(ratio=0.5).initial_model(model)
