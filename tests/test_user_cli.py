@@ -236,3 +236,30 @@ def test_pfs_refuses_a_class_of_ones_own_without_a_width_multiplier():
     model_record(model).spec = {"_target_": "torch.nn.Sequential"}
     with pytest.raises(ConfigError, match="torch.nn.Sequential must take a `width` argument"):
         PruningFromScratch(ratio=0.5).initial_model(model)
+
+
+def test_a_datamodule_of_ones_own_gives_its_classes_and_shape_or_says_what_is_missing():
+    import user_pkg
+
+    from prunelab.data import LoaderDataModule, adopt
+
+    blobs = user_pkg.BlobsDataModule(num_classes=3, size=8)
+    adopted = adopt(blobs)
+    assert isinstance(adopted, LoaderDataModule) and (adopted.num_classes, adopted.input_shape) == (3, (3, 8, 8))
+    assert adopted.splits == ("train", "val", "test") and blobs.setups == 2  # setup("fit") and setup("test"), once each
+    assert adopt(adopted) is adopted  # prunelab's own datamodules pass as they are
+
+    class Unnamed(user_pkg.BlobsDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            del self.num_classes
+
+    with pytest.raises(ConfigError, match="cannot tell the number of classes; give the module a num_classes attribute"):
+        adopt(Unnamed())
+
+    class Named(Unnamed):
+        def setup(self, stage: str | None = None) -> None:
+            super().setup(stage)
+            self.train_set.classes = ["a", "b", "c", "d", "e"]
+
+    assert adopt(Named()).num_classes == 5

@@ -43,15 +43,15 @@ class BlobsDataModule(L.LightningDataModule):
 
     def __init__(self, num_classes: int = 3, size: int = 16, per_class: int = 40, batch_size: int = 20, seed: int = 0) -> None:
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes = self.patterns = num_classes
         self.size, self.per_class, self.batch_size, self.seed = size, per_class, batch_size, seed
         self.setups = 0
 
     def setup(self, stage: str | None = None) -> None:
         self.setups += 1
         generator = torch.Generator().manual_seed(self.seed)
-        patterns = torch.randn(self.num_classes, 3, self.size, self.size, generator=generator)
-        labels = torch.arange(self.num_classes).repeat_interleave(self.per_class)
+        patterns = torch.randn(self.patterns, 3, self.size, self.size, generator=generator)
+        labels = torch.arange(self.patterns).repeat_interleave(self.per_class)
         images = patterns[labels] + 0.5 * torch.randn(len(labels), 3, self.size, self.size, generator=generator)
         self.train_set = TensorDataset(images, labels)
         self.val_set = TensorDataset(patterns[labels[::4]] + 0.5 * torch.randn(len(labels[::4]), 3, self.size, self.size, generator=generator), labels[::4])

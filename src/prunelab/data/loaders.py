@@ -94,7 +94,8 @@ def adopt(datamodule: L.LightningDataModule, name: str = "") -> L.LightningDataM
     Such a module is prepared and set up here (`prepare_data`, then `setup("fit")` and `setup("test")` once
     each); prunelab's own are prepared by the caller. The number of classes is its `num_classes` attribute,
     else the length of its training dataset's `classes` (as torchvision datasets have); one example's shape
-    is its `input_shape` attribute, else that of the first training batch's inputs. Its loaders are used as they come (see `LoaderDataModule`). `name` (the
+    is its `input_shape` attribute, else that of the inputs of the first batch of its validation loader (else its
+    test, else its training loader). Its loaders are used as they come (see `LoaderDataModule`). `name` (the
     `_target_`) names the module in the one-line `ConfigError` about what it lacks.
     """
     if all(hasattr(datamodule, attribute) for attribute in PRUNELAB_INTERFACE):
@@ -114,11 +115,12 @@ def adopt(datamodule: L.LightningDataModule, name: str = "") -> L.LightningDataM
         loaders[split] = getattr(datamodule, hook)()
     if not loaders:
         raise ConfigError(f"dataset._target_={name} implements none of train_dataloader, val_dataloader, test_dataloader")
-    first = next(iter(loaders.values()))
+    # An evaluation loader is read first where there is one: peeking at a shuffled loader would draw from its generator.
+    first = next(loaders[split] for split in ("val", "test", "train") if split in loaders)
     input_shape = getattr(datamodule, "input_shape", None) or _first_inputs_shape(first, name)
     num_classes = getattr(datamodule, "num_classes", None)
     if num_classes is None:
-        classes = getattr(getattr(first, "dataset", None), "classes", None)
+        classes = next((c for c in (getattr(getattr(loader, "dataset", None), "classes", None) for loader in loaders.values()) if c is not None), None)
         if classes is None:
             raise ConfigError(
                 f"dataset._target_={name}: prunelab cannot tell the number of classes; give the module a num_classes "
