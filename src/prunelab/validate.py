@@ -87,8 +87,9 @@ _TO_SET = {
 
 def check_config(cfg: DictConfig) -> None:
     """Check every setting that can be checked without data: ranges, sizes, paths, the method's own."""
-    for key in sorted(OmegaConf.missing_keys(cfg)):
-        raise ConfigError(f"{key} is not set: {_TO_SET.get(key, f'pass {key}=<value>')}")
+    unset = sorted(OmegaConf.missing_keys(cfg))
+    if unset:
+        raise ConfigError(f"{unset[0]} is not set: {_TO_SET.get(unset[0], f'pass {unset[0]}=<value>')}")
     _fraction(cfg, "budget.flops", 0, 1, False, True, "the fraction of the dense FLOPs to keep")
     _fraction(cfg, "budget.params", 0, 1, False, True, "the fraction of the dense parameters to keep")
     _fraction(cfg, "budget.sparsity", 0, 1, True, False, "the fraction of the prunable weights to remove")
