@@ -11,6 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -263,3 +264,30 @@ def test_a_datamodule_of_ones_own_gives_its_classes_and_shape_or_says_what_is_mi
             self.train_set.classes = ["a", "b", "c", "d", "e"]
 
     assert adopt(Named()).num_classes == 5
+
+
+class FirstWeights(L.Callback):
+    """The effective (masked) conv and linear weights each fit stage starts training with, by stage."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict[str, torch.Tensor]] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        layers = pl_module.model.named_modules()
+        self.seen[pl_module.stage] = {f"{n}.weight": m.weight.detach().clone() for n, m in layers if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+
+
+def test_iterative_pruning_rewinds_a_class_of_ones_own_without_base(tmp_path):
+    """IMP's rewinding rebuilds the user's class from the run's files alone (no model given from Python)."""
+    cfg = make_cfg(tmp_path, *MODEL, "dataset=custom", "dataset._target_=user_pkg.BlobsDataModule", "method=imp",
+                   "budget.sparsity=0.36", "retrain.rewind_iteration=2", "trainer.max_epochs=1", "latency.batch_sizes=[]")
+    first = FirstWeights()
+    summary = pipeline.run(cfg, tmp_path, callbacks=[first])
+    assert summary["round2/sparsity"] == pytest.approx(0.36, abs=1e-3)
+    # Each round's retraining starts from the weights of training iteration 2 (rewind.pt), under the round's masks.
+    start = load_model(tmp_path / "rewind.pt").state_dict()
+    for round_ in (1, 2):
+        masks = load_model(tmp_path / "stages" / f"r{round_}-1-rewind" / "model.pt").prunelab.masks.masks
+        weights = first.seen[f"round{round_}/rewind"]
+        assert weights.keys() == masks.keys()
+        assert all(torch.equal(weights[name], start[name] * masks[name]) for name in weights)
