@@ -19,6 +19,7 @@ from prunelab.structure.plans import model_record
 from prunelab.targets import TARGET, call, locate
 from prunelab.validate import ConfigError
 
+
 def from_target(
     spec: dict[str, Any],
     num_classes: int,
@@ -28,7 +29,8 @@ def from_target(
 ) -> nn.Module:
     """Build `spec[_target_](**arguments)`, the data's `num_classes` / `in_channels` added where the class takes them.
 
-    `pretrained` (a checkpoint path) is not passed: its weights are loaded after construction, strictly.
+    `pretrained` (a checkpoint path, as for prunelab's backbones) is not passed: its weights are loaded after
+    construction, strictly.
     With `input_shape`, the model is called once on zeros of that shape and must give (batch, `num_classes`)
     outputs. Wrong arguments, a class that is not an `nn.Module` and a wrong output width are one-line
     `ConfigError`s naming the target, before any work.
