@@ -41,9 +41,9 @@ def preset(name: str) -> DictConfig:
         return compose("config", overrides=[f"experiment={name}", "paths.output_dir=unused"])
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the `prunelab` command in a subprocess, as a user would."""
-    env = {**os.environ, "PRUNELAB_OUTPUTS": str(cwd / "outputs"), "HYDRA_FULL_ERROR": "0"}
+def run_cli(*args: str, cwd: Path, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the `prunelab` command in a subprocess, as a user would (`env`: variables to add, e.g. PYTHONPATH)."""
+    env = {**os.environ, "PRUNELAB_OUTPUTS": str(cwd / "outputs"), "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "prunelab.cli", *args],
         cwd=cwd,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.backbones import create
+from prunelab.backbones import rebuild
 from prunelab.io import atomic_write, save_torch
 from prunelab.structure import ChannelPlan, MaskPlan, ModelRecord, apply_channel_plan, has_masks, masks_of, model_record
 from prunelab.structure.masks import attached, fold_masks
@@ -44,7 +44,7 @@ def _mask_tensors(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 def save_model(model: nn.Module, path: str | Path) -> Path:
-    """Write everything needed to rebuild a model built by `prunelab.backbones.create`.
+    """Write everything needed to rebuild a model built by `prunelab.backbones.create` or `from_target`.
 
     That is the model's record (`model.prunelab`): its spec, the applied channel plans with the input
     shape they were traced at (required with plans) and its masks; and the weights, with any attached
@@ -72,7 +72,9 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
 def load_model(path: str | Path, map_location: str | torch.device = "cpu", base: nn.Module | None = None) -> nn.Module:
     """Rebuild a saved model from its file alone: architecture, channel plans, weights, masks.
 
-    A model of the user's own class (saved without a spec) is rebuilt on a copy of `base`, an unpruned
+    A model built from a spec (a registered backbone's, or a `_target_` class's from `backbone=custom`, whose
+    module must be importable here) is rebuilt from it. A model of the user's own class given from Python
+    (saved without a spec) is rebuilt on a copy of `base`, an unpruned
     instance of that class (its weights are replaced); `base` is left as it is.
     Masks come back in the record (`model.prunelab.masks`, a MaskPlan) but are not attached; the weights
     already hold their zeros. Attach them with `prunelab.structure.attach_masks` to keep training sparse.
@@ -84,7 +86,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", base:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a prunelab model file (expected format '{FORMAT}')")
     if payload["spec"] is not None:
-        model = create(**payload["spec"])
+        model = rebuild(payload["spec"])
     elif base is not None:
         model = copy.deepcopy(base)
         model.__dict__["prunelab"] = ModelRecord()

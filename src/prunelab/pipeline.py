@@ -35,13 +35,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from prunelab import dashboard, distributed, structure
+from prunelab.backbones import from_target, rebuild
 from prunelab.budget import budget_latency, count_flops, deployed_latency, latency_beside, latency_device, measure, scratch_b_epochs
+from prunelab.data import adopt
 from prunelab.export import FORMATS, export_deployable, load_model, save_model
 from prunelab.io import RunLock, atomic_write, save_torch, write_json, write_text
 from prunelab.lit import PruneLitModule
 from prunelab.methods.base import MethodContext, PruningMethod, Rounds, Stage
 from prunelab.report import round_rows
 from prunelab.structure import model_record
+from prunelab.targets import call
 from prunelab.validate import (
     ConfigError,
     NonFiniteError,
@@ -53,6 +56,9 @@ from prunelab.validate import (
 )
 
 log = logging.getLogger("prunelab")
+
+# The `_target_` of prunelab's own backbones; any other is a class of the user's own.
+CREATE = "prunelab.backbones.create"
 
 
 class RunInterrupted(RuntimeError):
@@ -374,17 +380,17 @@ def _run(
 
     # The one place where the experiment's objects are built from the config (unless given from Python).
     if datamodule is None:
-        datamodule = _build(cfg.dataset)
+        datamodule = _dataset(cfg.dataset)
     try:
+        # A LightningDataModule of the user's own class (`dataset._target_`) is used through its loaders.
+        datamodule = adopt(datamodule, str(cfg.dataset.get("_target_", "")))
         datamodule.prepare_data()
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
     # A model given from Python, as it came: models of its class are rebuilt on a copy of it (`load_model`).
     base = copy.deepcopy(model) if model is not None else None
     if model is None:
-        variant = check_variant(cfg, datamodule.image_size)
-        extra = {"variant": variant} if variant is not None else {}
-        model = _build(cfg.backbone, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels, **extra)
+        model = _backbone(cfg, datamodule.num_classes, tuple(datamodule.input_shape))
     if cfg.budget.get("layer_ratios"):
         check_layer_ratios(list(cfg.budget.layer_ratios), model)
     method = _build(cfg.method)
@@ -475,6 +481,26 @@ def _run(
         dashboard.finish(logger, cfg, run_dir, summary)
         _print_summary(summary, run_dir)
     return summary
+
+
+def _dataset(node: DictConfig) -> L.LightningDataModule:
+    """The datamodule `dataset` describes: one of prunelab's, or a LightningDataModule of the user's own class
+    (`dataset=custom dataset._target_=my_pkg.MyDataModule`), built from the node's keys (`targets.call`)."""
+    if str(node.get("_target_")).startswith("prunelab."):
+        return _build(node)
+    # A preset's keys left in the node (`dataset._target_=...` without `dataset=custom`) say where to start.
+    hint = "; start from dataset=custom to leave out the keys of prunelab's presets: dataset=custom dataset._target_={node._target_} +dataset.<argument>=<value>"
+    return call(OmegaConf.to_container(node, resolve=True), "dataset", hint=hint if "val_size" in node else "")[0]
+
+
+def _backbone(cfg: DictConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """The model `backbone` describes for the data: a prunelab backbone (`prunelab.backbones.create`), or a
+    class of the user's own (`backbone=custom backbone._target_=my_pkg.MyNet`, see `backbones.from_target`)."""
+    if cfg.backbone.get("_target_") != CREATE:
+        return from_target(OmegaConf.to_container(cfg.backbone, resolve=True), num_classes, input_shape[0], input_shape)
+    variant = check_variant(cfg, input_shape[-1])
+    extra = {"variant": variant} if variant is not None else {}
+    return _build(cfg.backbone, num_classes=num_classes, in_channels=input_shape[0], **extra)
 
 
 def _check_rewind_reachable(ctx: Context, stages: list[Stage]) -> None:
@@ -947,9 +973,7 @@ def _latency(
 def _dense_model(spec: dict | None, base: nn.Module | None) -> nn.Module:
     """A dense model of the run's architecture to time beside the final one: built from the backbone's
     spec, or a copy of the model given from Python."""
-    from prunelab.backbones import create
-
-    return create(**spec) if spec is not None else copy.deepcopy(base)
+    return rebuild(spec) if spec is not None else copy.deepcopy(base)
 
 
 def _floats(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

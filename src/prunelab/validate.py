@@ -62,8 +62,19 @@ def _existing(cfg: DictConfig, key: str, what: str) -> None:
         _require(path.exists(), f"{key}={value}: no such file ({what}; looked at {path.resolve()})")
 
 
+# What a preset leaves for the command line to set (`???`), and how.
+_TO_SET = {
+    "backbone._target_": "backbone=custom builds a model class of your own: pass backbone._target_=my_pkg.MyNet",
+    "dataset._target_": "dataset=custom uses a LightningDataModule of your own: pass dataset._target_=my_pkg.MyDataModule",
+    "dataset.root": "pass dataset.root=DIR, the folder that holds the dataset (for image_folder: DIR/train/<class>/... and DIR/val/<class>/...)",
+}
+
+
 def check_config(cfg: DictConfig) -> None:
     """Check every setting that can be checked without data: ranges, sizes, paths, the method's own."""
+    unset = sorted(OmegaConf.missing_keys(cfg))
+    if unset:
+        raise ConfigError(f"{unset[0]} is not set: {_TO_SET.get(unset[0], f'pass {unset[0]}=<value>')}")
     _fraction(cfg, "budget.flops", 0, 1, False, True, "the fraction of the dense FLOPs to keep")
     _fraction(cfg, "budget.params", 0, 1, False, True, "the fraction of the dense parameters to keep")
     _fraction(cfg, "budget.sparsity", 0, 1, True, False, "the fraction of the prunable weights to remove")
@@ -102,7 +113,8 @@ def check_config(cfg: DictConfig) -> None:
     _fraction(cfg, "label_smoothing", 0, 1, True, False, "label smoothing")
     _whole(cfg, "checkpoint_every_n_steps", 1, "optimizer steps between mid-epoch checkpoints")
     _whole(cfg, "bn_recalibration.batches", -1, "training batches for BN re-estimation, -1 = all, 0 = off", False)
-    _whole(cfg, "dataset.batch_size", 1, "images per training batch", False)
+    # A datamodule of the user's own (dataset=custom) may have no batch size; prunelab's always have one.
+    _whole(cfg, "dataset.batch_size", 1, "images per training batch", "batch_size" not in (_number(cfg, "dataset") or {}))
     _whole(cfg, "dataset.eval_batch_size", 1, "images per evaluation batch")
     _whole(cfg, "dataset.num_workers", 0, "data-loader worker processes")
     _whole(cfg, "dataset.val_size", 0, "training images held out for validation")

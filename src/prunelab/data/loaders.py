@@ -1,4 +1,5 @@
-"""A datamodule over a user's own DataLoaders, for pruning a model from Python (`prunelab.prune`)."""
+"""A datamodule over a user's own DataLoaders: given from Python (`prunelab.prune`), or taken from a
+LightningDataModule of the user's own class named on the command line (`adopt`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from prunelab.validate import ConfigError
+from prunelab.errors import ConfigError
+
+# What the pipeline asks of a datamodule beyond Lightning's hooks.
+PRUNELAB_INTERFACE = ("splits", "input_shape", "num_classes", "train_eval_dataloader", "train_on_validation")
 
 
 class LoaderDataModule(L.LightningDataModule):
@@ -80,3 +84,55 @@ class LoaderDataModule(L.LightningDataModule):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(splits={self.splits}, input_shape={self.input_shape}, num_classes={self.num_classes})"
+
+
+def adopt(datamodule: L.LightningDataModule, name: str = "") -> L.LightningDataModule:
+    """A datamodule as the pipeline uses it: prunelab's own (or one with its interface) as it is, any other
+    LightningDataModule (`dataset=custom dataset._target_=my_pkg.MyDataModule`) as a `LoaderDataModule` over
+    the loaders its `train_dataloader`, `val_dataloader` and `test_dataloader` give (those it implements).
+
+    Such a module is prepared and set up here (`prepare_data`, then `setup("fit")` and `setup("test")` once
+    each); prunelab's own are prepared by the caller. The number of classes is its `num_classes` attribute,
+    else the length of its training dataset's `classes` (as torchvision datasets have); one example's shape
+    is its `input_shape` attribute, else that of the inputs of the first batch of its validation loader (else its
+    test, else its training loader). Its loaders are used as they come (see `LoaderDataModule`). `name` (the
+    `_target_`) names the module in the one-line `ConfigError` about what it lacks.
+    """
+    if all(hasattr(datamodule, attribute) for attribute in PRUNELAB_INTERFACE):
+        return datamodule
+    name = name or f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
+    if not isinstance(datamodule, L.LightningDataModule):
+        raise ConfigError(f"dataset._target_={name} made a {type(datamodule).__name__}, not a lightning LightningDataModule")
+    datamodule.prepare_data()
+    loaders, stages = {}, set()
+    for split, stage in (("train", "fit"), ("val", "fit"), ("test", "test")):
+        hook = f"{split}_dataloader"
+        if getattr(type(datamodule), hook) is getattr(L.LightningDataModule, hook):
+            continue
+        if stage not in stages:
+            datamodule.setup(stage)
+            stages.add(stage)
+        loaders[split] = getattr(datamodule, hook)()
+    if not loaders:
+        raise ConfigError(f"dataset._target_={name} implements none of train_dataloader, val_dataloader, test_dataloader")
+    # An evaluation loader is read first where there is one: peeking at a shuffled loader would draw from its generator.
+    first = next(loaders[split] for split in ("val", "test", "train") if split in loaders)
+    input_shape = getattr(datamodule, "input_shape", None) or _first_inputs_shape(first, name)
+    num_classes = getattr(datamodule, "num_classes", None)
+    if num_classes is None:
+        classes = next((c for c in (getattr(getattr(loader, "dataset", None), "classes", None) for loader in loaders.values()) if c is not None), None)
+        if classes is None:
+            raise ConfigError(
+                f"dataset._target_={name}: prunelab cannot tell the number of classes; give the module a num_classes "
+                "attribute (e.g. self.num_classes = 10 in its __init__)"
+            )
+        num_classes = len(classes)
+    return LoaderDataModule(tuple(input_shape), int(num_classes), loaders.get("train"), loaders.get("val"), loaders.get("test"))
+
+
+def _first_inputs_shape(loader: DataLoader, name: str) -> tuple[int, ...]:
+    """One example's shape, from the inputs of the loader's first batch, which must be (inputs, labels)."""
+    batch = next(iter(loader))
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[0], torch.Tensor):
+        raise ConfigError(f"dataset._target_={name}: its loaders must give (inputs, labels) batches, got {type(batch).__name__}")
+    return tuple(batch[0].shape[1:])

@@ -33,11 +33,12 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunelab.backbones import create, load_pretrained
+from prunelab.backbones import create, load_pretrained, rebuild
 from prunelab.budget import structured_plan
 from prunelab.errors import ConfigError
 from prunelab.io import write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage
+from prunelab.targets import TARGET, locate, parameters
 from prunelab.structure import PRUNABLE_TYPES, ChannelGroup, channel_groups, eval_mode, freeze, model_record, unfreeze
 
 log = logging.getLogger("prunelab")
@@ -165,15 +166,20 @@ class PruningFromScratch(PruningMethod):
                 "from Python has no backbone spec to rebuild (use prunelab.backbones.create, or another method)"
             )
         spec = dict(model_record(model).spec)
+        if TARGET in spec and "width" not in parameters(locate(spec[TARGET], "backbone._target_")):
+            raise ConfigError(
+                f"pfs starts from a copy of the backbone made `expansion` times as wide: {spec[TARGET]} must take a "
+                "`width` argument (a channel multiplier) for that"
+            )
         spec["width"] = float(spec.get("width", 1.0)) * self.expansion
-        start = create(**spec)
+        start = rebuild(spec)
         if self.init_from:
             try:
                 load_pretrained(start, str(self.init_from))
             except ValueError as err:
                 raise ValueError(
                     f"pfs: init_from={self.init_from} must hold weights of the expanded backbone "
-                    f"({spec['name']} at width {spec['width']:g}), e.g. the model.pt of a dense run with "
+                    f"({spec.get('name', spec.get(TARGET))} at width {spec['width']:g}), e.g. the model.pt of a dense run with "
                     f"backbone.width={spec['width']:g}\n{err}"
                 ) from err
         return start
