@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-slow lint-imports check-results clean
+.PHONY: install quickstart test test-slow lint-imports check-results docs clean
 
 # The dependencies' exact versions come from constraints.txt (pyproject.toml gives ranges).
 $(STAMP): pyproject.toml constraints.txt
@@ -39,5 +39,9 @@ lint-imports: install
 check-results: install
 	$(PY) -m prunelab.guard --reference tests/reference_results.json --shared ../shared $(if $(ONLY),--only $(ONLY))
 
+# The documentation site from docs/ and the public API's docstrings; --strict fails on a broken link or page.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs site

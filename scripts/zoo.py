@@ -21,7 +21,7 @@ model's own default size (timm's `pretrained_cfg`, else 224) unless `--size` is 
 
 Rows print as each model finishes and go to a Markdown file (`--out`, default zoo.md) and a CSV
 next to it (zoo.csv); the run ends with a summary (counts, FLOPs range, the largest times and memory with
-their models) and a compact grid for the README, which `--summary zoo.csv` prints again from a CSV
+their models) and a compact grid for docs/any-model.md, which `--summary zoo.csv` prints again from a CSV
 (also from a run that was cut short). The default list (all torchvision classifiers and ~150 timm models, one or two per family) takes
 hours on a few CPU cores. Run:
 
@@ -316,7 +316,7 @@ def cell(key: str, value) -> str:
 
 def summary(rows: list[dict], per_line: int = 4) -> list[str]:
     """prunelab's path over a run's rows (as written to the CSV): counts, ranges and maxima naming their models, and
-    a compact grid (FLOPs kept / seconds / peak GB per model; the status where it is not ok), for the README."""
+    a compact grid (FLOPs kept / seconds / peak GB per model; the status where it is not ok), for docs/any-model.md."""
 
     def number(row: dict, key: str) -> float | None:
         value = row.get(key)

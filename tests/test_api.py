@@ -195,21 +195,20 @@ def test_count_latency_channel_groups_and_export_on_a_user_model(model, x, tmp_p
             assert torch.allclose(deployed(x), model.eval()(x), atol=1e-5)
 
 
-def readme_snippets() -> list[str]:
-    """The Python code blocks of the README's "Use it from Python" section, in order."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Use it from Python\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+def doc_snippets(name: str) -> list[str]:
+    """The Python code blocks of a Markdown file of the project (README.md, docs/python.md), in order."""
+    return re.findall(r"```python\n(.*?)```", (ROOT / name).read_text(), flags=re.S)
 
 
-def test_the_readmes_python_snippets_run(model, x, tmp_path, monkeypatch):
-    snippets = readme_snippets()
-    assert len(snippets) >= 3
+@pytest.mark.parametrize("name", ["docs/python.md", "README.md"])
+def test_the_docs_python_snippets_run(name, model, x, tmp_path, monkeypatch):
+    snippets = doc_snippets(name)
+    assert len(snippets) >= (3 if name.startswith("docs") else 1)
     # Runs go to fresh temporary directories (kept), here under tmp_path; exports to the working directory.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     train_loader, test_loader = loaders()
     scope = {"model": model, "x": x, "train_loader": train_loader, "test_loader": test_loader}
     for snippet in snippets:
-        exec(compile(snippet, "README.md", "exec"), scope)
+        exec(compile(snippet, name, "exec"), scope)
     assert scope["result"].model(x).shape == (2, 5)
