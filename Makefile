@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 quickstart: install
-	$(VENV)/bin/prunelab experiment=quickstart
+	$(VENV)/bin/prunelab experiment=l1_filter_resnet20_digits_quickstart
 
 # One test process per core (at most 4), each with one torch thread so that they do not oversubscribe
 # the cores (measured on 2 cores: 8.6 min of pytest instead of 19.8 serially with torch's threads).

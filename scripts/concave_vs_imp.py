@@ -42,8 +42,8 @@ def runs(args: argparse.Namespace) -> dict[str, list[str]]:
     scale = args.lam_scale if args.lam_scale is not None else PAPER_STEPS / steps
     found = {
         "imp": ["experiment=imp_resnet20_cifar10"],
-        "concave-l1": ["experiment=concave_l1_resnet20_cifar10", f"method.lam={3e-6 * scale:.3g}"],
-        "concave-log": ["experiment=concave_log_resnet20_cifar10", f"method.lam={1e-6 * scale:.3g}"],
+        "concave-l1": ["experiment=concave_resnet20_cifar10_l1", f"method.lam={3e-6 * scale:.3g}"],
+        "concave-log": ["experiment=concave_resnet20_cifar10_log", f"method.lam={1e-6 * scale:.3g}"],
         "cs": ["experiment=cs_resnet20_cifar10", f"method.lam={1e-8 * scale:.3g}"],
     }
     for name in ("concave-l1", "concave-log"):

@@ -98,7 +98,7 @@ def test_wandb_logger_works_offline_and_logs_config(tmp_path):
 
 def test_quickstart_preset_prunes_and_prints_before_after_table(tmp_path):
     out = run_cli(
-        "experiment=quickstart",
+        "experiment=l1_filter_resnet20_digits_quickstart",
         "pretrain.epochs=3",
         "retrain.epochs=1",
         "latency.repeats=2",
@@ -276,3 +276,38 @@ def test_a_run_directory_refuses_another_experiment_and_resumes_its_own(tmp_path
     assert list((run_dir / "tensorboard").rglob("events.*"))
     before, after = json.loads(summary), json.loads((run_dir / "summary.json").read_text())
     assert {k: v for k, v in after.items() if not k.startswith("time/")} == {k: v for k, v in before.items() if not k.startswith("time/")}
+
+
+def test_a_renamed_preset_stops_in_one_line_naming_the_new_one(tmp_path):
+    out = run_cli("experiment=pfs_quick", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "prunelab: error: experiment=pfs_quick was renamed experiment=pfs_resnet20_digits_quick "
+        "(presets are named <method>_<backbone>_<dataset>[_<variant>])"
+    ]
+    assert not (tmp_path / "run").exists()
+    # In a multirun list too, and from Python.
+    out = run_cli("-m", "experiment=jackpot_resnet32_cifar10,greg_table1_resnet56_cifar10", cwd=tmp_path)
+    assert out.returncode == 2 and "renamed experiment=greg1_resnet56_cifar10_table1" in out.stderr
+    from prunelab.api import compose_config
+    from prunelab.validate import ConfigError
+
+    with pytest.raises(ConfigError, match="renamed experiment=l1_filter_resnet20_digits_quickstart"):
+        compose_config("l1_filter", {}, ["experiment=quickstart"])
+
+
+def test_every_preset_is_named_method_backbone_dataset():
+    from prunelab.cli import CONF_DIR
+    from prunelab.presets import RENAMED
+
+    presets = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+    assert len(presets) == 71 and not set(RENAMED) & set(presets) and set(RENAMED.values()) <= set(presets)
+    methods = {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
+    backbones = {p.stem for p in (CONF_DIR / "backbone").glob("*.yaml")} | {"mobilenet_v3_small"}
+    datasets = {p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")}
+    for name in presets:
+        method = next(m for m in sorted(methods, key=len, reverse=True) if name.startswith(m + "_"))
+        rest = name[len(method) + 1 :]
+        backbone = next((b for b in sorted(backbones, key=len, reverse=True) if rest.startswith(b + "_")), None)
+        assert backbone is not None, name
+        assert any(rest[len(backbone) + 1 :] == d or rest[len(backbone) + 1 :].startswith(d + "_") for d in datasets), name

@@ -8,7 +8,7 @@ They run in float64. In float32 the two forms differ by rounding (their products
 differently), and a search can amplify that: Adam moves a gate by a whole step whatever its gradient's
 size, so a near-zero gradient whose sign rounding flips moves it the other way. Measured on the
 mobilenet_v2_tiny gate search below: float32 gate gradients 3e-7 apart (relative) at the first step and
-2e-2 apart at the sixth, float64 1e-15 at every step. That is how `experiment=pfs_quick` moved when the
+2e-2 apart at the sixth, float64 1e-15 at every step. That is how `experiment=pfs_resnet20_digits_quick` moved when the
 gates were folded into BatchNorm (commit a40737e): the same equation, other rounding, other near-tied
 gates on either side of the budget. In float64 a tolerance of 1e-9 separates rounding from a real change.
 """

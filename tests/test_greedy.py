@@ -234,8 +234,8 @@ def test_the_papers_presets():
     assert (cfg.backbone.name, cfg.dataset.batch_size, cfg.pretrain.epochs, list(cfg.scheduler.milestones)) == (
         "vgg11", 128, 160, [80, 120])
 
-    for name, arch, flops, lr in (("greedy_resnet34", "resnet34", 0.598, 0.001), ("greedy_mobilenet_v2", "mobilenet_v2", 0.780, 0.01),
-                                  ("greedy_mobilenet_v3_small", "torchvision:mobilenet_v3_small", 0.750, 0.01)):
+    for name, arch, flops, lr in (("greedy_resnet34_imagenet", "resnet34", 0.598, 0.001), ("greedy_mobilenet_v2_imagenet", "mobilenet_v2", 0.780, 0.01),
+                                  ("greedy_mobilenet_v3_small_imagenet", "torchvision:mobilenet_v3_small", 0.750, 0.01)):
         cfg = preset(name)
         method = GreedyImitation(**{k: v for k, v in cfg.method.items() if k != "_target_"})
         assert (method.batch_size, method.taylor_after, method.taylor_top, method.mode) == (64, 25, 5, "both")

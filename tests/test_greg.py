@@ -158,7 +158,7 @@ def test_bad_greg_settings_stop_before_any_work(tmp_path, overrides, message):
     assert not (tmp_path / "stages").exists()
 
 
-GREG_PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("greg_*.yaml"))
+GREG_PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("greg1_*_table*.yaml"))
 
 
 @pytest.mark.parametrize("name", GREG_PRESETS)

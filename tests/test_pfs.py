@@ -392,7 +392,7 @@ def test_search_stage_schedule_and_cifar_presets(tmp_path):
     assert search.scheduler._target_ == "prunelab.lit.constant"
 
     for name, coupled in (("vgg16", True), ("resnet20", False), ("resnet56", False), ("resnet110", False)):
-        cfg = preset(f"pfs_cifar10_{name}")
+        cfg = preset(f"pfs_{name}_cifar10")
         assert cfg.backbone.name == name and cfg.dataset._target_.endswith("CIFAR10DataModule")
         assert (cfg.budget.flops, cfg.budget.prune_coupled, cfg.retrain.mode) == (0.5, coupled, "scratch_b")
         assert (cfg.dataset.batch_size, cfg.dataset.val_size, cfg.trainer.max_epochs) == (128, 5000, 160)
@@ -403,14 +403,14 @@ def test_search_stage_schedule_and_cifar_presets(tmp_path):
         assert (pfs.ratio, pfs.gamma, pfs.lr, pfs.epochs, pfs.expansion, pfs.prune_coupled) == (
             0.5, 0.5, 0.01, 10, 1.25, coupled,
         )  # fmt: skip
-    quick = preset("pfs_quick")
+    quick = preset("pfs_resnet20_digits_quick")
     assert quick.dataset._target_.endswith("DigitsDataModule") and quick.retrain.mode == "scratch_b"
     assert OmegaConf.select(quick, "method._target_") == "prunelab.methods.pfs.PruningFromScratch"
 
 
 @pytest.mark.parametrize("name", ["vgg16", "resnet20", "resnet56", "resnet110"])
 def test_official_backbone_presets_differ_from_ours_only_in_the_backbone(name):
-    ours, official = preset(f"pfs_cifar10_{name}"), preset(f"pfs_cifar10_{name}_official")
+    ours, official = preset(f"pfs_{name}_cifar10"), preset(f"pfs_{name}_cifar10_official")
     changed = {"bn_weight": 0.5} if name == "vgg16" else {"shortcut": "B", "init": "pfs_official"}
     assert {key: official.backbone[key] for key in changed} == changed
     assert {key: ours.backbone[key] for key in changed} == ({"bn_weight": 1.0} if name == "vgg16" else {
@@ -455,7 +455,7 @@ def test_report_reads_structures_from_run_directories(run, tmp_path):
 
 def test_imagenet_presets_validate_inside_the_search_epoch(tmp_path):
     for name, retrain in (("mobilenet_v1", "scratch"), ("mobilenet_v2", "scratch"), ("resnet50", "scratch_b")):
-        cfg = preset(f"pfs_imagenet_{name}")
+        cfg = preset(f"pfs_{name}_imagenet")
         assert cfg.backbone.name == name and cfg.dataset._target_.endswith("ImageNetDataModule")
         assert (cfg.method.gamma, cfg.method.epochs, cfg.retrain.mode, cfg.label_smoothing) == (0.05, 1, retrain, 0.1)
         # The official train_pruned_imagenet.py retrains on the whole training folder.

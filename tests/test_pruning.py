@@ -406,7 +406,7 @@ def test_budget_no_threshold_lands_on_is_completed_channel_by_channel(seed):
     """Where every global threshold jumps past the band, the closest plan under budget is completed in score order.
 
     With these scores the bisection alone ends 'closest under budget' at 0.47-0.49 of the FLOPs, outside
-    0.5 +- 0.5% (the failure of `experiment=pfs_quick`: a channel of a full-resolution layer costs more
+    0.5 +- 0.5% (the failure of `experiment=pfs_resnet20_digits_quick`: a channel of a full-resolution layer costs more
     than the band is wide).
     """
     model = create("resnet20", width=0.5)

@@ -16,10 +16,10 @@ FAST = ["latency.batch_sizes=[]", "quiet=true", "trainer.enable_progress_bar=fal
 
 
 def test_an_optuna_sweep_writes_every_trial_and_the_best_config(tmp_path):
-    done = run_cli("-m", "experiment=optuna_pfs_gamma", "hydra.sweeper.n_trials=3", "backbone.width=0.25", "method.epochs=1",
+    done = run_cli("-m", "experiment=pfs_resnet20_digits_optuna", "hydra.sweeper.n_trials=3", "backbone.width=0.25", "method.epochs=1",
                    "retrain.epochs=1", "budget.tolerance=0.1", *FAST, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    sweep = tmp_path / "outputs" / "sweeps" / "optuna_pfs_gamma"
+    sweep = tmp_path / "outputs" / "sweeps" / "pfs_resnet20_digits_optuna"
     trials = list(csv.DictReader((sweep / "trials.csv").open()))
     assert len(trials) == 3 and all(t["overrides"].startswith("method.gamma=") for t in trials)
     objectives = [float(t["val/acc"]) for t in trials]

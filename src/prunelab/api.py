@@ -27,6 +27,7 @@ from prunelab import pipeline, structure
 from prunelab.budget import deployed, latency_device, measure, time_call
 from prunelab.data import LoaderDataModule
 from prunelab.export import export_deployable, load_model
+from prunelab.presets import renamed_preset
 from prunelab.structure import ChannelGroup, ChannelPlan, MaskPlan, model_record
 from prunelab.validate import ConfigError
 
@@ -106,9 +107,12 @@ def prune(
 def compose_config(method: str, budget: dict[str, Any], overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> DictConfig:
     """The config the `prunelab` command composes for `method=<method> budget.<key>=<value> ... <overrides>`.
 
-    `run_dir` sets `paths.output_dir`. An unknown method or budget key, or an override Hydra refuses,
-    raises a one-line `ConfigError`.
+    `run_dir` sets `paths.output_dir`. An unknown method or budget key, a renamed preset, or an override
+    Hydra refuses, raises a one-line `ConfigError`.
     """
+    renamed = renamed_preset(overrides)
+    if renamed is not None:
+        raise ConfigError(renamed)
     placed = [f"paths.output_dir={_value(str(run_dir))}"] if run_dir is not None else []
     with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         methods = GlobalHydra.instance().config_loader().get_group_options("method")

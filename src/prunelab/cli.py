@@ -37,8 +37,19 @@ def run_id(overrides: str | None) -> str:
 OmegaConf.register_new_resolver("run_id", run_id, replace=True)
 
 
+def main() -> float | None:
+    """The `prunelab` entry point: refuses a renamed preset in one line (exit 2), then runs `run`."""
+    from prunelab.presets import renamed_preset
+
+    message = renamed_preset(sys.argv[1:])
+    if message is not None:
+        print(f"prunelab: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    return run()
+
+
 @hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig) -> float | None:
     """Run one experiment; returns its `objective` (a validation metric) so Hydra sweepers can optimise it.
 
     A mistake the user can fix (a `PrunelabError`: a bad setting, missing data, a budget that cannot be
