@@ -267,3 +267,66 @@ def test_groups_that_keep_counts_in_step_are_kept_whole():
     assert groups["stem"].blocks == 2 and not any(op.startswith(("Add", "Sub")) for op in groups["stem"].merges)
     roles = {g.name: c for g, c in GreedyImitation()._groups(model, type("Ctx", (), {"input_shape": shape})())}
     assert roles == {"first": ["stem"]}  # the halves' outputs are concatenated: kept whole as before
+
+
+class Plain(nn.Module):
+    """Five convolutions and a classifier: five groups greedy prunes, each read by one layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        widths = [3, 12, 12, 16, 16, 20]
+        self.features = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+            for i, o in zip(widths, widths[1:])
+        ])
+        self.fc = nn.Linear(widths[-1], 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+class TaskData:
+    """Random images labelled by a fixed linear map of their coarse content (10 classes), in seeded mini-batches."""
+
+    def __init__(self, shape: tuple[int, ...], n: int = 512, batch: int = 64) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, *shape, generator=generator)
+        mixing = torch.randn(10, shape[0] * 9, generator=generator)
+        self.y = (nn.functional.adaptive_avg_pool2d(self.x, 3).flatten(1) @ mixing.t()).argmax(1)
+        self.batch = batch
+
+    def setup(self, stage: str) -> None:
+        pass
+
+    def train_dataloader(self, epoch: int = 0, batch_size: int | None = None):
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(epoch))
+        step = batch_size or self.batch
+        return [(self.x[order[i : i + step]], self.y[order[i : i + step]]) for i in range(0, len(order), step)]
+
+
+SHAPE = (3, 12, 12)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Plain trained 150 Adam steps on TaskData (a few seconds): pruning it raises its loss."""
+    torch.manual_seed(0)
+    model, data = Plain(), TaskData(SHAPE)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for epoch in range(19):
+        for x, y in data.train_dataloader(epoch):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return model.eval().state_dict()
+
+
+def _setup(trained, tmp_path, budget: dict | None = None):
+    from prunelab.budget import measure
+    from prunelab.methods.base import MethodContext
+
+    model = Plain().eval()
+    model.load_state_dict(trained)
+    ctx = MethodContext(config=None, budget=budget or {}, data=TaskData(SHAPE), input_shape=SHAPE, num_classes=10,
+                        seed=0, run_dir=tmp_path, dense=measure(model, SHAPE), pretrained=True)
+    return model, ctx

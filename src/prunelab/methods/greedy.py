@@ -366,7 +366,7 @@ class GreedyImitation(PruningMethod):
             ratio, layers = run(epsilon, -math.inf, {x.group: max(x.size, 2 * max(len(t.gaps) for t in x.tries)) for x in layers})
         epsilons, moves, estimate = [epsilon] * len(layers), 0, ratio
         if not low <= ratio <= high:
-            first, first_epsilon = layers, epsilon
+            first, first_epsilon, first_pass = layers, epsilon, len(trials)
             if len(trials) < self.search_iterations:
                 # Recorded down to an epsilon estimated halfway back to this pass's ratio (just above the band when under).
                 mid = target + max(ratio - target, 6 * tolerance * target) / 2
@@ -380,7 +380,7 @@ class GreedyImitation(PruningMethod):
                 epsilons, estimate, moves = complete(layers, epsilons, target, tolerance, estimated)
                 if not low <= estimate <= high and first is not layers:
                     closest.append(estimate)
-                    log.info("greedy: pass %d cannot be completed to the budget (%.4f); pass 1 is", len(trials), estimate)
+                    log.info("greedy: pass %d cannot be completed to the budget (%.4f); pass %d is", len(trials), estimate, first_pass)
                     layers, epsilon = first, first_epsilon
                     epsilons, estimate, moves = complete(layers, [epsilon] * len(layers), target, tolerance, estimated)
         plan, found = plan_of(layers, epsilons)
