@@ -302,14 +302,13 @@ class GreedyImitation(PruningMethod):
         """A pruned model within `budget.tolerance` of `target` (a fraction of the dense model's `metric`), folded into
         `model`, in about two layer-wise passes.
 
-        Pass 1 runs at `epsilon`. From its recorded trajectories the `CostModel` estimates the plan of every larger
-        epsilon; pass 2 runs at the epsilon estimated closest to the target and records each layer down to an
-        epsilon estimated halfway back to pass 1's ratio. Where pass 1 keeps less than the budget, it is first
-        repeated recording every layer to its `max_steps` (a third pass, the longest). Where the aimed pass misses the
-        band, it is completed along its own recording (`greedy_budget.complete`: single layers stop earlier or later,
-        in order of the loss gap), and where that cannot land either, the pass it was aimed from is.
-        `search_iterations` caps the passes (1: pass 1 completed). A latency is measured on the built plans and estimated in between as their
-        measured share of the FLOPs. Fails only when no plan read from the recordings meets the budget, naming the closest.
+        Pass 1 runs at `epsilon`; the `CostModel` estimates from its recording the plan of every larger epsilon, and
+        pass 2 runs at the one estimated closest to the target, recording each layer down to an epsilon estimated
+        halfway back to pass 1's ratio. Where pass 1 keeps less than the budget, it is first repeated recording every
+        layer to twice its steps, at least its width (a third pass, the longest). Where the aimed pass misses the band,
+        it is completed along its own recording (`greedy_budget.complete`), else the pass it was aimed from is.
+        `search_iterations` caps the passes (1: pass 1 completed). A latency is measured on the built plans, estimated
+        in between as their measured share of the FLOPs. Fails only where no recorded plan meets the budget, naming the closest.
         """
         if not 0.0 < target <= 1.0:
             raise BudgetError(f"budget.{metric} is the fraction to keep, in (0, 1]; got {target}")
@@ -360,9 +359,8 @@ class GreedyImitation(PruningMethod):
         epsilon = max(self.epsilon, 1e-3)
         ratio, layers = run(epsilon, epsilon)
         if ratio < low and len(trials) < self.search_iterations:
-            # Under budget: a smaller epsilon is needed, and nothing below this one was recorded. Pass 2 repeats
-            # pass 1 recording every layer to twice its steps and at least its width (a step adds one neuron at most),
-            # or to max_steps, which knows smaller epsilons.
+            # Under budget, and nothing below epsilon was recorded: pass 1 again, recording every layer to twice its
+            # steps and at least its width (a step adds one neuron at most) or max_steps, which knows smaller epsilons.
             ratio, layers = run(epsilon, -math.inf, {x.group: max(x.size, 2 * max(len(t.gaps) for t in x.tries)) for x in layers})
         epsilons, moves, estimate = [epsilon] * len(layers), 0, ratio
         if not low <= ratio <= high:
