@@ -57,9 +57,10 @@ import torch.nn.functional as F
 from rich.progress import Progress, TextColumn
 from torch import nn
 
-from prunelab.budget import BudgetError, budget_latency, deployed_latency, keep_count, measure
+from prunelab.budget import BudgetError, CostModel, budget_latency, deployed_latency, keep_count, measure
 from prunelab.io import atomic_write, write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage
+from prunelab.methods.greedy_budget import Layer, Trajectory, aim, complete, plan_of
 from prunelab.structure import ChannelGroup, ChannelPlan, apply_channel_plan, channel_groups
 from prunelab.structure.groups import eval_mode, grouped_unit
 from prunelab.validate import ConfigError
@@ -172,7 +173,7 @@ class GreedyImitation(PruningMethod):
     """Layer-wise greedy local / global imitation (Algorithm 2) with the epsilon stopping rule.
 
     `epsilon`: tolerated rise of the training cross-entropy per pruned layer (searched when the budget
-    sets `flops` or `params`, see `plan`). `mode`: local, global or
+    sets `flops`, `params` or `latency`, see `_search`; `search_iterations` caps its passes). `mode`: local, global or
     both (per layer the one that keeps fewer neurons). `max_steps`: safety cap of steps per layer and
     method, as a multiple of the layer's width (a method that has not met the rule by then leaves the
     layer whole). `taylor_after` / `taylor_top`: the Taylor speed-up of global imitation (null: off).
@@ -214,6 +215,7 @@ class GreedyImitation(PruningMethod):
         self.batch_size = int(batch_size) if batch_size is not None else None
         self.study_steps = float(study_steps)
         self.records: list[dict[str, Any]] = []
+        self.passes = 0  # layer-wise passes run (every one a full Algorithm 2)
 
     def stages(self) -> list[Stage]:
         return [Stage("prune", "prune")]
@@ -225,9 +227,8 @@ class GreedyImitation(PruningMethod):
     def plan(self, model: nn.Module, ctx: MethodContext) -> ChannelPlan:
         """Prune the groups from the input to the output; fold each layer's a_i into its consumer.
 
-        With `budget.flops` (or `budget.params`, `budget.latency`), epsilon is searched instead: doubled until the pruned
-        model is within budget, then bisected (`search_iterations` full layer-wise runs on copies of the
-        model) to the largest model within budget; the layer-wise run of the epsilon found is kept.
+        With `budget.flops` (or `budget.params`, `budget.latency`), epsilon is searched instead in about two
+        layer-wise passes that record every layer's steps (`_search`).
         """
         start = time.perf_counter()
         ctx.data.setup("fit")
@@ -235,13 +236,14 @@ class GreedyImitation(PruningMethod):
             return self._study(model, ctx)
         metric = next((m for m in ("flops", "params", "latency") if ctx.budget.get(m) is not None), None)
         trials: list[dict[str, float]] = []
+        search: dict[str, Any] = {}
         if metric is None:
-            plan, records = self._layerwise(model, ctx, self.epsilon)
+            plan, records, _ = self._layerwise(model, ctx, self.epsilon)
         else:
-            plan, records = self._search(model, ctx, metric, float(ctx.budget[metric]), trials)
+            plan, records = self._search(model, ctx, metric, float(ctx.budget[metric]), trials, search)
         self.records = records
-        write_json(ctx.run_dir / "greedy_layers.json",
-                   {"seconds": time.perf_counter() - start, "epsilon_trials": trials, "layers": records})
+        write_json(ctx.run_dir / "greedy_layers.json", {"seconds": time.perf_counter() - start, "epsilon_trials": trials,
+                                                        **({"budget_search": search} if search else {}), "layers": records})
         _plot_layers(records, ctx.run_dir / "greedy_layers.png")
         return plan
 
@@ -263,7 +265,7 @@ class GreedyImitation(PruningMethod):
                 try:
                     runs = {("local" if local else "global"): self._imitate(
                         model, hook, group.size, _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size), steps, -math.inf, local
-                    )["history"] for local in (True, False)}
+                    ).history() for local in (True, False)}
                 finally:
                     hook.remove()
                 curves.append({"group": group.name, "size": group.size,
@@ -273,66 +275,133 @@ class GreedyImitation(PruningMethod):
         _plot_study(curves, ctx.run_dir / "greedy_study.png")
         return ChannelPlan.full([g for g, _ in groups])
 
-    def _layerwise(self, model: nn.Module, ctx: MethodContext, epsilon: float) -> tuple[ChannelPlan, list[dict[str, Any]]]:
-        """Algorithm 2 at one epsilon, folding into `model` in place."""
+    def _layerwise(self, model: nn.Module, ctx: MethodContext, epsilon: float,
+                   record_to: float | None = None, limits: dict[str, int] | None = None
+                   ) -> tuple[ChannelPlan, list[dict[str, Any]], list[Layer]]:
+        """Algorithm 2 at one epsilon, folding into `model` in place; each layer's steps are recorded down to
+        `record_to` (default: epsilon), past the stop where lower (see `greedy_budget`), or to `limits[group]` steps."""
         groups = self._groups(model, ctx)
-        keep: dict[str, list[int]] = {}
-        records = []
+        records, layers = [], []
         device = next(model.parameters()).device
+        self.passes += 1
         with eval_mode(model), Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}")) as bar:
             task = bar.add_task(f"greedy imitation, epsilon {epsilon:.4g}", total=len(groups), last="")
             for index, (group, consumers) in enumerate(groups):
-                found = self._prune_group(model, group, consumers, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size),
-                                          epsilon, int(ctx.budget.get("round_to") or 1))
-                keep[group.name] = found["keep"]
-                records.append({k: v for k, v in found.items() if k not in ("a", "history")})
+                found, layer = self._prune_group(model, group, consumers, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size),
+                                                 epsilon, int(ctx.budget.get("round_to") or 1), record_to, (limits or {}).get(group.name))
+                records.append({k: v for k, v in found.items() if k != "a"})
+                layers.append(layer)
                 kept = f"{group.name}: {len(found['keep'])}/{group.size} ({found['method']})"
                 bar.update(task, advance=1, last=kept)
                 log.info("greedy: %s, discrepancy %.4g, gap %.4g, %d steps", kept, found["discrepancy"], found["gap"], found["steps"])
-        return ChannelPlan(keep, {g.name: g.size for g, _ in groups}), records
+        plan, _ = plan_of(layers, [epsilon] * len(layers))
+        return plan, records, layers
 
-    def _search(self, model: nn.Module, ctx: MethodContext, metric: str, target: float,
-                trials: list[dict[str, float]]) -> tuple[ChannelPlan, list[dict[str, Any]]]:
-        """The largest pruned model within `target` (a fraction of the dense model's `metric`) over epsilon."""
+    def _search(self, model: nn.Module, ctx: MethodContext, metric: str, target: float, trials: list[dict[str, float]],
+                search: dict[str, Any]) -> tuple[ChannelPlan, list[dict[str, Any]]]:
+        """A pruned model within `budget.tolerance` of `target` (a fraction of the dense model's `metric`), folded into
+        `model`, in about two layer-wise passes.
+
+        Pass 1 runs at `epsilon`; the `CostModel` estimates from its recording the plan of every larger epsilon, and
+        pass 2 runs at the one estimated closest to the target, recording each layer down to an epsilon estimated
+        halfway back to pass 1's ratio. Where pass 1 keeps less than the budget, it is first repeated recording every
+        layer to twice its steps, at least its width (a third pass, the longest). Where the aimed pass misses the band,
+        it is completed along its own recording (`greedy_budget.complete`), else the pass it was aimed from is.
+        `search_iterations` caps the passes (1: pass 1 completed). A latency is measured on the built plans, estimated
+        in between as their measured share of the FLOPs. Fails only where no recorded plan meets the budget, naming the closest.
+        """
         if not 0.0 < target <= 1.0:
             raise BudgetError(f"budget.{metric} is the fraction to keep, in (0, 1]; got {target}")
         tolerance = float(ctx.budget.get("latency_tolerance" if metric == "latency" else "tolerance", 0.01))
-        best: tuple[float, nn.Module, ChannelPlan, list] | None = None
+        low, high = target * (1 - tolerance), target * (1 + tolerance)
+        began = time.perf_counter()
+        round_to = int(ctx.budget.get("round_to") or 1)
+        groups = [g for g, _ in self._groups(model, ctx)]
+        proxy = "flops" if metric == "latency" else metric
+        costs = CostModel(model, channel_groups(model, ctx.input_shape), ctx.input_shape)
+        scale = 1.0  # measured over estimated, of the last plan built (for a latency: its share of the FLOPs)
+        closest: list[float] = []
 
-        def attempt(epsilon: float) -> float:
-            nonlocal best
-            trial = copy.deepcopy(model)
-            plan, records = self._layerwise(trial, ctx, epsilon)
-            pruned = apply_channel_plan(copy.deepcopy(trial), plan, ctx.input_shape)
+        def raw(plan: ChannelPlan) -> float:
+            return costs.count(plan)[proxy] / costs.dense[proxy]
+
+        def estimated(plan: ChannelPlan) -> float:
+            return raw(plan) * scale
+
+        def measured(plan: ChannelPlan) -> float:
+            nonlocal scale
+            pruned = apply_channel_plan(copy.deepcopy(model), plan, ctx.input_shape)
             if metric == "latency":
                 ratio = deployed_latency(pruned, ctx.input_shape, **budget_latency(ctx.budget)) / ctx.dense[metric]
             else:
                 ratio = measure(pruned, ctx.input_shape)[metric] / ctx.dense[metric]
-            trials.append({"epsilon": epsilon, f"{metric}_ratio": ratio})
-            log.info("greedy: epsilon %.4g keeps %.4f of the dense %s (target %.4f)", epsilon, ratio, metric, target)
-            if ratio <= target * (1 + tolerance) and (best is None or ratio > best[0]):
-                best = (ratio, trial, plan, records)
+            scale = ratio / raw(plan)
+            closest.append(ratio)
             return ratio
 
-        low, high = 0.0, max(self.epsilon, 1e-3)
-        for _ in range(self.search_iterations):
-            if attempt(high) <= target * (1 + tolerance):
+        smallest = ChannelPlan({g.name: list(range(keep_count(1, g.size, round_to))) for g in groups}, {g.name: g.size for g in groups})
+        if metric != "latency" and measured(smallest) > high:
+            raise BudgetError(f"greedy: budget.{metric}={target} cannot be met: one neuron (round_to={round_to}) in every layer "
+                              f"greedy prunes still keeps {closest[-1]:.4f} of the dense {metric} (the closest plan; residual "
+                              "streams are kept whole)")
+
+        def run(epsilon: float, record_to: float, limits: dict[str, int] | None = None) -> tuple[float, list[Layer]]:
+            start = time.perf_counter()
+            plan, records, layers = self._layerwise(copy.deepcopy(model), ctx, epsilon, record_to, limits)
+            ratio = measured(plan)
+            trials.append({"epsilon": epsilon, "record_to": record_to if math.isfinite(record_to) else None, f"{metric}_ratio": ratio,
+                           "steps": sum(r["steps"] for r in records), "recorded_steps": sum(len(t.gaps) for x in layers for t in x.tries),
+                           "seconds": time.perf_counter() - start})
+            log.info("greedy: pass %d at epsilon %.4g (recorded down to %.4g) keeps %.4f of the dense %s (target %.4f), %.0f s",
+                     len(trials), epsilon, record_to, ratio, metric, target, trials[-1]["seconds"])
+            return ratio, layers
+
+        epsilon = max(self.epsilon, 1e-3)
+        ratio, layers = run(epsilon, epsilon)
+        if ratio < low and len(trials) < self.search_iterations:
+            # Under budget, and nothing below epsilon was recorded: pass 1 again, recording every layer to twice its
+            # steps and at least its width (a step adds one neuron at most) or max_steps, which knows smaller epsilons.
+            ratio, layers = run(epsilon, -math.inf, {x.group: max(x.size, 2 * max(len(t.gaps) for t in x.tries)) for x in layers})
+        epsilons, moves, estimate = [epsilon] * len(layers), 0, ratio
+        if not low <= ratio <= high:
+            first, first_epsilon, first_pass = layers, epsilon, len(trials)
+            if len(trials) < self.search_iterations:
+                # Recorded down to an epsilon estimated halfway back to this pass's ratio (just above the band when under).
+                mid = target + max(ratio - target, 6 * tolerance * target) / 2
+                epsilon, guess, record_to = aim(layers, target, mid, estimated)
+                log.info("greedy: pass %d's recording puts epsilon %.4g at %.4f of the dense %s", len(trials), epsilon, guess, metric)
+                ratio, layers = run(epsilon, record_to)
+                epsilons, estimate = [epsilon] * len(layers), ratio
+            if not low <= ratio <= high:
+                # Deviation from the paper: a layer moved here keeps the later layers as imitated with its stop in
+                # the pass (not re-imitated behind its new one); fine-tuning absorbs the difference.
+                epsilons, estimate, moves = complete(layers, epsilons, target, tolerance, estimated)
+                if not low <= estimate <= high and first is not layers:
+                    closest.append(estimate)
+                    log.info("greedy: pass %d cannot be completed to the budget (%.4f); pass %d is", len(trials), estimate, first_pass)
+                    layers, epsilon = first, first_epsilon
+                    epsilons, estimate, moves = complete(layers, [epsilon] * len(layers), target, tolerance, estimated)
+        plan, found = plan_of(layers, epsilons)
+        for _ in range(3):  # The estimate checked on the built plan (a latency, or costs the CostModel takes as fixed).
+            if low <= estimate <= high and low <= (ratio := measured(plan)) <= high:
                 break
-            low, high = high, 2 * high
-        for _ in range(self.search_iterations):
-            if best is not None and best[0] >= target * (1 - tolerance):
-                break
-            middle = (low + high) / 2
-            if attempt(middle) <= target * (1 + tolerance):
-                high = middle
-            else:
-                low = middle
-        if best is None:
-            raise BudgetError(f"greedy: no epsilon up to {high:.4g} prunes to budget.{metric}={target} "
-                              f"(closest {min(t[f'{metric}_ratio'] for t in trials):.4f}); raise method.search_iterations")
-        _, trial, plan, records = best
-        model.load_state_dict(trial.state_dict())
-        return plan, records
+            epsilons, estimate, more = complete(layers, epsilons, target, tolerance, estimated)
+            moves += more
+            plan, found = plan_of(layers, epsilons)
+        else:
+            best = min(closest, key=lambda r: abs(r - target))
+            raise BudgetError(f"greedy: no plan read from {len(trials)} recorded passes brings the {metric} ratio within "
+                              f"{tolerance:.2%} of {target} (the closest: {best:.4f}); raise budget.tolerance (or method.search_iterations, "
+                              "where every pass kept less than the budget)")
+        for layer, choice in zip(layers, found):
+            _fold([model.get_submodule(c) for c in layer.consumers], choice["a"])
+        passed = plan_of(layers, [epsilon] * len(layers))[1]
+        channels = sum(abs(len(f["keep"]) - len(p["keep"])) for f, p in zip(found, passed))
+        search.update({"passes": len(trials), "completion_moves": moves, "completion_channels": channels,
+                       f"{metric}_ratio": ratio, "seconds": time.perf_counter() - began})
+        log.info("greedy: budget %s %s met at %.4f in %d passes (+ completion of %d channels), %.0f s",
+                 metric, target, ratio, len(trials), channels, search["seconds"])
+        return plan, [{k: v for k, v in f.items() if k != "a"} for f in found]
 
     @staticmethod
     def _consumers(model: nn.Module, group: ChannelGroup, groups: list[ChannelGroup]) -> list[str] | None:
@@ -365,42 +434,34 @@ class GreedyImitation(PruningMethod):
         roles = [(g, self._consumers(model, g, groups)) for g in groups]
         return [(g, c) for g, c in roles if c is not None]
 
-    def _prune_group(self, model: nn.Module, group: ChannelGroup, consumers: list[str], batches: Any,
-                     epsilon: float, round_to: int = 1) -> dict[str, Any]:
+    def _prune_group(self, model: nn.Module, group: ChannelGroup, consumers: list[str], batches: Any, epsilon: float,
+                     round_to: int = 1, record_to: float | None = None, limit: int | None = None) -> tuple[dict[str, Any], Layer]:
+        """Both imitations of one group (as `mode` says) on the same mini-batches, recorded down to `record_to` (or
+        `limit` steps); the choice at `epsilon` folded into the consumers. Returns the choice and the recorded Layer."""
         n = group.size
         steps = max(1, int(self.max_steps * n))
         hook = _Scales([model.get_submodule(c) for c in consumers])
         try:
-            # Both imitations see the same mini-batches.
-            tries = [self._imitate(model, hook, n, batches(), steps, epsilon, local=local)
+            tries = [self._imitate(model, hook, n, batches(), steps, epsilon, local, record_to, limit)
                      for local in (True, False) if self.mode in (("local", "both") if local else ("global", "both"))]
         finally:
             hook.remove()
-        best = min(tries, key=lambda t: (len(t["keep"]), t["discrepancy"]))
-        wanted = keep_count(len(best["keep"]), n, round_to)
-        if wanted > len(best["keep"]):
-            # budget.round_to: pad with the pruned neurons whose consumer weights are largest; their a_i stay
-            # 0 (the folded output is unchanged) and fine-tuning trains them.
-            weight = hook.consumers[0].weight.detach().abs().transpose(0, 1).reshape(n, -1).sum(1)
-            weight[best["keep"]] = -math.inf
-            extra = torch.topk(weight, wanted - len(best["keep"])).indices.tolist()
-            best = {**best, "keep": sorted(best["keep"] + extra)}
-        with torch.no_grad():
-            for consumer in hook.consumers:
-                u = (n * best["a"]).to(consumer.weight.dtype)
-                shape = (1, -1) + (1,) * (consumer.weight.dim() - 2)
-                consumer.weight.mul_(u.view(shape))
-        return {**best, "group": group.name, "size": n,
-                "alternatives": {t["method"]: {"kept": len(t["keep"]), "discrepancy": t["discrepancy"]} for t in tries}}
+        priority = hook.consumers[0].weight.detach().abs().transpose(0, 1).reshape(n, -1).sum(1).cpu()
+        layer = Layer(group.name, n, consumers, tries, priority, round_to)
+        found = layer.found(epsilon)
+        _fold(hook.consumers, found["a"])
+        return found, layer
 
     def _imitate(self, model: nn.Module, hook: _Scales, n: int, batches: Iterator, steps: int, epsilon: float,
-                 local: bool) -> dict[str, Any]:
-        """Algorithm 1 for one layer: returns the weights A, the kept neurons and how it ended."""
+                 local: bool, record_to: float | None = None, limit: int | None = None) -> Trajectory:
+        """Algorithm 1 for one layer, recorded step by step until the loss gap is at most `epsilon` (or `record_to`
+        where lower), or `steps` (or the recording's `limit`) ran out; `Trajectory.found(epsilon)` is the run that
+        stops at epsilon."""
         device = next(model.parameters()).device
+        until = epsilon if record_to is None else min(epsilon, record_to)
+        trajectory = Trajectory("local" if local else "global", n)
         a = torch.zeros(n, dtype=torch.float64, device=device)
-        gap = discrepancy = layer_discrepancy = math.inf
-        done = 0
-        history: list[tuple[int, float]] = []
+        gap = layer_discrepancy = math.inf
         for k, (x, y) in enumerate(batches):
             with torch.no_grad():
                 hook.u, hook.capture = None, local
@@ -424,21 +485,12 @@ class GreedyImitation(PruningMethod):
             else:
                 a, discrepancy, logits = self._global_step(model, hook, a, k, x, reference)
             gap = float(F.cross_entropy(logits, y)) - base
-            history.append((int((a > 0).sum()), discrepancy))
-            done = k + 1
-            if gap <= epsilon or done >= steps:
+            trajectory.add(a, gap, discrepancy, layer_discrepancy if local else None)
+            if gap <= until or k + 1 >= min(steps, limit or steps):
                 break
         hook.u = None
-        converged = gap <= epsilon
-        if not converged:
-            a = torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
-        keep = torch.nonzero(a > 0).flatten().tolist()
-        found = {"method": "local" if local else "global", "a": a, "keep": keep, "steps": done,
-                 "discrepancy": discrepancy if converged else 0.0, "gap": gap, "converged": converged,
-                 "history": history}
-        if local and converged:
-            found["layer_discrepancy"] = layer_discrepancy
-        return found
+        trajectory.capped = len(trajectory.gaps) >= steps
+        return trajectory
 
     def _global_step(self, model: nn.Module, hook: _Scales, a: torch.Tensor, k: int, x: torch.Tensor,
                      reference: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
@@ -463,6 +515,15 @@ class GreedyImitation(PruningMethod):
                 if d < best_d:
                     best, best_d, best_logits = direction, d, logits
         return best, best_d, best_logits
+
+
+def _fold(consumers: list[nn.Module], a: torch.Tensor) -> None:
+    """Fold u = N a into every consumer's input weights (W[:, i] *= N a_i)."""
+    n = a.numel()
+    with torch.no_grad():
+        for consumer in consumers:
+            u = (n * a).to(device=consumer.weight.device, dtype=consumer.weight.dtype)
+            consumer.weight.mul_(u.view((1, -1) + (1,) * (consumer.weight.dim() - 2)))
 
 
 def taylor_scores(model: nn.Module, hook: _Scales, a: torch.Tensor, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
