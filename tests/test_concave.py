@@ -225,7 +225,7 @@ def test_a_killed_search_resumes_to_the_same_masks_and_accuracy(tmp_path):
 @pytest.mark.parametrize("reg", ["l1", "log"])
 @pytest.mark.parametrize("data", ["cifar10", "cifar100", "tiny_imagenet"])
 def test_concave_presets_follow_the_papers_protocol(arch, reg, data):
-    cfg = preset(f"concave_{reg}_{arch}_{data}")
+    cfg = preset(f"concave_{arch}_{data}_{reg}")
     epochs, milestones = (85, [56, 71]) if arch == "resnet20" else (120, [60, 90])
     assert cfg.dataset._target_.endswith({"cifar10": "CIFAR10DataModule", "cifar100": "CIFAR100DataModule",
                                           "tiny_imagenet": "TinyImageNetDataModule"}[data])
@@ -241,7 +241,7 @@ def test_concave_presets_follow_the_papers_protocol(arch, reg, data):
 
 def test_resnet56_and_cs_presets():
     for reg in ("l1", "log"):
-        cfg = preset(f"concave_{reg}_resnet56_cifar10")
+        cfg = preset(f"concave_resnet56_cifar10_{reg}")
         assert cfg.backbone.name == "resnet56" and instantiate(cfg.method).kind == reg
     for data in ("cifar10", "cifar100"):
         method = instantiate(preset(f"cs_resnet20_{data}").method)

@@ -204,20 +204,19 @@ def test_pretrained_weights_of_ones_own_class_load_strictly(tmp_path):
         from_target({**spec, "width": 16}, num_classes=3, in_channels=3)
 
 
-def readme_commands() -> list[list[str]]:
-    """The `prunelab` commands of the README's "Your own model and data" section, as argument lists."""
-    text = (TESTS.parent / "README.md").read_text()
-    section = text.split("\n## Your own model and data\n", 1)[1].split("\n## ", 1)[0]
+def doc_commands() -> list[list[str]]:
+    """The `prunelab` commands of the "Your own model and data" page (docs/own-model-data.md), as argument lists."""
+    section = (TESTS.parent / "docs" / "own-model-data.md").read_text()
     block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
     return [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("prunelab ")]
 
 
-def test_the_readmes_own_model_and_data_commands_run(tmp_path, images, monkeypatch):
+def test_the_docs_own_model_and_data_commands_run(tmp_path, images, monkeypatch):
     """Each command as written, with tests/user_pkg's classes for my_pkg's and a generated image folder, shortened."""
     from prunelab import cli
 
     names = {"my_pkg.MyNet": "user_pkg.SmallNet", "my_pkg.MyDataModule": "user_pkg.BlobsDataModule", "/data/pets": str(images)}
-    commands = readme_commands()
+    commands = doc_commands()
     assert len(commands) == 2
     for index, command in enumerate(commands):
         args = [next((arg.replace(k, v) for k, v in names.items() if k in arg), arg) for arg in command]
