@@ -40,7 +40,7 @@ def final_figures(
         measured, rounds = budget_latency(cfg.budget), int(cfg.budget.get("latency_rounds", 5))
         # Rounds of at least 5 calls and 0.2 s each, as the search times its candidates.
         beside = latency_beside(
-            model, dense_model(dense_spec, base), input_shape, (measured["batch_size"],), measured["device"], measured["format"],
+            model, _dense_model(dense_spec, base), input_shape, (measured["batch_size"],), measured["device"], measured["format"],
             rounds=rounds, repeats=5 * rounds, seconds=0.2 * rounds,
         )[measured["batch_size"]]
         figures.update({"model/latency_ratio": round(beside.ratio, 4), "model/latency_ratio_min": round(beside.ratios[0], 4),
@@ -96,7 +96,7 @@ def latency_figures(
               "rounds": rounds, "seconds": 0.05 * rounds, "max_seconds": lat.get("max_seconds")}
     # An architecture no plan changed is the dense one: timing it twice would only measure noise.
     changed = model_record(model).plans or model_record(model).spec != dense_spec
-    dense_model = dense_model(dense_spec, base) if changed else None
+    dense_model = _dense_model(dense_spec, base) if changed else None
     out: dict[str, Any] = {"latency/format": fmt, "latency/threads": torch.get_num_threads(), "latency/device": str(latency_device(lat.device)),
                            "latency/rounds": kwargs["rounds"]}
     # On a CPU a large model at batch 64 takes seconds a call (a 167M-parameter ViT at 224 px), minutes in all.
@@ -119,7 +119,7 @@ def latency_figures(
     return out
 
 
-def dense_model(spec: dict | None, base: nn.Module | None) -> nn.Module:
+def _dense_model(spec: dict | None, base: nn.Module | None) -> nn.Module:
     """A dense model of the run's architecture to time beside the final one: built from the backbone's
     spec, or a copy of the model given from Python."""
     return rebuild(spec) if spec is not None else copy.deepcopy(base)
