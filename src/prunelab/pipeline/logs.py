@@ -1,4 +1,5 @@
-"""What a run prints: every log line once, without Lightning's tips, known noise or other libraries' INFO lines."""
+"""How a run logs: every line once, without Lightning's tips, known noise or other libraries' INFO lines, and
+W&B offline when no API key is configured."""
 
 from __future__ import annotations
 
