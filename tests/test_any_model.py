@@ -1356,7 +1356,7 @@ def test_a_resumed_run_reads_its_groups_from_the_run_directory(tmp_path, monkeyp
         raise AssertionError("the model was checked again")
 
     monkeypatch.setattr(surgery_module, "check_prunable", refuse)
-    monkeypatch.setattr(pipeline.structure, "check_prunable", refuse)
+    monkeypatch.setattr("prunelab.structure.check_prunable", refuse)
     traced = []
     original = groups_module.build_graph
     monkeypatch.setattr(groups_module, "build_graph", lambda *a, **k: traced.append(1) or original(*a, **k))

@@ -176,7 +176,7 @@ def test_loggers_named_by_hydra_verbose_keep_their_level(verbose):
     try:
         for name in names:
             logging.getLogger(name).setLevel(logging.DEBUG)
-        pipeline._quiet_logs(quiet=False, libraries=False, verbose=verbose)
+        pipeline.quiet_logs(quiet=False, libraries=False, verbose=verbose)
         levels = {name: logging.getLogger(name).level for name in names}
     finally:
         for name, level in saved.items():

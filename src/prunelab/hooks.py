@@ -30,7 +30,7 @@ from prunelab.budget import measure
 from prunelab.data import LoaderDataModule
 from prunelab.lit import trainable
 from prunelab.methods.base import PruningMethod, Rounds, Stage
-from prunelab.pipeline import Context, _build, _check_data, _prune
+from prunelab.pipeline import Context, build, check_data, prune_stage
 from prunelab.structure import MaskPlan, model_record
 from prunelab.validate import ConfigError, check_config, check_layer_ratios, check_skip
 
@@ -52,7 +52,7 @@ def loop_method(
     user_overrides("Pruner", overrides)
     cfg = compose_config(method, dict(budget or {}), overrides, run_dir=run_dir)
     check_config(cfg)
-    built = _build(cfg.method)
+    built = build(cfg.method)
     if type(built).initial_model is not PruningMethod.initial_model:
         raise ConfigError(
             f"method={method} starts from a new model of its own, not from yours (methods that fit your loop: {', '.join(IN_YOUR_LOOP)})"
@@ -72,7 +72,7 @@ def loop_method(
     if built.budget_keys and all(cfg.budget.get(k) is None for k in built.budget_keys):
         wanted = " or ".join(f"budget.{k}" for k in built.budget_keys)
         raise ConfigError(f"{type(built).__name__} prunes to a budget: set {wanted}")
-    _check_data([], built, LoaderDataModule((), 1, train))
+    check_data([], built, LoaderDataModule((), 1, train))
     return cfg, built, (kept[0] if len(kept) == 2 else None), kept[-1]
 
 
@@ -231,7 +231,7 @@ class Pruner:
             model = self.method.teardown(model, self.stage)
         stage = self._prune_stage
         model = self.method.setup(model, stage, self._ctx.for_method(model, stage))
-        _, model = _prune(self._ctx, stage, self.run_dir / "prune", model)
+        _, model = prune_stage(self._ctx, stage, self.run_dir / "prune", model)
         model = self.method.teardown(model, stage)
         record = model_record(model)
         plan = record.masks if record.masks is not None else record.plans[-1]

@@ -2,7 +2,7 @@
 result tables and search cost.
 
 A run directory holds `config.yaml`, `summary.json` and `stages/<i>-<name>/plan.json` for each
-structured prune stage (see pipeline.py). The functions here take run directories (or folders that
+structured prune stage (see pipeline/runners.py). The functions here take run directories (or folders that
 contain them, e.g. a multirun sweep), read them with `prunelab.runs`, and write CSV/JSON files and PNG plots
 next to them:
 

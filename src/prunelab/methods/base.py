@@ -111,7 +111,7 @@ class PruningMethod:
 
         When they include a "prune" stage, the pipeline adds dense pre-training (`pretrain.epochs`), an
         evaluation of the dense model, BN re-estimation after each prune and, unless the method places
-        a "retrain" stage itself, retraining at the end (see pipeline.py).
+        a "retrain" stage itself, retraining at the end (see `plan_stages` in pipeline/stages.py).
         """
         return [Stage("train", "fit")]
 
