@@ -126,10 +126,11 @@ class CrashAtStep(L.Callback):
 
 
 def load_script(name: str):
-    """A script of scripts/ imported as a module (they are not a package), e.g. `load_script("greedy_rate")`."""
+    """A script of benchmarks/ or experiments/<paper>/ imported as a module (they are not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    (path,) = [*ROOT.glob(f"benchmarks/{name}.py"), *ROOT.glob(f"experiments/*/{name}.py")]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

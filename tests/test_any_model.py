@@ -1951,7 +1951,7 @@ def test_a_position_bias_shared_by_all_blocks_keeps_every_head():
 
 
 def test_zoo_summary_names_the_largest_costs_and_grids_every_model(tmp_path, capsys, monkeypatch):
-    """scripts/zoo.py's summary, from the CSV a run writes: counts, FLOPs range and maxima of ok rows with their
+    """benchmarks/zoo.py's summary, from the CSV a run writes: counts, FLOPs range and maxima of ok rows with their
     models, a failed row's status in the grid; the same from `--summary CSV` as at the end of the run."""
     zoo = load_script("zoo")
     rows = [

@@ -1,4 +1,4 @@
-"""scripts/concave_logistic.py (the paper's Fig. 3 on 8x8 digits): subgradient L1 leaves no exact zeros,
+"""experiments/concave/concave_logistic.py (the paper's Fig. 3 on 8x8 digits): subgradient L1 leaves no exact zeros,
 the [0, 1] masks with l1/log regularisers sparsify at the accuracy of plain logistic regression."""
 
 from __future__ import annotations

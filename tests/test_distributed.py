@@ -96,7 +96,7 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
 
 
 def test_every_method_under_two_process_ddp_gives_the_single_process_run(tmp_path):
-    """scripts/ddp_check.py: 2 gloo processes vs one, global batch 32, every method (about 3 minutes)."""
+    """benchmarks/ddp_check.py: 2 gloo processes vs one, global batch 32, every method (about 3 minutes)."""
     script = load_script("ddp_check")
     names = script.methods()
     assert {"dense", "imp", "jackpot", "pfs", "l1_filter", "greg1", "concave", "cs", "greedy"} <= set(names)

@@ -1,4 +1,4 @@
-"""scripts/greedy_rate.py (Ye, Wu and Liu, Fig. 1): the MLP's Gram matrix in the framework's convention,
+"""experiments/greedy/greedy_rate.py (Ye, Wu and Liu, Fig. 1): the MLP's Gram matrix in the framework's convention,
 folding the pruned layer into the next one, both greedy imitations on a tiny network, the rate fits and a
 tiny end-to-end run. The closed-form local step itself is tested in tests/test_greedy.py."""
 

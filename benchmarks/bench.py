@@ -1,7 +1,7 @@
 """One command for prunelab's speed figures, each measured side by side in one run.
 
-    python scripts/bench.py                       # everything (about 15 min on 2 CPU cores, ../shared for `budget`)
-    python scripts/bench.py --only surgery deployed round_to
+    python benchmarks/bench.py                       # everything (about 15 min on 2 CPU cores, ../shared for `budget`)
+    python benchmarks/bench.py --only surgery deployed round_to
 
 Sections (`--only`):
 - `surgery`: CIFAR ResNet-56 pruned to a uniform half width (a quarter of the FLOPs) against the same
@@ -13,8 +13,8 @@ Sections (`--only`):
 - `round_to`: filter-L1 to half the FLOPs with `budget.round_to` 1, 4, 8, 16: deployed latency at
   (nearly) equal FLOPs.
 - `search`: the PFS gate-search step and the SR-popup / edge-popup mask-search steps against a dense
-  training step, in NCHW and in channels-last layout (`scripts/search_step_time.py`), and the FLOPs-threshold search's seconds
-  (`scripts/flops_search.py`).
+  training step, in NCHW and in channels-last layout (`benchmarks/search_step_time.py`), and the FLOPs-threshold search's seconds
+  (`benchmarks/flops_search.py`).
 - `budget`: on the shared CIFAR-10 subset and pretrained ResNet-56, `budget.latency` (ranking by
   importance, and per millisecond) against a FLOPs budget chosen to give the same measured latency (all
   filter-L1, fine-tuned identically): latency reached, FLOPs, accuracy right after pruning and after

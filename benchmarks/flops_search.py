@@ -5,7 +5,7 @@ The search (`prunelab.budget.search_threshold`) counts every bisection candidate
 a deep copy of the model and counted with a forward pass: this script times one such build-and-count
 and multiplies it by the number of candidates the search tried, so both figures come from one run.
 
-    python scripts/flops_search.py
+    python benchmarks/flops_search.py
 """
 
 from __future__ import annotations

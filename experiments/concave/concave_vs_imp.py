@@ -13,9 +13,9 @@ optimizer steps to ours (`--lam-scale`, default: that ratio) to give the regular
 pull; everything else is the preset's. `concave-{l1,log}-fixed` prune 20% of the survivors per round by
 mask value (the paper's Fig. 8 ablation: IMP's sparsities, so the rankings compare at equal sparsity).
 
-    python scripts/concave_vs_imp.py --epochs 2 --seeds 0 1
-    python scripts/concave_vs_imp.py --epochs 2 --seeds 0 1 --methods concave-l1-fixed concave-log-fixed
-    python scripts/concave_vs_imp.py --overhead       # the per-step cost of the masks and the regulariser
+    python experiments/concave/concave_vs_imp.py --epochs 2 --seeds 0 1
+    python experiments/concave/concave_vs_imp.py --epochs 2 --seeds 0 1 --methods concave-l1-fixed concave-log-fixed
+    python experiments/concave/concave_vs_imp.py --overhead       # the per-step cost of the masks and the regulariser
 
 `--overhead` times training steps of ResNet-20 at batch 128 on random data, interleaved (A B C B A ...):
 plain; with the relaxed masks attached and lambda = 0; with the l1 and the log regulariser; and the
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar-10-subset"
 PAPER_STEPS = 85 * 391  # a ResNet-20 round in the paper: 85 epochs of 50,000 images at batch 128
 

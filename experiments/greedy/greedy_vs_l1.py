@@ -7,7 +7,7 @@ reached. Both are tested right after pruning (no BN re-estimation, no training) 
 fine-tuning (`--finetune-epochs`, SGD lr 0.01 constant, batch 128), for every seed in `--seeds` (the
 data order); the greedy search's wall time is printed beside a fine-tuning epoch's.
 
-    python scripts/greedy_vs_l1.py --epsilon 0.05 --seeds 0 1
+    python experiments/greedy/greedy_vs_l1.py --epsilon 0.05 --seeds 0 1
 
 Every run keeps its directory under `--out`, so a killed script resumes. Needs ../shared.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from prunelab.report import mean_std
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
 WEIGHTS = ("weights", "cifar10", "resnet20-12fca82f.th")
 

@@ -12,7 +12,7 @@ with one epoch of the same run's dense training by `python -m prunelab.report co
                      the Taylor score (one backward pass), the top 5 evaluated exactly
     both+taylor      Algorithm 2: both per layer, the one that keeps fewer neurons
 
-    python scripts/greedy_cost.py [--epsilon 0.05] [--width 1.0] [--pretrain-epochs 10]
+    python experiments/greedy/greedy_cost.py [--epsilon 0.05] [--width 1.0] [--pretrain-epochs 10]
 
 Every run keeps its directory under `--out`, so a killed script resumes where it stopped.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from prunelab.report import find_runs, search_cost
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODES = {
     "local": ["method.mode=local"],
     "global": ["method.mode=global", "method.taylor_after=null"],

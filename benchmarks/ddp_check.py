@@ -6,7 +6,7 @@ re-running this command with `--role ddp`), once in a single process with the sa
 (the global batch). It then compares, per method: the plans of every prune stage (must be identical),
 the test accuracy and loss, and the per-step training loss of the first steps.
 
-    python scripts/ddp_check.py [--out outputs/ddp_check] [--devices 2] [--methods l1_filter imp ...]
+    python benchmarks/ddp_check.py [--out outputs/ddp_check] [--devices 2] [--methods l1_filter imp ...]
 
 Prints one row per method and exits with 1 if a plan differs or a figure differs beyond the tolerance.
 """

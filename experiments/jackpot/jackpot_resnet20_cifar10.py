@@ -7,7 +7,7 @@ frozen pretrained weights (batch 256, SGD lr 0.1, cosine; 10 epochs is the paper
 Every command is printed before it runs and each run keeps its directory under `--out`, so a killed
 script resumes where it stopped. About 10 minutes of CPU time on two cores.
 
-    python scripts/jackpot_resnet20_cifar10.py --epochs 10
+    python experiments/jackpot/jackpot_resnet20_cifar10.py --epochs 10
 
 Needs ../shared (the CIFAR-10 subset and the ResNet-20 weights) beside the repository.
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 from prunelab.report import mean_std
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
 
 

@@ -8,7 +8,7 @@ iterations, at lr `--greg-lr`), then removes them. Both are tested right after p
 (`--finetune-epochs`, SGD lr 0.01 constant, batch 128), for every seed in `--seeds` (the data order).
 The script first times a training step with and without the penalty (the penalty's overhead).
 
-    python scripts/greg_vs_oneshot.py --seeds 0 1
+    python experiments/greg/greg_vs_oneshot.py --seeds 0 1
 
 Every command is printed before it runs and keeps its run directory under `--out`, so a killed script
 resumes where it stopped. Needs ../shared beside the repository.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from prunelab.report import mean_std
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
 WEIGHTS = ("weights", "cifar10", "resnet56-4bfd9763.th")
 

@@ -8,7 +8,7 @@ x`expansion` backbone) and `<root>/pfs-<init>-s<seed>` (search and prune only: `
 `prunelab.report` writes `channels.png` and `similarity.png` (with CSV/JSON beside them) into `<root>`.
 
 Example (the paper's VGG-16 setting, on a GPU):
-    python scripts/pfs_structures.py --seeds 0 1 2 3 4 --epochs 10 20 40 80 160 \
+    python experiments/pfs/pfs_structures.py --seeds 0 1 2 3 4 --epochs 10 20 40 80 160 \
         --common dataset=cifar10 backbone=vgg16 --search experiment=pfs_vgg16_cifar10
 Overrides in --common go to every run, --search only to the searches, --dense only to dense training.
 """

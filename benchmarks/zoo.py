@@ -25,10 +25,10 @@ their models) and a compact grid for docs/any-model.md, which `--summary zoo.csv
 (also from a run that was cut short). The default list (all torchvision classifiers and ~150 timm models, one or two per family) takes
 hours on a few CPU cores. Run:
 
-    python scripts/zoo.py
-    python scripts/zoo.py --models torchvision:resnet18,timm:ghostnet_100
-    python scripts/zoo.py --only timm --limit 10 --skip-tp
-    python scripts/zoo.py --summary zoo.csv
+    python benchmarks/zoo.py
+    python benchmarks/zoo.py --models torchvision:resnet18,timm:ghostnet_100
+    python benchmarks/zoo.py --only timm --limit 10 --skip-tp
+    python benchmarks/zoo.py --summary zoo.csv
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ seeds), the kept channels of every PFS seed (`channels.png`, Figure 3 of the pap
 similarity of the PFS and L1 structures (`similarity.png`, Figure 2) and the search cost of PFS
 against a dense epoch (`search_cost.json`, from the L1 runs' dense pre-training) into `<root>`.
 
-Usage: python scripts/pfs_digits_compare.py [--seeds 0 1] [--root outputs/pfs_digits] [extra overrides...]
+Usage: python experiments/pfs/pfs_digits_compare.py [--seeds 0 1] [--root outputs/pfs_digits] [extra overrides...]
 """
 
 from __future__ import annotations
