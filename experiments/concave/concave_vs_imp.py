@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+import prunelab
 
 ROOT = Path(__file__).resolve().parents[2]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar-10-subset"
@@ -135,16 +134,10 @@ def main() -> None:
     common = [f"dataset.root={CIFAR}", f"dataset.num_workers={args.workers}", f"trainer.max_epochs={args.epochs}",
               f"scheduler.milestones={milestones}", "trainer.enable_progress_bar=false", "latency.batch_sizes=[]",
               "test_pruned=true", "quiet=true"]
-    env = {**os.environ, "PRUNELAB_OUTPUTS": str(args.out)}
-    log = (args.out / "log.txt")
-    args.out.mkdir(parents=True, exist_ok=True)
     for name, overrides in runs(args).items():
         for seed in args.seeds:
             start = time.perf_counter()
-            cmd = [sys.executable, "-m", "prunelab.cli", *overrides, *common, f"seed={seed}"]
-            with log.open("a") as out:
-                if subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
-                    raise SystemExit(f"{name} seed {seed} failed; see {log}")
+            prunelab.run([*overrides, *common, f"seed={seed}"], args.out / "runs" / f"{name}-s{seed}")
             print(f"{name} seed {seed}: {time.perf_counter() - start:.0f} s   ({' '.join(overrides)})", flush=True)
 
     from prunelab.report import find_runs, mean_std, rounds_markdown, rounds_table

@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
+import prunelab
 from prunelab.report import mean_std
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,11 +99,9 @@ def main() -> None:
             # Seed 0 is the configs' default: its runs keep the folders of a single-seed call.
             run_dir = args.out / (folder if seed == 0 else f"{folder}_s{seed}")
             seeded = [] if seed == 0 else [f"seed={seed}"]
-            command = [sys.executable, "-m", "prunelab.cli", *common(args.shared), *overrides, *seeded, *args.extra]
-            command.append(f"hydra.run.dir={run_dir}")
-            print("$", " ".join(shlex.quote(c) for c in command), flush=True)
-            subprocess.run(command, cwd=ROOT, check=True)
-            summary = json.loads((run_dir / "summary.json").read_text())
+            settings = [*common(args.shared), *overrides, *seeded, *args.extra]
+            print("prunelab", *settings, f"hydra.run.dir={run_dir}", flush=True)
+            summary = prunelab.run(settings, run_dir)
             search_s = sum(summary.get(f"time/{stage}_s", 0.0) for stage in ("search", "prune", "prune_bn"))
             rows.append(
                 {
