@@ -37,8 +37,6 @@ from pathlib import Path
 import torch
 
 import prunelab
-from prunelab import pipeline
-from prunelab.api import compose_config
 from prunelab.backbones import create
 from prunelab.budget import count_flops, deployed, latency_device, time_call
 from prunelab.errors import BudgetError
@@ -156,9 +154,9 @@ def search_section(args) -> None:
 
 
 def run(run_dir: Path, overrides: list[str]) -> dict:
-    """The run `prunelab method=l1_filter <overrides> hydra.run.dir=<run_dir>` makes, in this process: its summary."""
-    print("prunelab method=l1_filter", " ".join(overrides), flush=True)
-    return pipeline.run(compose_config("l1_filter", {}, overrides, run_dir=run_dir), run_dir)
+    """The run `prunelab <overrides> hydra.run.dir=<run_dir>` makes, in this process: its summary."""
+    print("prunelab", *overrides, f"hydra.run.dir={run_dir}", flush=True)
+    return prunelab.run(overrides, run_dir)
 
 
 def budget_section(args) -> None:
@@ -170,7 +168,7 @@ def budget_section(args) -> None:
     common = [
         "dataset=cifar10", f"dataset.root={data}", "dataset.val_size=500", "dataset.num_workers=0", "dataset.batch_size=128",
         "backbone=resnet56", f"backbone.pretrained={pretrained}", "retrain=finetune", f"retrain.epochs={args.finetune_epochs}",
-        "optimizer.lr=0.01", "scheduler=constant", "test_pruned=true", "latency.batch_sizes=[]",
+        "optimizer.lr=0.01", "scheduler=constant", "test_pruned=true", "latency.batch_sizes=[]", "method=l1_filter",
         "trainer.enable_progress_bar=false", "quiet=true", f"budget.latency_batch_size={args.latency_batch}",
         f"budget.latency_device={args.device}", "budget.latency_format=torchscript_frozen", f"budget.round_to={args.round_to}",
     ]  # fmt: skip
