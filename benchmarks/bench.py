@@ -56,7 +56,7 @@ def pruned(model, flops: float, round_to: int = 1, tolerance: float = 0.01, meth
     """`model` pruned by `method` to `flops` of its FLOPs with `prunelab.prune` (no data, so no retraining), in eval mode."""
     budget = {"flops": flops, "tolerance": tolerance, "iterations": iterations, "round_to": round_to}
     with tempfile.TemporaryDirectory() as run_dir:
-        return prunelab.prune(model, method, budget, torch.randn(1, *SHAPE), run_dir=run_dir).model.eval()
+        return prunelab.prune(model, method, budget, torch.randn(1, *SHAPE), overrides=["quiet=true"], run_dir=run_dir).model.eval()
 
 
 def interleaved(forms: dict[str, object], batches: list[int], args) -> dict[tuple[str, int], tuple[float, float]]:

@@ -5,7 +5,8 @@ limit, so that a crash, a hang or a memory blow-up costs one row and not the run
 
 - prunelab: `prunelab.backbones.create`, group discovery (`channel_groups`, timed once on its own), then
   `prunelab.prune(model, "l1_filter", {"flops": 0.5})`: the pipeline's pre-training check (a refusal names the
-  layers), an L1-filter plan to half the dense FLOPs (global threshold search), the surgery and the saved model;
+  layers), an L1-filter plan to half the dense FLOPs (global threshold search), the surgery, the deployable export
+  (frozen TorchScript) and the saved model;
   then `prunelab.load_model` of the saved file alone and a check that it gives the outputs of the model pruned
   in memory by the same plan (torch.allclose, atol = rtol = 1e-4) on a random batch of 2.
 - Torch-Pruning: the same architecture built by torchvision or timm directly, `MetaPruner` with
@@ -143,7 +144,8 @@ def prunelab_path(name: str, size: int | None, result: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # The API's whole path: the pre-training check (a refusal names the layers), the plan, the surgery, the saved model.
         step(result, "prune")
-        pruned = prunelab.prune(model, "l1_filter", budget, torch.randn(1, *shape), num_classes=NUM_CLASSES, run_dir=tmp)
+        pruned = prunelab.prune(model, "l1_filter", budget, torch.randn(1, *shape), num_classes=NUM_CLASSES,
+                                overrides=["quiet=true"], run_dir=tmp)
         result["flops_ratio"] = pruned.report["model/flops_ratio"]
         step(result, "load")
         reloaded = prunelab.load_model(Path(tmp) / "model.pt").eval()  # from the file alone, without the model's class
