@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-slow lint-imports check-results docs clean
+.PHONY: install quickstart test test-slow test-scripts lint-imports check-results docs clean
 
 # The dependencies' exact versions come from constraints.txt (pyproject.toml gives ranges).
 $(STAMP): pyproject.toml constraints.txt
@@ -29,6 +29,11 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The checks of the tools in benchmarks/ and of the paper checks in experiments/ (not library code: the suite
+# above imports none of them).
+test-scripts: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q benchmarks experiments
 
 # The layers of the code ([tool.importlinter] in pyproject.toml): a module imports only from the layers below it.
 lint-imports: install

@@ -4,10 +4,8 @@ training, in one line naming them, and `structure.skip` keeps them whole while t
 from __future__ import annotations
 
 import copy
-import csv
 import re
 import json
-import sys
 import warnings
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import EpochRecorder, load_script, make_cfg, run_cli
+from conftest import EpochRecorder, make_cfg, run_cli
 from prunelab import load_model, pipeline
 from prunelab.backbones import create, registry
 from prunelab.budget import CostModel, count_flops, count_params
@@ -1948,29 +1946,3 @@ def test_a_position_bias_shared_by_all_blocks_keeps_every_head():
     names = [g.name for g in channel_groups(model, shape)]
     assert names and not [n for n in names if n.endswith("attn.qkv") or n == "shared_rel_pos.mlp.fc2"]
     check_prunable(model, shape)
-
-
-def test_zoo_summary_names_the_largest_costs_and_grids_every_model(tmp_path, capsys, monkeypatch):
-    """scripts/zoo.py's summary, from the CSV a run writes: counts, FLOPs range and maxima of ok rows with their
-    models, a failed row's status in the grid; the same from `--summary CSV` as at the end of the run."""
-    zoo = load_script("zoo")
-    rows = [
-        {"model": "timm:a", "pl_status": "ok", "pl_flops_ratio": 0.49, "pl_groups_s": 3.0, "pl_groups_peak_gb": 0.2,
-         "pl_total_s": 9.0, "pl_peak_gb": 1.5, "pl_max_diff": 0.0, "tp_status": "ok"},
-        {"model": "torchvision:b", "pl_status": "ok", "pl_flops_ratio": 0.51, "pl_groups_s": 1.0, "pl_groups_peak_gb": 0.9,
-         "pl_total_s": 12.0, "pl_peak_gb": 0.5, "pl_max_diff": 0.0, "tp_status": "prune: ZeroDivisionError"},
-        {"model": "timm:c", "pl_status": "check: UnprunableError: cannot prune", "pl_total_s": 50.0, "tp_status": "ok"},
-    ]
-    lines = zoo.summary(rows, per_line=2)
-    assert lines[:6] == ["prunelab: 2 ok / 3; FLOPs kept 0.490-0.510", "torch-pruning: 2 ok / 3",
-                         "group discovery: at most 3.0 s (a)", "group discovery: at most 0.90 GB (b)",
-                         "the whole path: at most 12.0 s (b)", "the whole path: at most 1.50 GB (a)"]
-    assert lines[-2:] == ["| a 0.490 / 9 s / 1.50 GB | b 0.510 / 12 s / 0.50 GB |", "| c: check: UnprunableError: cannot prune |  |"]
-    path = tmp_path / "zoo.csv"
-    with path.open("w", newline="") as f:
-        table = csv.DictWriter(f, [key for key, _ in zoo.COLUMNS] + zoo.CSV_ONLY, extrasaction="ignore")
-        table.writeheader()
-        table.writerows(rows)
-    monkeypatch.setattr(sys, "argv", ["zoo.py", "--summary", str(path)])
-    zoo.main()
-    assert capsys.readouterr().out.splitlines() == zoo.summary(rows)

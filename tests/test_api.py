@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import prunelab
-from conftest import ROOT, make_cfg
+from conftest import FAST, ROOT, make_cfg
 from prunelab import pipeline
 from prunelab.export import load_deployed
 from prunelab.structure import ChannelPlan, MaskPlan
@@ -109,6 +109,19 @@ def test_prune_gives_the_plan_the_command_gives(tmp_path):
     assert result.plan == ChannelPlan.load_json(tmp_path / "cli" / "stages" / "0-prune" / "plan.json")
     for key in ("dense/flops", "dense/params", "model/flops", "model/params", "model/flops_ratio"):
         assert result.report[key] == summary[key], key
+
+
+def test_run_is_the_commands_experiment_in_this_process(tmp_path):
+    settings = ["method=l1_filter", "budget.flops=0.5", "retrain=none", "test=false", "latency.batch_sizes=[]"]
+    summary = prunelab.run([*FAST, *settings], tmp_path / "run")
+    expected = pipeline.run(make_cfg(tmp_path / "cfg", *settings), tmp_path / "cfg")
+    assert summary == json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {k: v for k, v in summary.items() if not k.startswith("time/")} == {k: v for k, v in expected.items() if not k.startswith("time/")}
+    plans = [ChannelPlan.load_json(d / "stages" / "0-prune" / "plan.json") for d in (tmp_path / "run", tmp_path / "cfg")]
+    assert plans[0] == plans[1]
+    # A mistake is the command's one line, raised.
+    with pytest.raises(ConfigError, match="nope"):
+        prunelab.run(["method=nope"], tmp_path / "bad")
 
 
 def test_magnitude_reaches_the_exact_sparsity(model, x, tmp_path):

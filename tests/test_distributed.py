@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,10 +19,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import load_script
+from conftest import CONF_DIR
 from prunelab import io, load_model
 from prunelab.data.base import EpochShuffle
 from prunelab.distributed import Shard, ShardedBatches, check_same, global_mean, sync_batchnorm
+from prunelab.runs import losses_before_pruning, plan_difference
 
 
 @pytest.mark.parametrize("size, batch, world", [(50, 8, 2), (50, 8, 3), (49, 7, 2), (17, 16, 2)])
@@ -96,19 +98,29 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
 
 
 def test_every_method_under_two_process_ddp_gives_the_single_process_run(tmp_path):
-    """scripts/ddp_check.py: 2 gloo processes vs one, global batch 32, every method (about 3 minutes)."""
-    script = load_script("ddp_check")
-    names = script.methods()
+    """2 gloo processes vs one, global batch 32, every method (about 3 minutes): the same training losses before
+    the first prune to rounding, the same plans (a few tied entries may differ after a relaxed-mask search)."""
+    names = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
     assert {"dense", "imp", "jackpot", "pfs", "l1_filter", "greg1", "concave", "cs", "greedy"} <= set(names)
-    done = subprocess.run([sys.executable, str(script.__file__), "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = {r["method"]: r for r in json.loads((tmp_path / "ddp_check.json").read_text())}
-    assert set(rows) == set(names)
-    for name, row in rows.items():
-        assert row["ok"] and row["steps"] >= 3, row
-        # Only rank 0 wrote: no temporary files left behind, one summary.
-        assert not list((tmp_path / "ddp" / name).rglob("*.tmp"))
-    assert all(rows[m]["plan_diff"] == 0.0 for m in ("l1_filter", "uniform", "slimming", "greg1", "greedy", "jackpot", "pfs"))
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    for role in ("ddp", "single"):
+        done = subprocess.run([sys.executable, str(Path(__file__).with_name("ddp_methods.py")), str(tmp_path), role, *names],
+                              capture_output=True, text=True, timeout=900, env=env)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in names:
+        ddp, single = tmp_path / "ddp" / name, tmp_path / "single" / name
+        # float32 sums the split batch in another order: the per-step losses agree to rounding (measured: at most 1.4e-5).
+        a, b = losses_before_pruning(ddp), losses_before_pruning(single)
+        assert len(a) == len(b) >= 3 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, name
+        # A magnitude criterion may flip the few weights within rounding of its threshold (measured: IMP 4 and 12 of
+        # 74,800 entries); after 3 steps from tied masks (m_0 = 1/2, s_0 = 0) concave and cs differ in more (0.23%, 1.1%).
+        exact = name in ("l1_filter", "uniform", "slimming", "greg1", "greedy", "jackpot", "pfs")
+        assert plan_difference(ddp, single) <= (0.0 if exact else 5e-2 if name in ("concave", "cs") else 1e-3), name
+        if name not in ("concave", "cs"):
+            x, y = (json.loads((d / "summary.json").read_text()) for d in (ddp, single))
+            assert abs(x["test/acc"] - y["test/acc"]) <= 3.2 and abs(x["test/loss"] - y["test/loss"]) <= 5e-2, name
+        # Only rank 0 wrote: no temporary files left behind.
+        assert not list(ddp.rglob("*.tmp"))
 
 
 def _ddp_command(run_dir) -> list[str]:

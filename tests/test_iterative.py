@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from conftest import CONF_DIR, CrashAtEpoch, EpochRecorder, load_script, make_cfg, preset
+from conftest import CONF_DIR, CrashAtEpoch, EpochRecorder, make_cfg, preset
 from prunelab import load_model, pipeline
 from prunelab.backbones import create
 from prunelab.budget import BudgetError
@@ -22,6 +22,7 @@ from prunelab.methods.base import MethodContext, PruningMethod, Rounds, Stage
 from prunelab.methods.imp import IMP, round_sparsities
 from prunelab.structure import MaskPlan, prunable_weights
 from prunelab.errors import ConfigError
+from prunelab.guard import FEW_STEPS
 
 QUIET = ["latency.batch_sizes=[]", "trainer.limit_val_batches=1"]
 # 224 training images at batch 32: 7 optimizer steps per epoch.
@@ -341,8 +342,6 @@ def test_a_per_step_scheduler_gets_the_stage_steps(tmp_path):
 
 
 METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
-# The few settings some methods need to finish in one batch (shared with the DDP check).
-EXTRA = load_script("ddp_check").EXTRA
 
 
 def test_every_method_has_a_test_here():
@@ -356,7 +355,7 @@ def test_every_method_config_runs_through_a_one_batch_pipeline(tmp_path, method)
         make_cfg(
             tmp_path, f"method={method}", "budget.flops=0.5", "budget.sparsity=0.5", "budget.tolerance=0.3",
             "trainer.limit_train_batches=1", "trainer.limit_test_batches=1", "retrain.epochs=1", *QUIET,
-            *EXTRA.get(method, []),
+            *FEW_STEPS.get(method, []),
         ),
         tmp_path,
     )

@@ -1,6 +1,6 @@
 """Latency budgets: per-layer tables cached per machine, the search meets the target as measured on the
 built model and respects round_to, and holds on a loaded machine; reported latencies carry their spread.
-Deterministic fake timers stand in for the clock, noisy ones seeded (real timings belong to `scripts/bench.py`)."""
+Deterministic fake timers stand in for the clock, noisy ones seeded (real timings belong to `benchmarks/bench.py`)."""
 
 from __future__ import annotations
 

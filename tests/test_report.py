@@ -122,3 +122,18 @@ def test_table_gives_timed_metrics_the_range_of_their_rounds(tmp_path):
     assert "test/acc min" not in row
     text = (tmp_path / "out" / "table.md").read_text()
     assert "| 1.015 +- 0.049 (rounds 0.91-1.14, within noise) | 2.05 +- 0.071 (rounds 1.9-2.3) | 90 +- 0 |" in text
+
+
+def test_two_runs_compare_by_their_plans_and_their_losses_before_the_first_prune(tmp_path):
+    """prunelab.runs.plan_difference and losses_before_pruning, what the DDP check compares a run with."""
+    from prunelab.runs import losses_before_pruning, plan_difference
+
+    fast = ["pretrain.epochs=1", "retrain=none", "trainer.limit_train_batches=3", "latency.batch_sizes=[]", "quiet=true"]
+    for name, flops in (("a", 0.5), ("b", 0.5), ("c", 0.3)):
+        pipeline.run(make_cfg(tmp_path / name, "method=l1_filter", f"budget.flops={flops}", *fast), tmp_path / name)
+    pipeline.run(make_cfg(tmp_path / "dense", "method=dense", *fast), tmp_path / "dense")
+    assert plan_difference(tmp_path / "a", tmp_path / "b") == 0.0
+    assert 0.0 < plan_difference(tmp_path / "a", tmp_path / "c") < 1.0
+    assert plan_difference(tmp_path / "a", tmp_path / "dense") == 1.0  # not the same prune stages
+    losses = losses_before_pruning(tmp_path / "a")
+    assert len(losses) == 3 and losses == losses_before_pruning(tmp_path / "c")

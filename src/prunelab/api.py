@@ -104,6 +104,25 @@ def prune(
     return PruneResult(final, _plan(final), report, run_dir)
 
 
+def run(overrides: Sequence[str], run_dir: str | Path) -> dict[str, Any]:
+    """Run the experiment `prunelab <overrides> hydra.run.dir=<run_dir>` would run, in this process; its summary.
+
+    The way scripts run grids of whole experiments (datasets and backbones from the configs) without a process
+    per run: `run(["experiment=pfs_resnet20_digits_quick", "seed=1"], "outputs/pfs_s1")`. As with the command, a
+    finished run directory is reused and a killed one resumed; a mistake raises its one-line error
+    (`prunelab.errors.ConfigError` and the others) instead of exiting.
+    """
+    renamed = renamed_preset(overrides)
+    if renamed is not None:
+        raise ConfigError(renamed)
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+        try:
+            cfg = compose("config", overrides=[f"paths.output_dir={_value(str(run_dir))}", *overrides])
+        except HydraException as err:
+            raise ConfigError(_one_line(err)) from None
+    return pipeline.run(cfg, Path(run_dir))
+
+
 def compose_config(method: str, budget: dict[str, Any], overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> DictConfig:
     """The config the `prunelab` command composes for `method=<method> budget.<key>=<value> ... <overrides>`.
 

@@ -46,6 +46,19 @@ FIGURES = {
 MIN_ACC_TOLERANCE = 0.5
 # Settings every guarded run shares: no latency timing (machine noise, not a result), no progress bars.
 COMMON = ["latency.batch_sizes=[]", "trainer.enable_progress_bar=false", "quiet=true"]
+# Settings with which each method's run finishes in one batch or a few steps, on any data: the smoke runs (every
+# method's one-batch pipeline test, benchmarks/ddp_check.py). A method without an entry needs none.
+FEW_STEPS = {"pfs": ["method.epochs=1"], "jackpot": ["method.epochs=1"], "edge_popup": ["method.epochs=1"],
+             "imp": ["method.rounds=2"],
+             # beta_T = 200 reached within 3 steps makes the mask a step function that amplifies rounding
+             # 1000x per step (measured: 5e-4 after one step); beta_T = 2 keeps the DDP check about DDP.
+             "cs": ["method.rounds=2", "method.final_beta=2"],
+             "greedy": ["method.epsilon=10", "method.max_steps=0.5", "method.taylor_after=1"],
+             "concave": ["method.rounds=2", "method.selection=fixed_fraction", "method.prune_fraction=0.5"],
+             "slimming": ["method.sparsity_epochs=1"],
+             "greg1": ["method.delta_lambda=0.5", "method.update_interval=1", "method.stabilize_steps=1"],
+             "greg2": ["method.delta_lambda=0.5", "method.delta_lambda_pick=0.5", "method.tau0=0.6",
+                       "method.update_interval=1", "method.stabilize_steps=1"]}
 
 
 @dataclass

@@ -3,6 +3,7 @@ reached so far and the channel structure its plans kept."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import statistics
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+
+from prunelab.structure import ChannelPlan, MaskPlan
 
 
 @dataclass
@@ -126,3 +129,43 @@ def keep_ratios(run: Run) -> dict[str, float]:
     """The fraction of channels each group keeps: the structure's feature vector (Pruning from Scratch, Fig. 2)."""
     names, kept, sizes = channel_structure(run)
     return {n: k / s for n, k, s in zip(names, kept, sizes)}
+
+
+def losses_before_pruning(run_dir: Path) -> list[float]:
+    """The per-step training cross-entropies of every stage before the run's first prune (pretraining,
+    searches), in the order the metrics logged them: what two runs of one configuration must share."""
+    tags = []
+    for stage in json.loads((run_dir / "stages.json").read_text()):
+        if stage["kind"] == "prune":
+            break
+        tags.append(stage["name"] if stage["round"] is None else f"round{stage['round']}/{stage['name']}")
+    found = sorted(run_dir.rglob("metrics.csv"))
+    if not found:
+        return []
+    with found[0].open() as f:
+        rows = list(csv.DictReader(f))
+    return [float(row[f"{tag}/train/ce_step"]) for row in rows for tag in tags if row.get(f"{tag}/train/ce_step")]
+
+
+def plan_difference(run_a: Path, run_b: Path) -> float:
+    """The fraction of plan entries (kept channels, mask entries) on which two runs disagree, over every prune
+    stage; 1.0 if they did not prune the same stages."""
+
+    def plans(run_dir: Path) -> list[Path]:
+        return sorted(p.relative_to(run_dir) for p in run_dir.glob("stages/*/plan.json"))
+
+    if plans(run_a) != plans(run_b):
+        return 1.0
+    differ = total = 0
+    for relative in plans(run_a):
+        masks = (run_a / relative).with_name("masks.pt")
+        if masks.exists():
+            a, b = MaskPlan.load(masks), MaskPlan.load(run_b / relative.with_name("masks.pt"))
+            differ += sum(int((a.masks[k] != b.masks[k]).sum()) for k in a.masks)
+            total += sum(m.numel() for m in a.masks.values())
+        else:
+            a, b = ChannelPlan.load_json(run_a / relative), ChannelPlan.load_json(run_b / relative)
+            for group, size in a.sizes.items():
+                differ += len(set(a.keep[group]) ^ set(b.keep.get(group, [])))
+                total += size
+    return differ / total if total else 0.0

@@ -40,11 +40,17 @@ class L1Filter(_OneShot):
         self.normalize = normalize
 
     def plan(self, model: nn.Module, ctx: MethodContext):
-        scores = {}
-        for group in prunable_groups(model, ctx):
-            norms = sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, group))
-            scores[group.name] = norms / norms.max().clamp_min(1e-12) if self.normalize else norms
-        return structured_plan(model, scores, ctx)
+        return structured_plan(model, l1_scores(model, prunable_groups(model, ctx), self.normalize), ctx)
+
+
+def l1_scores(model: nn.Module, groups: list[ChannelGroup], normalize: bool = True) -> dict[str, torch.Tensor]:
+    """Each group's channel scores: the L1 norms of the channel's filters summed over every layer producing it,
+    divided by the group's largest with `normalize`."""
+    scores = {}
+    for group in groups:
+        norms = sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, group))
+        scores[group.name] = norms / norms.max().clamp_min(1e-12) if normalize else norms
+    return scores
 
 
 class Taylor(_OneShot):

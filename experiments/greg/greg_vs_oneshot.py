@@ -8,7 +8,7 @@ iterations, at lr `--greg-lr`), then removes them. Both are tested right after p
 (`--finetune-epochs`, SGD lr 0.01 constant, batch 128), for every seed in `--seeds` (the data order).
 The script first times a training step with and without the penalty (the penalty's overhead).
 
-    python scripts/greg_vs_oneshot.py --seeds 0 1
+    python experiments/greg/greg_vs_oneshot.py --seeds 0 1
 
 Every command is printed before it runs and keeps its run directory under `--out`, so a killed script
 resumes where it stopped. Needs ../shared beside the repository.
@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import prunelab
 from prunelab.report import mean_std
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
 WEIGHTS = ("weights", "cifar10", "resnet56-4bfd9763.th")
 
@@ -155,11 +154,9 @@ def main() -> None:
     for folder, name, overrides in experiments(args):
         for seed in args.seeds:
             run_dir = args.out / f"{folder}_s{seed}"
-            command = [sys.executable, "-m", "prunelab.cli", *common(args), *overrides, f"seed={seed}"]
-            command.append(f"hydra.run.dir={run_dir}")
-            print("$", " ".join(shlex.quote(c) for c in command), flush=True)
-            subprocess.run(command, cwd=ROOT, check=True)
-            summary = json.loads((run_dir / "summary.json").read_text())
+            settings = [*common(args), *overrides, f"seed={seed}"]
+            print("prunelab", *settings, f"hydra.run.dir={run_dir}", flush=True)
+            summary = prunelab.run(settings, run_dir)
             rows.append({"method": name, "seed": seed, **{k: summary.get(k) for k in (
                 "dense/test/acc", "pruned/test/acc", "test/acc", "model/flops_ratio", "regularize/steps",
                 "regularize/train/norm_ratio")}})

@@ -6,8 +6,8 @@ round 2's retraining has written its first checkpoint and then running the same 
 prints the sparsity and test accuracy of every round of every run and whether the resumed run ended
 with the same masks and metrics as the uninterrupted one.
 
-    python scripts/imp_kill_resume.py --epochs 8 --seeds 0 1       # the real CIFAR-10 subset in ../shared
-    python scripts/imp_kill_resume.py --digits --epochs 6           # offline, scikit-learn's digits
+    python benchmarks/imp_kill_resume.py --epochs 8 --seeds 0 1       # the real CIFAR-10 subset in ../shared
+    python benchmarks/imp_kill_resume.py --digits --epochs 6           # offline, scikit-learn's digits
 """
 
 from __future__ import annotations

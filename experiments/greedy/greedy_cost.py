@@ -3,8 +3,8 @@
 Offline, on scikit-learn's digits (`dataset=digits`) and a CIFAR ResNet-20 at `--width`: each run trains
 the dense network (`pretrain.epochs`), then prunes it layer by layer with one `method.epsilon` in each of
 the modes below, and tests it right after pruning (no fine-tuning). The search's wall time is compared
-with one epoch of the same run's dense training by `python -m prunelab.report cost RUN RUN
---search-stage prune --dense-stage pretrain` (written to each run's search_cost.json):
+with one epoch of the same run's dense training by `prunelab.report.search_cost` (what `python -m prunelab.report
+cost RUN RUN --search-stage prune --dense-stage pretrain` prints; written to each run's search_cost.json):
 
     local            local imitation only (one forward pass per step serves every candidate)
     global           global imitation, every candidate evaluated exactly (one forward pass each)
@@ -12,7 +12,7 @@ with one epoch of the same run's dense training by `python -m prunelab.report co
                      the Taylor score (one backward pass), the top 5 evaluated exactly
     both+taylor      Algorithm 2: both per layer, the one that keeps fewer neurons
 
-    python scripts/greedy_cost.py [--epsilon 0.05] [--width 1.0] [--pretrain-epochs 10]
+    python experiments/greedy/greedy_cost.py [--epsilon 0.05] [--width 1.0] [--pretrain-epochs 10]
 
 Every run keeps its directory under `--out`, so a killed script resumes where it stopped.
 """
@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
+import prunelab
+from prunelab.io import write_json
 from prunelab.report import find_runs, search_cost
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODES = {
     "local": ["method.mode=local"],
     "global": ["method.mode=global", "method.taylor_after=null"],
@@ -40,17 +39,14 @@ MODES = {
 def run(args: argparse.Namespace, mode: str) -> Path:
     run_dir = args.out / mode.replace("+", "_")
     if not (run_dir / "summary.json").exists():
-        command = [
-            sys.executable, "-m", "prunelab.cli", "dataset=digits", "backbone=resnet20", f"backbone.width={args.width}",
+        overrides = [
+            "dataset=digits", "backbone=resnet20", f"backbone.width={args.width}",
             "method=greedy", f"method.epsilon={args.epsilon}", *MODES[mode], f"pretrain.epochs={args.pretrain_epochs}",
             "optimizer.lr=0.05", "retrain=none", "test_pruned=true", "budget.prune_coupled=false",
             "latency.batch_sizes=[]", "trainer.enable_progress_bar=false", "quiet=true", f"seed={args.seed}",
-            f"hydra.run.dir={run_dir}",
         ]  # fmt: skip
-        print("$", " ".join(shlex.quote(c) for c in command), flush=True)
-        subprocess.run(command, cwd=ROOT, check=True)
-    subprocess.run([sys.executable, "-m", "prunelab.report", "cost", str(run_dir), str(run_dir), "--search-stage", "prune",
-                    "--dense-stage", "pretrain"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        print("prunelab", *overrides, f"hydra.run.dir={run_dir}", flush=True)
+        prunelab.run(overrides, run_dir)
     return run_dir
 
 
@@ -68,6 +64,7 @@ def main() -> None:
         run_dir = run(args, mode)
         (found,) = find_runs([run_dir])
         cost = search_cost(found, found, "prune", "pretrain")
+        write_json(run_dir / "search_cost.json", cost, indent=1)
         layers = json.loads((run_dir / "greedy_layers.json").read_text())["layers"]
         rows.append((mode, cost, found.summary, sum(r["steps"] for r in layers)))
     print(f"\nResNet-20 x{args.width:g} on digits, epsilon {args.epsilon:g}, seed {args.seed}; "

@@ -17,7 +17,7 @@ The gate search skips the weight gradients but runs a network `expansion`^2 as l
 2/3 * 1.25^2 = 1.04x at x1.25. The mask searches need the gradient of the masked weights (that is the
 scores' gradient) and skip only the update of the weights: about 1.0x.
 
-Usage: python scripts/search_step_time.py [--backbone resnet56] [--batch 128] [--steps 5] [--out FILE]
+Usage: python benchmarks/search_step_time.py [--backbone resnet56] [--batch 128] [--steps 5] [--out FILE]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ x`expansion` backbone) and `<root>/pfs-<init>-s<seed>` (search and prune only: `
 `prunelab.report` writes `channels.png` and `similarity.png` (with CSV/JSON beside them) into `<root>`.
 
 Example (the paper's VGG-16 setting, on a GPU):
-    python scripts/pfs_structures.py --seeds 0 1 2 3 4 --epochs 10 20 40 80 160 \
+    python experiments/pfs/pfs_structures.py --seeds 0 1 2 3 4 --epochs 10 20 40 80 160 \
         --common dataset=cifar10 backbone=vgg16 --search experiment=pfs_vgg16_cifar10
 Overrides in --common go to every run, --search only to the searches, --dense only to dense training.
 """
@@ -16,10 +16,9 @@ Overrides in --common go to every run, --search only to the searches, --dense on
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
+import prunelab
 from prunelab import report
 
 
@@ -27,9 +26,8 @@ def _prunelab(run_dir: Path, overrides: list[str]) -> None:
     """Run one experiment unless it already finished (a killed one resumes)."""
     if (run_dir / "summary.json").exists():
         return
-    command = [sys.executable, "-m", "prunelab.cli", *overrides, f"hydra.run.dir={run_dir}"]
-    print("+", " ".join(command[2:]), flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    print("+", *overrides, f"hydra.run.dir={run_dir}", flush=True)
+    prunelab.run(overrides, run_dir)
 
 
 def main() -> None:

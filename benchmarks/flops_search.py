@@ -5,7 +5,7 @@ The search (`prunelab.budget.search_threshold`) counts every bisection candidate
 a deep copy of the model and counted with a forward pass: this script times one such build-and-count
 and multiplies it by the number of candidates the search tried, so both figures come from one run.
 
-    python scripts/flops_search.py
+    python benchmarks/flops_search.py
 """
 
 from __future__ import annotations
@@ -16,14 +16,10 @@ import time
 from prunelab.backbones import create
 from prunelab.budget import search as budget_search
 from prunelab.budget import count_flops, plan_by_threshold, search_threshold
-from prunelab.structure import apply_channel_plan, channel_groups, group_weights
+from prunelab.methods.baselines import l1_scores
+from prunelab.structure import apply_channel_plan, channel_groups
 
 MODELS = [("resnet56", (3, 32, 32)), ("torchvision:resnet50", (3, 224, 224))]
-
-
-def l1_scores(model, groups):
-    scores = {g.name: sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, g)) for g in groups}
-    return {name: s / s.max() for name, s in scores.items()}
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ frozen pretrained weights (batch 256, SGD lr 0.1, cosine; 10 epochs is the paper
 Every command is printed before it runs and each run keeps its directory under `--out`, so a killed
 script resumes where it stopped. About 10 minutes of CPU time on two cores.
 
-    python scripts/jackpot_resnet20_cifar10.py --epochs 10
+    python experiments/jackpot/jackpot_resnet20_cifar10.py --epochs 10
 
 Needs ../shared (the CIFAR-10 subset and the ResNet-20 weights) beside the repository.
 
@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
+import prunelab
 from prunelab.report import mean_std
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
 
 
@@ -100,11 +99,9 @@ def main() -> None:
             # Seed 0 is the configs' default: its runs keep the folders of a single-seed call.
             run_dir = args.out / (folder if seed == 0 else f"{folder}_s{seed}")
             seeded = [] if seed == 0 else [f"seed={seed}"]
-            command = [sys.executable, "-m", "prunelab.cli", *common(args.shared), *overrides, *seeded, *args.extra]
-            command.append(f"hydra.run.dir={run_dir}")
-            print("$", " ".join(shlex.quote(c) for c in command), flush=True)
-            subprocess.run(command, cwd=ROOT, check=True)
-            summary = json.loads((run_dir / "summary.json").read_text())
+            settings = [*common(args.shared), *overrides, *seeded, *args.extra]
+            print("prunelab", *settings, f"hydra.run.dir={run_dir}", flush=True)
+            summary = prunelab.run(settings, run_dir)
             search_s = sum(summary.get(f"time/{stage}_s", 0.0) for stage in ("search", "prune", "prune_bn"))
             rows.append(
                 {

@@ -7,7 +7,7 @@ tensors already on the device (the data pipeline is not measured). On a GPU the 
 CUDA events, bf16 autocast (`--precision bf16-mixed`) and channels-last (`--channels-last`) are used
 as `trainer=gpu` uses them, and `--compile` adds torch.compile to both paths.
 
-    python scripts/bench_train.py [--backbone resnet56] [--batch 64] [--steps 10] [--keep 0.5]
+    python benchmarks/bench_train.py [--backbone resnet56] [--batch 64] [--steps 10] [--keep 0.5]
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ optimizer steps to ours (`--lam-scale`, default: that ratio) to give the regular
 pull; everything else is the preset's. `concave-{l1,log}-fixed` prune 20% of the survivors per round by
 mask value (the paper's Fig. 8 ablation: IMP's sparsities, so the rankings compare at equal sparsity).
 
-    python scripts/concave_vs_imp.py --epochs 2 --seeds 0 1
-    python scripts/concave_vs_imp.py --epochs 2 --seeds 0 1 --methods concave-l1-fixed concave-log-fixed
-    python scripts/concave_vs_imp.py --overhead       # the per-step cost of the masks and the regulariser
+    python experiments/concave/concave_vs_imp.py --epochs 2 --seeds 0 1
+    python experiments/concave/concave_vs_imp.py --epochs 2 --seeds 0 1 --methods concave-l1-fixed concave-log-fixed
+    python experiments/concave/concave_vs_imp.py --overhead       # the per-step cost of the masks and the regulariser
 
 `--overhead` times training steps of ResNet-20 at batch 128 on random data, interleaved (A B C B A ...):
 plain; with the relaxed masks attached and lambda = 0; with the l1 and the log regulariser; and the
@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import prunelab
+
+ROOT = Path(__file__).resolve().parents[2]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar-10-subset"
 PAPER_STEPS = 85 * 391  # a ResNet-20 round in the paper: 85 epochs of 50,000 images at batch 128
 
@@ -135,16 +134,10 @@ def main() -> None:
     common = [f"dataset.root={CIFAR}", f"dataset.num_workers={args.workers}", f"trainer.max_epochs={args.epochs}",
               f"scheduler.milestones={milestones}", "trainer.enable_progress_bar=false", "latency.batch_sizes=[]",
               "test_pruned=true", "quiet=true"]
-    env = {**os.environ, "PRUNELAB_OUTPUTS": str(args.out)}
-    log = (args.out / "log.txt")
-    args.out.mkdir(parents=True, exist_ok=True)
     for name, overrides in runs(args).items():
         for seed in args.seeds:
             start = time.perf_counter()
-            cmd = [sys.executable, "-m", "prunelab.cli", *overrides, *common, f"seed={seed}"]
-            with log.open("a") as out:
-                if subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
-                    raise SystemExit(f"{name} seed {seed} failed; see {log}")
+            prunelab.run([*overrides, *common, f"seed={seed}"], args.out / "runs" / f"{name}-s{seed}")
             print(f"{name} seed {seed}: {time.perf_counter() - start:.0f} s   ({' '.join(overrides)})", flush=True)
 
     from prunelab.report import find_runs, mean_std, rounds_markdown, rounds_table

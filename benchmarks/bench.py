@@ -1,7 +1,7 @@
 """One command for prunelab's speed figures, each measured side by side in one run.
 
-    python scripts/bench.py                       # everything (about 15 min on 2 CPU cores, ../shared for `budget`)
-    python scripts/bench.py --only surgery deployed round_to
+    python benchmarks/bench.py                       # everything (about 15 min on 2 CPU cores, ../shared for `budget`)
+    python benchmarks/bench.py --only surgery deployed round_to
 
 Sections (`--only`):
 - `surgery`: CIFAR ResNet-56 pruned to a uniform half width (a quarter of the FLOPs) against the same
@@ -13,12 +13,12 @@ Sections (`--only`):
 - `round_to`: filter-L1 to half the FLOPs with `budget.round_to` 1, 4, 8, 16: deployed latency at
   (nearly) equal FLOPs.
 - `search`: the PFS gate-search step and the SR-popup / edge-popup mask-search steps against a dense
-  training step, in NCHW and in channels-last layout (`scripts/search_step_time.py`), and the FLOPs-threshold search's seconds
-  (`scripts/flops_search.py`).
+  training step, in NCHW and in channels-last layout (`benchmarks/search_step_time.py`), and the FLOPs-threshold search's seconds
+  (`benchmarks/flops_search.py`).
 - `budget`: on the shared CIFAR-10 subset and pretrained ResNet-56, `budget.latency` (ranking by
   importance, and per millisecond) against a FLOPs budget chosen to give the same measured latency (all
   filter-L1, fine-tuned identically): latency reached, FLOPs, accuracy right after pruning and after
-  fine-tuning. Runs the `prunelab` command.
+  fine-tuning. Runs the `prunelab` pipeline in this process.
 
 Timings are medians of repeated calls (`--repeats`, at least 0.3 s of calls each); models are timed in
 interleaved rounds (`--rounds`) and each keeps its fastest round, so machine noise hits all alike. The
@@ -28,23 +28,18 @@ spread between rounds is printed as the noise. On CUDA, time_call synchronises a
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import shlex
 import shutil
-import subprocess
 import sys
+import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
+import prunelab
 from prunelab.backbones import create
 from prunelab.budget import count_flops, deployed, latency_device, time_call
-from prunelab.methods.baselines import L1Filter, Uniform
-from prunelab.structure import apply_channel_plan
+from prunelab.errors import BudgetError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -57,10 +52,11 @@ def weights(backbone: str) -> str | None:
     return str(found[0]) if found else None
 
 
-def l1_plan(model, flops: float, round_to: int = 1, tolerance: float = 0.01):
-    budget = OmegaConf.create({"flops": flops, "tolerance": tolerance, "iterations": 30, "round_to": round_to})
-    ctx = types.SimpleNamespace(budget=budget, input_shape=SHAPE, dense={"flops": count_flops(model, SHAPE)})
-    return L1Filter().plan(model, ctx)
+def pruned(model, flops: float, round_to: int = 1, tolerance: float = 0.01, method: str = "l1_filter", iterations: int = 30):
+    """`model` pruned by `method` to `flops` of its FLOPs with `prunelab.prune` (no data, so no retraining), in eval mode."""
+    budget = {"flops": flops, "tolerance": tolerance, "iterations": iterations, "round_to": round_to}
+    with tempfile.TemporaryDirectory() as run_dir:
+        return prunelab.prune(model, method, budget, torch.randn(1, *SHAPE), overrides=["quiet=true"], run_dir=run_dir).model.eval()
 
 
 def interleaved(forms: dict[str, object], batches: list[int], args) -> dict[tuple[str, int], tuple[float, float]]:
@@ -83,14 +79,12 @@ def noise(times: dict) -> str:
 
 def surgery(args) -> None:
     dense = create(args.backbone).eval()
-    budget = OmegaConf.create({"flops": 0.25, "tolerance": 0.02, "iterations": 40, "round_to": 1})
-    ctx = types.SimpleNamespace(budget=budget, input_shape=SHAPE, dense={"flops": count_flops(dense, SHAPE)})
-    pruned = apply_channel_plan(copy.deepcopy(dense), Uniform().plan(dense, ctx), SHAPE).eval()
+    narrow = pruned(dense, 0.25, tolerance=0.02, method="uniform", iterations=40)
     native = create(args.backbone, width=0.5).eval()
-    forms = {"pruned": deployed(pruned, SHAPE, "eager", args.device), "native": deployed(native, SHAPE, "eager", args.device)}
+    forms = {"pruned": deployed(narrow, SHAPE, "eager", args.device), "native": deployed(native, SHAPE, "eager", args.device)}
     times = interleaved(forms, [1, 64], args)
     print(f"\n## surgery: {args.backbone} pruned to a uniform width of 1/2 vs built at width 1/2 (eager)")
-    print(f"FLOPs: pruned {count_flops(pruned, SHAPE) / 1e6:.2f}M, native {count_flops(native, SHAPE) / 1e6:.2f}M")
+    print(f"FLOPs: pruned {count_flops(narrow, SHAPE) / 1e6:.2f}M, native {count_flops(native, SHAPE) / 1e6:.2f}M")
     for b in (1, 64):
         p, n = times[("pruned", b)][0], times[("native", b)][0]
         print(f"batch {b:>2}: pruned {p:.2f} ms, native {n:.2f} ms, pruned / native = {p / n:.3f}")
@@ -106,12 +100,12 @@ def deployed_forms(model, args) -> dict[str, object]:
 
 def deployed_section(args) -> None:
     dense = create(args.backbone, pretrained=weights(args.backbone)).eval()
-    pruned = apply_channel_plan(copy.deepcopy(dense), l1_plan(dense, args.flops), SHAPE).eval()
+    small = pruned(dense, args.flops)
     forms = {}
-    for tag, model in (("dense", dense), ("pruned", pruned)):
+    for tag, model in (("dense", dense), ("pruned", small)):
         forms.update({(tag, fmt): fn for fmt, fn in deployed_forms(model, args).items()})
     times = interleaved({f"{t}|{f}": fn for (t, f), fn in forms.items()}, [1, 64], args)
-    ratio = count_flops(pruned, SHAPE) / count_flops(dense, SHAPE)
+    ratio = count_flops(small, SHAPE) / count_flops(dense, SHAPE)
     print(f"\n## deployed: {args.backbone} dense vs filter-L1 to {ratio:.3f} of the FLOPs ({1 / ratio:.2f}x fewer), "
           f"{latency_device(args.device)}, {torch.get_num_threads()} threads")
     print("| form | batch 1: dense ms | pruned ms | speedup | dense vs eager dense | batch 64: dense ms | pruned ms | speedup | dense vs eager dense |")
@@ -129,7 +123,7 @@ def round_to_section(args) -> None:
     dense = create(args.backbone, pretrained=weights(args.backbone)).eval()
     models = {}
     for r in (1, 4, 8, 16):
-        models[r] = apply_channel_plan(copy.deepcopy(dense), l1_plan(dense, 0.5, r, tolerance=0.1), SHAPE).eval()
+        models[r] = pruned(dense, 0.5, r, tolerance=0.1)
     forms = {f"{r}|{fmt}": fn for r, m in models.items() for fmt, fn in deployed_forms(m, args).items() if fmt != "eager"}
     forms.update({f"dense|{fmt}": fn for fmt, fn in deployed_forms(dense, args).items() if fmt != "eager"})
     times = interleaved(forms, [1, 64], args)
@@ -159,11 +153,10 @@ def search_section(args) -> None:
     flops_search.main()
 
 
-def cli(run_dir: Path, overrides: list[str]) -> dict:
-    command = [sys.executable, "-m", "prunelab.cli", *overrides, f"hydra.run.dir={run_dir}"]
-    print("$", " ".join(shlex.quote(c) for c in command), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
-    return json.loads((run_dir / "summary.json").read_text())
+def run(run_dir: Path, overrides: list[str]) -> dict:
+    """The run `prunelab <overrides> hydra.run.dir=<run_dir>` makes, in this process: its summary."""
+    print("prunelab", *overrides, f"hydra.run.dir={run_dir}", flush=True)
+    return prunelab.run(overrides, run_dir)
 
 
 def budget_section(args) -> None:
@@ -182,19 +175,20 @@ def budget_section(args) -> None:
     out = args.out / "budget"
     shutil.rmtree(out, ignore_errors=True)  # a run directory left by an earlier bench would be resumed, not rerun
     start = time.perf_counter()
-    by_latency = cli(out / "latency", [*common, f"budget.latency={args.latency}"])
+    by_latency = run(out / "latency", [*common, f"budget.latency={args.latency}"])
     print(f"latency-budget run: {time.perf_counter() - start:.0f} s")
     try:
-        per_ms = cli(out / "latency_per_ms", [*common, f"budget.latency={args.latency}", "budget.latency_ranking=per_ms"])
-    except subprocess.CalledProcessError:
-        per_ms = None  # its one-line error is printed above; the table says it failed
+        per_ms = run(out / "latency_per_ms", [*common, f"budget.latency={args.latency}", "budget.latency_ranking=per_ms"])
+    except BudgetError as err:
+        print(f"latency_per_ms: {err}")
+        per_ms = None  # the table says it failed
     # The FLOPs budget whose filter-L1 model has the latency of the latency-budget model, timed side by side.
     dense = create("resnet56", pretrained=pretrained).eval()
     goal = deployed(load(out / "latency"), SHAPE, "torchscript_frozen", args.device)
     lo, hi, flops = 0.05, 1.0, by_latency["model/flops_ratio"]
     for _ in range(10):
-        plan = l1_plan(dense, flops, args.round_to)  # the plan the run with budget.flops=flops will make
-        candidate = deployed(apply_channel_plan(copy.deepcopy(dense), plan, SHAPE), SHAPE, "torchscript_frozen", args.device)
+        # The model the run with budget.flops=flops prunes before fine-tuning.
+        candidate = deployed(pruned(dense, flops, args.round_to), SHAPE, "torchscript_frozen", args.device)
         times = interleaved({"goal": goal, "candidate": candidate}, [args.latency_batch], args)
         got = times[("candidate", args.latency_batch)][0] / times[("goal", args.latency_batch)][0]
         print(f"FLOPs budget {flops:.4f}: {got:.3f} x the latency of the latency-budget model", flush=True)
@@ -202,7 +196,7 @@ def budget_section(args) -> None:
             break
         lo, hi = (flops, hi) if got < 1 else (lo, flops)
         flops = (lo + hi) / 2
-    by_flops = cli(out / "flops", [*common, f"budget.flops={flops!r}"])
+    by_flops = run(out / "flops", [*common, f"budget.flops={flops!r}"])
     # Both final models timed again side by side, with the dense one.
     runs = {"latency": by_latency, "latency_per_ms": per_ms, "flops": by_flops}
     models = {"dense": dense, **{name: load(out / name) for name, summary in runs.items() if summary is not None}}
@@ -224,9 +218,7 @@ def budget_section(args) -> None:
 
 
 def load(run_dir: Path):
-    from prunelab import load_model
-
-    return load_model(run_dir / "model.pt").eval()
+    return prunelab.load_model(run_dir / "model.pt").eval()
 
 
 def main() -> None:

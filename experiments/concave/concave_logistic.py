@@ -25,7 +25,7 @@ split drawn anew for every run. Some border pixels of the 8x8 digits are 0 in ev
 split; their coefficients stay exactly 0 under every method here, plain logistic regression included,
 so each method's sparsity has that floor (printed as `dead pixels`).
 
-    python scripts/concave_logistic.py [--splits 100] [--seed 0] [--iterations 3000] [--out DIR]
+    python experiments/concave/concave_logistic.py [--splits 100] [--seed 0] [--iterations 3000] [--out DIR]
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ compared to the dense network by D, for n in `--scratch-widths` only (1, 2, 4, .
 exponential fits log D = a - b n use n = 1..N-1: at n = N pruning can return the dense network
 itself, where D is 0 up to rounding.
 
-    python scripts/greedy_rate.py [--seed 0] [--out outputs/greedy_rate] [--width 100] [--samples 500]
+    python experiments/greedy/greedy_rate.py [--seed 0] [--out outputs/greedy_rate] [--width 100] [--samples 500]
 """
 
 from __future__ import annotations

@@ -3,10 +3,12 @@
 For each model (random weights, 10 classes) two paths run, each in its own subprocess with a time
 limit, so that a crash, a hang or a memory blow-up costs one row and not the run:
 
-- prunelab: `prunelab.backbones.create`, group discovery (`channel_groups`, timed once on its own),
-  the pipeline's pre-training check (`check_prunable`: a refusal names the layers), an L1-filter plan to half the dense FLOPs (global threshold search), `apply_channel_plan`, then
-  `save_model` / `load_model` and a check that the reloaded model gives the same outputs
-  (torch.allclose, atol = rtol = 1e-4) on a random batch of 2.
+- prunelab: `prunelab.backbones.create`, group discovery (`channel_groups`, timed once on its own), then
+  `prunelab.prune(model, "l1_filter", {"flops": 0.5})`: the pipeline's pre-training check (a refusal names the
+  layers), an L1-filter plan to half the dense FLOPs (global threshold search), the surgery, the deployable export
+  (frozen TorchScript) and the saved model;
+  then `prunelab.load_model` of the saved file alone and a check that it gives the outputs of the model pruned
+  in memory by the same plan (torch.allclose, atol = rtol = 1e-4) on a random batch of 2.
 - Torch-Pruning: the same architecture built by torchvision or timm directly, `MetaPruner` with
   `MagnitudeImportance(p=1)`, local (per-group) pruning, every layer with 10 outputs (the
   classifier) ignored; the uniform pruning ratio is bisected (each try on a fresh copy) until the
@@ -25,10 +27,10 @@ their models) and a compact grid for docs/any-model.md, which `--summary zoo.csv
 (also from a run that was cut short). The default list (all torchvision classifiers and ~150 timm models, one or two per family) takes
 hours on a few CPU cores. Run:
 
-    python scripts/zoo.py
-    python scripts/zoo.py --models torchvision:resnet18,timm:ghostnet_100
-    python scripts/zoo.py --only timm --limit 10 --skip-tp
-    python scripts/zoo.py --summary zoo.csv
+    python benchmarks/zoo.py
+    python benchmarks/zoo.py --models torchvision:resnet18,timm:ghostnet_100
+    python benchmarks/zoo.py --only timm --limit 10 --skip-tp
+    python benchmarks/zoo.py --summary zoo.csv
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 NUM_CLASSES = 10
 TARGET = 0.5  # fraction of the dense FLOPs to keep
@@ -118,50 +119,38 @@ def input_shape(model, size: int | None) -> tuple[int, int, int]:
     return tuple(cfg.get("input_size", (3, 224, 224)))
 
 
-def method_context(shape: tuple[int, int, int], dense_flops: int) -> SimpleNamespace:
-    """What L1Filter.plan reads of prunelab's MethodContext: the budget, the input shape, the dense FLOPs."""
-    from omegaconf import OmegaConf
-
-    budget = {"flops": TARGET, "tolerance": TOLERANCE, "iterations": 30, "prune_coupled": True}
-    return SimpleNamespace(budget=OmegaConf.create(budget), input_shape=shape, dense={"flops": dense_flops})
-
-
 def prunelab_path(name: str, size: int | None, result: dict) -> None:
     import torch
 
-    from prunelab import load_model, save_model
+    import prunelab
     from prunelab.backbones import create
     from prunelab.budget import count_flops
-    from prunelab.methods.baselines import L1Filter
-    from prunelab.structure import apply_channel_plan, channel_groups, check_prunable, model_record
+    from prunelab.structure import apply_channel_plan, channel_groups
 
     step(result, "build")
     model = create(name, num_classes=NUM_CLASSES).eval()
     shape = input_shape(model, size)
-    model_record(model).input_shape = shape  # save_model needs it to replay the plan, as the pipeline sets it
     result.update(size=shape[-1], model_rss=rss_bytes(), start=time.perf_counter())
 
     step(result, "flops")
-    dense = count_flops(model, shape)
+    count_flops(model, shape)
     step(result, "groups")
     start = time.perf_counter()
     channel_groups(model, shape)
     result["groups_s"] = time.perf_counter() - start
     # The peak until the groups are found (the FLOPs count's forward pass included): an upper bound for discovery.
     result["groups_peak_gb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - result["model_rss"]) / 1e9
-    step(result, "check")
-    check_prunable(model, shape)  # as the pipeline does before any training: a refusal names the layers
-    step(result, "plan")
-    plan = L1Filter().plan(model, method_context(shape, dense))
-    step(result, "apply")
-    apply_channel_plan(model, plan, shape)
-    result["flops_ratio"] = count_flops(model, shape) / dense
-
+    budget = {"flops": TARGET, "tolerance": TOLERANCE, "iterations": 30, "prune_coupled": True}
     with tempfile.TemporaryDirectory() as tmp:
-        step(result, "save")
-        path = save_model(model, Path(tmp) / "model.pt")
+        # The API's whole path: the pre-training check (a refusal names the layers), the plan, the surgery, the saved model.
+        step(result, "prune")
+        pruned = prunelab.prune(model, "l1_filter", budget, torch.randn(1, *shape), num_classes=NUM_CLASSES,
+                                overrides=["quiet=true"], run_dir=tmp)
+        result["flops_ratio"] = pruned.report["model/flops_ratio"]
         step(result, "load")
-        reloaded = load_model(path).eval()
+        reloaded = prunelab.load_model(Path(tmp) / "model.pt").eval()  # from the file alone, without the model's class
+    step(result, "apply")
+    apply_channel_plan(model, pruned.plan, shape)
     step(result, "compare")
     x = torch.randn(2, *shape)
     with torch.no_grad():

@@ -7,23 +7,22 @@ Scratch-B schedule; only how the structure is found differs:
 - `uniform`: every layer thinned by the same fraction (the paper's "uniform" baseline);
 - `l1_filter`: dense pre-training, then the filters of smallest L1 norm (inner block channels).
 
-Runs go to `<root>/<method>-s<seed>` through the `prunelab` command (a finished run is skipped, a
+Runs go to `<root>/<method>-s<seed>` through `prunelab.run`, in this process (a finished run is skipped, a
 killed one resumes); then `prunelab.report` writes `table.csv` (mean +- std of test accuracy over
 seeds), the kept channels of every PFS seed (`channels.png`, Figure 3 of the paper), the structure
 similarity of the PFS and L1 structures (`similarity.png`, Figure 2) and the search cost of PFS
 against a dense epoch (`search_cost.json`, from the L1 runs' dense pre-training) into `<root>`.
 
-Usage: python scripts/pfs_digits_compare.py [--seeds 0 1] [--root outputs/pfs_digits] [extra overrides...]
+Usage: python experiments/pfs/pfs_digits_compare.py [--seeds 0 1] [--root outputs/pfs_digits] [extra overrides...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import prunelab
 from prunelab import report
 
 COMMON = [
@@ -58,12 +57,9 @@ def main() -> None:
             run_dir = args.root / f"{method}-s{seed}"
             if (run_dir / "summary.json").exists():
                 continue
-            command = [
-                sys.executable, "-m", "prunelab.cli", *COMMON, *METHODS[method], *args.overrides,
-                f"seed={seed}", f"hydra.run.dir={run_dir}",
-            ]  # fmt: skip
-            print("+", " ".join(command[2:]), flush=True)
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            settings = [*COMMON, *METHODS[method], *args.overrides, f"seed={seed}"]
+            print("+", *settings, f"hydra.run.dir={run_dir}", flush=True)
+            prunelab.run(settings, run_dir)
 
     runs = report.find_runs([args.root])
     rows = report.table(runs, by=["method._target_"], out=args.root)

@@ -6,7 +6,7 @@ re-running this command with `--role ddp`), once in a single process with the sa
 (the global batch). It then compares, per method: the plans of every prune stage (must be identical),
 the test accuracy and loss, and the per-step training loss of the first steps.
 
-    python scripts/ddp_check.py [--out outputs/ddp_check] [--devices 2] [--methods l1_filter imp ...]
+    python benchmarks/ddp_check.py [--out outputs/ddp_check] [--devices 2] [--methods l1_filter imp ...]
 
 Prints one row per method and exits with 1 if a plan differs or a figure differs beyond the tolerance.
 """
@@ -14,26 +14,16 @@ Prints one row per method and exits with 1 if a plan differs or a figure differs
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from prunelab.guard import FEW_STEPS
+from prunelab.runs import losses_before_pruning, plan_difference
+
 ROOT = Path(__file__).resolve().parents[1]
-# Settings that let each method finish in a few steps (the same as the one-batch pipeline tests').
-EXTRA = {"pfs": ["method.epochs=1"], "jackpot": ["method.epochs=1"], "edge_popup": ["method.epochs=1"],
-         "imp": ["method.rounds=2"],
-         # beta_T = 200 reached within 3 steps makes the mask a step function that amplifies rounding
-         # 1000x per step (measured: 5e-4 after one step); beta_T = 2 keeps the check about DDP.
-         "cs": ["method.rounds=2", "method.final_beta=2"],
-         "greedy": ["method.epsilon=10", "method.max_steps=0.5", "method.taylor_after=1"],
-         "concave": ["method.rounds=2", "method.selection=fixed_fraction", "method.prune_fraction=0.5"],
-         "slimming": ["method.sparsity_epochs=1"],
-         "greg1": ["method.delta_lambda=0.5", "method.update_interval=1", "method.stabilize_steps=1"],
-         "greg2": ["method.delta_lambda=0.5", "method.delta_lambda_pick=0.5", "method.tau0=0.6",
-                   "method.update_interval=1", "method.stabilize_steps=1"]}
 COMMON = ["dataset=synthetic", "backbone=resnet_tiny", "dataset.batch_size=32", "pretrain.epochs=1", "retrain.epochs=1",
           "trainer.max_epochs=1", "trainer.limit_train_batches=3", "budget.flops=0.5", "budget.sparsity=0.5",
           "budget.tolerance=0.3", "optimizer.lr=0.02", "latency.batch_sizes=[]", "trainer.enable_progress_bar=false",
@@ -65,46 +55,8 @@ def run_all(out: Path, role: str, devices: int, names: list[str]) -> None:
     for name in names:
         run_dir = out / role / name
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=[f"paths.output_dir={run_dir}", *COMMON, f"method={name}", *EXTRA.get(name, []), *trainer])
+            cfg = compose("config", overrides=[f"paths.output_dir={run_dir}", *COMMON, f"method={name}", *FEW_STEPS.get(name, []), *trainer])
         pipeline.run(cfg, run_dir)
-
-
-def steps_before_pruning(run_dir: Path) -> list[float]:
-    """The per-step training cross-entropies of every stage before the first prune (pretraining, searches)."""
-    stages = json.loads((run_dir / "stages.json").read_text())
-    tags = []
-    for stage in stages:
-        if stage["kind"] == "prune":
-            break
-        tags.append(stage["name"] if stage["round"] is None else f"round{stage['round']}/{stage['name']}")
-    found = sorted(run_dir.rglob("metrics.csv"))
-    if not found:
-        return []
-    return [float(row[f"{tag}/train/ce_step"]) for row in csv.DictReader(found[0].open()) for tag in tags
-            if row.get(f"{tag}/train/ce_step")]
-
-
-def plan_difference(ddp: Path, single: Path) -> float:
-    """The fraction of plan entries (kept channels, mask entries) on which the two runs disagree, over
-    every prune stage; 1.0 if they did not prune the same stages."""
-    from prunelab.structure import ChannelPlan, MaskPlan
-
-    stages = lambda d: sorted(p.relative_to(d) for p in d.glob("stages/*/plan.json"))  # noqa: E731
-    if stages(ddp) != stages(single):
-        return 1.0
-    differ = total = 0
-    for relative in stages(ddp):
-        masks = (ddp / relative).with_name("masks.pt")
-        if masks.exists():
-            a, b = MaskPlan.load(masks), MaskPlan.load(single / relative.with_name("masks.pt"))
-            differ += sum(int((a.masks[k] != b.masks[k]).sum()) for k in a.masks)
-            total += sum(m.numel() for m in a.masks.values())
-        else:
-            a, b = ChannelPlan.load_json(ddp / relative), ChannelPlan.load_json(single / relative)
-            for group, size in a.sizes.items():
-                differ += len(set(a.keep[group]) ^ set(b.keep.get(group, [])))
-                total += size
-    return differ / total if total else 0.0
 
 
 def compare(out: Path, names: list[str]) -> list[dict]:
@@ -112,7 +64,7 @@ def compare(out: Path, names: list[str]) -> list[dict]:
     for name in names:
         ddp, single = out / "ddp" / name, out / "single" / name
         a, b = (json.loads((d / "summary.json").read_text()) for d in (ddp, single))
-        steps_a, steps_b = steps_before_pruning(ddp), steps_before_pruning(single)
+        steps_a, steps_b = losses_before_pruning(ddp), losses_before_pruning(single)
         steps = max((abs(x - y) for x, y in zip(steps_a, steps_b)), default=float("nan"))
         row = {"method": name, "plan_diff": plan_difference(ddp, single),
                "acc_ddp": a["test/acc"], "acc_single": b["test/acc"], "acc_diff": abs(a["test/acc"] - b["test/acc"]),

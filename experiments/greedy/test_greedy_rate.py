@@ -1,4 +1,4 @@
-"""scripts/greedy_rate.py (Ye, Wu and Liu, Fig. 1): the MLP's Gram matrix in the framework's convention,
+"""The checks of experiments/greedy/greedy_rate.py, run by hand with `pytest experiments/greedy` (Ye, Wu and Liu, Fig. 1): the MLP's Gram matrix in the framework's convention,
 folding the pruned layer into the next one, both greedy imitations on a tiny network, the rate fits and a
 tiny end-to-end run. The closed-form local step itself is tested in tests/test_greedy.py."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_script
+import greedy_rate
 from prunelab.methods.greedy import gram_of, local_discrepancy
 
 WIDTH = 5
@@ -16,7 +16,7 @@ WIDTH = 5
 
 @pytest.fixture(scope="module")
 def script():
-    return load_script("greedy_rate")
+    return greedy_rate
 
 
 @pytest.fixture(scope="module")

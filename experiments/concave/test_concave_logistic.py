@@ -1,4 +1,4 @@
-"""scripts/concave_logistic.py (the paper's Fig. 3 on 8x8 digits): subgradient L1 leaves no exact zeros,
+"""The checks of experiments/concave/concave_logistic.py, run by hand with `pytest experiments/concave` (the paper's Fig. 3 on 8x8 digits): subgradient L1 leaves no exact zeros,
 the [0, 1] masks with l1/log regularisers sparsify at the accuracy of plain logistic regression."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import load_script
+import concave_logistic
 
 
 @pytest.fixture(scope="module")
 def script():
-    return load_script("concave_logistic")
+    return concave_logistic
 
 
 @pytest.fixture(scope="module")

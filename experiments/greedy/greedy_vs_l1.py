@@ -7,7 +7,7 @@ reached. Both are tested right after pruning (no BN re-estimation, no training) 
 fine-tuning (`--finetune-epochs`, SGD lr 0.01 constant, batch 128), for every seed in `--seeds` (the
 data order); the greedy search's wall time is printed beside a fine-tuning epoch's.
 
-    python scripts/greedy_vs_l1.py --epsilon 0.05 --seeds 0 1
+    python experiments/greedy/greedy_vs_l1.py --epsilon 0.05 --seeds 0 1
 
 Every run keeps its directory under `--out`, so a killed script resumes. Needs ../shared.
 """
@@ -15,32 +15,28 @@ Every run keeps its directory under `--out`, so a killed script resumes. Needs .
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
+import prunelab
 from prunelab.report import mean_std
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
 WEIGHTS = ("weights", "cifar10", "resnet20-12fca82f.th")
 
 
 def run(args: argparse.Namespace, name: str, seed: int, overrides: list[str]) -> dict:
     run_dir = args.out / f"{name}_s{seed}"
-    command = [
-        sys.executable, "-m", "prunelab.cli", "dataset=cifar10", f"dataset.root={args.shared / 'data' / 'cifar-10-subset'}",
+    overrides = [
+        "dataset=cifar10", f"dataset.root={args.shared / 'data' / 'cifar-10-subset'}",
         "dataset.val_size=500", "dataset.num_workers=0", "dataset.batch_size=128", "backbone=resnet20",
         f"backbone.pretrained={args.shared.joinpath(*WEIGHTS)}", "budget.prune_coupled=false", "retrain=finetune",
         f"retrain.epochs={args.finetune_epochs}", "optimizer.lr=0.01", "scheduler=constant", "test_pruned=true",
         "latency.batch_sizes=[]", "trainer.enable_progress_bar=false", "quiet=true", *overrides, f"seed={seed}",
-        f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
-    print("$", " ".join(shlex.quote(c) for c in command), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
-    return json.loads((run_dir / "summary.json").read_text())
+    print("prunelab", *overrides, f"hydra.run.dir={run_dir}", flush=True)
+    return prunelab.run(overrides, run_dir)
 
 
 def main() -> None:
