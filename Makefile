@@ -40,7 +40,7 @@ lint-imports: install
 	$(VENV)/bin/lint-imports
 
 # Each method's quick configuration on the shared real data, its figures beside tests/reference_results.json
-# (about 16 minutes on 2 cores; ONLY=pfs_quick,jackpot for some).
+# (about 9 minutes on an idle 2-core machine; ONLY=pfs_quick,jackpot for some).
 check-results: install
 	$(PY) -m prunelab.guard --reference tests/reference_results.json --shared ../shared $(if $(ONLY),--only $(ONLY))
 
