@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab.errors import user_error
+from prunelab.presets import renamed_preset
 
 # The configs are the package `prunelab.conf` (the repository's conf/ folder, mapped in pyproject.toml),
 # so a source checkout, an editable and a regular install all load them the same way. Users add their
@@ -39,8 +40,6 @@ OmegaConf.register_new_resolver("run_id", run_id, replace=True)
 
 def main() -> float | None:
     """The `prunelab` entry point: refuses a renamed preset in one line (exit 2), then runs `run`."""
-    from prunelab.presets import renamed_preset
-
     message = renamed_preset(sys.argv[1:])
     if message is not None:
         print(f"prunelab: error: {message}", file=sys.stderr)
