@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-slow test-scripts lint-imports check-results docs clean
+.PHONY: install quickstart test test-slow test-scripts lint lint-imports check-results docs clean
 
 # The dependencies' exact versions come from constraints.txt (pyproject.toml gives ranges).
 $(STAMP): pyproject.toml constraints.txt
@@ -36,6 +36,10 @@ test-scripts: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q benchmarks experiments
 
 # The layers of the code ([tool.importlinter] in pyproject.toml): a module imports only from the layers below it.
+# ruff's rules in pyproject.toml ([tool.ruff]) over the code, the tests, the benchmarks and the experiments.
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks experiments docs/hooks
+
 lint-imports: install
 	$(VENV)/bin/lint-imports
 

@@ -14,8 +14,8 @@ import copy
 import time
 
 from prunelab.backbones import create
-from prunelab.budget import search as budget_search
 from prunelab.budget import count_flops, plan_by_threshold, search_threshold
+from prunelab.budget import search as budget_search
 from prunelab.methods.baselines import l1_scores
 from prunelab.structure import apply_channel_plan, channel_groups
 

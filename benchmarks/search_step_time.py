@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.backbones import create
-from prunelab.methods.base import Stage
 from prunelab.methods.jackpot import EdgePopup, Jackpot
 from prunelab.methods.pfs import PruningFromScratch
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from conftest import make_cfg
+
 from prunelab import pipeline
 from prunelab.guard import FEW_STEPS
 

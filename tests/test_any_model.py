@@ -4,21 +4,28 @@ training, in one line naming them, and `structure.skip` keeps them whole while t
 from __future__ import annotations
 
 import copy
-import re
 import json
+import re
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import EpochRecorder, make_cfg, run_cli
 from torch import nn
 
-from conftest import EpochRecorder, make_cfg, run_cli
 from prunelab import load_model, pipeline
 from prunelab.backbones import create, registry
 from prunelab.budget import CostModel, count_flops, count_params
 from prunelab.export import export_deployable, save_model
-from prunelab.structure import ChannelPlan, UnprunableError, apply_channel_plan, channel_groups, check_prunable, model_record
+from prunelab.structure import (
+    ChannelPlan,
+    UnprunableError,
+    apply_channel_plan,
+    channel_groups,
+    check_prunable,
+    model_record,
+)
 
 SHAPE = (3, 32, 32)
 
@@ -1395,7 +1402,7 @@ def _tiny_mvitv2(num_classes: int = 10, in_channels: int = 3, width: float = 1.0
 
 
 def _tiny_lambda(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
-    from timm.models.byobnet import ByobNet, ByoBlockCfg, ByoModelCfg
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 
     blocks = (ByoBlockCfg(type="bottle", d=1, c=32, s=1, gs=0, br=0.25), ByoBlockCfg(type="self_attn", d=2, c=64, s=2, gs=0, br=0.25))
     cfg = ByoModelCfg(blocks=blocks, stem_chs=16, stem_type="tiered", stem_pool="maxpool", self_attn_layer="lambda", self_attn_kwargs=dict(r=3, dim_head=4))

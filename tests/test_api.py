@@ -9,16 +9,16 @@ import tempfile
 import lightning as L
 import pytest
 import torch
+from conftest import FAST, ROOT, make_cfg
 from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import prunelab
-from conftest import FAST, ROOT, make_cfg
 from prunelab import pipeline
+from prunelab.errors import ConfigError
 from prunelab.export import load_deployed
 from prunelab.structure import ChannelPlan, MaskPlan
-from prunelab.errors import ConfigError
 
 
 class UserNet(nn.Module):

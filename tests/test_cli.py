@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import FAST, ROOT, run_cli, shared_path
 
 

@@ -10,15 +10,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import CrashAtEpoch, EpochRecorder, make_cfg, preset
 from hydra.utils import instantiate
 
-from conftest import CrashAtEpoch, EpochRecorder, make_cfg, preset
 from prunelab import load_model, pipeline
 from prunelab.backbones import create
+from prunelab.errors import ConfigError
 from prunelab.methods.base import MethodContext, Stage
 from prunelab.methods.concave import Concave, ContinuousSparsification, SoftMask, log_regularizer
 from prunelab.structure import MaskPlan, prunable_weights
-from prunelab.errors import ConfigError
 
 QUIET = ["latency.batch_sizes=[]", "quiet=true"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 
 from conftest import make_cfg
+
 from prunelab import pipeline
 
 FAST = ["latency.batch_sizes=[]", "quiet=true", "trainer.limit_val_batches=1"]

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import CONF_DIR
 from torch import nn
 
-from conftest import CONF_DIR
 from prunelab import io, load_model
 from prunelab.data.base import EpochShuffle
 from prunelab.distributed import Shard, ShardedBatches, check_same, global_mean, sync_batchnorm

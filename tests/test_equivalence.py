@@ -20,10 +20,10 @@ import types
 
 import pytest
 import torch
+from conftest import randomize_bn
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import randomize_bn
 from prunelab.backbones import create
 from prunelab.budget import search_threshold
 from prunelab.methods.base import MethodContext, Stage

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
+from conftest import randomize_bn
 from torch import nn
 
-from conftest import randomize_bn
 from prunelab.backbones import create
 from prunelab.export import FORMATS, export_deployable, load_model, save_model
 from prunelab.structure import ChannelPlan, MaskPlan, apply_channel_plan, attach_masks, channel_groups, has_masks

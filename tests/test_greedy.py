@@ -8,12 +8,13 @@ import math
 
 import pytest
 import torch
+from conftest import make_cfg
 from torch import nn
 
-from conftest import make_cfg
 from prunelab import load_model, pipeline
 from prunelab.backbones import create
 from prunelab.budget import BudgetError, count_flops
+from prunelab.errors import ConfigError
 from prunelab.methods.greedy import (
     GreedyImitation,
     _fold,
@@ -28,7 +29,6 @@ from prunelab.methods.greedy import (
 )
 from prunelab.methods.greedy_budget import Layer, Trajectory, complete, plan_of
 from prunelab.structure import ChannelPlan, apply_channel_plan, channel_groups
-from prunelab.errors import ConfigError
 
 
 def _layer(seed: int = 0, n: int = 6):

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import CONF_DIR, CrashAtStep, make_cfg, preset
 from hydra.utils import instantiate
 
-from conftest import CONF_DIR, CrashAtStep, make_cfg, preset
 from prunelab import load_model, pipeline
 from prunelab.backbones import create
 from prunelab.budget import count_flops

@@ -11,18 +11,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import CONF_DIR, CrashAtEpoch, EpochRecorder, make_cfg, preset
 from hydra.utils import instantiate
 from torch import nn
 
-from conftest import CONF_DIR, CrashAtEpoch, EpochRecorder, make_cfg, preset
 from prunelab import load_model, pipeline
 from prunelab.backbones import create
 from prunelab.budget import BudgetError
-from prunelab.methods.base import MethodContext, PruningMethod, Rounds, Stage
-from prunelab.methods.imp import IMP, round_sparsities
-from prunelab.structure import MaskPlan, prunable_weights
 from prunelab.errors import ConfigError
 from prunelab.guard import FEW_STEPS
+from prunelab.methods.base import MethodContext, PruningMethod, Stage
+from prunelab.methods.imp import IMP, round_sparsities
+from prunelab.structure import MaskPlan, prunable_weights
 
 QUIET = ["latency.batch_sizes=[]", "trainer.limit_val_batches=1"]
 # 224 training images at batch 32: 7 optimizer steps per epoch.

@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import CONF_DIR, CrashAtEpoch, make_cfg
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import CONF_DIR, CrashAtEpoch, make_cfg
 from prunelab import load_model, pipeline
 from prunelab.backbones import create
 from prunelab.budget import keep_top, unstructured_plan

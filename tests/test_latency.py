@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
+from conftest import make_cfg
 from torch.utils.flop_counter import FlopCounterMode
 
 import prunelab.budget as budget
 import prunelab.budget.timing as timing
-from conftest import make_cfg
 from prunelab import pipeline
 from prunelab.backbones import create
 from prunelab.budget import LatencyModel, search_threshold

@@ -3,20 +3,19 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONF_DIR
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import prunelab
-from conftest import CONF_DIR
 from prunelab.hooks import IN_YOUR_LOOP, loop_method
 from prunelab.lightning import Pruning
 from prunelab.lit import PruneLitModule

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import make_cfg, preset
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import make_cfg, preset
 from prunelab import load_model, pipeline, report, save_model
 from prunelab.backbones import create
 from prunelab.budget import count_flops, search_threshold

@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from conftest import CrashAtEpoch, EpochRecorder, make_cfg
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CrashAtEpoch, EpochRecorder, make_cfg
 from prunelab import load_model, pipeline
 from prunelab.budget import count_flops, count_params
-from prunelab.lit import PruneLitModule, cosine, multistep
 from prunelab.errors import ConfigError
+from prunelab.lit import PruneLitModule, cosine, multistep
 
 SUMMARY_KEYS = [
     "test/acc",

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import CrashAtEpoch, EpochRecorder, make_cfg, shared_path
 from test_structure import SHAPE, TinyDenseNet, tiny_resnext
+from torch import nn
+
 from prunelab import load_model, pipeline
 from prunelab.backbones import create
 from prunelab.budget import (
@@ -356,8 +356,8 @@ def test_timm_backbone_prunes_end_to_end(tmp_path):
 
 
 def test_retrain_schedule_from_config(tmp_path):
-    from prunelab.pipeline import plan_stages
     from prunelab.methods.baselines import L1Filter
+    from prunelab.pipeline import plan_stages
 
     cfg = make_cfg(
         tmp_path, "pretrain.epochs=2", "pretrain.lr=0.3", "retrain=scratch", "retrain.epochs=3",

@@ -6,8 +6,8 @@ import json
 import statistics
 
 import pytest
-
 from conftest import make_cfg
+
 from prunelab import pipeline, report
 from prunelab.report import find_runs, markdown_table, table
 

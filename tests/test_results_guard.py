@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT, shared_path
+
 from prunelab import guard
 from prunelab.structure import ChannelPlan, MaskPlan
 

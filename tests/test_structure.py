@@ -11,9 +11,9 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_cfg, randomize_bn
 from torch import nn
 
-from conftest import make_cfg, randomize_bn
 from prunelab import pipeline
 from prunelab.backbones import create
 from prunelab.budget import count_flops, count_params, keep_count, plan_by_counts, search_threshold, sparsity

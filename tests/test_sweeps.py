@@ -8,9 +8,8 @@ import json
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-
 from conftest import CONF_DIR, run_cli
+from hydra import compose, initialize_config_dir
 
 FAST = ["latency.batch_sizes=[]", "quiet=true", "trainer.enable_progress_bar=false"]
 

@@ -15,9 +15,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import CrashAtEpoch, make_cfg, run_cli
 from PIL import Image
 
-from conftest import CrashAtEpoch, make_cfg, run_cli
 from prunelab import pipeline
 from prunelab.data import ImageFolderDataModule
 from prunelab.export import load_deployed, load_model

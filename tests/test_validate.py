@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import FAST, make_cfg, run_cli
+
 from prunelab import pipeline
 from prunelab.io import RunLock
 from prunelab.validate import ConfigError, NonFiniteError, PrunelabError

@@ -109,7 +109,7 @@ def overhead(repeats: int) -> None:
     masked = statistics.median(times["masks, lambda 0"])
     for name in ("masks + l1", "masks + log"):
         print(f"  regulariser's share of a masked step ({name}): {100 * (statistics.median(times[name]) / masked - 1):+.1f}%")
-    print(f"  log regulariser alone (forward + backward over {sum(l.values.numel() for l in method._layers.values()):,} masks): "
+    print(f"  log regulariser alone (forward + backward over {sum(layer.values.numel() for layer in method._layers.values()):,} masks): "
           f"{1000 * statistics.median(reg):.2f} ms = {100 * statistics.median(reg) / masked:.1f}% of a masked step")
 
 

@@ -3,10 +3,9 @@ the [0, 1] masks with l1/log regularisers sparsify at the accuracy of plain logi
 
 from __future__ import annotations
 
+import concave_logistic
 import numpy as np
 import pytest
-
-import concave_logistic
 
 
 @pytest.fixture(scope="module")

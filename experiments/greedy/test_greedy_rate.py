@@ -4,11 +4,11 @@ tiny end-to-end run. The closed-form local step itself is tested in tests/test_g
 
 from __future__ import annotations
 
+import greedy_rate
 import numpy as np
 import pytest
 import torch
 
-import greedy_rate
 from prunelab.methods.greedy import gram_of, local_discrepancy
 
 WIDTH = 5

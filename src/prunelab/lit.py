@@ -18,8 +18,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from prunelab.distributed import global_mean
-from prunelab.methods.base import PruningMethod
 from prunelab.errors import NonFiniteError
+from prunelab.methods.base import PruningMethod
 
 # Every epoch value logged here is already the same on every DDP rank (torchmetrics sums its states
 # over ranks; the training sums hold global-batch means), so Lightning's advice to average it is moot.

@@ -29,8 +29,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from prunelab.io import atomic_write, write_json, write_text
-from prunelab.runs import Run, channel_structure, find_runs, keep_ratios, metrics_so_far
-from prunelab.runs import mean_std  # noqa: F401 (experiments import it from here)
+from prunelab.runs import (
+    Run,
+    channel_structure,
+    find_runs,
+    keep_ratios,
+    mean_std,  # noqa: F401 (experiments import it from here)
+    metrics_so_far,
+)
 
 
 def correlation_matrix(vectors: Sequence[Sequence[float]]) -> list[list[float]]:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunelab.backbones import create
 from prunelab.budget import count_flops
+
 # The error classes live in the leaf module `prunelab.errors`; importers of them from here keep working.
 from prunelab.errors import ConfigError, NonFiniteError, PrunelabError, user_error  # noqa: F401
 from prunelab.export import FORMATS

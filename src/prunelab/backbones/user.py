@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from prunelab.backbones.registry import create, load_pretrained
+from prunelab.errors import ConfigError
 from prunelab.structure.groups import eval_mode
 from prunelab.structure.plans import model_record
 from prunelab.targets import TARGET, call, locate
-from prunelab.errors import ConfigError
 
 
 def from_target(

@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from prunelab.budget import structured_plan, unstructured_plan
+from prunelab.errors import ConfigError
 from prunelab.methods.base import MethodContext, PruningMethod, Stage, prunable_groups, training_batches
 from prunelab.structure import ChannelGroup, group_weights, prunable_weights
-from prunelab.errors import ConfigError
-
 
 STRUCTURED = ("flops", "params", "latency", "layer_ratios")
 UNSTRUCTURED = ("sparsity",)

@@ -42,11 +42,11 @@ import torch
 from torch import nn
 
 from prunelab.budget import unstructured_plan
+from prunelab.errors import ConfigError
 from prunelab.io import atomic_write, write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Rounds, Stage
 from prunelab.methods.imp import round_sparsities
 from prunelab.structure import MaskParametrization, MaskPlan, attach_mask, detach_masks, prunable_weights
-from prunelab.errors import ConfigError
 
 log = logging.getLogger("prunelab")
 

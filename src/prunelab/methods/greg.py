@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from prunelab.budget import parse_layer_ratios, structured_plan, unstructured_plan
+from prunelab.errors import ConfigError
 from prunelab.io import atomic_write, write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage, prunable_groups, sgd
 from prunelab.structure import ChannelPlan, MaskPlan, group_weights, prunable_weights
-from prunelab.errors import ConfigError
 
 log = logging.getLogger("prunelab")
 

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from prunelab.budget import BudgetError, keep_top, keep_top_global
+from prunelab.errors import ConfigError
 from prunelab.io import write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage, sgd, training_batches
 from prunelab.structure import (
@@ -51,11 +52,10 @@ from prunelab.structure import (
     attach_mask,
     detach_masks,
     freeze,
-    prunable_weights,
     model_record,
+    prunable_weights,
     unfreeze,
 )
-from prunelab.errors import ConfigError
 
 log = logging.getLogger("prunelab")
 

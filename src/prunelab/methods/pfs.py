@@ -33,13 +33,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunelab.backbones import create, load_pretrained, rebuild
+from prunelab.backbones import load_pretrained, rebuild
 from prunelab.budget import structured_plan
 from prunelab.errors import ConfigError
 from prunelab.io import write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage
-from prunelab.targets import TARGET, locate, parameters
 from prunelab.structure import PRUNABLE_TYPES, ChannelGroup, channel_groups, eval_mode, freeze, model_record, unfreeze
+from prunelab.targets import TARGET, locate, parameters
 
 log = logging.getLogger("prunelab")
 

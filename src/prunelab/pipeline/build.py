@@ -15,7 +15,6 @@ from prunelab.backbones import from_target
 from prunelab.targets import call
 from prunelab.validate import ConfigError, check_variant, user_error
 
-
 # The `_target_` of prunelab's own backbones; any other is a class of the user's own.
 CREATE = "prunelab.backbones.create"
 

@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 from prunelab.io import write_json
 from prunelab.validate import ConfigError
 
-
 # The settings that do not decide a run's result, left out of the record of what a run directory holds
 # (`EXPERIMENT_FILE`): a key and everything under it. Changing one of them and running the same command
 # again resumes the run; any other difference is refused. They only say where things are, how a run is

@@ -1,5 +1,6 @@
 """Structure of a model for pruning: channel groups, plans, channel surgery and weight masks."""
 
+from prunelab.errors import UnprunableError
 from prunelab.structure.channel_group import ChannelGroup, group_weights, root_weights
 from prunelab.structure.groups import channel_groups, remember_groups
 from prunelab.structure.layers import PRUNABLE_TYPES, eval_mode, freeze, prunable_weights, unfreeze
@@ -15,7 +16,6 @@ from prunelab.structure.masks import (
     zero_masked_,
 )
 from prunelab.structure.plans import ChannelPlan, MaskPlan, ModelRecord, model_record
-from prunelab.errors import UnprunableError
 from prunelab.structure.surgery import apply_channel_plan, check_prunable, reinitialize
 
 __all__ = [

@@ -73,9 +73,9 @@ def head_layout(m: nn.Module) -> HeadLayout | None:
         return None
     linears = [_linear_of(getattr(m, w.attr, None)) for w in layout.writers]
     proj = _linear_of(getattr(m, layout.proj, None))
-    if proj is None or any(l is None for l in linears) or _fan_in(proj) != heads * layout.values[1]:
+    if proj is None or any(lin is None for lin in linears) or _fan_in(proj) != heads * layout.values[1]:
         return None
-    if any(out_channels(l) != w.offset + heads * sum(n for _, n in w.parts) for l, w in zip(linears, layout.writers)):
+    if any(out_channels(lin) != w.offset + heads * sum(n for _, n in w.parts) for lin, w in zip(linears, layout.writers)):
         return None
     return layout
 

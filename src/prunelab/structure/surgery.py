@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from prunelab.errors import UnprunableError
 from prunelab.structure.channel_group import channels_written, keep_count
 from prunelab.structure.groups import build_graph, channel_groups, groups_from_graph
 from prunelab.structure.heads import check_head_plan, head_layout, prune_heads
@@ -21,7 +22,6 @@ from prunelab.structure.layers import PRUNABLE_TYPES, _channels, _log_once, eval
 from prunelab.structure.masks import attach_masks, fold_masks, has_masks, masks_of
 from prunelab.structure.plans import ChannelPlan, model_record
 from prunelab.structure.reshapes import resize_slices, resize_splits
-from prunelab.errors import UnprunableError
 
 
 def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[int, int, int]) -> nn.Module:
