@@ -112,15 +112,25 @@ def run(overrides: Sequence[str], run_dir: str | Path) -> dict[str, Any]:
     finished run directory is reused and a killed one resumed; a mistake raises its one-line error
     (`prunelab.errors.ConfigError` and the others) instead of exiting.
     """
+    _refuse_renamed(overrides)
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+        cfg = _compose([f"paths.output_dir={_value(str(run_dir))}", *overrides])
+    return pipeline.run(cfg, Path(run_dir))
+
+
+def _refuse_renamed(overrides: Sequence[str]) -> None:
+    """A renamed preset among `overrides` raises its one-line `ConfigError`."""
     renamed = renamed_preset(overrides)
     if renamed is not None:
         raise ConfigError(renamed)
-    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
-        try:
-            cfg = compose("config", overrides=[f"paths.output_dir={_value(str(run_dir))}", *overrides])
-        except HydraException as err:
-            raise ConfigError(_one_line(err)) from None
-    return pipeline.run(cfg, Path(run_dir))
+
+
+def _compose(overrides: Sequence[str]) -> DictConfig:
+    """The command's config for `overrides` (inside an initialised Hydra); what Hydra refuses is a one-line `ConfigError`."""
+    try:
+        return compose("config", overrides=list(overrides))
+    except HydraException as err:
+        raise ConfigError(_one_line(err)) from None
 
 
 def compose_config(method: str, budget: dict[str, Any], overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> DictConfig:
@@ -129,26 +139,18 @@ def compose_config(method: str, budget: dict[str, Any], overrides: Sequence[str]
     `run_dir` sets `paths.output_dir`. An unknown method or budget key, a renamed preset, or an override
     Hydra refuses, raises a one-line `ConfigError`.
     """
-    renamed = renamed_preset(overrides)
-    if renamed is not None:
-        raise ConfigError(renamed)
+    _refuse_renamed(overrides)
     placed = [f"paths.output_dir={_value(str(run_dir))}"] if run_dir is not None else []
     with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         methods = GlobalHydra.instance().config_loader().get_group_options("method")
         if method not in methods:
             raise ConfigError(f"method={method!r} does not exist (choices: {', '.join(methods)})")
         asked = [f"method={method}", *placed, *overrides]
-        try:
-            keys = list(compose("config", overrides=asked).budget)
-        except HydraException as err:
-            raise ConfigError(_one_line(err)) from None
+        keys = list(_compose(asked).budget)
         unknown = [k for k in budget if k not in keys]
         if unknown:
             raise ConfigError(f"budget key {unknown[0]!r} is not a budget setting (budget keys: {', '.join(keys)})")
-        try:
-            return compose("config", overrides=[*asked, *(f"budget.{k}={_value(v)}" for k, v in budget.items())])
-        except HydraException as err:
-            raise ConfigError(_one_line(err)) from None
+        return _compose([*asked, *(f"budget.{k}={_value(v)}" for k, v in budget.items())])
 
 
 def count(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, float]:
