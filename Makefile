@@ -36,9 +36,10 @@ test-scripts: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q benchmarks experiments
 
 # The layers of the code ([tool.importlinter] in pyproject.toml): a module imports only from the layers below it.
-# ruff's rules in pyproject.toml ([tool.ruff]) over the code, the tests, the benchmarks and the experiments.
+# ruff's rules and its formatter (pyproject.toml's [tool.ruff]) over the code, the tests, the benchmarks and the experiments.
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks experiments docs/hooks
+	$(VENV)/bin/ruff format --check src tests benchmarks experiments docs/hooks
 
 lint-imports: install
 	$(VENV)/bin/lint-imports

@@ -52,11 +52,15 @@ def weights(backbone: str) -> str | None:
     return str(found[0]) if found else None
 
 
-def pruned(model, flops: float, round_to: int = 1, tolerance: float = 0.01, method: str = "l1_filter", iterations: int = 30):
+def pruned(
+    model, flops: float, round_to: int = 1, tolerance: float = 0.01, method: str = "l1_filter", iterations: int = 30
+):
     """`model` pruned by `method` to `flops` of its FLOPs with `prunelab.prune` (no data, so no retraining), in eval mode."""
     budget = {"flops": flops, "tolerance": tolerance, "iterations": iterations, "round_to": round_to}
     with tempfile.TemporaryDirectory() as run_dir:
-        return prunelab.prune(model, method, budget, torch.randn(1, *SHAPE), overrides=["quiet=true"], run_dir=run_dir).model.eval()
+        return prunelab.prune(
+            model, method, budget, torch.randn(1, *SHAPE), overrides=["quiet=true"], run_dir=run_dir
+        ).model.eval()
 
 
 def interleaved(forms: dict[str, object], batches: list[int], args) -> dict[tuple[str, int], tuple[float, float]]:
@@ -67,21 +71,28 @@ def interleaved(forms: dict[str, object], batches: list[int], args) -> dict[tupl
     for _ in range(args.rounds):
         for name, fn in forms.items():
             for b in batches:
-                times.setdefault((name, b), []).append(time_call(fn, inputs[b], warmup=3, repeats=args.repeats, seconds=0.3))
+                times.setdefault((name, b), []).append(
+                    time_call(fn, inputs[b], warmup=3, repeats=args.repeats, seconds=0.3)
+                )
     return {key: tuple(sorted(v)[:2]) if len(v) > 1 else (v[0], v[0]) for key, v in times.items()}
 
 
 def noise(times: dict) -> str:
     spread = [hi / lo - 1 for lo, hi in times.values()]
-    return (f"noise: the two fastest rounds differ by {100 * sum(spread) / len(spread):.1f}% on average, "
-            f"at most {100 * max(spread):.1f}%")
+    return (
+        f"noise: the two fastest rounds differ by {100 * sum(spread) / len(spread):.1f}% on average, "
+        f"at most {100 * max(spread):.1f}%"
+    )
 
 
 def surgery(args) -> None:
     dense = create(args.backbone).eval()
     narrow = pruned(dense, 0.25, tolerance=0.02, method="uniform", iterations=40)
     native = create(args.backbone, width=0.5).eval()
-    forms = {"pruned": deployed(narrow, SHAPE, "eager", args.device), "native": deployed(native, SHAPE, "eager", args.device)}
+    forms = {
+        "pruned": deployed(narrow, SHAPE, "eager", args.device),
+        "native": deployed(native, SHAPE, "eager", args.device),
+    }
     times = interleaved(forms, [1, 64], args)
     print(f"\n## surgery: {args.backbone} pruned to a uniform width of 1/2 vs built at width 1/2 (eager)")
     print(f"FLOPs: pruned {count_flops(narrow, SHAPE) / 1e6:.2f}M, native {count_flops(native, SHAPE) / 1e6:.2f}M")
@@ -106,9 +117,13 @@ def deployed_section(args) -> None:
         forms.update({(tag, fmt): fn for fmt, fn in deployed_forms(model, args).items()})
     times = interleaved({f"{t}|{f}": fn for (t, f), fn in forms.items()}, [1, 64], args)
     ratio = count_flops(small, SHAPE) / count_flops(dense, SHAPE)
-    print(f"\n## deployed: {args.backbone} dense vs filter-L1 to {ratio:.3f} of the FLOPs ({1 / ratio:.2f}x fewer), "
-          f"{latency_device(args.device)}, {torch.get_num_threads()} threads")
-    print("| form | batch 1: dense ms | pruned ms | speedup | dense vs eager dense | batch 64: dense ms | pruned ms | speedup | dense vs eager dense |")
+    print(
+        f"\n## deployed: {args.backbone} dense vs filter-L1 to {ratio:.3f} of the FLOPs ({1 / ratio:.2f}x fewer), "
+        f"{latency_device(args.device)}, {torch.get_num_threads()} threads"
+    )
+    print(
+        "| form | batch 1: dense ms | pruned ms | speedup | dense vs eager dense | batch 64: dense ms | pruned ms | speedup | dense vs eager dense |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for fmt in [f for f in ("eager", "torchscript_frozen", "onnx", "compile") if ("dense", f) in forms]:
         row = f"| {fmt} |"
@@ -124,7 +139,9 @@ def round_to_section(args) -> None:
     models = {}
     for r in (1, 4, 8, 16):
         models[r] = pruned(dense, 0.5, r, tolerance=0.1)
-    forms = {f"{r}|{fmt}": fn for r, m in models.items() for fmt, fn in deployed_forms(m, args).items() if fmt != "eager"}
+    forms = {
+        f"{r}|{fmt}": fn for r, m in models.items() for fmt, fn in deployed_forms(m, args).items() if fmt != "eager"
+    }
     forms.update({f"dense|{fmt}": fn for fmt, fn in deployed_forms(dense, args).items() if fmt != "eager"})
     times = interleaved(forms, [1, 64], args)
     fmts = sorted({k.split("|")[1] for k in forms})
@@ -133,7 +150,11 @@ def round_to_section(args) -> None:
     print("|---|---|" + "---|" * (2 * len(fmts)))
     dense_flops = count_flops(dense, SHAPE)
     for r, m in models.items():
-        cells = [f"{times[(f'{r}|{f}', b)][0]:.2f} ({times[(f'dense|{f}', b)][0] / times[(f'{r}|{f}', b)][0]:.2f}x)" for f in fmts for b in (1, 64)]
+        cells = [
+            f"{times[(f'{r}|{f}', b)][0]:.2f} ({times[(f'dense|{f}', b)][0] / times[(f'{r}|{f}', b)][0]:.2f}x)"
+            for f in fmts
+            for b in (1, 64)
+        ]
         print(f"| {r} | {count_flops(m, SHAPE) / dense_flops:.3f} | " + " | ".join(cells) + " |")
     print(noise(times))
 
@@ -178,7 +199,9 @@ def budget_section(args) -> None:
     by_latency = run(out / "latency", [*common, f"budget.latency={args.latency}"])
     print(f"latency-budget run: {time.perf_counter() - start:.0f} s")
     try:
-        per_ms = run(out / "latency_per_ms", [*common, f"budget.latency={args.latency}", "budget.latency_ranking=per_ms"])
+        per_ms = run(
+            out / "latency_per_ms", [*common, f"budget.latency={args.latency}", "budget.latency_ranking=per_ms"]
+        )
     except BudgetError as err:
         print(f"latency_per_ms: {err}")
         per_ms = None  # the table says it failed
@@ -202,9 +225,13 @@ def budget_section(args) -> None:
     models = {"dense": dense, **{name: load(out / name) for name, summary in runs.items() if summary is not None}}
     forms = {name: deployed(m, SHAPE, "torchscript_frozen", args.device) for name, m in models.items()}
     times = interleaved(forms, [args.latency_batch], args)
-    print(f"\n## budget: ResNet-56 on the CIFAR-10 subset, budget.latency={args.latency} (frozen TorchScript, batch "
-          f"{args.latency_batch}, round_to {args.round_to}) vs a FLOPs budget at the same latency, all filter-L1, fine-tuned {args.finetune_epochs} epochs")
-    print("| budget | FLOPs kept | latency kept (in its run) | latency kept (re-timed side by side) | after pruning (%) | after fine-tuning (%) |")
+    print(
+        f"\n## budget: ResNet-56 on the CIFAR-10 subset, budget.latency={args.latency} (frozen TorchScript, batch "
+        f"{args.latency_batch}, round_to {args.round_to}) vs a FLOPs budget at the same latency, all filter-L1, fine-tuned {args.finetune_epochs} epochs"
+    )
+    print(
+        "| budget | FLOPs kept | latency kept (in its run) | latency kept (re-timed side by side) | after pruning (%) | after fine-tuning (%) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, summary in runs.items():
         if summary is None:
@@ -212,8 +239,10 @@ def budget_section(args) -> None:
             continue
         in_run = summary.get("model/latency_ratio")
         side = times[(name, args.latency_batch)][0] / times[("dense", args.latency_batch)][0]
-        print(f"| {name} | {summary['model/flops_ratio']:.3f} | {in_run if in_run is None else f'{in_run:.3f}'} | {side:.3f} | "
-              f"{summary['pruned/test/acc']:.2f} | {summary['test/acc']:.2f} |")
+        print(
+            f"| {name} | {summary['model/flops_ratio']:.3f} | {in_run if in_run is None else f'{in_run:.3f}'} | {side:.3f} | "
+            f"{summary['pruned/test/acc']:.2f} | {summary['test/acc']:.2f} |"
+        )
     print(f"dense: {by_latency['dense/test/acc']:.2f}%; {noise(times)}")
 
 
@@ -237,9 +266,16 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     args = parser.parse_args()
-    print(f"prunelab bench: torch {torch.__version__}, {latency_device(args.device)}, {torch.get_num_threads()} threads")
-    sections = {"surgery": surgery, "deployed": deployed_section, "round_to": round_to_section,
-                "search": search_section, "budget": budget_section}
+    print(
+        f"prunelab bench: torch {torch.__version__}, {latency_device(args.device)}, {torch.get_num_threads()} threads"
+    )
+    sections = {
+        "surgery": surgery,
+        "deployed": deployed_section,
+        "round_to": round_to_section,
+        "search": search_section,
+        "budget": budget_section,
+    }
     for name in args.only:
         start = time.perf_counter()
         sections[name](args)

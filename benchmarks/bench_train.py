@@ -49,12 +49,26 @@ def _sync() -> None:
 
 
 def lightning_rate(model, batches, args, device) -> float:
-    module = PruneLitModule(model, num_classes=10, optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9),
-                            channels_last=args.channels_last, compile=args.compile)
+    module = PruneLitModule(
+        model,
+        num_classes=10,
+        optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9),
+        channels_last=args.channels_last,
+        compile=args.compile,
+    )
     timer = _Timer(args.warmup)
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=args.precision,
-                        max_steps=len(batches), logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision=args.precision,
+        max_steps=len(batches),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return args.steps * args.batch / timer.seconds
 
@@ -99,8 +113,10 @@ def main() -> None:
     args.channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     torch.manual_seed(0)
     shape = (3, 32, 32)
-    batches = [(torch.randn(args.batch, *shape, device=device), torch.randint(0, 10, (args.batch,), device=device))
-               for _ in range(args.warmup + args.steps)]
+    batches = [
+        (torch.randn(args.batch, *shape, device=device), torch.randint(0, 10, (args.batch,), device=device))
+        for _ in range(args.warmup + args.steps)
+    ]
     dense = create(args.backbone, num_classes=10)
     pruned = create(args.backbone, num_classes=10)
     pruned.load_state_dict(dense.state_dict())
@@ -113,8 +129,10 @@ def main() -> None:
         keep[group.name] = sorted(order[:count]) if group.unit == 1 else list(range(count))
     apply_channel_plan(pruned, ChannelPlan(keep, {g.name: g.size for g in groups}), shape)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{args.backbone}, batch {args.batch}, {args.steps} timed steps after {args.warmup}, {args.precision}, "
-          f"channels_last {args.channels_last}, compile {args.compile}, on {name}")
+    print(
+        f"{args.backbone}, batch {args.batch}, {args.steps} timed steps after {args.warmup}, {args.precision}, "
+        f"channels_last {args.channels_last}, compile {args.compile}, on {name}"
+    )
     print("| model | MACs | prunelab (Lightning) img/s | raw PyTorch img/s | prunelab / raw |")
     print("|---|---|---|---|---|")
     rates = {}

@@ -24,10 +24,24 @@ from prunelab.guard import FEW_STEPS
 from prunelab.runs import losses_before_pruning, plan_difference
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["dataset=synthetic", "backbone=resnet_tiny", "dataset.batch_size=32", "pretrain.epochs=1", "retrain.epochs=1",
-          "trainer.max_epochs=1", "trainer.limit_train_batches=3", "budget.flops=0.5", "budget.sparsity=0.5",
-          "budget.tolerance=0.3", "optimizer.lr=0.02", "latency.batch_sizes=[]", "trainer.enable_progress_bar=false",
-          "trainer.log_every_n_steps=1", "quiet=true", "trainer.precision=32-true"]
+COMMON = [
+    "dataset=synthetic",
+    "backbone=resnet_tiny",
+    "dataset.batch_size=32",
+    "pretrain.epochs=1",
+    "retrain.epochs=1",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "budget.flops=0.5",
+    "budget.sparsity=0.5",
+    "budget.tolerance=0.3",
+    "optimizer.lr=0.02",
+    "latency.batch_sizes=[]",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "quiet=true",
+    "trainer.precision=32-true",
+]
 # What "the same" means here: float32 with the batch split over ranks sums in another order, so the
 # per-step losses agree to rounding (measured: at most 1.4e-5 over the up to 6 steps before the first prune).
 # A magnitude criterion may then flip the few weights within rounding of its threshold (measured: IMP 4
@@ -36,8 +50,10 @@ TOLERANCE = {"steps": 1e-4, "plan": 1e-3, "test/acc": 3.2, "test/loss": 5e-2}
 # After 3 search steps from tied starting masks (m_0 = 1/2, s_0 = 0) many entries still sit within
 # rounding of the cut, so which tied entries go differs (measured: 0.23% for concave, 1.1% for cs);
 # their searches themselves agree to rounding (the steps check above).
-TOLERANCE_AFTER = {"concave": {"plan": 5e-2, "test/acc": 100.0, "test/loss": 10.0},
-                   "cs": {"plan": 5e-2, "test/acc": 100.0, "test/loss": 10.0}}
+TOLERANCE_AFTER = {
+    "concave": {"plan": 5e-2, "test/acc": 100.0, "test/loss": 10.0},
+    "cs": {"plan": 5e-2, "test/acc": 100.0, "test/loss": 10.0},
+}
 
 
 def methods() -> list[str]:
@@ -55,7 +71,16 @@ def run_all(out: Path, role: str, devices: int, names: list[str]) -> None:
     for name in names:
         run_dir = out / role / name
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=[f"paths.output_dir={run_dir}", *COMMON, f"method={name}", *FEW_STEPS.get(name, []), *trainer])
+            cfg = compose(
+                "config",
+                overrides=[
+                    f"paths.output_dir={run_dir}",
+                    *COMMON,
+                    f"method={name}",
+                    *FEW_STEPS.get(name, []),
+                    *trainer,
+                ],
+            )
         pipeline.run(cfg, run_dir)
 
 
@@ -66,14 +91,26 @@ def compare(out: Path, names: list[str]) -> list[dict]:
         a, b = (json.loads((d / "summary.json").read_text()) for d in (ddp, single))
         steps_a, steps_b = losses_before_pruning(ddp), losses_before_pruning(single)
         steps = max((abs(x - y) for x, y in zip(steps_a, steps_b)), default=float("nan"))
-        row = {"method": name, "plan_diff": plan_difference(ddp, single),
-               "acc_ddp": a["test/acc"], "acc_single": b["test/acc"], "acc_diff": abs(a["test/acc"] - b["test/acc"]),
-               "loss_diff": abs(a["test/loss"] - b["test/loss"]), "steps_diff": steps, "steps": len(steps_a)}
+        row = {
+            "method": name,
+            "plan_diff": plan_difference(ddp, single),
+            "acc_ddp": a["test/acc"],
+            "acc_single": b["test/acc"],
+            "acc_diff": abs(a["test/acc"] - b["test/acc"]),
+            "loss_diff": abs(a["test/loss"] - b["test/loss"]),
+            "steps_diff": steps,
+            "steps": len(steps_a),
+        }
         # Before the first prune the runs must agree to rounding; after it, a plan cut from near-tied scores
         # may differ in a few entries (a magnitude at the threshold), and everything after it with them.
         after = TOLERANCE_AFTER.get(name, TOLERANCE)
-        row["ok"] = (len(steps_a) == len(steps_b) > 0 and steps <= TOLERANCE["steps"] and row["plan_diff"] <= after["plan"]
-                     and row["acc_diff"] <= after["test/acc"] and row["loss_diff"] <= after["test/loss"])
+        row["ok"] = (
+            len(steps_a) == len(steps_b) > 0
+            and steps <= TOLERANCE["steps"]
+            and row["plan_diff"] <= after["plan"]
+            and row["acc_diff"] <= after["test/acc"]
+            and row["loss_diff"] <= after["test/loss"]
+        )
         rows.append(row)
     return rows
 
@@ -90,18 +127,36 @@ def main() -> None:
         run_all(args.out, args.role, args.devices, names)
         return
     for role in ("ddp", "single"):
-        command = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--out", str(args.out),
-                   "--devices", str(args.devices), "--methods", *names]
-        subprocess.run(command, check=True, env={k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")})
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--role",
+            role,
+            "--out",
+            str(args.out),
+            "--devices",
+            str(args.devices),
+            "--methods",
+            *names,
+        ]
+        subprocess.run(
+            command,
+            check=True,
+            env={k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")},
+        )
     rows = compare(args.out, names)
     write = args.out / "ddp_check.json"
     write.write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"| method | steps before pruning: max CE |diff| | plan entries that differ | test acc DDP x{args.devices} | single | "
-          f"|diff| | test loss |diff| |")
+    print(
+        f"| method | steps before pruning: max CE |diff| | plan entries that differ | test acc DDP x{args.devices} | single | "
+        f"|diff| | test loss |diff| |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['steps_diff']:.1e} ({r['steps']} steps) | {r['plan_diff']:.1e} | {r['acc_ddp']:.2f} | "
-              f"{r['acc_single']:.2f} | {r['acc_diff']:.2f} | {r['loss_diff']:.2e} |")
+        print(
+            f"| {r['method']} | {r['steps_diff']:.1e} ({r['steps']} steps) | {r['plan_diff']:.1e} | {r['acc_ddp']:.2f} | "
+            f"{r['acc_single']:.2f} | {r['acc_diff']:.2f} | {r['loss_diff']:.2e} |"
+        )
     bad = [r["method"] for r in rows if not r["ok"]]
     print("all methods agree within the tolerance" if not bad else f"DIFFER beyond the tolerance: {', '.join(bad)}")
     sys.exit(1 if bad else 0)

@@ -23,7 +23,9 @@ MODELS = [("resnet56", (3, 32, 32)), ("torchvision:resnet50", (3, 224, 224))]
 
 
 def main() -> None:
-    print(f"{'model':24} {'groups s':>9} {'search s':>9} {'candidates':>10} {'build+count s':>14} {'old search s (est.)':>20}")
+    print(
+        f"{'model':24} {'groups s':>9} {'search s':>9} {'candidates':>10} {'build+count s':>14} {'old search s (est.)':>20}"
+    )
     for name, shape in MODELS:
         model = create(name, num_classes=10).eval()
         start = time.perf_counter()
@@ -40,7 +42,9 @@ def main() -> None:
         start = time.perf_counter()
         count_flops(apply_channel_plan(copy.deepcopy(model), plan, shape), shape)
         built = time.perf_counter() - start
-        print(f"{name:24} {traced:9.2f} {searched:9.2f} {tries:10d} {built:14.2f} {tries * built:20.2f}   (ratio {ratio:.4f})")
+        print(
+            f"{name:24} {traced:9.2f} {searched:9.2f} {tries:10d} {built:14.2f} {tries * built:20.2f}   (ratio {ratio:.4f})"
+        )
 
 
 if __name__ == "__main__":

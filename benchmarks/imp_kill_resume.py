@@ -54,8 +54,11 @@ def launch(cmd: list[str], output_root: Path, log: Path) -> subprocess.Popen:
 
 
 def rounds(summary: dict) -> list[tuple[int, float, float]]:
-    found = sorted(int(k[5:].split("/")[0]) for k in summary if k.startswith("round") and k.endswith("/sparsity")
-                   and k.count("/") == 1)
+    found = sorted(
+        int(k[5:].split("/")[0])
+        for k in summary
+        if k.startswith("round") and k.endswith("/sparsity") and k.count("/") == 1
+    )
     return [(r, summary[f"round{r}/sparsity"], summary.get(f"round{r}/test/acc", float("nan"))) for r in found]
 
 
@@ -94,7 +97,9 @@ def main() -> None:
             process.send_signal(signal.SIGKILL)
             process.wait()
             done = sorted(p.parent.name for p in run_dir(root).glob("stages/*/done.json"))
-            print(f"killed with SIGKILL in round 2 ({checkpoints[0].relative_to(root)} written); done: {', '.join(done)}")
+            print(
+                f"killed with SIGKILL in round 2 ({checkpoints[0].relative_to(root)} written); done: {', '.join(done)}"
+            )
             break
         time.sleep(0.5)
     else:
@@ -110,13 +115,16 @@ def main() -> None:
             print(f"{name:<26} {r:>5} {100 * s:>13.4f} {acc:>13.2f}")
     reference = results[f"seed {seed}"]
     same_masks = all(
-        all(torch.equal(a[n], b[n]) for n in a) for a, b in zip(masks(run_dir(args.out / f"uninterrupted-seed{seed}")), masks(run_dir(root)))
+        all(torch.equal(a[n], b[n]) for n in a)
+        for a, b in zip(masks(run_dir(args.out / f"uninterrupted-seed{seed}")), masks(run_dir(root)))
     )
     keys = [k for k in reference if k.startswith(("round", "test/", "model/sparsity")) and not k.startswith("time/")]
     differing = [k for k in keys if reference[k] != resumed.get(k)]
-    print(f"\nresumed vs uninterrupted (seed {seed}): masks of every round identical: {same_masks}; "
-          f"{len(keys) - len(differing)}/{len(keys)} round and test metrics identical"
-          + (f" (differ: {', '.join(differing)})" if differing else ""))
+    print(
+        f"\nresumed vs uninterrupted (seed {seed}): masks of every round identical: {same_masks}; "
+        f"{len(keys) - len(differing)}/{len(keys)} round and test metrics identical"
+        + (f" (differ: {', '.join(differing)})" if differing else "")
+    )
 
 
 if __name__ == "__main__":

@@ -150,7 +150,9 @@ def measure(
 def report(result: dict) -> list[str]:
     """The result as printable lines: each kind's fastest step and rounds, and its ratio to the dense step."""
     layout = "channels_last" if result["channels_last"] else "NCHW"
-    lines = [f"{result['backbone']}, batch {result['batch']}, {layout}, {result['threads']} threads, {result['steps']} rounds"]
+    lines = [
+        f"{result['backbone']}, batch {result['batch']}, {layout}, {result['threads']} threads, {result['steps']} rounds"
+    ]
     for name, value in result["fastest_step_s"].items():
         rounds = ", ".join(f"{t:.3f}" for t in result["step_s"][name])
         ratio = "" if name == "dense" else f"  {result['over_dense'][name]:.3f}x dense"

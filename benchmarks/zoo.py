@@ -144,8 +144,15 @@ def prunelab_path(name: str, size: int | None, result: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # The API's whole path: the pre-training check (a refusal names the layers), the plan, the surgery, the saved model.
         step(result, "prune")
-        pruned = prunelab.prune(model, "l1_filter", budget, torch.randn(1, *shape), num_classes=NUM_CLASSES,
-                                overrides=["quiet=true"], run_dir=tmp)
+        pruned = prunelab.prune(
+            model,
+            "l1_filter",
+            budget,
+            torch.randn(1, *shape),
+            num_classes=NUM_CLASSES,
+            overrides=["quiet=true"],
+            run_dir=tmp,
+        )
         result["flops_ratio"] = pruned.report["model/flops_ratio"]
         step(result, "load")
         reloaded = prunelab.load_model(Path(tmp) / "model.pt").eval()  # from the file alone, without the model's class
@@ -179,7 +186,8 @@ def tp_prune(model, ratio: float, example):
 
     pruned = copy.deepcopy(model)
     classifiers = [
-        m for m in pruned.modules()
+        m
+        for m in pruned.modules()
         if (isinstance(m, nn.Linear) and m.out_features == NUM_CLASSES)
         or (isinstance(m, nn.Conv2d) and m.out_channels == NUM_CLASSES)
     ]
@@ -322,9 +330,13 @@ def summary(rows: list[dict], per_line: int = 4) -> list[str]:
     if ok:
         flops = [number(row, "pl_flops_ratio") for row in ok]
         lines[0] += f"; FLOPs kept {min(flops):.3f}-{max(flops):.3f}"
-        for key, what, unit in [("pl_groups_s", "group discovery", "s"), ("pl_groups_peak_gb", "group discovery", "GB"),
-                                ("pl_total_s", "the whole path", "s"), ("pl_peak_gb", "the whole path", "GB"),
-                                ("pl_max_diff", "reloaded vs in memory, max abs difference", "")]:
+        for key, what, unit in [
+            ("pl_groups_s", "group discovery", "s"),
+            ("pl_groups_peak_gb", "group discovery", "GB"),
+            ("pl_total_s", "the whole path", "s"),
+            ("pl_peak_gb", "the whole path", "GB"),
+            ("pl_max_diff", "reloaded vs in memory, max abs difference", ""),
+        ]:
             known = [row for row in ok if number(row, key) is not None]
             if known:
                 top = max(known, key=lambda row: number(row, key))
@@ -333,7 +345,9 @@ def summary(rows: list[dict], per_line: int = 4) -> list[str]:
                 lines.append(f"{what}: at most {shown} ({short(top['model'])})")
     cells = [
         f"{short(row['model'])} {number(row, 'pl_flops_ratio'):.3f} / {number(row, 'pl_total_s'):.0f} s / "
-        f"{number(row, 'pl_peak_gb'):.2f} GB" if row in ok else f"{short(row['model'])}: {one_line(str(row.get('pl_status')), 60)}"
+        f"{number(row, 'pl_peak_gb'):.2f} GB"
+        if row in ok
+        else f"{short(row['model'])}: {one_line(str(row.get('pl_status')), 60)}"
         for row in rows
     ]
     if cells:
@@ -353,7 +367,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="square input size (default: the model's own, else 224)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model and path")
     parser.add_argument("--out", type=Path, default=Path("zoo.md"), help="Markdown table; the CSV goes next to it")
-    parser.add_argument("--summary", type=Path, metavar="CSV", help="print the summary and grid of a run's CSV; run nothing")
+    parser.add_argument(
+        "--summary", type=Path, metavar="CSV", help="print the summary and grid of a run's CSV; run nothing"
+    )
     parser.add_argument("--worker", choices=["prunelab", "tp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 

@@ -27,7 +27,6 @@ FAST = [
 ]
 
 
-
 def make_cfg(output_dir: Path, *overrides: str) -> DictConfig:
     """Compose the project's config as the CLI would, with the run directory set to `output_dir`."""
     import prunelab.cli  # noqa: F401  (registers the run_id resolver)
@@ -42,7 +41,9 @@ def preset(name: str) -> DictConfig:
         return compose("config", overrides=[f"experiment={name}", "paths.output_dir=unused"])
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run the `prunelab` command in a subprocess, as a user would (`env`: variables to add, e.g. PYTHONPATH)."""
     env = {**os.environ, "PRUNELAB_OUTPUTS": str(cwd / "outputs"), "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(

@@ -16,9 +16,19 @@ from conftest import make_cfg
 from prunelab import pipeline
 from prunelab.guard import FEW_STEPS
 
-COMMON = ["dataset.batch_size=32", "pretrain.epochs=1", "retrain.epochs=1", "trainer.limit_train_batches=3",
-          "budget.flops=0.5", "budget.sparsity=0.5", "budget.tolerance=0.3", "optimizer.lr=0.02", "latency.batch_sizes=[]",
-          "quiet=true", "trainer.precision=32-true"]
+COMMON = [
+    "dataset.batch_size=32",
+    "pretrain.epochs=1",
+    "retrain.epochs=1",
+    "trainer.limit_train_batches=3",
+    "budget.flops=0.5",
+    "budget.sparsity=0.5",
+    "budget.tolerance=0.3",
+    "optimizer.lr=0.02",
+    "latency.batch_sizes=[]",
+    "quiet=true",
+    "trainer.precision=32-true",
+]
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 if __name__ == "__main__":

@@ -105,15 +105,15 @@ class Bookkept(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-
-
 def test_a_layer_that_breaks_is_named_with_the_skip_that_keeps_it_whole():
     model = Bookkept().eval()
     with pytest.raises(UnprunableError) as caught:
         check_prunable(model, SHAPE)
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith("cannot prune channels of 'conv2' (removing channels of group 'conv2' breaks 'mixer': RuntimeError")
+    assert message.startswith(
+        "cannot prune channels of 'conv2' (removing channels of group 'conv2' breaks 'mixer': RuntimeError"
+    )
     assert message.endswith("set structure.skip=[conv2] to keep it whole and prune the rest")
 
     model_record(model).skip = ("conv2",)
@@ -181,8 +181,15 @@ def test_the_groups_that_break_are_found_by_halving_not_one_forward_pass_each(mo
 
     tries = []
     original = surgery_module._breaks
-    monkeypatch.setattr(surgery_module, "_breaks", lambda model, graph, groups, *a: tries.append(len(groups)) or original(model, graph, groups, *a))
-    with pytest.raises(UnprunableError, match="^cannot prune channels of 'convs[.][*]' .removing channels of group 'convs.11' breaks 'mixer'"):
+    monkeypatch.setattr(
+        surgery_module,
+        "_breaks",
+        lambda model, graph, groups, *a: tries.append(len(groups)) or original(model, graph, groups, *a),
+    )
+    with pytest.raises(
+        UnprunableError,
+        match="^cannot prune channels of 'convs[.][*]' .removing channels of group 'convs.11' breaks 'mixer'",
+    ):
         check_prunable(LongChain().eval(), SHAPE)
     # All 16 together, then halves down to the one (depth first): 9 forward passes, where trying each alone took 17.
     assert tries == [16, 8, 8, 4, 2, 2, 1, 1, 4]
@@ -206,7 +213,9 @@ class Flipped(nn.Module):
 def test_a_wrongly_followed_permutation_is_caught_by_the_outputs():
     """Torch-Pruning takes the flip for an element-wise op; only comparing with the dense model shows it."""
     torch.manual_seed(0)
-    with pytest.raises(UnprunableError, match="breaks 'conv1': the pruned model's outputs differ from the dense model's"):
+    with pytest.raises(
+        UnprunableError, match="breaks 'conv1': the pruned model's outputs differ from the dense model's"
+    ):
         check_prunable(Flipped().eval(), SHAPE)
 
 
@@ -227,12 +236,20 @@ class NeedsTenChannels(nn.Module):
 
 
 def test_groups_that_break_only_together_are_refused_too():
-    with pytest.raises(UnprunableError, match="removing channels of all 2 groups at once breaks 'a' .ValueError: needs 10"):
+    with pytest.raises(
+        UnprunableError, match="removing channels of all 2 groups at once breaks 'a' .ValueError: needs 10"
+    ):
         check_prunable(NeedsTenChannels().eval(), SHAPE)
 
 
 def test_refused_before_any_training_and_pruned_with_skip(tmp_path):
-    overrides = ("backbone=timm", "backbone.name=test_bookkept", "method=l1_filter", "budget.flops=0.6", "budget.tolerance=0.05")
+    overrides = (
+        "backbone=timm",
+        "backbone.name=test_bookkept",
+        "method=l1_filter",
+        "budget.flops=0.6",
+        "budget.tolerance=0.05",
+    )
     recorder = EpochRecorder()
     cfg = make_cfg(tmp_path / "refused", *overrides, "pretrain.epochs=1")
     with pytest.raises(UnprunableError, match="set structure.skip=\\[conv2\\]"):
@@ -247,9 +264,13 @@ def test_refused_before_any_training_and_pruned_with_skip(tmp_path):
 
 
 def test_cli_says_it_in_one_line(tmp_path):
-    done = run_cli("backbone=resnet_tiny", "method=l1_filter", "budget.flops=0.5", "structure.skip=[nope]", cwd=tmp_path)
+    done = run_cli(
+        "backbone=resnet_tiny", "method=l1_filter", "budget.flops=0.5", "structure.skip=[nope]", cwd=tmp_path
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("prunelab: error: structure.skip entry 'nope' names no layer")
+    assert (
+        done.stderr.strip().splitlines()[-1].startswith("prunelab: error: structure.skip entry 'nope' names no layer")
+    )
 
 
 def _pruned_and_reloaded(model: nn.Module, shape: tuple[int, int, int], target: float | None, tmp_path) -> nn.Module:
@@ -261,7 +282,9 @@ def _pruned_and_reloaded(model: nn.Module, shape: tuple[int, int, int], target: 
 
     dense = count_flops(model, shape)
     groups = channel_groups(model, shape)
-    scores = tie_scores({g.name: sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, g)) for g in groups}, groups)
+    scores = tie_scores(
+        {g.name: sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, g)) for g in groups}, groups
+    )
     if target is None:
         counts = {g.name: keep_count(g.size // 2, g.size, 1, g.unit, g.multiple) for g in groups}
         plan = plan_by_counts(scores, counts, {g.name: g.unit for g in groups}, {g.name: g.blocks for g in groups})
@@ -304,8 +327,6 @@ class LayerScaled(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-
-
 class GhostModule(nn.Module):
     """GhostNet's module: a primary convolution's channels x and a depthwise copy of them, cat([x, cheap(x)])."""
 
@@ -313,7 +334,9 @@ class GhostModule(nn.Module):
         super().__init__()
         self.out_chs = cout
         self.primary = nn.Sequential(nn.Conv2d(cin, cout // 2, 1, bias=False), nn.BatchNorm2d(cout // 2), nn.ReLU())
-        self.cheap = nn.Sequential(nn.Conv2d(cout // 2, cout // 2, 3, padding=1, groups=cout // 2, bias=False), nn.BatchNorm2d(cout // 2))
+        self.cheap = nn.Sequential(
+            nn.Conv2d(cout // 2, cout // 2, 3, padding=1, groups=cout // 2, bias=False), nn.BatchNorm2d(cout // 2)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.primary(x)
@@ -369,7 +392,9 @@ def _tiny_mixer(num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
     return MlpMixer(num_classes, img_size=32, patch_size=8, num_blocks=2, embed_dim=32, **blocks)
 
 
-@pytest.mark.parametrize(("name", "mlps"), [("test_tiny_mixer", ["mlp_tokens", "mlp_channels"]), ("test_tiny_resmlp", ["mlp_channels"])])
+@pytest.mark.parametrize(
+    ("name", "mlps"), [("test_tiny_mixer", ["mlp_tokens", "mlp_channels"]), ("test_tiny_resmlp", ["mlp_channels"])]
+)
 def test_token_mixing_mlps_keep_the_stream_whole_and_prune_their_hidden_width(tmp_path, name, mlps, caplog):
     """MLP-Mixer and ResMLP mix tokens with Linear layers on the transposed stream: Torch-Pruning maps the
     stream's channels onto their token inputs, so the stream is kept whole (with the reason) and the
@@ -423,7 +448,11 @@ def test_channels_tied_to_their_ghost_copies_lose_the_same_position_in_each_half
     model = _random_norms(create("test_ghost_residual").eval())
     groups = {g.name: g for g in channel_groups(model, SHAPE)}
     stem = groups["stem.0"]
-    assert (stem.size, stem.blocks, stem.tied) == (16, 2, [0, 1]) and stem.layers == ["stem.0", "project.primary.0", "project.cheap.0"]
+    assert (stem.size, stem.blocks, stem.tied) == (16, 2, [0, 1]) and stem.layers == [
+        "stem.0",
+        "project.primary.0",
+        "project.cheap.0",
+    ]
     check_prunable(model, SHAPE)  # the trial removes the same positions of both halves
     with pytest.raises(ValueError, match=r"keeps other positions in blocks \[0, 1\] of group 'stem.0'"):
         apply_channel_plan(copy.deepcopy(model), ChannelPlan({"stem.0": [0, 1, 2, 8, 9, 11]}, {"stem.0": 16}), SHAPE)
@@ -432,7 +461,10 @@ def test_channels_tied_to_their_ghost_copies_lose_the_same_position_in_each_half
     costs = CostModel(model, list(groups.values()), SHAPE)
     apply_channel_plan(model, ChannelPlan({"stem.0": keep}, {"stem.0": 16}), SHAPE)
     assert model.stem[0].out_channels == 6 and model.project.primary[0].out_channels == 3
-    assert costs.count(ChannelPlan({"stem.0": keep}, {"stem.0": 16})) == {"flops": count_flops(model, SHAPE), "params": count_params(model)}
+    assert costs.count(ChannelPlan({"stem.0": keep}, {"stem.0": 16})) == {
+        "flops": count_flops(model, SHAPE),
+        "params": count_params(model),
+    }
     _equals_silenced_dense_and_reloads(model, _silence(dense, groups, {"stem.0": keep}), tmp_path)
 
     # Plans score each position by its mean over the halves (`tie_scores`) and keep the same positions in both.
@@ -479,7 +511,9 @@ def test_layer_scale_learns_its_new_width(tmp_path):
 def _tiny_vit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=num_classes)
+    return VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=num_classes
+    )
 
 
 def tiny_vit() -> nn.Module:
@@ -494,7 +528,9 @@ def test_torchvision_vit_prunes_heads_and_mlp_width_and_keeps_the_embedding_unle
 
     # torchvision's MultiheadAttention is rebuilt in timm's layout at creation: same outputs, same weights.
     torch.manual_seed(0)
-    stock = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    stock = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=10
+    ).eval()
     torch.save(stock.state_dict(), tmp_path / "stock.pt")
     model = create("test_tiny_vit", pretrained=str(tmp_path / "stock.pt")).eval()  # nn.MultiheadAttention's keys load
     assert isinstance(model.encoder.layers[0].self_attention, SelfAttention)
@@ -542,8 +578,6 @@ class Shuffled(nn.Module):
         return self.fc(F.relu(self.branch(x)).mean((2, 3)))
 
 
-
-
 def test_channel_shuffle_is_kept_whole_with_a_reason_and_the_rest_prunes(tmp_path, caplog):
     """The shuffle's views split and merge the channel dimension: Torch-Pruning would map them wrongly, so
     the shuffled channels are kept whole, said once, and the other groups prune to the same function."""
@@ -552,7 +586,9 @@ def test_channel_shuffle_is_kept_whole_with_a_reason_and_the_rest_prunes(tmp_pat
     with caplog.at_level("WARNING", logger="prunelab"):
         groups = channel_groups(model, SHAPE)
     assert [g.name for g in groups] == ["branch.0", "branch.3"]
-    assert "channel group 'conv1' is kept whole: Torch-Pruning cannot follow its channels (a reshape from " in caplog.text
+    assert (
+        "channel group 'conv1' is kept whole: Torch-Pruning cannot follow its channels (a reshape from " in caplog.text
+    )
     check_prunable(model, SHAPE)  # also compares the pruned outputs with the dense model's, channels silenced
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     assert model.conv1.out_channels == 8 and model.branch[0].out_channels == 6
@@ -587,7 +623,10 @@ def test_a_concatenation_torch_pruning_cannot_map_is_kept_whole_with_a_reason(tm
     with caplog.at_level("WARNING", logger="prunelab"):
         groups = channel_groups(model, SHAPE)
     assert sorted(g.name for g in groups) == ["fuse.2", "stem.0"]
-    assert "groups 'a' and 'b' are kept whole: Torch-Pruning cannot follow their channels (IndexError in Torch-Pruning's " in caplog.text
+    assert (
+        "groups 'a' and 'b' are kept whole: Torch-Pruning cannot follow their channels (IndexError in Torch-Pruning's "
+        in caplog.text
+    )
     check_prunable(model, SHAPE)
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     assert model.a.out_channels == 6 and model.b.out_channels == 6 and model.stem[0].out_channels < 8
@@ -600,7 +639,9 @@ def test_a_group_kept_whole_anyway_gets_no_second_reason_when_its_walk_fails(cap
 
     monkeypatch.setattr(tp_graph, "walk_limit", lambda model: 8)  # the walk of 4 channels into a 2x2 flatten fails
     for whole in ("keep_whole", "skip", None):
-        model = nn.Sequential(_conv_bn(3, 8), _conv_bn(8, 4), nn.AdaptiveAvgPool2d(2), nn.Flatten(1), nn.Linear(16, 10)).eval()
+        model = nn.Sequential(
+            _conv_bn(3, 8), _conv_bn(8, 4), nn.AdaptiveAvgPool2d(2), nn.Flatten(1), nn.Linear(16, 10)
+        ).eval()
         if whole == "keep_whole":
             model[1][0].keep_whole = True
         elif whole == "skip":
@@ -669,7 +710,10 @@ def test_cascaded_group_attention_and_its_stream_are_kept_whole_with_a_reason_an
     torch.manual_seed(0)
     with caplog.at_level("WARNING", logger="prunelab"):
         model = create("test_cascaded").eval()
-    assert "1 cascaded group attention(s) kept whole (attn): each head adds its output to the next head's chunk" in caplog.text
+    assert (
+        "1 cascaded group attention(s) kept whole (attn): each head adds its output to the next head's chunk"
+        in caplog.text
+    )
     for module in model.attn.modules():  # timm's zero-initialised biases and projection BatchNorm hide a wrong mapping
         if isinstance(module, nn.BatchNorm2d):
             nn.init.uniform_(module.weight, 0.5, 1.5)
@@ -677,7 +721,11 @@ def test_cascaded_group_attention_and_its_stream_are_kept_whole_with_a_reason_an
     assert [g.name for g in channel_groups(model, SHAPE)] == ["ffn.0.0"]
     check_prunable(model, SHAPE)
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
-    assert model.ffn[0][0].out_channels < 32 and model.stem[0].out_channels == 16 and model.attn.qkvs[0].conv.out_channels == 16
+    assert (
+        model.ffn[0][0].out_channels < 32
+        and model.stem[0].out_channels == 16
+        and model.attn.qkvs[0].conv.out_channels == 16
+    )
 
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
@@ -697,7 +745,9 @@ class CrossStage(nn.Module):
         super().__init__()
         self.expand_chs = expand
         self.conv_exp = _conv_bn(c_in, expand)
-        self.blocks = nn.ModuleList(nn.Sequential(_conv_bn(expand // 2, 4), _conv_bn(4, expand // 2, 3, act=False)) for _ in range(2))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(_conv_bn(expand // 2, 4), _conv_bn(4, expand // 2, 3, act=False)) for _ in range(2)
+        )
         self.conv_transition_b = _conv_bn(expand // 2, expand // 2)
         self.conv_transition = _conv_bn(expand, c_out)
 
@@ -780,7 +830,9 @@ def test_equal_chunks_through_grouped_convolutions_lose_whole_groups_of_each_chu
     """Res2NeXt's first block: each equal chunk of the width goes through a grouped convolution, so each chunk loses
     whole convolution groups, as many in every chunk (the check's trial plan too: it used to split a group)."""
     torch.manual_seed(0)
-    model = _random_norms(nn.Sequential(_conv_bn(3, 8), Res2Block(8, 8, 4, first=True, cardinality=2), nn.Flatten(1)).eval())
+    model = _random_norms(
+        nn.Sequential(_conv_bn(3, 8), Res2Block(8, 8, 4, first=True, cardinality=2), nn.Flatten(1)).eval()
+    )
     shape = (3, 8, 8)
     group = {g.name: g for g in channel_groups(model, shape)}["1.conv1.0"]
     assert (group.size, group.blocks, group.unit) == (32, 4, 4)
@@ -793,7 +845,9 @@ def test_equal_chunks_through_grouped_convolutions_lose_whole_groups_of_each_chu
     with torch.no_grad():
         assert torch.allclose(model(x), _silence(dense, {group.name: group}, {group.name: keep})(x), atol=1e-5)
     with pytest.raises(ValueError, match="splits a unit"):
-        apply_channel_plan(copy.deepcopy(dense), ChannelPlan({group.name: [0, 1, 8, 9, 16, 17, 24, 25]}, {group.name: 32}), shape)
+        apply_channel_plan(
+            copy.deepcopy(dense), ChannelPlan({group.name: [0, 1, 8, 9, 16, 17, 24, 25]}, {group.name: 32}), shape
+        )
 
 
 def test_chunks_added_through_grouped_convolutions_keep_the_same_groups(tmp_path):
@@ -810,7 +864,9 @@ def test_chunks_added_through_grouped_convolutions_keep_the_same_groups(tmp_path
     dense = copy.deepcopy(model)
     keep = [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 24, 25, 26, 27]  # group 1 of chunks 0-2, group 0 of chunk 3
     with pytest.raises(ValueError, match=r"keeps other positions in blocks \[0, 1, 2\]"):
-        apply_channel_plan(copy.deepcopy(model), ChannelPlan({group.name: [0, 1, 2, 3, *keep[4:]]}, {group.name: 32}), shape)
+        apply_channel_plan(
+            copy.deepcopy(model), ChannelPlan({group.name: [0, 1, 2, 3, *keep[4:]]}, {group.name: 32}), shape
+        )
     apply_channel_plan(model, ChannelPlan({group.name: keep}, {group.name: 32}), shape)
     x = torch.randn(2, *shape)
     with torch.no_grad():
@@ -874,7 +930,13 @@ def test_halves_of_a_gated_mlp_cut_on_the_last_dimension_lose_the_same_positions
     model = create("test_gated_tokens").eval()
     groups = {g.name: g for g in channel_groups(model, SHAPE)}
     fc1 = groups["mlp.fc1"]
-    assert (fc1.size, fc1.blocks, fc1.tied, fc1.consumers, sum(fc1.reads["mlp.fc2"])) == (48, 2, [0, 1], ["mlp.fc2"], 24)
+    assert (fc1.size, fc1.blocks, fc1.tied, fc1.consumers, sum(fc1.reads["mlp.fc2"])) == (
+        48,
+        2,
+        [0, 1],
+        ["mlp.fc2"],
+        24,
+    )
     check_prunable(model, SHAPE)
     dense, keep = copy.deepcopy(model), [c + half for half in (0, 24) for c in range(0, 24, 3)]
     plan = ChannelPlan({"mlp.fc1": keep}, {"mlp.fc1": 48})
@@ -954,7 +1016,9 @@ def test_a_chunk_of_a_view_of_the_last_dimension_is_not_a_channel_split():
     width, not the channels, so it is not mapped as a channel split (it was, once last-dimension splits were, and the
     check refused the attention; its qkv stays whole, as before)."""
     shape = (3, 64, 64)
-    model = create("timm:maxvit_tiny_rw_224", img_size=64, depths=(1, 1, 1, 1), embed_dim=(64, 64, 64, 64), stem_width=(8, 16)).eval()
+    model = create(
+        "timm:maxvit_tiny_rw_224", img_size=64, depths=(1, 1, 1, 1), embed_dim=(64, 64, 64, 64), stem_width=(8, 16)
+    ).eval()
     groups = channel_groups(model, shape)
     assert not [g for g in groups if g.tied] and not [g for g in groups if g.name.endswith("attn.qkv")]  # kept whole
     check_prunable(model, shape)
@@ -1022,7 +1086,12 @@ def _random_norms(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1), m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+                (
+                    m.weight.uniform_(0.5, 1.5),
+                    m.bias.normal_(0, 0.1),
+                    m.running_mean.normal_(0, 0.1),
+                    m.running_var.uniform_(0.5, 1.5),
+                )
     return model
 
 
@@ -1036,8 +1105,14 @@ def test_heads_laid_out_head_by_head_are_pruned_whole(tmp_path):
     groups = {g.name: g for g in channel_groups(model, shape) if g.heads}
     attn, down = groups["stages.0.blocks.0.attn.qkv.linear"], groups["stages.1.downsample.attn_downsample.kv.linear"]
     assert (attn.size, attn.unit, attn.norms) == (4 * 64, 64, ["stages.0.blocks.0.attn.qkv.bn"])  # 4 heads of 16+16+32
-    assert down.layers == ["stages.1.downsample.attn_downsample.kv.linear", "stages.1.downsample.attn_downsample.q.ln.linear"]
-    assert (down.size, sum(down.reads["stages.1.downsample.attn_downsample.proj.ln.linear"])) == (8 * 96, 8 * 64)  # values
+    assert down.layers == [
+        "stages.1.downsample.attn_downsample.kv.linear",
+        "stages.1.downsample.attn_downsample.q.ln.linear",
+    ]
+    assert (down.size, sum(down.reads["stages.1.downsample.attn_downsample.proj.ln.linear"])) == (
+        8 * 96,
+        8 * 64,
+    )  # values
     check_prunable(model, shape)  # BatchNorm only: against the dense model with the removed heads silenced
 
     dense = copy.deepcopy(model)
@@ -1045,7 +1120,12 @@ def test_heads_laid_out_head_by_head_are_pruned_whole(tmp_path):
     apply_channel_plan(model, ChannelPlan(keep, {attn.name: attn.size, down.name: down.size}), shape)
     block, sub = model.stages[0].blocks[0].attn, model.stages[1].downsample.attn_downsample
     assert (block.num_heads, block.val_attn_dim, tuple(block.attention_biases.shape)) == (2, 64, (2, 16))
-    assert (sub.num_heads, sub.key_attn_dim, sub.q.ln.linear.out_features, sub.proj.ln.linear.in_features) == (5, 80, 80, 320)
+    assert (sub.num_heads, sub.key_attn_dim, sub.q.ln.linear.out_features, sub.proj.ln.linear.in_features) == (
+        5,
+        80,
+        80,
+        320,
+    )
     x = torch.randn(2, *shape)
     with torch.no_grad():
         torch.testing.assert_close(model(x), _silence(dense, groups, keep)(x), rtol=1e-5, atol=1e-5)
@@ -1087,7 +1167,13 @@ def test_flops_are_counted_where_a_parameter_view_is_a_layer_input():
     model = ClassToken()
     model.stem.weight.requires_grad_(False)
     assert count_flops(model, SHAPE) == 8 * 3 * 9 * 32 * 32 + 8 * 10
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == {"token": True, "stem.weight": False, "stem.bias": True, "head.weight": True, "head.bias": True}
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {
+        "token": True,
+        "stem.weight": False,
+        "stem.bias": True,
+        "head.weight": True,
+        "head.bias": True,
+    }
 
 
 class BottleneckAttention(nn.Module):
@@ -1173,10 +1259,17 @@ def test_head_dimensions_are_pruned_and_compute_what_the_kept_dimensions_did(tmp
         per_head = [sum(c // 8 == h for c in kept) for h in range(4)]
         assert len(set(per_head)) == 1
         # Each head keeps its own best dimensions.
-        assert all(set(c % 8 for c in kept if c // 8 == h) == set(scores[name][8 * h: 8 * h + 8].topk(per_head[0]).indices.tolist()) for h in range(4))
+        assert all(
+            set(c % 8 for c in kept if c // 8 == h)
+            == set(scores[name][8 * h : 8 * h + 8].topk(per_head[0]).indices.tolist())
+            for h in range(4)
+        )
     apply_channel_plan(model, plan, SHAPE)
     attn = [block.attn for block in model.blocks]
-    assert [(a.num_heads, a.head_dim, a.attn_dim, a.qkv.out_features, a.proj.in_features) for a in attn] == [(4, 3, 12, 36, 12), (4, 5, 20, 60, 20)]
+    assert [(a.num_heads, a.head_dim, a.attn_dim, a.qkv.out_features, a.proj.in_features) for a in attn] == [
+        (4, 3, 12, 36, 12),
+        (4, 5, 20, 60, 20),
+    ]
     with torch.no_grad():
         for block, kept in zip(dense.blocks, plan.keep.values()):
             rows = [c + part * 32 for part in range(3) for c in range(32) if c not in kept]
@@ -1208,7 +1301,9 @@ def test_window_attention_loses_head_dimensions(tmp_path):
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     attn = [model.layers[i].blocks[0].attn for i in (0, 1)]
     # Every head keeps half of its 8 dimensions, and its position-bias column.
-    assert [a.num_heads for a in attn] == [2, 4] and all(a.relative_position_bias_table.shape[-1] == a.num_heads for a in attn)
+    assert [a.num_heads for a in attn] == [2, 4] and all(
+        a.relative_position_bias_table.shape[-1] == a.num_heads for a in attn
+    )
     assert [(a.qkv.out_features, a.proj.in_features, a.scale) for a in attn] == [(24, 8, 0.5), (48, 16, 0.5)]
 
 
@@ -1216,7 +1311,10 @@ def test_window_attention_loses_heads_with_their_position_bias(tmp_path):
     torch.manual_seed(0)
     model = create("timm:swin_tiny_patch4_window7_224", **TINY_SWIN).eval()
     groups = channel_groups(model, SHAPE)
-    assert [(g.name, g.unit) for g in groups if g.heads] == [("layers.0.blocks.0.attn.qkv", 8), ("layers.1.blocks.0.attn.qkv", 8)]
+    assert [(g.name, g.unit) for g in groups if g.heads] == [
+        ("layers.0.blocks.0.attn.qkv", 8),
+        ("layers.1.blocks.0.attn.qkv", 8),
+    ]
     check_prunable(model, SHAPE)
     _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     attn = model.layers[1].blocks[0].attn
@@ -1269,12 +1367,18 @@ def test_torchvision_window_attention_loses_whole_heads(tmp_path, name):
     keep = {qkv: list(range(g.size - g.unit, g.size)) for qkv, g in groups.items()}
     plan = ChannelPlan(keep, {qkv: g.size for qkv, g in groups.items()})
     costs = CostModel(model, list(groups.values()), SHAPE)
-    assert all(n > 0 for n in costs.products.values())  # the query-key and attention-value products scale with the heads
+    assert all(
+        n > 0 for n in costs.products.values()
+    )  # the query-key and attention-value products scale with the heads
     apply_channel_plan(model, plan, SHAPE)
     assert costs.count(plan)["flops"] == count_flops(model, SHAPE)
     for (_, m), (_, d) in zip(_attentions(model), _attentions(dense)):
         assert m.num_heads == 1 and m.qkv.out_features == 3 * m.head_dim == 3 * d.head_dim
-        per_head = [p for n, p in m.named_parameters() if n in ("relative_position_bias_table", "logit_scale", "cpb_mlp.2.weight")]
+        per_head = [
+            p
+            for n, p in m.named_parameters()
+            if n in ("relative_position_bias_table", "logit_scale", "cpb_mlp.2.weight")
+        ]
         assert per_head and all(p.shape[-1] == 1 or p.shape[0] == 1 for p in per_head)
         with torch.no_grad():
             d.proj.weight[:, : d.proj.in_features - d.head_dim] = 0
@@ -1298,7 +1402,10 @@ def test_torchvision_window_attention_loses_head_dimensions(tmp_path, name):
     groups = {g.name: g for g in channel_groups(model, SHAPE) if g.heads}
     assert all(g.unit == 1 and g.blocks == g.multiple > 1 for g in groups.values())
     # Every head keeps its first half.
-    keep = {qkv: [c for c in range(g.size) if c % (g.size // g.blocks) < g.size // g.blocks // 2] for qkv, g in groups.items()}
+    keep = {
+        qkv: [c for c in range(g.size) if c % (g.size // g.blocks) < g.size // g.blocks // 2]
+        for qkv, g in groups.items()
+    }
     apply_channel_plan(model, ChannelPlan(keep, {qkv: g.size for qkv, g in groups.items()}), SHAPE)
     for (_, m), (_, d) in zip(_attentions(model), _attentions(dense)):
         assert m.head_dim == d.head_dim // 2 and m.num_heads == d.num_heads
@@ -1328,7 +1435,9 @@ def test_a_timm_vit_prunes_to_a_flops_budget_end_to_end(tmp_path, method):
 
 @pytest.mark.parametrize("name", ["test_tiny_swin_v2", "test_tiny_maxvit"])
 def test_torchvision_window_attention_prunes_to_a_flops_budget_end_to_end(tmp_path, name):
-    cfg = make_cfg(tmp_path, "backbone=timm", f"backbone.name={name}", "method=taylor", "budget.flops=0.6", "budget.tolerance=0.05")
+    cfg = make_cfg(
+        tmp_path, "backbone=timm", f"backbone.name={name}", "method=taylor", "budget.flops=0.6", "budget.tolerance=0.05"
+    )
     summary = pipeline.run(cfg, tmp_path)
     assert summary["model/flops_ratio"] == pytest.approx(0.6, rel=0.05)
     model = load_model(tmp_path / "model.pt")
@@ -1355,7 +1464,9 @@ def test_a_resumed_run_reads_its_groups_from_the_run_directory(tmp_path, monkeyp
     overrides = ("method=l1_filter", "budget.flops=0.6", "budget.tolerance=0.05", "test=false")
     pipeline.run(make_cfg(tmp_path, *overrides), tmp_path)
     saved = json.loads((tmp_path / "groups.json").read_text())
-    assert saved["checked"] and [g["name"] for g in saved["groups"]] == [g.name for g in channel_groups(create("resnet_tiny"), SHAPE)]
+    assert saved["checked"] and [g["name"] for g in saved["groups"]] == [
+        g.name for g in channel_groups(create("resnet_tiny"), SHAPE)
+    ]
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was checked again")
@@ -1378,41 +1489,89 @@ def _tiny_volo(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) 
     from timm.models.volo import VOLO  # timm's volo_* entry points fix the layers: built from the class
 
     return VOLO(
-        layers=(1, 1), img_size=32, in_chans=in_channels, num_classes=num_classes, embed_dims=(16, 32), num_heads=(2, 4),
-        downsamples=(True, False), outlook_attention=(True, False), mlp_ratio=2.0, post_layers=("ca",), stem_hidden_dim=16,
+        layers=(1, 1),
+        img_size=32,
+        in_chans=in_channels,
+        num_classes=num_classes,
+        embed_dims=(16, 32),
+        num_heads=(2, 4),
+        downsamples=(True, False),
+        outlook_attention=(True, False),
+        mlp_ratio=2.0,
+        post_layers=("ca",),
+        stem_hidden_dim=16,
     )
 
 
 def _tiny_nest(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     from timm.models.nest import Nest
 
-    return Nest(img_size=32, in_chans=in_channels, patch_size=4, num_levels=2, embed_dims=(32, 64), num_heads=(2, 4), depths=(1, 1), num_classes=num_classes)
+    return Nest(
+        img_size=32,
+        in_chans=in_channels,
+        patch_size=4,
+        num_levels=2,
+        embed_dims=(32, 64),
+        num_heads=(2, 4),
+        depths=(1, 1),
+        num_classes=num_classes,
+    )
 
 
 def _tiny_gcvit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     from timm.models.gcvit import GlobalContextVit
 
-    return GlobalContextVit(in_chans=in_channels, num_classes=num_classes, img_size=64, embed_dim=8, depths=(2, 2, 1, 1), num_heads=(2, 2, 4, 8), mlp_ratio=2.0)
+    return GlobalContextVit(
+        in_chans=in_channels,
+        num_classes=num_classes,
+        img_size=64,
+        embed_dim=8,
+        depths=(2, 2, 1, 1),
+        num_heads=(2, 2, 4, 8),
+        mlp_ratio=2.0,
+    )
 
 
 def _tiny_mvitv2(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, heads: int = 2) -> nn.Module:
     from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 
-    return MultiScaleVit(MultiScaleVitCfg(depths=(1, 1), embed_dim=16, num_heads=heads), img_size=(32, 32), in_chans=in_channels, num_classes=num_classes)
+    return MultiScaleVit(
+        MultiScaleVitCfg(depths=(1, 1), embed_dim=16, num_heads=heads),
+        img_size=(32, 32),
+        in_chans=in_channels,
+        num_classes=num_classes,
+    )
 
 
 def _tiny_lambda(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 
-    blocks = (ByoBlockCfg(type="bottle", d=1, c=32, s=1, gs=0, br=0.25), ByoBlockCfg(type="self_attn", d=2, c=64, s=2, gs=0, br=0.25))
-    cfg = ByoModelCfg(blocks=blocks, stem_chs=16, stem_type="tiered", stem_pool="maxpool", self_attn_layer="lambda", self_attn_kwargs=dict(r=3, dim_head=4))
+    blocks = (
+        ByoBlockCfg(type="bottle", d=1, c=32, s=1, gs=0, br=0.25),
+        ByoBlockCfg(type="self_attn", d=2, c=64, s=2, gs=0, br=0.25),
+    )
+    cfg = ByoModelCfg(
+        blocks=blocks,
+        stem_chs=16,
+        stem_type="tiered",
+        stem_pool="maxpool",
+        self_attn_layer="lambda",
+        self_attn_kwargs=dict(r=3, dim_head=4),
+    )
     return ByobNet(cfg, in_chans=in_channels, num_classes=num_classes)
 
 
 def _tiny_shvit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     from timm.models.shvit import SHViT
 
-    return SHViT(in_chans=in_channels, num_classes=num_classes, embed_dim=(16, 32, 48), partial_dim=(8, 8, 16), qk_dim=(4, 4, 4), depth=(1, 1, 1))
+    return SHViT(
+        in_chans=in_channels,
+        num_classes=num_classes,
+        embed_dim=(16, 32, 48),
+        partial_dim=(8, 8, 16),
+        qk_dim=(4, 4, 4),
+        depth=(1, 1, 1),
+    )
 
 
 def _tiny_resnest(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
@@ -1420,8 +1579,17 @@ def _tiny_resnest(num_classes: int = 10, in_channels: int = 3, width: float = 1.
     from timm.models.resnet import ResNet
 
     return ResNet(
-        block=ResNestBottleneck, layers=[1, 1, 1, 1], channels=(8, 8, 16, 16), in_chans=in_channels, num_classes=num_classes, stem_type="deep",
-        stem_width=8, avg_down=True, base_width=64, cardinality=1, block_args=dict(radix=2, avd=True, avd_first=False),
+        block=ResNestBottleneck,
+        layers=[1, 1, 1, 1],
+        channels=(8, 8, 16, 16),
+        in_chans=in_channels,
+        num_classes=num_classes,
+        stem_type="deep",
+        stem_width=8,
+        avg_down=True,
+        base_width=64,
+        cardinality=1,
+        block_args=dict(radix=2, avd=True, avd_first=False),
     )
 
 
@@ -1429,8 +1597,12 @@ def _tiny_caformer(num_classes: int = 10, in_channels: int = 3, width: float = 1
     from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
 
     return MetaFormer(
-        in_chans=in_channels, num_classes=num_classes, depths=(1, 1, 1, 1), dims=(8, 16, 64, 64),
-        token_mixers=(SepConv, SepConv, Attention, Attention), norm_layers=(LayerNorm2dNoBias,) * 2 + (LayerNormNoBias,) * 2,
+        in_chans=in_channels,
+        num_classes=num_classes,
+        depths=(1, 1, 1, 1),
+        dims=(8, 16, 64, 64),
+        token_mixers=(SepConv, SepConv, Attention, Attention),
+        norm_layers=(LayerNorm2dNoBias,) * 2 + (LayerNormNoBias,) * 2,
     )
 
 
@@ -1443,34 +1615,86 @@ TIMM_HEAD_WIDTH = {
         {"ClassAttn": 1, "TalkingHeadAttn": 1},
     ),
     "crossvit_tiny_240": (
-        dict(img_size=48, img_scale=(1.0, 1.0), patch_size=[8, 16], embed_dim=[24, 48], depth=[[1, 1, 0]], num_heads=[3, 3], mlp_ratio=[2, 2, 1]),
+        dict(
+            img_size=48,
+            img_scale=(1.0, 1.0),
+            patch_size=[8, 16],
+            embed_dim=[24, 48],
+            depth=[[1, 1, 0]],
+            num_heads=[3, 3],
+            mlp_ratio=[2, 2, 1],
+        ),
         48,
         {"CrossAttention": 2},
     ),
     "twins_svt_small": (
-        dict(img_size=32, embed_dims=[16, 32], num_heads=[2, 4], mlp_ratios=[2, 2], depths=[2, 2], wss=[4, 4], sr_ratios=[2, 1]),
+        dict(
+            img_size=32,
+            embed_dims=[16, 32],
+            num_heads=[2, 4],
+            mlp_ratios=[2, 2],
+            depths=[2, 2],
+            wss=[4, 4],
+            sr_ratios=[2, 1],
+        ),
         32,
         {"LocallyGroupedAttn": 2, "GlobalSubSampleAttn": 2},
     ),
-    "convit_tiny": (dict(img_size=32, patch_size=8, embed_dim=8, num_heads=4, depth=2, local_up_to_layer=1), 32, {"GPSA": 1, "MHSA": 1}),
-    "edgenext_xx_small": (dict(depths=(1, 1, 1, 1), dims=(16, 16, 24, 32), heads=(2, 2, 2, 2)), 64, {"CrossCovarianceAttn": 3}),
+    "convit_tiny": (
+        dict(img_size=32, patch_size=8, embed_dim=8, num_heads=4, depth=2, local_up_to_layer=1),
+        32,
+        {"GPSA": 1, "MHSA": 1},
+    ),
+    "edgenext_xx_small": (
+        dict(depths=(1, 1, 1, 1), dims=(16, 16, 24, 32), heads=(2, 2, 2, 2)),
+        64,
+        {"CrossCovarianceAttn": 3},
+    ),
     "mobilevitv2_050": ({}, 64, {"LinearSelfAttention": 9}),
-    "pvt_v2_b2_li": (dict(embed_dims=(16, 32), num_heads=(2, 4), mlp_ratios=(2, 2), depths=(1, 1), sr_ratios=(2, 1)), 32, {"Attention": 2}),
-    "xcit_nano_12_p16_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1), 32, {"XCA": 1, "ClassAttn": 1}),
-    "vit_relpos_small_patch16_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4), 32, {"RelPosAttention": 1}),
-    "vit_relpos_base_patch16_clsgap_224": (dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4), 32, {"RelPosAttention": 1}),
+    "pvt_v2_b2_li": (
+        dict(embed_dims=(16, 32), num_heads=(2, 4), mlp_ratios=(2, 2), depths=(1, 1), sr_ratios=(2, 1)),
+        32,
+        {"Attention": 2},
+    ),
+    "xcit_nano_12_p16_224": (
+        dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1),
+        32,
+        {"XCA": 1, "ClassAttn": 1},
+    ),
+    "vit_relpos_small_patch16_224": (
+        dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4),
+        32,
+        {"RelPosAttention": 1},
+    ),
+    "vit_relpos_base_patch16_clsgap_224": (
+        dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4),
+        32,
+        {"RelPosAttention": 1},
+    ),
     "test_tiny_volo": ({}, 32, {"OutlookAttention": 1, "Attention": 1, "ClassAttention": 1}),
     "test_tiny_caformer": ({}, 32, {"Attention": 2}),
     "test_tiny_nest": ({}, 32, {"Attention": 2}),
-    "davit_tiny": (dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(2, 4), window_size=4), 32, {"WindowAttention": 2, "ChannelAttention": 2}),
-    "tnt_s_patch16_224": (
-        dict(img_size=32, patch_size=8, embed_dim=48, inner_dim=16, depth=1, num_heads_outer=4, num_heads_inner=2), 32, {"Attention": 2}
+    "davit_tiny": (
+        dict(depths=(1, 1), embed_dims=(16, 32), num_heads=(2, 4), window_size=4),
+        32,
+        {"WindowAttention": 2, "ChannelAttention": 2},
     ),
-    "fastvit_mci0": (dict(layers=(1, 1, 1, 1), embed_dims=(16, 16, 32, 64), mlp_ratios=(4, 4, 4, 4)), 64, {"Attention": 1}),
+    "tnt_s_patch16_224": (
+        dict(img_size=32, patch_size=8, embed_dim=48, inner_dim=16, depth=1, num_heads_outer=4, num_heads_inner=2),
+        32,
+        {"Attention": 2},
+    ),
+    "fastvit_mci0": (
+        dict(layers=(1, 1, 1, 1), embed_dims=(16, 16, 32, 64), mlp_ratios=(4, 4, 4, 4)),
+        64,
+        {"Attention": 1},
+    ),
     "nextvit_small": (dict(depths=(1, 1, 5, 1)), 64, {"EfficientAttention": 3}),
     "hiera_tiny_224": (dict(img_size=64, embed_dim=16, num_heads=2, stages=(1, 1, 1, 1)), 64, {"MaskUnitAttention": 4}),
     "swinv2_cr_tiny_224": (
-        dict(img_size=32, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4)), 32, {"WindowMultiHeadAttention": 4}
+        dict(img_size=32, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4)),
+        32,
+        {"WindowMultiHeadAttention": 4},
     ),
     "test_tiny_gcvit": ({}, 64, {"WindowAttentionGlobal": 4}),  # the two global-query blocks keep their heads
     "test_tiny_mvitv2": ({}, 32, {"MultiScaleAttention": 2}),
@@ -1522,10 +1746,16 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
             if group.blocks > 1:
                 keep[group.name] = list(range(1, group.size, 2))
             else:
-                keep[group.name] = [c for h in range(1, group.size // group.unit, 2) for c in range(h * group.unit, (h + 1) * group.unit)]
+                keep[group.name] = [
+                    c
+                    for h in range(1, group.size // group.unit, 2)
+                    for c in range(h * group.unit, (h + 1) * group.unit)
+                ]
             attention = model.get_submodule(group.heads)
             widths[group.heads] = (attention.num_heads, attention.head_dim)
-            rows = group.rows or {group.layers[0]: [[c + part * group.size for part in range(3)] for c in range(group.size)]}
+            rows = group.rows or {
+                group.layers[0]: [[c + part * group.size for part in range(3)] for c in range(group.size)]
+            }
             for layer, held in rows.items():
                 dropped = [r for c in range(group.size) if c not in keep[group.name] for r in held[c]]
                 for tensor in (dense.get_submodule(layer).weight, dense.get_submodule(layer).bias):
@@ -1538,7 +1768,9 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
     assert costs == {"flops": count_flops(model, shape), "params": count_params(model)}
     for attention, (heads, dim) in widths.items():
         mixed = getattr(model.get_submodule(attention), "heads_mix", False)
-        assert (model.get_submodule(attention).num_heads, model.get_submodule(attention).head_dim) == ((heads, dim // 2) if mixed else (heads // 2, dim))
+        assert (model.get_submodule(attention).num_heads, model.get_submodule(attention).head_dim) == (
+            (heads, dim // 2) if mixed else (heads // 2, dim)
+        )
     with torch.no_grad():
         torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
     _pruned_and_reloaded(create(backbone, **arguments).eval(), shape, 0.7, tmp_path)
@@ -1609,7 +1841,9 @@ def test_radix_splits_of_split_attention_lose_the_same_channels(tmp_path):
     check_prunable(model, SHAPE)
     model = _pruned_and_reloaded(model, SHAPE, None, tmp_path)
     convs = [model.get_submodule(g.name) for g in radix]
-    assert all(c.groups == 2 and 2 * c.out_channels == stock.get_submodule(g.name).out_channels for c, g in zip(convs, radix))
+    assert all(
+        c.groups == 2 and 2 * c.out_channels == stock.get_submodule(g.name).out_channels for c, g in zip(convs, radix)
+    )
     _pruned_and_reloaded(create("test_tiny_resnest").eval(), SHAPE, 0.4, tmp_path)
 
 
@@ -1697,7 +1931,9 @@ def test_a_split_into_sections_of_recorded_sizes_takes_the_sizes_left(tmp_path):
     model = _random_norms(create("test_sections").eval())
     groups = {g.name: g for g in channel_groups(model, SHAPE)}
     stream = groups["stem.0"]
-    assert {"mix1.partial_conv3", "mix2.dwconv_hw", "mix2.dwconv_w", "mix2.dwconv_h"} <= set(stream.layers) | set(stream.consumers)
+    assert {"mix1.partial_conv3", "mix2.dwconv_hw", "mix2.dwconv_w", "mix2.dwconv_h"} <= set(stream.layers) | set(
+        stream.consumers
+    )
     check_prunable(model, SHAPE)  # BatchNorm only: against the dense model with the removed channels silenced
     dense = copy.deepcopy(model)
     keep = {"stem.0": [0, 2, 3, 5, 8, 9, 10, 12, 13, 15], "mix1.partial_conv3": [1, 2]}
@@ -1796,7 +2032,11 @@ class NormWithoutBias(nn.Module):
         super().__init__()
         from timm.models.metaformer import GroupNorm1NoBias
 
-        self.conv1, self.norm, self.conv2 = nn.Conv2d(in_channels, 8, 3, padding=1), GroupNorm1NoBias(8), nn.Conv2d(8, 12, 3, padding=1)
+        self.conv1, self.norm, self.conv2 = (
+            nn.Conv2d(in_channels, 8, 3, padding=1),
+            GroupNorm1NoBias(8),
+            nn.Conv2d(8, 12, 3, padding=1),
+        )
         self.fc = nn.Linear(12, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1817,7 +2057,11 @@ class RmsNormed(nn.Module):
         super().__init__()
         from timm.layers import RmsNorm2d
 
-        self.conv1, self.norm, self.conv2 = nn.Conv2d(in_channels, 8, 3, padding=1), RmsNorm2d(8), nn.Conv2d(8, 12, 3, padding=1)
+        self.conv1, self.norm, self.conv2 = (
+            nn.Conv2d(in_channels, 8, 3, padding=1),
+            RmsNorm2d(8),
+            nn.Conv2d(8, 12, 3, padding=1),
+        )
         self.bn = nn.BatchNorm2d(12)
         self.fc = nn.Linear(12, num_classes)
 
@@ -1844,8 +2088,17 @@ def _rms_vit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) ->
     from timm.layers import RmsNorm
     from timm.models.vision_transformer import VisionTransformer
 
-    model = VisionTransformer(img_size=32, patch_size=8, in_chans=in_channels, num_classes=num_classes, embed_dim=32,
-                              depth=2, num_heads=4, mlp_ratio=2.0, norm_layer=RmsNorm)
+    model = VisionTransformer(
+        img_size=32,
+        patch_size=8,
+        in_chans=in_channels,
+        num_classes=num_classes,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        mlp_ratio=2.0,
+        norm_layer=RmsNorm,
+    )
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, RmsNorm):
@@ -1897,7 +2150,12 @@ def test_a_group_norm_of_several_groups_loses_whole_groups(tmp_path):
     check_prunable(model, SHAPE)
     dense, keep = copy.deepcopy(model), {"conv1": [4, 5, 6, 7, 12, 13, 14, 15], "conv2": [0, 1, 6, 7, 8, 9]}
     apply_channel_plan(model, ChannelPlan(keep, {"conv1": 16, "conv2": 16}), SHAPE)
-    assert (model.norm1.num_groups, model.norm1.num_channels, model.norm2.num_groups, model.norm2.num_channels) == (2, 8, 3, 6)
+    assert (model.norm1.num_groups, model.norm1.num_channels, model.norm2.num_groups, model.norm2.num_channels) == (
+        2,
+        8,
+        3,
+        6,
+    )
     with torch.no_grad():  # the norms' affine parameters of the removed channels too (a silenced group gives its bias)
         for name, norm in (("conv1", dense.norm1), ("conv2", dense.norm2)):
             dropped = [c for c in range(16) if c not in keep[name]]
@@ -1930,9 +2188,16 @@ def test_a_grouped_convolution_that_widens_its_input_loses_as_many_outputs_in_ea
     assert "conv1" not in groups and (groups["conv2"].blocks, groups["conv2"].tied) == (2, [])
     check_prunable(model, SHAPE)  # BatchNorm only: held to the dense model with the removed channels silenced
     model = _pruned_and_reloaded(model, SHAPE, None, tmp_path)
-    assert (model.conv2.groups, model.conv2.in_channels, model.conv2.out_channels, model.conv3.in_channels) == (2, 8, 16, 16)
+    assert (model.conv2.groups, model.conv2.in_channels, model.conv2.out_channels, model.conv3.in_channels) == (
+        2,
+        8,
+        16,
+        16,
+    )
     with pytest.raises(ValueError, match="equal chunks"):
-        apply_channel_plan(create("test_expanding_grouped").eval(), ChannelPlan({"conv2": list(range(12))}, {"conv2": 32}), SHAPE)
+        apply_channel_plan(
+            create("test_expanding_grouped").eval(), ChannelPlan({"conv2": list(range(12))}, {"conv2": 32}), SHAPE
+        )
 
 
 def test_channels_made_positions_of_one_channel_end_a_group_walk():
@@ -1949,7 +2214,9 @@ def test_a_position_bias_shared_by_all_blocks_keeps_every_head():
     """A ViT whose blocks share one relative-position bias MLP (timm's vit_srelpos): its heads stay whole in every
     block and so do the MLP's per-head outputs (pruned as plain channels they broke the bias's view); the rest prunes."""
     shape = (3, 32, 32)
-    model = create("timm:vit_srelpos_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4).eval()
+    model = create(
+        "timm:vit_srelpos_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4
+    ).eval()
     names = [g.name for g in channel_groups(model, shape)]
     assert names and not [n for n in names if n.endswith("attn.qkv") or n == "shared_rel_pos.mlp.fc2"]
     check_prunable(model, shape)

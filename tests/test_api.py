@@ -27,8 +27,12 @@ class UserNet(nn.Module):
     def __init__(self, classes: int = 5) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
             nn.AdaptiveAvgPool2d(1),
         )
         self.head = nn.Linear(32, classes)
@@ -77,8 +81,10 @@ def test_l1_filter_prunes_a_user_cnn_to_half_the_flops(model, x, tmp_path):
     assert result.report["model/params"] < sum(p.numel() for p in model.parameters())
     assert result.model.eval()(x).shape == (2, 5)
     # The plan names the channels kept of each group; the others were removed from the model.
-    removed = {name: sorted(set(range(plan_size)) - set(kept)) for (name, kept), plan_size in
-               zip(result.plan.keep.items(), result.plan.sizes.values())}
+    removed = {
+        name: sorted(set(range(plan_size)) - set(kept))
+        for (name, kept), plan_size in zip(result.plan.keep.items(), result.plan.sizes.values())
+    }
     assert any(removed.values())
     for name, kept in result.plan.keep.items():
         assert result.model.get_submodule(name).out_channels == len(kept)
@@ -116,8 +122,12 @@ def test_run_is_the_commands_experiment_in_this_process(tmp_path):
     summary = prunelab.run([*FAST, *settings], tmp_path / "run")
     expected = pipeline.run(make_cfg(tmp_path / "cfg", *settings), tmp_path / "cfg")
     assert summary == json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert {k: v for k, v in summary.items() if not k.startswith("time/")} == {k: v for k, v in expected.items() if not k.startswith("time/")}
-    plans = [ChannelPlan.load_json(d / "stages" / "0-prune" / "plan.json") for d in (tmp_path / "run", tmp_path / "cfg")]
+    assert {k: v for k, v in summary.items() if not k.startswith("time/")} == {
+        k: v for k, v in expected.items() if not k.startswith("time/")
+    }
+    plans = [
+        ChannelPlan.load_json(d / "stages" / "0-prune" / "plan.json") for d in (tmp_path / "run", tmp_path / "cfg")
+    ]
     assert plans[0] == plans[1]
     # A mistake is the command's one line, raised.
     with pytest.raises(ConfigError, match="nope"):
@@ -135,12 +145,22 @@ def test_magnitude_reaches_the_exact_sparsity(model, x, tmp_path):
 
 
 def test_latency_is_timed_when_asked(model, x, tmp_path):
-    timed = prunelab.prune(model, "l1_filter", {"flops": 0.5}, x, latency=True, run_dir=tmp_path / "flops",
-                           overrides=["latency.batch_sizes=[2]", "latency.repeats=3"])
+    timed = prunelab.prune(
+        model,
+        "l1_filter",
+        {"flops": 0.5},
+        x,
+        latency=True,
+        run_dir=tmp_path / "flops",
+        overrides=["latency.batch_sizes=[2]", "latency.repeats=3"],
+    )
     # The pruned model is timed beside a copy of the dense one the user gave.
     assert timed.report["model/latency_b2_ms"] > 0 and timed.report["dense/latency_b2_ms"] > 0
     assert "model/deployed_speedup_b2" in timed.report
-    assert "model/latency_b2_ms" not in prunelab.prune(model, "l1_filter", {"flops": 0.5}, x, run_dir=tmp_path / "off").report
+    assert (
+        "model/latency_b2_ms"
+        not in prunelab.prune(model, "l1_filter", {"flops": 0.5}, x, run_dir=tmp_path / "off").report
+    )
 
 
 @pytest.mark.slow
@@ -148,8 +168,14 @@ def test_a_latency_budget_on_a_user_model(model, tmp_path, monkeypatch):
     # The latency tables are cached under paths.output_root (./outputs); their calibration takes about 12 s.
     monkeypatch.chdir(tmp_path)
     # Inputs large enough for the convolutions to outweigh the calls' overhead.
-    result = prunelab.prune(model, "l1_filter", {"latency": 0.7}, torch.randn(1, 3, 64, 96), run_dir=tmp_path / "run",
-                            overrides=["budget.latency_tolerance=0.4", "latency.rounds=1"])
+    result = prunelab.prune(
+        model,
+        "l1_filter",
+        {"latency": 0.7},
+        torch.randn(1, 3, 64, 96),
+        run_dir=tmp_path / "run",
+        overrides=["budget.latency_tolerance=0.4", "latency.rounds=1"],
+    )
     # The final model is timed beside a copy of the dense one the user gave, within the tolerance of the target.
     assert result.report["model/flops_ratio"] < 1.0
     assert result.report["model/latency_ratio"] == pytest.approx(0.7, abs=0.4 * 0.7)
@@ -158,8 +184,15 @@ def test_a_latency_budget_on_a_user_model(model, tmp_path, monkeypatch):
 @pytest.mark.parametrize(("method", "trained"), [("slimming", "sparsity"), ("taylor", None)])
 def test_methods_that_need_data_run_their_stages_on_the_users_loaders(model, method, trained, tmp_path):
     train, test = loaders()
-    result = prunelab.prune(model, method, {"flops": 0.5}, train=train, test=test, run_dir=tmp_path,
-                            overrides=["retrain=finetune", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"])
+    result = prunelab.prune(
+        model,
+        method,
+        {"flops": 0.5},
+        train=train,
+        test=test,
+        run_dir=tmp_path,
+        overrides=["retrain=finetune", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"],
+    )
     report = result.report
     # Example inputs default to the first training batch; the classes follow the model's output.
     assert report["dense/flops"] == dense_macs()
@@ -176,15 +209,33 @@ def test_mistakes_stop_in_one_line_before_any_work(model, x, tmp_path):
     train, _ = loaders()
     cases = [
         (dict(method="l1_filte", budget={"flops": 0.5}), r"method='l1_filte' does not exist \(choices: .*l1_filter"),
-        (dict(method="l1_filter", budget={"flop": 0.5}), r"budget key 'flop' is not a budget setting \(budget keys: flops, params"),
+        (
+            dict(method="l1_filter", budget={"flop": 0.5}),
+            r"budget key 'flop' is not a budget setting \(budget keys: flops, params",
+        ),
         (dict(method="l1_filter", budget={"flops": 1.5}), r"budget\.flops=1\.5 is out of range"),
         (dict(method="l1_filter"), r"L1Filter prunes to a budget: set budget\.flops"),
-        (dict(method="taylor", budget={"flops": 0.5}), r"Taylor scores with training batches, and no training data was given"),
+        (
+            dict(method="taylor", budget={"flops": 0.5}),
+            r"Taylor scores with training batches, and no training data was given",
+        ),
         (dict(method="slimming", budget={"flops": 0.5}), r"stage sparsity \(fit\) needs train data"),
-        (dict(method="l1_filter", budget={"flops": 0.5}, overrides=["retrain=finetune"]), r"stage finetune \(retrain\) needs train data"),
-        (dict(method="l1_filter", budget={"flops": 0.5}, train=train, overrides=["test=true"]), r"stage dense \(test\) needs test data"),
-        (dict(method="l1_filter", budget={"flops": 0.5}, overrides=["dataset=cifar10"]), r"takes the model and the data from Python"),
-        (dict(method="l1_filter", budget={"flops": 0.5}, overrides=["trainer.max_epoch=1"]), r"Could not override 'trainer\.max_epoch'"),
+        (
+            dict(method="l1_filter", budget={"flops": 0.5}, overrides=["retrain=finetune"]),
+            r"stage finetune \(retrain\) needs train data",
+        ),
+        (
+            dict(method="l1_filter", budget={"flops": 0.5}, train=train, overrides=["test=true"]),
+            r"stage dense \(test\) needs test data",
+        ),
+        (
+            dict(method="l1_filter", budget={"flops": 0.5}, overrides=["dataset=cifar10"]),
+            r"takes the model and the data from Python",
+        ),
+        (
+            dict(method="l1_filter", budget={"flops": 0.5}, overrides=["trainer.max_epoch=1"]),
+            r"Could not override 'trainer\.max_epoch'",
+        ),
     ]
     for index, (kwargs, message) in enumerate(cases):
         run_dir = tmp_path / str(index)

@@ -331,7 +331,6 @@ def test_pad_shortcut_pruner_keeps_the_mapping() -> None:
     assert (shortcut.in_channels, shortcut.out_channels) == (3, 5)
 
 
-
 def test_a_second_pruner_for_a_registered_module_is_refused() -> None:
     # The family registered its shortcut's pruner with structure when it was imported; registering the same factory
     # again changes nothing, another one is refused and the first stays.

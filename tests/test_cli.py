@@ -106,9 +106,19 @@ def test_quickstart_preset_prunes_and_prints_before_after_table(tmp_path):
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    for row in ("accuracy (%)", "FLOPs (MACs)", "parameters", "latency batch 1 (ms, eager)", "latency batch 64 (ms, deployed)", "deployed (torchscript_frozen"):
+    for row in (
+        "accuracy (%)",
+        "FLOPs (MACs)",
+        "parameters",
+        "latency batch 1 (ms, eager)",
+        "latency batch 64 (ms, deployed)",
+        "deployed (torchscript_frozen",
+    ):
         assert row in out.stdout, row
-    assert "timing the final and the dense model, eager and as torchscript_frozen, at batch sizes [1, 64]" in out.stdout + out.stderr
+    assert (
+        "timing the final and the dense model, eager and as torchscript_frozen, at batch sizes [1, 64]"
+        in out.stdout + out.stderr
+    )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["model/flops_ratio"] == pytest.approx(0.5, rel=0.02)
     assert summary["dense/test/acc"] > 50.0  # three epochs on real digits already clear chance (10%) by far
@@ -216,8 +226,14 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
 
 def test_full_error_shows_the_traceback_and_bugs_keep_theirs(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PRUNELAB_OUTPUTS": str(tmp_path / "outputs")}
-    out = subprocess.run([sys.executable, "-m", "prunelab.cli", *FAST, "backbone.width=-1"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "prunelab.cli", *FAST, "backbone.width=-1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 1 and "Traceback" in out.stderr and "ConfigError" in out.stderr
     # A method without the interface is a bug, not a user error: traceback, exit code 1.
     bug = run_cli(*FAST, "method._target_=builtins.dict", cwd=tmp_path)
@@ -231,7 +247,9 @@ def test_a_terminated_run_exits_143_not_0(tmp_path):
 
     env = {**os.environ, "PRUNELAB_OUTPUTS": str(tmp_path / "outputs")}
     command = [sys.executable, "-m", "prunelab.cli", *FAST, "trainer.max_epochs=200", "latency.batch_sizes=[]"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob("outputs/runs/*/stages/*/checkpoints/last.ckpt")):
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
@@ -244,7 +262,6 @@ def test_a_terminated_run_exits_143_not_0(tmp_path):
     assert not (run_dir / "summary.json").exists()
 
 
-
 def test_a_run_directory_refuses_another_experiment_and_resumes_its_own(tmp_path):
     """The issue's two commands on one hydra.run.dir: the second is refused before any work, D untouched;
     the first again, with only what is printed or logged changed, resumes without training."""
@@ -254,14 +271,21 @@ def test_a_run_directory_refuses_another_experiment_and_resumes_its_own(tmp_path
     assert first.returncode == 0, first.stderr[-2000:]
     summary = (run_dir / "summary.json").read_bytes()
     files = sorted(run_dir.rglob("*"))
-    stamps = {p: p.stat().st_mtime_ns for p in files if p.is_file() and p.parent.name != ".hydra" and p.suffix != ".log"}
+    stamps = {
+        p: p.stat().st_mtime_ns for p in files if p.is_file() and p.parent.name != ".hydra" and p.suffix != ".log"
+    }
 
     other = run_cli(*common, "method=random", cwd=tmp_path)
     assert other.returncode == 2, other.stderr[-2000:]
     lines = [line for line in other.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"prunelab: error: run directory {run_dir} holds another experiment: ")
-    assert ("method._target_ (prunelab.methods.baselines.L1Filter here, prunelab.methods.baselines.Random asked)" in lines[0]
-            and f"delete {run_dir} to start over" in lines[0])
+    assert len(lines) == 1 and lines[0].startswith(
+        f"prunelab: error: run directory {run_dir} holds another experiment: "
+    )
+    assert (
+        "method._target_ (prunelab.methods.baselines.L1Filter here, prunelab.methods.baselines.Random asked)"
+        in lines[0]
+        and f"delete {run_dir} to start over" in lines[0]
+    )
     # Refused before anything was built: no stage started, and no file of D was written again.
     assert "starting" not in other.stdout + other.stderr and "Traceback" not in other.stderr
     assert (run_dir / "summary.json").read_bytes() == summary
@@ -274,7 +298,9 @@ def test_a_run_directory_refuses_another_experiment_and_resumes_its_own(tmp_path
     assert len(done) == 4 and {p: p.stat().st_mtime_ns for p in done} == done
     assert list((run_dir / "tensorboard").rglob("events.*"))
     before, after = json.loads(summary), json.loads((run_dir / "summary.json").read_text())
-    assert {k: v for k, v in after.items() if not k.startswith("time/")} == {k: v for k, v in before.items() if not k.startswith("time/")}
+    assert {k: v for k, v in after.items() if not k.startswith("time/")} == {
+        k: v for k, v in before.items() if not k.startswith("time/")
+    }
 
 
 def test_a_renamed_preset_stops_in_one_line_naming_the_new_one(tmp_path):
@@ -309,4 +335,6 @@ def test_every_preset_is_named_method_backbone_dataset():
         rest = name[len(method) + 1 :]
         backbone = next((b for b in sorted(backbones, key=len, reverse=True) if rest.startswith(b + "_")), None)
         assert backbone is not None, name
-        assert any(rest[len(backbone) + 1 :] == d or rest[len(backbone) + 1 :].startswith(d + "_") for d in datasets), name
+        assert any(rest[len(backbone) + 1 :] == d or rest[len(backbone) + 1 :].startswith(d + "_") for d in datasets), (
+            name
+        )

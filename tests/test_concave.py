@@ -33,8 +33,16 @@ def _round_masks(run_dir: Path) -> list[MaskPlan]:
 
 
 def _ctx(tmp_path: Path, round_: int = 1) -> MethodContext:
-    return MethodContext(config=None, budget={}, data=None, input_shape=(3, 32, 32), num_classes=10, seed=0,
-                         run_dir=tmp_path, round=round_)
+    return MethodContext(
+        config=None,
+        budget={},
+        data=None,
+        input_shape=(3, 32, 32),
+        num_classes=10,
+        seed=0,
+        run_dir=tmp_path,
+        round=round_,
+    )
 
 
 def test_log_regularizer_and_its_gradient_follow_the_formula():
@@ -51,9 +59,14 @@ def test_log_regularizer_and_its_gradient_follow_the_formula():
 
 
 def test_concave_settings_are_checked_before_any_work():
-    for kwargs, message in [({"regularizer": "l2"}, "regularizer"), ({"alpha": 0.0}, "alpha"),
-                            ({"selection": "top"}, "selection"), ({"rounds": 0}, "rounds"),
-                            ({"evaluate": "some"}, "evaluate"), ({"eps": 0.0}, "eps")]:
+    for kwargs, message in [
+        ({"regularizer": "l2"}, "regularizer"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"selection": "top"}, "selection"),
+        ({"rounds": 0}, "rounds"),
+        ({"evaluate": "some"}, "evaluate"),
+        ({"eps": 0.0}, "eps"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             Concave(**kwargs)
     with pytest.raises(ConfigError, match="final_beta"):
@@ -99,7 +112,7 @@ def test_cs_beta_schedule_and_restart():
     method = ContinuousSparsification(final_beta=200.0, mask_init=0.0)
     betas = [method.beta(t, 5) for t in range(5)]
     assert betas[0] == 1.0 and betas[-1] == pytest.approx(200.0)
-    assert all(b / a == pytest.approx(200.0 ** 0.25) for a, b in zip(betas, betas[1:]))
+    assert all(b / a == pytest.approx(200.0**0.25) for a, b in zip(betas, betas[1:]))
     # s <= 0 is fixed at zero; the others restart at min(beta_T * s, s_0).
     method.values = {"w": torch.tensor([-0.3, 0.0, 1e-4, 0.2])}
     method.alive = {"w": torch.tensor([True, True, True, False])}
@@ -108,8 +121,12 @@ def test_cs_beta_schedule_and_restart():
     method.restart(keep)
     assert method.values["w"].tolist() == pytest.approx([-60.0, 0.0, 0.0, 0.0])
     # The official code's rescaling makes the starting mask exactly 1 (the dense network).
-    layer = SoftMask(torch.full((3,), -0.5), torch.ones(3, dtype=torch.bool), sigmoid=True,
-                     scale=ContinuousSparsification(mask_init=-0.5).scale())
+    layer = SoftMask(
+        torch.full((3,), -0.5),
+        torch.ones(3, dtype=torch.bool),
+        sigmoid=True,
+        scale=ContinuousSparsification(mask_init=-0.5).scale(),
+    )
     assert torch.allclose(layer.mask(), torch.ones(3))
 
 
@@ -146,8 +163,15 @@ class _Watch(L.Callback):
 def test_concave_rounds_fix_small_masks_at_zero_rewind_bit_exactly_and_only_shrink(tmp_path):
     watch = _Watch()
     # alpha near m_0 so that a short search already fixes many masks at zero.
-    summary = _run(tmp_path, "method.rounds=3", "method.alpha=0.5", "method.lam=1e-3", "method.regularizer=log",
-                   "test_pruned=true", callbacks=[watch])
+    summary = _run(
+        tmp_path,
+        "method.rounds=3",
+        "method.alpha=0.5",
+        "method.lam=1e-3",
+        "method.regularizer=log",
+        "test_pruned=true",
+        callbacks=[watch],
+    )
     masks = _round_masks(tmp_path)
     assert len(masks) == 3
     sparsities = [m.sparsity() for m in masks]
@@ -171,7 +195,9 @@ def test_concave_rounds_fix_small_masks_at_zero_rewind_bit_exactly_and_only_shri
     for name, keep in masks[0].masks.items():
         values = state["values"][name]
         assert (values[~keep] == 0).all() and (values[keep] >= 0.5).all()
-        assert torch.equal(watch.start["round2/search"][name[: -len("weight")] + "parametrizations.weight.0.values"], values)
+        assert torch.equal(
+            watch.start["round2/search"][name[: -len("weight")] + "parametrizations.weight.0.values"], values
+        )
     # The final model holds exact zeros where the last round's mask prunes, and is the last round's ticket.
     final = load_model(tmp_path / "model.pt")
     for name, weight in prunable_weights(final):
@@ -183,8 +209,13 @@ def test_concave_rounds_fix_small_masks_at_zero_rewind_bit_exactly_and_only_shri
 
 
 def test_fixed_fraction_selection_prunes_the_paper_fractions(tmp_path):
-    summary = _run(tmp_path, "method.rounds=2", "method.selection=fixed_fraction", "method.prune_fraction=0.3",
-                   "method.evaluate=last")
+    summary = _run(
+        tmp_path,
+        "method.rounds=2",
+        "method.selection=fixed_fraction",
+        "method.prune_fraction=0.3",
+        "method.evaluate=last",
+    )
     masks = _round_masks(tmp_path)
     assert masks[0].sparsity() == pytest.approx(0.3, abs=1e-4) and masks[1].sparsity() == pytest.approx(0.51, abs=1e-4)
     assert "round1/test/acc" not in summary and "round2/test/acc" in summary
@@ -193,10 +224,11 @@ def test_fixed_fraction_selection_prunes_the_paper_fractions(tmp_path):
 
 def test_cs_raises_beta_every_epoch_and_prunes_where_s_is_not_positive(tmp_path):
     watch = _Watch()
-    summary = _run(tmp_path, "method=cs", "method.rounds=2", "trainer.max_epochs=3", "method.lam=1e-4",
-                   callbacks=[watch])
-    assert watch.betas["round1/search"] == pytest.approx([1.0, 200.0 ** 0.5, 200.0])
-    assert watch.betas["round2/search"] == pytest.approx([1.0, 200.0 ** 0.5, 200.0])
+    summary = _run(
+        tmp_path, "method=cs", "method.rounds=2", "trainer.max_epochs=3", "method.lam=1e-4", callbacks=[watch]
+    )
+    assert watch.betas["round1/search"] == pytest.approx([1.0, 200.0**0.5, 200.0])
+    assert watch.betas["round2/search"] == pytest.approx([1.0, 200.0**0.5, 200.0])
     masks = _round_masks(tmp_path)
     assert 0 < masks[0].sparsity() < masks[1].sparsity() < 1
     assert all(not (masks[1].masks[n] & ~masks[0].masks[n]).any() for n in masks[0].masks)
@@ -207,8 +239,13 @@ def test_a_killed_search_resumes_to_the_same_masks_and_accuracy(tmp_path):
     reference = _run(tmp_path / "ref", "method.rounds=2", "method.alpha=0.5", "method.lam=1e-3")
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _run(run, "method.rounds=2", "method.alpha=0.5", "method.lam=1e-3",
-             callbacks=[CrashAtEpoch(1, stage="round2/search")])
+        _run(
+            run,
+            "method.rounds=2",
+            "method.alpha=0.5",
+            "method.lam=1e-3",
+            callbacks=[CrashAtEpoch(1, stage="round2/search")],
+        )
     recorder = EpochRecorder()
     summary = _run(run, "method.rounds=2", "method.alpha=0.5", "method.lam=1e-3", callbacks=[recorder])
     assert recorder.stages[0] == ("round2/search", 1)
@@ -227,8 +264,11 @@ def test_a_killed_search_resumes_to_the_same_masks_and_accuracy(tmp_path):
 def test_concave_presets_follow_the_papers_protocol(arch, reg, data):
     cfg = preset(f"concave_{arch}_{data}_{reg}")
     epochs, milestones = (85, [56, 71]) if arch == "resnet20" else (120, [60, 90])
-    assert cfg.dataset._target_.endswith({"cifar10": "CIFAR10DataModule", "cifar100": "CIFAR100DataModule",
-                                          "tiny_imagenet": "TinyImageNetDataModule"}[data])
+    assert cfg.dataset._target_.endswith(
+        {"cifar10": "CIFAR10DataModule", "cifar100": "CIFAR100DataModule", "tiny_imagenet": "TinyImageNetDataModule"}[
+            data
+        ]
+    )
     assert (cfg.dataset.batch_size, cfg.trainer.max_epochs, list(cfg.scheduler.milestones)) == (128, epochs, milestones)
     assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 1e-4)
     assert (cfg.retrain.mode, cfg.retrain.rewind_iteration) == ("rewind", 0)

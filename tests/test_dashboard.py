@@ -20,8 +20,18 @@ def test_an_offline_wandb_run_holds_the_config_tags_tables_plots_and_model(tmp_p
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")
     record = next(offline.glob("run-*.wandb")).read_bytes()
     # The flat config, the tags, the charts and the model artifact are in the run's record.
-    for expected in (b"method.rounds", b"optimizer.lr", b"dataset=SyntheticDataModule", b"method=IMP", b"backbone=resnet_tiny",
-                     b"round1/prune/layers_bar", b"round2/prune/layers", b"rounds_curve", b"model.pt", b"model.ts"):
+    for expected in (
+        b"method.rounds",
+        b"optimizer.lr",
+        b"dataset=SyntheticDataModule",
+        b"method=IMP",
+        b"backbone=resnet_tiny",
+        b"round1/prune/layers_bar",
+        b"round2/prune/layers",
+        b"rounds_curve",
+        b"model.pt",
+        b"model.ts",
+    ):
         assert expected in record, expected
     media = offline / "files" / "media"
     assert len(list(media.glob("table/round*/prune/layers_*.table.json"))) == 2

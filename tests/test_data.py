@@ -94,9 +94,15 @@ def test_digits_values_match_sklearn_and_options() -> None:
 
 
 def test_synthetic_shapes_and_determinism() -> None:
-    a = SyntheticDataModule(num_classes=4, in_channels=2, image_size=16, train_size=40, test_size=12, val_size=8, seed=3)
-    b = SyntheticDataModule(num_classes=4, in_channels=2, image_size=16, train_size=40, test_size=12, val_size=8, seed=3)
-    c = SyntheticDataModule(num_classes=4, in_channels=2, image_size=16, train_size=40, test_size=12, val_size=8, seed=4)
+    a = SyntheticDataModule(
+        num_classes=4, in_channels=2, image_size=16, train_size=40, test_size=12, val_size=8, seed=3
+    )
+    b = SyntheticDataModule(
+        num_classes=4, in_channels=2, image_size=16, train_size=40, test_size=12, val_size=8, seed=3
+    )
+    c = SyntheticDataModule(
+        num_classes=4, in_channels=2, image_size=16, train_size=40, test_size=12, val_size=8, seed=4
+    )
     for dm in (a, b, c):
         dm.setup()
     assert (len(a.train_set), len(a.val_set), len(a.test_set)) == (32, 8, 12)
@@ -113,7 +119,10 @@ def test_synthetic_is_learnable() -> None:
     dm = SyntheticDataModule(seed=0, batch_size=32)
     dm.setup()
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
         torch.nn.Linear(16, 10),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -130,9 +139,18 @@ def test_synthetic_is_learnable() -> None:
 # CIFAR with fake files.
 
 
-def write_cifar(directory: Path, train_per_file: int = 4, test: int = 10, label_key: str = "labels",
-                files: tuple[list[str], str] = (["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"], "test_batch"),
-                num_classes: int = 10, columns: int = 3072) -> dict[str, dict]:
+def write_cifar(
+    directory: Path,
+    train_per_file: int = 4,
+    test: int = 10,
+    label_key: str = "labels",
+    files: tuple[list[str], str] = (
+        ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"],
+        "test_batch",
+    ),
+    num_classes: int = 10,
+    columns: int = 3072,
+) -> dict[str, dict]:
     """Writes a small CIFAR directory with random images and returns what each file holds."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -211,8 +229,14 @@ def test_cifar_val_size_too_large(tmp_path: Path) -> None:
 
 
 def test_cifar100_fine_labels(tmp_path: Path) -> None:
-    written = write_cifar(tmp_path / "cifar-100-python", train_per_file=12, test=6, label_key="fine_labels",
-                          files=(["train"], "test"), num_classes=100)
+    written = write_cifar(
+        tmp_path / "cifar-100-python",
+        train_per_file=12,
+        test=6,
+        label_key="fine_labels",
+        files=(["train"], "test"),
+        num_classes=100,
+    )
     dm = CIFAR100DataModule(str(tmp_path), batch_size=6)
     assert dm.num_classes == 100
     with pytest.warns(UserWarning, match="CIFAR-100"):
@@ -380,8 +404,9 @@ def test_imagenet_fake_folder(tmp_path: Path) -> None:
     assert x.shape == (4, 3, 32, 32)
     x, y = next(iter(dm.test_dataloader()))
     assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 0, 1, 1]
-    torch.testing.assert_close(x[0] * STD + MEAN, torch.tensor([10, 20, 30.0]).view(3, 1, 1).expand(3, 32, 32) / 255,
-                               atol=0.02, rtol=0)
+    torch.testing.assert_close(
+        x[0] * STD + MEAN, torch.tensor([10, 20, 30.0]).view(3, 1, 1).expand(3, 32, 32) / 255, atol=0.02, rtol=0
+    )
 
 
 def test_imagenet_missing_directory(tmp_path: Path) -> None:

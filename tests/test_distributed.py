@@ -60,8 +60,11 @@ def _two_ranks(rank: int, port: int, out: dict) -> None:
     with sync_batchnorm(model):
         objective, mean = global_mean(F.cross_entropy(ddp(x[part]), y[part], reduction="none"))
         objective.backward()
-    out[rank] = {"mean": float(mean), "grads": [p.grad.clone() for p in model.parameters()],
-                 "running": model[1].running_var.clone()}
+    out[rank] = {
+        "mean": float(mean),
+        "grads": [p.grad.clone() for p in model.parameters()],
+        "running": model[1].running_var.clone(),
+    }
     # Different plans on the ranks are caught.
     try:
         check_same("a plan", {"keep": [rank]})
@@ -104,8 +107,13 @@ def test_every_method_under_two_process_ddp_gives_the_single_process_run(tmp_pat
     assert {"dense", "imp", "jackpot", "pfs", "l1_filter", "greg1", "concave", "cs", "greedy"} <= set(names)
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     for role in ("ddp", "single"):
-        done = subprocess.run([sys.executable, str(Path(__file__).with_name("ddp_methods.py")), str(tmp_path), role, *names],
-                              capture_output=True, text=True, timeout=900, env=env)
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("ddp_methods.py")), str(tmp_path), role, *names],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for name in names:
         ddp, single = tmp_path / "ddp" / name, tmp_path / "single" / name
@@ -124,10 +132,26 @@ def test_every_method_under_two_process_ddp_gives_the_single_process_run(tmp_pat
 
 
 def _ddp_command(run_dir) -> list[str]:
-    return [sys.executable, "-m", "prunelab.cli", "dataset=synthetic", "dataset.train_size=512", "backbone=resnet_tiny",
-            "method=l1_filter", "budget.flops=0.5", "pretrain.epochs=4", "retrain.epochs=2", "trainer=ddp",
-            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "latency.batch_sizes=[]",
-            "quiet=true", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
+    return [
+        sys.executable,
+        "-m",
+        "prunelab.cli",
+        "dataset=synthetic",
+        "dataset.train_size=512",
+        "backbone=resnet_tiny",
+        "method=l1_filter",
+        "budget.flops=0.5",
+        "pretrain.epochs=4",
+        "retrain.epochs=2",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "latency.batch_sizes=[]",
+        "quiet=true",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path):
@@ -135,8 +159,9 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(_ddp_command(whole), check=True, env=env, capture_output=True, timeout=600)
     # Kill every rank at once (a lost node) once the pretraining has checkpointed an epoch.
-    proc = subprocess.Popen(_ddp_command(killed), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _ddp_command(killed), env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     checkpoint = killed / "stages" / "0-pretrain" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
@@ -148,6 +173,8 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path):
     done = subprocess.run(_ddp_command(killed), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, killed))
-    assert {k: v for k, v in a.items() if not k.startswith("time/")} == {k: v for k, v in b.items() if not k.startswith("time/")}
+    assert {k: v for k, v in a.items() if not k.startswith("time/")} == {
+        k: v for k, v in b.items() if not k.startswith("time/")
+    }
     wa, wb = (load_model(d / "model.pt").state_dict() for d in (whole, killed))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -50,7 +50,10 @@ def one_thread():
 def _batches(steps: int = STEPS, size: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(size, *SHAPE, generator=generator, dtype=DTYPE), torch.randint(0, 10, (size,), generator=generator))
+        (
+            torch.randn(size, *SHAPE, generator=generator, dtype=DTYPE),
+            torch.randint(0, 10, (size,), generator=generator),
+        )
         for _ in range(steps)
     ]
 
@@ -59,7 +62,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     """Equal up to float32 rounding: elementwise, on the scale of the tensor's largest entry."""
     assert a.shape == b.shape, what
     scale = float(b.abs().max()) if b.numel() else 0.0
-    assert torch.allclose(a, b, rtol=RTOL, atol=ATOL + RTOL * scale), f"{what}: max difference {float((a - b).abs().max()):.3g}"
+    assert torch.allclose(a, b, rtol=RTOL, atol=ATOL + RTOL * scale), (
+        f"{what}: max difference {float((a - b).abs().max()):.3g}"
+    )
 
 
 # Pruning from Scratch: gates folded into the BatchNorm affine vs the gate multiplied onto the BN output.
@@ -74,7 +79,9 @@ def _plain_gates(model: nn.Module, method: PruningFromScratch) -> ChannelGates:
     for index, (_, points) in enumerate(gated):
         for point in points:
             model.get_submodule(point).register_forward_hook(
-                lambda module, inputs, output, index=index: output * gates.gates[index].view(1, -1, *([1] * (output.dim() - 2)))
+                lambda module, inputs, output, index=index: (
+                    output * gates.gates[index].view(1, -1, *([1] * (output.dim() - 2)))
+                )
             )
     return gates
 
@@ -144,7 +151,12 @@ def _plain_forward(self, weight: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "cls, allocation, grad_scale",
-    [(Jackpot, "magnitude", None), (Jackpot, "global", 1e-3), (EdgePopup, "uniform", None), (EdgePopup, "magnitude", 1e-3)],
+    [
+        (Jackpot, "magnitude", None),
+        (Jackpot, "global", 1e-3),
+        (EdgePopup, "uniform", None),
+        (EdgePopup, "magnitude", 1e-3),
+    ],
 )
 def test_score_search_masked_weight_equals_the_straight_through_mask(cls, allocation, grad_scale):
     searches, models = [], []
@@ -163,7 +175,10 @@ def test_score_search_masked_weight_equals_the_straight_through_mask(cls, alloca
         models.append(model)
     for layer in searches[1]._layers.values():
         layer.forward = types.MethodType(_plain_forward, layer)
-    optimizers = [torch.optim.SGD(m.parameters_to_train(net), lr=0.5, momentum=0.9, weight_decay=5e-4) for m, net in zip(searches, models)]
+    optimizers = [
+        torch.optim.SGD(m.parameters_to_train(net), lr=0.5, momentum=0.9, weight_decay=5e-4)
+        for m, net in zip(searches, models)
+    ]
     for step, (x, y) in enumerate(_batches()):
         outs = [net(x) for net in models]
         _close(outs[0], outs[1], f"step {step}: logits")
@@ -191,13 +206,17 @@ def test_score_search_masked_weight_equals_the_straight_through_mask(cls, alloca
 
 
 def test_greg_penalty_in_the_loss_equals_the_official_gradient_update(tmp_path):
-    budget = OmegaConf.create({"flops": 0.6, "tolerance": 0.05, "iterations": 30, "round_to": 1, "prune_coupled": False})
+    budget = OmegaConf.create(
+        {"flops": 0.6, "tolerance": 0.05, "iterations": 30, "round_to": 1, "prune_coupled": False}
+    )
     records, methods = [], []
     for official in (False, True):
         torch.manual_seed(0)
         model = create("resnet_tiny").train()
         method = GReg1(delta_lambda=0.05, tau=1.0, update_interval=2, stabilize_steps=2, lr=0.05)
-        ctx = MethodContext(config=None, budget=budget, data=None, input_shape=SHAPE, num_classes=10, seed=0, run_dir=tmp_path)
+        ctx = MethodContext(
+            config=None, budget=budget, data=None, input_shape=SHAPE, num_classes=10, seed=0, run_dir=tmp_path
+        )
         method.setup(model, Stage("regularize", "fit"), ctx)
         model.to(DTYPE)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)

@@ -147,6 +147,6 @@ def test_frozen_export_folds_batchnorm_and_a_wrong_export_is_refused(tmp_path, m
     import prunelab.export as export
 
     real = export.load_deployed
-    monkeypatch.setattr(export, "load_deployed", lambda *a, **k: (lambda x: real(*a, **k)(x) * 1.01))
+    monkeypatch.setattr(export, "load_deployed", lambda *a, **k: lambda x: real(*a, **k)(x) * 1.01)
     with pytest.raises(RuntimeError, match="differs from the model"):
         export_deployable(model, tmp_path / "c.ts", SHAPE, "torchscript_frozen")

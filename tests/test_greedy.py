@@ -91,15 +91,24 @@ def test_a_step_at_the_lower_end_removes_the_neuron_exactly():
             assert moved[i] == 0.0 and int((moved > 0).sum()) == 5
             removed = a.clone()
             removed[i] = 0
-            assert local_discrepancy(gram, 6 * moved) == pytest.approx(local_discrepancy(gram, 6 * removed / removed.sum()))
+            assert local_discrepancy(gram, 6 * moved) == pytest.approx(
+                local_discrepancy(gram, 6 * removed / removed.sum())
+            )
             found += 1
     assert found >= 3
 
 
 def test_taylor_score_matches_a_finite_difference():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).double()
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         reference = model(x)
@@ -179,30 +188,55 @@ def test_squeeze_excitation_channels_fold_into_the_gate_and_the_projection():
 
 
 def test_settings_are_checked():
-    for kwargs, word in [({"epsilon": -1}, "epsilon"), ({"mode": "both_ways"}, "mode"), ({"max_steps": 0}, "max_steps"),
-                         ({"taylor_after": -1}, "taylor_after")]:
+    for kwargs, word in [
+        ({"epsilon": -1}, "epsilon"),
+        ({"mode": "both_ways"}, "mode"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"taylor_after": -1}, "taylor_after"),
+    ]:
         with pytest.raises(ConfigError, match=word):
             GreedyImitation(**kwargs)
 
 
-@pytest.mark.parametrize("backbone, budget", [("resnet_tiny", []), ("resnet_tiny", ["budget.round_to=4"]),
-                                              ("mobilenet_v2_tiny", ["budget.flops=0.14", "budget.tolerance=0.1"])])
+@pytest.mark.parametrize(
+    "backbone, budget",
+    [
+        ("resnet_tiny", []),
+        ("resnet_tiny", ["budget.round_to=4"]),
+        ("mobilenet_v2_tiny", ["budget.flops=0.14", "budget.tolerance=0.1"]),
+    ],
+)
 def test_greedy_prunes_a_pretrained_tiny_network_and_the_export_reloads(tmp_path, backbone, budget):
-    cfg = make_cfg(tmp_path, f"backbone={backbone}", "method=greedy", "method.epsilon=0.2", "method.max_steps=1",
-                   "method.taylor_after=2", "pretrain.epochs=1", "retrain.epochs=1",
-                   "trainer.limit_train_batches=4", "latency.batch_sizes=[]", "quiet=true", *budget)
+    cfg = make_cfg(
+        tmp_path,
+        f"backbone={backbone}",
+        "method=greedy",
+        "method.epsilon=0.2",
+        "method.max_steps=1",
+        "method.taylor_after=2",
+        "pretrain.epochs=1",
+        "retrain.epochs=1",
+        "trainer.limit_train_batches=4",
+        "latency.batch_sizes=[]",
+        "quiet=true",
+        *budget,
+    )
     summary = pipeline.run(cfg, tmp_path)
     written = json.loads((tmp_path / "greedy_layers.json").read_text())
     trials = written["epsilon_trials"]
     if "budget.flops=0.14" in budget:
         # The FLOPs budget is met within the tolerance (this barely trained network's layers meet the rule with one
         # neuron at once, 0.133 of the FLOPs: one pass).
-        assert abs(summary["model/flops_ratio"] - 0.14) <= 0.014 and len(trials) == written["budget_search"]["passes"] == 1
+        assert (
+            abs(summary["model/flops_ratio"] - 0.14) <= 0.014 and len(trials) == written["budget_search"]["passes"] == 1
+        )
         assert summary["model/flops_ratio"] == pytest.approx(written["budget_search"]["flops_ratio"])
     else:
         assert trials == []
     layers = json.loads((tmp_path / "greedy_layers.json").read_text())["layers"]
-    assert layers and all(r["method"] in ("local", "global") and set(r["alternatives"]) == {"local", "global"} for r in layers)
+    assert layers and all(
+        r["method"] in ("local", "global") and set(r["alternatives"]) == {"local", "global"} for r in layers
+    )
     # Every pruned layer met the rule (or stayed whole); the plan is what the records say.
     plan = ChannelPlan.load_json(next((tmp_path / "stages").glob("*-prune/plan.json")))
     for record in layers:
@@ -217,8 +251,16 @@ def test_greedy_prunes_a_pretrained_tiny_network_and_the_export_reloads(tmp_path
 
 
 def test_the_layer_study_writes_one_curve_per_layer_and_prunes_nothing(tmp_path):
-    cfg = make_cfg(tmp_path, "backbone=vgg_tiny", "method=greedy", "method.study=true", "method.study_steps=0.25",
-                   "retrain=none", "latency.batch_sizes=[]", "quiet=true")
+    cfg = make_cfg(
+        tmp_path,
+        "backbone=vgg_tiny",
+        "method=greedy",
+        "method.study=true",
+        "method.study_steps=0.25",
+        "retrain=none",
+        "latency.batch_sizes=[]",
+        "quiet=true",
+    )
     summary = pipeline.run(cfg, tmp_path)
     curves = json.loads((tmp_path / "greedy_study.json").read_text())
     groups = [g for g in channel_groups(create("vgg_tiny", num_classes=10), (3, 32, 32)) if not g.coupled]
@@ -238,16 +280,32 @@ def test_the_papers_presets():
     method = GreedyImitation(**{k: v for k, v in cfg.method.items() if k != "_target_"})
     assert method.study and method.mode == "both" and method.taylor_after is None
     assert (cfg.backbone.name, cfg.dataset.batch_size, cfg.pretrain.epochs, list(cfg.scheduler.milestones)) == (
-        "vgg11", 128, 160, [80, 120])
+        "vgg11",
+        128,
+        160,
+        [80, 120],
+    )
 
-    for name, arch, flops, lr in (("greedy_resnet34_imagenet", "resnet34", 0.598, 0.001), ("greedy_mobilenet_v2_imagenet", "mobilenet_v2", 0.780, 0.01),
-                                  ("greedy_mobilenet_v3_small_imagenet", "torchvision:mobilenet_v3_small", 0.750, 0.01)):
+    for name, arch, flops, lr in (
+        ("greedy_resnet34_imagenet", "resnet34", 0.598, 0.001),
+        ("greedy_mobilenet_v2_imagenet", "mobilenet_v2", 0.780, 0.01),
+        ("greedy_mobilenet_v3_small_imagenet", "torchvision:mobilenet_v3_small", 0.750, 0.01),
+    ):
         cfg = preset(name)
         method = GreedyImitation(**{k: v for k, v in cfg.method.items() if k != "_target_"})
         assert (method.batch_size, method.taylor_after, method.taylor_top, method.mode) == (64, 25, 5, "both")
-        assert (cfg.backbone.name, cfg.budget.flops, cfg.dataset.batch_size, cfg.retrain.epochs) == (arch, flops, 256, 150)
-        assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay, cfg.scheduler._target_.split(".")[-1]) == (
-            lr, 0.9, 5e-5, "cosine")
+        assert (cfg.backbone.name, cfg.budget.flops, cfg.dataset.batch_size, cfg.retrain.epochs) == (
+            arch,
+            flops,
+            256,
+            150,
+        )
+        assert (
+            cfg.optimizer.lr,
+            cfg.optimizer.momentum,
+            cfg.optimizer.weight_decay,
+            cfg.scheduler._target_.split(".")[-1],
+        ) == (lr, 0.9, 5e-5, "cosine")
 
 
 class Halves(nn.Module):
@@ -281,10 +339,12 @@ class Plain(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         widths = [3, 12, 12, 16, 16, 20]
-        self.features = nn.Sequential(*[
-            nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
-            for i, o in zip(widths, widths[1:])
-        ])
+        self.features = nn.Sequential(
+            *[
+                nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+                for i, o in zip(widths, widths[1:])
+            ]
+        )
         self.fc = nn.Linear(widths[-1], 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,8 +393,17 @@ def _setup(trained, tmp_path, budget: dict | None = None):
 
     model = Plain().eval()
     model.load_state_dict(trained)
-    ctx = MethodContext(config=None, budget=budget or {}, data=TaskData(SHAPE), input_shape=SHAPE, num_classes=10,
-                        seed=0, run_dir=tmp_path, dense=measure(model, SHAPE), pretrained=True)
+    ctx = MethodContext(
+        config=None,
+        budget=budget or {},
+        data=TaskData(SHAPE),
+        input_shape=SHAPE,
+        num_classes=10,
+        seed=0,
+        run_dir=tmp_path,
+        dense=measure(model, SHAPE),
+        pretrained=True,
+    )
     return model, ctx
 
 
@@ -372,7 +441,9 @@ def test_a_flops_budget_is_met_in_two_passes_and_a_completion(trained, tmp_path)
     written = json.loads((tmp_path / "greedy_layers.json").read_text())
     trials, search = written["epsilon_trials"], written["budget_search"]
     assert method.passes == len(trials) == search["passes"] == 2
-    assert trials[0]["flops_ratio"] > 0.606 and 0.594 <= ratio <= 0.606 and search["flops_ratio"] == pytest.approx(ratio)
+    assert (
+        trials[0]["flops_ratio"] > 0.606 and 0.594 <= ratio <= 0.606 and search["flops_ratio"] == pytest.approx(ratio)
+    )
     # Here pass 2 lands at 0.611 (one thread; other machines' arithmetic may land elsewhere) and the completion moves it.
     assert 0.594 <= trials[1]["flops_ratio"] <= 0.606 or search["completion_channels"] >= 1
     assert [r["keep"] for r in written["layers"]] == [plan.keep[r["group"]] for r in written["layers"]]
@@ -381,7 +452,10 @@ def test_a_flops_budget_is_met_in_two_passes_and_a_completion(trained, tmp_path)
 def test_a_budget_no_plan_meets_fails_before_any_pass_naming_the_closest(trained, tmp_path):
     model, ctx = _setup(trained, tmp_path, {"flops": 0.005})
     method = GreedyImitation(epsilon=0.2, mode="local", max_steps=2)
-    with pytest.raises(BudgetError, match=r"budget.flops=0.005 cannot be met: one neuron .* still keeps 0\.0074 of the dense flops \(the closest"):
+    with pytest.raises(
+        BudgetError,
+        match=r"budget.flops=0.005 cannot be met: one neuron .* still keeps 0\.0074 of the dense flops \(the closest",
+    ):
         method.plan(model, ctx)
     assert method.passes == 0
 

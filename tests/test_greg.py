@@ -18,8 +18,16 @@ from prunelab.validate import ConfigError, check_config
 QUIET = ["latency.batch_sizes=[]", "trainer.limit_val_batches=1", "retrain.epochs=1"]
 # lambda grows 0.25 per update, every 2 iterations: 0.25 0.5 0.75 1.0 1.25 -> passes tau=1 at the 5th
 # update, iteration 8; then 3 stabilisation steps: 11 steps in all.
-GREG1 = ["method=greg1", "method.delta_lambda=0.25", "method.tau=1.0", "method.update_interval=2",
-         "method.stabilize_steps=3", "method.lr=0.01", "budget.layer_ratios=[0,0.5,0.5,0.5]", "budget.prune_coupled=false"]
+GREG1 = [
+    "method=greg1",
+    "method.delta_lambda=0.25",
+    "method.tau=1.0",
+    "method.update_interval=2",
+    "method.stabilize_steps=3",
+    "method.lr=0.01",
+    "budget.layer_ratios=[0,0.5,0.5,0.5]",
+    "budget.prune_coupled=false",
+]
 
 
 def _run(tmp_path, *overrides, callbacks=None):
@@ -74,9 +82,17 @@ def test_penalised_filters_shrink_by_orders_of_magnitude(tmp_path):
     # lr * lambda stays below 1 (a stable decay). BatchNorm makes the loss blind to a filter's scale, so
     # its gradient grows as the filter shrinks: on this 100-step toy the gap settles near 45x (it takes
     # the paper's long schedules for the filters to reach BN's epsilon and vanish).
-    _run(tmp_path, "method=greg1", "method.delta_lambda=1.0", "method.tau=100", "method.update_interval=1",
-         "method.stabilize_steps=0", "method.lr=0.008", "budget.layer_ratios=[0,0.5,0.5,0.5]",
-         "budget.prune_coupled=false")
+    _run(
+        tmp_path,
+        "method=greg1",
+        "method.delta_lambda=1.0",
+        "method.tau=100",
+        "method.update_interval=1",
+        "method.stabilize_steps=0",
+        "method.lr=0.008",
+        "budget.layer_ratios=[0,0.5,0.5,0.5]",
+        "budget.prune_coupled=false",
+    )
     history = _history(tmp_path)
     first, last = history[0], history[-1]
     # L1 picks the smaller half, so the kept filters start somewhat larger; the penalty opens the gap.
@@ -86,9 +102,19 @@ def test_penalised_filters_shrink_by_orders_of_magnitude(tmp_path):
 
 
 def test_greg2_grows_all_until_tau0_then_picks_and_gives_kept_filters_minus_gamma(tmp_path):
-    args = ["method=greg2", "method.delta_lambda_pick=0.1", "method.tau0=0.25", "method.delta_lambda=0.5",
-            "method.tau=1.0", "method.update_interval=1", "method.stabilize_steps=2", "method.weight_decay=0.001",
-            "method.lr=0.01", "budget.layer_ratios=[0,0.5,0.5,0.5]", "budget.prune_coupled=false"]
+    args = [
+        "method=greg2",
+        "method.delta_lambda_pick=0.1",
+        "method.tau0=0.25",
+        "method.delta_lambda=0.5",
+        "method.tau=1.0",
+        "method.update_interval=1",
+        "method.stabilize_steps=2",
+        "method.weight_decay=0.001",
+        "method.lr=0.01",
+        "budget.layer_ratios=[0,0.5,0.5,0.5]",
+        "budget.prune_coupled=false",
+    ]
     summary = _run(tmp_path, *args)
     updates = _history(tmp_path)[:-1]
     # Picking: 0.1, 0.2, 0.3 on every candidate filter; 0.3 > tau0, so the 4th update picks and grows the
@@ -144,11 +170,20 @@ def test_flops_budget_and_unstructured_granularity(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["method=greg1", "method.granularity=channel", "budget.flops=0.5"], "method.granularity='channel' is not one of"),
+        (
+            ["method=greg1", "method.granularity=channel", "budget.flops=0.5"],
+            "method.granularity='channel' is not one of",
+        ),
         (["method=greg1", "method.delta_lambda=0", "budget.flops=0.5"], "method.delta_lambda=0 must be a number > 0"),
         (["method=greg2", "method.tau0=2", "budget.flops=0.5"], "method.tau0=2 must be in (0, tau=1)"),
-        (["method=greg1"], "GReg1 prunes to a budget: set budget.flops or budget.params or budget.latency or budget.layer_ratios"),
-        (["method=greg1", "method.granularity=weight", "budget.flops=0.5"], "GReg1 prunes to a budget: set budget.sparsity"),
+        (
+            ["method=greg1"],
+            "GReg1 prunes to a budget: set budget.flops or budget.params or budget.latency or budget.layer_ratios",
+        ),
+        (
+            ["method=greg1", "method.granularity=weight", "budget.flops=0.5"],
+            "GReg1 prunes to a budget: set budget.sparsity",
+        ),
     ],
 )
 def test_bad_greg_settings_stop_before_any_work(tmp_path, overrides, message):
@@ -184,9 +219,17 @@ def test_greg_presets_follow_the_papers_settings(name):
 
 
 def test_the_official_magnitude_ratio_limit_ends_the_growth_early(tmp_path):
-    args = ["method=greg1", "method.delta_lambda=1.0", "method.tau=100", "method.update_interval=1",
-            "method.stabilize_steps=2", "method.lr=0.008", "method.ratio_limit=5",
-            "budget.layer_ratios=[0,0.5,0.5,0.5]", "budget.prune_coupled=false"]
+    args = [
+        "method=greg1",
+        "method.delta_lambda=1.0",
+        "method.tau=100",
+        "method.update_interval=1",
+        "method.stabilize_steps=2",
+        "method.lr=0.008",
+        "method.ratio_limit=5",
+        "budget.layer_ratios=[0,0.5,0.5,0.5]",
+        "budget.prune_coupled=false",
+    ]
     summary = _run(tmp_path, *args)
     end = summary["regularize/end"]
     assert end.startswith("condition: every layer's kept/pruned magnitude ratio reached 5 at iteration ")

@@ -259,7 +259,10 @@ def test_configs_compose(tmp_path):
         assert type(method) is cls and method.sparsity == 0.95
         stage = _search_stage(method)
         assert (stage.epochs, stage.lr, stage.optimizer["momentum"], stage.optimizer["weight_decay"]) == (
-            10, 0.1, 0.9, 5e-4
+            10,
+            0.1,
+            0.9,
+            5e-4,
         )
 
 
@@ -270,8 +273,15 @@ def test_jackpot_pipeline_freezes_weights_meets_sparsity_and_follows_q_schedule(
     reference = {n: t.clone() for n, t in pretrained.state_dict().items()}
     run = tmp_path / "run"
     cfg = make_cfg(
-        run, "method=jackpot", f"backbone.pretrained={tmp_path / 'pretrained.pt'}", "budget.sparsity=0.9",
-        "method.epochs=2", "dataset.batch_size=64", "method.overlap_with=[magnitude,random]", "test=false", *QUIET,
+        run,
+        "method=jackpot",
+        f"backbone.pretrained={tmp_path / 'pretrained.pt'}",
+        "budget.sparsity=0.9",
+        "method.epochs=2",
+        "dataset.batch_size=64",
+        "method.overlap_with=[magnitude,random]",
+        "test=false",
+        *QUIET,
     )
     summary = pipeline.run(cfg, run)
 
@@ -324,8 +334,16 @@ def test_jackpot_pipeline_freezes_weights_meets_sparsity_and_follows_q_schedule(
 def test_edge_popup_then_finetune_keeps_the_mask(tmp_path):
     summary = pipeline.run(
         make_cfg(
-            tmp_path, "method=edge_popup", "budget.sparsity=0.8", "method.epochs=1", "method.overlap_with=[]",
-            "latency.batch_sizes=[]", "retrain=finetune", "retrain.epochs=1", "test=false", "dataset.batch_size=64",
+            tmp_path,
+            "method=edge_popup",
+            "budget.sparsity=0.8",
+            "method.epochs=1",
+            "method.overlap_with=[]",
+            "latency.batch_sizes=[]",
+            "retrain=finetune",
+            "retrain.epochs=1",
+            "test=false",
+            "dataset.batch_size=64",
         ),
         tmp_path,
     )
@@ -435,8 +453,15 @@ def test_killed_search_resumes_from_its_scores_and_mask(tmp_path):
     torch.save(pretrained.state_dict(), tmp_path / "pretrained.pt")
     run = tmp_path / "run"
     cfg = make_cfg(
-        run, "method=jackpot", f"backbone.pretrained={tmp_path / 'pretrained.pt'}", "budget.sparsity=0.9",
-        "method.epochs=2", "dataset.batch_size=64", "method.overlap_with=[magnitude]", "test=false", *QUIET,
+        run,
+        "method=jackpot",
+        f"backbone.pretrained={tmp_path / 'pretrained.pt'}",
+        "budget.sparsity=0.9",
+        "method.epochs=2",
+        "dataset.batch_size=64",
+        "method.overlap_with=[magnitude]",
+        "test=false",
+        *QUIET,
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
         pipeline.run(cfg, run, callbacks=[CrashAtEpoch(1)])

@@ -57,7 +57,13 @@ def scores_of(model):
 
 
 def options(tmp_path, timer, batch_size=2):
-    return {"batch_size": batch_size, "device": "cpu", "format": "eager", "cache_dir": tmp_path / "tables", "timer": timer}
+    return {
+        "batch_size": batch_size,
+        "device": "cpu",
+        "format": "eager",
+        "cache_dir": tmp_path / "tables",
+        "timer": timer,
+    }
 
 
 def test_latency_tables_are_measured_once_per_machine_and_batch(tmp_path):
@@ -82,7 +88,9 @@ def test_latency_model_estimates_a_plan_from_tables(tmp_path):
     timer = FakeTimer(scale=0.7, per_call=0.3)
     costs = LatencyModel(model, groups, SHAPE, **options(tmp_path, timer))
     plan = budget.plan_by_threshold(scores_of(model), 0.4)
-    measured = budget.deployed_latency(apply_channel_plan(create("resnet_tiny").eval(), plan, SHAPE), SHAPE, 2, "cpu", "eager", timer)
+    measured = budget.deployed_latency(
+        apply_channel_plan(create("resnet_tiny").eval(), plan, SHAPE), SHAPE, 2, "cpu", "eager", timer
+    )
     assert costs.count(plan)["latency"] == pytest.approx(measured, rel=0.02)
 
 
@@ -93,7 +101,13 @@ def test_latency_search_meets_the_target_on_the_built_model(tmp_path, round_to, 
     model = create("resnet20").eval()
     timer = FakeTimer(power=power, per_call=0.02)
     plan, ratio = search_threshold(
-        model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.05, round_to=round_to,
+        model,
+        scores_of(model),
+        0.5,
+        SHAPE,
+        metric="latency",
+        tolerance=0.05,
+        round_to=round_to,
         latency=options(tmp_path, timer),
     )
     built = apply_channel_plan(create("resnet20").eval(), plan, SHAPE)
@@ -124,8 +138,15 @@ def test_latency_search_follows_a_deployed_model_that_flattens(tmp_path, target)
     with FlopCounterMode(display=False) as counter:
         model(torch.zeros(2, *SHAPE))
     floor = 0.7 * counter.get_total_flops() / 2e6
-    plan, ratio = search_threshold(model, scores_of(model), target, SHAPE, metric="latency", tolerance=0.05,
-                                   latency=options(tmp_path, FlooredTimer(floor)))
+    plan, ratio = search_threshold(
+        model,
+        scores_of(model),
+        target,
+        SHAPE,
+        metric="latency",
+        tolerance=0.05,
+        latency=options(tmp_path, FlooredTimer(floor)),
+    )
     built = apply_channel_plan(create("resnet20").eval(), plan, SHAPE)
     truth = FlooredTimer(floor)(built, torch.zeros(2, *SHAPE)) / FlooredTimer(floor)(model, torch.zeros(2, *SHAPE))
     assert ratio == pytest.approx(truth) and abs(truth - target) <= 0.05 * target
@@ -134,9 +155,16 @@ def test_latency_search_follows_a_deployed_model_that_flattens(tmp_path, target)
 def test_latency_budget_through_the_pipeline(tmp_path, monkeypatch):
     timer = FakeTimer(scale=0.5, per_call=0.1)
     monkeypatch.setattr(timing, "time_call", lambda fn, x, **_: timer(fn, x))
-    cfg = make_cfg(tmp_path, "method=l1_filter", "budget.latency=0.6", "budget.latency_format=eager",
-                   "budget.latency_batch_size=2", f"budget.latency_cache={tmp_path / 'tables'}",
-                   "latency.batch_sizes=[]", "test=false")
+    cfg = make_cfg(
+        tmp_path,
+        "method=l1_filter",
+        "budget.latency=0.6",
+        "budget.latency_format=eager",
+        "budget.latency_batch_size=2",
+        f"budget.latency_cache={tmp_path / 'tables'}",
+        "latency.batch_sizes=[]",
+        "test=false",
+    )
     summary = pipeline.run(cfg, tmp_path)
     assert summary["model/latency_ratio"] == pytest.approx(0.6, rel=0.05)
     assert summary["model/flops_ratio"] < 0.75
@@ -178,7 +206,9 @@ def test_a_latency_measurement_stops_after_max_seconds_with_one_warm_up_and_thre
         return x
 
     with caplog.at_level(logging.INFO, logger="prunelab.budget"):
-        median = budget.time_call(slow, torch.zeros(1), warmup=3, repeats=10, max_seconds=max_seconds, label="dense model, eager,")
+        median = budget.time_call(
+            slow, torch.zeros(1), warmup=3, repeats=10, max_seconds=max_seconds, label="dense model, eager,"
+        )
     assert round(clock[0] / 0.06) == warm + timed and median == pytest.approx(60.0)
     said = f"dense model, eager, batch 1: {timed} timed calls after {warm} warm-up (not 10 after 3)"
     assert (said in caplog.text) == (timed < 10), caplog.text
@@ -192,8 +222,15 @@ def test_per_ms_ranking_prunes_the_channels_that_cost_most_first(tmp_path):
     per_channel = costs.channel_costs(groups)
     gen = torch.Generator().manual_seed(0)
     scores = {g.name: 0.9 + 0.2 * torch.rand(g.size, generator=gen) for g in groups}
-    plan, _ = search_threshold(model, scores, 0.6, SHAPE, metric="latency", tolerance=0.05,
-                               latency={**options(tmp_path, FakeTimer()), "ranking": "per_ms"})
+    plan, _ = search_threshold(
+        model,
+        scores,
+        0.6,
+        SHAPE,
+        metric="latency",
+        tolerance=0.05,
+        latency={**options(tmp_path, FakeTimer()), "ranking": "per_ms"},
+    )
     dearest, cheapest = max(per_channel, key=per_channel.get), min(per_channel, key=per_channel.get)
     assert per_channel[dearest] > 1.5 * per_channel[cheapest]
     assert len(plan.keep[dearest]) / plan.sizes[dearest] < len(plan.keep[cheapest]) / plan.sizes[cheapest]
@@ -225,13 +262,24 @@ def test_latency_search_holds_on_a_loaded_machine(tmp_path, caplog, seed):
 
     model = create("resnet_tiny").eval()
     with caplog.at_level(logging.INFO, logger="prunelab.budget"):
-        plan, ratio = search_threshold(model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.05,
-                                       latency=options(tmp_path, Loaded(FakeTimer(per_call=0.02), seed)))
+        plan, ratio = search_threshold(
+            model,
+            scores_of(model),
+            0.5,
+            SHAPE,
+            metric="latency",
+            tolerance=0.05,
+            latency=options(tmp_path, Loaded(FakeTimer(per_call=0.02), seed)),
+        )
     built = apply_channel_plan(create("resnet_tiny").eval(), plan, SHAPE)
     clean = FakeTimer(per_call=0.02)
     truth = clean(built, torch.zeros(2, *SHAPE)) / clean(model, torch.zeros(2, *SHAPE))
     assert abs(ratio - 0.5) <= 0.05 * 0.5 and abs(truth - 0.5) <= 0.05 * 0.5
-    assert "interleaved rounds" in caplog.text and "round-to-round spread" in caplog.text and "machine noisy" in caplog.text
+    assert (
+        "interleaved rounds" in caplog.text
+        and "round-to-round spread" in caplog.text
+        and "machine noisy" in caplog.text
+    )
 
 
 class ConcaveDeployment(FakeTimer):
@@ -248,17 +296,35 @@ def test_a_latency_budget_is_refused_on_the_smallest_plans_measurement_not_its_e
     # on that; measured, it runs at 0.065, and the search lands. A floor the smallest plan cannot pass is refused,
     # saying what was measured.
     model = create("resnet_tiny").eval()
-    plan, ratio = search_threshold(model, scores_of(model), 0.15, SHAPE, metric="latency", tolerance=0.05,
-                                   latency=options(tmp_path, ConcaveDeployment(per_call=0.0)))
+    plan, ratio = search_threshold(
+        model,
+        scores_of(model),
+        0.15,
+        SHAPE,
+        metric="latency",
+        tolerance=0.05,
+        latency=options(tmp_path, ConcaveDeployment(per_call=0.0)),
+    )
     built = apply_channel_plan(create("resnet_tiny").eval(), plan, SHAPE)
-    truth = ConcaveDeployment(per_call=0.0)(built, torch.zeros(2, *SHAPE)) / ConcaveDeployment(per_call=0.0)(model, torch.zeros(2, *SHAPE))
+    truth = ConcaveDeployment(per_call=0.0)(built, torch.zeros(2, *SHAPE)) / ConcaveDeployment(per_call=0.0)(
+        model, torch.zeros(2, *SHAPE)
+    )
     assert ratio == pytest.approx(truth) and abs(truth - 0.15) <= 0.05 * 0.15
     with FlopCounterMode(display=False) as counter:
         model(torch.zeros(2, *SHAPE))
     floor = 0.7 * counter.get_total_flops() / 2e6
-    with pytest.raises(budget.BudgetError, match=r"still runs at 0\.7000 of the dense latency \(median of 5 interleaved rounds"):
-        search_threshold(model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.05,
-                         latency=options(tmp_path, FlooredTimer(floor)))
+    with pytest.raises(
+        budget.BudgetError, match=r"still runs at 0\.7000 of the dense latency \(median of 5 interleaved rounds"
+    ):
+        search_threshold(
+            model,
+            scores_of(model),
+            0.5,
+            SHAPE,
+            metric="latency",
+            tolerance=0.05,
+            latency=options(tmp_path, FlooredTimer(floor)),
+        )
 
 
 def test_a_smallest_plan_measured_over_budget_on_a_loaded_machine_is_refused_in_one_line(tmp_path):
@@ -271,11 +337,15 @@ def test_a_smallest_plan_measured_over_budget_on_a_loaded_machine_is_refused_in_
         model(torch.zeros(2, *SHAPE))
     timer = Loaded(FlooredTimer(0.7 * counter.get_total_flops() / 2e6), seed=0)
     with pytest.raises(budget.BudgetError) as refused:
-        search_threshold(model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.05,
-                         latency=options(tmp_path, timer))
+        search_threshold(
+            model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.05, latency=options(tmp_path, timer)
+        )
     message = str(refused.value)
-    measured = re.search(r"^latency budget 0\.5 cannot be met: .* still runs at (0\.\d{4}) of the dense latency \(median of "
-                         r"\d+ interleaved rounds beside the dense model, round-to-round spread [\d.]+%", message)
+    measured = re.search(
+        r"^latency budget 0\.5 cannot be met: .* still runs at (0\.\d{4}) of the dense latency \(median of "
+        r"\d+ interleaved rounds beside the dense model, round-to-round spread [\d.]+%",
+        message,
+    )
     assert "\n" not in message and measured and float(measured.group(1)) == pytest.approx(0.7, abs=0.05)
 
 
@@ -290,14 +360,19 @@ def test_re_timing_stops_at_its_bound_and_says_so(tmp_path, caplog):
     model = create("resnet_tiny").eval()
     timer = Loaded(FakeTimer(per_call=0.02), seed=0, switch=0.5, jitter=0.3)
     with caplog.at_level(logging.INFO, logger="prunelab.budget"), pytest.raises(budget.BudgetError) as failed:
-        search_threshold(model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.001,
-                         latency=options(tmp_path, timer))
+        search_threshold(
+            model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.001, latency=options(tmp_path, timer)
+        )
     rounds = [int(n) for n in re.findall(r"(\d+) interleaved rounds, ratio", caplog.text)]
     assert rounds and max(rounds) == 15
     assert "still unclear after 15 interleaved rounds (the bound, 3 x latency_rounds)" in caplog.text
     message = str(failed.value)
-    assert "\n" not in message and message.startswith("no candidate's measured latency came within 0.10% of the target 0.5")
-    assert re.search(r"; all \d\.\d{4}(, \d\.\d{4})*, medians of interleaved rounds beside the dense model, round-to", message)
+    assert "\n" not in message and message.startswith(
+        "no candidate's measured latency came within 0.10% of the target 0.5"
+    )
+    assert re.search(
+        r"; all \d\.\d{4}(, \d\.\d{4})*, medians of interleaved rounds beside the dense model, round-to", message
+    )
     assert "machine noisy: above the 0.10% tolerance" in message
 
 
@@ -313,7 +388,16 @@ class PaddedKernels(FakeTimer):
 
         def padded(m, inputs, out):
             cin, cout = -(-m.in_channels // 8) * 8, -(-m.out_channels // 8) * 8
-            macs.append(out.shape[0] * out.shape[2] * out.shape[3] * cin * cout // m.groups * m.kernel_size[0] * m.kernel_size[1])
+            macs.append(
+                out.shape[0]
+                * out.shape[2]
+                * out.shape[3]
+                * cin
+                * cout
+                // m.groups
+                * m.kernel_size[0]
+                * m.kernel_size[1]
+            )
 
         hooks = [m.register_forward_hook(padded) for m in fn.modules() if isinstance(m, torch.nn.Conv2d)]
         with torch.no_grad():
@@ -331,10 +415,19 @@ def test_latency_search_aims_where_the_measurements_put_the_target(tmp_path, tar
     # closest plan not measured yet, crept along a stair and failed for 0.4. Bisecting to the estimate where the
     # measurements put the target lands.
     model = create("resnet20").eval()
-    plan, ratio = search_threshold(model, scores_of(model), target, SHAPE, metric="latency", tolerance=0.05,
-                                   latency=options(tmp_path, PaddedKernels(per_call=0.02)))
+    plan, ratio = search_threshold(
+        model,
+        scores_of(model),
+        target,
+        SHAPE,
+        metric="latency",
+        tolerance=0.05,
+        latency=options(tmp_path, PaddedKernels(per_call=0.02)),
+    )
     built = apply_channel_plan(create("resnet20").eval(), plan, SHAPE)
-    truth = PaddedKernels(per_call=0.02)(built, torch.zeros(2, *SHAPE)) / PaddedKernels(per_call=0.02)(model, torch.zeros(2, *SHAPE))
+    truth = PaddedKernels(per_call=0.02)(built, torch.zeros(2, *SHAPE)) / PaddedKernels(per_call=0.02)(
+        model, torch.zeros(2, *SHAPE)
+    )
     assert ratio == pytest.approx(truth) and abs(truth - target) <= 0.05 * target
 
 
@@ -360,8 +453,15 @@ def test_layer_tables_out_of_order_give_way_to_macs(tmp_path, caplog):
 
     model = create("resnet20").eval()
     with caplog.at_level(logging.WARNING, logger="prunelab.budget"):
-        plan, ratio = search_threshold(model, scores_of(model), 0.5, SHAPE, metric="latency", tolerance=0.05,
-                                       latency=options(tmp_path, ScrambledTables()))
+        plan, ratio = search_threshold(
+            model,
+            scores_of(model),
+            0.5,
+            SHAPE,
+            metric="latency",
+            tolerance=0.05,
+            latency=options(tmp_path, ScrambledTables()),
+        )
     built = apply_channel_plan(create("resnet20").eval(), plan, SHAPE)
     clean = FakeTimer(per_call=0.02)
     truth = clean(built, torch.zeros(2, *SHAPE)) / clean(model, torch.zeros(2, *SHAPE))
@@ -396,8 +496,16 @@ class FlatDeployment(FakeTimer):
 def test_reported_latencies_carry_their_spread_and_a_speedup_within_noise_says_so(tmp_path, monkeypatch, capsys):
     timer = FlatDeployment()
     monkeypatch.setattr(timing, "time_call", lambda fn, x, **_: timer(fn, x))
-    cfg = make_cfg(tmp_path, "method=l1_filter", "budget.flops=0.5", "latency.batch_sizes=[1]", "latency.rounds=5",
-                   "export.format=torchscript_frozen", "retrain=none", "test=false")
+    cfg = make_cfg(
+        tmp_path,
+        "method=l1_filter",
+        "budget.flops=0.5",
+        "latency.batch_sizes=[1]",
+        "latency.rounds=5",
+        "export.format=torchscript_frozen",
+        "retrain=none",
+        "test=false",
+    )
     summary = pipeline.run(cfg, tmp_path)
     saved = json.loads((tmp_path / "summary.json").read_text())
     for key in ("model/latency_b1_ms", "dense/deployed_latency_b1_ms", "model/speedup_b1", "model/deployed_speedup_b1"):
@@ -430,8 +538,18 @@ def test_rounds_of_a_slow_model_stop_after_max_seconds(monkeypatch, caplog):
             return x
 
     with caplog.at_level(logging.INFO, logger="prunelab.budget"):
-        measured = budget.latency_beside(Slow(), Slow(), (1,), (64,), "cpu", rounds=5, warmup=3, repeats=10, max_seconds=20,
-                                         label="final and dense model, eager,")
+        measured = budget.latency_beside(
+            Slow(),
+            Slow(),
+            (1,),
+            (64,),
+            "cpu",
+            rounds=5,
+            warmup=3,
+            repeats=10,
+            max_seconds=20,
+            label="final and dense model, eager,",
+        )
     beside = measured[64]
     assert beside.rounds == 3 and beside.model == [5000.0] * 3 and beside.reference == [5000.0] * 3
     assert clock[0] == pytest.approx(2 * 4 * 5.0)

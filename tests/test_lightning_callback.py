@@ -93,20 +93,34 @@ def net(seed: int = 0) -> Net:
 
 def data(batches: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, *SHAPE, generator=generator), torch.randint(0, 4, (8,), generator=generator)) for _ in range(batches)]
+    return [
+        (torch.randn(8, *SHAPE, generator=generator), torch.randint(0, 4, (8,), generator=generator))
+        for _ in range(batches)
+    ]
 
 
 def loader(batches: list) -> DataLoader:
-    return DataLoader(TensorDataset(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])), batch_size=8)
+    return DataLoader(
+        TensorDataset(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])), batch_size=8
+    )
 
 
 def trainer(**kwargs) -> L.Trainer:
-    quiet = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                 num_sanity_val_steps=0, enable_checkpointing=False)
+    quiet = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+    )
     return L.Trainer(**{**quiet, **kwargs})
 
 
-def train(pruner: prunelab.Pruner, batches: list, optimizer: torch.optim.Optimizer, accumulate: int = 1) -> list[str | None]:
+def train(
+    pruner: prunelab.Pruner, batches: list, optimizer: torch.optim.Optimizer, accumulate: int = 1
+) -> list[str | None]:
     """The user's plain loop with the method's hooks; the reasons after_step gave, one per optimizer step."""
     pruner.model.train()
     reasons = []
@@ -133,7 +147,9 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 def test_the_hooks_in_a_plain_loop_equal_the_penalty_written_out_and_prunelabs_own_module(tmp_path):
     batches = data(8)
     # GReg-1 per layer (the paper's setting): half the filters of each convolution, those of least L1 norm.
-    settings = dict(method="greg1", budget={"layer_ratios": [0.5, 0.5, 0]}, example_inputs=batches[0][0], overrides=GREG)
+    settings = dict(
+        method="greg1", budget={"layer_ratios": [0.5, 0.5, 0]}, example_inputs=batches[0][0], overrides=GREG
+    )
     users = net()
     pruner = prunelab.Pruner(users, **settings, run_dir=tmp_path / "hooks")
     # The method trains the user's model itself, not a copy.
@@ -170,8 +186,13 @@ def test_the_hooks_in_a_plain_loop_equal_the_penalty_written_out_and_prunelabs_o
 
     # prunelab's own LightningModule, given the same method (built the same way), the same batches and SGD.
     own = prunelab.Pruner(net(), **settings, run_dir=tmp_path / "own")
-    module = PruneLitModule(own.model, num_classes=4, optimizer=functools.partial(torch.optim.SGD, lr=LR, momentum=0.9),
-                            method=own.method, stage="regularize")
+    module = PruneLitModule(
+        own.model,
+        num_classes=4,
+        optimizer=functools.partial(torch.optim.SGD, lr=LR, momentum=0.9),
+        method=own.method,
+        stage="regularize",
+    )
     trainer(max_steps=len(batches)).fit(module, loader(batches))
     assert_same(weights(own.model), hooked)
     assert own.method.state_dict() == pruner.method.state_dict()
@@ -274,14 +295,18 @@ def test_a_prune_after_an_epoch_goes_on_training_the_pruned_network_as_a_plain_l
     if method == "magnitude":
         assert prunelab.count(module.net, x)["sparsity"] == pytest.approx(0.5, abs=1e-4)
     else:
-        assert prunelab.count(module.net, x)["flops"] / prunelab.count(net(), x)["flops"] == pytest.approx(0.5, rel=0.01)
+        assert prunelab.count(module.net, x)["flops"] / prunelab.count(net(), x)["flops"] == pytest.approx(
+            0.5, rel=0.01
+        )
 
 
 def test_the_callback_prunes_a_lightning_module_that_is_the_network_itself(tmp_path):
     batches = data(3)
     x = batches[0][0]
     # Network Slimming's L1 penalty on the BatchNorm scales; this network meets half the FLOPs within 5%.
-    settings = dict(method="slimming", budget={"flops": 0.5, "tolerance": 0.05}, example_inputs=x, overrides=["method.penalty=0.01"])
+    settings = dict(
+        method="slimming", budget={"flops": 0.5, "tolerance": 0.05}, example_inputs=x, overrides=["method.penalty=0.01"]
+    )
     torch.manual_seed(0)
     pruner = prunelab.Pruner(Whole(), **settings, run_dir=tmp_path / "loop")
     optimizer = torch.optim.SGD(pruner.parameters(), lr=LR, momentum=0.9)
@@ -314,8 +339,16 @@ def test_a_mask_search_trains_only_its_scores_on_frozen_weights(tmp_path):
     batches = data(6)
     model = net()
     before = weights(model)
-    pruner = prunelab.Pruner(model, "jackpot", {"sparsity": 0.5}, batches[0][0], train=loader(batches), steps=len(batches),
-                             overrides=["method.overlap_with=[magnitude]"], run_dir=tmp_path)
+    pruner = prunelab.Pruner(
+        model,
+        "jackpot",
+        {"sparsity": 0.5},
+        batches[0][0],
+        train=loader(batches),
+        steps=len(batches),
+        overrides=["method.overlap_with=[magnitude]"],
+        run_dir=tmp_path,
+    )
     optimizer = torch.optim.SGD(pruner.parameters(), lr=0.1, momentum=0.9)
     assert all(p.requires_grad for p in pruner.parameters())
     assert {id(p) for p in pruner.parameters()}.isdisjoint(id(p) for p in before.values())
@@ -333,8 +366,14 @@ def test_a_mask_search_trains_only_its_scores_on_frozen_weights(tmp_path):
 
 def test_one_round_of_continuous_sparsification_with_parameter_groups_and_epoch_hooks(tmp_path):
     batches = data(4)
-    pruner = prunelab.Pruner(net(), "cs", {"sparsity": 0.5}, batches[0][0], overrides=["method.rounds=1", "method.lam=1e-3"],
-                             run_dir=tmp_path)
+    pruner = prunelab.Pruner(
+        net(),
+        "cs",
+        {"sparsity": 0.5},
+        batches[0][0],
+        overrides=["method.rounds=1", "method.lam=1e-3"],
+        run_dir=tmp_path,
+    )
     # The weights with the optimizer's settings; the relaxed masks in a group of their own, without weight decay.
     groups = pruner.parameters()
     masks = [layer.values for layer in pruner.method._layers.values()]
@@ -360,8 +399,14 @@ def test_the_callback_hands_configure_optimizers_what_a_mask_search_trains(tmp_p
     batches = data(4)
     x = batches[0][0]
     before = weights(net())
-    pruning = Pruning("jackpot", {"sparsity": 0.5}, x, submodule="net", overrides=["method.overlap_with=[magnitude]"],
-                      run_dir=tmp_path)
+    pruning = Pruning(
+        "jackpot",
+        {"sparsity": 0.5},
+        x,
+        submodule="net",
+        overrides=["method.overlap_with=[magnitude]"],
+        run_dir=tmp_path,
+    )
     module = LitNet(net(), lr=0.1, pruning=pruning)
     fit = trainer(max_epochs=2, callbacks=[pruning])
     fit.fit(module, loader(batches))
@@ -376,16 +421,25 @@ def test_mistakes_stop_in_one_line_before_any_training(tmp_path):
     x = data(1)[0][0]
     fits = ", ".join(IN_YOUR_LOOP)
     cases = [
-        (dict(method="imp", budget={"sparsity": 0.5}), r"method=imp runs .*round1/prune \(prune\).*round2/prune .*: a loop of yours runs "
-         rf"at most one training stage, then one prune \(methods that fit your loop: {fits}\)"),
+        (
+            dict(method="imp", budget={"sparsity": 0.5}),
+            r"method=imp runs .*round1/prune \(prune\).*round2/prune .*: a loop of yours runs "
+            rf"at most one training stage, then one prune \(methods that fit your loop: {fits}\)",
+        ),
         (dict(method="concave", budget={"sparsity": 0.5}), r"method=concave runs .*round2/search \(fit\)"),
         (dict(method="pfs", budget={"flops": 0.5}), r"method=pfs starts from a new model of its own"),
         (dict(method="dense"), r"method=dense runs train \(fit\)"),
         (dict(method="greg1", budget={"flop": 0.5}), r"budget key 'flop' is not a budget setting"),
         (dict(method="greg1", budget={"flops": 1.5}), r"budget\.flops=1\.5 is out of range"),
         (dict(method="greg1"), r"GReg1 prunes to a budget: set budget\.flops"),
-        (dict(method="taylor", budget={"flops": 0.5}), r"Taylor scores with training batches, and no training data was given"),
-        (dict(method="greg1", budget={"flops": 0.5}, overrides=["backbone=resnet20"]), r"takes the model and the data from Python"),
+        (
+            dict(method="taylor", budget={"flops": 0.5}),
+            r"Taylor scores with training batches, and no training data was given",
+        ),
+        (
+            dict(method="greg1", budget={"flops": 0.5}, overrides=["backbone=resnet20"]),
+            r"takes the model and the data from Python",
+        ),
     ]
     model = net()
     with pytest.raises(ConfigError, match=r"steps=0 must be a whole number >= 1"):
@@ -413,7 +467,9 @@ def test_mistakes_stop_in_one_line_before_any_training(tmp_path):
         fit.fit(module, loader(data(4)))
     assert fit.global_step == 0 and not any("parametrizations" in name for name in model.state_dict())
     # jackpot's swap schedule spans the whole search: it needs the training's length before the first step.
-    pruner = prunelab.Pruner(net(), "jackpot", {"sparsity": 0.5}, x, overrides=["method.overlap_with=[]"], run_dir=tmp_path)
+    pruner = prunelab.Pruner(
+        net(), "jackpot", {"sparsity": 0.5}, x, overrides=["method.overlap_with=[]"], run_dir=tmp_path
+    )
     with pytest.raises(ConfigError, match=r"Jackpot schedules its search over the whole training: pass steps="):
         pruner.extra_loss()
     for prune_at in (0, "end", 1.5):
@@ -452,7 +508,10 @@ def test_a_plain_loop_resumes_from_the_users_checkpoint_exactly(tmp_path):
     pruner = prunelab.Pruner(net(), **settings, run_dir=tmp_path / "b")
     optimizer = torch.optim.SGD(pruner.parameters(), lr=LR, momentum=0.9)
     first = train(pruner, batches[:5], optimizer)
-    torch.save({"model": pruner.model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()}, tmp_path / "ckpt.pt")
+    torch.save(
+        {"model": pruner.model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()},
+        tmp_path / "ckpt.pt",
+    )
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
 
     again = prunelab.Pruner(net(seed=7), **settings, run_dir=tmp_path / "c")
@@ -482,7 +541,9 @@ def test_the_callback_resumes_from_the_trainers_checkpoint_exactly(tmp_path):
         pruning = Pruning("greg1", {"flops": 0.5}, x, submodule="net", overrides=GREG, run_dir=tmp_path / name)
         module = LitNet(net(seed=0 if ckpt_path is None else 7))
         checkpoint = ModelCheckpoint(dirpath=tmp_path / name / "ckpt", save_last=True)
-        trainer(max_epochs=epochs, callbacks=[pruning, checkpoint], enable_checkpointing=True).fit(module, loader(batches), ckpt_path=ckpt_path)
+        trainer(max_epochs=epochs, callbacks=[pruning, checkpoint], enable_checkpointing=True).fit(
+            module, loader(batches), ckpt_path=ckpt_path
+        )
         return module, pruning
 
     whole, whole_pruning = fit(2, "whole")

@@ -83,17 +83,32 @@ def test_only_the_settings_that_decide_a_result_are_recorded(tmp_path):
     record = pipeline.experiment_record(make_cfg(tmp_path, "method=l1_filter", "budget.flops=0.5"))
     assert record["method._target_"] == "prunelab.methods.baselines.L1Filter" and record["budget.flops"] == 0.5
     # What is printed or logged, where files are, devices and the export/timing redone by every invocation.
-    same = make_cfg(tmp_path / "elsewhere", "method=l1_filter", "budget.flops=0.5", "quiet=true", "logger=tensorboard",
-                    "trainer.devices=2", "trainer.accelerator=gpu", "dataset.num_workers=4", "export.format=onnx",
-                    "latency.batch_sizes=[8]", "checkpoint_every_n_steps=3", "verbose_libraries=true")
+    same = make_cfg(
+        tmp_path / "elsewhere",
+        "method=l1_filter",
+        "budget.flops=0.5",
+        "quiet=true",
+        "logger=tensorboard",
+        "trainer.devices=2",
+        "trainer.accelerator=gpu",
+        "dataset.num_workers=4",
+        "export.format=onnx",
+        "latency.batch_sizes=[8]",
+        "checkpoint_every_n_steps=3",
+        "verbose_libraries=true",
+    )
     assert pipeline.experiment_differences(record, pipeline.experiment_record(same)) == []
     changed = make_cfg(tmp_path, "method=l1_filter", "budget.flops=0.5", "seed=1", "trainer.precision=bf16-mixed")
     assert pipeline.experiment_differences(record, pipeline.experiment_record(changed)) == [
-        ("seed", 0, 1), ("dataset.seed", 0, 1), ("trainer.precision", "32-true", "bf16-mixed")
+        ("seed", 0, 1),
+        ("dataset.seed", 0, 1),
+        ("trainer.precision", "32-true", "bf16-mixed"),
     ]
     # Under a latency budget, its format (the export format by default) decides the architecture.
-    latency = [pipeline.experiment_record(make_cfg(tmp_path, "method=l1_filter", "budget.latency=0.5", f"export.format={f}"))
-               for f in ("onnx", "torchscript")]
+    latency = [
+        pipeline.experiment_record(make_cfg(tmp_path, "method=l1_filter", "budget.latency=0.5", f"export.format={f}"))
+        for f in ("onnx", "torchscript")
+    ]
     assert pipeline.experiment_differences(*latency) == [("budget.latency_format", "onnx", "torchscript")]
     # A setting one record lacks (added to prunelab since the run started) differs only when it is set.
     older = {k: v for k, v in record.items() if k not in ("test_pruned", "label_smoothing")}
@@ -112,7 +127,9 @@ def test_a_run_directory_from_before_records_resumes_and_is_recorded(tmp_path):
     pipeline.run(cfg, tmp_path, callbacks=[recorder])
     assert recorder.epochs == [] and json.loads(record.read_text()) == pipeline.experiment_record(cfg)
     summary = (tmp_path / "summary.json").read_bytes()
-    with pytest.raises(ConfigError, match=r"holds another experiment: trainer\.max_epochs \(2 here, 3 asked\) \(use another"):
+    with pytest.raises(
+        ConfigError, match=r"holds another experiment: trainer\.max_epochs \(2 here, 3 asked\) \(use another"
+    ):
         pipeline.run(make_cfg(tmp_path, "trainer.max_epochs=3"), tmp_path, callbacks=[recorder])
     assert recorder.epochs == [] and (tmp_path / "summary.json").read_bytes() == summary
 
@@ -122,7 +139,9 @@ def test_a_command_refused_before_any_work_leaves_its_run_directory_free(tmp_pat
     with pytest.raises(ConfigError, match="L1Filter prunes to a budget: set budget.flops"):
         pipeline.run(make_cfg(tmp_path, "method=l1_filter"), tmp_path)
     assert json.loads((tmp_path / pipeline.EXPERIMENT_FILE).read_text())["budget.flops"] is None
-    summary = pipeline.run(make_cfg(tmp_path, "method=l1_filter", "budget.flops=0.5", "latency.batch_sizes=[]"), tmp_path)
+    summary = pipeline.run(
+        make_cfg(tmp_path, "method=l1_filter", "budget.flops=0.5", "latency.batch_sizes=[]"), tmp_path
+    )
     assert summary["model/flops_ratio"] == pytest.approx(0.5, abs=0.01)
     assert json.loads((tmp_path / pipeline.EXPERIMENT_FILE).read_text())["budget.flops"] == 0.5
 
@@ -181,9 +200,24 @@ def test_channels_last_training_gives_the_eager_run(tmp_path):
     runs = {}
     for flag in ("false", "true"):
         out = tmp_path / flag
-        runs[flag] = pipeline.run(make_cfg(out, "method=l1_filter", "budget.flops=0.5", "budget.tolerance=0.1", "pretrain.epochs=1", "retrain.epochs=1",
-                                           "optimizer.lr=0.02", f"trainer.channels_last={flag}", "latency.batch_sizes=[]", "quiet=true"), out)
-    assert (tmp_path / "false" / "stages" / "2-prune" / "plan.json").read_text() == (tmp_path / "true" / "stages" / "2-prune" / "plan.json").read_text()
+        runs[flag] = pipeline.run(
+            make_cfg(
+                out,
+                "method=l1_filter",
+                "budget.flops=0.5",
+                "budget.tolerance=0.1",
+                "pretrain.epochs=1",
+                "retrain.epochs=1",
+                "optimizer.lr=0.02",
+                f"trainer.channels_last={flag}",
+                "latency.batch_sizes=[]",
+                "quiet=true",
+            ),
+            out,
+        )
+    assert (tmp_path / "false" / "stages" / "2-prune" / "plan.json").read_text() == (
+        tmp_path / "true" / "stages" / "2-prune" / "plan.json"
+    ).read_text()
     # Convolutions in the other memory order sum in another order: rounding, which training then grows.
     assert runs["true"]["pretrain/train/loss"] == pytest.approx(runs["false"]["pretrain/train/loss"], rel=1e-4)
     assert runs["true"]["test/loss"] == pytest.approx(runs["false"]["test/loss"], rel=1e-2)
@@ -198,10 +232,24 @@ def test_compiled_training_gives_the_eager_run(tmp_path):
     runs = {}
     for flag in ("false", "true"):
         out = tmp_path / flag
-        runs[flag] = pipeline.run(make_cfg(out, "method=l1_filter", "budget.flops=0.5", "budget.tolerance=0.1", "pretrain.epochs=1",
-                                           "retrain.epochs=1", "optimizer.lr=0.02", f"trainer.compile={flag}",
-                                           "latency.batch_sizes=[]", "quiet=true"), out)
-    assert (tmp_path / "false" / "stages" / "2-prune" / "plan.json").read_text() == (tmp_path / "true" / "stages" / "2-prune" / "plan.json").read_text()
+        runs[flag] = pipeline.run(
+            make_cfg(
+                out,
+                "method=l1_filter",
+                "budget.flops=0.5",
+                "budget.tolerance=0.1",
+                "pretrain.epochs=1",
+                "retrain.epochs=1",
+                "optimizer.lr=0.02",
+                f"trainer.compile={flag}",
+                "latency.batch_sizes=[]",
+                "quiet=true",
+            ),
+            out,
+        )
+    assert (tmp_path / "false" / "stages" / "2-prune" / "plan.json").read_text() == (
+        tmp_path / "true" / "stages" / "2-prune" / "plan.json"
+    ).read_text()
     assert runs["true"]["pretrain/train/loss"] == pytest.approx(runs["false"]["pretrain/train/loss"], rel=1e-4)
     assert runs["true"]["test/acc"] == runs["false"]["test/acc"]
     assert load_model(tmp_path / "true" / "model.pt")(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -116,8 +116,12 @@ def test_layer_ratios_per_stage_prune_exact_fractions(tmp_path):
     assert {g.stage for g in groups} == {0, 1, 2, 3}
     assert all(ratios[g.name] == [0, 0.75, 0.75, 0.32, 0][g.stage] for g in groups)
     summary, _ = _run(
-        tmp_path, "backbone=resnet20", "method=l1_filter", "budget.layer_ratios=[0,0.75,0.75,0.32,0]",
-        "budget.prune_coupled=false", "retrain=none",
+        tmp_path,
+        "backbone=resnet20",
+        "method=l1_filter",
+        "budget.layer_ratios=[0,0.75,0.75,0.32,0]",
+        "budget.prune_coupled=false",
+        "retrain=none",
     )
     pruned = load_model(tmp_path / "model.pt")
     # Inner block convolutions of stages 1-3 keep 25%, 25%, 68% of 16, 32, 64 channels.
@@ -194,7 +198,9 @@ COST_MODELS = {
     "densenet_concat": TinyDenseNet,
     "resnext_grouped": tiny_resnext,
     # Layers on windows folded into the first dimension and a position-bias MLP on a table of coordinate pairs.
-    "swin_v2_cr_windows": lambda: create("timm:swinv2_cr_tiny_224", img_size=32, window_size=4, embed_dim=16, depths=(2,), num_heads=(2,)),
+    "swin_v2_cr_windows": lambda: create(
+        "timm:swinv2_cr_tiny_224", img_size=32, window_size=4, embed_dim=16, depths=(2,), num_heads=(2,)
+    ),
 }
 
 
@@ -266,13 +272,21 @@ def test_unstructured_needs_sparsity(tmp_path):
 def test_scratch_b_epochs_and_reinitialisation(tmp_path):
     assert scratch_b_epochs(10, 100, 50) == 20
     assert scratch_b_epochs(10, 100, 25, max_factor=2.0) == 20
-    summary, _ = _run(tmp_path, "method=l1_filter", "budget.flops=0.5", "budget.tolerance=0.02", "retrain=scratch_b",
-                      "retrain.epochs=1")
+    summary, _ = _run(
+        tmp_path,
+        "method=l1_filter",
+        "budget.flops=0.5",
+        "budget.tolerance=0.02",
+        "retrain=scratch_b",
+        "retrain.epochs=1",
+    )
     assert summary["scratch_b/epochs"] == round(1 / summary["model/flops_ratio"])
 
 
 def test_scratch_reinitialises_pruned_weights(tmp_path):
-    _run(tmp_path, "method=l1_filter", "budget.flops=0.5", "budget.tolerance=0.02", "retrain=scratch", "retrain.epochs=0")
+    _run(
+        tmp_path, "method=l1_filter", "budget.flops=0.5", "budget.tolerance=0.02", "retrain=scratch", "retrain.epochs=0"
+    )
     pruned = load_model(_stage(tmp_path, "prune") / "model.pt")
     final = load_model(tmp_path / "model.pt")
     assert final.conv1.weight.shape == pruned.conv1.weight.shape
@@ -281,8 +295,15 @@ def test_scratch_reinitialises_pruned_weights(tmp_path):
 
 def test_rewind_restores_initial_weights_with_structure(tmp_path):
     # Dense training for an epoch, prune, rewind to initialisation (retraining for 0 epochs shows the start point).
-    _run(tmp_path, "pretrain.epochs=1", "method=l1_filter", "budget.flops=0.5", "budget.tolerance=0.02",
-         "retrain=rewind", "retrain.epochs=0")
+    _run(
+        tmp_path,
+        "pretrain.epochs=1",
+        "method=l1_filter",
+        "budget.flops=0.5",
+        "budget.tolerance=0.02",
+        "retrain=rewind",
+        "retrain.epochs=0",
+    )
     final = load_model(tmp_path / "model.pt")
     initial = apply_channel_plan(load_model(tmp_path / "rewind.pt"), final.prunelab.plans[0], (3, 32, 32))
     trained = apply_channel_plan(
@@ -294,8 +315,16 @@ def test_rewind_restores_initial_weights_with_structure(tmp_path):
 
 
 def test_rewind_to_iteration_k(tmp_path):
-    _run(tmp_path, "pretrain.epochs=1", "method=magnitude", "budget.sparsity=0.5", "retrain=rewind",
-         "retrain.rewind_iteration=2", "retrain.epochs=0", "trainer.limit_train_batches=4")
+    _run(
+        tmp_path,
+        "pretrain.epochs=1",
+        "method=magnitude",
+        "budget.sparsity=0.5",
+        "retrain=rewind",
+        "retrain.rewind_iteration=2",
+        "retrain.epochs=0",
+        "trainer.limit_train_batches=4",
+    )
     rewound = load_model(tmp_path / "rewind.pt")
     final = load_model(tmp_path / "model.pt")
     mask = final.prunelab.masks.masks["conv1.weight"]
@@ -319,8 +348,14 @@ def test_bn_recalibration_restores_accuracy_of_pretrained_resnet20(tmp_path):
     root = shared_path("data", "cifar-10-subset")
     weights = shared_path("weights", "cifar10", "resnet20-12fca82f.th")
     common = [
-        "dataset=cifar10", f"dataset.root={root}", "dataset.val_size=500", "dataset.num_workers=0",
-        "backbone=resnet20", f"backbone.pretrained={weights}", "method=magnitude", "budget.sparsity=0.8",
+        "dataset=cifar10",
+        f"dataset.root={root}",
+        "dataset.val_size=500",
+        "dataset.num_workers=0",
+        "backbone=resnet20",
+        f"backbone.pretrained={weights}",
+        "method=magnitude",
+        "budget.sparsity=0.8",
         "retrain=none",
     ]
     plain, _ = _run(tmp_path / "plain", *common)
@@ -345,8 +380,13 @@ def test_slimming_penalty_shrinks_bn_scales(tmp_path):
 
 def test_timm_backbone_prunes_end_to_end(tmp_path):
     summary, _ = _run(
-        tmp_path, "backbone=timm", "backbone.name=timm:resnet18", "method=l1_filter", "budget.flops=0.5",
-        "budget.tolerance=0.02", "retrain=none",
+        tmp_path,
+        "backbone=timm",
+        "backbone.name=timm:resnet18",
+        "method=l1_filter",
+        "budget.flops=0.5",
+        "budget.tolerance=0.02",
+        "retrain=none",
     )
     exported = load_model(tmp_path / "model.pt")
     assert count_flops(exported, (3, 32, 32)) / summary["dense/flops"] == pytest.approx(0.5, rel=0.02)
@@ -360,8 +400,13 @@ def test_retrain_schedule_from_config(tmp_path):
     from prunelab.pipeline import plan_stages
 
     cfg = make_cfg(
-        tmp_path, "pretrain.epochs=2", "pretrain.lr=0.3", "retrain=scratch", "retrain.epochs=3",
-        "retrain.optimizer={_target_: torch.optim.Adam, _partial_: true, lr: 0.001}", "scheduler=multistep",
+        tmp_path,
+        "pretrain.epochs=2",
+        "pretrain.lr=0.3",
+        "retrain=scratch",
+        "retrain.epochs=3",
+        "retrain.optimizer={_target_: torch.optim.Adam, _partial_: true, lr: 0.001}",
+        "scheduler=multistep",
     )
     stages = plan_stages(cfg, L1Filter())
     assert [s.name for s in stages] == ["pretrain", "dense", "prune", "scratch", "test"]
@@ -384,16 +429,29 @@ def test_the_model_right_after_pruning_can_be_tested(tmp_path):
 
     cfg = make_cfg(tmp_path, "method=l1_filter", "budget.flops=0.5", "bn_recalibration.batches=1", "test_pruned=true")
     assert [s.name for s in plan_stages(cfg, L1Filter())] == ["prune", "prune_bn", "pruned", "finetune", "test"]
-    summary, _ = _run(tmp_path, "method=l1_filter", "budget.flops=0.5", "budget.tolerance=0.05", "test_pruned=true",
-                      "pretrain.epochs=1")
+    summary, _ = _run(
+        tmp_path,
+        "method=l1_filter",
+        "budget.flops=0.5",
+        "budget.tolerance=0.05",
+        "test_pruned=true",
+        "pretrain.epochs=1",
+    )
     # Pruning half the FLOPs of a freshly trained toy model costs accuracy that fine-tuning then changes.
     assert summary["pruned/test/acc"] != summary["test/acc"]
     assert "pruned/test/acc" in summary and "dense/test/acc" in summary
 
 
 def test_retraining_with_validation_images(tmp_path):
-    summary, _ = _run(tmp_path, "method=l1_filter", "budget.flops=0.5", "budget.tolerance=0.05", "retrain.with_val=true",
-                      "trainer.log_every_n_steps=1", "pretrain.epochs=1")
+    summary, _ = _run(
+        tmp_path,
+        "method=l1_filter",
+        "budget.flops=0.5",
+        "budget.tolerance=0.05",
+        "retrain.with_val=true",
+        "trainer.log_every_n_steps=1",
+        "pretrain.epochs=1",
+    )
     # 224 training + 32 validation images at batch 32: 8 steps instead of 7 in the retraining epoch.
     assert summary["pretrain/steps"] == 7 and summary["finetune/steps"] == 8
     # The retraining stage validates on the test set, so the objective sweepers see is pre-training's.
@@ -416,11 +474,16 @@ def test_budget_no_threshold_lands_on_is_completed_channel_by_channel(seed):
     costs = CostModel(model, groups, (3, 32, 32))
     top = max(float(s.max()) for s in scores.values())
     normalised = {n: s / top for n, s in scores.items()}
-    ratios = [costs.count(plan_by_threshold(normalised, tau))["flops"] / costs.dense["flops"] for tau in torch.linspace(0, 1, 2001).tolist()]
+    ratios = [
+        costs.count(plan_by_threshold(normalised, tau))["flops"] / costs.dense["flops"]
+        for tau in torch.linspace(0, 1, 2001).tolist()
+    ]
     assert not any(abs(r - 0.5) <= 0.005 * 0.5 for r in ratios)
     plan, ratio = search_threshold(model, scores, 0.5, (3, 32, 32), tolerance=0.005)
     assert abs(ratio - 0.5) <= 0.005 * 0.5
-    assert ratio == count_flops(apply_channel_plan(copy.deepcopy(model), plan, (3, 32, 32)), (3, 32, 32)) / count_flops(model, (3, 32, 32))
+    assert ratio == count_flops(apply_channel_plan(copy.deepcopy(model), plan, (3, 32, 32)), (3, 32, 32)) / count_flops(
+        model, (3, 32, 32)
+    )
     # Each group keeps its best-scored channels, and every channel above the closest threshold under budget.
     under = max((r, tau) for r, tau in zip(ratios, torch.linspace(0, 1, 2001).tolist()) if r <= 0.5)[1]
     for name, kept in plan.keep.items():
@@ -431,6 +494,11 @@ def test_budget_no_threshold_lands_on_is_completed_channel_by_channel(seed):
 
 def test_budget_no_plan_meets_names_the_closest():
     model = create("resnet20", width=0.5)
-    scores = {g.name: torch.rand(g.size, generator=torch.Generator().manual_seed(2)) for g in channel_groups(model, (3, 32, 32))}
-    with pytest.raises(BudgetError, match=r"no plan brings the flops ratio within 0\.00% of 0\.5 \(closest under budget: 0\.4"):
+    scores = {
+        g.name: torch.rand(g.size, generator=torch.Generator().manual_seed(2))
+        for g in channel_groups(model, (3, 32, 32))
+    }
+    with pytest.raises(
+        BudgetError, match=r"no plan brings the flops ratio within 0\.00% of 0\.5 \(closest under budget: 0\.4"
+    ):
         search_threshold(model, scores, 0.5, (3, 32, 32), tolerance=1e-9)

@@ -42,8 +42,14 @@ def test_rounds_report_averages_seeds_per_round_and_plots(tmp_path, capsys):
     summaries = []
     for seed in (0, 1):
         run_dir = tmp_path / "sweep" / f"seed{seed}"
-        cfg = make_cfg(run_dir, f"seed={seed}", "method=imp", "method.rounds=2", "latency.batch_sizes=[]",
-                       "trainer.limit_val_batches=1")
+        cfg = make_cfg(
+            run_dir,
+            f"seed={seed}",
+            "method=imp",
+            "method.rounds=2",
+            "latency.batch_sizes=[]",
+            "trainer.limit_val_batches=1",
+        )
         summaries.append(pipeline.run(cfg, run_dir))
     rows = rounds_table(find_runs([tmp_path / "sweep"]), by=["method"], out=tmp_path / "out")
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -83,7 +89,9 @@ def test_cost_of_a_one_shot_prune_stage_is_its_total_against_a_dense_epoch(tmp_p
 
 def _fake_run(path, method: str, flops: float, seed: int, ratio: float, acc: float, paper: str = "null"):
     (path / "stages").mkdir(parents=True)
-    (path / "config.yaml").write_text(f"method:\n  _target_: prunelab.methods.{method}\nbudget:\n  flops: {flops}\nseed: {seed}\npaper: {paper}\n")
+    (path / "config.yaml").write_text(
+        f"method:\n  _target_: prunelab.methods.{method}\nbudget:\n  flops: {flops}\nseed: {seed}\npaper: {paper}\n"
+    )
     (path / "summary.json").write_text(json.dumps({"model/flops_ratio": ratio, "test/acc": acc}))
 
 
@@ -111,9 +119,19 @@ def test_table_gives_timed_metrics_the_range_of_their_rounds(tmp_path):
     # highest round of all, and a speedup whose rounds straddle 1.0 reads as within noise, a clear one does not.
     speedups = [(1.05, 0.93, 1.14, 2.1, 1.9, 2.3), (0.98, 0.91, 1.08, 2.0, 1.95, 2.2)]
     runs = [
-        report.Run(tmp_path / f"seed{seed}", None, {"model/deployed_speedup_b1": d, "model/deployed_speedup_b1_min": d_lo,
-                                                    "model/deployed_speedup_b1_max": d_hi, "model/speedup_b1": e,
-                                                    "model/speedup_b1_min": e_lo, "model/speedup_b1_max": e_hi, "test/acc": 90.0})
+        report.Run(
+            tmp_path / f"seed{seed}",
+            None,
+            {
+                "model/deployed_speedup_b1": d,
+                "model/deployed_speedup_b1_min": d_lo,
+                "model/deployed_speedup_b1_max": d_hi,
+                "model/speedup_b1": e,
+                "model/speedup_b1_min": e_lo,
+                "model/speedup_b1_max": e_hi,
+                "test/acc": 90.0,
+            },
+        )
         for seed, (d, d_lo, d_hi, e, e_lo, e_hi) in enumerate(speedups)
     ]
     metrics = ["model/deployed_speedup_b1", "model/speedup_b1", "test/acc"]
@@ -128,7 +146,13 @@ def test_two_runs_compare_by_their_plans_and_their_losses_before_the_first_prune
     """prunelab.runs.plan_difference and losses_before_pruning, what the DDP check compares a run with."""
     from prunelab.runs import losses_before_pruning, plan_difference
 
-    fast = ["pretrain.epochs=1", "retrain=none", "trainer.limit_train_batches=3", "latency.batch_sizes=[]", "quiet=true"]
+    fast = [
+        "pretrain.epochs=1",
+        "retrain=none",
+        "trainer.limit_train_batches=3",
+        "latency.batch_sizes=[]",
+        "quiet=true",
+    ]
     for name, flops in (("a", 0.5), ("b", 0.5), ("c", 0.3)):
         pipeline.run(make_cfg(tmp_path / name, "method=l1_filter", f"budget.flops={flops}", *fast), tmp_path / name)
     pipeline.run(make_cfg(tmp_path / "dense", "method=dense", *fast), tmp_path / "dense")

@@ -17,11 +17,18 @@ DOCUMENT = json.loads(REFERENCE.read_text())
 
 def test_compare_holds_the_plan_exactly_and_the_figures_to_their_tolerance():
     reference = {"plan": "abc", "test/acc": 80.0, "model/flops_ratio": 0.5}
-    assert all(ok for *_, ok in guard.compare({"plan": "abc", "test/acc": 80.4, "model/flops_ratio": 0.50005}, reference))
+    assert all(
+        ok for *_, ok in guard.compare({"plan": "abc", "test/acc": 80.4, "model/flops_ratio": 0.50005}, reference)
+    )
     moved = guard.compare({"plan": "abd", "test/acc": 79.0, "model/flops_ratio": 0.5}, reference)
     assert [key for key, *_, ok in moved if not ok] == ["plan", "test/acc"]
     # A per-entry tolerance replaces the default one; a figure the run did not give is off.
-    assert all(ok for *_, ok in guard.compare({"plan": "abc", "test/acc": 79.0, "model/flops_ratio": 0.5}, reference, {"test/acc": 1.5}))
+    assert all(
+        ok
+        for *_, ok in guard.compare(
+            {"plan": "abc", "test/acc": 79.0, "model/flops_ratio": 0.5}, reference, {"test/acc": 1.5}
+        )
+    )
     assert not guard.compare({}, {"test/acc": 80.0})[0][3]
 
 
@@ -45,8 +52,12 @@ def test_plan_hash_follows_every_kept_channel_and_mask_bit(tmp_path):
     masks = MaskPlan({"w": torch.tensor([True, False, True])})
     first = guard.plan_hash(_run_dir(tmp_path / "1", [channel, masks]))
     assert first == guard.plan_hash(_run_dir(tmp_path / "2", [channel, masks]))
-    assert first != guard.plan_hash(_run_dir(tmp_path / "3", [ChannelPlan({"a": [0, 3], "b": [1]}, {"a": 4, "b": 2}), masks]))
-    assert first != guard.plan_hash(_run_dir(tmp_path / "4", [channel, MaskPlan({"w": torch.tensor([True, True, False])})]))
+    assert first != guard.plan_hash(
+        _run_dir(tmp_path / "3", [ChannelPlan({"a": [0, 3], "b": [1]}, {"a": 4, "b": 2}), masks])
+    )
+    assert first != guard.plan_hash(
+        _run_dir(tmp_path / "4", [channel, MaskPlan({"w": torch.tensor([True, True, False])})])
+    )
     assert guard.plan_hash(_run_dir(tmp_path / "5", [])) is None
 
 
@@ -68,7 +79,11 @@ def test_guarded_method_gives_its_reference_figures(name, tmp_path):
     entry = DOCUMENT["entries"][name]
     outcome = guard.run_entry(name, entry["overrides"], tmp_path, shared)
     assert outcome.error is None, f"{name}: {outcome.error} (log: {tmp_path / (name + '.log')})"
-    moved = [(key, got, expected) for key, got, expected, ok in guard.compare(outcome.figures, entry["figures"], entry.get("tolerance")) if not ok]
+    moved = [
+        (key, got, expected)
+        for key, got, expected, ok in guard.compare(outcome.figures, entry["figures"], entry.get("tolerance"))
+        if not ok
+    ]
     assert not moved, f"{name} moved (figure, measured, reference): {moved}"
 
 

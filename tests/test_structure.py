@@ -307,13 +307,16 @@ def test_reattached_masks_can_grow_back_and_zero_masked() -> None:
     zero_masked_(model, sparse)
     assert not has_masks(model)
     assert sparsity(model) == pytest.approx(sparse.sparsity(), abs=1e-12)
-    assert torch.equal(model.classifier.weight[sparse.masks["classifier.weight"]], original[sparse.masks["classifier.weight"]])
+    assert torch.equal(
+        model.classifier.weight[sparse.masks["classifier.weight"]], original[sparse.masks["classifier.weight"]]
+    )
 
 
 def test_reinitialize_follows_pruned_fans() -> None:
     model = build("resnet_tiny")
     plan = ChannelPlan(
-        {"layer3.0.conv1": list(range(16)), "layer2.0.conv2": list(range(8))}, {"layer3.0.conv1": 64, "layer2.0.conv2": 32}
+        {"layer3.0.conv1": list(range(16)), "layer2.0.conv2": list(range(8))},
+        {"layer3.0.conv1": 64, "layer2.0.conv2": 32},
     )
     apply_channel_plan(model, plan, SHAPE)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -538,11 +541,18 @@ def test_grouped_convolution_without_whole_groups_is_kept_whole(caplog, cls: typ
     assert message in caplog.text
     dense = {name: m.weight.shape for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     scores = {g.name: torch.rand(g.size) for g in groups}
-    plan = plan_by_counts(scores, {g.name: g.size // 2 for g in groups}, {g.name: g.unit for g in groups}, {g.name: g.blocks for g in groups})
+    plan = plan_by_counts(
+        scores,
+        {g.name: g.size // 2 for g in groups},
+        {g.name: g.unit for g in groups},
+        {g.name: g.blocks for g in groups},
+    )
     apply_channel_plan(model, plan, SHAPE)
     assert model(torch.randn(2, *SHAPE)).shape == (2, 10)
     # Only the prunable group's producers lost output channels.
-    shrunk = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.weight.shape[0] < dense[name][0]]
+    shrunk = [
+        name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.weight.shape[0] < dense[name][0]
+    ]
     assert shrunk == [layer for g in groups for layer in g.layers]
 
 
@@ -556,7 +566,9 @@ def test_torchvision_resnext50_prunes_by_whole_groups_and_round_trips(tmp_path) 
     grouped = {g.name: g for g in groups if g.unit > 1}
     assert len(grouped) == 16 and grouped["layer1.0.conv1"].layers == ["layer1.0.conv1", "layer1.0.conv2"]
     assert {(g.size // g.unit) for g in grouped.values()} == {32}
-    plan = plan_by_counts(l1_scores(model, groups), {g.name: g.size // 2 for g in groups}, {g.name: g.unit for g in groups})
+    plan = plan_by_counts(
+        l1_scores(model, groups), {g.name: g.size // 2 for g in groups}, {g.name: g.unit for g in groups}
+    )
     apply_channel_plan(model, plan, shape)
     assert count_flops(model, shape) < 0.5 * dense_flops
     for name, group in grouped.items():

@@ -20,7 +20,7 @@ SHAPE = (3, 16, 16)
 # Torch-Pruning's stock MetaPruner on a model with a GroupNorm of 4 groups, a grouped convolution and (`bias=False`) a
 # GroupNorm without a bias; what it gives, or the exception it raises, as JSON. Plain torch and Torch-Pruning only, so
 # that it runs as it is in a process that never imported prunelab.
-STOCK = r'''
+STOCK = r"""
 import json, sys
 import torch
 from torch import nn
@@ -78,7 +78,7 @@ def stock(bias):
 
 if __name__ == "__main__":
     print(json.dumps({"plain": stock(True), "bias-less": stock(False), "prunelab": "prunelab" in sys.modules}))
-'''
+"""
 
 
 def _stock_module() -> types.ModuleType:
@@ -104,7 +104,9 @@ def test_torch_pruning_gives_its_stock_result_after_prunelab_pruned_in_the_same_
     here = {"plain": stock.stock(True), "bias-less": stock.stock(False), "prunelab": False}
     ran = subprocess.run([sys.executable, "-c", STOCK], capture_output=True, text=True, check=True, timeout=300)
     fresh = json.loads(ran.stdout)
-    assert "error" not in fresh["plain"] and fresh["plain"]["modules"]["norm1"]["num_groups"] == 4  # Torch-Pruning keeps it
+    assert (
+        "error" not in fresh["plain"] and fresh["plain"]["modules"]["norm1"]["num_groups"] == 4
+    )  # Torch-Pruning keeps it
     assert "error" in fresh["bias-less"]  # its GroupNorm pruner cuts a bias the norm does not have
     assert here == fresh
 
@@ -129,10 +131,18 @@ def _foreign_functions() -> list[str]:
     found = []
     for name, module in list(sys.modules.items()):
         if name == "torch_pruning" or name.startswith("torch_pruning."):
-            for cls in [v for v in vars(module).values() if isinstance(v, type) and v.__module__.startswith("torch_pruning")]:
+            for cls in [
+                v for v in vars(module).values() if isinstance(v, type) and v.__module__.startswith("torch_pruning")
+            ]:
                 for key, value in vars(cls).items():
-                    home = (value.__module__ or "").partition(".")[0] if isinstance(value, types.FunctionType) else "torch_pruning"
-                    if home != "torch_pruning" and home not in sys.stdlib_module_names:  # not namedtuple's or enum's own
+                    home = (
+                        (value.__module__ or "").partition(".")[0]
+                        if isinstance(value, types.FunctionType)
+                        else "torch_pruning"
+                    )
+                    if (
+                        home != "torch_pruning" and home not in sys.stdlib_module_names
+                    ):  # not namedtuple's or enum's own
                         found.append(f"{cls.__qualname__}.{key} from {value.__module__}")
     return found
 
@@ -147,7 +157,11 @@ def test_prunelab_assigns_nothing_in_torch_pruning_while_it_builds_reads_and_pru
     model = stock.net(False)
     tp._helpers.GroupItem(None, [])  # Torch-Pruning's own: each GroupItem made sets the class's `root_idxs` to None
     before = _torch_pruning_state()
-    files = {m.__file__ for n, m in list(sys.modules.items()) if n.startswith("torch_pruning") and getattr(m, "__file__", None)}
+    files = {
+        m.__file__
+        for n, m in list(sys.modules.items())
+        if n.startswith("torch_pruning") and getattr(m, "__file__", None)
+    }
     changed: set[tuple[str, str]] = set()
     calls = [0]
 

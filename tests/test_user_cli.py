@@ -54,8 +54,16 @@ def _stable(summary: dict) -> dict:
 
 def test_own_model_on_own_images_prunes_reloads_without_base_and_resumes(tmp_path, images):
     run_dir = tmp_path / "run"
-    command = [*MODEL, *FOLDER, f"dataset.root={images}", "method=l1_filter", "budget.flops=0.5", "retrain.epochs=2",
-               *QUICK, f"hydra.run.dir={run_dir}"]
+    command = [
+        *MODEL,
+        *FOLDER,
+        f"dataset.root={images}",
+        "method=l1_filter",
+        "budget.flops=0.5",
+        "retrain.epochs=2",
+        *QUICK,
+        f"hydra.run.dir={run_dir}",
+    ]
     first = run_cli(*command, cwd=tmp_path, env=USER_ENV)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -84,9 +92,19 @@ def test_own_model_on_own_images_prunes_reloads_without_base_and_resumes(tmp_pat
 
 def test_own_datamodule_with_an_unstructured_method(tmp_path):
     run_dir = tmp_path / "run"
-    out = run_cli(*MODEL, "dataset=custom", "dataset._target_=user_pkg.BlobsDataModule", "+dataset.num_classes=4",
-                  "method=magnitude", "budget.sparsity=0.6", "retrain.epochs=1", *QUICK, f"hydra.run.dir={run_dir}",
-                  cwd=tmp_path, env=USER_ENV)
+    out = run_cli(
+        *MODEL,
+        "dataset=custom",
+        "dataset._target_=user_pkg.BlobsDataModule",
+        "+dataset.num_classes=4",
+        "method=magnitude",
+        "budget.sparsity=0.6",
+        "retrain.epochs=1",
+        *QUICK,
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        env=USER_ENV,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["prune/sparsity"] == pytest.approx(0.6, abs=1e-3) and 0.0 <= summary["test/acc"] <= 100.0
@@ -103,19 +121,42 @@ def test_own_datamodule_with_an_unstructured_method(tmp_path):
     "args, message",
     [
         (["backbone=custom"], "backbone._target_ is not set: backbone=custom builds a model class of your own"),
-        (["backbone=custom", "backbone._target_=no_such_pkg.Net"], "backbone._target_=no_such_pkg.Net: no module 'no_such_pkg' can be imported"),
-        (["backbone=custom", "backbone._target_=user_pkg.Nope"], "backbone._target_=user_pkg.Nope: module user_pkg has no 'Nope'"),
-        ([*MODEL, "+backbone.depth=3"], "backbone._target_=user_pkg.SmallNet: got an unexpected keyword argument 'depth' (it takes: num_classes, width, in_channels)"),
+        (
+            ["backbone=custom", "backbone._target_=no_such_pkg.Net"],
+            "backbone._target_=no_such_pkg.Net: no module 'no_such_pkg' can be imported",
+        ),
+        (
+            ["backbone=custom", "backbone._target_=user_pkg.Nope"],
+            "backbone._target_=user_pkg.Nope: module user_pkg has no 'Nope'",
+        ),
+        (
+            [*MODEL, "+backbone.depth=3"],
+            "backbone._target_=user_pkg.SmallNet: got an unexpected keyword argument 'depth' (it takes: num_classes, width, in_channels)",
+        ),
         (["backbone._target_=user_pkg.SmallNet"], "start from backbone=custom"),
-        (["backbone=custom", "backbone._target_=user_pkg.FixedNet", *FOLDER, "dataset.root={images}"],
-         "backbone._target_=user_pkg.FixedNet gives outputs of shape (2, 10) on inputs of shape (2, 3, 16, 16), but the data has 3 classes"),
+        (
+            ["backbone=custom", "backbone._target_=user_pkg.FixedNet", *FOLDER, "dataset.root={images}"],
+            "backbone._target_=user_pkg.FixedNet gives outputs of shape (2, 10) on inputs of shape (2, 3, 16, 16), but the data has 3 classes",
+        ),
         ([*MODEL, "dataset=image_folder"], "dataset.root is not set"),
         ([*MODEL, *FOLDER, "dataset.root={images}/nowhere"], "no train/ folder or val/ folder in"),
-        ([*MODEL, *FOLDER, "dataset.root={images}", "dataset.val_size=60"], "val_size=60 must be smaller than the number of training images (60 in"),
-        ([*MODEL, "dataset=custom"], "dataset._target_ is not set: dataset=custom uses a LightningDataModule of your own"),
+        (
+            [*MODEL, *FOLDER, "dataset.root={images}", "dataset.val_size=60"],
+            "val_size=60 must be smaller than the number of training images (60 in",
+        ),
+        (
+            [*MODEL, "dataset=custom"],
+            "dataset._target_ is not set: dataset=custom uses a LightningDataModule of your own",
+        ),
         ([*MODEL, "dataset._target_=user_pkg.BlobsDataModule"], "unexpected keyword argument 'root'"),
-        ([*MODEL, "dataset=custom", "dataset._target_=user_pkg.BlobsDataModule", "+dataset.colour=1"], "unexpected keyword argument 'colour'"),
-        ([*MODEL, "dataset=custom", "dataset._target_=user_pkg.FixedNet"], "made a FixedNet, not a lightning LightningDataModule"),
+        (
+            [*MODEL, "dataset=custom", "dataset._target_=user_pkg.BlobsDataModule", "+dataset.colour=1"],
+            "unexpected keyword argument 'colour'",
+        ),
+        (
+            [*MODEL, "dataset=custom", "dataset._target_=user_pkg.FixedNet"],
+            "made a FixedNet, not a lightning LightningDataModule",
+        ),
     ],
 )
 def test_bad_own_model_or_data_is_one_line_exit_2_before_any_work(tmp_path, images, monkeypatch, capsys, args, message):
@@ -124,7 +165,11 @@ def test_bad_own_model_or_data_is_one_line_exit_2_before_any_work(tmp_path, imag
 
     args = [arg.replace("{images}", str(images)) for arg in args]
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    monkeypatch.setattr(sys, "argv", ["prunelab", *args, "method=l1_filter", "budget.flops=0.5", *QUICK, f"hydra.run.dir={tmp_path / 'run'}"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["prunelab", *args, "method=l1_filter", "budget.flops=0.5", *QUICK, f"hydra.run.dir={tmp_path / 'run'}"],
+    )
     with pytest.raises(SystemExit) as stopped:
         cli.main()
     out = capsys.readouterr()
@@ -138,9 +183,14 @@ def test_bad_own_model_or_data_is_one_line_exit_2_before_any_work(tmp_path, imag
     "change, message",
     [
         (lambda root: (root / "train" / "emu").mkdir(), "train/: Found no valid file for the classes emu"),
-        (lambda root: [p.unlink() for p in (root / "val" / "owl").iterdir()], "val/: Found no valid file for the classes owl"),
-        (lambda root: (root / "val" / "owl").rename(root / "val" / "yak"),
-         "the class folders of val/ differ from train/'s: val/ lacks class owl of train/ and has class yak that train/ lacks"),
+        (
+            lambda root: [p.unlink() for p in (root / "val" / "owl").iterdir()],
+            "val/: Found no valid file for the classes owl",
+        ),
+        (
+            lambda root: (root / "val" / "owl").rename(root / "val" / "yak"),
+            "the class folders of val/ differ from train/'s: val/ lacks class owl of train/ and has class yak that train/ lacks",
+        ),
         (lambda root: (root / "test" / "cat").rename(root / "test" / "cats"), "the class folders of test/ differ"),
     ],
 )
@@ -215,14 +265,20 @@ def test_the_docs_own_model_and_data_commands_run(tmp_path, images, monkeypatch)
     """Each command as written, with tests/user_pkg's classes for my_pkg's and a generated image folder, shortened."""
     from prunelab import cli
 
-    names = {"my_pkg.MyNet": "user_pkg.SmallNet", "my_pkg.MyDataModule": "user_pkg.BlobsDataModule", "/data/pets": str(images)}
+    names = {
+        "my_pkg.MyNet": "user_pkg.SmallNet",
+        "my_pkg.MyDataModule": "user_pkg.BlobsDataModule",
+        "/data/pets": str(images),
+    }
     commands = doc_commands()
     assert len(commands) == 2
     for index, command in enumerate(commands):
         args = [next((arg.replace(k, v) for k, v in names.items() if k in arg), arg) for arg in command]
         quick = ["dataset.num_workers=0"] if "dataset=image_folder" in args else []
         run_dir = tmp_path / str(index)
-        monkeypatch.setattr(sys, "argv", ["prunelab", *args, *quick, "retrain.epochs=1", *QUICK, f"hydra.run.dir={run_dir}"])
+        monkeypatch.setattr(
+            sys, "argv", ["prunelab", *args, *quick, "retrain.epochs=1", *QUICK, f"hydra.run.dir={run_dir}"]
+        )
         cli.main()
         summary = json.loads((run_dir / "summary.json").read_text())
         assert "test/acc" in summary and type(load_model(run_dir / "model.pt")).__name__ == "SmallNet"
@@ -273,13 +329,26 @@ class FirstWeights(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         layers = pl_module.model.named_modules()
-        self.seen[pl_module.stage] = {f"{n}.weight": m.weight.detach().clone() for n, m in layers if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+        self.seen[pl_module.stage] = {
+            f"{n}.weight": m.weight.detach().clone()
+            for n, m in layers
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+        }
 
 
 def test_iterative_pruning_rewinds_a_class_of_ones_own_without_base(tmp_path):
     """IMP's rewinding rebuilds the user's class from the run's files alone (no model given from Python)."""
-    cfg = make_cfg(tmp_path, *MODEL, "dataset=custom", "dataset._target_=user_pkg.BlobsDataModule", "method=imp",
-                   "budget.sparsity=0.36", "retrain.rewind_iteration=2", "trainer.max_epochs=1", "latency.batch_sizes=[]")
+    cfg = make_cfg(
+        tmp_path,
+        *MODEL,
+        "dataset=custom",
+        "dataset._target_=user_pkg.BlobsDataModule",
+        "method=imp",
+        "budget.sparsity=0.36",
+        "retrain.rewind_iteration=2",
+        "trainer.max_epochs=1",
+        "latency.batch_sizes=[]",
+    )
     first = FirstWeights()
     summary = pipeline.run(cfg, tmp_path, callbacks=[first])
     assert summary["round2/sparsity"] == pytest.approx(0.36, abs=1e-3)

@@ -25,24 +25,41 @@ QUIET = ["latency.batch_sizes=[]", "trainer.limit_val_batches=1"]
     [
         (["method=l1_filter", "budget.flops=1.5", "pretrain.epochs=3"], "budget.flops=1.5 is out of range"),
         (["method=magnitude", "budget.sparsity=1.0"], "budget.sparsity=1.0 is out of range"),
-        (["method=l1_filter", "budget.layer_ratios=[\"1-999:0.7\"]"], "reaches layer 999"),
+        (["method=l1_filter", 'budget.layer_ratios=["1-999:0.7"]'], "reaches layer 999"),
         (["method=l1_filter", "budget.layer_ratios=[0.5,0.5]"], "has 2 entries, but the model has 5 stages"),
-        (["method=l1_filter", "budget.layer_ratios=[\"3-1:0.5\"]"], "is reversed"),
+        (["method=l1_filter", 'budget.layer_ratios=["3-1:0.5"]'], "is reversed"),
         (["method=l1_filter", "budget.layer_ratios=[0,1.0,0,0,0]"], "in [0, 1)"),
         (["backbone.width=-1"], "backbone.width=-1 is out of range"),
         (["dataset.batch_size=0"], "dataset.batch_size=0 must be a whole number >= 1"),
         (["optimizer.lr=0"], "optimizer.lr=0 is out of range"),
         (["backbone.pretrained=/no/such/file.th"], "backbone.pretrained=/no/such/file.th: no such file"),
-        (["method=l1_filter"], "L1Filter prunes to a budget: set budget.flops or budget.params or budget.latency or budget.layer_ratios"),
+        (
+            ["method=l1_filter"],
+            "L1Filter prunes to a budget: set budget.flops or budget.params or budget.latency or budget.layer_ratios",
+        ),
         (["method=magnitude"], "Magnitude prunes to a budget: set budget.sparsity"),
         (["method=pfs"], "pfs: the target ratio r"),
         (["method=imp"], "imp needs budget.sparsity"),
         (["method=jackpot", "pretrain.epochs=2"], "Jackpot prunes to a budget: set budget.sparsity"),
-        (["method=jackpot", "budget.sparsity=0.9", "method.allocation=per_layer"], "method.allocation='per_layer' is not one of"),
-        (["method=edge_popup", "budget.sparsity=0.9", "method.epochs=0"], "edgepopup: method.epochs=0 must be a whole number"),
+        (
+            ["method=jackpot", "budget.sparsity=0.9", "method.allocation=per_layer"],
+            "method.allocation='per_layer' is not one of",
+        ),
+        (
+            ["method=edge_popup", "budget.sparsity=0.9", "method.epochs=0"],
+            "edgepopup: method.epochs=0 must be a whole number",
+        ),
         (["method=jackpot", "budget.sparsity=0.9", "method.overlap_with=[l1]"], "unknown criteria ['l1']"),
-        (["method=l1_filter", "budget.flops=0.5", "retrain=rewind", "retrain.rewind_iteration=1000", "pretrain.epochs=1"],
-         "retrain.rewind_iteration=1000 is past the 7 optimizer steps"),
+        (
+            [
+                "method=l1_filter",
+                "budget.flops=0.5",
+                "retrain=rewind",
+                "retrain.rewind_iteration=1000",
+                "pretrain.epochs=1",
+            ],
+            "retrain.rewind_iteration=1000 is past the 7 optimizer steps",
+        ),
         (["dataset=cifar10", "dataset.root=/no/such/dir"], "CIFAR-10 not found: looked for /no/such/dir"),
     ],
 )
@@ -69,9 +86,13 @@ def test_summary_is_strict_json(tmp_path):
 
 
 def test_backbone_variant_follows_the_dataset(tmp_path):
-    small = pipeline.run(make_cfg(tmp_path / "a", *QUIET, "backbone=mobilenet_v2_tiny", "trainer.max_epochs=0"), tmp_path / "a")
+    small = pipeline.run(
+        make_cfg(tmp_path / "a", *QUIET, "backbone=mobilenet_v2_tiny", "trainer.max_epochs=0"), tmp_path / "a"
+    )
     big = pipeline.run(
-        make_cfg(tmp_path / "b", *QUIET, "backbone=mobilenet_v2_tiny", "trainer.max_epochs=0", "dataset.image_size=128"),
+        make_cfg(
+            tmp_path / "b", *QUIET, "backbone=mobilenet_v2_tiny", "trainer.max_epochs=0", "dataset.image_size=128"
+        ),
         tmp_path / "b",
     )
     from prunelab import load_model
@@ -79,10 +100,18 @@ def test_backbone_variant_follows_the_dataset(tmp_path):
     assert load_model(tmp_path / "a" / "model.pt").prunelab.spec["variant"] == "cifar"
     assert load_model(tmp_path / "b" / "model.pt").prunelab.spec["variant"] == "imagenet"
     # The ImageNet stem downsamples 128-pixel inputs early: far fewer MACs than the CIFAR stem would cost.
-    with pytest.warns(UserWarning, match=r"backbone.variant=cifar on 128-pixel images: [\d,.]+M MACs, against [\d,.]+M"):
+    with pytest.warns(
+        UserWarning, match=r"backbone.variant=cifar on 128-pixel images: [\d,.]+M MACs, against [\d,.]+M"
+    ):
         forced = pipeline.run(
-            make_cfg(tmp_path / "c", *QUIET, "backbone=mobilenet_v2_tiny", "trainer.max_epochs=0",
-                     "dataset.image_size=128", "backbone.variant=cifar"),
+            make_cfg(
+                tmp_path / "c",
+                *QUIET,
+                "backbone=mobilenet_v2_tiny",
+                "trainer.max_epochs=0",
+                "dataset.image_size=128",
+                "backbone.variant=cifar",
+            ),
             tmp_path / "c",
         )
     assert forced["dense/flops"] > 4 * big["dense/flops"] and small["dense/flops"] > 0
@@ -157,7 +186,9 @@ def test_log_lines_appear_once_without_other_libraries_info_and_quiet_keeps_only
         (tmp_path / folder).mkdir()
     lines, text = messages(run_cli(*command, cwd=tmp_path / "default"))
     assert lines.count("stage train (fit) starting") == 1 and lines.count("stage test (test) starting") == 1
-    assert not re.search(r"onnxscript|onnx_ir|GPU available|Seed set to|Replaced initializer|\[lightning[^\]]*\]\[INFO\]", text)
+    assert not re.search(
+        r"onnxscript|onnx_ir|GPU available|Seed set to|Replaced initializer|\[lightning[^\]]*\]\[INFO\]", text
+    )
 
     # verbose_libraries=true brings them back, each line once (Lightning's console handler is not doubled).
     lines, text = messages(run_cli(*command, "verbose_libraries=true", cwd=tmp_path / "verbose"))
@@ -209,12 +240,41 @@ PRETRAIN = ["method=l1_filter", "budget.flops=0.5", "budget.tolerance=0.05", "pr
         ([*PRETRAIN], "pretrain", 9, "step"),
         ([*PRETRAIN], "pretrain", 7, "validation"),
         ([*PRETRAIN], "pretrain", 14, "validation"),
-        (["method=pfs", "budget.flops=0.5", "budget.tolerance=0.05", "method.epochs=2", "retrain.epochs=1"], "search", 5, "step"),
-        (["method=pfs", "budget.flops=0.5", "budget.tolerance=0.05", "method.epochs=2", "retrain.epochs=1",
-          "method.val_check_interval=2"], "search", 4, "validation"),
-        (["method=jackpot", "budget.sparsity=0.8", "method.epochs=2", "method.overlap_with=[magnitude]"], "search", 11, "step"),
+        (
+            ["method=pfs", "budget.flops=0.5", "budget.tolerance=0.05", "method.epochs=2", "retrain.epochs=1"],
+            "search",
+            5,
+            "step",
+        ),
+        (
+            [
+                "method=pfs",
+                "budget.flops=0.5",
+                "budget.tolerance=0.05",
+                "method.epochs=2",
+                "retrain.epochs=1",
+                "method.val_check_interval=2",
+            ],
+            "search",
+            4,
+            "validation",
+        ),
+        (
+            ["method=jackpot", "budget.sparsity=0.8", "method.epochs=2", "method.overlap_with=[magnitude]"],
+            "search",
+            11,
+            "step",
+        ),
     ],
-    ids=["dense", "pretrain", "pretrain-epoch-end", "pretrain-stage-end", "pfs-search", "pfs-mid-epoch-val", "jackpot-search"],
+    ids=[
+        "dense",
+        "pretrain",
+        "pretrain-epoch-end",
+        "pretrain-stage-end",
+        "pfs-search",
+        "pfs-mid-epoch-val",
+        "jackpot-search",
+    ],
 )
 def test_a_run_killed_inside_an_epoch_ends_bit_identically(tmp_path, overrides, stage, step, at):
     from conftest import CrashAtStep, CrashAtValidation
@@ -237,8 +297,16 @@ def test_a_run_killed_at_random_moments_several_times_ends_bit_identically(tmp_p
     import signal
     import time
 
-    args = [*FAST, *QUIET, "checkpoint_every_n_steps=1", "method=l1_filter", "budget.flops=0.5",
-            "budget.tolerance=0.05", "pretrain.epochs=4", "retrain.epochs=3"]
+    args = [
+        *FAST,
+        *QUIET,
+        "checkpoint_every_n_steps=1",
+        "method=l1_filter",
+        "budget.flops=0.5",
+        "budget.tolerance=0.05",
+        "pretrain.epochs=4",
+        "retrain.epochs=3",
+    ]
     command = [sys.executable, "-m", "prunelab.cli", *args]
 
     def launch(root):

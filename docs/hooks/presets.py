@@ -39,8 +39,10 @@ def presets_table() -> str:
             method = _choice(cfg, "method")
             paper = OmegaConf.select(cfg, "paper") or {}
             figure = f"{paper.get('acc')}% ({paper.get('source', '')})" if paper.get("acc") is not None else ""
-            rows.append(f"| `{path.stem}` | {method} | {_choice(cfg, 'backbone')} | {_choice(cfg, 'dataset')} "
-                        f"| {_budget(cfg)} | {figure} |")
+            rows.append(
+                f"| `{path.stem}` | {method} | {_choice(cfg, 'backbone')} | {_choice(cfg, 'dataset')} "
+                f"| {_budget(cfg)} | {figure} |"
+            )
     GlobalHydra.instance().clear()
     return "\n".join(rows)
 

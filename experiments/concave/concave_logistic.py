@@ -102,9 +102,7 @@ def fit_plain(x: np.ndarray, y: np.ndarray, iterations: int, step: float, l2: fl
     return w[:, 0]
 
 
-def fit_l1_subgradient(
-    x: np.ndarray, y: np.ndarray, lambdas: np.ndarray, iterations: int, step: float
-) -> np.ndarray:
+def fit_l1_subgradient(x: np.ndarray, y: np.ndarray, lambdas: np.ndarray, iterations: int, step: float) -> np.ndarray:
     """Logistic regression + lambda ||theta||_1 (pixels only) by subgradient descent. Returns (S, L, D)."""
     w = np.zeros((x.shape[0], len(lambdas), x.shape[2]))
     lam = lambdas[None, :, None]

@@ -65,10 +65,16 @@ def overhead(repeats: int) -> None:
 
     torch.manual_seed(0)
     x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-    ctx = MethodContext(config=None, budget={}, data=None, input_shape=(3, 32, 32), num_classes=10, seed=0, run_dir=ROOT)
+    ctx = MethodContext(
+        config=None, budget={}, data=None, input_shape=(3, 32, 32), num_classes=10, seed=0, run_dir=ROOT
+    )
     setups = {}
-    for name, method in (("plain", None), ("masks, lambda 0", Concave(lam=0.0)),
-                         ("masks + l1", Concave(regularizer="l1")), ("masks + log", Concave(regularizer="log"))):
+    for name, method in (
+        ("plain", None),
+        ("masks, lambda 0", Concave(lam=0.0)),
+        ("masks + l1", Concave(regularizer="l1")),
+        ("masks + log", Concave(regularizer="log")),
+    ):
         model = create("resnet20", num_classes=10, shortcut="B")
         if method is not None:
             method.setup(model, Stage("search", "fit", round=1), ctx)
@@ -105,21 +111,33 @@ def overhead(repeats: int) -> None:
     plain = statistics.median(times["plain"])
     print(f"ResNet-20, batch 128, CPU ({torch.get_num_threads()} threads), median of {repeats} interleaved steps:")
     for name, values in times.items():
-        print(f"  {name:<18} {1000 * statistics.median(values):8.1f} ms   x{statistics.median(values) / plain:.3f} of plain")
+        print(
+            f"  {name:<18} {1000 * statistics.median(values):8.1f} ms   x{statistics.median(values) / plain:.3f} of plain"
+        )
     masked = statistics.median(times["masks, lambda 0"])
     for name in ("masks + l1", "masks + log"):
-        print(f"  regulariser's share of a masked step ({name}): {100 * (statistics.median(times[name]) / masked - 1):+.1f}%")
-    print(f"  log regulariser alone (forward + backward over {sum(layer.values.numel() for layer in method._layers.values()):,} masks): "
-          f"{1000 * statistics.median(reg):.2f} ms = {100 * statistics.median(reg) / masked:.1f}% of a masked step")
+        print(
+            f"  regulariser's share of a masked step ({name}): {100 * (statistics.median(times[name]) / masked - 1):+.1f}%"
+        )
+    print(
+        f"  log regulariser alone (forward + backward over {sum(layer.values.numel() for layer in method._layers.values()):,} masks): "
+        f"{1000 * statistics.median(reg):.2f} ms = {100 * statistics.median(reg) / masked:.1f}% of a masked step"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=2, help="epochs per round (search and ticket training)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--lam-scale", type=float, default=None, help="multiply the presets' lambda (default: paper steps / ours)")
-    parser.add_argument("--methods", nargs="+", default=["imp", "concave-l1", "concave-log", "cs"],
-                        help="any of imp, concave-l1, concave-log, cs, concave-l1-fixed, concave-log-fixed")
+    parser.add_argument(
+        "--lam-scale", type=float, default=None, help="multiply the presets' lambda (default: paper steps / ours)"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["imp", "concave-l1", "concave-log", "cs"],
+        help="any of imp, concave-l1, concave-log, cs, concave-l1-fixed, concave-log-fixed",
+    )
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "concave_vs_imp")
     parser.add_argument("--overhead", action="store_true", help="only time the masks' and the regulariser's cost")
@@ -131,9 +149,16 @@ def main() -> None:
     if not CIFAR.exists():
         raise SystemExit(f"{CIFAR} not found: run beside the shared folder")
     milestones = f"[{round(args.epochs * 56 / 85)},{round(args.epochs * 71 / 85)}]"
-    common = [f"dataset.root={CIFAR}", f"dataset.num_workers={args.workers}", f"trainer.max_epochs={args.epochs}",
-              f"scheduler.milestones={milestones}", "trainer.enable_progress_bar=false", "latency.batch_sizes=[]",
-              "test_pruned=true", "quiet=true"]
+    common = [
+        f"dataset.root={CIFAR}",
+        f"dataset.num_workers={args.workers}",
+        f"trainer.max_epochs={args.epochs}",
+        f"scheduler.milestones={milestones}",
+        "trainer.enable_progress_bar=false",
+        "latency.batch_sizes=[]",
+        "test_pruned=true",
+        "quiet=true",
+    ]
     for name, overrides in runs(args).items():
         for seed in args.seeds:
             start = time.perf_counter()
@@ -151,7 +176,9 @@ def main() -> None:
         group = [run for run in found if tuple(str(run.get(k)) for k in by) == key]
         cells = []
         for r in (1, 2, 3):
-            values = [run.summary[f"round{r}/pruned/test/acc"] for run in group if f"round{r}/pruned/test/acc" in run.summary]
+            values = [
+                run.summary[f"round{r}/pruned/test/acc"] for run in group if f"round{r}/pruned/test/acc" in run.summary
+            ]
             cells.append(f"round {r}: {mean_std(values)}" if values else f"round {r}: -")
         print(f"  {' '.join(key)}: {'; '.join(cells)}")
     times = {run.path.name: {k: v for k, v in run.summary.items() if k.startswith("time/")} for run in found}

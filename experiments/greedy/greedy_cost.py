@@ -67,13 +67,17 @@ def main() -> None:
         write_json(run_dir / "search_cost.json", cost, indent=1)
         layers = json.loads((run_dir / "greedy_layers.json").read_text())["layers"]
         rows.append((mode, cost, found.summary, sum(r["steps"] for r in layers)))
-    print(f"\nResNet-20 x{args.width:g} on digits, epsilon {args.epsilon:g}, seed {args.seed}; "
-          f"dense accuracy {rows[0][2]['dense/test/acc']:.2f}%")
+    print(
+        f"\nResNet-20 x{args.width:g} on digits, epsilon {args.epsilon:g}, seed {args.seed}; "
+        f"dense accuracy {rows[0][2]['dense/test/acc']:.2f}%"
+    )
     print("| mode | search (s) | in dense epochs | steps | FLOPs kept | accuracy after pruning (%) |")
     print("|---|---|---|---|---|---|")
     for mode, cost, summary, steps in rows:
-        print(f"| {mode} | {cost['search_s']:.1f} | {cost['search_in_dense_epochs']:.1f} | {steps} | "
-              f"{summary['model/flops_ratio']:.3f} | {summary['pruned/test/acc']:.2f} |")
+        print(
+            f"| {mode} | {cost['search_s']:.1f} | {cost['search_in_dense_epochs']:.1f} | {steps} | "
+            f"{summary['model/flops_ratio']:.3f} | {summary['pruned/test/acc']:.2f} |"
+        )
     print(f"one dense epoch: {rows[0][1]['dense_epoch_s']:.2f} s")
 
 

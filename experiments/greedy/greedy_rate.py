@@ -94,6 +94,7 @@ def make_data(
     c = torch.randn(RIDGES, generator=gen, dtype=DTYPE) / math.sqrt(RIDGES)
     phi = 2 * math.pi * torch.rand(RIDGES, generator=gen, dtype=DTYPE)
     y = torch.sin(x @ w.T + phi) @ c
+
     # Drawn from their own generators, so that every network starts from the same weights with and without them.
     def side(k: int) -> torch.Generator:
         return torch.Generator().manual_seed(gen.initial_seed() + k)
@@ -185,9 +186,7 @@ def fold(net: Net, a: torch.Tensor) -> Net:
     """The pruned network as an ordinary smaller network: only the neurons with a_i > 0 are kept and
     a_i is folded into their outgoing weights, V[:, i] *= a_i."""
     keep = torch.nonzero(a > 0).flatten()
-    return Net(
-        w1=net.w1[keep], b1=net.b1[keep], w2=outgoing(net)[:, keep] * a[keep], b2=net.b2, w3=net.w3, b3=net.b3
-    )
+    return Net(w1=net.w1[keep], b1=net.b1[keep], w2=outgoing(net)[:, keep] * a[keep], b2=net.b2, w3=net.w3, b3=net.b3)
 
 
 def discrepancy(f: Net, target: torch.Tensor, x: torch.Tensor) -> float:
@@ -395,9 +394,7 @@ def table(res: dict) -> list[dict]:
     ]
 
 
-def verdict(
-    res: dict, fit: dict, check_n: Sequence[int] = (16, 32), factor: float = 10.0
-) -> tuple[bool, list[str]]:
+def verdict(res: dict, fit: dict, check_n: Sequence[int] = (16, 32), factor: float = 10.0) -> tuple[bool, list[str]]:
     """Checks the paper's claim. (1) Each pruning curve falls roughly exponentially: b > 0 and the
     exponential fit explains R^2 >= 0.9 of log D over n = 1..N-1. (2) At each n in `check_n`, each
     pruned network's D is at least `factor` times below the from-scratch network's."""
@@ -471,22 +468,48 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--steps", type=int, default=2000, help="optimiser steps for every trained network")
     parser.add_argument("--lr", type=float, default=3e-2)
-    parser.add_argument("--trainer", choices=("adam", "mf-gd"), default="adam",
-                        help="mf-gd: gradient descent in mean-field time (see `train`)")
-    parser.add_argument("--middle-init", choices=("normal", "zero"), default="normal",
-                        help="zero: the middle layer V starts at 0 (see `init_net`)")
+    parser.add_argument(
+        "--trainer",
+        choices=("adam", "mf-gd"),
+        default="adam",
+        help="mf-gd: gradient descent in mean-field time (see `train`)",
+    )
+    parser.add_argument(
+        "--middle-init",
+        choices=("normal", "zero"),
+        default="normal",
+        help="zero: the middle layer V starts at 0 (see `init_net`)",
+    )
     parser.add_argument("--scratch-widths", type=int, nargs="+", default=list(SCRATCH_WIDTHS))
-    parser.add_argument("--heldout", type=int, default=0,
-                        help="measure D on this many fresh points of the same distribution (0: on the training points)")
-    parser.add_argument("--noise", type=float, default=0.0, help="standard deviation of noise added to the training targets")
-    parser.add_argument("--input-dim", type=int, default=INPUT_DIM, help="dimension d of the simulated inputs x ~ N(0, I_d)")
+    parser.add_argument(
+        "--heldout",
+        type=int,
+        default=0,
+        help="measure D on this many fresh points of the same distribution (0: on the training points)",
+    )
+    parser.add_argument(
+        "--noise", type=float, default=0.0, help="standard deviation of noise added to the training targets"
+    )
+    parser.add_argument(
+        "--input-dim", type=int, default=INPUT_DIM, help="dimension d of the simulated inputs x ~ N(0, I_d)"
+    )
     args = parser.parse_args()
     globals()["INPUT_DIM"] = args.input_dim
 
     torch.set_num_threads(1)
     start = time.perf_counter()
-    res = run(args.seed, args.width, args.samples, args.steps, args.lr, args.scratch_widths,
-              trainer=args.trainer, middle=args.middle_init, heldout=args.heldout, noise=args.noise)
+    res = run(
+        args.seed,
+        args.width,
+        args.samples,
+        args.steps,
+        args.lr,
+        args.scratch_widths,
+        trainer=args.trainer,
+        middle=args.middle_init,
+        heldout=args.heldout,
+        noise=args.noise,
+    )
     elapsed = time.perf_counter() - start
     fit = rates(res)
 

@@ -43,7 +43,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epsilon", type=float, default=0.05)
     parser.add_argument("--mode", default="both", choices=["local", "global", "both"])
-    parser.add_argument("--taylor-after", type=int, default=25, help="the paper's Taylor speed-up after k steps (-1: off)")
+    parser.add_argument(
+        "--taylor-after", type=int, default=25, help="the paper's Taylor speed-up after k steps (-1: off)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "greedy_vs_l1")
@@ -54,21 +56,33 @@ def main() -> None:
     results: dict[str, list[dict]] = {"greedy": [], "l1_filter": []}
     for seed in args.seeds:
         taylor = f"method.taylor_after={args.taylor_after if args.taylor_after >= 0 else 'null'}"
-        greedy = run(args, "greedy", seed, ["method=greedy", f"method.epsilon={args.epsilon}", f"method.mode={args.mode}", taylor])
+        greedy = run(
+            args,
+            "greedy",
+            seed,
+            ["method=greedy", f"method.epsilon={args.epsilon}", f"method.mode={args.mode}", taylor],
+        )
         results["greedy"].append(greedy)
         ratio = greedy["model/flops_ratio"]
-        results["l1_filter"].append(run(args, "l1_filter", seed, ["method=l1_filter", f"budget.flops={ratio:.6f}",
-                                                                   "budget.tolerance=0.005"]))
-    print(f"\n| method | FLOPs kept | right after pruning (%) | after {args.finetune_epochs} epochs of fine-tuning (%) |")
+        results["l1_filter"].append(
+            run(args, "l1_filter", seed, ["method=l1_filter", f"budget.flops={ratio:.6f}", "budget.tolerance=0.005"])
+        )
+    print(
+        f"\n| method | FLOPs kept | right after pruning (%) | after {args.finetune_epochs} epochs of fine-tuning (%) |"
+    )
     print("|---|---|---|---|")
     for name, summaries in results.items():
-        print(f"| {name} | {mean_std([s['model/flops_ratio'] for s in summaries])} | "
-              f"{mean_std([s['pruned/test/acc'] for s in summaries])} | {mean_std([s['test/acc'] for s in summaries])} |")
+        print(
+            f"| {name} | {mean_std([s['model/flops_ratio'] for s in summaries])} | "
+            f"{mean_std([s['pruned/test/acc'] for s in summaries])} | {mean_std([s['test/acc'] for s in summaries])} |"
+        )
     dense = mean_std([s["dense/test/acc"] for s in results["greedy"]])
     search = mean_std([s["time/prune_s"] for s in results["greedy"]])
     finetune = mean_std([s["time/finetune_s"] / args.finetune_epochs for s in results["greedy"]])
-    print(f"dense accuracy {dense}; greedy search {search} s, against {finetune} s per epoch of fine-tuning "
-          f"the pruned model on this subset")
+    print(
+        f"dense accuracy {dense}; greedy search {search} s, against {finetune} s per epoch of fine-tuning "
+        f"the pruned model on this subset"
+    )
 
 
 if __name__ == "__main__":

@@ -101,9 +101,7 @@ def test_rate_fits_recover_known_curves(script):
 
 
 def test_run_tiny_end_to_end(script):
-    res = script.run(
-        seed=1, width=6, samples=48, steps=100, scratch_widths=(1, 2, 6), local_steps=300, global_picks=30
-    )
+    res = script.run(seed=1, width=6, samples=48, steps=100, scratch_widths=(1, 2, 6), local_steps=300, global_picks=30)
     assert res["local"].shape == res["global"].shape == (6,)
     assert res["scratch"].shape == (3,) and np.all(res["scratch"] > 0)
     assert res["local"][-1] <= 1e-8 * res["local"][0]

@@ -108,7 +108,7 @@ def penalty_overhead(repeats: int = 30) -> dict[str, float]:
         step(True), step(False)
     plain, penalised, alone = [], [], []
     for i in range(repeats):  # interleaved in ABBA order, so that load and order fall on both alike
-        for penalty in ((False, True) if i % 2 == 0 else (True, False)):
+        for penalty in (False, True) if i % 2 == 0 else (True, False):
             (penalised if penalty else plain).append(step(penalty))
         alone.append(penalty_alone())
     result = {
@@ -157,9 +157,23 @@ def main() -> None:
             settings = [*common(args), *overrides, f"seed={seed}"]
             print("prunelab", *settings, f"hydra.run.dir={run_dir}", flush=True)
             summary = prunelab.run(settings, run_dir)
-            rows.append({"method": name, "seed": seed, **{k: summary.get(k) for k in (
-                "dense/test/acc", "pruned/test/acc", "test/acc", "model/flops_ratio", "regularize/steps",
-                "regularize/train/norm_ratio")}})
+            rows.append(
+                {
+                    "method": name,
+                    "seed": seed,
+                    **{
+                        k: summary.get(k)
+                        for k in (
+                            "dense/test/acc",
+                            "pruned/test/acc",
+                            "test/acc",
+                            "model/flops_ratio",
+                            "regularize/steps",
+                            "regularize/train/norm_ratio",
+                        )
+                    },
+                }
+            )
             history = run_dir / "greg_history.json"
             if history.exists():
                 rows[-1]["regularize/train/norm_ratio"] = json.loads(history.read_text())[-1].get("norm_ratio")
@@ -194,7 +208,9 @@ def main() -> None:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "plan"} for r in rows], indent=2) + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps([{k: v for k, v in r.items() if k != "plan"} for r in rows], indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -96,8 +96,13 @@ def prune(
     # The config records what was given in place of `backbone` and `dataset`.
     with open_dict(cfg):
         cfg.backbone = {"name": f"{type(model).__module__}.{type(model).__qualname__}"}
-        cfg.dataset = {"name": "loaders", "splits": list(data.splits), "batch_size": data.batch_size,
-                       "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+        cfg.dataset = {
+            "name": "loaders",
+            "splits": list(data.splits),
+            "batch_size": data.batch_size,
+            "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes,
+        }
     report = pipeline.run(cfg, run_dir, model=net, datamodule=data)
     # The final model as the run directory holds it, rebuilt on an unpruned copy of the user's class.
     final = load_model(run_dir / "model.pt", base=model)
@@ -133,7 +138,9 @@ def _compose(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(_one_line(err)) from None
 
 
-def compose_config(method: str, budget: dict[str, Any], overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> DictConfig:
+def compose_config(
+    method: str, budget: dict[str, Any], overrides: Sequence[str] = (), run_dir: str | Path | None = None
+) -> DictConfig:
     """The config the `prunelab` command composes for `method=<method> budget.<key>=<value> ... <overrides>`.
 
     `run_dir` sets `paths.output_dir`. An unknown method or budget key, a renamed preset, or an override
@@ -182,7 +189,9 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[Chann
     return structure.channel_groups(model, tuple(example_inputs.shape[1:]))
 
 
-def export_model(model: nn.Module, path: str | Path, example_inputs: torch.Tensor, format: str = "torchscript_frozen") -> Path:
+def export_model(
+    model: nn.Module, path: str | Path, example_inputs: torch.Tensor, format: str = "torchscript_frozen"
+) -> Path:
     """Write the model in a form that runs without prunelab: "torchscript", "torchscript_frozen" or "onnx".
 
     (`prunelab.export` is the module that saves and exports models, hence the name.)

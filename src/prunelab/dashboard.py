@@ -38,12 +38,20 @@ def logger_options(cfg: DictConfig) -> dict[str, Any]:
 
         hydra = HydraConfig.get()
         if group is None:
-            group = Path(hydra.sweep.dir).name if hydra.mode == RunMode.MULTIRUN else hydra.runtime.choices.get("experiment")
+            group = (
+                Path(hydra.sweep.dir).name
+                if hydra.mode == RunMode.MULTIRUN
+                else hydra.runtime.choices.get("experiment")
+            )
     except ValueError:  # not launched by Hydra (tests, Python)
         pass
     budget = {k: v for k, v in cfg.budget.items() if k in ("flops", "params", "sparsity", "latency") and v is not None}
-    tags += [f"dataset={_name(cfg.dataset)}", f"backbone={cfg.backbone.get('name', _name(cfg.backbone))}",
-             f"method={_name(cfg.method)}", *(f"budget.{k}={v}" for k, v in budget.items())]
+    tags += [
+        f"dataset={_name(cfg.dataset)}",
+        f"backbone={cfg.backbone.get('name', _name(cfg.backbone))}",
+        f"method={_name(cfg.method)}",
+        *(f"budget.{k}={v}" for k, v in budget.items()),
+    ]
     name = cfg.logger.get("name") or Path(str(cfg.paths.output_dir)).name
     return {"name": name, "group": group, "tags": tags, "log_model": False}
 
@@ -71,10 +79,19 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
 def layer_rows(plan: Any) -> list[dict[str, Any]]:
     """One row per channel group (kept / size) or per masked layer (kept / total, sparsity)."""
     if hasattr(plan, "keep"):
-        return [{"layer": name, "kept": len(plan.keep[name]), "total": int(size), "fraction_kept": len(plan.keep[name]) / size}
-                for name, size in plan.sizes.items()]
-    return [{"layer": name, "kept": kept, "total": total, "fraction_kept": kept / total if total else 1.0}
-            for name, (kept, total) in plan.counts().items()]
+        return [
+            {
+                "layer": name,
+                "kept": len(plan.keep[name]),
+                "total": int(size),
+                "fraction_kept": len(plan.keep[name]) / size,
+            }
+            for name, size in plan.sizes.items()
+        ]
+    return [
+        {"layer": name, "kept": kept, "total": total, "fraction_kept": kept / total if total else 1.0}
+        for name, (kept, total) in plan.counts().items()
+    ]
 
 
 def plot_layers(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
@@ -108,9 +125,15 @@ def log_prune(logger: Any, tag: str, rows: list[dict[str, Any]], png: Path) -> N
     import wandb
 
     table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
-    logger.experiment.log({f"{tag}/layers": table,
-                           f"{tag}/layers_bar": wandb.plot.bar(table, "layer", "fraction_kept", title=f"{tag}: fraction kept per layer"),
-                           f"{tag}/layers_png": wandb.Image(str(png))})
+    logger.experiment.log(
+        {
+            f"{tag}/layers": table,
+            f"{tag}/layers_bar": wandb.plot.bar(
+                table, "layer", "fraction_kept", title=f"{tag}: fraction kept per layer"
+            ),
+            f"{tag}/layers_png": wandb.Image(str(png)),
+        }
+    )
 
 
 def finish(logger: Any, cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> None:
@@ -118,8 +141,15 @@ def finish(logger: Any, cfg: DictConfig, run_dir: Path, summary: dict[str, Any])
     rows = round_rows(summary)
     png = run_dir / "rounds.png"
     if rows:
-        table = [{"round": r["round"], "sparsity mean": r["sparsity"], "test/acc mean": r["test/acc"] or float("nan"),
-                  "test/acc std": 0.0} for r in rows]
+        table = [
+            {
+                "round": r["round"],
+                "sparsity mean": r["sparsity"],
+                "test/acc mean": r["test/acc"] or float("nan"),
+                "test/acc std": 0.0,
+            }
+            for r in rows
+        ]
         _plot_rounds(table, [], png)
     if logger is None:
         return
@@ -129,12 +159,25 @@ def finish(logger: Any, cfg: DictConfig, run_dir: Path, summary: dict[str, Any])
 
         run = logger.experiment
         if rows:
-            round_table = wandb.Table(columns=["round", "sparsity", "flops_ratio", "test/acc"],
-                                      data=[[r["round"], r["sparsity"], r["flops_ratio"], r["test/acc"]] for r in rows])
-            run.log({"rounds": round_table, "rounds_curve": wandb.plot.line(round_table, "sparsity", "test/acc", title="test accuracy per round"),
-                     "rounds_png": wandb.Image(str(png))})
+            round_table = wandb.Table(
+                columns=["round", "sparsity", "flops_ratio", "test/acc"],
+                data=[[r["round"], r["sparsity"], r["flops_ratio"], r["test/acc"]] for r in rows],
+            )
+            run.log(
+                {
+                    "rounds": round_table,
+                    "rounds_curve": wandb.plot.line(
+                        round_table, "sparsity", "test/acc", title="test accuracy per round"
+                    ),
+                    "rounds_png": wandb.Image(str(png)),
+                }
+            )
         if cfg.logger.get("log_model", False):
-            artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            artifact = wandb.Artifact(
+                f"model-{run.id}",
+                type="model",
+                metadata={k: v for k, v in summary.items() if isinstance(v, (int, float))},
+            )
             for name in ("model.pt", "model.ts", "model.onnx"):
                 if (run_dir / name).exists():
                     artifact.add_file(str(run_dir / name))

@@ -95,7 +95,9 @@ def global_mean(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if size == 1:
         mean = per_sample.mean()
         return mean, mean.detach()
-    stats = torch.stack([per_sample.detach().sum().double(), per_sample.new_tensor(per_sample.numel(), dtype=torch.float64)])
+    stats = torch.stack(
+        [per_sample.detach().sum().double(), per_sample.new_tensor(per_sample.numel(), dtype=torch.float64)]
+    )
     dist.all_reduce(stats)
     total = stats[1].to(per_sample.dtype)
     return per_sample.sum() * size / total, (stats[0] / stats[1]).to(per_sample.dtype)
@@ -190,6 +192,7 @@ def check_same(what: str, obj: Any) -> None:
     found: list[Any] = [None] * size
     dist.all_gather_object(found, mine)
     if len(set(found)) != 1:
-        raise RuntimeError(f"DDP ranks disagree on {what} (fingerprints by rank: {found}); the ranks no longer compute "
-                           f"the same run (a nondeterministic criterion, or data that differ between ranks)")
-
+        raise RuntimeError(
+            f"DDP ranks disagree on {what} (fingerprints by rank: {found}); the ranks no longer compute "
+            f"the same run (a nondeterministic criterion, or data that differ between ranks)"
+        )

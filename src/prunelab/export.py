@@ -103,7 +103,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", base:
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
-        raise ValueError(f"the weights in {path} do not fit the architecture {payload['spec'] or type(model).__name__}: {err}") from err
+        raise ValueError(
+            f"the weights in {path} do not fit the architecture {payload['spec'] or type(model).__name__}: {err}"
+        ) from err
     masks = payload.get("masks")
     if masks is not None:
         model_record(model).masks = MaskPlan(dict(masks))
@@ -155,7 +157,9 @@ def export_deployable(
         got = load_deployed(path, device=param.device)(x)
     error = float((got.to(expected) - expected).abs().max()) / max(1.0, float(expected.abs().max()))
     if not error <= TOLERANCE:
-        raise RuntimeError(f"the {format} export in {path} differs from the model by {error:.2e} (relative; allowed {TOLERANCE:g})")
+        raise RuntimeError(
+            f"the {format} export in {path} differs from the model by {error:.2e} (relative; allowed {TOLERANCE:g})"
+        )
     return path
 
 

@@ -48,17 +48,26 @@ MIN_ACC_TOLERANCE = 0.5
 COMMON = ["latency.batch_sizes=[]", "trainer.enable_progress_bar=false", "quiet=true"]
 # Settings with which each method's run finishes in one batch or a few steps, on any data: the smoke runs (every
 # method's one-batch pipeline test, benchmarks/ddp_check.py). A method without an entry needs none.
-FEW_STEPS = {"pfs": ["method.epochs=1"], "jackpot": ["method.epochs=1"], "edge_popup": ["method.epochs=1"],
-             "imp": ["method.rounds=2"],
-             # beta_T = 200 reached within 3 steps makes the mask a step function that amplifies rounding
-             # 1000x per step (measured: 5e-4 after one step); beta_T = 2 keeps the DDP check about DDP.
-             "cs": ["method.rounds=2", "method.final_beta=2"],
-             "greedy": ["method.epsilon=10", "method.max_steps=0.5", "method.taylor_after=1"],
-             "concave": ["method.rounds=2", "method.selection=fixed_fraction", "method.prune_fraction=0.5"],
-             "slimming": ["method.sparsity_epochs=1"],
-             "greg1": ["method.delta_lambda=0.5", "method.update_interval=1", "method.stabilize_steps=1"],
-             "greg2": ["method.delta_lambda=0.5", "method.delta_lambda_pick=0.5", "method.tau0=0.6",
-                       "method.update_interval=1", "method.stabilize_steps=1"]}
+FEW_STEPS = {
+    "pfs": ["method.epochs=1"],
+    "jackpot": ["method.epochs=1"],
+    "edge_popup": ["method.epochs=1"],
+    "imp": ["method.rounds=2"],
+    # beta_T = 200 reached within 3 steps makes the mask a step function that amplifies rounding
+    # 1000x per step (measured: 5e-4 after one step); beta_T = 2 keeps the DDP check about DDP.
+    "cs": ["method.rounds=2", "method.final_beta=2"],
+    "greedy": ["method.epsilon=10", "method.max_steps=0.5", "method.taylor_after=1"],
+    "concave": ["method.rounds=2", "method.selection=fixed_fraction", "method.prune_fraction=0.5"],
+    "slimming": ["method.sparsity_epochs=1"],
+    "greg1": ["method.delta_lambda=0.5", "method.update_interval=1", "method.stabilize_steps=1"],
+    "greg2": [
+        "method.delta_lambda=0.5",
+        "method.delta_lambda_pick=0.5",
+        "method.tau0=0.6",
+        "method.update_interval=1",
+        "method.stabilize_steps=1",
+    ],
+}
 
 
 @dataclass
@@ -119,7 +128,9 @@ def run_entry(name: str, overrides: list[str], out_dir: Path, shared: Path, seed
     return Outcome(name, figures(run_dir), seconds)
 
 
-def compare(measured: dict[str, Any], reference: dict[str, Any], tolerances: dict[str, float] | None = None) -> list[tuple[str, Any, Any, bool]]:
+def compare(
+    measured: dict[str, Any], reference: dict[str, Any], tolerances: dict[str, float] | None = None
+) -> list[tuple[str, Any, Any, bool]]:
     """(figure, measured, reference, within tolerance) for every figure of the reference."""
     tolerances = {**{k: v for k, v in FIGURES.items() if v is not None}, **(tolerances or {})}
     rows = []
@@ -154,9 +165,13 @@ def check(
     entries = document["entries"]
     unknown = [n for n in names or [] if n not in entries]
     if unknown:
-        raise SystemExit(f"prunelab.guard: error: no entry {', '.join(unknown)} in {path} (entries: {', '.join(entries)})")
+        raise SystemExit(
+            f"prunelab.guard: error: no entry {', '.join(unknown)} in {path} (entries: {', '.join(entries)})"
+        )
     if not shared.exists():
-        raise SystemExit(f"prunelab.guard: error: {shared} not found: the guard runs on the project's shared data (--shared DIR)")
+        raise SystemExit(
+            f"prunelab.guard: error: {shared} not found: the guard runs on the project's shared data (--shared DIR)"
+        )
     chosen = names or list(entries)
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="prunelab-guard-"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +179,14 @@ def check(
     start = time.perf_counter()
     runs = [(n, None) for n in chosen] + [(n, s) for s in spread or [] for n in chosen]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        done = list(pool.map(lambda r: run_entry(r[0] if r[1] is None else f"{r[0]}-seed{r[1]}", entries[r[0]]["overrides"], out_dir, shared, r[1]), runs))
+        done = list(
+            pool.map(
+                lambda r: run_entry(
+                    r[0] if r[1] is None else f"{r[0]}-seed{r[1]}", entries[r[0]]["overrides"], out_dir, shared, r[1]
+                ),
+                runs,
+            )
+        )
     elapsed = time.perf_counter() - start
     outcomes = done[: len(chosen)]
     ok = _print(outcomes, entries)
@@ -182,7 +204,7 @@ def check(
         print(f"{path} updated: say in the commit why these figures moved")
     if spread:
         by_seed = {n: {0: o} for n, o in zip(chosen, outcomes)}
-        for (name, seed), outcome in zip(runs[len(chosen):], done[len(chosen):]):
+        for (name, seed), outcome in zip(runs[len(chosen) :], done[len(chosen) :]):
             by_seed[name][seed] = outcome
         for name, seeds in by_seed.items():
             failed = [f"seed {s}: {o.error}" for s, o in seeds.items() if o.error is not None]
@@ -223,14 +245,23 @@ def _print(outcomes: list[Outcome], entries: dict[str, dict[str, Any]]) -> bool:
             continue
         rows = compare(outcome.figures, entry.get("figures", {}), entry.get("tolerance"))
         if not rows:
-            table.add_row(outcome.name, "(no reference)", json.dumps(outcome.figures), "", "", "NEW", f"{outcome.seconds:.0f}")
+            table.add_row(
+                outcome.name, "(no reference)", json.dumps(outcome.figures), "", "", "NEW", f"{outcome.seconds:.0f}"
+            )
             all_ok = False
         tolerances = {**FIGURES, **entry.get("tolerance", {})}
         for i, (key, got, expected, ok) in enumerate(rows):
             all_ok = all_ok and ok
             tolerance = "exact" if tolerances.get(key) is None else f"{tolerances[key]:g}"
-            table.add_row(outcome.name if i == 0 else "", key, _fmt(got), _fmt(expected), tolerance, "ok" if ok else "MOVED",
-                          f"{outcome.seconds:.0f}" if i == 0 else "")
+            table.add_row(
+                outcome.name if i == 0 else "",
+                key,
+                _fmt(got),
+                _fmt(expected),
+                tolerance,
+                "ok" if ok else "MOVED",
+                f"{outcome.seconds:.0f}" if i == 0 else "",
+            )
     Console(width=140).print(table)
     return all_ok
 
@@ -245,9 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", type=Path, default=Path("../shared"), help="the shared data and weights folder")
     parser.add_argument("--only", default="", help="comma-separated entry names (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one torch thread each)")
-    parser.add_argument("--out", type=Path, default=None, help="where the run directories go (default: a temporary folder)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where the run directories go (default: a temporary folder)"
+    )
     parser.add_argument("--update", action="store_true", help="write the measured figures into the reference file")
-    parser.add_argument("--spread", default="", help="comma-separated seeds besides 0: run them too and fit the accuracy tolerance")
+    parser.add_argument(
+        "--spread", default="", help="comma-separated seeds besides 0: run them too and fit the accuracy tolerance"
+    )
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or None
     try:

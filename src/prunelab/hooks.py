@@ -36,7 +36,17 @@ from prunelab.validate import ConfigError, check_config, check_layer_ratios, che
 
 #: The methods (`method=` choices, with their default settings) whose stages a loop of the user's can run.
 IN_YOUR_LOOP = (
-    "greg1", "greg2", "slimming", "jackpot", "edge_popup", "l1_filter", "taylor", "magnitude", "random", "uniform", "greedy",
+    "greg1",
+    "greg2",
+    "slimming",
+    "jackpot",
+    "edge_popup",
+    "l1_filter",
+    "taylor",
+    "magnitude",
+    "random",
+    "uniform",
+    "greedy",
 )
 
 
@@ -134,7 +144,9 @@ class Pruner:
         channels = ("flops", "params", "latency", "layer_ratios")
         if "flops" in self.method.budget_keys and any(cfg.budget.get(k) is not None for k in channels):
             structure.check_prunable(model, shape)
-        self._ctx = Context(cfg=cfg, run_dir=self.run_dir, datamodule=data, method=self.method, input_shape=shape, base=model)
+        self._ctx = Context(
+            cfg=cfg, run_dir=self.run_dir, datamodule=data, method=self.method, input_shape=shape, base=model
+        )
         self._ctx.dense = measure(model, shape)
         self.method.bind(self._ctx.for_method(model))
         if self.stage is not None:
@@ -266,7 +278,9 @@ class Pruner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict` into a Pruner made as the saved one was, before its model was pruned."""
         if state.get("pruned") or self.pruned:
-            raise ValueError("a Pruner's state loads only before pruning; reload a pruned model with prunelab.load_model")
+            raise ValueError(
+                "a Pruner's state loads only before pruning; reload a pruned model with prunelab.load_model"
+            )
         self.method.load_state_dict(state["method"])
         module = self.method.state_module()
         if module is not None and state.get("method_module") is not None:

@@ -77,7 +77,10 @@ class RunLock:
             except FileExistsError:
                 owner = self._owner()
                 if owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1))):
-                    warnings.warn(f"{self.path}: taking over the lock of process {owner.get('pid')}, which is no longer running", stacklevel=2)
+                    warnings.warn(
+                        f"{self.path}: taking over the lock of process {owner.get('pid')}, which is no longer running",
+                        stacklevel=2,
+                    )
                     self.path.unlink(missing_ok=True)
                     continue
                 raise PrunelabError(

@@ -63,15 +63,24 @@ class Pruning(Callback):
         overrides: Sequence[str] = (),
         run_dir: str | Path | None = None,
     ) -> None:
-        if not (prune_at == "fit_end" or (isinstance(prune_at, int) and not isinstance(prune_at, bool) and prune_at >= 1)):
+        if not (
+            prune_at == "fit_end" or (isinstance(prune_at, int) and not isinstance(prune_at, bool) and prune_at >= 1)
+        ):
             raise ConfigError(f"prune_at={prune_at!r} must be 'fit_end' or a number of epochs >= 1")
         if example_inputs is None and train is None:
             raise ConfigError("Pruning needs example_inputs (a batch of inputs) or train=<DataLoader>")
         self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="prunelab-"))
         # Every setting is checked now, before the Trainer does any work.
         loop_method(method, budget, overrides, self.run_dir, train)
-        self._settings = dict(method=method, budget=budget, example_inputs=example_inputs, train=train,
-                              num_classes=num_classes, overrides=list(overrides), run_dir=self.run_dir)
+        self._settings = dict(
+            method=method,
+            budget=budget,
+            example_inputs=example_inputs,
+            train=train,
+            num_classes=num_classes,
+            overrides=list(overrides),
+            run_dir=self.run_dir,
+        )
         self.submodule = submodule
         self.prune_at = prune_at
         #: The Pruner driving the method (from the fit's setup on), and the result once pruned.
@@ -96,7 +105,9 @@ class Pruning(Callback):
             steps = trainer.estimated_stepping_batches
             if not math.isfinite(steps):
                 name = type(self.pruner.method).__name__
-                raise ConfigError(f"{name} schedules its search over the whole training: give the Trainer max_steps or max_epochs")
+                raise ConfigError(
+                    f"{name} schedules its search over the whole training: give the Trainer max_steps or max_epochs"
+                )
             self.pruner.fit_start(max(1, int(steps)))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -123,7 +134,9 @@ class Pruning(Callback):
                 else:
                     p.grad.add_(g)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         # An optimizer step happened in this batch when the global step moved (not on accumulating batches).
         if trainer.global_step == self._steps_seen:
             return
@@ -171,7 +184,9 @@ class Pruning(Callback):
         if self._network(pl_module) is model:
             return
         if self.submodule is None:
-            raise RuntimeError(f"{type(self.pruner.method).__name__} replaced the network: name it with Pruning(submodule=...)")
+            raise RuntimeError(
+                f"{type(self.pruner.method).__name__} replaced the network: name it with Pruning(submodule=...)"
+            )
         parent, _, name = self.submodule.rpartition(".")
         setattr(pl_module.get_submodule(parent) if parent else pl_module, name, model)
 

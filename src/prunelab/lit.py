@@ -142,7 +142,9 @@ class PruneLitModule(L.LightningModule):
             )
         self.train_acc.update(logits.detach(), y)
         reg = extra.detach().double() if extra is not None else ce.new_zeros((), dtype=torch.float64)
-        self.train_sums += torch.stack([ce.detach().double(), reg, loss.detach().double(), ce.new_ones((), dtype=torch.float64)])
+        self.train_sums += torch.stack(
+            [ce.detach().double(), reg, loss.detach().double(), ce.new_ones((), dtype=torch.float64)]
+        )
         self.log(f"{self.stage}/train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return objective
 
@@ -168,7 +170,11 @@ class PruneLitModule(L.LightningModule):
         checkpoint["prunelab_method"] = self.method.state_dict()
         checkpoint["prunelab_stop_reason"] = self.stop_reason
         # The stage's latest epoch metrics, for a resume that has no epoch left to run (the stage's end).
-        latest = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{self.stage}/") and v.numel() == 1}
+        latest = {
+            k: float(v)
+            for k, v in self.trainer.callback_metrics.items()
+            if k.startswith(f"{self.stage}/") and v.numel() == 1
+        }
         checkpoint["prunelab_metrics"] = {**self.restored_metrics, **latest}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -262,7 +268,9 @@ class PruneLitModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        scheduler = build_scheduler(self.scheduler_factory, optimizer, epochs, int(self.trainer.estimated_stepping_batches))
+        scheduler = build_scheduler(
+            self.scheduler_factory, optimizer, epochs, int(self.trainer.estimated_stepping_batches)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
 
 

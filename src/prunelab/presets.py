@@ -74,6 +74,8 @@ def renamed_preset(overrides: Iterable[str]) -> str | None:
             continue
         for name in value.split(","):
             if name.strip() in RENAMED:
-                return (f"experiment={name.strip()} was renamed experiment={RENAMED[name.strip()]} "
-                        "(presets are named <method>_<backbone>_<dataset>[_<variant>])")
+                return (
+                    f"experiment={name.strip()} was renamed experiment={RENAMED[name.strip()]} "
+                    "(presets are named <method>_<backbone>_<dataset>[_<variant>])"
+                )
     return None

@@ -161,8 +161,14 @@ def table(
             row[f"{metric} mean"] = statistics.fmean(values) if values else float("nan")
             row[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             if metric in ranged:
-                row[f"{metric} min"] = min((float(r.summary[f"{metric}_min"]) for r in members if f"{metric}_min" in r.summary), default=math.nan)
-                row[f"{metric} max"] = max((float(r.summary[f"{metric}_max"]) for r in members if f"{metric}_max" in r.summary), default=math.nan)
+                row[f"{metric} min"] = min(
+                    (float(r.summary[f"{metric}_min"]) for r in members if f"{metric}_min" in r.summary),
+                    default=math.nan,
+                )
+                row[f"{metric} max"] = max(
+                    (float(r.summary[f"{metric}_max"]) for r in members if f"{metric}_max" in r.summary),
+                    default=math.nan,
+                )
         rows.append(row)
     if out is not None and rows:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -233,8 +239,11 @@ def search_cost(search_run: Run, dense_run: Run, search_stage: str = "search", d
 
 def round_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Where each round of an iterative run ended: `round`, `sparsity`, `flops_ratio`, `test/acc` (None if untested)."""
-    rounds = sorted(int(k[5:].split("/")[0]) for k in summary if k.startswith("round") and k.endswith("/sparsity")
-                    and k[5:].split("/")[0].isdigit() and k.count("/") == 1)
+    rounds = sorted(
+        int(k[5:].split("/")[0])
+        for k in summary
+        if k.startswith("round") and k.endswith("/sparsity") and k[5:].split("/")[0].isdigit() and k.count("/") == 1
+    )
     return [
         {
             "round": r,
@@ -317,8 +326,13 @@ def _plot_rounds(rows: list[dict[str, Any]], by: Sequence[str], png: Path) -> No
 PARETO_AXES = {"flops": "model/flops_ratio", "params": "model/params_ratio", "sparsity": "model/sparsity"}
 
 
-def pareto(runs: Sequence[Run], x: str = "flops", by: Sequence[str] = ("method",), metric: str = "test/acc",
-           out: Path | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def pareto(
+    runs: Sequence[Run],
+    x: str = "flops",
+    by: Sequence[str] = ("method",),
+    metric: str = "test/acc",
+    out: Path | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Accuracy against FLOPs (or parameters, or sparsity) kept, one line per `by` group, over seeds.
 
     Runs are grouped by the `by` values and their `budget.<x>` setting (seeds fall together); each point
@@ -339,15 +353,27 @@ def pareto(runs: Sequence[Run], x: str = "flops", by: Sequence[str] = ("method",
         groups.setdefault((*key, str(run.get(f"budget.{x}"))), []).append(run)
         paper = run.get("paper")
         if OmegaConf.is_dict(paper) and paper.get("acc") is not None and paper.get(x) is not None:
-            papers[(*key, float(paper[x]))] = {**dict(zip(by, key)), x: float(paper[x]), "acc": float(paper.acc),
-                                               "source": str(paper.get("source", ""))}
+            papers[(*key, float(paper[x]))] = {
+                **dict(zip(by, key)),
+                x: float(paper[x]),
+                "acc": float(paper.acc),
+                "source": str(paper.get("source", "")),
+            }
     points = []
     for key, members in groups.items():
         xs = [float(r.summary[axis]) for r in members]
         ys = [float(r.summary[metric]) for r in members]
-        points.append({**dict(zip(by, key[:-1])), f"budget.{x}": key[-1], "runs": len(members),
-                       f"{x} mean": statistics.fmean(xs), f"{x} std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-                       f"{metric} mean": statistics.fmean(ys), f"{metric} std": statistics.stdev(ys) if len(ys) > 1 else 0.0})
+        points.append(
+            {
+                **dict(zip(by, key[:-1])),
+                f"budget.{x}": key[-1],
+                "runs": len(members),
+                f"{x} mean": statistics.fmean(xs),
+                f"{x} std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                f"{metric} mean": statistics.fmean(ys),
+                f"{metric} std": statistics.stdev(ys) if len(ys) > 1 else 0.0,
+            }
+        )
     points.sort(key=lambda p: (tuple(p[k] for k in by), p[f"{x} mean"]))
     paper_points = list(papers.values())
     if out is not None and points:
@@ -359,35 +385,69 @@ def pareto(runs: Sequence[Run], x: str = "flops", by: Sequence[str] = ("method",
     return points, paper_points
 
 
-def pareto_markdown(points: list[dict[str, Any]], papers: list[dict[str, Any]], x: str, by: Sequence[str], metric: str) -> str:
+def pareto_markdown(
+    points: list[dict[str, Any]], papers: list[dict[str, Any]], x: str, by: Sequence[str], metric: str
+) -> str:
     """The points of `pareto` as Markdown (ratios in %), then the papers' points."""
-    lines = ["| " + " | ".join([*by, f"budget.{x}", "runs", f"{x} kept (%)" if x != "sparsity" else "sparsity (%)", metric]) + " |",
-             "|" + "---|" * (len(by) + 4)]
+    lines = [
+        "| "
+        + " | ".join([*by, f"budget.{x}", "runs", f"{x} kept (%)" if x != "sparsity" else "sparsity (%)", metric])
+        + " |",
+        "|" + "---|" * (len(by) + 4),
+    ]
     for p in points:
-        cells = [str(p[k]) for k in by] + [p[f"budget.{x}"], str(p["runs"]), f"{100 * p[f'{x} mean']:.2f} +- {100 * p[f'{x} std']:.2f}",
-                                            f"{p[f'{metric} mean']:.2f} +- {p[f'{metric} std']:.2f}"]
+        cells = [str(p[k]) for k in by] + [
+            p[f"budget.{x}"],
+            str(p["runs"]),
+            f"{100 * p[f'{x} mean']:.2f} +- {100 * p[f'{x} std']:.2f}",
+            f"{p[f'{metric} mean']:.2f} +- {p[f'{metric} std']:.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if papers:
-        lines += ["", "| " + " | ".join([*by, f"paper {x} (%)", "paper accuracy", "source"]) + " |", "|" + "---|" * (len(by) + 3)]
-        lines += ["| " + " | ".join([*(str(p[k]) for k in by), f"{100 * p[x]:.2f}", f"{p['acc']:.2f}", p["source"]]) + " |" for p in papers]
+        lines += [
+            "",
+            "| " + " | ".join([*by, f"paper {x} (%)", "paper accuracy", "source"]) + " |",
+            "|" + "---|" * (len(by) + 3),
+        ]
+        lines += [
+            "| " + " | ".join([*(str(p[k]) for k in by), f"{100 * p[x]:.2f}", f"{p['acc']:.2f}", p["source"]]) + " |"
+            for p in papers
+        ]
     return "\n".join(lines) + "\n"
 
 
-def _plot_pareto(points: list[dict[str, Any]], papers: list[dict[str, Any]], x: str, by: Sequence[str], metric: str, png: Path) -> None:
+def _plot_pareto(
+    points: list[dict[str, Any]], papers: list[dict[str, Any]], x: str, by: Sequence[str], metric: str, png: Path
+) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colours: dict[tuple, Any] = {}
     for key in dict.fromkeys(tuple(p[k] for k in by) for p in points):
         mine = [p for p in points if tuple(p[k] for k in by) == key]
-        line = ax.errorbar([100 * p[f"{x} mean"] for p in mine], [p[f"{metric} mean"] for p in mine],
-                           xerr=[100 * p[f"{x} std"] for p in mine], yerr=[p[f"{metric} std"] for p in mine],
-                           marker="o", capsize=3, label=" ".join(str(v) for v in key))
+        line = ax.errorbar(
+            [100 * p[f"{x} mean"] for p in mine],
+            [p[f"{metric} mean"] for p in mine],
+            xerr=[100 * p[f"{x} std"] for p in mine],
+            yerr=[p[f"{metric} std"] for p in mine],
+            marker="o",
+            capsize=3,
+            label=" ".join(str(v) for v in key),
+        )
         colours[key] = line[0].get_color()
     for paper in papers:
         key = tuple(paper[k] for k in by)
-        ax.scatter([100 * paper[x]], [paper["acc"]], marker="*", s=120, color=colours.get(key, "black"), zorder=3,
-                   label=f"{' '.join(key)}: paper ({paper['source']})" if paper["source"] else f"{' '.join(key)}: paper")
-    ax.set_xlabel({"flops": "FLOPs kept (%)", "params": "parameters kept (%)", "sparsity": "sparsity (% of weights removed)"}[x])
+        ax.scatter(
+            [100 * paper[x]],
+            [paper["acc"]],
+            marker="*",
+            s=120,
+            color=colours.get(key, "black"),
+            zorder=3,
+            label=f"{' '.join(key)}: paper ({paper['source']})" if paper["source"] else f"{' '.join(key)}: paper",
+        )
+    ax.set_xlabel(
+        {"flops": "FLOPs kept (%)", "params": "parameters kept (%)", "sparsity": "sparsity (% of weights removed)"}[x]
+    )
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -417,8 +477,15 @@ def trials_table(sweep_dir: Path, objective: str = "val/acc", out: Path | None =
             continue
         overrides_file = run.path / ".hydra" / "overrides.yaml"
         overrides = " ".join(OmegaConf.load(overrides_file)) if overrides_file.exists() else ""
-        rows.append({"run": str(run.path.relative_to(sweep_dir)), "overrides": overrides, objective: float(run.summary[objective]),
-                     "test/acc": run.summary.get("test/acc"), "model/flops_ratio": run.summary.get("model/flops_ratio")})
+        rows.append(
+            {
+                "run": str(run.path.relative_to(sweep_dir)),
+                "overrides": overrides,
+                objective: float(run.summary[objective]),
+                "test/acc": run.summary.get("test/acc"),
+                "model/flops_ratio": run.summary.get("model/flops_ratio"),
+            }
+        )
     rows.sort(key=lambda r: -r[objective])
     # What the trials share (the preset, fixed overrides) is said once, not in every row.
     common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
@@ -429,8 +496,10 @@ def trials_table(sweep_dir: Path, objective: str = "val/acc", out: Path | None =
         _write_csv(out / "trials.csv", list(rows[0]), [list(r.values()) for r in rows])
         fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
         lines = ["| trial overrides | " + objective + " | test/acc | FLOPs ratio |", "|---|---|---|---|"]
-        lines += [f"| {r['overrides']} | {r[objective]:.2f} | {fmt(r['test/acc'], '.2f')} | {fmt(r['model/flops_ratio'], '.3f')} |"
-                  for r in rows]
+        lines += [
+            f"| {r['overrides']} | {r[objective]:.2f} | {fmt(r['test/acc'], '.2f')} | {fmt(r['model/flops_ratio'], '.3f')} |"
+            for r in rows
+        ]
         write_text(out / "trials.md", "\n".join(lines) + "\n")
         write_text(out / "best_config.yaml", (Path(sweep_dir) / rows[0]["run"] / "config.yaml").read_text())
     return rows
@@ -445,8 +514,10 @@ class SweepTrials(Callback):
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         rows = trials_table(Path(config.hydra.sweep.dir), self.objective)
         if rows:
-            print(f"sweep: {len(rows)} trials; best {self.objective} {rows[0][self.objective]:.2f} with "
-                  f"{rows[0]['overrides']} (trials.md, best_config.yaml in {config.hydra.sweep.dir})")
+            print(
+                f"sweep: {len(rows)} trials; best {self.objective} {rows[0][self.objective]:.2f} with "
+                f"{rows[0]['overrides']} (trials.md, best_config.yaml in {config.hydra.sweep.dir})"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -498,7 +569,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         by = args.by.split(",")
         points, papers = pareto(runs, x=args.x, by=by, metric=args.metric, out=args.out or _default_out(runs))
         if not points:
-            raise SystemExit(f"none of these runs has finished with {args.metric} and {PARETO_AXES[args.x]} in its summary")
+            raise SystemExit(
+                f"none of these runs has finished with {args.metric} and {PARETO_AXES[args.x]} in its summary"
+            )
         print(pareto_markdown(points, papers, args.x, by, args.metric), end="")
         return
     if args.command == "table":

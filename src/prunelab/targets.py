@@ -40,7 +40,9 @@ def locate(path: str, setting: str) -> Any:
                 raise ConfigError(f"{setting}={path}: module {found.__name__} has no {attribute!r}")
             found = getattr(found, attribute)
         return found
-    raise ConfigError(f"{setting}={path}: no module {parts[0]!r} can be imported (install it, or put the folder that holds it on PYTHONPATH)")
+    raise ConfigError(
+        f"{setting}={path}: no module {parts[0]!r} can be imported (install it, or put the folder that holds it on PYTHONPATH)"
+    )
 
 
 def parameters(factory: Any) -> dict[str, inspect.Parameter]:
@@ -52,7 +54,9 @@ def parameters(factory: Any) -> dict[str, inspect.Parameter]:
     return {name: p for name, p in found.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
-def call(node: dict[str, Any], setting: str, offered: dict[str, Any] | None = None, hint: str = "") -> tuple[Any, dict[str, Any]]:
+def call(
+    node: dict[str, Any], setting: str, offered: dict[str, Any] | None = None, hint: str = ""
+) -> tuple[Any, dict[str, Any]]:
     """`node[_target_](**arguments)`: the node's other keys, plus each `offered` one the target takes by name and
     the node does not set. Returns the object and the arguments it was called with.
 
@@ -69,7 +73,9 @@ def call(node: dict[str, Any], setting: str, offered: dict[str, Any] | None = No
     try:
         inspect.signature(factory).bind(**arguments)
     except TypeError as err:
-        raise ConfigError(f"{setting}.{TARGET}={target}: {err} (it takes: {', '.join(takes) or 'no arguments'}){hint}") from None
+        raise ConfigError(
+            f"{setting}.{TARGET}={target}: {err} (it takes: {', '.join(takes) or 'no arguments'}){hint}"
+        ) from None
     except ValueError:
         pass  # No signature to check against (a builtin): the call itself says what is wrong.
     return factory(**arguments), arguments

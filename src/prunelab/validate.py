@@ -35,11 +35,15 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _fraction(cfg: DictConfig, key: str, low: float, high: float, closed_low: bool, closed_high: bool, meaning: str) -> None:
+def _fraction(
+    cfg: DictConfig, key: str, low: float, high: float, closed_low: bool, closed_high: bool, meaning: str
+) -> None:
     value = _number(cfg, key)
     if value is None:
         return
-    _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}={value!r} must be a number ({meaning})")
+    _require(
+        isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}={value!r} must be a number ({meaning})"
+    )
     above = value >= low if closed_low else value > low
     below = value <= high if closed_high else value < high
     interval = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
@@ -90,10 +94,19 @@ def check_config(cfg: DictConfig) -> None:
     _require(fmt is None or fmt in FORMATS, f"export.format={fmt!r} must be one of {', '.join(FORMATS)}")
     if _number(cfg, "budget.latency") is not None:
         fmt = _number(cfg, "budget.latency_format")
-        _require(fmt in ("eager", *FORMATS), f"budget.latency_format={fmt!r} must be eager or one of {', '.join(FORMATS)}")
+        _require(
+            fmt in ("eager", *FORMATS), f"budget.latency_format={fmt!r} must be eager or one of {', '.join(FORMATS)}"
+        )
         ranking = _number(cfg, "budget.latency_ranking")
-        _require(ranking in (None, "importance", "per_ms"), f"budget.latency_ranking={ranking!r} must be importance or per_ms")
-        if ranking == "per_ms" and str(_number(cfg, "method._target_") or "").endswith(".L1Filter") and _number(cfg, "method.normalize") is not False:
+        _require(
+            ranking in (None, "importance", "per_ms"),
+            f"budget.latency_ranking={ranking!r} must be importance or per_ms",
+        )
+        if (
+            ranking == "per_ms"
+            and str(_number(cfg, "method._target_") or "").endswith(".L1Filter")
+            and _number(cfg, "method.normalize") is not False
+        ):
             warnings.warn(
                 "budget.latency_ranking=per_ms divides scores by each channel's latency across layers, but "
                 "method.normalize=true scales every layer's L1 scores to its own maximum: on ResNet-56 this cut "
@@ -101,7 +114,10 @@ def check_config(cfg: DictConfig) -> None:
                 stacklevel=2,
             )
         other = [k for k in ("flops", "params", "layer_ratios") if _number(cfg, f"budget.{k}") is not None]
-        _require(not other, f"budget.latency and budget.{other[0] if other else ''} are both set: a structured budget is one of them")
+        _require(
+            not other,
+            f"budget.latency and budget.{other[0] if other else ''} are both set: a structured budget is one of them",
+        )
     scope = _number(cfg, "budget.scope")
     _require(scope in (None, "global", "layer"), f"budget.scope={scope!r} must be 'global' or 'layer'")
     _whole(cfg, "trainer.max_epochs", 0, "epochs of a training stage")
@@ -115,7 +131,9 @@ def check_config(cfg: DictConfig) -> None:
     _whole(cfg, "checkpoint_every_n_steps", 1, "optimizer steps between mid-epoch checkpoints")
     _whole(cfg, "bn_recalibration.batches", -1, "training batches for BN re-estimation, -1 = all, 0 = off", False)
     # A datamodule of the user's own (dataset=custom) may have no batch size; prunelab's always have one.
-    _whole(cfg, "dataset.batch_size", 1, "images per training batch", "batch_size" not in (_number(cfg, "dataset") or {}))
+    _whole(
+        cfg, "dataset.batch_size", 1, "images per training batch", "batch_size" not in (_number(cfg, "dataset") or {})
+    )
     _whole(cfg, "dataset.eval_batch_size", 1, "images per evaluation batch")
     _whole(cfg, "dataset.num_workers", 0, "data-loader worker processes")
     _whole(cfg, "dataset.val_size", 0, "training images held out for validation")
@@ -123,9 +141,14 @@ def check_config(cfg: DictConfig) -> None:
     _whole(cfg, "latency.warmup", 0, "untimed calls before a latency measurement")
     _whole(cfg, "latency.repeats", 1, "timed calls of a latency measurement")
     _whole(cfg, "latency.rounds", 1, "interleaved rounds in which the final and the dense model are timed")
-    _fraction(cfg, "latency.max_seconds", 0, math.inf, False, False, "the seconds after which a latency measurement stops")
+    _fraction(
+        cfg, "latency.max_seconds", 0, math.inf, False, False, "the seconds after which a latency measurement stops"
+    )
     for batch in _number(cfg, "latency.batch_sizes") or []:
-        _require(isinstance(batch, int) and batch >= 1, f"latency.batch_sizes has {batch!r}: batch sizes are whole numbers >= 1")
+        _require(
+            isinstance(batch, int) and batch >= 1,
+            f"latency.batch_sizes has {batch!r}: batch sizes are whole numbers >= 1",
+        )
     _fraction(cfg, "backbone.width", 0, math.inf, False, False, "the channel multiplier of the backbone")
     _existing(cfg, "backbone.pretrained", "the checkpoint to start from")
     _existing(cfg, "method.init_from", "the checkpoint the method starts from")
@@ -146,12 +169,16 @@ def _check_layer_ratio_syntax(spec: list) -> None:
     if all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in spec):
         bad = [r for r in spec if not 0.0 <= r < 1.0]
         if bad:
-            raise ConfigError(f"budget.layer_ratios={spec}: ratios are fractions of channels to remove, in [0, 1); got {bad[0]}")
+            raise ConfigError(
+                f"budget.layer_ratios={spec}: ratios are fractions of channels to remove, in [0, 1); got {bad[0]}"
+            )
         return
     for item in spec:
         match = _RANGE.match(str(item))
         if match is None:
-            raise ConfigError(f"budget.layer_ratios entry {item!r} is not 'a-b:ratio' or 'a:ratio' (layer indices, fraction to remove)")
+            raise ConfigError(
+                f"budget.layer_ratios entry {item!r} is not 'a-b:ratio' or 'a:ratio' (layer indices, fraction to remove)"
+            )
         first, last, ratio = int(match[1]), int(match[2] or match[1]), float(match[3])
         _require(first <= last, f"budget.layer_ratios entry {item!r}: the range {first}-{last} is reversed")
         _require(0.0 <= ratio < 1.0, f"budget.layer_ratios entry {item!r}: the ratio must be in [0, 1)")
@@ -205,7 +232,11 @@ def check_variant(cfg: DictConfig, image_size: int) -> str | None:
         return natural
     _require(variant in ("cifar", "imagenet"), f"backbone.variant={variant!r} must be auto, cifar or imagenet")
     if variant != natural:
-        spec = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if k not in ("_target_", "pretrained")}
+        spec = {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()
+            if k not in ("_target_", "pretrained")
+        }
         shape = (3, image_size, image_size)
         chosen, other = (count_flops(create(**{**spec, "variant": v}), shape) for v in (variant, natural))
         warnings.warn(

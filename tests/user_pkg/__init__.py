@@ -41,7 +41,9 @@ class BlobsDataModule(L.LightningDataModule):
     """Learnable random images: each class is a noisy copy of its own pattern. It sets `num_classes` and lets
     prunelab read the input shape from the first batch."""
 
-    def __init__(self, num_classes: int = 3, size: int = 16, per_class: int = 40, batch_size: int = 20, seed: int = 0) -> None:
+    def __init__(
+        self, num_classes: int = 3, size: int = 16, per_class: int = 40, batch_size: int = 20, seed: int = 0
+    ) -> None:
         super().__init__()
         self.num_classes = self.patterns = num_classes
         self.size, self.per_class, self.batch_size, self.seed = size, per_class, batch_size, seed
@@ -54,10 +56,15 @@ class BlobsDataModule(L.LightningDataModule):
         labels = torch.arange(self.patterns).repeat_interleave(self.per_class)
         images = patterns[labels] + 0.5 * torch.randn(len(labels), 3, self.size, self.size, generator=generator)
         self.train_set = TensorDataset(images, labels)
-        self.val_set = TensorDataset(patterns[labels[::4]] + 0.5 * torch.randn(len(labels[::4]), 3, self.size, self.size, generator=generator), labels[::4])
+        self.val_set = TensorDataset(
+            patterns[labels[::4]] + 0.5 * torch.randn(len(labels[::4]), 3, self.size, self.size, generator=generator),
+            labels[::4],
+        )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed)
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)

@@ -13,4 +13,13 @@ from prunelab.backbones.registry import available, create, load_pretrained, regi
 from prunelab.backbones.user import from_target, rebuild
 from prunelab.structure.pruners import customized_pruners
 
-__all__ = ["available", "create", "customized_pruners", "from_target", "load_pretrained", "rebuild", "register", "scale_channels"]
+__all__ = [
+    "available",
+    "create",
+    "customized_pruners",
+    "from_target",
+    "load_pretrained",
+    "rebuild",
+    "register",
+    "scale_channels",
+]

@@ -122,7 +122,10 @@ def relayout(model: nn.Module) -> None:
         logging.getLogger("prunelab").warning(
             "%d cascaded group attention(s) kept whole (%s%s): each head adds its output to the next head's chunk of the "
             "stream, so their values and the stream they write keep their channels",
-            len(cascaded), cascaded[0], ", ..." if len(cascaded) > 1 else "")
+            len(cascaded),
+            cascaded[0],
+            ", ..." if len(cascaded) > 1 else "",
+        )
     # A position bias the model shares among its blocks has every head: the heads, and the bias's layer with one output
     # per head, stay whole (`keep_whole`, read by groups_from_graph and attention_heads).
     shared = getattr(model, "shared_rel_pos", None)
@@ -130,7 +133,11 @@ def relayout(model: nn.Module) -> None:
         for module in model.modules():
             if isinstance(module, RelativePositionAttention):
                 module.keep_whole = True
-            elif isinstance(module, nn.Linear) and module in set(shared.modules()) and module.out_features == shared.num_heads:
+            elif (
+                isinstance(module, nn.Linear)
+                and module in set(shared.modules())
+                and module.out_features == shared.num_heads
+            ):
                 module.keep_whole = True
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -51,9 +51,7 @@ def _conv_bn_act(
     in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int, activation: type[nn.Module]
 ) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, groups=groups, bias=False
-        ),
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, groups=groups, bias=False),
         nn.BatchNorm2d(out_channels),
         activation(inplace=True),
     )

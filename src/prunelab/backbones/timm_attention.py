@@ -98,7 +98,9 @@ class SubsampledAttention(QueryKeyValueLayout):
         (q,) = _heads(self.q(x), 1, self.num_heads, self.head_dim)
         if self.sr is not None:
             x = x.transpose(1, 2).unflatten(-1, tuple(size))
-            x = self.norm(self.sr(x if getattr(self, "pool", None) is None else self.pool(x)).flatten(2).transpose(1, 2))
+            x = self.norm(
+                self.sr(x if getattr(self, "pool", None) is None else self.pool(x)).flatten(2).transpose(1, 2)
+            )
             x = x if getattr(self, "act", None) is None else self.act(x)
         k, v = _heads(self.kv(x), 2, self.num_heads, self.head_dim)
         return self._out(_sdpa(self, q, k, v))
@@ -113,8 +115,15 @@ class GroupedWindowAttention(HeadWidth):
         (height, width), ws = size, self.ws
         x = F.pad(x.view(batch, height, width, channels), (0, 0, 0, (-width) % ws, 0, (-height) % ws))
         rows, cols = x.shape[1] // ws, x.shape[2] // ws
-        x = x.reshape(batch, rows, ws, cols, ws, channels).transpose(2, 3).reshape(batch, rows * cols * ws * ws, channels)
-        q, k, v = (y.unflatten(2, (rows * cols, ws * ws)).transpose(1, 2) for y in _heads(self.qkv(x), 3, self.num_heads, self.head_dim))
+        x = (
+            x.reshape(batch, rows, ws, cols, ws, channels)
+            .transpose(2, 3)
+            .reshape(batch, rows * cols * ws * ws, channels)
+        )
+        q, k, v = (
+            y.unflatten(2, (rows * cols, ws * ws)).transpose(1, 2)
+            for y in _heads(self.qkv(x), 3, self.num_heads, self.head_dim)
+        )
         x = _sdpa(self, q, k, v).permute(0, 1, 3, 2, 4).flatten(3)  # (B, windows, ws x ws, heads x dim)
         x = x.reshape(batch, rows, cols, ws, ws, -1).transpose(2, 3).reshape(batch, rows * ws, cols * ws, -1)
         return self.proj_drop(self.proj(x[:, :height, :width].reshape(batch, tokens, -1)))
@@ -174,7 +183,9 @@ class CosineWindowAttention(HeadWidth):
         attn = attn + self._relative_positional_encodings()
         if mask is not None:
             windows, tokens = mask.shape[0], x.shape[1]
-            attn = (attn.view(-1, windows, self.num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)).flatten(0, 1)
+            attn = (attn.view(-1, windows, self.num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)).flatten(
+                0, 1
+            )
         return self._out(self.attn_drop(attn.softmax(dim=-1)) @ v)
 
 
@@ -206,7 +217,9 @@ class OutlookAttention(HeadWidth):
         attn = attn.reshape(batch, cells, self.num_heads, window, window).permute(0, 2, 1, 3, 4)
         attn = self.attn_drop((attn * self.scale).softmax(dim=-1))
         x = (attn @ v.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2).reshape(batch, -1, cells)
-        x = F.fold(x, output_size=(height, width), kernel_size=self.kernel_size, padding=self.padding, stride=self.stride)
+        x = F.fold(
+            x, output_size=(height, width), kernel_size=self.kernel_size, padding=self.padding, stride=self.stride
+        )
         return self.proj_drop(self.proj(x.permute(0, 2, 3, 1)))
 
     def head_layout(self):
@@ -259,7 +272,9 @@ class RelativePositionAttention(HeadWidth):
         q, k, v = _heads(self.qkv(x), 3, self.num_heads, self.head_dim)
         bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos
         dropout = self.attn_drop.p if self.training else 0.0
-        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
+        x = F.scaled_dot_product_attention(
+            self.q_norm(q), self.k_norm(k), v, attn_mask=bias, dropout_p=dropout, scale=self.scale
+        )
         return self._out(x)
 
 
@@ -278,7 +293,9 @@ class CrossCovarianceAttention(HeadWidth):
     channels' cosine similarities across tokens, times a learned `temperature`; `qkv` stacked."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (y.transpose(-2, -1) for y in _heads(self.qkv(x), 3, self.num_heads, self.head_dim))  # (B, heads, dim, N)
+        q, k, v = (
+            y.transpose(-2, -1) for y in _heads(self.qkv(x), 3, self.num_heads, self.head_dim)
+        )  # (B, heads, dim, N)
         attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
         return self._out((self.attn_drop(attn.softmax(-1)) @ v).transpose(-2, -1))
 

@@ -52,8 +52,14 @@ class SelfAttention(Relaid):
             if mha.out_proj.bias is not None:
                 self.proj.bias.copy_(mha.out_proj.bias)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                need_weights: bool = False, **_: Any) -> tuple[torch.Tensor, None]:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        need_weights: bool = False,
+        **_: Any,
+    ) -> tuple[torch.Tensor, None]:
         if (key is not None and key is not query) or (value is not None and value is not query):
             raise ValueError("SelfAttention computes self-attention only: key and value must be the query")
         batch, tokens, _ = query.shape
@@ -114,7 +120,11 @@ class WindowSelfAttention(Relaid):
     def position_bias(self) -> torch.Tensor:
         """(heads, N, N) over the N tokens of a window."""
         tokens = self.window_size[0] * self.window_size[1]
-        table = self.cpb_mlp(self.relative_coords_table).reshape(-1, self.num_heads) if self.cosine else self.relative_position_bias_table
+        table = (
+            self.cpb_mlp(self.relative_coords_table).reshape(-1, self.num_heads)
+            if self.cosine
+            else self.relative_position_bias_table
+        )
         bias = table[self.relative_position_index].reshape(tokens, tokens, -1).permute(2, 0, 1)
         return 16 * torch.sigmoid(bias) if self.cosine else bias
 
@@ -124,7 +134,9 @@ class WindowSelfAttention(Relaid):
 
         def regions(size: int, window: int, shift: int) -> torch.Tensor:  # 0, 1, 2 from the start; one region unshifted
             index = torch.arange(size, device=device)
-            return (index >= size - window).long() + (index >= size - shift).long() if shift else torch.zeros_like(index)
+            return (
+                (index >= size - window).long() + (index >= size - shift).long() if shift else torch.zeros_like(index)
+            )
 
         region = regions(height, wh, sh)[:, None] * 3 + regions(width, ww, sw)[None, :]
         region = region.reshape(height // wh, wh, width // ww, ww).transpose(1, 2).reshape(-1, wh * ww)
@@ -140,7 +152,11 @@ class WindowSelfAttention(Relaid):
         if any(shift):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         grid = (padded_h // wh, padded_w // ww)
-        windows = x.reshape(-1, grid[0], wh, grid[1], ww, channels).transpose(2, 3).reshape(-1, grid[0] * grid[1], wh * ww, channels)
+        windows = (
+            x.reshape(-1, grid[0], wh, grid[1], ww, channels)
+            .transpose(2, 3)
+            .reshape(-1, grid[0] * grid[1], wh * ww, channels)
+        )
 
         q, k, v = _split_heads(self.qkv(windows), self.num_heads, self.head_dim)
         if self.cosine:
@@ -154,7 +170,11 @@ class WindowSelfAttention(Relaid):
         attention = F.dropout(logits.softmax(-1), self.attention_dropout, self.training)
         out = F.dropout(self.proj(_merge_heads(attention @ v)), self.dropout, self.training)
 
-        out = out.reshape(-1, grid[0], grid[1], wh, ww, out.shape[-1]).transpose(2, 3).reshape(-1, padded_h, padded_w, out.shape[-1])
+        out = (
+            out.reshape(-1, grid[0], grid[1], wh, ww, out.shape[-1])
+            .transpose(2, 3)
+            .reshape(-1, padded_h, padded_w, out.shape[-1])
+        )
         if any(shift):
             out = torch.roll(out, shifts=shift, dims=(1, 2))
         return out[:, :height, :width].contiguous()

@@ -35,8 +35,10 @@ class CostModel:
             def record(module, inputs, output):
                 self.inputs[name] = tuple(inputs[0].shape[1:])
                 firsts[name] = int(inputs[0].shape[0])
-                per_output = module.in_features if isinstance(module, nn.Linear) else (
-                    module.in_channels // module.groups * math.prod(module.kernel_size)
+                per_output = (
+                    module.in_features
+                    if isinstance(module, nn.Linear)
+                    else (module.in_channels // module.groups * math.prod(module.kernel_size))
                 )
                 macs[name] += output.numel() * per_output  # one example: a first dimension of windows or rows counts
 
@@ -59,7 +61,12 @@ class CostModel:
         for g in groups:
             heads = getattr(model.get_submodule(g.heads), "num_heads", 1) if g.heads else 1
             for name in layers:
-                if heads > 1 and name.startswith(f"{g.heads}.") and name not in described and firsts.get(name, 1) % heads == 0:
+                if (
+                    heads > 1
+                    and name.startswith(f"{g.heads}.")
+                    and name not in described
+                    and firsts.get(name, 1) % heads == 0
+                ):
                     folded.add(name)
         # What an attention module computes beyond its layers (those folded over its heads aside): its products, linear
         # in its kept width.
@@ -88,8 +95,11 @@ class CostModel:
             self.layers.append((macs[name], weight, bias, fan_in, out_channels(m), writes, reads))
         self.modules = list(layers.items())
         # Parameters per channel of each norm (a BatchNorm after a concatenation holds several groups' channels).
-        norms = {name: sum(p.numel() for p in m.parameters()) // m.num_features for name, m in model.named_modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        norms = {
+            name: sum(p.numel() for p in m.parameters()) // m.num_features
+            for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        }
         # Per channel of each group (a norm holding a channel twice, after a concatenation of it and its copy, twice).
         self.norm_params = {
             g.name: [sum(norms.get(n, 0) * (len(g.rows[n][c]) if n in g.rows else 1) for n in g.norms) for c in range(g.size)]
@@ -112,10 +122,17 @@ class CostModel:
             for group, per_channel in channels:
                 if plan is not None and group in plan.keep:
                     kept = plan.keep[group]
-                    total += plan.sizes[group] - len(kept) if per_channel is None else sum(per_channel) - sum(per_channel[i] for i in kept)
+                    total += (
+                        plan.sizes[group] - len(kept)
+                        if per_channel is None
+                        else sum(per_channel) - sum(per_channel[i] for i in kept)
+                    )
             return total
 
-        return [(fan_in - removed(reads), fan_out - removed(writes)) for _, _, _, fan_in, fan_out, writes, reads in self.layers]
+        return [
+            (fan_in - removed(reads), fan_out - removed(writes))
+            for _, _, _, fan_in, fan_out, writes, reads in self.layers
+        ]
 
     def _count(self, plan, widths: list[tuple[int, int]]) -> dict[str, int]:
         kept = plan.kept() if plan is not None else {}
@@ -126,9 +143,15 @@ class CostModel:
             flops += round(macs * scale)
             params += round(weight * scale) + (bias * out // fan_out if bias else 0)
         for name, per_channel in self.norm_params.items():
-            params += sum(per_channel[c] for c in plan.keep[name]) if plan is not None and name in plan.keep else sum(per_channel)
+            params += (
+                sum(per_channel[c] for c in plan.keep[name])
+                if plan is not None and name in plan.keep
+                else sum(per_channel)
+            )
         params += sum(round(n * kept.get(name, self.sizes[name])) for name, n in self.head_params.items())
-        flops += sum(round(n * kept.get(name, self.sizes[name]) / self.sizes[name]) for name, n in self.products.items())
+        flops += sum(
+            round(n * kept.get(name, self.sizes[name]) / self.sizes[name]) for name, n in self.products.items()
+        )
         return {"flops": flops, "params": params}
 
     def count(self, plan) -> dict[str, int]:
@@ -145,7 +168,9 @@ def _per_head_parameters(m: nn.Module, laid_out: bool) -> int:
     own = list(m.parameters(recurse=False))
     if laid_out:
         return sum(p.numel() for p in own if p.dim() and p.shape[0] == heads)
-    total = sum(p.numel() for p in own if p.dim() and (p.shape[-1] == heads or (p.shape[0] == heads and p[0].numel() == 1)))
+    total = sum(
+        p.numel() for p in own if p.dim() and (p.shape[-1] == heads or (p.shape[0] == heads and p[0].numel() == 1))
+    )
     layers = {id(getattr(m, n, None)) for n in ("qkv", "proj", "q_norm", "k_norm", "norm")}
     for child in (c for c in m.children() if id(c) not in layers):
         for sub in child.modules():

@@ -62,11 +62,17 @@ class LatencyModel(CostModel):
         # A layer alone takes a few milliseconds, less than a time slice of the scheduler: on a loaded machine most of
         # its calls wait for one (medians of 10-44 ms for a 16-to-16 convolution at batch 64, in no order of width), the
         # fastest call does not. The tables only give the layers' shares, which the deployed model calibrates.
-        self.probe_timer = timer or (lambda fn, x: timing.time_call(fn, x, warmup=3, repeats=20, seconds=0.3, fastest=True))
+        self.probe_timer = timer or (
+            lambda fn, x: timing.time_call(fn, x, warmup=3, repeats=20, seconds=0.3, fastest=True)
+        )
         # A deployed model is timed in rounds beside the dense one: warmed up in the first, then at least 5 calls and
         # 0.2 s a round (many short rounds follow the machine's load better than a few long ones).
-        self.first_timer = timer or (lambda fn, x: timing.time_call(fn, x, warmup=3, repeats=5, seconds=0.2, quiet=True))
-        self.round_timer = timer or (lambda fn, x: timing.time_call(fn, x, warmup=0, repeats=5, seconds=0.2, quiet=True))
+        self.first_timer = timer or (
+            lambda fn, x: timing.time_call(fn, x, warmup=3, repeats=5, seconds=0.2, quiet=True)
+        )
+        self.round_timer = timer or (
+            lambda fn, x: timing.time_call(fn, x, warmup=0, repeats=5, seconds=0.2, quiet=True)
+        )
         self.rounds = int(rounds)
         self._dense_net = deployed(model, self.input_shape, self.format, self.device)
         self._x = torch.randn(self.batch_size, *self.input_shape, device=self.device)
@@ -104,8 +110,12 @@ class LatencyModel(CostModel):
             self.observe(uniform, calibration[-1].ratio * self.dense["latency"])
         log.info(
             "latency model calibrated: dense %.4g ms deployed as %s at batch %d; every group at 3/4, 1/2 and 1/4 width "
-            "timed in 3 rounds beside it: ratios %s, round-to-round spread %s", self.dense["latency"], self.format,
-            self.batch_size, ", ".join(f"{b.ratio:.3f}" for b in calibration), ", ".join(f"{b.spread:.1%}" for b in calibration),
+            "timed in 3 rounds beside it: ratios %s, round-to-round spread %s",
+            self.dense["latency"],
+            self.format,
+            self.batch_size,
+            ", ".join(f"{b.ratio:.3f}" for b in calibration),
+            ", ".join(f"{b.spread:.1%}" for b in calibration),
         )
 
     def beside_dense(self, model: nn.Module, rounds: int | None = None) -> Beside:
@@ -113,7 +123,9 @@ class LatencyModel(CostModel):
         return self._rounds(deployed(model, self.input_shape, self.format, self.device), rounds or self.rounds, True)
 
     def _rounds(self, net, rounds: int, first: bool) -> Beside:
-        dense, timed = time_rounds([self._dense_net, net], self._x, rounds, self.round_timer, self.first_timer if first else None)
+        dense, timed = time_rounds(
+            [self._dense_net, net], self._x, rounds, self.round_timer, self.first_timer if first else None
+        )
         return Beside(dense, timed)
 
     def judge(self, model: nn.Module, low: float, high: float) -> Beside:
@@ -137,8 +149,15 @@ class LatencyModel(CostModel):
             log.info(
                 "latency search: still unclear after %d interleaved rounds (the bound, 3 x latency_rounds): the median "
                 "ratio's bounds %.4f-%.4f straddle an edge of %.4f-%.4f and are wider than the %.2f%% tolerance "
-                "(round-to-round spread %.1f%%); the median %.4f decides", beside.rounds, lo, hi, low, high,
-                100 * tolerance, 100 * beside.spread, beside.ratio,
+                "(round-to-round spread %.1f%%); the median %.4f decides",
+                beside.rounds,
+                lo,
+                hi,
+                low,
+                high,
+                100 * tolerance,
+                100 * beside.spread,
+                beside.ratio,
             )
         return beside
 
@@ -160,8 +179,12 @@ class LatencyModel(CostModel):
             if (macs < sums) != self.by_macs:
                 log.warning(
                     "latency tables: their sums order the %d measured models with %d pairs the wrong way round, MACs with "
-                    "%d: the estimate follows %s (delete %s to measure the tables again)", len(ys), sums, macs,
-                    "MACs" if macs < sums else "the tables again", self.cache,
+                    "%d: the estimate follows %s (delete %s to measure the tables again)",
+                    len(ys),
+                    sums,
+                    macs,
+                    "MACs" if macs < sums else "the tables again",
+                    self.cache,
                 )
             self.by_macs = macs < sums
         self.points = [(self._work(p), y) for p, y in self.observed]
@@ -200,7 +223,11 @@ class LatencyModel(CostModel):
         import hashlib
         import platform
 
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine()
+        name = (
+            torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else platform.processor() or platform.machine()
+        )
         # "fastest": tables of fastest calls; those of median calls, measured before, are not read.
         key = f"{name}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}|{self.device.type}|b{self.batch_size}|fastest"
         return hashlib.sha1(key.encode()).hexdigest()[:16]
@@ -220,7 +247,9 @@ class LatencyModel(CostModel):
         if not variable:
             return [size]
         step = max(1, int(round_to))
-        return sorted({min(size, step), size, *(min(size, step * math.ceil(size * k / grid / step)) for k in range(1, grid))})
+        return sorted(
+            {min(size, step), size, *(min(size, step * math.ceil(size * k / grid / step)) for k in range(1, grid))}
+        )
 
     def _probe(self, module: nn.Module, shape: tuple[int, ...], cin: int, cout: int) -> float:
         """Measured latency of a standalone copy of the layer with `cin` inputs and `cout` outputs."""
@@ -234,7 +263,9 @@ class LatencyModel(CostModel):
             else:
                 groups = math.gcd(module.groups, cin, cout)
             # A deployed convolution has a bias (its BatchNorm folded in).
-            layer = nn.Conv2d(cin, cout, module.kernel_size, module.stride, module.padding, module.dilation, groups, bias=True)
+            layer = nn.Conv2d(
+                cin, cout, module.kernel_size, module.stride, module.padding, module.dilation, groups, bias=True
+            )
             x_shape = (cin, *shape[1:])
         self.probes += 1
         layer = layer.to(self.device).eval()

@@ -129,7 +129,9 @@ def unstructured_plan(scores: dict[str, torch.Tensor], sparsity: float, scope: s
     if scope not in ("global", "layer"):
         raise BudgetError(f"budget.scope must be 'global' or 'layer', got {scope!r}")
     if scope == "layer":
-        return MaskPlan({name: keep_top(s.detach().cpu(), s.numel() - round(sparsity * s.numel())) for name, s in scores.items()})
+        return MaskPlan(
+            {name: keep_top(s.detach().cpu(), s.numel() - round(sparsity * s.numel())) for name, s in scores.items()}
+        )
     total = sum(s.numel() for s in scores.values())
     return MaskPlan(keep_top_global(scores, total - round(sparsity * total)))
 
@@ -153,7 +155,9 @@ def keep_top(values: torch.Tensor, k: int, prefer: torch.Tensor | None = None) -
         top[tied] = True
     else:
         # Among equal values the preferred entries go first, then the lower positions (a stable sort).
-        first = ~prefer.flatten()[tied].to(top.device) if prefer is not None else torch.zeros_like(tied, dtype=torch.bool)
+        first = (
+            ~prefer.flatten()[tied].to(top.device) if prefer is not None else torch.zeros_like(tied, dtype=torch.bool)
+        )
         order = torch.argsort(first.to(torch.int8), stable=True)
         top[tied[order[:missing]]] = True
     return top.view(values.shape)

@@ -90,7 +90,20 @@ def search_threshold(
         return costs.count(plan)[metric] / dense
 
     if metric == "latency":
-        return _search_latency(model, costs, normalised, target, input_shape, tolerance, iterations, round_to, units, multiples, blocks, dense)
+        return _search_latency(
+            model,
+            costs,
+            normalised,
+            target,
+            input_shape,
+            tolerance,
+            iterations,
+            round_to,
+            units,
+            multiples,
+            blocks,
+            dense,
+        )
     smallest = estimated(plan_by_threshold(normalised, float("inf"), round_to, units, multiples, blocks))
     if smallest > target * (1 + tolerance):
         raise BudgetError(
@@ -99,7 +112,9 @@ def search_threshold(
         )
     aim = target
     for _ in range(5):
-        plan = _bisect(normalised, aim, estimated, tolerance * target / aim, iterations, round_to, units, multiples, blocks, metric)
+        plan = _bisect(
+            normalised, aim, estimated, tolerance * target / aim, iterations, round_to, units, multiples, blocks, metric
+        )
         value = count(apply_channel_plan(copy.deepcopy(model), plan, input_shape), input_shape)
         ratio = value / dense
         if abs(ratio - target) / target <= tolerance:
@@ -112,7 +127,9 @@ def search_threshold(
     )
 
 
-def _search_latency(model, costs, normalised, target, input_shape, tolerance, iterations, round_to, units, multiples, blocks, dense):
+def _search_latency(
+    model, costs, normalised, target, input_shape, tolerance, iterations, round_to, units, multiples, blocks, dense
+):
     """The latency branch of `search_threshold`: a candidate bisected on the estimate is built and judged by its own
     measurement beside the dense model (`LatencyModel.judge`: the median of interleaved rounds' ratios, re-timed while
     unclear, up to a bound), six candidates at most.
@@ -154,12 +171,17 @@ def _search_latency(model, costs, normalised, target, input_shape, tolerance, it
         measured[_plan_key(plan)] = (guess, beside)
         accepted = low <= beside.ratio <= high
         log.info(
-            "latency search, %s (estimated %.4f): %s beside the dense model, round-to-round spread %.1f%%; %s", name,
-            guess, beside.describe(), 100 * beside.spread,
+            "latency search, %s (estimated %.4f): %s beside the dense model, round-to-round spread %.1f%%; %s",
+            name,
+            guess,
+            beside.describe(),
+            100 * beside.spread,
             "accepted" if accepted else f"off the target {target:.4g} by more than {tolerance:.2%}",
         )
         if accepted:
-            log.info("latency search: %d plan(s) measured in %.0f s, %s", len(measured), time.perf_counter() - began, noise())
+            log.info(
+                "latency search: %d plan(s) measured in %.0f s, %s", len(measured), time.perf_counter() - began, noise()
+            )
         return beside.ratio * scale if accepted else None
 
     smallest = plan_by_threshold(normalised, float("inf"), round_to, units, multiples, blocks)
@@ -192,7 +214,11 @@ def _search_latency(model, costs, normalised, target, input_shape, tolerance, it
             plan, guess = min(fresh, key=lambda t: abs(t[1] - aim))
             log.info(
                 "latency search: %s within %.2f%% of the estimate %.4f; the closest plan not measured yet, estimated "
-                "%.4f, is measured instead", why, 100 * band, aim, guess,
+                "%.4f, is measured instead",
+                why,
+                100 * band,
+                aim,
+                guess,
             )
         ratio = judged(plan, f"candidate {attempt}")
         if ratio is not None:
@@ -223,7 +249,9 @@ def _aim(points: list[tuple[float, float]], target: float) -> tuple[float, float
         if len(points) > 1 and (points[-1][1] < target) == (points[-2][1] < target):
             return (e0 + e1) / 2, slope
         return e0 + (target - m0) / slope, slope
-    estimate, ratio = min(points, key=lambda p: abs(p[1] - target)) if under and over else max(under) if under else min(over)
+    estimate, ratio = (
+        min(points, key=lambda p: abs(p[1] - target)) if under and over else max(under) if under else min(over)
+    )
     return estimate * target / ratio, ratio / estimate
 
 
@@ -258,11 +286,20 @@ def _bisect(normalised, target, estimated, tolerance, iterations, round_to, unit
         if abs(ratio - target) / target <= tolerance:
             log.info(
                 "budget: no threshold lands within %.2f%% of %s %.4g (closest under budget %.4g); completed channel by "
-                "channel in score order to %.4g", 100 * tolerance, metric, target, best[1], ratio,
+                "channel in score order to %.4g",
+                100 * tolerance,
+                metric,
+                target,
+                best[1],
+                ratio,
             )
             return plan
         best = (plan, ratio)
-    closest = f"closest under budget: {best[1]:.4g}, completed channel by channel" if best else "no candidate was under budget"
+    closest = (
+        f"closest under budget: {best[1]:.4g}, completed channel by channel"
+        if best
+        else "no candidate was under budget"
+    )
     raise BudgetError(
         f"no plan brings the {metric} ratio within {tolerance:.2%} of {target:.4g} ({closest}); raise budget.tolerance"
     )
@@ -312,7 +349,9 @@ def _complete(normalised, plan, target, tolerance, estimated, round_to, units, m
                 closed.add(name)
                 continue
             # The score of the group's best unit not kept yet.
-            steps.append((float(ranked[name][min(counts[name] // units.get(name, 1), ranked[name].numel() - 1)]), name, count))
+            steps.append(
+                (float(ranked[name][min(counts[name] // units.get(name, 1), ranked[name].numel() - 1)]), name, count)
+            )
         if not steps:
             break
         _, name, count = max(steps, key=lambda step: step[0])
@@ -347,7 +386,9 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
     if budget.get("layer_ratios"):
         ratios = parse_layer_ratios(list(budget.layer_ratios), groups)
         counts = {
-            n: keep_count(round(s.numel() * (1 - ratios.get(n, 0.0))), s.numel(), round_to, units.get(n, 1), multiples.get(n, 1))
+            n: keep_count(
+                round(s.numel() * (1 - ratios.get(n, 0.0))), s.numel(), round_to, units.get(n, 1), multiples.get(n, 1)
+            )
             for n, s in scores.items()
         }
         return plan_by_counts(scores, counts, units, blocks)
@@ -358,8 +399,12 @@ def structured_plan(model: nn.Module, scores: dict[str, torch.Tensor], ctx):
                 raise BudgetError(f"budget.{metric} is the fraction to keep, in (0, 1]; got {target}")
             latency = None
             if metric == "latency":
-                latency = {**budget_latency(budget), "cache_dir": budget.get("latency_cache"), "ranking": budget.get("latency_ranking", "importance"),
-                           "rounds": int(budget.get("latency_rounds", 5))}
+                latency = {
+                    **budget_latency(budget),
+                    "cache_dir": budget.get("latency_cache"),
+                    "ranking": budget.get("latency_ranking", "importance"),
+                    "rounds": int(budget.get("latency_rounds", 5)),
+                }
             plan, _ = search_threshold(
                 model,
                 scores,

@@ -16,8 +16,16 @@ log = logging.getLogger(__name__)
 
 
 def time_call(
-    fn, x: torch.Tensor, warmup: int = 3, repeats: int = 10, seconds: float = 0.0, max_seconds: float | None = None,
-    label: str = "", least: int = 3, quiet: bool = False, fastest: bool = False,
+    fn,
+    x: torch.Tensor,
+    warmup: int = 3,
+    repeats: int = 10,
+    seconds: float = 0.0,
+    max_seconds: float | None = None,
+    label: str = "",
+    least: int = 3,
+    quiet: bool = False,
+    fastest: bool = False,
 ) -> float:
     """Median time in milliseconds of `fn(x)` under inference mode, after `warmup` calls (`fastest`: the fastest call's).
 
@@ -59,8 +67,15 @@ def time_call(
     if (warm < warmup or len(times) < repeats) and not quiet:
         log.info(
             "%sbatch %d: %d timed calls after %d warm-up (not %d after %d): a call takes %.2f s and a measurement "
-            "stops after %g s (latency.max_seconds)", f"{label} " if label else "", x.shape[0], len(times), warm, repeats, warmup,
-            statistics.median(times) / 1000.0, max_seconds,
+            "stops after %g s (latency.max_seconds)",
+            f"{label} " if label else "",
+            x.shape[0],
+            len(times),
+            warm,
+            repeats,
+            warmup,
+            statistics.median(times) / 1000.0,
+            max_seconds,
         )
     return min(times) if fastest else statistics.median(times)
 
@@ -126,9 +141,16 @@ class Beside:
         (median of the rounds', lowest and highest round's) and round-to-round spread, for a summary."""
         out = {"ms": _median(self.model), "ms_min": min(self.model), "ms_max": max(self.model)}
         if self.reference:
-            out.update({"dense_ms": _median(self.reference), "dense_ms_min": min(self.reference),
-                        "dense_ms_max": max(self.reference), "speedup": _median(self.speedups), "speedup_min": self.speedups[0],
-                        "speedup_max": self.speedups[-1]})
+            out.update(
+                {
+                    "dense_ms": _median(self.reference),
+                    "dense_ms_min": min(self.reference),
+                    "dense_ms_max": max(self.reference),
+                    "speedup": _median(self.speedups),
+                    "speedup_min": self.speedups[0],
+                    "speedup_max": self.speedups[-1],
+                }
+            )
         out["spread"] = self.spread
         return {k: round(v, 4) for k, v in out.items()}
 
@@ -164,8 +186,13 @@ def time_rounds(
         if max_seconds is not None and done >= 3 and time.perf_counter() - began >= max_seconds * len(fns):
             log.info(
                 "%sbatch %d: %d of %d interleaved rounds in %.1f s: a measurement stops after %g s a model "
-                "(latency.max_seconds)", f"{label} " if label else "", x.shape[0], done, rounds,
-                time.perf_counter() - began, max_seconds,
+                "(latency.max_seconds)",
+                f"{label} " if label else "",
+                x.shape[0],
+                done,
+                rounds,
+                time.perf_counter() - began,
+                max_seconds,
             )
             break
         for fn, own in zip(fns, times):

@@ -47,7 +47,9 @@ def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray
     data = np.asarray(entry["data"])
     labels = np.asarray(entry[label_key], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{path} is malformed: 'data' has shape {data.shape}, expected (N, 3072) rows of 3x32x32 pixels")
+        raise ValueError(
+            f"{path} is malformed: 'data' has shape {data.shape}, expected (N, 3072) rows of 3x32x32 pixels"
+        )
     if data.dtype != np.uint8:
         raise ValueError(f"{path} is malformed: 'data' has dtype {data.dtype}, expected uint8")
     if labels.ndim != 1 or len(labels) != len(data):
@@ -128,7 +130,9 @@ class _CIFARDataModule(ImageDataModule):
             dataset_class(str(resolve_root(self.root)), train=True, download=True)
         self.data_dir()
 
-    def _read_split(self, directory: Path, files: list[list[str]], canonical_size: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    def _read_split(
+        self, directory: Path, files: list[list[str]], canonical_size: int
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
         """Reads and concatenates the files of one split; the flag says whether it is canonical."""
         missing = [name for name, _ in files if not (directory / name).is_file()]
         if missing:

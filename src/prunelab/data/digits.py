@@ -67,7 +67,9 @@ class DigitsDataModule(ImageDataModule):
         digits = load_digits()
         images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
         if images.shape[-1] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            images = F.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
         labels = torch.as_tensor(digits.target, dtype=torch.long)
         self.mean = float(images.mean())
         self.std = float(images.std())

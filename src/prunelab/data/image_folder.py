@@ -61,7 +61,9 @@ class ImageFolderDataModule(ImageDataModule):
         if int(image_size) < 1 or (resize is not None and int(resize) < int(image_size)):
             raise ConfigError(f"dataset.image_size={image_size} must be >= 1 and dataset.resize={resize} null or >= it")
         if (mean is None) != (std is None) or (mean is not None and not len(mean) == len(std) == 3):
-            raise ConfigError(f"dataset.mean={mean} and dataset.std={std}: give both, three values each (RGB), or neither")
+            raise ConfigError(
+                f"dataset.mean={mean} and dataset.std={std}: give both, three values each (RGB), or neither"
+            )
         if std is not None and min(std) <= 0:
             raise ConfigError(f"dataset.std={std} must be positive")
         self.in_channels = 3
@@ -110,7 +112,9 @@ class ImageFolderDataModule(ImageDataModule):
             other = found[name].classes
             if other != classes:
                 absent, extra = sorted(set(classes) - set(other)), sorted(set(other) - set(classes))
-                parts = ([f"lacks {_few(absent)} of train/"] if absent else []) + ([f"has {_few(extra)} that train/ lacks"] if extra else [])
+                parts = ([f"lacks {_few(absent)} of train/"] if absent else []) + (
+                    [f"has {_few(extra)} that train/ lacks"] if extra else []
+                )
                 raise ConfigError(
                     f"dataset.root={self.root}: the class folders of {name}/ differ from train/'s: {name}/ {' and '.join(parts)}"
                 )
@@ -166,7 +170,9 @@ class ImageFolderDataModule(ImageDataModule):
         std = (squares / pixels - mean**2).clamp_min(1e-12).sqrt()
         log.info(
             "image_folder: per-channel mean %s and std %s of %d training images (dataset.mean and dataset.std set them)",
-            [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std], len(plain),
+            [round(float(m), 4) for m in mean],
+            [round(float(s), 4) for s in std],
+            len(plain),
         )
         return tuple(round(float(m), 6) for m in mean), tuple(round(max(float(s), 1e-3), 6) for s in std)
 

@@ -42,7 +42,9 @@ class LoaderDataModule(L.LightningDataModule):
         self.num_classes = int(num_classes)
         self.train, self.val, self.test = train, val, test
         self.splits = tuple(
-            name for name, present in (("train", train), ("val", val or test), ("test", test or val)) if present is not None
+            name
+            for name, present in (("train", train), ("val", val or test), ("test", test or val))
+            if present is not None
         )
         self.batch_size = int(getattr(train, "batch_size", None) or 1)
         self._with_val = False
@@ -64,7 +66,9 @@ class LoaderDataModule(L.LightningDataModule):
 
     def _reloaded(self, dataset: Any, batch_size: int, epoch: int | None) -> DataLoader:
         generator = torch.Generator().manual_seed(int(epoch or 0))
-        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=self.train.collate_fn)
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=self.train.collate_fn
+        )
 
     def train_eval_dataloader(self) -> DataLoader:
         return self.train_dataloader()
@@ -102,7 +106,9 @@ def adopt(datamodule: L.LightningDataModule, name: str = "") -> L.LightningDataM
         return datamodule
     name = name or f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
     if not isinstance(datamodule, L.LightningDataModule):
-        raise ConfigError(f"dataset._target_={name} made a {type(datamodule).__name__}, not a lightning LightningDataModule")
+        raise ConfigError(
+            f"dataset._target_={name} made a {type(datamodule).__name__}, not a lightning LightningDataModule"
+        )
     datamodule.prepare_data()
     loaders, stages = {}, set()
     for split, stage in (("train", "fit"), ("val", "fit"), ("test", "test")):
@@ -114,25 +120,38 @@ def adopt(datamodule: L.LightningDataModule, name: str = "") -> L.LightningDataM
             stages.add(stage)
         loaders[split] = getattr(datamodule, hook)()
     if not loaders:
-        raise ConfigError(f"dataset._target_={name} implements none of train_dataloader, val_dataloader, test_dataloader")
+        raise ConfigError(
+            f"dataset._target_={name} implements none of train_dataloader, val_dataloader, test_dataloader"
+        )
     # An evaluation loader is read first where there is one: peeking at a shuffled loader would draw from its generator.
     first = next(loaders[split] for split in ("val", "test", "train") if split in loaders)
     input_shape = getattr(datamodule, "input_shape", None) or _first_inputs_shape(first, name)
     num_classes = getattr(datamodule, "num_classes", None)
     if num_classes is None:
-        classes = next((c for c in (getattr(getattr(loader, "dataset", None), "classes", None) for loader in loaders.values()) if c is not None), None)
+        classes = next(
+            (
+                c
+                for c in (getattr(getattr(loader, "dataset", None), "classes", None) for loader in loaders.values())
+                if c is not None
+            ),
+            None,
+        )
         if classes is None:
             raise ConfigError(
                 f"dataset._target_={name}: prunelab cannot tell the number of classes; give the module a num_classes "
                 "attribute (e.g. self.num_classes = 10 in its __init__)"
             )
         num_classes = len(classes)
-    return LoaderDataModule(tuple(input_shape), int(num_classes), loaders.get("train"), loaders.get("val"), loaders.get("test"))
+    return LoaderDataModule(
+        tuple(input_shape), int(num_classes), loaders.get("train"), loaders.get("val"), loaders.get("test")
+    )
 
 
 def _first_inputs_shape(loader: DataLoader, name: str) -> tuple[int, ...]:
     """One example's shape, from the inputs of the loader's first batch, which must be (inputs, labels)."""
     batch = next(iter(loader))
     if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[0], torch.Tensor):
-        raise ConfigError(f"dataset._target_={name}: its loaders must give (inputs, labels) batches, got {type(batch).__name__}")
+        raise ConfigError(
+            f"dataset._target_={name}: its loaders must give (inputs, labels) batches, got {type(batch).__name__}"
+        )
     return tuple(batch[0].shape[1:])

@@ -195,7 +195,13 @@ class PruningMethod:
 
 def sgd(lr: float, momentum: float, weight_decay: float) -> dict[str, Any]:
     """The optimizer node (a Hydra partial) of a method's own SGD fit stage."""
-    return {"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    return {
+        "_target_": "torch.optim.SGD",
+        "_partial_": True,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+    }
 
 
 def training_batches(data, count: int) -> list:

@@ -103,7 +103,9 @@ class SoftMaskRounds(PruningMethod):
         if not lam >= 0.0:
             raise ConfigError(f"{name}: method.lam (lambda) must be >= 0; got {lam}")
         if evaluate not in ("all", "last"):
-            raise ConfigError(f"{name}: method.evaluate must be 'all' (train every round's ticket) or 'last'; got {evaluate!r}")
+            raise ConfigError(
+                f"{name}: method.evaluate must be 'all' (train every round's ticket) or 'last'; got {evaluate!r}"
+            )
         self.rounds = int(rounds)
         self.lam = float(lam)
         self.dense_output = bool(dense_output)
@@ -389,7 +391,11 @@ def _plot_history(history: list[dict[str, Any]], path: Any, title: str) -> None:
     for record in history:
         edges = record["hist_edges"]
         centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-        ax.plot(centres, [max(c, 0.5) for c in record["hist_counts"]], label=f"round {record['round']} ({100 * record['sparsity']:.1f}% pruned after)")
+        ax.plot(
+            centres,
+            [max(c, 0.5) for c in record["hist_counts"]],
+            label=f"round {record['round']} ({100 * record['sparsity']:.1f}% pruned after)",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("mask value m at the end of the search")
     ax.set_ylabel("weights")

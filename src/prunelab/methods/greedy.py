@@ -194,13 +194,17 @@ class GreedyImitation(PruningMethod):
         batch_size: int | None = None,
     ) -> None:
         if not epsilon >= 0:
-            raise ConfigError(f"greedy: method.epsilon (tolerated rise of the training loss) must be >= 0; got {epsilon}")
+            raise ConfigError(
+                f"greedy: method.epsilon (tolerated rise of the training loss) must be >= 0; got {epsilon}"
+            )
         if mode not in MODES:
             raise ConfigError(f"greedy: method.mode must be one of {', '.join(MODES)}; got {mode!r}")
         if not max_steps > 0:
             raise ConfigError(f"greedy: method.max_steps (per layer, times its width) must be > 0; got {max_steps}")
         if taylor_after is not None and (taylor_after < 0 or taylor_top < 1):
-            raise ConfigError(f"greedy: method.taylor_after must be >= 0 and taylor_top >= 1; got {taylor_after}, {taylor_top}")
+            raise ConfigError(
+                f"greedy: method.taylor_after must be >= 0 and taylor_top >= 1; got {taylor_after}, {taylor_top}"
+            )
         self.epsilon = float(epsilon)
         self.mode = mode
         self.max_steps = float(max_steps)
@@ -242,8 +246,15 @@ class GreedyImitation(PruningMethod):
         else:
             plan, records = self._search(model, ctx, metric, float(ctx.budget[metric]), trials, search)
         self.records = records
-        write_json(ctx.run_dir / "greedy_layers.json", {"seconds": time.perf_counter() - start, "epsilon_trials": trials,
-                                                        **({"budget_search": search} if search else {}), "layers": records})
+        write_json(
+            ctx.run_dir / "greedy_layers.json",
+            {
+                "seconds": time.perf_counter() - start,
+                "epsilon_trials": trials,
+                **({"budget_search": search} if search else {}),
+                "layers": records,
+            },
+        )
         _plot_layers(records, ctx.run_dir / "greedy_layers.png")
         return plan
 
@@ -263,21 +274,40 @@ class GreedyImitation(PruningMethod):
                 hook = _Scales([model.get_submodule(c) for c in consumers])
                 steps = max(1, int(self.study_steps * group.size))
                 try:
-                    runs = {("local" if local else "global"): self._imitate(
-                        model, hook, group.size, _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size), steps, -math.inf, local
-                    ).history() for local in (True, False)}
+                    runs = {
+                        ("local" if local else "global"): self._imitate(
+                            model,
+                            hook,
+                            group.size,
+                            _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size),
+                            steps,
+                            -math.inf,
+                            local,
+                        ).history()
+                        for local in (True, False)
+                    }
                 finally:
                     hook.remove()
-                curves.append({"group": group.name, "size": group.size,
-                               **{name: best_per_count(history, group.size) for name, history in runs.items()}})
+                curves.append(
+                    {
+                        "group": group.name,
+                        "size": group.size,
+                        **{name: best_per_count(history, group.size) for name, history in runs.items()},
+                    }
+                )
                 bar.update(task, advance=1, last=group.name)
         write_json(ctx.run_dir / "greedy_study.json", curves)
         _plot_study(curves, ctx.run_dir / "greedy_study.png")
         return ChannelPlan.full([g for g, _ in groups])
 
-    def _layerwise(self, model: nn.Module, ctx: MethodContext, epsilon: float,
-                   record_to: float | None = None, limits: dict[str, int] | None = None
-                   ) -> tuple[ChannelPlan, list[dict[str, Any]], list[Layer]]:
+    def _layerwise(
+        self,
+        model: nn.Module,
+        ctx: MethodContext,
+        epsilon: float,
+        record_to: float | None = None,
+        limits: dict[str, int] | None = None,
+    ) -> tuple[ChannelPlan, list[dict[str, Any]], list[Layer]]:
         """Algorithm 2 at one epsilon, folding into `model` in place; each layer's steps are recorded down to
         `record_to` (default: epsilon), past the stop where lower (see `greedy_budget`), or to `limits[group]` steps."""
         groups = self._groups(model, ctx)
@@ -287,18 +317,39 @@ class GreedyImitation(PruningMethod):
         with eval_mode(model), Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}")) as bar:
             task = bar.add_task(f"greedy imitation, epsilon {epsilon:.4g}", total=len(groups), last="")
             for index, (group, consumers) in enumerate(groups):
-                found, layer = self._prune_group(model, group, consumers, lambda: _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size),
-                                                 epsilon, int(ctx.budget.get("round_to") or 1), record_to, (limits or {}).get(group.name))
+                found, layer = self._prune_group(
+                    model,
+                    group,
+                    consumers,
+                    lambda: _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size),
+                    epsilon,
+                    int(ctx.budget.get("round_to") or 1),
+                    record_to,
+                    (limits or {}).get(group.name),
+                )
                 records.append({k: v for k, v in found.items() if k != "a"})
                 layers.append(layer)
                 kept = f"{group.name}: {len(found['keep'])}/{group.size} ({found['method']})"
                 bar.update(task, advance=1, last=kept)
-                log.info("greedy: %s, discrepancy %.4g, gap %.4g, %d steps", kept, found["discrepancy"], found["gap"], found["steps"])
+                log.info(
+                    "greedy: %s, discrepancy %.4g, gap %.4g, %d steps",
+                    kept,
+                    found["discrepancy"],
+                    found["gap"],
+                    found["steps"],
+                )
         plan, _ = plan_of(layers, [epsilon] * len(layers))
         return plan, records, layers
 
-    def _search(self, model: nn.Module, ctx: MethodContext, metric: str, target: float, trials: list[dict[str, float]],
-                search: dict[str, Any]) -> tuple[ChannelPlan, list[dict[str, Any]]]:
+    def _search(
+        self,
+        model: nn.Module,
+        ctx: MethodContext,
+        metric: str,
+        target: float,
+        trials: list[dict[str, float]],
+        search: dict[str, Any],
+    ) -> tuple[ChannelPlan, list[dict[str, Any]]]:
         """A pruned model within `budget.tolerance` of `target` (a fraction of the dense model's `metric`), folded into
         `model`, in about two layer-wise passes.
 
@@ -339,21 +390,40 @@ class GreedyImitation(PruningMethod):
             closest.append(ratio)
             return ratio
 
-        smallest = ChannelPlan({g.name: list(range(keep_count(1, g.size, round_to))) for g in groups}, {g.name: g.size for g in groups})
+        smallest = ChannelPlan(
+            {g.name: list(range(keep_count(1, g.size, round_to))) for g in groups}, {g.name: g.size for g in groups}
+        )
         if metric != "latency" and measured(smallest) > high:
-            raise BudgetError(f"greedy: budget.{metric}={target} cannot be met: one neuron (round_to={round_to}) in every layer "
-                              f"greedy prunes still keeps {closest[-1]:.4f} of the dense {metric} (the closest plan; residual "
-                              "streams are kept whole)")
+            raise BudgetError(
+                f"greedy: budget.{metric}={target} cannot be met: one neuron (round_to={round_to}) in every layer "
+                f"greedy prunes still keeps {closest[-1]:.4f} of the dense {metric} (the closest plan; residual "
+                "streams are kept whole)"
+            )
 
         def run(epsilon: float, record_to: float, limits: dict[str, int] | None = None) -> tuple[float, list[Layer]]:
             start = time.perf_counter()
             plan, records, layers = self._layerwise(copy.deepcopy(model), ctx, epsilon, record_to, limits)
             ratio = measured(plan)
-            trials.append({"epsilon": epsilon, "record_to": record_to if math.isfinite(record_to) else None, f"{metric}_ratio": ratio,
-                           "steps": sum(r["steps"] for r in records), "recorded_steps": sum(len(t.gaps) for x in layers for t in x.tries),
-                           "seconds": time.perf_counter() - start})
-            log.info("greedy: pass %d at epsilon %.4g (recorded down to %.4g) keeps %.4f of the dense %s (target %.4f), %.0f s",
-                     len(trials), epsilon, record_to, ratio, metric, target, trials[-1]["seconds"])
+            trials.append(
+                {
+                    "epsilon": epsilon,
+                    "record_to": record_to if math.isfinite(record_to) else None,
+                    f"{metric}_ratio": ratio,
+                    "steps": sum(r["steps"] for r in records),
+                    "recorded_steps": sum(len(t.gaps) for x in layers for t in x.tries),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            log.info(
+                "greedy: pass %d at epsilon %.4g (recorded down to %.4g) keeps %.4f of the dense %s (target %.4f), %.0f s",
+                len(trials),
+                epsilon,
+                record_to,
+                ratio,
+                metric,
+                target,
+                trials[-1]["seconds"],
+            )
             return ratio, layers
 
         epsilon = max(self.epsilon, 1e-3)
@@ -361,7 +431,9 @@ class GreedyImitation(PruningMethod):
         if ratio < low and len(trials) < self.search_iterations:
             # Under budget, and nothing below epsilon was recorded: pass 1 again, recording every layer to twice its
             # steps and at least its width (a step adds one neuron at most) or max_steps, which knows smaller epsilons.
-            ratio, layers = run(epsilon, -math.inf, {x.group: max(x.size, 2 * max(len(t.gaps) for t in x.tries)) for x in layers})
+            ratio, layers = run(
+                epsilon, -math.inf, {x.group: max(x.size, 2 * max(len(t.gaps) for t in x.tries)) for x in layers}
+            )
         epsilons, moves, estimate = [epsilon] * len(layers), 0, ratio
         if not low <= ratio <= high:
             first, first_epsilon, first_pass = layers, epsilon, len(trials)
@@ -369,7 +441,13 @@ class GreedyImitation(PruningMethod):
                 # Recorded down to an epsilon estimated halfway back to this pass's ratio (just above the band when under).
                 mid = target + max(ratio - target, 6 * tolerance * target) / 2
                 epsilon, guess, record_to = aim(layers, target, mid, estimated)
-                log.info("greedy: pass %d's recording puts epsilon %.4g at %.4f of the dense %s", len(trials), epsilon, guess, metric)
+                log.info(
+                    "greedy: pass %d's recording puts epsilon %.4g at %.4f of the dense %s",
+                    len(trials),
+                    epsilon,
+                    guess,
+                    metric,
+                )
                 ratio, layers = run(epsilon, record_to)
                 epsilons, estimate = [epsilon] * len(layers), ratio
             if not low <= ratio <= high:
@@ -378,7 +456,12 @@ class GreedyImitation(PruningMethod):
                 epsilons, estimate, moves = complete(layers, epsilons, target, tolerance, estimated)
                 if not low <= estimate <= high and first is not layers:
                     closest.append(estimate)
-                    log.info("greedy: pass %d cannot be completed to the budget (%.4f); pass %d is", len(trials), estimate, first_pass)
+                    log.info(
+                        "greedy: pass %d cannot be completed to the budget (%.4f); pass %d is",
+                        len(trials),
+                        estimate,
+                        first_pass,
+                    )
                     layers, epsilon = first, first_epsilon
                     epsilons, estimate, moves = complete(layers, [epsilon] * len(layers), target, tolerance, estimated)
         plan, found = plan_of(layers, epsilons)
@@ -390,17 +473,33 @@ class GreedyImitation(PruningMethod):
             plan, found = plan_of(layers, epsilons)
         else:
             best = min(closest, key=lambda r: abs(r - target))
-            raise BudgetError(f"greedy: no plan read from {len(trials)} recorded passes brings the {metric} ratio within "
-                              f"{tolerance:.2%} of {target} (the closest: {best:.4f}); raise budget.tolerance (or method.search_iterations, "
-                              "where every pass kept less than the budget)")
+            raise BudgetError(
+                f"greedy: no plan read from {len(trials)} recorded passes brings the {metric} ratio within "
+                f"{tolerance:.2%} of {target} (the closest: {best:.4f}); raise budget.tolerance (or method.search_iterations, "
+                "where every pass kept less than the budget)"
+            )
         for layer, choice in zip(layers, found):
             _fold([model.get_submodule(c) for c in layer.consumers], choice["a"])
         passed = plan_of(layers, [epsilon] * len(layers))[1]
         channels = sum(abs(len(f["keep"]) - len(p["keep"])) for f, p in zip(found, passed))
-        search.update({"passes": len(trials), "completion_moves": moves, "completion_channels": channels,
-                       f"{metric}_ratio": ratio, "seconds": time.perf_counter() - began})
-        log.info("greedy: budget %s %s met at %.4f in %d passes (+ completion of %d channels), %.0f s",
-                 metric, target, ratio, len(trials), channels, search["seconds"])
+        search.update(
+            {
+                "passes": len(trials),
+                "completion_moves": moves,
+                "completion_channels": channels,
+                f"{metric}_ratio": ratio,
+                "seconds": time.perf_counter() - began,
+            }
+        )
+        log.info(
+            "greedy: budget %s %s met at %.4f in %d passes (+ completion of %d channels), %.0f s",
+            metric,
+            target,
+            ratio,
+            len(trials),
+            channels,
+            search["seconds"],
+        )
         return plan, [{k: v for k, v in f.items() if k != "a"} for f in found]
 
     @staticmethod
@@ -434,16 +533,28 @@ class GreedyImitation(PruningMethod):
         roles = [(g, self._consumers(model, g, groups)) for g in groups]
         return [(g, c) for g, c in roles if c is not None]
 
-    def _prune_group(self, model: nn.Module, group: ChannelGroup, consumers: list[str], batches: Any, epsilon: float,
-                     round_to: int = 1, record_to: float | None = None, limit: int | None = None) -> tuple[dict[str, Any], Layer]:
+    def _prune_group(
+        self,
+        model: nn.Module,
+        group: ChannelGroup,
+        consumers: list[str],
+        batches: Any,
+        epsilon: float,
+        round_to: int = 1,
+        record_to: float | None = None,
+        limit: int | None = None,
+    ) -> tuple[dict[str, Any], Layer]:
         """Both imitations of one group (as `mode` says) on the same mini-batches, recorded down to `record_to` (or
         `limit` steps); the choice at `epsilon` folded into the consumers. Returns the choice and the recorded Layer."""
         n = group.size
         steps = max(1, int(self.max_steps * n))
         hook = _Scales([model.get_submodule(c) for c in consumers])
         try:
-            tries = [self._imitate(model, hook, n, batches(), steps, epsilon, local, record_to, limit)
-                     for local in (True, False) if self.mode in (("local", "both") if local else ("global", "both"))]
+            tries = [
+                self._imitate(model, hook, n, batches(), steps, epsilon, local, record_to, limit)
+                for local in (True, False)
+                if self.mode in (("local", "both") if local else ("global", "both"))
+            ]
         finally:
             hook.remove()
         priority = hook.consumers[0].weight.detach().abs().transpose(0, 1).reshape(n, -1).sum(1).cpu()
@@ -452,8 +563,18 @@ class GreedyImitation(PruningMethod):
         _fold(hook.consumers, found["a"])
         return found, layer
 
-    def _imitate(self, model: nn.Module, hook: _Scales, n: int, batches: Iterator, steps: int, epsilon: float,
-                 local: bool, record_to: float | None = None, limit: int | None = None) -> Trajectory:
+    def _imitate(
+        self,
+        model: nn.Module,
+        hook: _Scales,
+        n: int,
+        batches: Iterator,
+        steps: int,
+        epsilon: float,
+        local: bool,
+        record_to: float | None = None,
+        limit: int | None = None,
+    ) -> Trajectory:
         """Algorithm 1 for one layer, recorded step by step until the loss gap is at most `epsilon` (or `record_to`
         where lower), or `steps` (or the recording's `limit`) ran out; `Trajectory.found(epsilon)` is the run that
         stops at epsilon."""
@@ -492,8 +613,9 @@ class GreedyImitation(PruningMethod):
         trajectory.capped = len(trajectory.gaps) >= steps
         return trajectory
 
-    def _global_step(self, model: nn.Module, hook: _Scales, a: torch.Tensor, k: int, x: torch.Tensor,
-                     reference: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
+    def _global_step(
+        self, model: nn.Module, hook: _Scales, a: torch.Tensor, k: int, x: torch.Tensor, reference: torch.Tensor
+    ) -> tuple[torch.Tensor, float, torch.Tensor]:
         """Step (8) (or (6) at k = 0): the new A, its discrepancy and the network's logits with it."""
         n = a.numel()
         if k == 0:
@@ -526,7 +648,9 @@ def _fold(consumers: list[nn.Module], a: torch.Tensor) -> None:
             consumer.weight.mul_(u.view((1, -1) + (1,) * (consumer.weight.dim() - 2)))
 
 
-def taylor_scores(model: nn.Module, hook: _Scales, a: torch.Tensor, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def taylor_scores(
+    model: nn.Module, hook: _Scales, a: torch.Tensor, x: torch.Tensor, reference: torch.Tensor
+) -> torch.Tensor:
     """dD/dg at g = 0 for every candidate i along u(g) = N((1 - g) a + g e_i), D the soft cross-entropy."""
     n = a.numel()
     scales = (n * a).float().clone().requires_grad_(True)
@@ -568,7 +692,7 @@ def _plot_study(curves: list[dict[str, Any]], path: Any) -> None:
         ax.set_yscale("log")
         ax.set_title(f"{curve['group']} ({curve['size']})", fontsize=8)
         ax.set_xlabel("neurons kept", fontsize=7)
-    for ax in list(axes.flat)[len(curves):]:
+    for ax in list(axes.flat)[len(curves) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     axes.flat[0].set_ylabel("CE to the dense model", fontsize=7)
@@ -577,7 +701,9 @@ def _plot_study(curves: list[dict[str, Any]], path: Any) -> None:
     plt.close(fig)
 
 
-def _batches(data: Any, seed: int, device: torch.device, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    data: Any, seed: int, device: torch.device, batch_size: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Training mini-batches without end, in an order fixed by `seed` (`batch_size` None: the dataset's)."""
     epoch = 0
     while True:

@@ -77,7 +77,13 @@ class Trajectory:
             found = {"a": a, "steps": len(self.gaps), "discrepancy": 0.0, "gap": self.gaps[-1], "converged": False}
         else:
             a = self.a(k)
-            found = {"a": a, "steps": k + 1, "discrepancy": self.discrepancies[k], "gap": self.gaps[k], "converged": True}
+            found = {
+                "a": a,
+                "steps": k + 1,
+                "discrepancy": self.discrepancies[k],
+                "gap": self.gaps[k],
+                "converged": True,
+            }
             if self.layer_discrepancies[k] is not None:
                 found["layer_discrepancy"] = self.layer_discrepancies[k]
         return {"method": self.method, "keep": torch.nonzero(a > 0).flatten().tolist(), **found}
@@ -115,8 +121,12 @@ class Layer:
             weight[best["keep"]] = -math.inf
             extra = torch.topk(weight, wanted - len(best["keep"])).indices.tolist()
             best = {**best, "keep": sorted(best["keep"] + extra)}
-        return {**best, "group": self.group, "size": self.size,
-                "alternatives": {t["method"]: {"kept": len(t["keep"]), "discrepancy": t["discrepancy"]} for t in tries}}
+        return {
+            **best,
+            "group": self.group,
+            "size": self.size,
+            "alternatives": {t["method"]: {"kept": len(t["keep"]), "discrepancy": t["discrepancy"]} for t in tries},
+        }
 
     def ladder(self) -> list[float]:
         """The epsilons at which this layer's plan changes, largest first (fewest neurons first), one per distinct
@@ -152,8 +162,9 @@ def plan_of(layers: list[Layer], epsilons: list[float]) -> tuple[ChannelPlan, li
     return ChannelPlan({f["group"]: f["keep"] for f in found}, {layer.group: layer.size for layer in layers}), found
 
 
-def aim(layers: list[Layer], target: float, mid: float,
-        estimated: Callable[[ChannelPlan], float]) -> tuple[float, float, float]:
+def aim(
+    layers: list[Layer], target: float, mid: float, estimated: Callable[[ChannelPlan], float]
+) -> tuple[float, float, float]:
     """The epsilon whose plan, read from a pass's trajectories, is estimated closest to `target` (the next pass runs
     at it), and the largest epsilon below it estimated at `mid` or more (the next pass records down to it, so that
     a completion has room on both sides). Returns (epsilon, its estimate, record_to)."""
@@ -165,8 +176,13 @@ def aim(layers: list[Layer], target: float, mid: float,
     return epsilon, estimate, record_to
 
 
-def complete(layers: list[Layer], epsilons: list[float], target: float, tolerance: float,
-             estimated: Callable[[ChannelPlan], float]) -> tuple[list[float], float, int]:
+def complete(
+    layers: list[Layer],
+    epsilons: list[float],
+    target: float,
+    tolerance: float,
+    estimated: Callable[[ChannelPlan], float],
+) -> tuple[list[float], float, int]:
     """Move single layers' stops (from per-layer `epsilons`) along their recorded trajectories until the estimate is
     within `tolerance` of target.
 
@@ -196,7 +212,7 @@ def complete(layers: list[Layer], epsilons: list[float], target: float, toleranc
         if not steps:
             break
         _, index, j = min(steps)
-        trial = [*position[:index], j, *position[index + 1:]]
+        trial = [*position[:index], j, *position[index + 1 :]]
         value = estimated(plan_of(layers, at(trial))[0])
         if (fewer and value < low) or (not fewer and value > high):
             closed.add(index)

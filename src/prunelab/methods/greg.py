@@ -160,8 +160,13 @@ class GrowingRegularization(PruningMethod):
             self.phase = "stabilize"
             self.stable_from = self.iteration
             self.cause = cause
-            log.info("%s: %s at iteration %d; %d stabilisation steps follow", type(self).__name__, cause,
-                     self.iteration, self.stabilize_steps)
+            log.info(
+                "%s: %s at iteration %d; %d stabilisation steps follow",
+                type(self).__name__,
+                cause,
+                self.iteration,
+                self.stabilize_steps,
+            )
         self._lambdas = {}
         self._record(model)
 
@@ -186,7 +191,12 @@ class GrowingRegularization(PruningMethod):
         scheduler = {"_target_": "prunelab.lit.constant", "_partial_": True}
         # The step limit is a safety net only: the stage ends on its condition after planned_steps().
         regularize = Stage(
-            "regularize", "fit", epochs=-1, lr=self.lr, optimizer=optimizer, scheduler=scheduler,
+            "regularize",
+            "fit",
+            epochs=-1,
+            lr=self.lr,
+            optimizer=optimizer,
+            scheduler=scheduler,
             max_steps=self.planned_steps() + self.update_interval,
         )
         return [regularize, Stage("prune", "prune")]
@@ -252,7 +262,9 @@ class GrowingRegularization(PruningMethod):
     def plan(self, model: nn.Module, ctx: MethodContext) -> ChannelPlan | MaskPlan:
         """The penalised groups go (the least L1 norms by far after the regularisation)."""
         if self.selection is None:
-            raise RuntimeError(f"{type(self).__name__}: the prune stage found no selection (did the regularisation run?)")
+            raise RuntimeError(
+                f"{type(self).__name__}: the prune stage found no selection (did the regularisation run?)"
+            )
         if self.granularity == "weight":
             return MaskPlan({k: v.bool() for k, v in self.selection["masks"].items()})
         return ChannelPlan(self.selection["keep"], self.selection["sizes"])
@@ -440,8 +452,12 @@ class GReg2(GrowingRegularization):
         if self.phase == "pick" and self.lambda_pick() > self.tau0:
             self.selection = self._pick(model)
             self.phase = "grow"
-            log.info("GReg2: picked the groups to prune at iteration %d (lambda %.6g > tau0=%g)",
-                     self.iteration, self.lambda_pick(), self.tau0)
+            log.info(
+                "GReg2: picked the groups to prune at iteration %d (lambda %.6g > tau0=%g)",
+                self.iteration,
+                self.lambda_pick(),
+                self.tau0,
+            )
         if self.phase == "pick":
             self.picks += 1
             self._lambdas = {}

@@ -27,7 +27,9 @@ from prunelab.methods.base import MethodContext, PruningMethod, Rounds, Stage
 from prunelab.structure import MaskPlan, prunable_weights
 
 
-def round_sparsities(prune_fraction: float = 0.2, rounds: int | None = None, sparsity: float | None = None) -> list[float]:
+def round_sparsities(
+    prune_fraction: float = 0.2, rounds: int | None = None, sparsity: float | None = None
+) -> list[float]:
     """The target sparsity after each round 1..R (see the module docstring for how R and p are chosen)."""
     if rounds is not None and (int(rounds) != rounds or rounds < 1):
         raise BudgetError(f"imp: method.rounds must be a whole number >= 1; got {rounds}")

@@ -76,8 +76,14 @@ class _MaskedWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, absolute: bool,
-                grad_scale: float | None) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        weight: torch.Tensor,
+        scores: torch.Tensor,
+        mask: torch.Tensor,
+        absolute: bool,
+        grad_scale: float | None,
+    ) -> torch.Tensor:
         ctx.save_for_backward(weight, scores, mask)
         ctx.absolute, ctx.grad_scale = absolute, grad_scale
         return weight * mask.to(weight.dtype)
@@ -224,7 +230,9 @@ class ScoreSearch(PruningMethod):
             raise ConfigError(f"{name}: method.allocation={allocation!r} is not one of {', '.join(ALLOCATIONS)}")
         unknown = [c for c in overlap_with if c not in CRITERIA]
         if unknown:
-            raise ConfigError(f"{name}: method.overlap_with has unknown criteria {unknown} (choose from {', '.join(CRITERIA)})")
+            raise ConfigError(
+                f"{name}: method.overlap_with has unknown criteria {unknown} (choose from {', '.join(CRITERIA)})"
+            )
         if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) < 1.0):
             raise ConfigError(f"{name}: budget.sparsity={sparsity} is the fraction of weights to remove, in [0, 1)")
         if not (isinstance(epochs, int) and epochs >= 1):
@@ -295,7 +303,8 @@ class ScoreSearch(PruningMethod):
         if self.requires_pretrained and not ctx.pretrained:
             log.warning(
                 "%s searches a mask in PRETRAINED weights, but backbone.pretrained is not set: "
-                "the search runs on a random initialisation", type(self).__name__
+                "the search runs on a random initialisation",
+                type(self).__name__,
             )
 
     def on_fit_start(self, model: nn.Module, stage: str, total_steps: int) -> None:

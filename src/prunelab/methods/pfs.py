@@ -96,9 +96,7 @@ class ChannelGates(nn.Module):
             flat = self.flat().detach()
             why = "no validation check reached the method" if checks == 0 else "no check had density <= r"
             info = {"source": f"final gates ({why})", "check": None, "val_acc": None}
-        info.update(
-            {"checks": checks, "density": float((flat != 0).float().mean()), "mean": float(flat.mean())}
-        )
+        info.update({"checks": checks, "density": float((flat != 0).float().mean()), "mean": float(flat.mean())})
         return self.by_group(flat), info
 
 

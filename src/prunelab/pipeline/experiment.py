@@ -94,7 +94,11 @@ def _run(
     model_record(model).skip = check_skip(list(cfg.get("structure", {}).get("skip") or []), model)
     model_record(model).prune_embedding = bool(cfg.get("structure", {}).get("prune_embedding", False))
     model_record(model).prune_head_dim = bool(cfg.get("structure", {}).get("prune_head_dim", False))
-    if prunes and "flops" in method.budget_keys and any(cfg.budget.get(k) is not None for k in ("flops", "params", "latency", "layer_ratios")):
+    if (
+        prunes
+        and "flops" in method.budget_keys
+        and any(cfg.budget.get(k) is not None for k in ("flops", "params", "latency", "layer_ratios"))
+    ):
         # The groups (and that they passed the check) are kept in the run directory: a resumed run skips both.
         if not structure.remember_groups(model, input_shape, run_dir / "groups.json"):
             structure.check_prunable(model, input_shape)
@@ -103,7 +107,10 @@ def _run(
     if logger is not None:
         logger.log_hyperparams(dashboard.flat_config(cfg))
     dirs = stage_dirs(stages)
-    write_json(run_dir / "stages.json", [{"dir": d, "name": s.name, "kind": s.kind, "round": s.round} for s, d in zip(stages, dirs)])
+    write_json(
+        run_dir / "stages.json",
+        [{"dir": d, "name": s.name, "kind": s.kind, "round": s.round} for s, d in zip(stages, dirs)],
+    )
     rewinds = any(s.kind == "rewind" or (s.kind == "retrain" and cfg.retrain.mode == "rewind") for s in stages)
     ctx = Context(
         cfg=cfg,

@@ -22,7 +22,12 @@ log = logging.getLogger("prunelab")
 
 
 def final_figures(
-    cfg: DictConfig, model: nn.Module, dense: dict[str, float], dense_spec: dict | None, base: nn.Module | None, input_shape: tuple[int, ...]
+    cfg: DictConfig,
+    model: nn.Module,
+    dense: dict[str, float],
+    dense_spec: dict | None,
+    base: nn.Module | None,
+    input_shape: tuple[int, ...],
 ) -> dict[str, Any]:
     """The final model's FLOPs, parameters and sparsity beside the dense model's, and, under a latency budget,
     its latency ratio to the dense architecture as the budget's search measures it."""
@@ -40,13 +45,30 @@ def final_figures(
         measured, rounds = budget_latency(cfg.budget), int(cfg.budget.get("latency_rounds", 5))
         # Rounds of at least 5 calls and 0.2 s each, as the search times its candidates.
         beside = latency_beside(
-            model, _dense_model(dense_spec, base), input_shape, (measured["batch_size"],), measured["device"], measured["format"],
-            rounds=rounds, repeats=5 * rounds, seconds=0.2 * rounds,
+            model,
+            _dense_model(dense_spec, base),
+            input_shape,
+            (measured["batch_size"],),
+            measured["device"],
+            measured["format"],
+            rounds=rounds,
+            repeats=5 * rounds,
+            seconds=0.2 * rounds,
         )[measured["batch_size"]]
-        figures.update({"model/latency_ratio": round(beside.ratio, 4), "model/latency_ratio_min": round(beside.ratios[0], 4),
-                        "model/latency_ratio_max": round(beside.ratios[-1], 4), "model/latency_ratio_spread": round(beside.spread, 4)})
-        log.info("latency budget %g: the final model, %s beside the dense model, round-to-round spread %.1f%%",
-                 float(cfg.budget.latency), beside.describe(), 100 * beside.spread)
+        figures.update(
+            {
+                "model/latency_ratio": round(beside.ratio, 4),
+                "model/latency_ratio_min": round(beside.ratios[0], 4),
+                "model/latency_ratio_max": round(beside.ratios[-1], 4),
+                "model/latency_ratio_spread": round(beside.spread, 4),
+            }
+        )
+        log.info(
+            "latency budget %g: the final model, %s beside the dense model, round-to-round spread %.1f%%",
+            float(cfg.budget.latency),
+            beside.describe(),
+            100 * beside.spread,
+        )
     return figures
 
 
@@ -70,11 +92,18 @@ def check_finite(summary: dict[str, Any]) -> None:
     """A summary is strict JSON: a NaN or infinite result stops the run instead of being reported."""
     bad = sorted(k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v))
     if bad:
-        raise NonFiniteError(f"the run ended with non-finite results ({', '.join(bad)}); nothing was written as complete")
+        raise NonFiniteError(
+            f"the run ended with non-finite results ({', '.join(bad)}); nothing was written as complete"
+        )
 
 
 def latency_figures(
-    cfg: DictConfig, model: nn.Module, dense_spec: dict | None, input_shape: tuple[int, ...], fmt: str, base: nn.Module | None = None
+    cfg: DictConfig,
+    model: nn.Module,
+    dense_spec: dict | None,
+    input_shape: tuple[int, ...],
+    fmt: str,
+    base: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Latency of the final model beside that of the dense architecture, measured in the same run.
 
@@ -92,17 +121,31 @@ def latency_figures(
     # Each round of a model lasts at least 0.05 s: a round of two calls of a few milliseconds is over before a burst
     # of load passes (speedups of 0.6-11x between such rounds on a loaded 2-core machine).
     rounds = int(lat.get("rounds", 1))
-    kwargs = {"batch_sizes": tuple(lat.batch_sizes), "device": lat.device, "warmup": lat.warmup, "repeats": lat.repeats,
-              "rounds": rounds, "seconds": 0.05 * rounds, "max_seconds": lat.get("max_seconds")}
+    kwargs = {
+        "batch_sizes": tuple(lat.batch_sizes),
+        "device": lat.device,
+        "warmup": lat.warmup,
+        "repeats": lat.repeats,
+        "rounds": rounds,
+        "seconds": 0.05 * rounds,
+        "max_seconds": lat.get("max_seconds"),
+    }
     # An architecture no plan changed is the dense one: timing it twice would only measure noise.
     changed = model_record(model).plans or model_record(model).spec != dense_spec
     dense_model = _dense_model(dense_spec, base) if changed else None
-    out: dict[str, Any] = {"latency/format": fmt, "latency/threads": torch.get_num_threads(), "latency/device": str(latency_device(lat.device)),
-                           "latency/rounds": kwargs["rounds"]}
+    out: dict[str, Any] = {
+        "latency/format": fmt,
+        "latency/threads": torch.get_num_threads(),
+        "latency/device": str(latency_device(lat.device)),
+        "latency/rounds": kwargs["rounds"],
+    }
     # On a CPU a large model at batch 64 takes seconds a call (a 167M-parameter ViT at 224 px), minutes in all.
     log.info(
         "timing the %s model, eager and as %s, at batch sizes %s in %d interleaved rounds (latency.batch_sizes=[] skips this)",
-        "final and the dense" if changed else "final", fmt, list(lat.batch_sizes), kwargs["rounds"],
+        "final and the dense" if changed else "final",
+        fmt,
+        list(lat.batch_sizes),
+        kwargs["rounds"],
     )
     for prefix, form in (("", "eager"), ("deployed_", fmt)):
         label = f"{'final and dense' if changed else 'final'} model, {form},"
@@ -115,7 +158,9 @@ def latency_figures(
                 out[f"model/{prefix}speedup_b{b}{suffix}"] = figures.get(f"speedup{suffix}", 1.0)
             out[f"model/{prefix}speedup_b{b}_spread"] = figures["spread"] if changed else 0.0
             if changed:
-                log.info("%s batch %d: %s, round-to-round spread %.1f%%", label, b, beside.describe(), 100 * beside.spread)
+                log.info(
+                    "%s batch %d: %s, round-to-round spread %.1f%%", label, b, beside.describe(), 100 * beside.spread
+                )
     return out
 
 

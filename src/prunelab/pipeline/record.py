@@ -109,7 +109,9 @@ def experiment_differences(held: dict[str, Any], asked: dict[str, Any]) -> list[
         if here is missing and _unset(wanted) or wanted is missing and _unset(here):
             continue
         if here is missing or wanted is missing or here != wanted:
-            found.append((key, here if here is not missing else "absent", wanted if wanted is not missing else "absent"))
+            found.append(
+                (key, here if here is not missing else "absent", wanted if wanted is not missing else "absent")
+            )
     return found
 
 
@@ -128,7 +130,9 @@ def claim_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     if held is not None and _holds_results(run_dir):
         differences = experiment_differences(held, asked)
         if differences:
-            shown = ", ".join(f"{key} ({_show(here)} here, {_show(wanted)} asked)" for key, here, wanted in differences[:8])
+            shown = ", ".join(
+                f"{key} ({_show(here)} here, {_show(wanted)} asked)" for key, here, wanted in differences[:8]
+            )
             more = f", and {len(differences) - 8} more" if len(differences) > 8 else ""
             raise ConfigError(
                 f"run directory {run_dir} holds another experiment: {shown}{more} (use another hydra.run.dir, "

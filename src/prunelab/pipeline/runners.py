@@ -102,7 +102,9 @@ def _fit(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple
     scheduler = stage.scheduler if stage.scheduler is not None else cfg.scheduler
     interval = "epoch"
     if scheduler is not None:
-        scheduler = OmegaConf.create(OmegaConf.to_container(scheduler, resolve=True) if OmegaConf.is_config(scheduler) else dict(scheduler))
+        scheduler = OmegaConf.create(
+            OmegaConf.to_container(scheduler, resolve=True) if OmegaConf.is_config(scheduler) else dict(scheduler)
+        )
         interval = scheduler.pop("interval", "epoch")
     module = PruneLitModule(
         model=model,
@@ -238,8 +240,13 @@ def _retrain(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> t
 
 def _test(ctx: Context, stage: Stage, stage_dir: Path, model: nn.Module) -> tuple[dict[str, float], nn.Module]:
     """Evaluate on the test split."""
-    module = PruneLitModule(model=model, num_classes=ctx.num_classes, method=ctx.method, stage=stage.tag,
-                            channels_last=bool(ctx.cfg.trainer.get("channels_last", False)))
+    module = PruneLitModule(
+        model=model,
+        num_classes=ctx.num_classes,
+        method=ctx.method,
+        stage=stage.tag,
+        channels_last=bool(ctx.cfg.trainer.get("channels_last", False)),
+    )
     trainer = stage_trainer(ctx, max_epochs=1, callbacks=[])
     results = trainer.test(module, datamodule=ctx.datamodule, verbose=False)
     if trainer.interrupted:

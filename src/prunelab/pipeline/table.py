@@ -15,10 +15,14 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
     rows = [("accuracy (%)", "dense/test/acc", "test/acc"), ("FLOPs (MACs)", "dense/flops", "model/flops")]
     rows.append(("parameters", "dense/params", "model/params"))
-    batches = sorted({int(k[len("model/latency_b"):].split("_")[0]) for k in summary if k.startswith("model/latency_b")})
+    batches = sorted(
+        {int(k[len("model/latency_b") :].split("_")[0]) for k in summary if k.startswith("model/latency_b")}
+    )
     for b in batches:
         rows.append((f"latency batch {b} (ms, eager)", f"dense/latency_b{b}_ms", f"model/latency_b{b}_ms"))
-        rows.append((f"latency batch {b} (ms, deployed)", f"dense/deployed_latency_b{b}_ms", f"model/deployed_latency_b{b}_ms"))
+        rows.append(
+            (f"latency batch {b} (ms, deployed)", f"dense/deployed_latency_b{b}_ms", f"model/deployed_latency_b{b}_ms")
+        )
     table = Table(title="prunelab summary")
     for column in ("", "dense", "final", "final / dense"):
         table.add_column(column, justify="right" if column else "left", no_wrap=not column)
@@ -32,13 +36,23 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             cells = [
                 _with_range(dense, summary.get(f"{dense_key}_min"), summary.get(f"{dense_key}_max"), _fmt),
                 _with_range(final, summary.get(f"{final_key}_min"), summary.get(f"{final_key}_max"), _fmt),
-                _with_range(1 / summary[speedup], 1 / summary[f"{speedup}_max"], 1 / summary[f"{speedup}_min"], "{:.3f}".format),
+                _with_range(
+                    1 / summary[speedup], 1 / summary[f"{speedup}_max"], 1 / summary[f"{speedup}_min"], "{:.3f}".format
+                ),
             ]
         table.add_row(label, *cells)
     if summary.get("model/latency_ratio") is not None:
-        table.add_row("latency budget (final / dense)", "", "", _with_range(
-            summary["model/latency_ratio"], summary.get("model/latency_ratio_min"), summary.get("model/latency_ratio_max"), "{:.3f}".format
-        ))
+        table.add_row(
+            "latency budget (final / dense)",
+            "",
+            "",
+            _with_range(
+                summary["model/latency_ratio"],
+                summary.get("model/latency_ratio_min"),
+                summary.get("model/latency_ratio_max"),
+                "{:.3f}".format,
+            ),
+        )
     table.add_row("weight sparsity", "", _fmt(summary.get("model/sparsity")), "")
     console = Console()
     console.print(table)
@@ -48,7 +62,11 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             for b in batches
             if summary.get(f"model/deployed_speedup_b{b}") and summary.get(f"model/speedup_b{b}")
         )
-        how = f", median of {summary['latency/rounds']} interleaved rounds (lowest-highest round)" if summary.get("latency/rounds", 1) > 1 else ""
+        how = (
+            f", median of {summary['latency/rounds']} interleaved rounds (lowest-highest round)"
+            if summary.get("latency/rounds", 1) > 1
+            else ""
+        )
         console.print(
             f"deployed ({summary.get('latency/format')}, {summary.get('latency/device')}, {summary.get('latency/threads')} threads{how}): "
             f"{speedups} for {summary['dense/flops'] / summary['model/flops']:.2f}x fewer FLOPs"

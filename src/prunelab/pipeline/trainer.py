@@ -41,11 +41,19 @@ class StageCheckpoint(ModelCheckpoint):
 
     def __init__(self, dirpath: Path, every_n_steps: int | None = None):
         # With no monitored metric, top-1 keeps only the newest checkpoint, always named last.ckpt.
-        super().__init__(dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False, every_n_train_steps=every_n_steps)
+        super().__init__(
+            dirpath=dirpath,
+            filename="last",
+            save_top_k=1,
+            enable_version_counter=False,
+            every_n_train_steps=every_n_steps,
+        )
         # Lightning takes step and epoch triggers as exclusive; the epoch save must stay on with steps.
         self._every_n_epochs = 1
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loop = trainer.fit_loop.epoch_loop
         if (
             loop.batch_progress.is_last_batch
@@ -93,7 +101,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written to a temporary name and renamed: a kill never leaves a torn one."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options))
+        atomic_write(
+            path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options)
+        )
 
 
 def checkpoint_readable(path: Path) -> bool:

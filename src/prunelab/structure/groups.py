@@ -58,9 +58,7 @@ def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Any, nn
     # tracing altogether, and then its input side would not follow the last group. Its output side is
     # protected in `groups_from_graph` instead.
     with eval_mode(model), torch.enable_grad():
-        graph = Graph().build_dependency(
-            model, example_inputs=example, customized_pruners=customized_pruners()
-        )
+        graph = Graph().build_dependency(model, example_inputs=example, customized_pruners=customized_pruners())
     _drop_traced_caches(model)
     return graph, classifier
 
@@ -72,7 +70,9 @@ def _drop_traced_caches(model: nn.Module) -> None:
         for key, value in list(vars(module).items()):
             if isinstance(value, torch.Tensor) and value.grad_fn is not None:
                 setattr(module, key, value.detach())
-            elif isinstance(value, dict) and any(isinstance(v, torch.Tensor) and v.grad_fn is not None for v in value.values()):
+            elif isinstance(value, dict) and any(
+                isinstance(v, torch.Tensor) and v.grad_fn is not None for v in value.values()
+            ):
                 value.clear()
 
 
@@ -85,7 +85,11 @@ def _unit_of(group: Any, size: int) -> tuple[int, nn.Module | None]:
     concatenation or a split on the way may shift or cut it); the first convolution for which that
     fails is returned, else None.
     """
-    convs = [(item, k) for item in group if (k := grouped_unit(item.dep.target.module) or _norm_group(item.dep.target.module)) > 1]
+    convs = [
+        (item, k)
+        for item in group
+        if (k := grouped_unit(item.dep.target.module) or _norm_group(item.dep.target.module)) > 1
+    ]
     unit = math.lcm(*(k for _, k in convs))
     for item, k in convs:
         blocks: dict[int, list[int]] = {}
@@ -95,6 +99,7 @@ def _unit_of(group: Any, size: int) -> tuple[int, nn.Module | None]:
         if size % unit or not whole:
             return unit, item.dep.target.module
     return unit, None
+
 
 def _order(item: Any, size: int) -> list[list[int]]:
     """A dependency's own channel indices for each of the group's channels (none, one, or several copies)."""
@@ -113,7 +118,9 @@ def groups_from_graph(
     produces or normalises its channels; a layer that only reads them does not keep them.
     """
     names = {module: name for name, module in model.named_modules()}
-    attention = any(isinstance(m, nn.MultiheadAttention) or isinstance(getattr(m, "num_heads", None), int) for m in model.modules())
+    attention = any(
+        isinstance(m, nn.MultiheadAttention) or isinstance(getattr(m, "num_heads", None), int) for m in model.modules()
+    )
     # Parameters outside conv/linear/norm layers (layer scales, embeddings) are graph nodes too: named by their module.
     names.update({param: name.rpartition(".")[0] for name, param in model.named_parameters()})
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
@@ -127,7 +134,9 @@ def groups_from_graph(
         # through F.linear with a bias of their own) are not traced, and the heads are kept whole.
         projections = [*_head_writers(model, name), _head_reader(model, name)]
         if any(model.get_submodule(layer) not in graph.module2node for layer in projections):
-            _log_once(f"the heads of {name!r} are kept whole: its projection {projections[0]!r} is not called as a module")
+            _log_once(
+                f"the heads of {name!r} are kept whole: its projection {projections[0]!r} is not called as a module"
+            )
             del heads[name]
     # The layers that write the heads' queries, keys and values, by the attention they belong to.
     head_layers = {model.get_submodule(layer): name for name in heads for layer in _head_writers(model, name)}
@@ -172,24 +181,41 @@ def groups_from_graph(
                 dep = item.dep
                 target = dep.target.module
                 node = graph.module2node.get(target) if type(target).__name__ == "_SplitOp" else None
-                if node is not None and _equal_split(node.grad_fn, node.grad_fn in graph.last_dim_splits) and None not in item.root_idxs:
+                if (
+                    node is not None
+                    and _equal_split(node.grad_fn, node.grad_fn in graph.last_dim_splits)
+                    and None not in item.root_idxs
+                ):
                     chunked.setdefault(node, set()).update(zip(map(int, item.idxs), map(int, item.root_idxs)))
-                if isinstance(target, nn.modules.batchnorm._BatchNorm) and target in names and names[target] not in norms:
+                if (
+                    isinstance(target, nn.modules.batchnorm._BatchNorm)
+                    and target in names
+                    and names[target] not in norms
+                ):
                     norms.append(names[target])
                     order = _order(item, size)
                     if order != identity or target.num_features != size:
                         rows[names[target]] = order
                 if _unsupported_grouped(target):
                     # One that only writes the channels may lose the same count in each of its groups (equal blocks, below).
-                    (writing if graph.is_out_channel_pruning_fn(dep.handler) and out_channels(target) == size else blocked).append(target)
+                    (
+                        writing
+                        if graph.is_out_channel_pruning_fn(dep.handler) and out_channels(target) == size
+                        else blocked
+                    ).append(target)
                 if isinstance(target, nn.MultiheadAttention):
                     multiple = math.lcm(multiple, target.num_heads)
                 layer_norm = layer_norm or isinstance(target, nn.LayerNorm) or rms_norm_like(target)
                 if type(target).__name__ == "_ElementWiseOp":
                     fn = getattr(target, "_grad_fn", None)
                     merges.add(fn if isinstance(fn, str) else type(fn).__name__)
-                if any(root is None for root in item.root_idxs):  # the index mapping was lost on the way (e.g. through a reshape)
-                    unmapped = unmapped or f"Torch-Pruning lost its channel indices on the way to {names.get(target, type(target).__name__)!r}"
+                if any(
+                    root is None for root in item.root_idxs
+                ):  # the index mapping was lost on the way (e.g. through a reshape)
+                    unmapped = (
+                        unmapped
+                        or f"Torch-Pruning lost its channel indices on the way to {names.get(target, type(target).__name__)!r}"
+                    )
                     continue
                 reader = isinstance(target, PRUNABLE_TYPES) and grouped_unit(target) is None and target in names
                 if reader and graph.is_in_channel_pruning_fn(dep.handler) and names[target] not in consumers:
@@ -229,8 +255,16 @@ def groups_from_graph(
                 width = size // len(chunks) if size % len(chunks) == 0 else 0
                 if sorted(pairs) != [(i, i) for i in range(size)]:
                     crossed = True
-                if len(set(chunks)) > 1 or not width or sorted(a for a, _ in pairs) != list(range(size)) or any(a % width != b % width for a, b in pairs):
-                    unmapped = unmapped or f"they are split by {node.name} into chunks {chunks}, not equal ones that hold all of them"
+                if (
+                    len(set(chunks)) > 1
+                    or not width
+                    or sorted(a for a, _ in pairs) != list(range(size))
+                    or any(a % width != b % width for a, b in pairs)
+                ):
+                    unmapped = (
+                        unmapped
+                        or f"they are split by {node.name} into chunks {chunks}, not equal ones that hold all of them"
+                    )
                     continue
                 blocks = math.lcm(blocks, len(chunks))
                 if node.grad_fn in graph.splits:
@@ -253,13 +287,18 @@ def groups_from_graph(
                     )
                     continue
             if unmapped is None and crossed and len(tied) != blocks:
-                unmapped = "a split's chunks are mapped onto each other's channels, and not every chunk is tied to the others"
+                unmapped = (
+                    "a split's chunks are mapped onto each other's channels, and not every chunk is tied to the others"
+                )
             for consumer, (fan_in, counts) in overread.items():
                 # Tied blocks multiplied together (a gated MLP's halves) reach a reader's input once per block: counted once.
                 width = size // max(blocks, len(tied))
                 counts = [n * (c // width not in tied[1:]) for c, n in enumerate(counts)]
                 if sum(counts) > fan_in:  # e.g. a token-mixing Linear (ResMLP, MLP-Mixer) reading the transposed stream
-                    unmapped = unmapped or f"{consumer!r} would read {sum(counts)} of its {fan_in} inputs from them: it reads another axis"
+                    unmapped = (
+                        unmapped
+                        or f"{consumer!r} would read {sum(counts)} of its {fan_in} inputs from them: it reads another axis"
+                    )
                 reads[consumer] = counts
             if unmapped is not None:
                 unfollowed.setdefault(unmapped, []).append(name)
@@ -279,7 +318,9 @@ def groups_from_graph(
                     if isinstance(conv, nn.GroupNorm)
                     else f"the grouped convolution {names[conv]!r} (groups={conv.groups}, {conv.in_channels} -> {conv.out_channels} channels)"
                 )
-                _log_once(f"channel group {name!r} is kept whole: it passes through {what}, and {why}, so no whole group of it can be removed")
+                _log_once(
+                    f"channel group {name!r} is kept whole: it passes through {what}, and {why}, so no whole group of it can be removed"
+                )
                 continue
             blocks = max(blocks, len(tied))
             others = sorted((m for m in producers if m is not module), key=lambda m: index_of[names[m]])
@@ -310,7 +351,11 @@ def groups_from_graph(
         if len(kept) == 1:
             _log_once(f"channel group {kept[0]!r} is kept whole: Torch-Pruning cannot follow its channels ({reason})")
         else:
-            listed = f"{kept[0]!r}, {kept[1]!r} and {len(kept) - 2} more" if len(kept) > 2 else f"{kept[0]!r} and {kept[1]!r}"
+            listed = (
+                f"{kept[0]!r}, {kept[1]!r} and {len(kept) - 2} more"
+                if len(kept) > 2
+                else f"{kept[0]!r} and {kept[1]!r}"
+            )
             _log_once(f"channel groups {listed} are kept whole: Torch-Pruning cannot follow their channels ({reason})")
     return groups
 
@@ -318,7 +363,9 @@ def groups_from_graph(
 def _holds_part(rows: dict[str, list[list[int]]], names: dict) -> bool:
     """Whether a grouped layer holds only part of a group (a ghost module's cheap copy): its channels may be copies."""
     by_name = {name: m for m, name in names.items() if isinstance(m, nn.Module)}
-    return any(grouped_unit(by_name.get(layer, nn.Identity())) and any(not r for r in held) for layer, held in rows.items())
+    return any(
+        grouped_unit(by_name.get(layer, nn.Identity())) and any(not r for r in held) for layer, held in rows.items()
+    )
 
 
 def _tied_blocks(graph: Any, root: nn.Module, pruner: Any, size: int, blocks: int) -> list[int] | None:
@@ -331,7 +378,12 @@ def _tied_blocks(graph: Any, root: nn.Module, pruner: Any, size: int, blocks: in
 
     def partners(channel: int) -> set[int]:
         probe = graph.get_pruning_group(root, pruner.prune_out_channels, [channel])
-        return {int(i) for item in probe if item.dep.target.module is root and graph.is_out_channel_pruning_fn(item.dep.handler) for i in item.idxs}
+        return {
+            int(i)
+            for item in probe
+            if item.dep.target.module is root and graph.is_out_channel_pruning_fn(item.dep.handler)
+            for i in item.idxs
+        }
 
     first = partners(0)
     if len(first) == 1:
@@ -339,7 +391,11 @@ def _tied_blocks(graph: Any, root: nn.Module, pruner: Any, size: int, blocks: in
     blocks = blocks if blocks > 1 else len(first)
     width = size // blocks
     tied = sorted(c // width for c in first)
-    if size % blocks or first != {b * width for b in tied} or partners(width - 1) != {b * width + width - 1 for b in tied}:
+    if (
+        size % blocks
+        or first != {b * width for b in tied}
+        or partners(width - 1) != {b * width + width - 1 for b in tied}
+    ):
         return None
     return tied
 

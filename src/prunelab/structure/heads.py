@@ -17,7 +17,10 @@ def _linear_of(module: nn.Module | None) -> nn.Module | None:
     """The Linear layer (or 1x1 convolution) of a projection: itself, LeViT's LinearNorm's or ConvNorm's `linear`,
     or a Sequential's last one's."""
     if isinstance(module, nn.Linear) or (
-        isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1 and module.stride == (1, 1)
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.groups == 1
+        and module.stride == (1, 1)
     ):
         return module
     if getattr(module, "linear", None) is not None:
@@ -67,7 +70,11 @@ def head_layout(m: nn.Module) -> HeadLayout | None:
     layout = own() if callable(own) else None
     heads, kd, vd = (getattr(m, n, None) for n in ("num_heads", "key_dim", "val_dim"))
     if layout is None and all(type(v) is int and v > 0 for v in (heads, kd, vd)):
-        writers = [Writer("qkv", [(0, 2 * kd + vd)], True)] if hasattr(m, "qkv") else [Writer("q", [(0, kd)], True), Writer("kv", [(kd, kd + vd)], True)]
+        writers = (
+            [Writer("qkv", [(0, 2 * kd + vd)], True)]
+            if hasattr(m, "qkv")
+            else [Writer("q", [(0, kd)], True), Writer("kv", [(kd, kd + vd)], True)]
+        )
         layout = HeadLayout(writers, 2 * kd + vd, (2 * kd, vd))
     if layout is None or not isinstance(heads, int):
         return None
@@ -75,7 +82,9 @@ def head_layout(m: nn.Module) -> HeadLayout | None:
     proj = _linear_of(getattr(m, layout.proj, None))
     if proj is None or any(lin is None for lin in linears) or _fan_in(proj) != heads * layout.values[1]:
         return None
-    if any(out_channels(lin) != w.offset + heads * sum(n for _, n in w.parts) for lin, w in zip(linears, layout.writers)):
+    if any(
+        out_channels(lin) != w.offset + heads * sum(n for _, n in w.parts) for lin, w in zip(linears, layout.writers)
+    ):
         return None
     return layout
 
@@ -260,7 +269,9 @@ def prune_heads(model: nn.Module, group: ChannelGroup, kept: list[int]) -> None:
         if m.qkv.bias is not None:
             m.qkv.bias = nn.Parameter(m.qkv.bias[rows] * factor.to(m.qkv.bias.dtype), m.qkv.bias.requires_grad)
         # Columns of the kept channels: head by head, or dimension by dimension (NesT: column d x heads + h).
-        columns = torch.sort(index % dim * heads + index // dim).values if getattr(m, "proj_dim_major", False) else index
+        columns = (
+            torch.sort(index % dim * heads + index // dim).values if getattr(m, "proj_dim_major", False) else index
+        )
         m.proj.weight = nn.Parameter(m.proj.weight[:, columns].clone(), m.proj.weight.requires_grad)
         for name, p in list(m.named_parameters(recurse=False)):
             if p.dim() and p.shape[-1] == heads:
@@ -330,7 +341,7 @@ def _prune_laid_out(model: nn.Module, group: ChannelGroup, kept: list[int]) -> N
                 layer.out_channels = index.numel()
             else:
                 layer.num_features = index.numel()
-        (proj_name, reads), = group.reads.items()
+        ((proj_name, reads),) = group.reads.items()
         proj = model.get_submodule(proj_name)
         column = {c: i for i, c in enumerate(c for c in range(group.size) if reads[c])}
         columns = torch.tensor([column[c] for c in kept if reads[c]], dtype=torch.long, device=proj.weight.device)
@@ -346,5 +357,9 @@ def _prune_laid_out(model: nn.Module, group: ChannelGroup, kept: list[int]) -> N
             setattr(m, key, widths[value])
     m.num_heads = len(kept_heads)
     for key, value in vars(m).items():
-        if not key.startswith("_") and isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
+        if (
+            not key.startswith("_")
+            and isinstance(value, dict)
+            and any(isinstance(v, torch.Tensor) for v in value.values())
+        ):
             value.clear()

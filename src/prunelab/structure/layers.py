@@ -159,4 +159,7 @@ def _norm_group(module: nn.Module) -> int:
 
 def skipped(name: str, patterns: tuple[str, ...]) -> bool:
     """Whether a module name is one of `structure.skip`'s patterns, lies inside one, or matches one as a glob."""
-    return any(name == p or name.startswith(f"{p}.") or fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"{p}.*") for p in patterns)
+    return any(
+        name == p or name.startswith(f"{p}.") or fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"{p}.*")
+        for p in patterns
+    )

@@ -67,7 +67,9 @@ def has_masks(model: nn.Module) -> bool:
 
 def masks_of(model: nn.Module) -> MaskPlan:
     """The masks attached to a model right now, as a MaskPlan."""
-    return MaskPlan({name: mask.binary().detach().bool().cpu().clone() for name, (_, _, mask) in attached(model).items()})
+    return MaskPlan(
+        {name: mask.binary().detach().bool().cpu().clone() for name, (_, _, mask) in attached(model).items()}
+    )
 
 
 def stored(module: nn.Module, tensor_name: str) -> torch.Tensor:

@@ -133,7 +133,9 @@ class MaskPlan:
 
     def save(self, path: str | Path) -> Path:
         """Write the masks with `torch.save` (bool tensors only, so `weights_only=True` loads them)."""
-        return save_torch(path, {"format": MASK_PLAN_FORMAT, "masks": {k: v.detach().cpu() for k, v in self.masks.items()}})
+        return save_torch(
+            path, {"format": MASK_PLAN_FORMAT, "masks": {k: v.detach().cpu() for k, v in self.masks.items()}}
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> MaskPlan:

@@ -35,7 +35,10 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
         def end(_module: nn.Module, _inputs: Any, _output: Any) -> None:
             self.running.pop()
 
-        self.hooks = [register_module_forward_pre_hook(lambda m, _inputs: self.running.append(m)), register_module_forward_hook(end)]
+        self.hooks = [
+            register_module_forward_pre_hook(lambda m, _inputs: self.running.append(m)),
+            register_module_forward_hook(end),
+        ]
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -54,21 +57,43 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
         elif func is torch.nn.functional.linear and args[0].dim() > 2:
             self.shapes["tokens"] = True
         elif func in _SPLITS and isinstance(out, tuple) and out and out[0].grad_fn is not None and self.running:
-            size = args[1] if len(args) > 1 else (kwargs or {}).get("split_size", (kwargs or {}).get("split_size_or_sections"))
+            size = (
+                args[1]
+                if len(args) > 1
+                else (kwargs or {}).get("split_size", (kwargs or {}).get("split_size_or_sections"))
+            )
             owner = self.running[-1]
-            found = _int_attribute(owner, (size, size * len(out))) if type(size) is int and owner in self.names else None
+            found = (
+                _int_attribute(owner, (size, size * len(out))) if type(size) is int and owner in self.names else None
+            )
             if found is not None:
                 self.splits[out[0].grad_fn] = (self.names[owner], found[0], len(out) if found[1] == size else 1)
-            held = _sections_attribute(owner, list(size)) if isinstance(size, (list, tuple)) and owner in self.names else None
+            held = (
+                _sections_attribute(owner, list(size))
+                if isinstance(size, (list, tuple)) and owner in self.names
+                else None
+            )
             if held is not None:
                 self.sections[out[0].grad_fn] = (self.names[owner], held)
         elif func is torch.cat and isinstance(out, torch.Tensor) and out.grad_fn is not None and out.dim() > 1:
             dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim", 0)
             self.cats[out.grad_fn] = [int(t.shape[dim]) for t in args[0]]
-        elif func is torch.Tensor.__getitem__ and isinstance(out, torch.Tensor) and out.grad_fn is not None and self.running:
+        elif (
+            func is torch.Tensor.__getitem__
+            and isinstance(out, torch.Tensor)
+            and out.grad_fn is not None
+            and self.running
+        ):
             index = args[1] if len(args) > 1 else None
             # Channels first: a slice of dim 1 of a batch of maps or vectors (3-D tensors are tokens, channels last).
-            cut = index[1] if isinstance(index, tuple) and len(index) > 1 and isinstance(index[1], slice) and args[0].dim() in (2, 4) else None
+            cut = (
+                index[1]
+                if isinstance(index, tuple)
+                and len(index) > 1
+                and isinstance(index[1], slice)
+                and args[0].dim() in (2, 4)
+                else None
+            )
             owner = self.running[-1]
             found = _int_attribute(owner, (cut.start, cut.stop)) if cut is not None and owner in self.names else None
             if found is not None:

@@ -134,7 +134,9 @@ def _own_shapes(model: nn.Module) -> dict[nn.Module, dict[str, tuple[int, ...]]]
     return {
         m: {n: tuple(p.shape) for n, p in m.named_parameters(recurse=False)}
         for m in model.modules()
-        if not isinstance(m, _SIZED_BY_TP) and any(True for _ in m.parameters(recurse=False)) and not _keeps_own_books(m)
+        if not isinstance(m, _SIZED_BY_TP)
+        and any(True for _ in m.parameters(recurse=False))
+        and not _keeps_own_books(m)
     }
 
 
@@ -176,7 +178,11 @@ def _update_bookkeeping(model: nn.Module, before: dict[nn.Module, dict[str, tupl
                 continue
             if isinstance(value, int) and value in sizes:
                 setattr(module, key, sizes[value])
-            elif isinstance(value, tuple) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            elif (
+                isinstance(value, tuple)
+                and value
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            ):
                 if any(v in sizes for v in value):
                     setattr(module, key, tuple(sizes.get(v, v) for v in value))
 
@@ -210,7 +216,9 @@ def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
     )  # fmt: skip
     # timm's norms over channels need not subclass torch's (RmsNorm2d, MobileNetV5): told by their class names too.
     by_name = re.compile(r"(Layer|Rms|RMS|Group|Instance|Simple)Norm")
-    normalising = any(isinstance(m, other_norms) or any(by_name.match(c.__name__) for c in type(m).__mro__) for m in model.modules())
+    normalising = any(
+        isinstance(m, other_norms) or any(by_name.match(c.__name__) for c in type(m).__mro__) for m in model.modules()
+    )
     exact = not normalising and not graph.reshapes.get("parameters") and not added
     dense = copy.deepcopy(model) if exact or any(g.heads for g in groups) else None
     param = next(trial.parameters())
@@ -258,9 +266,7 @@ def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
         )
     by_name = {g.name: g for g in groups}
     # The failing layer where skipping it keeps the group whole (it holds one of the group's layers), else the group's root.
-    keep = [
-        layer if skipped_by(by_name[name], layer) else name for name, (layer, _) in failures.items()
-    ]
+    keep = [layer if skipped_by(by_name[name], layer) else name for name, (layer, _) in failures.items()]
     # Repeated blocks fail alike: one pattern per layer name with its block numbers as wildcards.
     where = sorted({re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", layer) for layer in keep})
     name, (layer, reason) = next(iter(failures.items()))
@@ -306,7 +312,13 @@ def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Mo
                 prune_heads(model, group, [i for i in range(group.size) if i not in set(removed)])
                 # Its own per-head layers (Swin V2's position-bias MLP) lose the removed heads with it.
                 own = {f"{group.heads}.{n}": m for n, m in model.get_submodule(group.heads).named_modules() if n}
-                expected.update({n: _channels(m) for n, m in own.items() if n in expected and n not in (*group.layers, *group.consumers)})
+                expected.update(
+                    {
+                        n: _channels(m)
+                        for n, m in own.items()
+                        if n in expected and n not in (*group.layers, *group.consumers)
+                    }
+                )
             else:
                 graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs=removed).prune()
                 resize_splits(model, group, group.size - len(removed))
@@ -316,7 +328,10 @@ def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Mo
     _update_bookkeeping(model, before)
     for name, m in layers.items():
         if _channels(m) != expected[name]:
-            return name, f"its (input, output) channels became {_channels(m)}, the channel groups expect {expected[name]}"
+            return (
+                name,
+                f"its (input, output) channels became {_channels(m)}, the channel groups expect {expected[name]}",
+            )
     running: list[str] = []
     try:
         with _innermost(model, running), eval_mode(model), torch.no_grad():
@@ -347,9 +362,13 @@ def _silenced(model: nn.Module, groups: list) -> Iterator[None]:
             for name in [*group.layers, *group.norms]:
                 module = model.get_submodule(name)
                 rows = group.rows.get(name)
-                if rows is None and group.heads is not None:  # timm's stacked qkv: a channel's query, key and value rows
+                if (
+                    rows is None and group.heads is not None
+                ):  # timm's stacked qkv: a channel's query, key and value rows
                     rows = [[i + part * group.size for part in range(3)] for i in range(group.size)]
-                index = torch.tensor([r for i in removed for r in (rows[i] if rows is not None else [i])], dtype=torch.long)
+                index = torch.tensor(
+                    [r for i in removed for r in (rows[i] if rows is not None else [i])], dtype=torch.long
+                )
                 for tensor in (module.weight, module.bias):
                     if tensor is not None:
                         saved.append((tensor, tensor[index].clone(), index))

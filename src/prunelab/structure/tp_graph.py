@@ -76,7 +76,11 @@ def _op_kind(node: Any) -> str:
 def _extra_rows(layer: nn.Module) -> list[str]:
     """A convolution's own parameters besides weight and bias with one entry per output channel (timm's
     ScaledStdConv2d `gain`), which its pruner must cut with the rows."""
-    return [n for n, p in layer.named_parameters(recurse=False) if n not in ("weight", "bias") and p.dim() and p.shape[0] == layer.out_channels]
+    return [
+        n
+        for n, p in layer.named_parameters(recurse=False)
+        if n not in ("weight", "bias") and p.dim() and p.shape[0] == layer.out_channels
+    ]
 
 
 class BoundedGroup(Group):
@@ -104,7 +108,11 @@ class BoundedGroup(Group):
         for mapping in dep.index_mapping:
             if mapping is None:
                 continue
-            if isinstance(mapping, _FlattenIndexMapping) and not mapping.reverse and len(idxs) * mapping._stride > self.limit:
+            if (
+                isinstance(mapping, _FlattenIndexMapping)
+                and not mapping.reverse
+                and len(idxs) * mapping._stride > self.limit
+            ):
                 raise RuntimeError(f"its channel mapping expands to {len(idxs) * mapping._stride} indices at a flatten")
             idxs = mapping(idxs)
         return idxs
@@ -277,7 +285,10 @@ class Graph(tp.DependencyGraph):
             self.ignored_params = ignored_params if ignored_params is not None else []
             # A customized layer's pruner handles the layer whole: its submodules are not traced.
             for module in model.modules():
-                if any(module is kind or (not isinstance(kind, nn.Module) and isinstance(module, kind)) for kind in self.CUSTOMIZED_PRUNERS):
+                if any(
+                    module is kind or (not isinstance(kind, nn.Module) and isinstance(module, kind))
+                    for kind in self.CUSTOMIZED_PRUNERS
+                ):
                     self.IGNORED_LAYERS_IN_TRACING.extend(m for m in module.modules() if m is not module)
             self._param_to_name, self.unwrapped_parameters = self._detect_unwrapped_parameters(unwrapped_parameters)
             self.module2node = self._trace(model, example_inputs, forward_fn, output_transform=output_transform)
@@ -347,7 +358,9 @@ class Graph(tp.DependencyGraph):
         # knows which chunk each reads.
         channels_last = bool(self.reshapes.get("tokens")) and _saved_dim(node.grad_fn) != 1
         if not _splits_channels_dim(node.grad_fn, channels_last):
-            return index_mapping.update_split_index_mapping(self, node)  # not split along channels: Torch-Pruning leaves it unmapped
+            return index_mapping.update_split_index_mapping(
+                self, node
+            )  # not split along channels: Torch-Pruning leaves it unmapped
         chunk: dict[Any, int] = {}
         for out in node.outputs:
             read = self._chunks_read(out, node)
@@ -371,7 +384,9 @@ class Graph(tp.DependencyGraph):
         if _equal_split(node.grad_fn, channels_last) and len(set(traced)) == 1 and total % len(traced) == 0:
             sizes = [total // len(traced)] * len(traced)
         else:
-            read = {chunk[out]: self.get_in_channels(out) for out in reversed(node.outputs) if self.get_in_channels(out)}
+            read = {
+                chunk[out]: self.get_in_channels(out) for out in reversed(node.outputs) if self.get_in_channels(out)
+            }
             sizes = [read.get(i) for i in range(len(traced))]
             if sizes.count(None) == 1:  # one section read by no layer (passed on to a concatenation): the rest
                 sizes[sizes.index(None)] = total - sum(n for n in sizes if n is not None)
@@ -454,7 +469,11 @@ class Graph(tp.DependencyGraph):
             self.stop(node, f"{type(err).__name__} in Torch-Pruning's index mapping of {_op_kind(node)}")
             return
         for split in node.inputs:
-            if split.type == ops.OPTYPE.SPLIT and split.module not in self.unmapped and len(read := self._chunks_read(node, split)) == 1:
+            if (
+                split.type == ops.OPTYPE.SPLIT
+                and split.module not in self.unmapped
+                and len(read := self._chunks_read(node, split)) == 1
+            ):
                 self._cat_reads_split(node, split, read.pop())
 
     def stop(self, node: Any, reason: str) -> None:
@@ -485,14 +504,19 @@ class Graph(tp.DependencyGraph):
         if module not in self.module2node:
             raise ValueError(f"Module {module} is not in the dependency graph.")
         if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
-            pruning_fn = function.prune_depthwise_conv_out_channels  # as Torch-Pruning: a depthwise root prunes both sides
+            pruning_fn = (
+                function.prune_depthwise_conv_out_channels
+            )  # as Torch-Pruning: a depthwise root prunes both sides
         if isinstance(idxs, Number):
             idxs = [idxs]
         if not self.mapped:
             self.map_indices()
         walk = BoundedGroup(self.walk_limit)
         root = self.module2node[module]
-        walk.add_dep(Dependency(pruning_fn, pruning_fn, source=root, target=root), [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs])
+        walk.add_dep(
+            Dependency(pruning_fn, pruning_fn, source=root, target=root),
+            [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs],
+        )
         self._walk(walk)
         group = Group()
         for dep, found in walk.items:
