@@ -34,7 +34,6 @@ def _round_masks(run_dir: Path) -> list[MaskPlan]:
 
 def _ctx(tmp_path: Path, round_: int = 1) -> MethodContext:
     return MethodContext(
-        config=None,
         budget={},
         data=None,
         input_shape=(3, 32, 32),

@@ -214,9 +214,7 @@ def test_greg_penalty_in_the_loss_equals_the_official_gradient_update(tmp_path):
         torch.manual_seed(0)
         model = create("resnet_tiny").train()
         method = GReg1(delta_lambda=0.05, tau=1.0, update_interval=2, stabilize_steps=2, lr=0.05)
-        ctx = MethodContext(
-            config=None, budget=budget, data=None, input_shape=SHAPE, num_classes=10, seed=0, run_dir=tmp_path
-        )
+        ctx = MethodContext(budget=budget, data=None, input_shape=SHAPE, num_classes=10, seed=0, run_dir=tmp_path)
         method.setup(model, Stage("regularize", "fit"), ctx)
         model.to(DTYPE)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)

@@ -394,7 +394,6 @@ def _setup(trained, tmp_path, budget: dict | None = None):
     model = Plain().eval()
     model.load_state_dict(trained)
     ctx = MethodContext(
-        config=None,
         budget=budget or {},
         data=TaskData(SHAPE),
         input_shape=SHAPE,

@@ -60,7 +60,6 @@ def test_imp_plans_are_exact_and_only_shrink_on_resnet20():
     gen = torch.Generator().manual_seed(0)
     for r, target in enumerate([0.2, 0.36, 0.488], start=1):
         ctx = MethodContext(
-            config=None,
             budget={},
             data=None,
             input_shape=(3, 32, 32),
@@ -68,7 +67,6 @@ def test_imp_plans_are_exact_and_only_shrink_on_resnet20():
             seed=0,
             run_dir=Path("."),
             round=r,
-            rounds=3,
             masks=masks,
         )
         plan = method.plan(model, ctx)

@@ -65,9 +65,7 @@ def overhead(repeats: int) -> None:
 
     torch.manual_seed(0)
     x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-    ctx = MethodContext(
-        config=None, budget={}, data=None, input_shape=(3, 32, 32), num_classes=10, seed=0, run_dir=ROOT
-    )
+    ctx = MethodContext(budget={}, data=None, input_shape=(3, 32, 32), num_classes=10, seed=0, run_dir=ROOT)
     setups = {}
     for name, method in (
         ("plain", None),

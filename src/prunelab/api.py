@@ -8,6 +8,7 @@ command would (`method=<name>`, `budget.<key>=<value>` and the caller's override
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -18,8 +19,10 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -28,13 +31,17 @@ from prunelab.budget import deployed, latency_device, measure, time_call
 from prunelab.data import LoaderDataModule
 from prunelab.export import export_deployable, load_model
 from prunelab.presets import renamed_preset
+from prunelab.schema import register as register_schemas
 from prunelab.structure import ChannelGroup, ChannelPlan, MaskPlan, model_record
-from prunelab.validate import ConfigError
+from prunelab.validate import ConfigError, check_config
 
 log = logging.getLogger("prunelab")
 
-# The configs the `prunelab` command composes (`pkg://prunelab.conf`).
+# The configs the `prunelab` command composes (`pkg://prunelab.conf`), on the typed schemas of `prunelab.schema`.
 CONF_MODULE = "prunelab.conf"
+register_schemas()
+# The most sweep combinations of one command `check_command` composes and checks before Hydra runs them.
+CHECKED_COMBINATIONS = 64
 
 
 @dataclass
@@ -103,7 +110,7 @@ def prune(
             "input_shape": list(data.input_shape),
             "num_classes": data.num_classes,
         }
-    report = pipeline.run(cfg, run_dir, model=net, datamodule=data)
+    report = run_config(cfg, run_dir, model=net, datamodule=data)
     # The final model as the run directory holds it, rebuilt on an unpruned copy of the user's class.
     final = load_model(run_dir / "model.pt", base=model)
     return PruneResult(final, _plan(final), report, run_dir)
@@ -120,7 +127,89 @@ def run(overrides: Sequence[str], run_dir: str | Path) -> dict[str, Any]:
     _refuse_renamed(overrides)
     with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         cfg = _compose([f"paths.output_dir={_value(str(run_dir))}", *overrides])
-    return pipeline.run(cfg, Path(run_dir))
+    return run_config(cfg, run_dir)
+
+
+def run_config(cfg: DictConfig, run_dir: str | Path, **given: Any) -> dict[str, Any]:
+    """Run (or resume) the experiment of a composed config in `run_dir`; its summary.
+
+    The one path from a config to a result: `prunelab` (the command), `run` and `prune` all end here.
+    `given` passes a model and a datamodule from Python (`prune`), in place of `backbone` and `dataset`.
+    """
+    return pipeline.run(cfg, Path(run_dir), **given)
+
+
+def check_command(args: Sequence[str]) -> None:
+    """Compose and check the config of a `prunelab` command line before Hydra runs it: a `ConfigError`, one line.
+
+    A wrong type, an unknown key or choice (the schemas of `prunelab.schema`), an out-of-range value or a
+    missing file (`prunelab.validate`) stops the command here, before anything is loaded. With a sweep
+    (`seed=0,1,2 -m`), each combination of its choice and range values is checked (the first
+    `CHECKED_COMBINATIONS`); values chosen by a sweeper (Optuna's `interval(...)`) are checked when their
+    run starts. Flags that change where configs come from (`--config-path`, ...) skip the check.
+    """
+    overrides = _command_overrides(args)
+    if overrides is None:
+        return
+    _refuse_renamed(overrides)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError(_one_line(err)) from None
+    fixed, sweeps = [], []
+    for override, text in zip(parsed, overrides, strict=True):
+        if not override.is_sweep_override():
+            fixed.append(text)
+        elif not override.is_hydra_override():
+            try:
+                values = list(override.sweep_string_iterator())
+            except Exception:
+                continue
+            sweeps.append([f"{override.get_key_element()}={value}" for value in values])
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+        for combination in itertools.islice(itertools.product(*sweeps), CHECKED_COMBINATIONS):
+            # The run directory is Hydra's to choose (`${hydra:runtime.output_dir}`), which no check reads.
+            check_config(_compose(["paths.output_dir=.", *fixed, *combination]))
+
+
+# Hydra's flags that take a value, and those after which the command composes no experiment's config.
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--info", "--experimental-rerun"}
+_NO_CHECK_FLAGS = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--version",
+    "--shell-completion",
+    "-sc",
+    "--info",
+    "-i",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
+
+
+def _command_overrides(args: Sequence[str]) -> list[str] | None:
+    """The config overrides among a command line's arguments (Hydra's own settings left out), or None to skip."""
+    overrides: list[str] = []
+    skip_value = False
+    for arg in args:
+        if skip_value:
+            skip_value = False
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in _NO_CHECK_FLAGS:
+            return None
+        if arg.startswith("-"):
+            skip_value = flag in _VALUE_FLAGS and "=" not in arg
+            continue
+        if not arg.lstrip("+~").startswith("hydra"):
+            overrides.append(arg)
+    return overrides
 
 
 def _refuse_renamed(overrides: Sequence[str]) -> None:
@@ -135,7 +224,19 @@ def _compose(overrides: Sequence[str]) -> DictConfig:
     try:
         return compose("config", overrides=list(overrides))
     except HydraException as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(_composition_error(err)) from None
+
+
+def _composition_error(err: HydraException) -> str:
+    """Hydra's refusal in one line, naming the setting: a wrong type or choice, an unknown key, a missing config."""
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, OmegaConfBaseException) and key:
+        reason = str(getattr(cause, "msg", cause)).splitlines()[0]
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+            return f"{key} is not a setting ({reason}); a setting of your own is added with +{key}=<value>"
+        return f"{key}: {reason}"
+    return _one_line(err).split(" Config search path:")[0]
 
 
 def compose_config(

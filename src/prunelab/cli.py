@@ -14,8 +14,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from prunelab.errors import user_error
+from prunelab.errors import PrunelabError, user_error
 from prunelab.presets import renamed_preset
+from prunelab.schema import register as register_schemas
 
 # The configs are the package `prunelab.conf` (the repository's conf/ folder, mapped in pyproject.toml),
 # so a source checkout, an editable and a regular install all load them the same way. Users add their
@@ -36,15 +37,36 @@ def run_id(overrides: str | None) -> str:
 
 
 OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+# The typed schemas the configs build on, for whoever composes them from CONF_DIR (tests, scripts).
+register_schemas()
 
 
 def main() -> float | None:
-    """The `prunelab` entry point: refuses a renamed preset in one line (exit 2), then runs `run`."""
-    message = renamed_preset(sys.argv[1:])
+    """The `prunelab` entry point: composes and checks the command's config (`prunelab.api.check_command`),
+    refusing a mistake in one line (exit 2), then runs `run` through Hydra."""
+    args = sys.argv[1:]
+    message = renamed_preset(args)
+    if message is None and not _help(args):
+        # Imported here, not at the top, so that `prunelab --help` does not load torch and Lightning.
+        from prunelab import api
+
+        try:
+            api.check_command(args)
+        except PrunelabError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            message = str(err)
     if message is not None:
         print(f"prunelab: error: {message}", file=sys.stderr)
         sys.exit(2)
     return run()
+
+
+def _help(args: list[str]) -> bool:
+    return any(
+        arg.split("=", 1)[0] in ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc")
+        for arg in args
+    )
 
 
 @hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="config", version_base="1.3")
@@ -59,10 +81,10 @@ def run(cfg: DictConfig) -> float | None:
     # Imported here, not at the top, so that `prunelab --help` and Hydra's config errors do not load Lightning.
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from prunelab import pipeline
+    from prunelab import api
 
     try:
-        summary = pipeline.run(cfg, HydraConfig.get().runtime.output_dir)
+        summary = api.run_config(cfg, HydraConfig.get().runtime.output_dir)
     except SIGTERMException:
         # Lightning ends a terminated fit with a SystemExit of code 0; a stopped run must not look finished.
         print("prunelab: error: stopped by SIGTERM (run the same command again to resume)", file=sys.stderr)

@@ -1,14 +1,19 @@
-"""The one place a composed config is checked, before any data is loaded or any model trained.
+"""What the config's schema cannot say, checked once the config is composed, before any data is loaded.
+
+Types, choices and unknown keys are the schemas' (`prunelab.schema`): Hydra refuses them while composing.
+Here: ranges, settings that exclude each other, files that must exist, a folder that must be writable,
+and, once the model is built, the settings that must fit it (layer ratios, skipped layers).
 
 Every check raises a `ConfigError` whose message names the setting, the value and how to fix it; the
-`prunelab` command prints it as one line, `prunelab: error: ...`, and exits with code 2. Methods
-declare their own checks by raising `ConfigError` from their constructors (the config builds them
-here first); budgets that cannot be met raise `BudgetError`, a `ConfigError`.
+`prunelab` command prints it as one line, `prunelab: error: ...`, and exits with code 2. Methods check
+their own settings by raising `ConfigError` from their constructors, which the pipeline calls before any
+data is loaded; budgets that cannot be met raise `BudgetError`, a `ConfigError`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -21,7 +26,6 @@ from prunelab.budget import count_flops
 
 # The error classes live in the leaf module `prunelab.errors`; importers of them from here keep working.
 from prunelab.errors import ConfigError, NonFiniteError, PrunelabError, user_error  # noqa: F401
-from prunelab.export import FORMATS
 from prunelab.structure import PRUNABLE_TYPES
 from prunelab.structure.layers import _stage_of, skipped
 
@@ -67,6 +71,20 @@ def _existing(cfg: DictConfig, key: str, what: str) -> None:
         _require(path.exists(), f"{key}={value}: no such file ({what}; looked at {path.resolve()})")
 
 
+def _writable(cfg: DictConfig, key: str, what: str) -> None:
+    """The folder at `key` exists as a writable folder, or can be made: its nearest existing parent is one."""
+    value = _number(cfg, key)
+    if not value:
+        return
+    path = Path(str(value)).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    _require(
+        existing.is_dir() and os.access(existing, os.W_OK | os.X_OK),
+        f"{key}={value}: cannot write there ({what}; {existing} is "
+        f"{'not writable' if existing.is_dir() else 'a file, not a folder'})",
+    )
+
+
 # What a preset leaves for the command line to set (`???`), and how.
 _TO_SET = {
     "backbone._target_": "backbone=custom builds a model class of your own: pass backbone._target_=my_pkg.MyNet",
@@ -90,18 +108,8 @@ def check_config(cfg: DictConfig) -> None:
     _whole(cfg, "budget.latency_batch_size", 1, "the batch size the latency budget is measured at")
     _fraction(cfg, "budget.latency_tolerance", 0, 1, False, False, "the relative tolerance of the latency budget")
     _whole(cfg, "budget.latency_rounds", 1, "interleaved rounds a latency-budget candidate is first timed in")
-    fmt = _number(cfg, "export.format")
-    _require(fmt is None or fmt in FORMATS, f"export.format={fmt!r} must be one of {', '.join(FORMATS)}")
     if _number(cfg, "budget.latency") is not None:
-        fmt = _number(cfg, "budget.latency_format")
-        _require(
-            fmt in ("eager", *FORMATS), f"budget.latency_format={fmt!r} must be eager or one of {', '.join(FORMATS)}"
-        )
         ranking = _number(cfg, "budget.latency_ranking")
-        _require(
-            ranking in (None, "importance", "per_ms"),
-            f"budget.latency_ranking={ranking!r} must be importance or per_ms",
-        )
         if (
             ranking == "per_ms"
             and str(_number(cfg, "method._target_") or "").endswith(".L1Filter")
@@ -118,8 +126,6 @@ def check_config(cfg: DictConfig) -> None:
             not other,
             f"budget.latency and budget.{other[0] if other else ''} are both set: a structured budget is one of them",
         )
-    scope = _number(cfg, "budget.scope")
-    _require(scope in (None, "global", "layer"), f"budget.scope={scope!r} must be 'global' or 'layer'")
     _whole(cfg, "trainer.max_epochs", 0, "epochs of a training stage")
     for node in ("pretrain", "retrain"):
         _whole(cfg, f"{node}.epochs", 0, f"epochs of the {node} stage")
@@ -152,6 +158,7 @@ def check_config(cfg: DictConfig) -> None:
     _fraction(cfg, "backbone.width", 0, math.inf, False, False, "the channel multiplier of the backbone")
     _existing(cfg, "backbone.pretrained", "the checkpoint to start from")
     _existing(cfg, "method.init_from", "the checkpoint the method starts from")
+    _writable(cfg, "paths.output_root", "where runs are written (PRUNELAB_OUTPUTS)")
     objective = _number(cfg, "objective")
     _require(
         objective is None or "test" not in str(objective).split("/"),

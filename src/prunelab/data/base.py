@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prunelab.distributed import Shard, ShardedBatches, world
+from prunelab.errors import ConfigError
 
 
 class TensorSource(Dataset):
@@ -182,11 +183,11 @@ class ImageDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
         if val_size < 0:
-            raise ValueError(f"val_size must be >= 0, got {val_size}")
+            raise ConfigError(f"val_size must be >= 0, got {val_size}")
         if subset is not None and subset < 1:
-            raise ValueError(f"subset must be a positive number of images or None, got {subset}")
+            raise ConfigError(f"subset must be a positive number of images or None, got {subset}")
         self.root = root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
@@ -214,7 +215,7 @@ class ImageDataModule(L.LightningDataModule):
         means "the first N training images").
         """
         if self.val_size >= pool_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: val_size={self.val_size} must be smaller than the number of training "
                 f"images ({pool_size}); pass a smaller dataset.val_size"
             )

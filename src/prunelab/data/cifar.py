@@ -21,6 +21,7 @@ from prunelab.data.base import (
     image_transform,
     resolve_root,
 )
+from prunelab.errors import ConfigError
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
@@ -40,20 +41,20 @@ def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="latin1")
     except Exception as error:
-        raise ValueError(f"{path} is not a readable CIFAR pickle: {error}") from error
+        raise ConfigError(f"{path} is not a readable CIFAR pickle: {error}") from error
     if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
         keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-        raise ValueError(f"{path} is malformed: expected a dict with 'data' and '{label_key}', found {keys}")
+        raise ConfigError(f"{path} is malformed: expected a dict with 'data' and '{label_key}', found {keys}")
     data = np.asarray(entry["data"])
     labels = np.asarray(entry[label_key], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(
+        raise ConfigError(
             f"{path} is malformed: 'data' has shape {data.shape}, expected (N, 3072) rows of 3x32x32 pixels"
         )
     if data.dtype != np.uint8:
-        raise ValueError(f"{path} is malformed: 'data' has dtype {data.dtype}, expected uint8")
+        raise ConfigError(f"{path} is malformed: 'data' has dtype {data.dtype}, expected uint8")
     if labels.ndim != 1 or len(labels) != len(data):
-        raise ValueError(f"{path} is malformed: {len(data)} images but {labels.size} labels in '{label_key}'")
+        raise ConfigError(f"{path} is malformed: {len(data)} images but {labels.size} labels in '{label_key}'")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -148,7 +149,7 @@ class _CIFARDataModule(ImageDataModule):
             if len(data) == per_file:
                 # A file of canonical length must be the canonical file, byte for byte.
                 if _md5(path) != md5:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{path} has the canonical number of images but its md5 is not {md5}: the file is "
                         f"corrupted; download it again from {CIFAR_URL}"
                     )
@@ -165,7 +166,7 @@ class _CIFARDataModule(ImageDataModule):
         test_x, test_y, test_ok = self._read_split(directory, test_files, self.canonical_test_size)
         for split, labels in (("training", train_y), ("test", test_y)):
             if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(
+                raise ConfigError(
                     f"{directory}: {split} labels span {labels.min()}..{labels.max()}, expected 0..{self.num_classes - 1}"
                 )
         if not (train_ok and test_ok):

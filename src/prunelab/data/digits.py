@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from prunelab.data.base import ImageDataModule, TensorSource
+from prunelab.errors import ConfigError
 
 NUM_DIGITS = 1797
 # The test split is drawn with this fixed seed, so every run seed is evaluated on the same images.
@@ -55,7 +56,7 @@ class DigitsDataModule(ImageDataModule):
     ) -> None:
         super().__init__(root, batch_size, eval_batch_size, num_workers, val_size, seed, augment, subset)
         if not 0 < test_size < NUM_DIGITS:
-            raise ValueError(f"digits: test_size must be between 1 and {NUM_DIGITS - 1}, got {test_size}")
+            raise ConfigError(f"digits: test_size must be between 1 and {NUM_DIGITS - 1}, got {test_size}")
         self.num_classes = 10
         self.image_size = image_size
         self.in_channels = in_channels

@@ -18,6 +18,7 @@ from prunelab.data.base import (
     image_transform,
     resolve_root,
 )
+from prunelab.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 HOW_TO_GET = (
@@ -96,7 +97,7 @@ class ImageNetDataModule(ImageDataModule):
         root = resolve_root(self.root)
         extra = sorted(set(_class_folders(root / "val")) - set(self.classes))
         if extra:
-            raise ValueError(f"ImageNet: {root / 'val'} has class folders absent from {root / 'train'}: {extra[:5]}")
+            raise ConfigError(f"ImageNet: {root / 'val'} has class folders absent from {root / 'train'}: {extra[:5]}")
         return FileSource(self._scan(root / "train", True)), FileSource(self._scan(root / "val", False))
 
     def _transforms(self) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:

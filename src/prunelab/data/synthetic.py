@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from prunelab.data.base import ImageDataModule, TensorSource
+from prunelab.errors import ConfigError
 
 
 class SyntheticDataModule(ImageDataModule):
@@ -41,7 +42,7 @@ class SyntheticDataModule(ImageDataModule):
     ) -> None:
         super().__init__(root, batch_size, eval_batch_size, num_workers, val_size, seed, augment, subset)
         if num_classes < 2 or train_size < 1 or test_size < 1:
-            raise ValueError("synthetic: need num_classes >= 2 and positive train_size and test_size")
+            raise ConfigError("synthetic: need num_classes >= 2 and positive train_size and test_size")
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.image_size = image_size

@@ -18,6 +18,7 @@ from prunelab.data.base import (
     image_transform,
     resolve_root,
 )
+from prunelab.errors import ConfigError
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 FOLDER = "tiny-imagenet-200"
@@ -82,7 +83,7 @@ class TinyImageNetDataModule(ImageDataModule):
         path = self.data_dir() / "wnids.txt"
         wnids = sorted({line.strip() for line in path.read_text().splitlines() if line.strip()})
         if not wnids:
-            raise ValueError(f"{path} lists no classes. {HOW_TO_GET}")
+            raise ConfigError(f"{path} lists no classes. {HOW_TO_GET}")
         return wnids
 
     def _load_sources(self) -> tuple[Dataset, Dataset]:
@@ -115,15 +116,17 @@ class TinyImageNetDataModule(ImageDataModule):
                 continue
             fields = line.split("\t")
             if len(fields) < 2:
-                raise ValueError(f"{annotations}:{number} is malformed: expected 'file<TAB>wnid<TAB>box', got {line!r}")
+                raise ConfigError(
+                    f"{annotations}:{number} is malformed: expected 'file<TAB>wnid<TAB>box', got {line!r}"
+                )
             file_name, wnid = fields[0].strip(), fields[1].strip()
             if wnid not in class_index:
-                raise ValueError(f"{annotations}:{number}: wnid {wnid!r} is not listed in {directory / 'wnids.txt'}")
+                raise ConfigError(f"{annotations}:{number}: wnid {wnid!r} is not listed in {directory / 'wnids.txt'}")
             if file_name not in present:
                 raise FileNotFoundError(f"{annotations}:{number}: image {images_dir / file_name} does not exist")
             test_samples.append((str(images_dir / file_name), class_index[wnid]))
         if not test_samples:
-            raise ValueError(f"{annotations} lists no images. {HOW_TO_GET}")
+            raise ConfigError(f"{annotations} lists no images. {HOW_TO_GET}")
         return FileSource(train_samples), FileSource(test_samples)
 
     def _transforms(self) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:

@@ -67,16 +67,15 @@ class Rounds:
 
 @dataclass
 class MethodContext:
-    """What a method may know of the experiment: handed to `bind`, `setup` and `plan`.
+    """What a method may know of the experiment: handed to `bind`, `setup` and `plan`, and only what methods read.
 
-    `config` is the method's own config node; `budget` the experiment's budget; `data` its datamodule;
-    `input_shape` one example's (C, H, W); `dense` the dense backbone's `flops` and `params` (budgets are
-    relative to them); `round` the current round (None outside of `Rounds`) and `rounds` the method's
-    last round number; `masks` and `plans` the unstructured masks and channel plans the model carries
-    now (what earlier rounds decided); `stage` the stage being run.
+    `budget` is the experiment's budget; `data` its datamodule; `input_shape` one example's (C, H, W);
+    `dense` the dense backbone's `flops` and `params` (budgets are relative to them); `pretrained` whether
+    the model starts from trained weights; `round` the current round (None outside of `Rounds`); `masks`
+    the unstructured masks the model carries now (what earlier rounds decided). A method's own settings
+    are its constructor's arguments.
     """
 
-    config: Any
     budget: Any
     data: Any
     input_shape: tuple[int, int, int]
@@ -87,10 +86,7 @@ class MethodContext:
     pretrained: bool = False
     logger: Any = None
     round: int | None = None
-    rounds: int = 0
     masks: MaskPlan | None = None
-    plans: list[ChannelPlan] = field(default_factory=list)
-    stage: Stage | None = None
 
 
 class PruningMethod:

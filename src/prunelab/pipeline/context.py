@@ -104,10 +104,9 @@ class Context:
         return self.datamodule.num_classes
 
     def for_method(self, model: nn.Module, stage: Stage | None = None) -> MethodContext:
-        """The narrow view a method gets of the experiment, with the model's current masks and plans."""
+        """The narrow view a method gets of the experiment, with the model's current masks."""
         info = model_record(model)
         return MethodContext(
-            config=self.cfg.method,
             budget=self.cfg.budget,
             data=self.datamodule,
             input_shape=self.input_shape,
@@ -119,8 +118,5 @@ class Context:
             pretrained=bool(self.cfg.backbone.get("pretrained")) or self.base is not None,
             logger=self.logger,
             round=stage.round if stage is not None else None,
-            rounds=self.rounds,
             masks=info.masks,
-            plans=list(info.plans),
-            stage=stage,
         )

@@ -14,7 +14,7 @@ from torch import nn
 
 from prunelab import dashboard, structure
 from prunelab.budget import budget_latency, deployed_latency, measure
-from prunelab.data import adopt
+from prunelab.data import ImageDataModule, adopt
 from prunelab.export import FORMATS, export_deployable, save_model
 from prunelab.io import RunLock, write_json, write_text
 from prunelab.pipeline.build import build, build_backbone, build_dataset
@@ -75,6 +75,9 @@ def _run(
         # A LightningDataModule of the user's own class (`dataset._target_`) is used through its loaders.
         datamodule = adopt(datamodule, str(cfg.dataset.get("_target_", "")))
         datamodule.prepare_data()
+        if isinstance(datamodule, ImageDataModule):
+            # Splits are drawn now, so sizes that do not fit the data (val_size, subset) stop the run before any stage.
+            datamodule.setup("fit")
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
     # A model given from Python, as it came: models of its class are rebuilt on a copy of it (`load_model`).
