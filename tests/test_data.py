@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import pickle
 import re
@@ -24,6 +25,7 @@ from prunelab.data import (
     SyntheticDataModule,
     TinyImageNetDataModule,
 )
+from prunelab.schema import DATASET_SCHEMAS
 
 # The shared read-only material sits beside the repository root.
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -458,14 +460,15 @@ def test_dataset_configs(name: str, tmp_path: Path) -> None:
     from hydra.utils import get_class, instantiate
     from omegaconf import OmegaConf
 
-    config = OmegaConf.merge(
-        {"paths": {"data_dir": str(tmp_path)}, "seed": 7},
-        {"dataset": OmegaConf.load(CONF / f"{name}.yaml")},
-    )
+    raw = OmegaConf.load(CONF / f"{name}.yaml")
+    # `defaults` names the dataset's typed schema (prunelab.schema), whose fields are arguments too.
+    schema = DATASET_SCHEMAS[str(raw.pop("defaults")[0]["/schema/dataset@_here_"])]
+    config = OmegaConf.merge({"paths": {"data_dir": str(tmp_path)}, "seed": 7}, {"dataset": raw})
     target = get_class(config.dataset._target_)
     assert issubclass(target, ImageDataModule)
     accepted = set(inspect.signature(target.__init__).parameters)
     assert set(config.dataset) - {"_target_"} <= accepted
+    assert {f.name for f in dataclasses.fields(schema)} - {"_target_"} <= accepted
     if name in ("digits", "synthetic"):
         dm = instantiate(config.dataset)
         assert dm.seed == 7

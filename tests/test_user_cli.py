@@ -148,7 +148,7 @@ def test_own_datamodule_with_an_unstructured_method(tmp_path):
             [*MODEL, "dataset=custom"],
             "dataset._target_ is not set: dataset=custom uses a LightningDataModule of your own",
         ),
-        ([*MODEL, "dataset._target_=user_pkg.BlobsDataModule"], "unexpected keyword argument 'root'"),
+        ([*MODEL, "dataset._target_=user_pkg.BlobsDataModule"], "unexpected keyword argument 'num_workers'"),
         (
             [*MODEL, "dataset=custom", "dataset._target_=user_pkg.BlobsDataModule", "+dataset.colour=1"],
             "unexpected keyword argument 'colour'",

@@ -160,7 +160,7 @@ def check_command(args: Sequence[str]) -> None:
     for override, text in zip(parsed, overrides, strict=True):
         if not override.is_sweep_override():
             fixed.append(text)
-        elif not override.is_hydra_override():
+        else:
             try:
                 values = list(override.sweep_string_iterator())
             except Exception:
@@ -194,7 +194,7 @@ _NO_CHECK_FLAGS = {
 
 
 def _command_overrides(args: Sequence[str]) -> list[str] | None:
-    """The config overrides among a command line's arguments (Hydra's own settings left out), or None to skip."""
+    """The config overrides among a command line's arguments (Hydra's flags left out), or None to skip the check."""
     overrides: list[str] = []
     skip_value = False
     for arg in args:
@@ -207,8 +207,7 @@ def _command_overrides(args: Sequence[str]) -> list[str] | None:
         if arg.startswith("-"):
             skip_value = flag in _VALUE_FLAGS and "=" not in arg
             continue
-        if not arg.lstrip("+~").startswith("hydra"):
-            overrides.append(arg)
+        overrides.append(arg)
     return overrides
 
 
