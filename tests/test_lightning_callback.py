@@ -479,7 +479,7 @@ def test_mistakes_stop_in_one_line_before_any_training(tmp_path):
 
 def test_the_methods_said_to_fit_a_users_loop_are_those_whose_stages_do(tmp_path):
     names = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
-    unstructured = {"imp", "concave", "cs", "jackpot", "edge_popup", "magnitude"}
+    unstructured = {"imp", "concave", "cs", "jackpot", "edge_popup", "magnitude", "snip", "grasp", "synflow", "lamp"}
     train = loader(data(1))
     fitting = []
     for name in names:

@@ -53,6 +53,7 @@ FEW_STEPS = {
     "jackpot": ["method.epochs=1"],
     "edge_popup": ["method.epochs=1"],
     "imp": ["method.rounds=2"],
+    "synflow": ["method.iterations=2"],
     # beta_T = 200 reached within 3 steps makes the mask a step function that amplifies rounding
     # 1000x per step (measured: 5e-4 after one step); beta_T = 2 keeps the DDP check about DDP.
     "cs": ["method.rounds=2", "method.final_beta=2"],

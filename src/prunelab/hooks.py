@@ -47,6 +47,10 @@ IN_YOUR_LOOP = (
     "random",
     "uniform",
     "greedy",
+    "snip",
+    "grasp",
+    "synflow",
+    "lamp",
 )
 
 

@@ -210,6 +210,33 @@ def training_batches(data, count: int) -> list:
     return batches
 
 
+def class_balanced_batches(data, num_classes: int, per_class: int, count: int = 1) -> list:
+    """`count` samples of `per_class` training images of every class, each ordered by class and cut into halves.
+
+    GraSP's official sampler (a batch of `per_class` images per class, concatenated class by class, whose
+    two halves are fed separately); the images come with test-time transforms, in the fixed order of
+    `train_eval_dataloader`, so sample i holds the i-th `per_class` images of each class.
+    """
+    wanted = per_class * count
+    xs: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
+    for x, y in data.train_eval_dataloader():
+        for image, label in zip(x, y.tolist()):
+            if len(xs[label]) < wanted:
+                xs[label].append(image)
+        if all(len(found) == wanted for found in xs):
+            break
+    short = [c for c, found in enumerate(xs) if len(found) < wanted]
+    if short:
+        raise ValueError(f"class-balanced sampling: class {short[0]} has fewer than {wanted} training images")
+    batches = []
+    for i in range(count):
+        images = torch.stack([image for found in xs for image in found[i * per_class : (i + 1) * per_class]])
+        labels = torch.arange(num_classes).repeat_interleave(per_class)
+        half = images.shape[0] // 2
+        batches += [(images[:half], labels[:half]), (images[half:], labels[half:])]
+    return batches
+
+
 def prunable_groups(model: nn.Module, ctx: MethodContext) -> list:
     """The channel groups a structured method may prune under the experiment's budget settings."""
     groups = channel_groups(model, ctx.input_shape)

@@ -46,6 +46,7 @@ from prunelab.budget import BudgetError, keep_top, keep_top_global
 from prunelab.errors import ConfigError
 from prunelab.io import write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage, sgd, training_batches
+from prunelab.methods.saliency import CRITERIA, criterion_scores
 from prunelab.structure import (
     MaskParametrization,
     MaskPlan,
@@ -59,11 +60,7 @@ from prunelab.structure import (
 
 log = logging.getLogger("prunelab")
 
-CRITERIA = ("magnitude", "snip", "grasp", "random")
 ALLOCATIONS = ("magnitude", "uniform", "global")
-
-# GraSP divides the logits by a temperature before its gradient-flow computation (Wang et al., T = 200).
-GRASP_TEMPERATURE = 200.0
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -557,56 +554,3 @@ class EdgePopup(ScoreSearch):
         if isinstance(counts, int):
             return scores, keep_top_global(magnitudes, counts)
         return scores, {name: keep_top(s, counts[name]) for name, s in magnitudes.items()}
-
-
-def criterion_scores(
-    model: nn.Module,
-    weights: dict[str, torch.Tensor],
-    criterion: str,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Importance of every weight under a pruning criterion; the lowest are pruned first.
-
-    magnitude |w|; snip |w * dL/dw| summed over the batches; grasp w * Hg, the negative of GraSP's
-    score -w * Hg (GraSP removes the weights with the largest -w * Hg); random uniform noise. The
-    gradients are taken on a copy of the model in training mode, so the model and its BN statistics
-    are left untouched.
-    """
-    if criterion == "magnitude":
-        return {n: w.detach().abs().cpu() for n, w in weights.items()}
-    if criterion == "random":
-        generator = torch.Generator().manual_seed(int(seed))
-        return {n: torch.rand(w.shape, generator=generator) for n, w in weights.items()}
-    if not batches:
-        raise ValueError(f"the {criterion} criterion needs at least one batch of training data")
-    import copy
-
-    net = copy.deepcopy(model).train()
-    device = next(iter(weights.values())).device
-    params = dict(net.named_parameters())
-    ws = [params[n] for n in weights]
-    freeze(net)
-    for w in ws:
-        w.requires_grad_(True)
-    loss_fn = nn.functional.cross_entropy
-    if criterion == "snip":
-        total = [torch.zeros_like(w) for w in ws]
-        for x, y in batches:
-            grads = torch.autograd.grad(loss_fn(net(x.to(device)), y.to(device)), ws)
-            total = [t + g for t, g in zip(total, grads)]
-        return {n: (w.detach() * g).abs().cpu() for n, w, g in zip(weights, ws, total)}
-    if criterion == "grasp":
-        # First the gradient g of the tempered loss, then Hg as the gradient of g . stop_grad(g).
-        g = [torch.zeros_like(w) for w in ws]
-        for x, y in batches:
-            loss = loss_fn(net(x.to(device)) / GRASP_TEMPERATURE, y.to(device))
-            g = [a + b for a, b in zip(g, torch.autograd.grad(loss, ws))]
-        hg = [torch.zeros_like(w) for w in ws]
-        for x, y in batches:
-            loss = loss_fn(net(x.to(device)) / GRASP_TEMPERATURE, y.to(device))
-            grads = torch.autograd.grad(loss, ws, create_graph=True)
-            z = sum((a * b.detach()).sum() for a, b in zip(grads, g))
-            hg = [a + b for a, b in zip(hg, torch.autograd.grad(z, ws))]
-        return {n: (w.detach() * h).cpu() for n, w, h in zip(weights, ws, hg)}
-    raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
