@@ -346,3 +346,20 @@ def test_presets_compose_with_the_paper_figure(name):
     cfg = preset(name)
     assert cfg.method._target_.endswith((".SET", ".RigL")) and cfg.paper.acc > 0
     assert cfg.budget.sparsity == pytest.approx(cfg.paper.sparsity)
+
+
+def test_updates_work_on_channels_last_weights_and_match_the_contiguous_model():
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = _Net()
+        method = RigL(sparsity=0.8, update_every=1, end=1.0)
+        optimizer = _start(method, model, 3)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+            assert not model.conv.parametrizations.weight.original.is_contiguous()
+        for step in range(2):
+            _step(model, optimizer, step)
+            method.after_optimizer_step(model, step)
+        results.append(method.masks())
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])

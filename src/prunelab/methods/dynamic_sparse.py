@@ -255,8 +255,9 @@ class DynamicSparse(PruningMethod):
                 weight = self._stored[name]
                 new, fresh, dropped = drop_and_grow(weight, layer.mask, fraction, self.grow_scores(name, layer, weight))
                 # Dropped weights are zeroed, and so are new connections (grown from zero); the rest keep their values.
-                weight.view(-1).mul_((new & ~fresh).to(weight.dtype))
-                layer.mask.copy_(new.view_as(layer.mask))
+                # The weight may be strided (channels-last, DDP's buckets): the flat masks are shaped, not the weight flattened.
+                weight.mul_((new & ~fresh).view(weight.shape).to(weight.dtype))
+                layer.mask.copy_(new.view(layer.mask.shape))
                 record["dropped"].append(dropped)
                 record["grown"].append(dropped)
                 # Dropped and grown back in this update: the code's "same" connections, which keep their weight.
