@@ -60,6 +60,9 @@ FEW_STEPS = {
     "greedy": ["method.epsilon=10", "method.max_steps=0.5", "method.taylor_after=1"],
     "concave": ["method.rounds=2", "method.selection=fixed_fraction", "method.prune_fraction=0.5"],
     "slimming": ["method.sparsity_epochs=1"],
+    # Masks change after every step (the default waits 100 steps, or an epoch for SET).
+    "set": ["method.update_every=1"],
+    "rigl": ["method.update_every=1"],
     "greg1": ["method.delta_lambda=0.5", "method.update_interval=1", "method.stabilize_steps=1"],
     "greg2": [
         "method.delta_lambda=0.5",

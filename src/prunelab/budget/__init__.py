@@ -7,6 +7,7 @@ The package's modules, from the bottom: `counting`, `timing` (latency measuremen
 
 from prunelab.budget.cost import CostModel
 from prunelab.budget.counting import count_flops, count_params, measure, sparsity
+from prunelab.budget.densities import DISTRIBUTIONS, keep_counts, layer_densities
 from prunelab.budget.latency import LatencyModel
 from prunelab.budget.plans import (
     keep_top,
@@ -33,6 +34,7 @@ from prunelab.errors import BudgetError
 from prunelab.structure.channel_group import keep_count
 
 __all__ = [
+    "DISTRIBUTIONS",
     "Beside",
     "BudgetError",
     "CostModel",
@@ -43,6 +45,8 @@ __all__ = [
     "deployed",
     "deployed_latency",
     "keep_count",
+    "keep_counts",
+    "layer_densities",
     "keep_top",
     "keep_top_global",
     "latency_beside",
