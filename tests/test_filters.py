@@ -9,7 +9,8 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import FAST, CrashAtEpoch, make_cfg, randomize_bn, run_cli
+from conftest import FAST, CrashAtEpoch, make_cfg, preset, randomize_bn, run_cli
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -331,3 +332,21 @@ def test_each_method_runs_from_the_command_line(tmp_path, name):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["model/flops_ratio"] == pytest.approx(0.5, rel=0.02)
     assert "test/acc" in summary and f"time/{'soft' if name == 'sfp' else 'prune'}_s" in summary
+
+
+@pytest.mark.parametrize(
+    "name, key, value",
+    [
+        ("fpgm_resnet56_cifar10_concave_table2", "params", 0.494),
+        ("sfp_resnet56_cifar10_concave_table2", "params", 0.494),
+        ("sfp_resnet56_cifar10_greg_table2", "flops", 0.474),
+        ("hrank_resnet56_cifar10_concave_table2", "params", 0.576),
+        ("hrank_resnet56_cifar10_concave_table2_params0p32", "params", 0.319),
+    ],
+)
+def test_presets_compose_with_the_papers_budget(name, key, value):
+    cfg = preset(name)
+    method = instantiate(cfg.method)
+    assert type(method) is {"fpgm": FPGM, "sfp": SoftFilterPruning, "hrank": HRank}[name.split("_")[0]]
+    assert cfg.budget[key] == value and cfg.paper[key] == value and cfg.paper.acc > 90
+    assert cfg.dataset._target_.endswith("CIFAR10DataModule") and method.allocation == "uniform"
