@@ -47,6 +47,9 @@ IN_YOUR_LOOP = (
     "random",
     "uniform",
     "greedy",
+    "fpgm",
+    "sfp",
+    "hrank",
 )
 
 
