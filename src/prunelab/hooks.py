@@ -51,6 +51,9 @@ IN_YOUR_LOOP = (
     "grasp",
     "synflow",
     "lamp",
+    "fpgm",
+    "sfp",
+    "hrank",
 )
 
 

@@ -15,6 +15,8 @@ from prunelab.structure import ChannelGroup, group_weights, prunable_weights
 
 STRUCTURED = ("flops", "params", "latency", "layer_ratios")
 UNSTRUCTURED = ("sparsity",)
+#: How a filter criterion's scores compare across groups under a FLOPs, parameter or latency budget (`allocate`).
+ALLOCATIONS = ("uniform", "global")
 
 
 class _OneShot(PruningMethod):
@@ -50,6 +52,28 @@ def l1_scores(model: nn.Module, groups: list[ChannelGroup], normalize: bool = Tr
         norms = sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, group))
         scores[group.name] = norms / norms.max().clamp_min(1e-12) if normalize else norms
     return scores
+
+
+def allocate(scores: dict[str, torch.Tensor], allocation: str) -> dict[str, torch.Tensor]:
+    """Per-group scores made comparable across groups for one global threshold.
+
+    "uniform": a channel's rank in its group, (rank + 1/2) / size from the lowest score up, so a threshold keeps
+    the same fraction of every group (the per-layer pruning rate of FPGM, SFP and HRank) and the budget search
+    finds that fraction; "global": scores divided by their group's largest (`L1Filter`'s `normalize`). Both keep
+    each group's order, so `budget.layer_ratios` prunes the same channels under either.
+    """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation {allocation!r} is not one of {', '.join(ALLOCATIONS)}")
+    out = {}
+    for name, s in scores.items():
+        s = s.detach().float().cpu()
+        if allocation == "global":
+            out[name] = s / s.max().clamp_min(1e-12)
+        else:
+            ranks = torch.empty_like(s)
+            ranks[torch.argsort(s, stable=True)] = torch.arange(s.numel(), dtype=s.dtype)
+            out[name] = (ranks + 0.5) / s.numel()
+    return out
 
 
 class Taylor(_OneShot):
