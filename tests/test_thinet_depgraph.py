@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 import torch_pruning as tp
-from conftest import make_cfg, run_cli
+from conftest import make_cfg, preset, run_cli
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -334,3 +334,17 @@ def test_command_line_run_on_the_synthetic_setup(tmp_path, method):
     summary = OmegaConf.load(tmp_path / "run" / "summary.json")
     assert summary["model/flops_ratio"] == pytest.approx(0.5, abs=0.01)
     assert ("time/sparse_s" in summary) == (method == "depgraph")
+
+
+@pytest.mark.parametrize(
+    "name, method, flops, acc",
+    [
+        ("depgraph_resnet56_cifar10", "DepGraph", 1 / 2.13, 93.77),
+        ("thinet_mobilenet_v2_imagenet_greedy_table2", "ThiNet", 175 / 314, 68.6),
+    ],
+)
+def test_presets_compose_with_the_papers_budget(name, method, flops, acc):
+    cfg = preset(name)
+    assert cfg.method._target_.endswith(method)
+    assert cfg.budget.flops == pytest.approx(flops, abs=5e-4) and cfg.paper.flops == cfg.budget.flops
+    assert cfg.paper.acc == acc and cfg.retrain.mode == "finetune"
