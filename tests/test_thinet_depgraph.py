@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 
 import pytest
 import torch
 import torch_pruning as tp
-from conftest import make_cfg, preset, run_cli
+from conftest import CrashAtEpoch, EpochRecorder, make_cfg, preset, run_cli
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -273,6 +274,24 @@ def test_depgraph_penalty_only_in_sparse_training():
     assert float(method.extra_loss(model).detach()) > 0
     method.teardown(model, stages[0])
     assert method.extra_loss(model) is None
+
+
+def test_depgraph_killed_in_sparse_training_resumes_to_the_same_plan(tmp_path):
+    """The regulariser keeps no state beyond the weights: a sparse stage resumed from its checkpoint ends where an
+    unbroken one does."""
+    args = (*QUIET, "method=depgraph", "method.epochs=2", "method.reg=1e-2", "budget.flops=0.5", "retrain=none")
+    reference = pipeline.run(make_cfg(tmp_path / "ref", *args), tmp_path / "ref")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run(make_cfg(tmp_path / "run", *args), tmp_path / "run", callbacks=[CrashAtEpoch(1, stage="sparse")])
+    recorder = EpochRecorder()
+    summary = pipeline.run(make_cfg(tmp_path / "run", *args), tmp_path / "run", callbacks=[recorder])
+    assert recorder.stages[0] == ("sparse", 1)
+    plans = [
+        json.loads(next((d / "stages").glob("*-prune")).joinpath("plan.json").read_text())
+        for d in (tmp_path / "ref", tmp_path / "run")
+    ]
+    assert plans[0] == plans[1]
+    assert summary["test/loss"] == reference["test/loss"]
 
 
 # ---- settings, timm, command line ------------------------------------------------------------------------------------
