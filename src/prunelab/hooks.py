@@ -47,6 +47,8 @@ IN_YOUR_LOOP = (
     "random",
     "uniform",
     "greedy",
+    "thinet",
+    "depgraph",
 )
 
 
