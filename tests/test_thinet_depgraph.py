@@ -96,13 +96,17 @@ def _batches(shape=SHAPE, count=3, classes=5):
 # ---- ThiNet ---------------------------------------------------------------------------------------------------------
 
 
-def test_thinet_contributions_are_each_channels_share_of_the_next_output():
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation", [(3, 2, 1, 1), ((3, 1), (1, 2), (2, 0), (2, 1)), (1, 1, 0, 1)]
+)
+def test_thinet_contributions_are_each_channels_share_of_the_next_output(kernel, stride, padding, dilation):
     """x_hat_c is the next conv's output when only channel c is fed (bias removed), at the sampled place."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(5, 4, 3, stride=2, padding=1, bias=True)
+    conv = nn.Conv2d(5, 4, kernel, stride=stride, padding=padding, dilation=dilation, bias=True)
     x = torch.randn(3, 5, 9, 9)
     piece = CoupledSlice("1", "in", 1, torch.arange(5), torch.arange(5))
     images, outputs, places = torch.tensor([0, 2, 1, 2]), torch.tensor([3, 0, 1, 2]), torch.tensor([0, 7, 24, 13])
+    assert conv(x)[0, 0].numel() > 24
     got = contributions_of(conv, x, piece, 5, images, outputs, places)
     width = conv(x).shape[-1]
     for c in range(5):

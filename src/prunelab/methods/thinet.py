@@ -92,13 +92,23 @@ def contributions_of(
         rows = x.reshape(-1, x.shape[-1])[images]  # for tokens, `images` indexes the rows of all tokens
         parts = rows[:, idxs] * w[outputs][:, idxs]
     else:
-        cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-        cols = cols.view(x.shape[0], x.shape[1], -1, cols.shape[-1])  # (N, C_in, kernel, positions)
-        patches = cols[images, :, :, places][:, idxs]  # (samples, J, kernel)
+        patches = _patches(layer, x, images, places)[:, idxs]  # (samples, J, kernel)
         kernels = w.flatten(2)[outputs][:, idxs]  # (samples, J, kernel)
         parts = (patches * kernels).sum(2)
     out = parts.new_zeros(parts.shape[0], size, dtype=torch.float64)
     return out.index_add_(1, root, parts.double())
+
+
+def _patches(layer: nn.Conv2d, x: torch.Tensor, images: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+    """The input windows of the sampled outputs, (samples, C_in, kernel): what `F.unfold` gives at those places, read
+    without unfolding the whole batch."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+    width = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    padded = F.pad(x, (pw, pw, ph, ph))
+    rows = (places // width * sh)[:, None] + torch.arange(kh, device=x.device) * dh  # (samples, kh)
+    cols = (places % width * sw)[:, None] + torch.arange(kw, device=x.device) * dw  # (samples, kw)
+    windows = padded[images[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (samples, kh, kw, C_in)
+    return windows.flatten(1, 2).transpose(1, 2)
 
 
 def _readable(layer: nn.Module) -> bool:
