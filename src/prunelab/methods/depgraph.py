@@ -2,7 +2,7 @@
 global prune by group norms.
 
 Every parameter coupled to a channel (its producers' rows, its consumers' columns, its norms' scales: the dependency
-group of Sec. 3) is one group. Sparse training (Sec. 3.3, Eq. 5) pushes whole groups to zero with a group-norm penalty
+group) is one group. Sparse training pushes whole groups to zero with a group-norm penalty
 whose strength grows for the least important groups; the importance of channel c is the group's norm over all coupled
 parameters, I_c = mean over the group's parameters k of ||w_k[c]||^2 (Torch-Pruning's `GroupMagnitudeImportance(p=2)`:
 squared L2 norms averaged over the parameters, divided by their mean over the group's channels so that groups of
