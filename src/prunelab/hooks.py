@@ -54,6 +54,8 @@ IN_YOUR_LOOP = (
     "fpgm",
     "sfp",
     "hrank",
+    "thinet",
+    "depgraph",
 )
 
 

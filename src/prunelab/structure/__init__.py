@@ -2,6 +2,7 @@
 
 from prunelab.errors import UnprunableError
 from prunelab.structure.channel_group import ChannelGroup, group_weights, root_weights
+from prunelab.structure.coupled import CoupledSlice, coupled_slices, slice_of
 from prunelab.structure.groups import channel_groups, remember_groups
 from prunelab.structure.layers import PRUNABLE_TYPES, eval_mode, freeze, prunable_weights, unfreeze
 from prunelab.structure.masks import (
@@ -22,6 +23,7 @@ __all__ = [
     "PRUNABLE_TYPES",
     "ChannelGroup",
     "ChannelPlan",
+    "CoupledSlice",
     "MaskParametrization",
     "MaskPlan",
     "ModelRecord",
@@ -32,6 +34,7 @@ __all__ = [
     "attach_mask",
     "attach_masks",
     "channel_groups",
+    "coupled_slices",
     "detach_masks",
     "eval_mode",
     "fold_masks",
@@ -44,6 +47,7 @@ __all__ = [
     "model_record",
     "reinitialize",
     "root_weights",
+    "slice_of",
     "unfreeze",
     "zero_masked_",
 ]
