@@ -41,7 +41,6 @@ class Batches:
 
 def _ctx(tmp_path, model, shape=SHAPE, data=None, **budget) -> MethodContext:
     return MethodContext(
-        config=None,
         budget=OmegaConf.create({"tolerance": 0.02, "iterations": 30, "round_to": 1, **budget}),
         data=data,
         input_shape=shape,

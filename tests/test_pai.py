@@ -105,7 +105,7 @@ def test_grasp_hessian_gradient_matches_finite_differences_of_the_gradient_along
 
 def _ctx(tmp_path: Path, target: float, scope: str = "global", data=None, input_shape=(3, 32, 32)) -> MethodContext:
     budget = OmegaConf.create({"sparsity": target, "scope": scope})
-    return MethodContext(None, budget, data, input_shape, 10, 0, tmp_path)
+    return MethodContext(budget, data, input_shape, 10, 0, tmp_path)
 
 
 def _data(classes: int = 10, per_batch: int = 40, batches: int = 3):

@@ -77,7 +77,6 @@ class _Data:
 
 def _ctx(budget: dict, data=None, shape=SHAPE, dense=None) -> MethodContext:
     return MethodContext(
-        config=None,
         budget=OmegaConf.create(budget),
         data=data,
         input_shape=shape,

@@ -34,6 +34,9 @@ class Choice(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(str(self.value), spec)
 
+    def __repr__(self) -> str:
+        return repr(self.value)
+
 
 class RetrainMode(Choice):
     """`retrain.mode`: what the pruned model starts its retraining from."""
