@@ -21,10 +21,9 @@ __version__ = "0.1.0"
 # The Python API (`prunelab.prune`, `prunelab.Pruner`, the callback `prunelab.lightning.Pruning`, ...) is
 # imported on first use: it loads Lightning and Hydra, which would make `import prunelab` take seconds
 # longer for code that only loads or saves a model.
-_API = {
-    name: "prunelab.api"
-    for name in ("PruneResult", "channel_groups", "count", "export_model", "latency", "prune", "run")
-}
+_API = dict.fromkeys(
+    ("PruneResult", "channel_groups", "count", "export_model", "latency", "prune", "run"), "prunelab.api"
+)
 _API["Pruner"] = "prunelab.hooks"
 
 

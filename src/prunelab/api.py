@@ -131,7 +131,8 @@ def _refuse_renamed(overrides: Sequence[str]) -> None:
 
 
 def _compose(overrides: Sequence[str]) -> DictConfig:
-    """The command's config for `overrides` (inside an initialised Hydra); what Hydra refuses is a one-line `ConfigError`."""
+    """The command's config for `overrides` (inside an initialised Hydra); what Hydra refuses is a one-line
+    `ConfigError`."""
     try:
         return compose("config", overrides=list(overrides))
     except HydraException as err:

@@ -91,7 +91,7 @@ def global_mean(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     N * sum_local / G makes that average the gradient of the global batch's mean. The second value
     (detached) is the global batch's mean itself, the same on every rank.
     """
-    rank, size = world()
+    _rank, size = world()
     if size == 1:
         mean = per_sample.mean()
         return mean, mean.detach()
@@ -117,7 +117,7 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 def _synced_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm over the global batch: mean, then variance, each summed over ranks (two passes, as torch)."""
-    rank, size = world()
+    _rank, size = world()
     if not self.training or size == 1:
         return type(self).forward(self, x)
     dims = [0, *range(2, x.dim())]
@@ -185,7 +185,7 @@ def fingerprint(obj: Any) -> str:
 
 def check_same(what: str, obj: Any) -> None:
     """Raise if the ranks of the process group hold different `obj` (compared by `fingerprint`)."""
-    rank, size = world()
+    _rank, size = world()
     if size == 1:
         return
     mine = fingerprint(obj)

@@ -65,7 +65,8 @@ def loop_method(
     built = build(cfg.method)
     if type(built).initial_model is not PruningMethod.initial_model:
         raise ConfigError(
-            f"method={method} starts from a new model of its own, not from yours (methods that fit your loop: {', '.join(IN_YOUR_LOOP)})"
+            f"method={method} starts from a new model of its own, not from yours (methods that fit your loop: "
+            f"{', '.join(IN_YOUR_LOOP)})"
         )
     own: list[Stage] = []
     for item in built.stages():

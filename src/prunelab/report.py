@@ -497,7 +497,8 @@ def trials_table(sweep_dir: Path, objective: str = "val/acc", out: Path | None =
         fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
         lines = ["| trial overrides | " + objective + " | test/acc | FLOPs ratio |", "|---|---|---|---|"]
         lines += [
-            f"| {r['overrides']} | {r[objective]:.2f} | {fmt(r['test/acc'], '.2f')} | {fmt(r['model/flops_ratio'], '.3f')} |"
+            f"| {r['overrides']} | {r[objective]:.2f} | {fmt(r['test/acc'], '.2f')} | "
+            f"{fmt(r['model/flops_ratio'], '.3f')} |"
             for r in rows
         ]
         write_text(out / "trials.md", "\n".join(lines) + "\n")

@@ -66,8 +66,8 @@ class QueryTokenAttention(HeadWidth):
 
 
 class QueryKeyValueLayout(HeadWidth):
-    """Queries from `q`, keys and values stacked in `kv`, `head_dim` each per head (VOLO's class attention, whose forward
-    already computes with them; the base of `SubsampledAttention`)."""
+    """Queries from `q`, keys and values stacked in `kv`, `head_dim` each per head (VOLO's class attention, whose
+    forward already computes with them; the base of `SubsampledAttention`)."""
 
     def rebuilt(self) -> None:
         self.head_dim = self.q.out_features // self.num_heads
@@ -130,8 +130,8 @@ class GroupedWindowAttention(HeadWidth):
 
 
 class StackedAttention(HeadWidth):
-    """ConViT's, VOLO's, DaViT's (windowed) and MetaFormer's (CAFormer) plain self-attention: query, key and value stacked in `qkv`, as timm's Attention, over
-    (B, N, C) tokens or a (B, H, W, C) map."""
+    """ConViT's, VOLO's, DaViT's (windowed) and MetaFormer's (CAFormer) plain self-attention: query, key and value
+    stacked in `qkv`, as timm's Attention, over (B, N, C) tokens or a (B, H, W, C) map."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._out(_sdpa(self, *_heads(self.qkv(x.flatten(1, -2)), 3, self.num_heads, self.head_dim)))

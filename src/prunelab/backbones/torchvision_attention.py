@@ -23,7 +23,7 @@ class Relaid(nn.Module):
             if prefix + old in state_dict:
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.rename(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
