@@ -1,6 +1,7 @@
 """prunelab: config-driven neural-network pruning experiments, and the same methods from Python."""
 
 import importlib
+from typing import Any
 
 from prunelab.export import load_model, save_model
 
@@ -27,7 +28,7 @@ _API = dict.fromkeys(
 _API["Pruner"] = "prunelab.hooks"
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
     if name == "lightning":

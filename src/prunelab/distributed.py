@@ -129,6 +129,8 @@ def _synced_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> t
     centred = x - mean.view(shape)
     var = _all_reduce((centred * centred).sum(dims)) / count
     if self.track_running_stats and self.running_mean is not None:
+        # torch keeps all three buffers when it tracks running statistics.
+        assert self.running_var is not None and self.num_batches_tracked is not None
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -151,7 +153,8 @@ def sync_batchnorm(model: nn.Module) -> Iterator[None]:
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
-        norm.forward = types.MethodType(_synced_forward, norm)
+        # Replaced on this instance on purpose (restored below), which mypy refuses for a method.
+        norm.forward = types.MethodType(_synced_forward, norm)  # type: ignore[method-assign]
     try:
         yield
     finally:

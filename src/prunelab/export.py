@@ -120,7 +120,7 @@ TOLERANCE = 1e-4
 
 
 def export_deployable(
-    model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], format: str = "torchscript"
+    model: nn.Module, path: str | Path, input_shape: tuple[int, ...], format: str = "torchscript"
 ) -> Path:
     """Write the model (eval mode, masks folded) in a form that runs without prunelab, any batch size.
 

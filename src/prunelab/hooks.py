@@ -51,7 +51,11 @@ IN_YOUR_LOOP = (
 
 
 def loop_method(
-    method: str, budget: dict[str, Any] | None, overrides: Sequence[str], run_dir: Path, train: DataLoader | None = None
+    method: str,
+    budget: dict[str, Any] | None,
+    overrides: Sequence[str],
+    run_dir: Path,
+    train: DataLoader[Any] | None = None,
 ) -> tuple[DictConfig, PruningMethod, Stage | None, Stage]:
     """Compose the config of `method=<method> budget.<k>=<v> <overrides>`, check it and build the method.
 
@@ -121,7 +125,7 @@ class Pruner:
         budget: dict[str, Any] | None = None,
         example_inputs: torch.Tensor | None = None,
         *,
-        train: DataLoader | None = None,
+        train: DataLoader[Any] | None = None,
         num_classes: int | None = None,
         steps: int | None = None,
         overrides: Sequence[str] = (),
@@ -203,7 +207,7 @@ class Pruner:
         set back to zero here, so fine-tuning keeps them pruned.
         """
         self._check_started()
-        if self.pruned:
+        if self.result is not None:  # pruned
             if isinstance(self.result.plan, MaskPlan):
                 structure.zero_masked_(self.model, self.result.plan)
             return None

@@ -353,7 +353,8 @@ def pareto(
         groups.setdefault((*key, str(run.get(f"budget.{x}"))), []).append(run)
         paper = run.get("paper")
         if OmegaConf.is_dict(paper) and paper.get("acc") is not None and paper.get(x) is not None:
-            papers[(*key, float(paper[x]))] = {
+            point = (*key, float(paper[x]))  # a name: mypy reads `papers[(*key, ...)]` as Python 3.11's syntax
+            papers[point] = {
                 **dict(zip(by, key)),
                 x: float(paper[x]),
                 "acc": float(paper.acc),

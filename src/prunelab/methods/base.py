@@ -79,7 +79,7 @@ class MethodContext:
     config: Any
     budget: Any
     data: Any
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     num_classes: int
     seed: int
     run_dir: Path

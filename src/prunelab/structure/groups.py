@@ -408,7 +408,7 @@ def _tied_blocks(graph: Any, root: nn.Module, pruner: Any, size: int, blocks: in
     return tied
 
 
-def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[ChannelGroup]:
+def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[ChannelGroup]:
     """All prunable channel groups of a model, in module order of their root layers.
 
     `input_shape` is one example's (C, H, W); the model is traced once on a random input, in eval
@@ -463,7 +463,7 @@ def _version() -> str:
         return "unknown"
 
 
-def remember_groups(model: nn.Module, input_shape: tuple[int, int, int], path: Path, checked: bool = False) -> bool:
+def remember_groups(model: nn.Module, input_shape: tuple[int, ...], path: Path, checked: bool = False) -> bool:
     """Keep the model's channel groups in a file of the run directory, so that a resumed run does not trace
     the model again to find them; returns whether the file already held them with `checked` set (a
     `check_prunable` passed on them). With `checked`, records that it did."""

@@ -24,7 +24,7 @@ from prunelab.structure.plans import ChannelPlan, model_record
 from prunelab.structure.reshapes import resize_slices, resize_splits
 
 
-def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[int, int, int]) -> nn.Module:
+def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[int, ...]) -> nn.Module:
     """Remove every channel the plan does not keep, in place, and return the model.
 
     The plan's group names and sizes must match the model's current groups; a plan made for another
@@ -186,7 +186,7 @@ def _update_bookkeeping(model: nn.Module, before: dict[nn.Module, dict[str, tupl
                 setattr(module, key, tuple(sizes.get(v, v) for v in value))
 
 
-def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+def check_prunable(model: nn.Module, input_shape: tuple[int, ...]) -> None:
     """Refuse, in one line naming the layers, a model whose channel groups cannot all lose channels.
 
     On a copy of the model every group loses about half its channels, every other unit
