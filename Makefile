@@ -36,10 +36,14 @@ test-scripts: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q benchmarks experiments
 
 # The layers of the code ([tool.importlinter] in pyproject.toml): a module imports only from the layers below it.
-# ruff's rules and its formatter (pyproject.toml's [tool.ruff]) over the code, the tests, the benchmarks and the experiments.
+# ruff's rules and its formatter (pyproject.toml's [tool.ruff]) over the code, the tests, the benchmarks and the
+# experiments, then mypy over src/prunelab ([tool.mypy]; its cache in .mypy_cache makes a second run quick).
+# .pre-commit-config.yaml runs the same checks before each commit (`pre-commit install`).
+LINT_PATHS := src tests benchmarks experiments docs/hooks
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks experiments docs/hooks
-	$(VENV)/bin/ruff format --check src tests benchmarks experiments docs/hooks
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
 
 lint-imports: install
 	$(VENV)/bin/lint-imports
