@@ -37,7 +37,8 @@ test-scripts: install
 
 # The layers of the code ([tool.importlinter] in pyproject.toml): a module imports only from the layers below it.
 # ruff's rules and its formatter (pyproject.toml's [tool.ruff]) over the code, the tests, the benchmarks and the
-# experiments, then mypy over src/prunelab ([tool.mypy]; its cache in .mypy_cache makes a second run quick).
+# experiments, then mypy over src/prunelab ([tool.mypy]). Measured on the 2-core machine, 2026-12-07: 27 s with no
+# .mypy_cache (mypy is nearly all of it), 0.8 s with it.
 # .pre-commit-config.yaml runs the same checks before each commit (`pre-commit install`).
 LINT_PATHS := src tests benchmarks experiments docs/hooks
 lint: install
