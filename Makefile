@@ -36,10 +36,15 @@ test-scripts: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q benchmarks experiments
 
 # The layers of the code ([tool.importlinter] in pyproject.toml): a module imports only from the layers below it.
-# ruff's rules and its formatter (pyproject.toml's [tool.ruff]) over the code, the tests, the benchmarks and the experiments.
+# ruff's rules and its formatter (pyproject.toml's [tool.ruff]) over the code, the tests, the benchmarks and the
+# experiments, then mypy over src/prunelab ([tool.mypy]). Measured on the 2-core machine, 2026-12-07: 27 s with no
+# .mypy_cache (mypy is nearly all of it), 0.8 s with it.
+# .pre-commit-config.yaml runs the same checks before each commit (`pre-commit install`).
+LINT_PATHS := src tests benchmarks experiments docs/hooks
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks experiments docs/hooks
-	$(VENV)/bin/ruff format --check src tests benchmarks experiments docs/hooks
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
 
 lint-imports: install
 	$(VENV)/bin/lint-imports

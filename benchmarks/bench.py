@@ -13,8 +13,8 @@ Sections (`--only`):
 - `round_to`: filter-L1 to half the FLOPs with `budget.round_to` 1, 4, 8, 16: deployed latency at
   (nearly) equal FLOPs.
 - `search`: the PFS gate-search step and the SR-popup / edge-popup mask-search steps against a dense
-  training step, in NCHW and in channels-last layout (`benchmarks/search_step_time.py`), and the FLOPs-threshold search's seconds
-  (`benchmarks/flops_search.py`).
+  training step, in NCHW and in channels-last layout (`benchmarks/search_step_time.py`), and the FLOPs-threshold
+  search's seconds (`benchmarks/flops_search.py`).
 - `budget`: on the shared CIFAR-10 subset and pretrained ResNet-56, `budget.latency` (ranking by
   importance, and per millisecond) against a FLOPs budget chosen to give the same measured latency (all
   filter-L1, fine-tuned identically): latency reached, FLOPs, accuracy right after pruning and after
@@ -55,7 +55,8 @@ def weights(backbone: str) -> str | None:
 def pruned(
     model, flops: float, round_to: int = 1, tolerance: float = 0.01, method: str = "l1_filter", iterations: int = 30
 ):
-    """`model` pruned by `method` to `flops` of its FLOPs with `prunelab.prune` (no data, so no retraining), in eval mode."""
+    """`model` pruned by `method` to `flops` of its FLOPs with `prunelab.prune` (no data, so no retraining), in eval
+    mode."""
     budget = {"flops": flops, "tolerance": tolerance, "iterations": iterations, "round_to": round_to}
     with tempfile.TemporaryDirectory() as run_dir:
         return prunelab.prune(
@@ -122,7 +123,8 @@ def deployed_section(args) -> None:
         f"{latency_device(args.device)}, {torch.get_num_threads()} threads"
     )
     print(
-        "| form | batch 1: dense ms | pruned ms | speedup | dense vs eager dense | batch 64: dense ms | pruned ms | speedup | dense vs eager dense |"
+        "| form | batch 1: dense ms | pruned ms | speedup | dense vs eager dense | batch 64: dense ms | pruned ms | "
+        "speedup | dense vs eager dense |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for fmt in [f for f in ("eager", "torchscript_frozen", "onnx", "compile") if ("dense", f) in forms]:
@@ -187,11 +189,12 @@ def budget_section(args) -> None:
         print("\n## budget: skipped (needs ../shared: the CIFAR-10 subset and the pretrained ResNet-56)")
         return
     common = [
-        "dataset=cifar10", f"dataset.root={data}", "dataset.val_size=500", "dataset.num_workers=0", "dataset.batch_size=128",
-        "backbone=resnet56", f"backbone.pretrained={pretrained}", "retrain=finetune", f"retrain.epochs={args.finetune_epochs}",
-        "optimizer.lr=0.01", "scheduler=constant", "test_pruned=true", "latency.batch_sizes=[]", "method=l1_filter",
-        "trainer.enable_progress_bar=false", "quiet=true", f"budget.latency_batch_size={args.latency_batch}",
-        f"budget.latency_device={args.device}", "budget.latency_format=torchscript_frozen", f"budget.round_to={args.round_to}",
+        "dataset=cifar10", f"dataset.root={data}", "dataset.val_size=500", "dataset.num_workers=0",
+        "dataset.batch_size=128", "backbone=resnet56", f"backbone.pretrained={pretrained}", "retrain=finetune",
+        f"retrain.epochs={args.finetune_epochs}", "optimizer.lr=0.01", "scheduler=constant", "test_pruned=true",
+        "latency.batch_sizes=[]", "method=l1_filter", "trainer.enable_progress_bar=false", "quiet=true",
+        f"budget.latency_batch_size={args.latency_batch}", f"budget.latency_device={args.device}",
+        "budget.latency_format=torchscript_frozen", f"budget.round_to={args.round_to}",
     ]  # fmt: skip
     out = args.out / "budget"
     shutil.rmtree(out, ignore_errors=True)  # a run directory left by an earlier bench would be resumed, not rerun
@@ -227,10 +230,12 @@ def budget_section(args) -> None:
     times = interleaved(forms, [args.latency_batch], args)
     print(
         f"\n## budget: ResNet-56 on the CIFAR-10 subset, budget.latency={args.latency} (frozen TorchScript, batch "
-        f"{args.latency_batch}, round_to {args.round_to}) vs a FLOPs budget at the same latency, all filter-L1, fine-tuned {args.finetune_epochs} epochs"
+        f"{args.latency_batch}, round_to {args.round_to}) vs a FLOPs budget at the same latency, all filter-L1, "
+        f"fine-tuned {args.finetune_epochs} epochs"
     )
     print(
-        "| budget | FLOPs kept | latency kept (in its run) | latency kept (re-timed side by side) | after pruning (%) | after fine-tuning (%) |"
+        "| budget | FLOPs kept | latency kept (in its run) | latency kept (re-timed side by side) | after pruning (%) "
+        "| after fine-tuning (%) |"
     )
     print("|---|---|---|---|---|---|")
     for name, summary in runs.items():
@@ -240,8 +245,8 @@ def budget_section(args) -> None:
         in_run = summary.get("model/latency_ratio")
         side = times[(name, args.latency_batch)][0] / times[("dense", args.latency_batch)][0]
         print(
-            f"| {name} | {summary['model/flops_ratio']:.3f} | {in_run if in_run is None else f'{in_run:.3f}'} | {side:.3f} | "
-            f"{summary['pruned/test/acc']:.2f} | {summary['test/acc']:.2f} |"
+            f"| {name} | {summary['model/flops_ratio']:.3f} | {in_run if in_run is None else f'{in_run:.3f}'} | "
+            f"{side:.3f} | {summary['pruned/test/acc']:.2f} | {summary['test/acc']:.2f} |"
         )
     print(f"dense: {by_latency['dense/test/acc']:.2f}%; {noise(times)}")
 

@@ -148,14 +148,14 @@ def main() -> None:
     write = args.out / "ddp_check.json"
     write.write_text(json.dumps(rows, indent=1) + "\n")
     print(
-        f"| method | steps before pruning: max CE |diff| | plan entries that differ | test acc DDP x{args.devices} | single | "
-        f"|diff| | test loss |diff| |"
+        f"| method | steps before pruning: max CE |diff| | plan entries that differ | test acc DDP x{args.devices} | "
+        "single | |diff| | test loss |diff| |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['method']} | {r['steps_diff']:.1e} ({r['steps']} steps) | {r['plan_diff']:.1e} | {r['acc_ddp']:.2f} | "
-            f"{r['acc_single']:.2f} | {r['acc_diff']:.2f} | {r['loss_diff']:.2e} |"
+            f"| {r['method']} | {r['steps_diff']:.1e} ({r['steps']} steps) | {r['plan_diff']:.1e} | {r['acc_ddp']:.2f} "
+            f"| {r['acc_single']:.2f} | {r['acc_diff']:.2f} | {r['loss_diff']:.2e} |"
         )
     bad = [r["method"] for r in rows if not r["ok"]]
     print("all methods agree within the tolerance" if not bad else f"DIFFER beyond the tolerance: {', '.join(bad)}")

@@ -12,10 +12,10 @@ Builds the backbone (ResNet-56 by default) and times, in interleaved rounds on t
 - `jackpot` and `edge_popup`: one mask-search step (weights frozen, SGD on the scores, the swaps of
   Eqs. 28-30 after the step), at `--sparsity`.
 
-Ratios are between each kind's fastest round (noise only adds time). What the arithmetic allows: a dense step is three passes (forward, input gradients, weight gradients).
-The gate search skips the weight gradients but runs a network `expansion`^2 as large: about
-2/3 * 1.25^2 = 1.04x at x1.25. The mask searches need the gradient of the masked weights (that is the
-scores' gradient) and skip only the update of the weights: about 1.0x.
+Ratios are between each kind's fastest round (noise only adds time). What the arithmetic allows: a dense step is three
+passes (forward, input gradients, weight gradients). The gate search skips the weight gradients but runs a network
+`expansion`^2 as large: about 2/3 * 1.25^2 = 1.04x at x1.25. The mask searches need the gradient of the masked weights
+(that is the scores' gradient) and skip only the update of the weights: about 1.0x.
 
 Usage: python benchmarks/search_step_time.py [--backbone resnet56] [--batch 128] [--steps 5] [--out FILE]
 """
@@ -151,7 +151,8 @@ def report(result: dict) -> list[str]:
     """The result as printable lines: each kind's fastest step and rounds, and its ratio to the dense step."""
     layout = "channels_last" if result["channels_last"] else "NCHW"
     lines = [
-        f"{result['backbone']}, batch {result['batch']}, {layout}, {result['threads']} threads, {result['steps']} rounds"
+        f"{result['backbone']}, batch {result['batch']}, {layout}, {result['threads']} threads, {result['steps']} "
+        "rounds"
     ]
     for name, value in result["fastest_step_s"].items():
         rounds = ", ".join(f"{t:.3f}" for t in result["step_s"][name])

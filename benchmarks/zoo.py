@@ -24,8 +24,8 @@ model's own default size (timm's `pretrained_cfg`, else 224) unless `--size` is 
 Rows print as each model finishes and go to a Markdown file (`--out`, default zoo.md) and a CSV
 next to it (zoo.csv); the run ends with a summary (counts, FLOPs range, the largest times and memory with
 their models) and a compact grid for docs/any-model.md, which `--summary zoo.csv` prints again from a CSV
-(also from a run that was cut short). The default list (all torchvision classifiers and ~150 timm models, one or two per family) takes
-hours on a few CPU cores. Run:
+(also from a run that was cut short). The default list (all torchvision classifiers and ~150 timm models, one or two
+per family) takes hours on a few CPU cores. Run:
 
     python benchmarks/zoo.py
     python benchmarks/zoo.py --models torchvision:resnet18,timm:ghostnet_100
@@ -142,7 +142,8 @@ def prunelab_path(name: str, size: int | None, result: dict) -> None:
     result["groups_peak_gb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - result["model_rss"]) / 1e9
     budget = {"flops": TARGET, "tolerance": TOLERANCE, "iterations": 30, "prune_coupled": True}
     with tempfile.TemporaryDirectory() as tmp:
-        # The API's whole path: the pre-training check (a refusal names the layers), the plan, the surgery, the saved model.
+        # The API's whole path: the pre-training check (a refusal names the layers), the plan, the surgery, the saved
+        # model.
         step(result, "prune")
         pruned = prunelab.prune(
             model,
@@ -249,7 +250,7 @@ def worker(path: str, name: str, size: int | None) -> None:
     result: dict = {"status": "ok"}
     try:
         (prunelab_path if path == "prunelab" else tp_path)(name, size, result)
-    except Exception as err:  # any failure is one row's result
+    except Exception as err:  # noqa: BLE001 - any failure is one row's result
         result["status"] = one_line(f"{result.get('step', '?')}: {type(err).__name__}: {one_line(str(err), 1000)}")
     if "start" in result:
         result["total_s"] = time.perf_counter() - result.pop("start")

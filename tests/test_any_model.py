@@ -88,7 +88,8 @@ class FixedWidthMixer(nn.Module):
 
 
 class Bookkept(nn.Module):
-    """Two conv blocks; the second block's output passes through `FixedWidthMixer`, so `conv2` must keep its channels."""
+    """Two conv blocks; the second block's output passes through `FixedWidthMixer`, so `conv2` must keep its
+    channels."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
         super().__init__()
@@ -188,7 +189,7 @@ def test_the_groups_that_break_are_found_by_halving_not_one_forward_pass_each(mo
     )
     with pytest.raises(
         UnprunableError,
-        match="^cannot prune channels of 'convs[.][*]' .removing channels of group 'convs.11' breaks 'mixer'",
+        match=r"^cannot prune channels of 'convs[.][*]' .removing channels of group 'convs.11' breaks 'mixer'",
     ):
         check_prunable(LongChain().eval(), SHAPE)
     # All 16 together, then halves down to the one (depth first): 9 forward passes, where trying each alone took 17.
@@ -237,7 +238,7 @@ class NeedsTenChannels(nn.Module):
 
 def test_groups_that_break_only_together_are_refused_too():
     with pytest.raises(
-        UnprunableError, match="removing channels of all 2 groups at once breaks 'a' .ValueError: needs 10"
+        UnprunableError, match=r"removing channels of all 2 groups at once breaks 'a' .ValueError: needs 10"
     ):
         check_prunable(NeedsTenChannels().eval(), SHAPE)
 
@@ -252,7 +253,7 @@ def test_refused_before_any_training_and_pruned_with_skip(tmp_path):
     )
     recorder = EpochRecorder()
     cfg = make_cfg(tmp_path / "refused", *overrides, "pretrain.epochs=1")
-    with pytest.raises(UnprunableError, match="set structure.skip=\\[conv2\\]"):
+    with pytest.raises(UnprunableError, match=r"set structure.skip=\[conv2\]"):
         pipeline.run(cfg, tmp_path / "refused", callbacks=[recorder])
     assert recorder.epochs == []
 
@@ -634,7 +635,8 @@ def test_a_concatenation_torch_pruning_cannot_map_is_kept_whole_with_a_reason(tm
 
 def test_a_group_kept_whole_anyway_gets_no_second_reason_when_its_walk_fails(caplog, monkeypatch):
     """EfficientViT-M's cascaded attentions, kept whole at creation, also logged 'Torch-Pruning cannot follow their
-    channels' (their walks expand at a flatten): three lines that said nothing new. So for a layer in `structure.skip`."""
+    channels' (their walks expand at a flatten): three lines that said nothing new. So for a layer in
+    `structure.skip`."""
     import prunelab.structure.tp_graph as tp_graph
 
     monkeypatch.setattr(tp_graph, "walk_limit", lambda model: 8)  # the walk of 4 channels into a 2x2 flatten fails
@@ -686,8 +688,8 @@ def test_one_reason_met_at_several_concatenations_is_said_in_one_line(caplog, mo
 
 
 class Cascaded(nn.Module):
-    """timm's EfficientViT-M block in small: cascaded group attention (each head adds its output to the next head's chunk
-    of the stream) and an FFN, both residual."""
+    """timm's EfficientViT-M block in small: cascaded group attention (each head adds its output to the next head's
+    chunk of the stream) and an FFN, both residual."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
         from timm.models.efficientvit_msra import CascadedGroupAttention
@@ -906,7 +908,8 @@ def test_an_anti_aliasing_blur_with_a_filter_per_channel_follows_the_channels(tm
 
 
 class GatedTokens(nn.Module):
-    """Tokens through timm's GluMlp (EVA-02's SwiGLU): one Linear's output cut by `chunk(2, dim=-1)`, halves multiplied."""
+    """Tokens through timm's GluMlp (EVA-02's SwiGLU): one Linear's output cut by `chunk(2, dim=-1)`, halves
+    multiplied."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
         from timm.layers import GluMlp
@@ -1228,7 +1231,7 @@ def test_attention_heads_are_pruned_whole_and_compute_what_the_kept_heads_did(tm
     assert [n for n, g in groups.items() if g.heads is None] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
     # Keep heads 1 and 3 of block 0, heads 0, 1, 2 of block 1.
     keep = {"blocks.0.attn.qkv": [*range(8, 16), *range(24, 32)], "blocks.1.attn.qkv": list(range(24))}
-    apply_channel_plan(model, ChannelPlan(keep, {name: 32 for name in keep}), SHAPE)
+    apply_channel_plan(model, ChannelPlan(keep, dict.fromkeys(keep, 32)), SHAPE)
     assert [model.blocks[i].attn.num_heads for i in (0, 1)] == [2, 3]
     assert model.blocks[0].attn.qkv.weight.shape == (48, 32) and model.blocks[0].attn.proj.weight.shape == (32, 16)
     with torch.no_grad():
@@ -1254,13 +1257,13 @@ def test_head_dimensions_are_pruned_and_compute_what_the_kept_dimensions_did(tmp
     assert [(g.unit, g.multiple, g.blocks) for g in groups.values()] == [(1, 4, 4)] * 2
     check_prunable(model, SHAPE)
     scores = {name: torch.rand(g.size) for name, g in groups.items()}
-    plan = plan_by_counts(scores, {"blocks.0.attn.qkv": 12, "blocks.1.attn.qkv": 20}, blocks={n: 4 for n in groups})
+    plan = plan_by_counts(scores, {"blocks.0.attn.qkv": 12, "blocks.1.attn.qkv": 20}, blocks=dict.fromkeys(groups, 4))
     for name, kept in plan.keep.items():
         per_head = [sum(c // 8 == h for c in kept) for h in range(4)]
         assert len(set(per_head)) == 1
         # Each head keeps its own best dimensions.
         assert all(
-            set(c % 8 for c in kept if c // 8 == h)
+            {c % 8 for c in kept if c // 8 == h}
             == set(scores[name][8 * h : 8 * h + 8].topk(per_head[0]).indices.tolist())
             for h in range(4)
         )
@@ -1288,8 +1291,8 @@ def test_head_dimensions_are_pruned_and_compute_what_the_kept_dimensions_did(tmp
 
 def test_a_head_plan_with_uneven_heads_is_refused():
     model = create("timm:vit_tiny_patch16_224", **TINY_VIT).eval()
-    keep = {"blocks.0.attn.qkv": [*range(0, 8), *range(8, 12)]}
-    with pytest.raises(ValueError, match="keeps 4 to 8 channels per head of 'blocks.0.attn'"):
+    keep = {"blocks.0.attn.qkv": [*range(8), *range(8, 12)]}
+    with pytest.raises(ValueError, match=r"keeps 4 to 8 channels per head of 'blocks.0.attn'"):
         apply_channel_plan(model, ChannelPlan(keep, {"blocks.0.attn.qkv": 32}), SHAPE)
 
 
@@ -1446,8 +1449,8 @@ def test_torchvision_window_attention_prunes_to_a_flops_budget_end_to_end(tmp_pa
 
 def test_a_timm_vit_loses_head_dimensions_end_to_end(tmp_path):
     vit = [f"+backbone.{k}={v}" for k, v in TINY_VIT.items()]
-    cfg = make_cfg(tmp_path, "backbone=timm", "backbone.name=timm:vit_tiny_patch16_224", *vit,
-                   "method=l1_filter", "budget.flops=0.6", "budget.tolerance=0.05", "structure.prune_head_dim=true")  # fmt: skip
+    cfg = make_cfg(tmp_path, "backbone=timm", "backbone.name=timm:vit_tiny_patch16_224", *vit, "method=l1_filter",
+                   "budget.flops=0.6", "budget.tolerance=0.05", "structure.prune_head_dim=true")  # fmt: skip
     summary = pipeline.run(cfg, tmp_path)
     assert summary["model/flops_ratio"] == pytest.approx(0.6, rel=0.05)
     model = load_model(tmp_path / "model.pt")
@@ -1711,9 +1714,9 @@ def test_timm_attention_deriving_its_head_width_from_the_embedding_loses_whole_h
     position bias per head (a table or an MLP, pruned with the heads), VOLO's outlook attention (k^4 window weights
     per head), plain attention on maps and class attention, DaViT's windowed and channel attention, CAFormer's,
     FastViT's (on (B, C, H, W) maps), Next-ViT's (q, k, v projections; keys and values from pooled tokens), Hiera's
-    mask-unit attention (pooled queries), timm's Swin V2 CR (cosine attention, a meta-MLP bias and logit scale per head),
-    NesT's (heads read by `proj` dimension by dimension), GCViT's (local blocks; the global-query ones keep their heads),
-    MViTv2's pooling attention (output width `dim_out` read as the heads' joint width):
+    mask-unit attention (pooled queries), timm's Swin V2 CR (cosine attention, a meta-MLP bias and logit scale per
+    head), NesT's (heads read by `proj` dimension by dimension), GCViT's (local blocks; the global-query ones keep their
+    heads), MViTv2's pooling attention (output width `dim_out` read as the heads' joint width):
     rebuilt at creation, they compute what timm's modules
     do with the same weights; removing heads computes what the dense model does with those heads silenced, and the
     pruned model reloads."""
@@ -1794,8 +1797,9 @@ def test_a_single_head_attention_keeps_its_head(tmp_path):
 @pytest.mark.parametrize("name", ["test_tiny_lambda", "test_tiny_shvit"])
 def test_timm_layers_laid_out_to_their_input_width_compute_with_their_own(name, tmp_path):
     """timm's lambda layer (output reshaped to the input's width) and SHViT's partial single-head attention (the
-    stream split into `pdim` and `dim - pdim` channels, the values reshaped to `pdim`): rebuilt at creation, they compute what timm's
-    do with the same weights, the channels they read prune apart from what they write, and the pruned model reloads."""
+    stream split into `pdim` and `dim - pdim` channels, the values reshaped to `pdim`): rebuilt at creation, they
+    compute what timm's do with the same weights, the channels they read prune apart from what they write, and the
+    pruned model reloads."""
     shape = (3, 32, 32) if name == "test_tiny_lambda" else (3, 64, 64)
     torch.manual_seed(0)
     model = create(name).eval()
@@ -1855,7 +1859,7 @@ def test_heads_whose_logits_are_mixed_lose_dimensions_not_heads():
     model = create("timm:cait_xxs24_224", **arguments).eval()
     group = next(g for g in channel_groups(model, shape) if g.heads == "blocks.0.attn")
     assert (group.size, group.unit, group.blocks) == (32, 1, 4)
-    with pytest.raises(ValueError, match="removes whole heads of 'blocks.0.attn', whose heads' logits are mixed"):
+    with pytest.raises(ValueError, match=r"removes whole heads of 'blocks.0.attn', whose heads' logits are mixed"):
         apply_channel_plan(model, ChannelPlan({group.name: list(range(8, 32))}, {group.name: 32}), shape)
 
 
@@ -1877,7 +1881,8 @@ def test_heads_whose_projection_is_applied_as_a_function_are_kept_whole():
 
 
 class PartialConv(nn.Module):
-    """FasterNet's partial convolution: a split into two sections of sizes held one per attribute, the first convolved."""
+    """FasterNet's partial convolution: a split into two sections of sizes held one per attribute, the first
+    convolved."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -1890,7 +1895,8 @@ class PartialConv(nn.Module):
 
 
 class InceptionDepthwise(nn.Module):
-    """InceptionNeXt's token mixer: a split into sections of sizes held in one tuple, three of them depthwise-convolved."""
+    """InceptionNeXt's token mixer: a split into sections of sizes held in one tuple, three of them
+    depthwise-convolved."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -2051,7 +2057,8 @@ def test_a_norm_without_a_bias_loses_its_weights_rows(tmp_path):
 
 
 class RmsNormed(nn.Module):
-    """timm's RmsNorm2d (MobileNetV5), a norm over the channels that subclasses no torch norm, between two convolutions."""
+    """timm's RmsNorm2d (MobileNetV5), a norm over the channels that subclasses no torch norm, between two
+    convolutions."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
         super().__init__()
@@ -2084,7 +2091,8 @@ def test_a_norm_over_channels_known_by_its_class_name_is_not_held_to_the_silence
 
 
 def _rms_vit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
-    """A tiny timm ViT whose norms are timm's RmsNorm (as DeepSeek's and Gemma 4's vision encoders), with random weights."""
+    """A tiny timm ViT whose norms are timm's RmsNorm (as DeepSeek's and Gemma 4's vision encoders), with random
+    weights."""
     from timm.layers import RmsNorm
     from timm.models.vision_transformer import VisionTransformer
 
@@ -2107,8 +2115,9 @@ def _rms_vit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) ->
 
 
 def test_a_vit_with_rms_norms_keeps_its_embedding_and_prunes_it_when_asked(tmp_path):
-    """timm's RmsNorm subclasses no torch norm: its weight was cut as a loose parameter and its `normalized_shape` kept, so
-    the stream through it was not known as the embedding width and broke the norms (deepseek_vit_412m was refused)."""
+    """timm's RmsNorm subclasses no torch norm: its weight was cut as a loose parameter and its `normalized_shape` kept,
+    so the stream through it was not known as the embedding width and broke the norms (deepseek_vit_412m was
+    refused)."""
     torch.manual_seed(0)
     model = create("test_rms_vit").eval()
     check_prunable(model, SHAPE)
@@ -2212,7 +2221,8 @@ def test_channels_made_positions_of_one_channel_end_a_group_walk():
 
 def test_a_position_bias_shared_by_all_blocks_keeps_every_head():
     """A ViT whose blocks share one relative-position bias MLP (timm's vit_srelpos): its heads stay whole in every
-    block and so do the MLP's per-head outputs (pruned as plain channels they broke the bias's view); the rest prunes."""
+    block and so do the MLP's per-head outputs (pruned as plain channels they broke the bias's view); the rest
+    prunes."""
     shape = (3, 32, 32)
     model = create(
         "timm:vit_srelpos_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4

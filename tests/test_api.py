@@ -1,4 +1,5 @@
-"""The Python API (`prunelab.prune`, `count`, `latency`, `channel_groups`, `export_model`) on a model of the user's own."""
+"""The Python API (`prunelab.prune`, `count`, `latency`, `channel_groups`, `export_model`) on a model of the user's
+own."""
 
 from __future__ import annotations
 

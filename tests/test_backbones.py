@@ -38,7 +38,7 @@ def input_for(name: str, batch: int = 2, channels: int = 3) -> torch.Tensor:
 def test_registry_lists_every_family() -> None:
     names = available()
     assert names == sorted(names)
-    for name in TINY + ["resnet20", "resnet56", "resnet110", "vgg16", "wrn", "wrn_28_10", "mobilenet_v2", "resnet50"]:
+    for name in [*TINY, "resnet20", "resnet56", "resnet110", "vgg16", "wrn", "wrn_28_10", "mobilenet_v2", "resnet50"]:
         assert name in names
 
 
@@ -394,13 +394,13 @@ def test_load_missing_and_unexpected_keys(tmp_path: Path) -> None:
 
     path = tmp_path / "a.pt"
     torch.save(create("resnet_tiny", shortcut="A").state_dict(), path)
-    with pytest.raises(ValueError, match="missing keys.*layer2.0.shortcut.0.weight"):
+    with pytest.raises(ValueError, match=r"missing keys.*layer2.0.shortcut.0.weight"):
         create("resnet_tiny", shortcut="B", pretrained=str(path))
 
 
 def test_load_missing_file_raises(tmp_path: Path) -> None:
     path = tmp_path / "nothing.pt"
-    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+    with pytest.raises(FileNotFoundError, match=r"nothing.pt"):
         create("resnet_tiny", pretrained=str(path))
 
 

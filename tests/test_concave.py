@@ -3,6 +3,7 @@ regularisers, the rounds with rewinding, and what survives a kill."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -111,7 +112,7 @@ def test_cs_beta_schedule_and_restart():
     method = ContinuousSparsification(final_beta=200.0, mask_init=0.0)
     betas = [method.beta(t, 5) for t in range(5)]
     assert betas[0] == 1.0 and betas[-1] == pytest.approx(200.0)
-    assert all(b / a == pytest.approx(200.0**0.25) for a, b in zip(betas, betas[1:]))
+    assert all(b / a == pytest.approx(200.0**0.25) for a, b in itertools.pairwise(betas))
     # s <= 0 is fixed at zero; the others restart at min(beta_T * s, s_0).
     method.values = {"w": torch.tensor([-0.3, 0.0, 1e-4, 0.2])}
     method.alive = {"w": torch.tensor([True, True, True, False])}
@@ -175,7 +176,7 @@ def test_concave_rounds_fix_small_masks_at_zero_rewind_bit_exactly_and_only_shri
     assert len(masks) == 3
     sparsities = [m.sparsity() for m in masks]
     assert 0 < sparsities[0] < sparsities[1] < sparsities[2] < 1
-    for earlier, later in zip(masks, masks[1:]):
+    for earlier, later in itertools.pairwise(masks):
         assert all(not (later.masks[n] & ~earlier.masks[n]).any() for n in earlier.masks)
     for r in (1, 2, 3):
         assert summary[f"round{r}/sparsity"] == pytest.approx(sparsities[r - 1])

@@ -181,7 +181,7 @@ def test_cifar_fake_directory_loads_with_warning(tmp_path: Path) -> None:
     # The training pool is the files in order; the test loader returns the normalised test images.
     pool = dm.train_set.source
     assert torch.equal(pool.images[4].flatten(), torch.from_numpy(written["data_batch_2"]["data"][0]))
-    assert pool.labels.tolist() == sum((written[f"data_batch_{i}"]["labels"] for i in range(1, 6)), [])
+    assert pool.labels.tolist() == [label for i in range(1, 6) for label in written[f"data_batch_{i}"]["labels"]]
     x, y = next(iter(dm.test_dataloader()))
     assert x.shape == (8, 3, 32, 32) and y.tolist() == written["test_batch"]["labels"][:8]
     raw = torch.from_numpy(written["test_batch"]["data"][:8]).view(8, 3, 32, 32).float() / 255
@@ -189,7 +189,7 @@ def test_cifar_fake_directory_loads_with_warning(tmp_path: Path) -> None:
 
     # Validation and train_eval use test-time transforms and fixed order; the split is disjoint.
     assert not set(dm.train_indices.tolist()) & set(dm.val_indices.tolist())
-    xv, yv = next(iter(dm.val_dataloader()))
+    xv, _yv = next(iter(dm.val_dataloader()))
     torch.testing.assert_close(xv[0] * STD + MEAN, pool.images[int(dm.val_indices[0])].float() / 255, atol=1e-5, rtol=0)
     assert torch.equal(all_labels(dm.train_eval_dataloader()), pool.labels[dm.train_indices])
     # The shuffled order is a function of the seed; the loader holds every training image once.
@@ -302,10 +302,9 @@ def test_cifar_real_subset() -> None:
     assert torch.equal(dm.train_set.source.images[0].flatten(), torch.from_numpy(batch["data"][0]))
     x, y = next(iter(dm.test_dataloader()))
     assert x.shape == (128, 3, 32, 32) and y.tolist() == test["labels"][:128]
-    with pytest.raises(ValueError, match="val_size=5170"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            CIFAR10DataModule(str(CIFAR_SUBSET), val_size=5170).setup()
+    with pytest.raises(ValueError, match="val_size=5170"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        CIFAR10DataModule(str(CIFAR_SUBSET), val_size=5170).setup()
 
 
 # Tiny ImageNet with a fake layout.

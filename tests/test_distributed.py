@@ -117,11 +117,13 @@ def test_every_method_under_two_process_ddp_gives_the_single_process_run(tmp_pat
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for name in names:
         ddp, single = tmp_path / "ddp" / name, tmp_path / "single" / name
-        # float32 sums the split batch in another order: the per-step losses agree to rounding (measured: at most 1.4e-5).
+        # float32 sums the split batch in another order: the per-step losses agree to rounding (measured: at most
+        # 1.4e-5).
         a, b = losses_before_pruning(ddp), losses_before_pruning(single)
         assert len(a) == len(b) >= 3 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, name
         # A magnitude criterion may flip the few weights within rounding of its threshold (measured: IMP 4 and 12 of
-        # 74,800 entries); after 3 steps from tied masks (m_0 = 1/2, s_0 = 0) concave and cs differ in more (0.23%, 1.1%).
+        # 74,800 entries); after 3 steps from tied masks (m_0 = 1/2, s_0 = 0) concave and cs differ in more (0.23%,
+        # 1.1%).
         exact = name in ("l1_filter", "uniform", "slimming", "greg1", "greedy", "jackpot", "pfs", "thinet", "depgraph")
         assert plan_difference(ddp, single) <= (0.0 if exact else 5e-2 if name in ("concave", "cs") else 1e-3), name
         if name not in ("concave", "cs"):

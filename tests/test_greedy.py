@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 
@@ -269,7 +270,7 @@ def test_the_layer_study_writes_one_curve_per_layer_and_prunes_nothing(tmp_path)
         for name in ("local", "global"):
             values = [v for v in curve[name] if v is not None]
             assert len(curve[name]) == curve["size"] and values
-            assert all(b <= a for a, b in zip(values, values[1:]))  # best with at most n neurons: non-increasing
+            assert all(b <= a for a, b in itertools.pairwise(values))  # best with at most n neurons: non-increasing
     assert summary["model/flops_ratio"] == 1.0 and (tmp_path / "greedy_study.png").exists()
 
 
@@ -342,7 +343,7 @@ class Plain(nn.Module):
         self.features = nn.Sequential(
             *[
                 nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
-                for i, o in zip(widths, widths[1:])
+                for i, o in itertools.pairwise(widths)
             ]
         )
         self.fc = nn.Linear(widths[-1], 10)
@@ -443,7 +444,8 @@ def test_a_flops_budget_is_met_in_two_passes_and_a_completion(trained, tmp_path)
     assert (
         trials[0]["flops_ratio"] > 0.606 and 0.594 <= ratio <= 0.606 and search["flops_ratio"] == pytest.approx(ratio)
     )
-    # Here pass 2 lands at 0.611 (one thread; other machines' arithmetic may land elsewhere) and the completion moves it.
+    # Here pass 2 lands at 0.611 (one thread; other machines' arithmetic may land elsewhere) and the completion moves
+    # it.
     assert 0.594 <= trials[1]["flops_ratio"] <= 0.606 or search["completion_channels"] >= 1
     assert [r["keep"] for r in written["layers"]] == [plan.keep[r["group"]] for r in written["layers"]]
 

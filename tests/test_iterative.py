@@ -4,6 +4,7 @@ method's YAML through a one-batch pipeline."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_imp_rounds_end_to_end(tmp_path):
         assert summary[f"round{r}/rewind/steps"] == STEPS_PER_EPOCH
     assert summary["round0/sparsity"] == 0.0 and "round0/test/acc" in summary
     # Masks only shrink: a weight pruned in round r stays pruned.
-    for before, after in zip(masks, masks[1:]):
+    for before, after in itertools.pairwise(masks):
         assert all(not (after.masks[n] & ~before.masks[n]).any() for n in after.masks)
     # The final model carries the last round's mask exactly, and the test ran on it.
     final = load_model(tmp_path / "model.pt")

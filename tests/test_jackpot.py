@@ -228,7 +228,7 @@ def test_edge_popup_mask_is_top_k_of_score_magnitudes_after_every_step():
         method.after_optimizer_step(model, step)
         record = method.history[-1]
         assert record["swaps"] == record["candidates"]
-        for name, layer in method._layers.items():
+        for layer in method._layers.values():
             n = layer.mask.numel()
             assert int(layer.mask.sum()) == n - round(0.8 * n)
             assert torch.equal(layer.mask.bool(), keep_top(layer.scores.abs(), n - round(0.8 * n)))

@@ -215,7 +215,8 @@ def test_a_latency_measurement_stops_after_max_seconds_with_one_warm_up_and_thre
 
 
 def test_per_ms_ranking_prunes_the_channels_that_cost_most_first(tmp_path):
-    # Importance alike everywhere (within +-10%): the knapsack removes the channels with the largest latency per channel.
+    # Importance alike everywhere (within +-10%): the knapsack removes the channels with the largest latency per
+    # channel.
     model = create("resnet20").eval()
     groups = channel_groups(model, SHAPE)
     costs = LatencyModel(model, groups, SHAPE, **options(tmp_path, FakeTimer()))
@@ -254,10 +255,10 @@ def test_per_ms_ranking_on_per_layer_normalised_scores_warns(tmp_path):
 def test_latency_search_holds_on_a_loaded_machine(tmp_path, caplog, seed):
     # Another job comes and goes while candidates are timed (a burst hits whichever model is being timed). Judged by
     # the fastest of three rounds of each model, as the search did before, seed 6 failed and 6 seeds of 20 (2 and 16
-    # among them) accepted candidates that run at 0.46-0.55 of the dense model without noise, off the band; by the ratio of the fastest
-    # rounds, seed 16 still did, and without re-timing an unclear median, seed 5. The median of the rounds' ratios,
-    # re-timed while unclear, accepts a candidate within tolerance of the noiseless truth (all of seeds 0-19), and the
-    # log says how noisy the machine was.
+    # among them) accepted candidates that run at 0.46-0.55 of the dense model without noise, off the band; by the ratio
+    # of the fastest rounds, seed 16 still did, and without re-timing an unclear median, seed 5. The median of the
+    # rounds' ratios, re-timed while unclear, accepts a candidate within tolerance of the noiseless truth (all of seeds
+    # 0-19), and the log says how noisy the machine was.
     import logging
 
     model = create("resnet_tiny").eval()

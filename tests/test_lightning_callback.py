@@ -389,7 +389,8 @@ def test_one_round_of_continuous_sparsification_with_parameter_groups_and_epoch_
         pruner.epoch_end(epoch)
     assert pruner.extra_loss() > 0
     result = pruner.prune()
-    # The entries whose s ended at or below 0 go; the others stay, with the weights the search left (theta <- m * theta).
+    # The entries whose s ended at or below 0 go; the others stay, with the weights the search left (theta <- m *
+    # theta).
     assert isinstance(result.plan, MaskPlan) and 0.0 < result.plan.sparsity() < 1.0
     assert prunelab.count(result.model, batches[0][0])["sparsity"] == pytest.approx(result.plan.sparsity(), abs=1e-4)
     assert not any("parametrizations" in name for name in result.model.state_dict())

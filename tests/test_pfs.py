@@ -123,7 +123,7 @@ def test_search_leaves_weights_and_bn_buffers_bit_identical(run):
 
 def test_only_gates_receive_gradients(run):
     rec = run.recorder
-    gate_names = {n for n in rec.trainable}
+    gate_names = set(rec.trainable)
     assert gate_names and all(n.startswith("method_module.gates.") for n in gate_names)
     # Two epochs of 7 batches each (224 training images, batch 32).
     assert len(rec.with_grad) == 14
@@ -345,7 +345,7 @@ def test_initial_model_is_wider_fresh_and_loads_init_from(tmp_path):
     save_model(trained, tmp_path / "checkpoint.pt")
     loaded = PruningFromScratch(ratio=0.5, init_from=str(tmp_path / "checkpoint.pt")).initial_model(dense)
     assert torch.equal(loaded.state_dict()["layer1.0.conv1.weight"], trained.state_dict()["layer1.0.conv1.weight"])
-    with pytest.raises(ValueError, match="width 1.5"):
+    with pytest.raises(ValueError, match=r"width 1.5"):
         PruningFromScratch(ratio=0.5, expansion=1.5, init_from=str(tmp_path / "checkpoint.pt")).initial_model(dense)
 
 

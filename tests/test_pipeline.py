@@ -136,7 +136,7 @@ def test_a_run_directory_from_before_records_resumes_and_is_recorded(tmp_path):
 
 def test_a_command_refused_before_any_work_leaves_its_run_directory_free(tmp_path):
     # The missing budget is found after the record is written, but before the run computes anything.
-    with pytest.raises(ConfigError, match="L1Filter prunes to a budget: set budget.flops"):
+    with pytest.raises(ConfigError, match=r"L1Filter prunes to a budget: set budget.flops"):
         pipeline.run(make_cfg(tmp_path, "method=l1_filter"), tmp_path)
     assert json.loads((tmp_path / pipeline.EXPERIMENT_FILE).read_text())["budget.flops"] is None
     summary = pipeline.run(

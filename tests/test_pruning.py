@@ -47,7 +47,7 @@ def _run(tmp_path, *overrides, callbacks=None):
 def test_structured_methods_meet_flops_budget_on_exported_model(tmp_path, method):
     # A uniform width moves every group at once, so on a tiny model its FLOPs steps are coarse.
     tolerance = 0.05 if method == "uniform" else 0.02
-    summary, cfg = _run(tmp_path, f"method={method}", "budget.flops=0.5", f"budget.tolerance={tolerance}")
+    summary, _cfg = _run(tmp_path, f"method={method}", "budget.flops=0.5", f"budget.tolerance={tolerance}")
     exported = load_model(tmp_path / "model.pt")
     measured = count_flops(exported, (3, 32, 32)) / summary["dense/flops"]
     assert measured == pytest.approx(0.5, rel=tolerance)
@@ -79,14 +79,14 @@ def test_taylor_score_is_the_squared_first_order_loss_change_of_removing_a_chann
     for group in (groups[0], groups[-1]):
         assert group.norms
         for channel in (0, group.size - 1):
-
+            # B023: `loss` is called only within this iteration of the loops.
             def loss(t: float) -> float:
                 net = copy.deepcopy(model).train()
                 with torch.no_grad():
-                    for name in group.norms:
+                    for name in group.norms:  # noqa: B023
                         bn = net.get_submodule(name)
-                        bn.weight[channel] *= 1 - t
-                        bn.bias[channel] *= 1 - t
+                        bn.weight[channel] *= 1 - t  # noqa: B023
+                        bn.bias[channel] *= 1 - t  # noqa: B023
                     return float(nn.functional.cross_entropy(net(x), y))
 
             eps = 1e-5
@@ -99,7 +99,7 @@ def test_taylor_score_is_the_squared_first_order_loss_change_of_removing_a_chann
 def test_taylor_needs_a_batch(tmp_path):
     from prunelab.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="method.batches=0 must be at least 1"):
+    with pytest.raises(ConfigError, match=r"method.batches=0 must be at least 1"):
         _run(tmp_path, "method=taylor", "method.batches=0", "budget.flops=0.5")
     assert not (tmp_path / "stages").exists()
 
@@ -115,7 +115,7 @@ def test_layer_ratios_per_stage_prune_exact_fractions(tmp_path):
     ratios = parse_layer_ratios([0, 0.75, 0.75, 0.32, 0], groups)
     assert {g.stage for g in groups} == {0, 1, 2, 3}
     assert all(ratios[g.name] == [0, 0.75, 0.75, 0.32, 0][g.stage] for g in groups)
-    summary, _ = _run(
+    _summary, _ = _run(
         tmp_path,
         "backbone=resnet20",
         "method=l1_filter",
@@ -265,7 +265,7 @@ def test_unstructured_masks_survive_finetuning(tmp_path, method):
 
 
 def test_unstructured_needs_sparsity(tmp_path):
-    with pytest.raises(ValueError, match="budget.sparsity"):
+    with pytest.raises(ValueError, match=r"budget.sparsity"):
         _run(tmp_path, "method=magnitude")
 
 

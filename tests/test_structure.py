@@ -226,16 +226,16 @@ def test_plans_compose_and_refuse_other_architectures() -> None:
     apply_channel_plan(model, second, SHAPE)
     assert model.prunelab.plans == [first, second]
     assert model.layer3[0].conv1.out_channels == 16
-    with pytest.raises(ValueError, match="another architecture.*layer1.0.conv1"):
+    with pytest.raises(ValueError, match=r"another architecture.*layer1.0.conv1"):
         apply_channel_plan(build("vgg_tiny"), ChannelPlan({"layer1.0.conv1": [0]}, {"layer1.0.conv1": 16}), SHAPE)
 
 
 def test_channel_plan_validation_and_json(tmp_path) -> None:
-    with pytest.raises(ValueError, match="'g1'.*no channel"):
+    with pytest.raises(ValueError, match=r"'g1'.*no channel"):
         ChannelPlan({"g1": []}, {"g1": 4})
-    with pytest.raises(ValueError, match="'g1'.*out of range"):
+    with pytest.raises(ValueError, match=r"'g1'.*out of range"):
         ChannelPlan({"g1": [0, 4]}, {"g1": 4})
-    with pytest.raises(ValueError, match="'g1'.*more than once"):
+    with pytest.raises(ValueError, match=r"'g1'.*more than once"):
         ChannelPlan({"g1": [1, 1]}, {"g1": 4})
     plan = ChannelPlan({"a": [3, 0], "b": [1]}, {"a": 4, "b": 2})
     assert plan.keep == {"a": [0, 3], "b": [1]} and plan.kept() == {"a": 2, "b": 1}
@@ -481,7 +481,7 @@ def test_plans_keep_whole_units_and_splitting_one_is_refused() -> None:
     model = tiny_resnext()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     split = ChannelPlan({"layer1.0.conv1": [0, 1, 2, 3, 4, 5]}, {"layer1.0.conv1": 16})
-    with pytest.raises(ValueError, match="splits a unit of group 'layer1.0.conv1'.*layer1.0.conv2.*units of 4.*4-7"):
+    with pytest.raises(ValueError, match=r"splits a unit of group 'layer1.0.conv1'.*layer1.0.conv2.*units of 4.*4-7"):
         apply_channel_plan(model, split, SHAPE)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert model_record(model).plans == []

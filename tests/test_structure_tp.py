@@ -54,7 +54,10 @@ def net(bias=True):
 
 
 def state(model):
-    attrs = ("num_groups", "num_channels", "groups", "in_channels", "out_channels", "num_features", "in_features", "out_features")
+    attrs = (
+        "num_groups", "num_channels", "groups", "in_channels", "out_channels", "num_features", "in_features",
+        "out_features",
+    )
     return {
         "parameters": {k: [list(v.shape), v.flatten().tolist()] for k, v in model.state_dict().items()},
         "modules": {n: {a: getattr(m, a) for a in attrs if hasattr(m, a)} for n, m in model.named_modules()},
@@ -66,7 +69,8 @@ def stock(bias):
     example = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     try:
         pruner = tp.pruner.MetaPruner(
-            model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5, ignored_layers=[model.fc]
+            model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5,
+            ignored_layers=[model.fc]
         )
         pruner.step()
         with torch.no_grad():

@@ -131,12 +131,14 @@ def test_own_datamodule_with_an_unstructured_method(tmp_path):
         ),
         (
             [*MODEL, "+backbone.depth=3"],
-            "backbone._target_=user_pkg.SmallNet: got an unexpected keyword argument 'depth' (it takes: num_classes, width, in_channels)",
+            "backbone._target_=user_pkg.SmallNet: got an unexpected keyword argument 'depth' (it takes: num_classes, "
+            "width, in_channels)",
         ),
         (["backbone._target_=user_pkg.SmallNet"], "start from backbone=custom"),
         (
             ["backbone=custom", "backbone._target_=user_pkg.FixedNet", *FOLDER, "dataset.root={images}"],
-            "backbone._target_=user_pkg.FixedNet gives outputs of shape (2, 10) on inputs of shape (2, 3, 16, 16), but the data has 3 classes",
+            "backbone._target_=user_pkg.FixedNet gives outputs of shape (2, 10) on inputs of shape (2, 3, 16, 16), but "
+            "the data has 3 classes",
         ),
         ([*MODEL, "dataset=image_folder"], "dataset.root is not set"),
         ([*MODEL, *FOLDER, "dataset.root={images}/nowhere"], "no train/ folder or val/ folder in"),
@@ -149,6 +151,11 @@ def test_own_datamodule_with_an_unstructured_method(tmp_path):
             "dataset._target_ is not set: dataset=custom uses a LightningDataModule of your own",
         ),
         ([*MODEL, "dataset._target_=user_pkg.BlobsDataModule"], "unexpected keyword argument 'num_workers'"),
+        (
+            [*MODEL, "dataset._target_=user_pkg.BlobsDataModule"],
+            "start from dataset=custom to leave out the keys of prunelab's presets: "
+            "dataset=custom dataset._target_=user_pkg.BlobsDataModule +dataset.<argument>=<value>",
+        ),
         (
             [*MODEL, "dataset=custom", "dataset._target_=user_pkg.BlobsDataModule", "+dataset.colour=1"],
             "unexpected keyword argument 'colour'",
@@ -189,7 +196,8 @@ def test_bad_own_model_or_data_is_one_line_exit_2_before_any_work(tmp_path, imag
         ),
         (
             lambda root: (root / "val" / "owl").rename(root / "val" / "yak"),
-            "the class folders of val/ differ from train/'s: val/ lacks class owl of train/ and has class yak that train/ lacks",
+            "the class folders of val/ differ from train/'s: val/ lacks class owl of train/ and has class yak that "
+            "train/ lacks",
         ),
         (lambda root: (root / "test" / "cat").rename(root / "test" / "cats"), "the class folders of test/ differ"),
     ],
@@ -290,7 +298,7 @@ def test_pfs_refuses_a_class_of_ones_own_without_a_width_multiplier():
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
     model_record(model).spec = {"_target_": "torch.nn.Sequential"}
-    with pytest.raises(ConfigError, match="torch.nn.Sequential must take a `width` argument"):
+    with pytest.raises(ConfigError, match=r"torch.nn.Sequential must take a `width` argument"):
         PruningFromScratch(ratio=0.5).initial_model(model)
 
 

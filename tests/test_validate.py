@@ -118,7 +118,10 @@ def test_backbone_variant_follows_the_dataset(tmp_path):
 
 
 def test_one_writer_per_run_directory(tmp_path):
-    code = "import sys, time; from prunelab.io import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+    code = (
+        "import sys, time; from prunelab.io import RunLock; RunLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

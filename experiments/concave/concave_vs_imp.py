@@ -110,15 +110,18 @@ def overhead(repeats: int) -> None:
     print(f"ResNet-20, batch 128, CPU ({torch.get_num_threads()} threads), median of {repeats} interleaved steps:")
     for name, values in times.items():
         print(
-            f"  {name:<18} {1000 * statistics.median(values):8.1f} ms   x{statistics.median(values) / plain:.3f} of plain"
+            f"  {name:<18} {1000 * statistics.median(values):8.1f} ms   x{statistics.median(values) / plain:.3f} of "
+            "plain"
         )
     masked = statistics.median(times["masks, lambda 0"])
     for name in ("masks + l1", "masks + log"):
         print(
-            f"  regulariser's share of a masked step ({name}): {100 * (statistics.median(times[name]) / masked - 1):+.1f}%"
+            f"  regulariser's share of a masked step ({name}): "
+            f"{100 * (statistics.median(times[name]) / masked - 1):+.1f}%"
         )
     print(
-        f"  log regulariser alone (forward + backward over {sum(layer.values.numel() for layer in method._layers.values()):,} masks): "
+        "  log regulariser alone (forward + backward over "
+        f"{sum(layer.values.numel() for layer in method._layers.values()):,} masks): "
         f"{1000 * statistics.median(reg):.2f} ms = {100 * statistics.median(reg) / masked:.1f}% of a masked step"
     )
 

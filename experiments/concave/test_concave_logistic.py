@@ -1,5 +1,6 @@
-"""The checks of experiments/concave/concave_logistic.py, run by hand with `pytest experiments/concave` (the paper's Fig. 3 on 8x8 digits): subgradient L1 leaves no exact zeros,
-the [0, 1] masks with l1/log regularisers sparsify at the accuracy of plain logistic regression."""
+"""The checks of experiments/concave/concave_logistic.py, run by hand with `pytest experiments/concave` (the paper's
+Fig. 3 on 8x8 digits): subgradient L1 leaves no exact zeros, the [0, 1] masks with l1/log regularisers sparsify at the
+accuracy of plain logistic regression."""
 
 from __future__ import annotations
 

@@ -141,8 +141,9 @@ def forward(net: Net, x: torch.Tensor) -> torch.Tensor:
 def train(net: Net, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, trainer: str = "adam") -> Net:
     """`trainer` "mf-gd": plain full-batch gradient descent in mean-field time (each parameter's step scaled
     by the widths it is averaged over: w1, b1 by N1, V by N1 N2, v3, b2 by N2), so that networks of every
-    width follow the same mean-field dynamics. "adam": full-batch Adam on the mean squared error, learning rate lr * cosine decay to 0, in the mean-field
-    parametrisation: the trained parameters are V = N1 * w2 and v3 = N2 * w3 (with w1, b1, b2, b3)."""
+    width follow the same mean-field dynamics. "adam": full-batch Adam on the mean squared error, learning rate lr *
+    cosine decay to 0, in the mean-field parametrisation: the trained parameters are V = N1 * w2 and v3 = N2 * w3
+    (with w1, b1, b2, b3)."""
     n1, n2 = net.w2.shape[1], net.w2.shape[0]
     mf = [net.w1, net.b1, net.w2 * n1, net.b2, net.w3 * n2, net.b3]
     params = [p.clone().requires_grad_(True) for p in mf]

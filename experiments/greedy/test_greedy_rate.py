@@ -1,6 +1,7 @@
-"""The checks of experiments/greedy/greedy_rate.py, run by hand with `pytest experiments/greedy` (Ye, Wu and Liu, Fig. 1): the MLP's Gram matrix in the framework's convention,
-folding the pruned layer into the next one, both greedy imitations on a tiny network, the rate fits and a
-tiny end-to-end run. The closed-form local step itself is tested in tests/test_greedy.py."""
+"""The checks of experiments/greedy/greedy_rate.py, run by hand with `pytest experiments/greedy` (Ye, Wu and Liu, Fig.
+1): the MLP's Gram matrix in the framework's convention, folding the pruned layer into the next one, both greedy
+imitations on a tiny network, the rate fits and a tiny end-to-end run. The closed-form local step itself is tested in
+tests/test_greedy.py."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def test_folding_equals_explicit_weighted_sum(script, tiny):
 
 
 def test_local_imitation_decreases_to_zero_at_full_width(script, tiny):
-    net, x, u = tiny
+    net, x, _u = tiny
     gram = script.local_gram(net, x)
     iterates, losses = script.local_imitation(gram, max_steps=500)
     assert torch.all(iterates >= 0)
@@ -106,7 +107,7 @@ def test_run_tiny_end_to_end(script):
     assert res["scratch"].shape == (3,) and np.all(res["scratch"] > 0)
     assert res["local"][-1] <= 1e-8 * res["local"][0]
     fit = script.rates(res)
-    ok, lines = script.verdict(res, fit, check_n=(2,))
+    _ok, lines = script.verdict(res, fit, check_n=(2,))
     assert lines[-1].startswith("VERDICT") and len(lines) == 6
     assert [r["n"] for r in script.table(res)] == [1, 2, 6]
 

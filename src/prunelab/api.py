@@ -67,9 +67,9 @@ def prune(
     budget: dict[str, Any] | None = None,
     example_inputs: torch.Tensor | None = None,
     *,
-    train: DataLoader | None = None,
-    val: DataLoader | None = None,
-    test: DataLoader | None = None,
+    train: DataLoader[Any] | None = None,
+    val: DataLoader[Any] | None = None,
+    test: DataLoader[Any] | None = None,
     num_classes: int | None = None,
     overrides: Sequence[str] = (),
     run_dir: str | Path | None = None,
@@ -219,7 +219,8 @@ def _refuse_renamed(overrides: Sequence[str]) -> None:
 
 
 def _compose(overrides: Sequence[str]) -> DictConfig:
-    """The command's config for `overrides` (inside an initialised Hydra); what Hydra refuses is a one-line `ConfigError`."""
+    """The command's config for `overrides` (inside an initialised Hydra); what Hydra refuses is a one-line
+    `ConfigError`."""
     try:
         return compose("config", overrides=list(overrides))
     except HydraException as err:
@@ -313,9 +314,9 @@ def user_data(
     model: nn.Module,
     example_inputs: torch.Tensor | None,
     num_classes: int | None,
-    train: DataLoader | None = None,
-    val: DataLoader | None = None,
-    test: DataLoader | None = None,
+    train: DataLoader[Any] | None = None,
+    val: DataLoader[Any] | None = None,
+    test: DataLoader[Any] | None = None,
 ) -> tuple[torch.Tensor, LoaderDataModule]:
     """The example inputs (default: a loader's first batch) and a datamodule over the user's loaders.
 
@@ -327,11 +328,12 @@ def user_data(
     return example_inputs, LoaderDataModule(tuple(example_inputs.shape[1:]), classes, train, val, test)
 
 
-def _first_inputs(*loaders: DataLoader | None) -> torch.Tensor:
+def _first_inputs(*loaders: DataLoader[Any] | None) -> torch.Tensor:
     loader = next((loader for loader in loaders if loader is not None), None)
     if loader is None:
         raise ConfigError("example_inputs (a batch of inputs) are needed when no DataLoader is given")
-    return next(iter(loader))[0]
+    inputs: torch.Tensor = next(iter(loader))[0]
+    return inputs
 
 
 def _num_classes(model: nn.Module, example_inputs: torch.Tensor) -> int:

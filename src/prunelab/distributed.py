@@ -91,7 +91,7 @@ def global_mean(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     N * sum_local / G makes that average the gradient of the global batch's mean. The second value
     (detached) is the global batch's mean itself, the same on every rank.
     """
-    rank, size = world()
+    _rank, size = world()
     if size == 1:
         mean = per_sample.mean()
         return mean, mean.detach()
@@ -117,7 +117,7 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 def _synced_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm over the global batch: mean, then variance, each summed over ranks (two passes, as torch)."""
-    rank, size = world()
+    _rank, size = world()
     if not self.training or size == 1:
         return type(self).forward(self, x)
     dims = [0, *range(2, x.dim())]
@@ -129,6 +129,8 @@ def _synced_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> t
     centred = x - mean.view(shape)
     var = _all_reduce((centred * centred).sum(dims)) / count
     if self.track_running_stats and self.running_mean is not None:
+        # torch keeps all three buffers when it tracks running statistics.
+        assert self.running_var is not None and self.num_batches_tracked is not None
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -151,7 +153,8 @@ def sync_batchnorm(model: nn.Module) -> Iterator[None]:
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
-        norm.forward = types.MethodType(_synced_forward, norm)
+        # Replaced on this instance on purpose (restored below), which mypy refuses for a method.
+        norm.forward = types.MethodType(_synced_forward, norm)  # type: ignore[method-assign]
     try:
         yield
     finally:
@@ -185,7 +188,7 @@ def fingerprint(obj: Any) -> str:
 
 def check_same(what: str, obj: Any) -> None:
     """Raise if the ranks of the process group hold different `obj` (compared by `fingerprint`)."""
-    rank, size = world()
+    _rank, size = world()
     if size == 1:
         return
     mine = fingerprint(obj)

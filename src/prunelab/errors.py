@@ -30,9 +30,10 @@ class UnprunableError(ConfigError):
 def user_error(err: BaseException) -> PrunelabError | None:
     """The `PrunelabError` behind an exception, looking through Hydra's instantiation wrappers."""
     seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, PrunelabError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, PrunelabError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return None

@@ -120,15 +120,15 @@ TOLERANCE = 1e-4
 
 
 def export_deployable(
-    model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], format: str = "torchscript"
+    model: nn.Module, path: str | Path, input_shape: tuple[int, ...], format: str = "torchscript"
 ) -> Path:
     """Write the model (eval mode, masks folded) in a form that runs without prunelab, any batch size.
 
     `torchscript`: traced TorchScript. `torchscript_frozen`: the same, frozen (`torch.jit.freeze`:
     parameters become constants and BatchNorm is folded into the convolution before it).
     `onnx`: ONNX from torch's exporter (`dynamo=True`) with a dynamic batch dimension, for onnxruntime.
-    The file is reloaded and its outputs compared with the model's on a batch of three random inputs (exported from two);
-    a difference above `TOLERANCE` (relative to the largest output) raises. The model passed in keeps its
+    The file is reloaded and its outputs compared with the model's on a batch of three random inputs (exported from
+    two); a difference above `TOLERANCE` (relative to the largest output) raises. The model passed in keeps its
     mode, masks and hooks (the export works on a copy).
     """
     if format not in FORMATS:

@@ -195,8 +195,8 @@ def check(
     outcomes = done[: len(chosen)]
     ok = _print(outcomes, entries)
     print(
-        f"{len(runs)} runs ({len(outcomes)} entries{f' at {len(spread or []) + 1} seeds' if spread else ''}) in {elapsed / 60:.1f} min "
-        f"with {jobs} at a time, one torch thread each; "
+        f"{len(runs)} runs ({len(outcomes)} entries{f' at {len(spread or []) + 1} seeds' if spread else ''}) in "
+        f"{elapsed / 60:.1f} min with {jobs} at a time, one torch thread each; "
         f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores); "
         f"run directories and logs in {out_dir}"
     )

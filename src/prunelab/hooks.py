@@ -60,7 +60,11 @@ IN_YOUR_LOOP = (
 
 
 def loop_method(
-    method: str, budget: dict[str, Any] | None, overrides: Sequence[str], run_dir: Path, train: DataLoader | None = None
+    method: str,
+    budget: dict[str, Any] | None,
+    overrides: Sequence[str],
+    run_dir: Path,
+    train: DataLoader[Any] | None = None,
 ) -> tuple[DictConfig, PruningMethod, Stage | None, Stage]:
     """Compose the config of `method=<method> budget.<k>=<v> <overrides>`, check it and build the method.
 
@@ -74,7 +78,8 @@ def loop_method(
     built = build(cfg.method)
     if type(built).initial_model is not PruningMethod.initial_model:
         raise ConfigError(
-            f"method={method} starts from a new model of its own, not from yours (methods that fit your loop: {', '.join(IN_YOUR_LOOP)})"
+            f"method={method} starts from a new model of its own, not from yours (methods that fit your loop: "
+            f"{', '.join(IN_YOUR_LOOP)})"
         )
     own: list[Stage] = []
     for item in built.stages():
@@ -129,7 +134,7 @@ class Pruner:
         budget: dict[str, Any] | None = None,
         example_inputs: torch.Tensor | None = None,
         *,
-        train: DataLoader | None = None,
+        train: DataLoader[Any] | None = None,
         num_classes: int | None = None,
         steps: int | None = None,
         overrides: Sequence[str] = (),
@@ -211,7 +216,7 @@ class Pruner:
         set back to zero here, so fine-tuning keeps them pruned.
         """
         self._check_started()
-        if self.pruned:
+        if self.result is not None:  # pruned
             if isinstance(self.result.plan, MaskPlan):
                 structure.zero_masked_(self.model, self.result.plan)
             return None

@@ -35,7 +35,8 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, data: Any, indent: int | None = 2, sort_keys: bool = False) -> Path:
-    """Write `data` as strict JSON (no NaN or Infinity) atomically, with a final newline (key order kept unless `sort_keys`)."""
+    """Write `data` as strict JSON (no NaN or Infinity) atomically, with a final newline (key order kept unless
+    `sort_keys`)."""
     return write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys, allow_nan=False) + "\n")
 
 

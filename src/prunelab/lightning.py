@@ -58,7 +58,7 @@ class Pruning(Callback):
         *,
         submodule: str | None = None,
         prune_at: str | int = "fit_end",
-        train: DataLoader | None = None,
+        train: DataLoader[Any] | None = None,
         num_classes: int | None = None,
         overrides: Sequence[str] = (),
         run_dir: str | Path | None = None,
@@ -72,7 +72,7 @@ class Pruning(Callback):
         self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="prunelab-"))
         # Every setting is checked now, before the Trainer does any work.
         loop_method(method, budget, overrides, self.run_dir, train)
-        self._settings = dict(
+        self._settings: dict[str, Any] = dict(
             method=method,
             budget=budget,
             example_inputs=example_inputs,
@@ -94,6 +94,13 @@ class Pruning(Callback):
             raise RuntimeError("Pruning.parameters() is ready once the fit is set up (call it in configure_optimizers)")
         return self.pruner.parameters()
 
+    @property
+    def _driver(self) -> Pruner:
+        """The Pruner, which the fit's setup builds (Lightning calls `setup` before any other hook of the fit)."""
+        if self.pruner is None:
+            raise RuntimeError("the Pruning callback's Pruner is built when the fit is set up")
+        return self.pruner
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.pruner is not None:
             return
@@ -101,21 +108,21 @@ class Pruning(Callback):
         self._place(pl_module, self.pruner.model)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.pruner.needs_steps and not self.pruner.pruned:
+        if self._driver.needs_steps and not self._driver.pruned:
             steps = trainer.estimated_stepping_batches
             if not math.isfinite(steps):
-                name = type(self.pruner.method).__name__
+                name = type(self._driver.method).__name__
                 raise ConfigError(
                     f"{name} schedules its search over the whole training: give the Trainer max_steps or max_epochs"
                 )
-            self.pruner.fit_start(max(1, int(steps)))
+            self._driver.fit_start(max(1, int(steps)))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed fit has already taken the checkpoint's steps.
         self._steps_seen = trainer.global_step
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        extra = self.pruner.extra_loss()
+        extra = self._driver.extra_loss()
         if not extra.requires_grad:
             return
         params = [p for p in self._trained() if p.requires_grad]
@@ -141,7 +148,7 @@ class Pruning(Callback):
         if trainer.global_step == self._steps_seen:
             return
         self._steps_seen = trainer.global_step
-        reason = self.pruner.after_step()
+        reason = self._driver.after_step()
         if not reason:
             return
         if self.prune_at == "fit_end":
@@ -151,16 +158,16 @@ class Pruning(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-        self.pruner.epoch_start(trainer.current_epoch, epochs)
+        self._driver.epoch_start(trainer.current_epoch, epochs)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.pruner.epoch_end(trainer.current_epoch)
-        if self.prune_at != "fit_end" and trainer.current_epoch + 1 >= self.prune_at and not self.pruner.pruned:
+        self._driver.epoch_end(trainer.current_epoch)
+        if isinstance(self.prune_at, int) and trainer.current_epoch + 1 >= self.prune_at and not self._driver.pruned:
             self._prune(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.pruner.pruned:
-            self.result = self.pruner.prune()
+        if not self._driver.pruned:
+            self.result = self._driver.prune()
             self._place(pl_module, self.result.model)
 
     def state_dict(self) -> dict[str, Any]:
@@ -168,11 +175,11 @@ class Pruning(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "pruner" in state_dict:
-            self.pruner.load_state_dict(state_dict["pruner"])
+            self._driver.load_state_dict(state_dict["pruner"])
 
     def _prune(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Prune inside the fit: the training goes on with the pruned network and new optimizers."""
-        self.result = self.pruner.prune()
+        self.result = self._driver.prune()
         self._place(pl_module, self.result.model)
         trainer.strategy.setup_optimizers(trainer)
 
@@ -185,11 +192,11 @@ class Pruning(Callback):
             return
         if self.submodule is None:
             raise RuntimeError(
-                f"{type(self.pruner.method).__name__} replaced the network: name it with Pruning(submodule=...)"
+                f"{type(self._driver.method).__name__} replaced the network: name it with Pruning(submodule=...)"
             )
         parent, _, name = self.submodule.rpartition(".")
         setattr(pl_module.get_submodule(parent) if parent else pl_module, name, model)
 
     def _trained(self) -> list[nn.Parameter]:
-        module = self.pruner.method.state_module()
-        return list(self.pruner.model.parameters()) + (list(module.parameters()) if module is not None else [])
+        module = self._driver.method.state_module()
+        return list(self._driver.model.parameters()) + (list(module.parameters()) if module is not None else [])

@@ -353,7 +353,8 @@ def pareto(
         groups.setdefault((*key, str(run.get(f"budget.{x}"))), []).append(run)
         paper = run.get("paper")
         if OmegaConf.is_dict(paper) and paper.get("acc") is not None and paper.get(x) is not None:
-            papers[(*key, float(paper[x]))] = {
+            point = (*key, float(paper[x]))  # a name: mypy reads `papers[(*key, ...)]` as Python 3.11's syntax
+            papers[point] = {
                 **dict(zip(by, key)),
                 x: float(paper[x]),
                 "acc": float(paper.acc),
@@ -497,7 +498,8 @@ def trials_table(sweep_dir: Path, objective: str = "val/acc", out: Path | None =
         fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
         lines = ["| trial overrides | " + objective + " | test/acc | FLOPs ratio |", "|---|---|---|---|"]
         lines += [
-            f"| {r['overrides']} | {r[objective]:.2f} | {fmt(r['test/acc'], '.2f')} | {fmt(r['model/flops_ratio'], '.3f')} |"
+            f"| {r['overrides']} | {r[objective]:.2f} | {fmt(r['test/acc'], '.2f')} | "
+            f"{fmt(r['model/flops_ratio'], '.3f')} |"
             for r in rows
         ]
         write_text(out / "trials.md", "\n".join(lines) + "\n")

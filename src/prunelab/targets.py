@@ -41,7 +41,8 @@ def locate(path: str, setting: str) -> Any:
             found = getattr(found, attribute)
         return found
     raise ConfigError(
-        f"{setting}={path}: no module {parts[0]!r} can be imported (install it, or put the folder that holds it on PYTHONPATH)"
+        f"{setting}={path}: no module {parts[0]!r} can be imported (install it, or put the folder that holds it on "
+        "PYTHONPATH)"
     )
 
 

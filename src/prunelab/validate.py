@@ -88,8 +88,13 @@ def _writable(cfg: DictConfig, key: str, what: str) -> None:
 # What a preset leaves for the command line to set (`???`), and how.
 _TO_SET = {
     "backbone._target_": "backbone=custom builds a model class of your own: pass backbone._target_=my_pkg.MyNet",
-    "dataset._target_": "dataset=custom uses a LightningDataModule of your own: pass dataset._target_=my_pkg.MyDataModule",
-    "dataset.root": "pass dataset.root=DIR, the folder that holds the dataset (for image_folder: DIR/train/<class>/... and DIR/val/<class>/...)",
+    "dataset._target_": (
+        "dataset=custom uses a LightningDataModule of your own: pass dataset._target_=my_pkg.MyDataModule"
+    ),
+    "dataset.root": (
+        "pass dataset.root=DIR, the folder that holds the dataset "
+        "(for image_folder: DIR/train/<class>/... and DIR/val/<class>/...)"
+    ),
 }
 
 
@@ -184,7 +189,8 @@ def _check_layer_ratio_syntax(spec: list) -> None:
         match = _RANGE.match(str(item))
         if match is None:
             raise ConfigError(
-                f"budget.layer_ratios entry {item!r} is not 'a-b:ratio' or 'a:ratio' (layer indices, fraction to remove)"
+                f"budget.layer_ratios entry {item!r} is not 'a-b:ratio' or 'a:ratio' (layer indices, fraction to "
+                "remove)"
             )
         first, last, ratio = int(match[1]), int(match[2] or match[1]), float(match[3])
         _require(first <= last, f"budget.layer_ratios entry {item!r}: the range {first}-{last} is reversed")

@@ -8,7 +8,7 @@ built from its `_target_` node by `from_target` (`backbone=custom backbone._targ
 
 # Importing the family modules runs their `register` decorators and so fills the registry (and registers their
 # custom modules' pruners with structure, `customized_pruners`).
-from prunelab.backbones import cifar_resnet, imagenet_resnet, mobilenet, vgg, wrn  # noqa: E402,F401
+from prunelab.backbones import cifar_resnet, imagenet_resnet, mobilenet, vgg, wrn  # noqa: F401
 from prunelab.backbones.registry import available, create, load_pretrained, register, scale_channels
 from prunelab.backbones.user import from_target, rebuild
 from prunelab.structure.pruners import customized_pruners

@@ -51,7 +51,7 @@ from prunelab.backbones.timm_attention import (
 )
 from prunelab.backbones.torchvision_attention import PartitionAttention, Relaid, SelfAttention, WindowSelfAttention
 
-__all__ = ["Relaid", "SelfAttention", "WindowSelfAttention", "PartitionAttention", "relayout"]
+__all__ = ["PartitionAttention", "Relaid", "SelfAttention", "WindowSelfAttention", "relayout"]
 
 
 _TIMM = {
@@ -120,8 +120,8 @@ def relayout(model: nn.Module) -> None:
             layer.keep_whole = True
     if cascaded:
         logging.getLogger("prunelab").warning(
-            "%d cascaded group attention(s) kept whole (%s%s): each head adds its output to the next head's chunk of the "
-            "stream, so their values and the stream they write keep their channels",
+            "%d cascaded group attention(s) kept whole (%s%s): each head adds its output to the next head's chunk of "
+            "the stream, so their values and the stream they write keep their channels",
             len(cascaded),
             cascaded[0],
             ", ..." if len(cascaded) > 1 else "",
@@ -131,9 +131,7 @@ def relayout(model: nn.Module) -> None:
     shared = getattr(model, "shared_rel_pos", None)
     if isinstance(shared, nn.Module):
         for module in model.modules():
-            if isinstance(module, RelativePositionAttention):
-                module.keep_whole = True
-            elif (
+            if isinstance(module, RelativePositionAttention) or (
                 isinstance(module, nn.Linear)
                 and module in set(shared.modules())
                 and module.out_features == shared.num_heads

@@ -70,14 +70,14 @@ def _pad_shortcut_pruner() -> Any:
         TARGET_MODULES = (PadShortcut,)
 
         def prune_out_channels(self, layer: PadShortcut, idxs: Sequence[int]) -> PadShortcut:
-            removed = set(int(i) for i in idxs)
+            removed = {int(i) for i in idxs}
             keep = [j for j in range(layer.out_channels) if j not in removed]
             layer.index = layer.index[keep].clone()
             layer.out_channels = len(keep)
             return layer
 
         def prune_in_channels(self, layer: PadShortcut, idxs: Sequence[int]) -> PadShortcut:
-            removed = set(int(i) for i in idxs)
+            removed = {int(i) for i in idxs}
             kept = [i for i in range(layer.in_channels) if i not in removed]
             zero_slot = len(kept)
             remap = {old: new for new, old in enumerate(kept)}

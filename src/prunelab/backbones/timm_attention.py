@@ -4,6 +4,7 @@ own `num_heads` x `head_dim` (`HeadWidth` and its subclasses), so that they run 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from torch import nn
 from prunelab.structure.heads import HeadLayout, Writer
 
 
-def _sdpa(m: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _sdpa(m: HeadWidth, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention with the module's `scale` and attention dropout."""
     dropout = m.attn_drop.p if m.training and isinstance(getattr(m, "attn_drop", None), nn.Dropout) else 0.0
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=m.scale)
@@ -33,6 +34,10 @@ class HeadWidth:
     compute with its own `num_heads` x `head_dim`, so that it runs with fewer heads than the embedding was split into.
     The modules keep their class (a subclass of this and theirs), attributes and tensor names, so their state dicts
     and methods stay; only `forward` changes (same outputs for the same weights)."""
+
+    if TYPE_CHECKING:
+        # The mixin reads the attributes of the timm module it joins (qkv, proj, num_heads, scale, ...).
+        def __getattr__(self, name: str) -> Any: ...
 
     def rebuilt(self) -> None:
         """Record the head width the module derived from the embedding (where it keeps none): its stacked `qkv`'s rows
@@ -66,8 +71,8 @@ class QueryTokenAttention(HeadWidth):
 
 
 class QueryKeyValueLayout(HeadWidth):
-    """Queries from `q`, keys and values stacked in `kv`, `head_dim` each per head (VOLO's class attention, whose forward
-    already computes with them; the base of `SubsampledAttention`)."""
+    """Queries from `q`, keys and values stacked in `kv`, `head_dim` each per head (VOLO's class attention, whose
+    forward already computes with them; the base of `SubsampledAttention`)."""
 
     def rebuilt(self) -> None:
         self.head_dim = self.q.out_features // self.num_heads
@@ -130,8 +135,8 @@ class GroupedWindowAttention(HeadWidth):
 
 
 class StackedAttention(HeadWidth):
-    """ConViT's, VOLO's, DaViT's (windowed) and MetaFormer's (CAFormer) plain self-attention: query, key and value stacked in `qkv`, as timm's Attention, over
-    (B, N, C) tokens or a (B, H, W, C) map."""
+    """ConViT's, VOLO's, DaViT's (windowed) and MetaFormer's (CAFormer) plain self-attention: query, key and value
+    stacked in `qkv`, as timm's Attention, over (B, N, C) tokens or a (B, H, W, C) map."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._out(_sdpa(self, *_heads(self.qkv(x.flatten(1, -2)), 3, self.num_heads, self.head_dim)))
@@ -231,6 +236,8 @@ class GatedPositionalAttention(HeadWidth):
     """ConViT's gated positional self-attention: per head, a gate (`gating_param`) mixes the softmax of the
     query-key logits (`qk`, stacked) with that of a positional score (`pos_proj`, one row per head over the
     relative positions); values from `v`."""
+
+    rel_indices: Any  # timm's module sets it: None until the first forward, then a tensor
 
     def rebuilt(self) -> None:
         self.head_dim = self.v.out_features // self.num_heads
@@ -412,7 +419,8 @@ class RadixSplitAttention(HeadWidth):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.radix == 1 or self.rsoftmax.cardinality != 1:
-            return super().forward(x)
+            # The forward of timm's module, after this mixin in the method resolution order.
+            return super().forward(x)  # type: ignore[misc]
         splits = self.act0(self.drop(self.bn0(self.conv(x)))).chunk(self.radix, dim=1)
         gap = sum(split.mean((2, 3), keepdim=True) for split in splits)
         logits = self.fc2(self.act1(self.bn1(self.fc1(gap)))).chunk(self.radix, dim=1)

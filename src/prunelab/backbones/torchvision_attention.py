@@ -23,7 +23,7 @@ class Relaid(nn.Module):
             if prefix + old in state_dict:
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.rename(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -62,7 +62,7 @@ class SelfAttention(Relaid):
     ) -> tuple[torch.Tensor, None]:
         if (key is not None and key is not query) or (value is not None and value is not query):
             raise ValueError("SelfAttention computes self-attention only: key and value must be the query")
-        batch, tokens, _ = query.shape
+        batch, tokens, _channels = query.shape
         qkv = self.qkv(query).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         dropout = self.dropout if self.training else 0.0
@@ -100,7 +100,11 @@ class WindowSelfAttention(Relaid):
     different regions of a shifted window masked with -100, as in the paper's code), then rolled back
     and cropped. The tensors keep torchvision's names, so its state dicts load as they are."""
 
-    def __init__(self, stock: nn.Module) -> None:
+    # Buffers (registered below), which torch's typing would read as `Tensor | Module`.
+    relative_position_index: torch.Tensor
+    relative_coords_table: torch.Tensor
+
+    def __init__(self, stock: Any) -> None:  # torchvision's ShiftedWindowAttention(V2), read by duck typing
         super().__init__()
         self.window_size, self.shift_size = list(stock.window_size), list(stock.shift_size)
         self.num_heads = stock.num_heads
@@ -188,7 +192,9 @@ class PartitionAttention(Relaid):
     RENAMED = (("to_qkv.weight", "qkv.weight"), ("to_qkv.bias", "qkv.bias"),
                ("merge.weight", "proj.weight"), ("merge.bias", "proj.bias"))  # fmt: skip
 
-    def __init__(self, stock: nn.Module) -> None:
+    relative_position_index: torch.Tensor  # a buffer (registered below)
+
+    def __init__(self, stock: Any) -> None:  # torchvision's RelativePositionalMultiHeadAttention, read by duck typing
         super().__init__()
         self.num_heads, self.head_dim, self.scale = stock.n_heads, stock.head_dim, float(stock.scale_factor)
         self.max_seq_len = stock.max_seq_len

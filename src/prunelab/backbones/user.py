@@ -39,7 +39,10 @@ def from_target(
     # A preset's keys left in the node (`backbone._target_=...` without `backbone=custom`) say where to start.
     hint = ""
     if "name" in node:
-        hint = f"; start from backbone=custom to leave out the keys of prunelab's presets: backbone=custom {setting}.{TARGET}={node[TARGET]} +{setting}.<argument>=<value>"
+        hint = (
+            "; start from backbone=custom to leave out the keys of prunelab's presets: "
+            f"backbone=custom {setting}.{TARGET}={node[TARGET]} +{setting}.<argument>=<value>"
+        )
     model, arguments = call(node, setting, {"num_classes": int(num_classes), "in_channels": int(in_channels)}, hint)
     target = node[TARGET]
     pretrained = spec.get("pretrained")
@@ -67,8 +70,9 @@ def _check_outputs(model: nn.Module, target: str, num_classes: int, input_shape:
         else:
             fix = f"it was given num_classes={given}"
         raise ConfigError(
-            f"{setting}.{TARGET}={target} gives outputs of shape {shape} on inputs of shape (2, {', '.join(map(str, input_shape))}), "
-            f"but the data has {num_classes} classes, so it must give (2, {num_classes}) ({fix})"
+            f"{setting}.{TARGET}={target} gives outputs of shape {shape} on inputs of shape (2, "
+            f"{', '.join(map(str, input_shape))}), but the data has {num_classes} classes, so it must give (2, "
+            f"{num_classes}) ({fix})"
         )
 
 

@@ -20,8 +20,9 @@ class CostModel:
     shape, as FlopCounterMode counts them) and parameters, which group's channels it writes and which
     it reads (`ChannelGroup.layers`, `rows`, `consumers`, `reads`). Under a plan a layer's cost scales
     with its kept input and output channels, a group's BatchNorms with its kept channels, the attention products
-    (query-key and attention-value) of a head group with its kept channels; everything else (pooling, other parameters) is taken as fixed, so `search_threshold` checks the final plan on the
-    built model and corrects the target where that assumption does not hold.
+    (query-key and attention-value) of a head group with its kept channels; everything else (pooling, other parameters)
+    is taken as fixed, so `search_threshold` checks the final plan on the built model and corrects the target where
+    that assumption does not hold.
     """
 
     def __init__(self, model: nn.Module, groups: list, input_shape: tuple[int, ...]):
@@ -56,7 +57,8 @@ class CostModel:
         self.dense = {"flops": counter.get_total_flops() // 2, "params": count_params(model)}
         self.sizes = {g.name: g.size for g in groups}
         # An attention's layers that no group sizes and that run on its heads folded into the first dimension (MViTv2's
-        # pooling convolutions, one example: a first dimension of a multiple of the heads) cost in proportion to the heads.
+        # pooling convolutions, one example: a first dimension of a multiple of the heads) cost in proportion to the
+        # heads.
         described = {n for g in groups for n in [*g.layers, *g.consumers]}
         for g in groups:
             heads = getattr(model.get_submodule(g.heads), "num_heads", 1) if g.heads else 1
@@ -72,10 +74,14 @@ class CostModel:
         # in its kept width.
         counted = counter.get_flop_counts()
         self.products = {
-            g.name: max(0, sum(counted.get(f"{type(model).__name__}.{g.heads}", {}).values()) // 2
-                        - sum(n for layer, n in macs.items() if layer.startswith(f"{g.heads}.") and layer not in folded))
-            for g in groups if g.heads
-        }  # fmt: skip
+            g.name: max(
+                0,
+                sum(counted.get(f"{type(model).__name__}.{g.heads}", {}).values()) // 2
+                - sum(n for layer, n in macs.items() if layer.startswith(f"{g.heads}.") and layer not in folded),
+            )
+            for g in groups
+            if g.heads
+        }
         for name in folded:
             macs[name] = 0
         # An attention's own layers with one output per head (Swin V2's position-bias MLP) lose a row per removed head.
@@ -102,11 +108,14 @@ class CostModel:
         }
         # Per channel of each group (a norm holding a channel twice, after a concatenation of it and its copy, twice).
         self.norm_params = {
-            g.name: [sum(norms.get(n, 0) * (len(g.rows[n][c]) if n in g.rows else 1) for n in g.norms) for c in range(g.size)]
+            g.name: [
+                sum(norms.get(n, 0) * (len(g.rows[n][c]) if n in g.rows else 1) for n in g.norms) for c in range(g.size)
+            ]
             for g in groups
-        }  # fmt: skip
-        # An attention's parameters with entries per head besides its layers (Swin V2's logit scale, position-bias tables,
-        # LeViT's attention biases) lose a head's entries with it: parameters per channel of a group losing whole heads.
+        }
+        # An attention's parameters with entries per head besides its layers (Swin V2's logit scale, position-bias
+        # tables, LeViT's attention biases) lose a head's entries with it: parameters per channel of a group losing
+        # whole heads.
         self.head_params = {
             g.name: _per_head_parameters(model.get_submodule(g.heads), bool(g.rows)) / g.size
             for g in groups if g.heads and g.unit > 1
@@ -138,7 +147,8 @@ class CostModel:
         kept = plan.kept() if plan is not None else {}
         flops = params = 0
         for (macs, weight, bias, fan_in, fan_out, *_), (inp, out) in zip(self.layers, widths):
-            # A grouped convolution whose channels follow its groups is no consumer: its fan-in stays, its cost scales with out.
+            # A grouped convolution whose channels follow its groups is no consumer: its fan-in stays, its cost scales
+            # with out.
             scale = inp * out / (fan_in * fan_out)
             flops += round(macs * scale)
             params += round(weight * scale) + (bias * out // fan_out if bias else 0)

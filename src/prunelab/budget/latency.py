@@ -26,9 +26,9 @@ class LatencyModel(CostModel):
 
     Each conv/linear layer gets a table of its latency over kept input and output channels, measured
     on the device at the batch size on a standalone layer of the same shape (eager, its fastest call; a grid of `grid` +
-    1 counts per side that the plan can change, on multiples of `round_to`, bilinear in between; a depthwise convolution's inputs
-    follow its outputs). Tables are keyed by the layer's shape, the device, threads, torch version and
-    batch, and kept in `cache_dir`, so that they are measured once per machine. The deployed model
+    1 counts per side that the plan can change, on multiples of `round_to`, bilinear in between; a depthwise
+    convolution's inputs follow its outputs). Tables are keyed by the layer's shape, the device, threads, torch version
+    and batch, and kept in `cache_dir`, so that they are measured once per machine. The deployed model
     (`format`) runs the same layers with fewer calls and other memory layouts (frozen TorchScript
     keeps MKL-DNN layouts between layers; a standalone frozen layer pays the conversion each call,
     so its tables would overstate wide layers), so the tables give each layer's share and measurements
@@ -140,7 +140,7 @@ class LatencyModel(CostModel):
 
         def settled() -> bool:
             lo, hi = beside.interval()
-            return low <= lo and hi <= high or hi < low or lo > high or hi - lo <= tolerance * beside.ratio
+            return (low <= lo and hi <= high) or hi < low or lo > high or hi - lo <= tolerance * beside.ratio
 
         while not settled() and beside.rounds < most:
             beside.extend(self._rounds(net, min(self.rounds, most - beside.rounds), False))
@@ -178,8 +178,8 @@ class LatencyModel(CostModel):
             macs = _disorder([float(CostModel.count(self, p)["flops"]) for p, _ in self.observed], ys)
             if (macs < sums) != self.by_macs:
                 log.warning(
-                    "latency tables: their sums order the %d measured models with %d pairs the wrong way round, MACs with "
-                    "%d: the estimate follows %s (delete %s to measure the tables again)",
+                    "latency tables: their sums order the %d measured models with %d pairs the wrong way round, MACs "
+                    "with %d: the estimate follows %s (delete %s to measure the tables again)",
                     len(ys),
                     sums,
                     macs,
@@ -229,7 +229,10 @@ class LatencyModel(CostModel):
             else platform.processor() or platform.machine()
         )
         # "fastest": tables of fastest calls; those of median calls, measured before, are not read.
-        key = f"{name}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}|{self.device.type}|b{self.batch_size}|fastest"
+        key = (
+            f"{name}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}|{self.device.type}"
+            f"|b{self.batch_size}|fastest"
+        )
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 
     @staticmethod
@@ -243,7 +246,8 @@ class LatencyModel(CostModel):
 
     @staticmethod
     def _points(size: int, variable: bool, grid: int, round_to: int = 1) -> list[int]:
-        """Channel counts a table measures: `grid` steps up to `size`, on multiples of `round_to` (the counts a plan can keep)."""
+        """Channel counts a table measures: `grid` steps up to `size`, on multiples of `round_to` (the counts a plan can
+        keep)."""
         if not variable:
             return [size]
         step = max(1, int(round_to))
@@ -291,7 +295,8 @@ class LatencyModel(CostModel):
 
     def _layers_latency(self, widths: list[tuple[int, int]]) -> float:
         return sum(
-            _interpolate(ins, inp, lambda i: _interpolate(outs, out, lambda o: table[f"{i},{o}"]))
+            # B023: _interpolate calls the function at once, in this very iteration.
+            _interpolate(ins, inp, lambda i: _interpolate(outs, out, lambda o: table[f"{i},{o}"]))  # noqa: B023
             for (ins, outs, table), (inp, out) in zip(self.tables, widths)
         )
 

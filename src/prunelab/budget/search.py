@@ -51,12 +51,13 @@ def search_threshold(
     convergent direction. The ratio is taken against `reference` (the dense backbone's count) when
     given, else against the model itself. Groups read by grouped convolutions keep whole units
     (`units`, group name to `ChannelGroup.unit`), and groups in `multiples` multiples of their
-    count (`ChannelGroup.multiple`); both are read from the model when not given. Returns the plan and the ratio it achieves, as
-    counted on the built model. Metric "latency" estimates candidates with a `LatencyModel` (built with
+    count (`ChannelGroup.multiple`); both are read from the model when not given. Returns the plan and the ratio it
+    achieves, as counted on the built model. Metric "latency" estimates candidates with a `LatencyModel` (built with
     the `latency` keyword arguments: batch_size, device, format, cache_dir, timer, rounds) and judges the
-    built model by its timing beside the dense model (`_search_latency`). Its `ranking` "per_ms" ranks channels by score per millisecond of their group
-    (`LatencyModel.channel_costs`: the greedy solution of HALP's latency knapsack, one cost per group),
-    "importance" (default) by score alone, as the FLOPs search does. Per millisecond needs scores on one
+    built model by its timing beside the dense model (`_search_latency`). Its `ranking` "per_ms" ranks channels by
+    score per millisecond of their group (`LatencyModel.channel_costs`: the greedy solution of HALP's latency knapsack,
+    one cost per group), "importance" (default) by score alone, as the FLOPs search does. Per millisecond needs scores
+    on one
     scale across groups (a loss change, as HALP's Taylor scores): with filter-L1 on a pretrained ResNet-56
     it cut two residual streams to one channel (residual streams are read by every block of their stage,
     so each of their channels costs the most) and fine-tuning did not recover (10% accuracy; measured).

@@ -27,7 +27,8 @@ def time_call(
     quiet: bool = False,
     fastest: bool = False,
 ) -> float:
-    """Median time in milliseconds of `fn(x)` under inference mode, after `warmup` calls (`fastest`: the fastest call's).
+    """Median time in milliseconds of `fn(x)` under inference mode, after `warmup` calls (`fastest`: the fastest
+    call's).
 
     At least `repeats` timed calls, more (up to 20 times as many) until they add up to `seconds`. On
     CUDA each call is timed with CUDA events (the GPU's own clock), on the CPU with the wall clock.
@@ -51,7 +52,7 @@ def time_call(
         if cuda:
             torch.cuda.synchronize(x.device)
         while len(times) < 20 * repeats:
-            if len(times) >= repeats and sum(times) >= seconds * 1000.0 or len(times) >= least and over():
+            if (len(times) >= repeats and sum(times) >= seconds * 1000.0) or (len(times) >= least and over()):
                 break
             if cuda:
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -85,9 +86,9 @@ class Beside:
     """A model's times (ms) taken in interleaved rounds with those of a reference (the dense model): reference, model,
     reference, model, ...
 
-    Load on a shared machine comes and goes over seconds; within a round it slows both alike, so each round gives a ratio
-    that the load barely moves, and the median of the rounds' ratios is the statistic that holds under load (a single
-    round's, or the two fastest times' ratio, moves with whichever model a burst of load hit). `spread` is the
+    Load on a shared machine comes and goes over seconds; within a round it slows both alike, so each round gives a
+    ratio that the load barely moves, and the median of the rounds' ratios is the statistic that holds under load (a
+    single round's, or the two fastest times' ratio, moves with whichever model a burst of load hit). `spread` is the
     round-to-round spread of those ratios, the machine's noise as this measurement saw it. Without a reference
     (`reference` empty) only the model's own figures are defined.
     """

@@ -167,7 +167,8 @@ class _CIFARDataModule(ImageDataModule):
         for split, labels in (("training", train_y), ("test", test_y)):
             if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise ConfigError(
-                    f"{directory}: {split} labels span {labels.min()}..{labels.max()}, expected 0..{self.num_classes - 1}"
+                    f"{directory}: {split} labels span {labels.min()}..{labels.max()}, expected "
+                    f"0..{self.num_classes - 1}"
                 )
         if not (train_ok and test_ok):
             warnings.warn(

@@ -116,7 +116,8 @@ class ImageFolderDataModule(ImageDataModule):
                     [f"has {_few(extra)} that train/ lacks"] if extra else []
                 )
                 raise ConfigError(
-                    f"dataset.root={self.root}: the class folders of {name}/ differ from train/'s: {name}/ {' and '.join(parts)}"
+                    f"dataset.root={self.root}: the class folders of {name}/ differ from train/'s: {name}/ "
+                    f"{' and '.join(parts)}"
                 )
         return classes, {name: list(folder.samples) for name, folder in found.items()}
 
@@ -154,7 +155,8 @@ class ImageFolderDataModule(ImageDataModule):
         )
 
     def _statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std of up to `stats_images` training images (resized, not augmented), drawn by the seed."""
+        """Per-channel mean and std of up to `stats_images` training images (resized, not augmented), drawn by the
+        seed."""
         samples = self.samples["train"]
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(self.seed))[: self.stats_images]
         plain = TransformedSubset(FileSource(samples), order, image_transform(self._resized(), (0.0,) * 3, (1.0,) * 3))
@@ -169,7 +171,8 @@ class ImageFolderDataModule(ImageDataModule):
         mean = total / pixels
         std = (squares / pixels - mean**2).clamp_min(1e-12).sqrt()
         log.info(
-            "image_folder: per-channel mean %s and std %s of %d training images (dataset.mean and dataset.std set them)",
+            "image_folder: per-channel mean %s and std %s of %d training images (dataset.mean and dataset.std set "
+            "them)",
             [round(float(m), 4) for m in mean],
             [round(float(s), 4) for s in std],
             len(plain),
@@ -177,7 +180,10 @@ class ImageFolderDataModule(ImageDataModule):
         return tuple(round(float(m), 6) for m in mean), tuple(round(max(float(s), 1e-3), 6) for s in std)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={str(self.root)!r}, num_classes={self.num_classes}, image_size={self.image_size})"
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, num_classes={self.num_classes}, "
+            f"image_size={self.image_size})"
+        )
 
 
 def _few(names: list[str], shown: int = 5) -> str:

@@ -81,7 +81,7 @@ class ImageNetDataModule(ImageDataModule):
 
     def _scan(self, split_dir: Path, require_all: bool) -> list[tuple[str, int]]:
         """Lists (path, label) for every image in the class folders of one split."""
-        samples = []
+        samples: list[tuple[str, int]] = []
         for index, name in enumerate(self.classes):
             class_dir = split_dir / name
             if not class_dir.is_dir():

@@ -87,7 +87,10 @@ class LoaderDataModule(L.LightningDataModule):
         return found if found is not None else []
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(splits={self.splits}, input_shape={self.input_shape}, num_classes={self.num_classes})"
+        return (
+            f"{type(self).__name__}(splits={self.splits}, input_shape={self.input_shape}, "
+            f"num_classes={self.num_classes})"
+        )
 
 
 def adopt(datamodule: L.LightningDataModule, name: str = "") -> L.LightningDataModule:

@@ -91,7 +91,7 @@ class TinyImageNetDataModule(ImageDataModule):
         class_index = {wnid: i for i, wnid in enumerate(self.wnids)}
 
         # Training images live in train/<wnid>/images/.
-        train_samples = []
+        train_samples: list[tuple[str, int]] = []
         for wnid in self.wnids:
             images_dir = directory / "train" / wnid / "images"
             if not images_dir.is_dir():

@@ -78,7 +78,7 @@ class MethodContext:
 
     budget: Any
     data: Any
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     num_classes: int
     seed: int
     run_dir: Path
@@ -169,7 +169,8 @@ class PruningMethod:
         """Called after every optimizer step (grow a penalty, swap masks, project values)."""
 
     def should_stop(self, model: nn.Module, step: int) -> str | None:
-        """Checked after every optimizer step: a reason to end the fit stage now (e.g. "lambda reached tau"), or None."""
+        """Checked after every optimizer step: a reason to end the fit stage now (e.g. "lambda reached tau"), or
+        None."""
         return None
 
     def on_fit_start(self, model: nn.Module, stage: str, total_steps: int) -> None:
@@ -183,7 +184,8 @@ class PruningMethod:
         """Called after every validation check of a fit stage (not the sanity check), with its metrics."""
 
     def on_train_epoch_start(self, model: nn.Module, epoch: int, epochs: int) -> None:
-        """Called at the start of every training epoch (0-based) of a fit stage of `epochs` epochs (e.g. a temperature schedule)."""
+        """Called at the start of every training epoch (0-based) of a fit stage of `epochs` epochs (e.g. a temperature
+        schedule)."""
 
     def on_train_epoch_end(self, model: nn.Module, epoch: int) -> None:
         """Called at the end of every training epoch."""

@@ -10,9 +10,10 @@ L(m * theta) + lambda * R(m), in rounds (the paper's Algorithm 1):
 
 after which the binary sparse network (every m_i not fixed at zero) is trained in isolation from the
 rewound weights and tested. `test_pruned=true` also tests the search's own network (m * theta, the
-fixed entries removed) right after each prune: a cheap per-round signal. With `evaluate: all` (the default) that is done after every round, so each
-round has a test accuracy at its sparsity and the rounds report (`python -m prunelab.report rounds`)
-draws concave, CS and IMP curves on the same axes (the paper's Figs. 5-9); `evaluate: last` trains only
+fixed entries removed) right after each prune: a cheap per-round signal. With `evaluate: all` (the default) that is done
+after every round, so each round has a test accuracy at its sparsity and the rounds report
+(`python -m prunelab.report rounds`) draws concave, CS and IMP curves on the same axes (the paper's Figs. 5-9);
+`evaluate: last` trains only
 the final ticket (the paper's Table III counts search and final training apart).
 
 Concave (`method=concave`): m in [0, 1], m_0 = 1/2, projected onto [0, 1] after every optimizer step;
@@ -33,6 +34,7 @@ their weights ever change again, and the masks only shrink across rounds.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterable
@@ -390,7 +392,7 @@ def _plot_history(history: list[dict[str, Any]], path: Any, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for record in history:
         edges = record["hist_edges"]
-        centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+        centres = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
         ax.plot(
             centres,
             [max(c, 0.5) for c in record["hist_counts"]],

@@ -321,7 +321,8 @@ class GreedyImitation(PruningMethod):
                     model,
                     group,
                     consumers,
-                    lambda: _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size),
+                    # B023: _prune_group calls it before this iteration ends.
+                    lambda: _batches(ctx.data, ctx.seed * 1000 + index, device, self.batch_size),  # noqa: B023
                     epsilon,
                     int(ctx.budget.get("round_to") or 1),
                     record_to,
@@ -359,7 +360,8 @@ class GreedyImitation(PruningMethod):
         layer to twice its steps, at least its width (a third pass, the longest). Where the aimed pass misses the band,
         it is completed along its own recording (`greedy_budget.complete`), else the pass it was aimed from is.
         `search_iterations` caps the passes (1: pass 1 completed). A latency is measured on the built plans, estimated
-        in between as their measured share of the FLOPs. Fails only where no recorded plan meets the budget, naming the closest.
+        in between as their measured share of the FLOPs. Fails only where no recorded plan meets the budget, naming the
+        closest.
         """
         if not 0.0 < target <= 1.0:
             raise BudgetError(f"budget.{metric} is the fraction to keep, in (0, 1]; got {target}")
@@ -415,7 +417,8 @@ class GreedyImitation(PruningMethod):
                 }
             )
             log.info(
-                "greedy: pass %d at epsilon %.4g (recorded down to %.4g) keeps %.4f of the dense %s (target %.4f), %.0f s",
+                "greedy: pass %d at epsilon %.4g (recorded down to %.4g) keeps %.4f of the dense %s (target %.4f), "
+                "%.0f s",
                 len(trials),
                 epsilon,
                 record_to,
@@ -438,7 +441,8 @@ class GreedyImitation(PruningMethod):
         if not low <= ratio <= high:
             first, first_epsilon, first_pass = layers, epsilon, len(trials)
             if len(trials) < self.search_iterations:
-                # Recorded down to an epsilon estimated halfway back to this pass's ratio (just above the band when under).
+                # Recorded down to an epsilon estimated halfway back to this pass's ratio (just above the band when
+                # under).
                 mid = target + max(ratio - target, 6 * tolerance * target) / 2
                 epsilon, guess, record_to = aim(layers, target, mid, estimated)
                 log.info(
@@ -475,8 +479,8 @@ class GreedyImitation(PruningMethod):
             best = min(closest, key=lambda r: abs(r - target))
             raise BudgetError(
                 f"greedy: no plan read from {len(trials)} recorded passes brings the {metric} ratio within "
-                f"{tolerance:.2%} of {target} (the closest: {best:.4f}); raise budget.tolerance (or method.search_iterations, "
-                "where every pass kept less than the budget)"
+                f"{tolerance:.2%} of {target} (the closest: {best:.4f}); raise budget.tolerance (or "
+                "method.search_iterations, where every pass kept less than the budget)"
             )
         for layer, choice in zip(layers, found):
             _fold([model.get_submodule(c) for c in layer.consumers], choice["a"])

@@ -177,8 +177,8 @@ class PruningFromScratch(PruningMethod):
             except ValueError as err:
                 raise ValueError(
                     f"pfs: init_from={self.init_from} must hold weights of the expanded backbone "
-                    f"({spec.get('name', spec.get(TARGET))} at width {spec['width']:g}), e.g. the model.pt of a dense run with "
-                    f"backbone.width={spec['width']:g}\n{err}"
+                    f"({spec.get('name', spec.get(TARGET))} at width {spec['width']:g}), e.g. the model.pt of a dense "
+                    f"run with backbone.width={spec['width']:g}\n{err}"
                 ) from err
         return start
 

@@ -39,7 +39,10 @@ def build_dataset(node: DictConfig) -> L.LightningDataModule:
     if str(node.get("_target_")).startswith("prunelab."):
         return build(node)
     # A preset's keys left in the node (`dataset._target_=...` without `dataset=custom`) say where to start.
-    hint = "; start from dataset=custom to leave out the keys of prunelab's presets: dataset=custom dataset._target_={node._target_} +dataset.<argument>=<value>"
+    hint = (
+        "; start from dataset=custom to leave out the keys of prunelab's presets: "
+        f"dataset=custom dataset._target_={node.get('_target_')} +dataset.<argument>=<value>"
+    )
     return call(OmegaConf.to_container(node, resolve=True), "dataset", hint=hint if "val_size" in node else "")[0]
 
 

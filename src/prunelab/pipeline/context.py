@@ -86,7 +86,7 @@ class Context:
     run_dir: Path
     datamodule: L.LightningDataModule
     method: PruningMethod
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     dense: dict[str, float] = field(default_factory=dict)
     logger: Any = None
     callbacks: list[Callback] = field(default_factory=list)

@@ -141,7 +141,8 @@ def latency_figures(
     }
     # On a CPU a large model at batch 64 takes seconds a call (a 167M-parameter ViT at 224 px), minutes in all.
     log.info(
-        "timing the %s model, eager and as %s, at batch sizes %s in %d interleaved rounds (latency.batch_sizes=[] skips this)",
+        "timing the %s model, eager and as %s, at batch sizes %s in %d interleaved rounds (latency.batch_sizes=[] "
+        "skips this)",
         "final and the dense" if changed else "final",
         fmt,
         list(lat.batch_sizes),

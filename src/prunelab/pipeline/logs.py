@@ -56,7 +56,7 @@ def quiet_logs(quiet: bool, libraries: bool = False, verbose: bool | tuple[str, 
         warnings.filterwarnings("ignore", message=message)
     level = logging.WARNING if quiet else logging.INFO
     # Lightning sets INFO on its sub-packages' loggers itself, so each is set here.
-    levels = {"prunelab": level, **{name: level if libraries else logging.WARNING for name in _LIBRARY_LOGGERS}}
+    levels = {"prunelab": level, **dict.fromkeys(_LIBRARY_LOGGERS, level if libraries else logging.WARNING)}
     for name, value in levels.items():
         named = verbose is True or any(name == v or name.startswith(v + ".") for v in verbose or ())
         if not named:

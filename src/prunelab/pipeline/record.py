@@ -106,7 +106,7 @@ def experiment_differences(held: dict[str, Any], asked: dict[str, Any]) -> list[
     found = []
     for key in [*asked, *(k for k in held if k not in asked)]:
         here, wanted = held.get(key, missing), asked.get(key, missing)
-        if here is missing and _unset(wanted) or wanted is missing and _unset(here):
+        if (here is missing and _unset(wanted)) or (wanted is missing and _unset(here)):
             continue
         if here is missing or wanted is missing or here != wanted:
             found.append(

@@ -116,9 +116,11 @@ def check_data(stages: list[Stage], method: PruningMethod, datamodule: L.Lightni
         if split is not None and split not in held:
             fix = "train=<DataLoader>, or retrain=none" if stage.kind == "retrain" else f"{split}=<DataLoader>"
             raise ConfigError(
-                f"{type(method).__name__}: stage {stage.tag} ({stage.kind}) needs {split} data, and none was given (pass {fix})"
+                f"{type(method).__name__}: stage {stage.tag} ({stage.kind}) needs {split} data, and none was given "
+                f"(pass {fix})"
             )
     if method.needs_training_data and "train" not in held:
         raise ConfigError(
-            f"{type(method).__name__} scores with training batches, and no training data was given (pass train=<DataLoader>)"
+            f"{type(method).__name__} scores with training batches, and no training data was given (pass "
+            "train=<DataLoader>)"
         )

@@ -58,7 +58,8 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     console.print(table)
     if batches and summary.get("model/flops"):
         speedups = ", ".join(
-            f"{_speedup(summary, f'model/deployed_speedup_b{b}')} at batch {b} (eager {_speedup(summary, f'model/speedup_b{b}')})"
+            f"{_speedup(summary, f'model/deployed_speedup_b{b}')} at batch {b} (eager "
+            f"{_speedup(summary, f'model/speedup_b{b}')})"
             for b in batches
             if summary.get(f"model/deployed_speedup_b{b}") and summary.get(f"model/speedup_b{b}")
         )
@@ -68,8 +69,9 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             else ""
         )
         console.print(
-            f"deployed ({summary.get('latency/format')}, {summary.get('latency/device')}, {summary.get('latency/threads')} threads{how}): "
-            f"{speedups} for {summary['dense/flops'] / summary['model/flops']:.2f}x fewer FLOPs"
+            f"deployed ({summary.get('latency/format')}, {summary.get('latency/device')}, "
+            f"{summary.get('latency/threads')} threads{how}): {speedups} for "
+            f"{summary['dense/flops'] / summary['model/flops']:.2f}x fewer FLOPs"
         )
     rounds = round_rows(summary)
     if rounds:

@@ -158,7 +158,8 @@ def groups_from_graph(
             try:
                 group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
             except (ArithmeticError, IndexError, ValueError, RuntimeError) as err:
-                # A root kept whole anyway (`keep_whole`, said at creation; `structure.skip`, the user's) needs no second reason.
+                # A root kept whole anyway (`keep_whole`, said at creation; `structure.skip`, the user's) needs no
+                # second reason.
                 if not (getattr(module, "keep_whole", False) or (skip and skipped(name, skip))):
                     unfollowed.setdefault(f"{type(err).__name__}: {err}", []).append(name)
                 continue
@@ -197,7 +198,8 @@ def groups_from_graph(
                     if order != identity or target.num_features != size:
                         rows[names[target]] = order
                 if _unsupported_grouped(target):
-                    # One that only writes the channels may lose the same count in each of its groups (equal blocks, below).
+                    # One that only writes the channels may lose the same count in each of its groups (equal blocks,
+                    # below).
                     (
                         writing
                         if graph.is_out_channel_pruning_fn(dep.handler) and out_channels(target) == size
@@ -214,7 +216,8 @@ def groups_from_graph(
                 ):  # the index mapping was lost on the way (e.g. through a reshape)
                     unmapped = (
                         unmapped
-                        or f"Torch-Pruning lost its channel indices on the way to {names.get(target, type(target).__name__)!r}"
+                        or "Torch-Pruning lost its channel indices on the way to "
+                        f"{names.get(target, type(target).__name__)!r}"
                     )
                     continue
                 reader = isinstance(target, PRUNABLE_TYPES) and grouped_unit(target) is None and target in names
@@ -281,9 +284,9 @@ def groups_from_graph(
                 tied = _tied_blocks(graph, module, pruner, size, blocks)
                 if tied is None:
                     _log_once(
-                        f"channel group {name!r} is kept whole: some of its channels are copies of others (a depthwise copy "
-                        f"concatenated with its input, as in GhostNet's ghost modules) at positions that do not line up "
-                        f"block by block, so they cannot be removed one by one"
+                        f"channel group {name!r} is kept whole: some of its channels are copies of others (a depthwise "
+                        "copy concatenated with its input, as in GhostNet's ghost modules) at positions that do not "
+                        "line up block by block, so they cannot be removed one by one"
                     )
                     continue
             if unmapped is None and crossed and len(tied) != blocks:
@@ -291,13 +294,15 @@ def groups_from_graph(
                     "a split's chunks are mapped onto each other's channels, and not every chunk is tied to the others"
                 )
             for consumer, (fan_in, counts) in overread.items():
-                # Tied blocks multiplied together (a gated MLP's halves) reach a reader's input once per block: counted once.
+                # Tied blocks multiplied together (a gated MLP's halves) reach a reader's input once per block: counted
+                # once.
                 width = size // max(blocks, len(tied))
                 counts = [n * (c // width not in tied[1:]) for c, n in enumerate(counts)]
                 if sum(counts) > fan_in:  # e.g. a token-mixing Linear (ResMLP, MLP-Mixer) reading the transposed stream
                     unmapped = (
                         unmapped
-                        or f"{consumer!r} would read {sum(counts)} of its {fan_in} inputs from them: it reads another axis"
+                        or f"{consumer!r} would read {sum(counts)} of its {fan_in} inputs from them: it reads another "
+                        "axis"
                     )
                 reads[consumer] = counts
             if unmapped is not None:
@@ -314,12 +319,15 @@ def groups_from_graph(
                     else f"its groups do not line up with blocks of {unit} of the group's channels"
                 )
                 what = (
-                    f"the group norm {names.get(conv, type(conv).__name__)!r} ({conv.num_groups} groups of {conv.num_channels} channels)"
+                    f"the group norm {names.get(conv, type(conv).__name__)!r} ({conv.num_groups} groups of "
+                    f"{conv.num_channels} channels)"
                     if isinstance(conv, nn.GroupNorm)
-                    else f"the grouped convolution {names[conv]!r} (groups={conv.groups}, {conv.in_channels} -> {conv.out_channels} channels)"
+                    else f"the grouped convolution {names[conv]!r} (groups={conv.groups}, {conv.in_channels} -> "
+                    f"{conv.out_channels} channels)"
                 )
                 _log_once(
-                    f"channel group {name!r} is kept whole: it passes through {what}, and {why}, so no whole group of it can be removed"
+                    f"channel group {name!r} is kept whole: it passes through {what}, and {why}, so no whole group of "
+                    "it can be removed"
                 )
                 continue
             blocks = max(blocks, len(tied))
@@ -400,7 +408,7 @@ def _tied_blocks(graph: Any, root: nn.Module, pruner: Any, size: int, blocks: in
     return tied
 
 
-def channel_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[ChannelGroup]:
+def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[ChannelGroup]:
     """All prunable channel groups of a model, in module order of their root layers.
 
     `input_shape` is one example's (C, H, W); the model is traced once on a random input, in eval
@@ -455,7 +463,7 @@ def _version() -> str:
         return "unknown"
 
 
-def remember_groups(model: nn.Module, input_shape: tuple[int, int, int], path: Path, checked: bool = False) -> bool:
+def remember_groups(model: nn.Module, input_shape: tuple[int, ...], path: Path, checked: bool = False) -> bool:
     """Keep the model's channel groups in a file of the run directory, so that a resumed run does not trace
     the model again to find them; returns whether the file already held them with `checked` set (a
     `check_prunable` passed on them). With `checked`, records that it did."""

@@ -141,7 +141,8 @@ def _stage_of(model: nn.Module) -> dict[str, int]:
 
 def rms_norm_like(module: nn.Module) -> bool:
     """A norm over the last or channel dimension with a `normalized_shape` and a per-channel `weight` that subclasses
-    no norm Torch-Pruning knows: torch's RMSNorm, timm's RmsNorm / RmsNorm2d / SimpleNorm families (told by class name)."""
+    no norm Torch-Pruning knows: torch's RMSNorm, timm's RmsNorm / RmsNorm2d / SimpleNorm families (told by class
+    name)."""
     shape = getattr(module, "normalized_shape", None)
     return _rms_named(type(module)) and isinstance(shape, tuple) and len(shape) == 1
 

@@ -20,8 +20,9 @@ class _ReshapeRecorder(torch.overrides.TorchFunctionMode):
     of the attribute)), which surgery updates (CSP's `expand_chs`, Res2Net's `width`); for a split into sections of
     listed sizes (`x.split([a, b])`), the module attribute holding the list or one attribute per section (`sections`:
     autograd node -> (module name, attribute or attributes): InceptionNeXt's `split_indexes`, FasterNet's
-    `dim_conv3` and `dim_untouched`); likewise the attribute that bounds a slice of the channels (`slices`: autograd node -> (module name, attribute, "start" or "end"), and
-    the sizes of a concatenation's parts (`cats`: autograd node -> sizes along its dimension)."""
+    `dim_conv3` and `dim_untouched`); likewise the attribute that bounds a slice of the channels (`slices`: autograd
+    node -> (module name, attribute, "start" or "end"), and the sizes of a concatenation's parts (`cats`: autograd
+    node -> sizes along its dimension)."""
 
     def __init__(self, shapes: dict, splits: dict, sections: dict, slices: dict, cats: dict, model: nn.Module) -> None:
         super().__init__()

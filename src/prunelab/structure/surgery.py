@@ -24,7 +24,7 @@ from prunelab.structure.plans import ChannelPlan, model_record
 from prunelab.structure.reshapes import resize_slices, resize_splits
 
 
-def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[int, int, int]) -> nn.Module:
+def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[int, ...]) -> nn.Module:
     """Remove every channel the plan does not keep, in place, and return the model.
 
     The plan's group names and sizes must match the model's current groups; a plan made for another
@@ -53,8 +53,8 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, input_shape: tuple[i
         width = groups[name].size // groups[name].blocks
         if len({tuple(i % width for i in plan.keep[name] if i // width == b) for b in groups[name].tied}) > 1:
             raise ValueError(
-                f"the plan keeps other positions in blocks {groups[name].tied} of group {name!r} ({width} channels each): "
-                f"channel p of each goes with the others' channel p, so they must keep the same positions"
+                f"the plan keeps other positions in blocks {groups[name].tied} of group {name!r} ({width} channels "
+                "each): channel p of each goes with the others' channel p, so they must keep the same positions"
             )
         if len(set(counts)) > 1:
             raise ValueError(
@@ -182,12 +182,11 @@ def _update_bookkeeping(model: nn.Module, before: dict[nn.Module, dict[str, tupl
                 isinstance(value, tuple)
                 and value
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            ):
-                if any(v in sizes for v in value):
-                    setattr(module, key, tuple(sizes.get(v, v) for v in value))
+            ) and any(v in sizes for v in value):
+                setattr(module, key, tuple(sizes.get(v, v) for v in value))
 
 
-def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+def check_prunable(model: nn.Module, input_shape: tuple[int, ...]) -> None:
     """Refuse, in one line naming the layers, a model whose channel groups cannot all lose channels.
 
     On a copy of the model every group loses about half its channels, every other unit
@@ -208,8 +207,8 @@ def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
     other_norms = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
     trial = copy.deepcopy(model)
     graph, _ = build_graph(trial, tuple(input_shape))
-    # A layer that standardises its weight (NFNets) standardises it anew over the inputs it keeps, and a map added to the
-    # channels (Visformer's position embeddings, (1, C, H, W)) keeps them alive: no zeroing of layers matches.
+    # A layer that standardises its weight (NFNets) standardises it anew over the inputs it keeps, and a map added to
+    # the channels (Visformer's position embeddings, (1, C, H, W)) keeps them alive: no zeroing of layers matches.
     added = any(
         p.dim() == 4 and p.shape[0] == 1 and p.shape[1] > 1 and p.shape[2:].numel() > 1
         for m in model.modules() if not isinstance(m, nn.modules.conv._ConvNd) for p in m.parameters(recurse=False)
@@ -265,7 +264,8 @@ def check_prunable(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
             f"breaks {layer!r} ({reason}), though no group does alone; set structure.skip=[...] to keep some whole"
         )
     by_name = {g.name: g for g in groups}
-    # The failing layer where skipping it keeps the group whole (it holds one of the group's layers), else the group's root.
+    # The failing layer where skipping it keeps the group whole (it holds one of the group's layers), else the group's
+    # root.
     keep = [layer if skipped_by(by_name[name], layer) else name for name, (layer, _) in failures.items()]
     # Repeated blocks fail alike: one pattern per layer name with its block numbers as wildcards.
     where = sorted({re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", layer) for layer in keep})
@@ -284,7 +284,8 @@ def skipped_by(group, pattern: str) -> bool:
 
 
 def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Module | None) -> tuple[str, str] | None:
-    """Remove about half of each group's channels (`_trial_removed`) and run the model: None, or (module, reason) of the failure.
+    """Remove about half of each group's channels (`_trial_removed`) and run the model: None, or (module, reason) of the
+    failure.
 
     Besides an error, a failure is a conv/linear layer whose channels changed otherwise than the
     groups say (a dependency the graph maps wrongly, e.g. through a slice), or, given the `dense`
@@ -354,7 +355,8 @@ def _breaks(model: nn.Module, graph, groups: list, x: torch.Tensor, dense: nn.Mo
 
 @contextmanager
 def _silenced(model: nn.Module, groups: list) -> Iterator[None]:
-    """Zero the weights, biases and BatchNorm affine parameters of the channels `_trial_removed` takes from each group."""
+    """Zero the weights, biases and BatchNorm affine parameters of the channels `_trial_removed` takes from each
+    group."""
     saved = []
     with torch.no_grad():
         for group in groups:
@@ -434,7 +436,8 @@ def _state(model: nn.Module, graph) -> tuple[list, list]:
 
 
 def _shallow(value: object) -> object:
-    """A copy of a container (parameter tables, concat sizes), the object itself otherwise (autograd nodes cannot be copied)."""
+    """A copy of a container (parameter tables, concat sizes), the object itself otherwise (autograd nodes cannot be
+    copied)."""
     return copy.copy(value) if isinstance(value, (dict, list, set)) else value
 
 

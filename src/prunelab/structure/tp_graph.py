@@ -104,7 +104,8 @@ class BoundedGroup(Group):
 
     def carry(self, dep: Any, idxs: list) -> list:
         """The indices `idxs` of a dependency's source as indices of its target, through its index mappings in order.
-        A flatten is checked before it builds its list: round a cycle one builds millions of indices (EfficientViT-M)."""
+        A flatten is checked before it builds its list: round a cycle one builds millions of indices
+        (EfficientViT-M)."""
         for mapping in dep.index_mapping:
             if mapping is None:
                 continue
@@ -121,8 +122,8 @@ class BoundedGroup(Group):
 class _KeepsNone:
     """Mixed into a Torch-Pruning pruner: a parameter the layer does not have (None) stays None.
 
-    Torch-Pruning's norm pruners cut `bias` whenever the norm is affine; a norm made without one (timm's GroupNorm1NoBias
-    in PoolFormer v2) failed with "'NoneType' object has no attribute 'device'".
+    Torch-Pruning's norm pruners cut `bias` whenever the norm is affine; a norm made without one (timm's
+    GroupNorm1NoBias in PoolFormer v2) failed with "'NoneType' object has no attribute 'device'".
     """
 
     def _prune_parameter_and_grad(self, weight: Any, keep_idxs: Any, pruning_dim: int) -> Any:
@@ -222,7 +223,8 @@ class ExtrasConvPruner(tp.pruner.function.ConvPruner):
 class Graph(tp.DependencyGraph):
     """Torch-Pruning's DependencyGraph with prunelab's pruners, index mappings and bounded walk, in this instance only.
 
-    Grouped convolutions whose outputs follow their inputs (`grouped_unit` > 1) go to `GroupedConvPruner`: Torch-Pruning's
+    Grouped convolutions whose outputs follow their inputs (`grouped_unit` > 1) go to `GroupedConvPruner`:
+    Torch-Pruning's
     own ConvPruner keeps `groups` and slices grouped weights as if every group lost the same channels, which leaves
     ResNeXt's convolutions invalid. Its customized pruners are chosen by module type alone, so the choice per
     convolution is made where the graph looks a pruner up, and the two predicates that tell in- from out-channel
@@ -308,11 +310,11 @@ class Graph(tp.DependencyGraph):
     def map_indices(self) -> None:
         """Give every dependency through a concatenation, split, reshape, unbind, expansion or slice its index mapping.
 
-        Torch-Pruning's own pass (`index_mapping.update_index_mapping`), which it redoes for every group it is asked for,
-        with prunelab's corrections: reshapes whose channel mapping Torch-Pruning cannot work out (a channel shuffle: a
-        view that splits channels into groups, a transpose, a view back, which makes its reshape mapping divide by zero)
-        are recorded in `unmapped` with the reason, not raised, and the channels through them are kept whole
-        (`groups_from_graph`); splits and concatenations are mapped by the chunks autograd says each output reads.
+        Torch-Pruning's own pass (`index_mapping.update_index_mapping`), which it redoes for every group it is asked
+        for, with prunelab's corrections: reshapes whose channel mapping Torch-Pruning cannot work out (a channel
+        shuffle: a view that splits channels into groups, a transpose, a view back, which makes its reshape mapping
+        divide by zero) are recorded in `unmapped` with the reason, not raised, and the channels through them are kept
+        whole (`groups_from_graph`); splits and concatenations are mapped by the chunks autograd says each output reads.
         """
         own = {
             ops.OPTYPE.CONCAT: self._map_concat,
@@ -500,7 +502,8 @@ class Graph(tp.DependencyGraph):
     def get_pruning_group(self, module: nn.Module, pruning_fn: Any, idxs: Any) -> Group:
         """Torch-Pruning's group of the layers coupled to removing `idxs` of `module` by `pruning_fn`, found by walking
         this graph's dependencies with prunelab's index mappings (`map_indices`, done first unless `reading`), bounded
-        (`BoundedGroup`). Each item holds the target's own indices and, as `root_idxs`, the root's indices they follow."""
+        (`BoundedGroup`). Each item holds the target's own indices and, as `root_idxs`, the root's indices they
+        follow."""
         if module not in self.module2node:
             raise ValueError(f"Module {module} is not in the dependency graph.")
         if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
