@@ -131,11 +131,11 @@ def test_thinet_greedy_adds_the_channel_of_least_reconstruction_error_each_step(
     assert sorted(order) == list(range(7))
     for step in range(7):
         chosen = order[:step]
-        values = {c: _objective(x, chosen + [c]) for c in range(7) if c not in chosen}
-        assert _objective(x, chosen + [order[step]]) == pytest.approx(min(values.values()), rel=1e-12)
+        values = {c: _objective(x, [*chosen, c]) for c in range(7) if c not in chosen}
+        assert _objective(x, [*chosen, order[step]]) == pytest.approx(min(values.values()), rel=1e-12)
     # The first pick is the brute-force optimum of a single removal.
     assert order[0] == min(range(7), key=lambda c: _objective(x, [c]))
-    # Brute force over all removed pairs: the greedy's pair is no better than the optimum, and the optimum here is {2, 5}.
+    # Brute force over all removed pairs: the greedy's pair is no better than the optimum, here {2, 5}.
     best = min(itertools.combinations(range(7), 2), key=lambda t: _objective(x, list(t)))
     assert set(best) == {2, 5}
     assert _objective(x, order[:2]) >= _objective(x, list(best)) - 1e-12

@@ -163,7 +163,8 @@ def check_command(args: Sequence[str]) -> None:
         else:
             try:
                 values = list(override.sweep_string_iterator())
-            except Exception:
+            except (HydraException, TypeError, ValueError):
+                # A sweeper's search space (`interval(...)`, `tag(...)`) has no values to list.
                 continue
             sweeps.append([f"{override.get_key_element()}={value}" for value in values])
     with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):

@@ -2,9 +2,10 @@
 
 Hydra composes every command's config onto these schemas (conf/config.yaml's first default is
 `prunelab_schema`; each of prunelab's dataset configs starts from its `schema/dataset/<name>`, the
-trainer configs from `schema/trainer`), so a wrong type (`seed=abc`), an unknown choice (`retrain.mode=sideways`) or an unknown
-key (`budget.flopz=0.5`) is refused while the config is composed. What a type cannot say (ranges, sizes
-against the data, files that must exist) is checked by `prunelab.validate` right after.
+trainer configs from `schema/trainer`), so a wrong type (`seed=abc`), an unknown choice
+(`retrain.mode=sideways`) or an unknown key (`budget.flopz=0.5`) is refused while the config is composed.
+What a type cannot say (ranges, sizes against the data, files that must exist) is checked by
+`prunelab.validate` right after.
 
 The groups whose fields are the arguments of the classes they build stay open: `backbone`, `method`,
 `optimizer`, `scheduler` and `logger` (each class checks its own arguments), and a user's own datamodule
@@ -16,12 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-# OmegaConf reads the fields' annotations at run time: they use typing's spellings (`Optional[int]`).
+# OmegaConf reads the fields' annotations at run time (`float | None` is an optional float).
 
 
 class Choice(str, Enum):
@@ -48,9 +49,12 @@ class RetrainMode(Choice):
     scratch_b = "scratch_b"
 
 
-# `budget.scope`: unstructured sparsity ranked over all layers, or the same fraction in each. OmegaConf matches
-# an enum by its members' names, and "global" is a Python keyword, hence the functional form.
-Scope = Choice("Scope", [("global", "global"), ("layer", "layer")])
+class Scope(Choice):
+    """`budget.scope`: unstructured sparsity ranked over all layers, or the same fraction in each."""
+
+    # OmegaConf matches an enum by its members' names, and "global" is a Python keyword: set in the namespace.
+    vars()["global"] = "global"
+    layer = "layer"
 
 
 class LatencyRanking(Choice):
@@ -93,16 +97,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
 class BudgetConfig:
     """`budget`: what pruning must reach (conf/budget/default.yaml documents each field)."""
 
-    flops: Optional[float] = None
-    params: Optional[float] = None
-    sparsity: Optional[float] = None
-    layer_ratios: Optional[list[Any]] = None
+    flops: float | None = None
+    params: float | None = None
+    sparsity: float | None = None
+    layer_ratios: list[Any] | None = None
     tolerance: float = 0.01
     iterations: int = 30
     round_to: int = 1
     scope: Scope = Scope["global"]
     prune_coupled: bool = True
-    latency: Optional[float] = None
+    latency: float | None = None
     latency_batch_size: int = 1
     latency_device: str = "${latency.device}"
     latency_format: LatencyFormat = MISSING
@@ -117,11 +121,11 @@ class RetrainConfig:
     """`retrain`: how the pruned model is retrained (conf/retrain/finetune.yaml documents each field)."""
 
     mode: RetrainMode = RetrainMode.finetune
-    epochs: Optional[int] = None
-    lr: Optional[float] = None
+    epochs: int | None = None
+    lr: float | None = None
     optimizer: Any = None
     scheduler: Any = None
-    max_factor: Optional[float] = None
+    max_factor: float | None = None
     rewind_iteration: int = 0
     with_val: bool = False
 
@@ -131,7 +135,7 @@ class PretrainConfig:
     """`pretrain`: dense training before a pruning method starts."""
 
     epochs: int = 0
-    lr: Optional[float] = None
+    lr: float | None = None
     optimizer: Any = None
     scheduler: Any = None
 
@@ -160,7 +164,7 @@ class LatencyConfig:
     warmup: int = 3
     repeats: int = 10
     rounds: int = 5
-    max_seconds: Optional[float] = 20.0
+    max_seconds: float | None = 20.0
     device: str = "auto"
 
 
@@ -168,7 +172,7 @@ class LatencyConfig:
 class ExportConfig:
     """`export`: the deployable file a run writes."""
 
-    format: Optional[ExportFormat] = ExportFormat.torchscript_frozen
+    format: ExportFormat | None = ExportFormat.torchscript_frozen
 
 
 @dataclass
@@ -218,9 +222,9 @@ class ImageFolderConfig(DatasetConfig):
     root: str = MISSING
     augment: bool = True
     image_size: int = MISSING
-    resize: Optional[int] = None
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = None
+    resize: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
     stats_images: int = MISSING
     random_resized_crop: bool = False
 
@@ -256,7 +260,7 @@ class TinyImageNetConfig(DatasetConfig):
 
 @dataclass
 class TrainerConfig:
-    """The fields of prunelab's trainer configs; any other Lightning Trainer argument is added with `+trainer.<name>=`."""
+    """The fields of prunelab's trainer configs; any other Trainer argument is added with `+trainer.<name>=`."""
 
     _target_: str = "lightning.pytorch.Trainer"
     accelerator: str = MISSING
@@ -265,11 +269,11 @@ class TrainerConfig:
     sync_batchnorm: bool = False
     max_epochs: int = MISSING
     precision: Any = MISSING
-    gradient_clip_val: Optional[float] = None
+    gradient_clip_val: float | None = None
     limit_train_batches: Any = None
     limit_val_batches: Any = None
     limit_test_batches: Any = None
-    check_val_every_n_epoch: Optional[int] = 1
+    check_val_every_n_epoch: int | None = 1
     log_every_n_steps: int = 50
     enable_progress_bar: bool = True
     deterministic: Any = False
@@ -295,9 +299,9 @@ class PrunelabConfig:
 
     seed: int = 0
     label_smoothing: float = 0.0
-    checkpoint_every_n_steps: Optional[int] = None
+    checkpoint_every_n_steps: int | None = None
     paper: Any = None
-    objective: Optional[str] = "val/acc"
+    objective: str | None = "val/acc"
     quiet: bool = False
     verbose_libraries: bool = False
     test: bool = True

@@ -35,7 +35,7 @@ def layer_densities(shapes: dict[str, tuple[int, ...]], sparsity: float, distrib
     if not 0.0 <= sparsity < 1.0:
         raise BudgetError(f"sparsity must be in [0, 1); got {sparsity}")
     if distribution == "uniform":
-        return {name: 1.0 - sparsity for name in shapes}
+        return dict.fromkeys(shapes, 1.0 - sparsity)
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
     raw = {name: raw_density(shape, distribution) for name, shape in shapes.items()}
     kept = (1.0 - sparsity) * sum(sizes.values())

@@ -3,7 +3,7 @@ that default to no effect."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ class PruningMethod:
     #: Whether `plan()` reads training batches (data-driven scores): a run without training data stops before any work.
     needs_training_data: bool = False
 
-    def stages(self) -> list[Stage | Rounds]:
+    def stages(self) -> Sequence[Stage | Rounds]:
         """The method's own stages in order; the default trains the dense model.
 
         When they include a "prune" stage, the pipeline adds dense pre-training (`pretrain.epochs`), an

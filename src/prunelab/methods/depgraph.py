@@ -143,7 +143,7 @@ def group_penalty(model: nn.Module, slices: dict[str, list[CoupledSlice]], reg: 
     0 / 0 would give NaN).
     """
     terms = []
-    for name, pieces in slices.items():
+    for pieces in slices.values():
         if not pieces:
             continue
         with torch.no_grad():

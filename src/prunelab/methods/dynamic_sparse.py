@@ -255,7 +255,8 @@ class DynamicSparse(PruningMethod):
                 weight = self._stored[name]
                 new, fresh, dropped = drop_and_grow(weight, layer.mask, fraction, self.grow_scores(name, layer, weight))
                 # Dropped weights are zeroed, and so are new connections (grown from zero); the rest keep their values.
-                # The weight may be strided (channels-last, DDP's buckets): the flat masks are shaped, not the weight flattened.
+                # The weight may be strided (channels-last, DDP's buckets): the flat masks are shaped, not the weight
+                # flattened.
                 weight.mul_((new & ~fresh).view(weight.shape).to(weight.dtype))
                 layer.mask.copy_(new.view(layer.mask.shape))
                 record["dropped"].append(dropped)

@@ -1,10 +1,11 @@
 """GraSP (Wang et al., "Picking Winning Tickets Before Training by Preserving Gradient Flow", ICLR 2020).
 
 Once, before training: the score S = -w * Hg of every prunable weight, where g is the gradient of
-the cross-entropy with the logits divided by the temperature T (200 in the paper and its code) and Hg the Hessian-gradient
-product, computed by a double backward (the gradient of g . stop_grad(g)). Removing the weights with the
-LARGEST S preserves (or increases) the gradient norm the most, so the 1 - `budget.sparsity` weights with
-the smallest S are kept, ranked globally. The masked network is then trained (the run's `retrain` stage).
+the cross-entropy with the logits divided by the temperature T (200 in the paper and its code) and Hg the
+Hessian-gradient product, computed by a double backward (the gradient of g . stop_grad(g)). Removing the
+weights with the LARGEST S preserves (or increases) the gradient norm the most, so the 1 - `budget.sparsity`
+weights with the smallest S are kept, ranked globally. The masked network is then trained (the run's `retrain`
+stage).
 
 Data as in the official code: `samples_per_class` training images of every class (10 on CIFAR-10 and on
 CIFAR-100 with VGG-19; 5, twice, with ResNet-32 on CIFAR-100: `iterations`), concatenated class by class

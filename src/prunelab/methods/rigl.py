@@ -1,4 +1,4 @@
-"""RigL, "Rigging the Lottery: Making All Tickets Winners" (Evci et al., ICML 2020).
+r"""RigL, "Rigging the Lottery: Making All Tickets Winners" (Evci et al., ICML 2020).
 
 Sparse from the start at ERK densities (Section 3; the first layer dense, as the RigL code), random mask. Every
 Delta T = 100 optimizer steps while t < T_end = 0.75 T, each layer drops the fraction

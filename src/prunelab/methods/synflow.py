@@ -29,12 +29,12 @@ SCHEDULES = ("exponential", "linear")
 
 
 def sparsity_schedule(sparsity: float, iterations: int, schedule: str = "exponential") -> list[float]:
-    """The fraction of weights removed after each round 1..n (density (1 - s)^(k/n) or 1 - s k/n); the last is `sparsity`."""
+    """The fraction of weights removed after each round 1..n (density (1 - s)^(k/n) or 1 - s k/n); the last: s."""
     if schedule == "exponential":
         steps = [1.0 - (1.0 - sparsity) ** (k / iterations) for k in range(1, iterations)]
     else:
         steps = [sparsity * k / iterations for k in range(1, iterations)]
-    return steps + [sparsity]
+    return [*steps, sparsity]
 
 
 class SynFlow(PruningMethod):

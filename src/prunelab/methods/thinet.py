@@ -215,7 +215,7 @@ def rank_scores(order: list[int]) -> torch.Tensor:
 
 
 def least_squares_scales(x: torch.Tensor, kept: list[int]) -> torch.Tensor:
-    """Eq. 6: w_hat = argmin_w sum_i (y_hat_i - w^T x_hat_i[kept])^2 with y_hat_i = sum over all channels of x_hat_ic."""
+    """Eq. 6: w_hat = argmin_w sum_i (y_hat_i - w^T x_hat_i[kept])^2, y_hat_i = sum over all channels of x_hat_ic."""
     target = x.sum(1, keepdim=True)
     return torch.linalg.lstsq(x[:, kept], target).solution.flatten()
 
