@@ -27,6 +27,8 @@ prune, and the pipeline fine-tunes once (as the paper's comparisons at a fixed F
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,7 +104,9 @@ def contributions_of(
 def _patches(layer: nn.Conv2d, x: torch.Tensor, images: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
     """The input windows of the sampled outputs, (samples, C_in, kernel): what `F.unfold` gives at those places, read
     without unfolding the whole batch."""
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+    # String padding ("same") never reaches here: `_readable` leaves such layers to the L1 fallback.
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    ph, pw = cast("tuple[int, int]", layer.padding)
     width = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     padded = F.pad(x, (pw, pw, ph, ph))
     rows = (places // width * sh)[:, None] + torch.arange(kh, device=x.device) * dh  # (samples, kh)
