@@ -16,19 +16,19 @@ from prunelab import load_model, pipeline
 from prunelab.backbones import create
 from prunelab.budget import BudgetError, count_flops
 from prunelab.errors import ConfigError
-from prunelab.methods.greedy import (
-    GreedyImitation,
-    _fold,
-    _Scales,
-    _soft_ce,
+from prunelab.methods.greedy import GreedyImitation
+from prunelab.methods.greedy_budget import Layer, Trajectory, complete, plan_of
+from prunelab.methods.greedy_steps import (
+    Scales,
     contributions,
+    fold,
     gram_of,
     local_discrepancy,
     local_step,
     move,
+    soft_ce,
     taylor_scores,
 )
-from prunelab.methods.greedy_budget import Layer, Trajectory, complete, plan_of
 from prunelab.structure import ChannelPlan, apply_channel_plan, channel_groups
 
 
@@ -113,7 +113,7 @@ def test_taylor_score_matches_a_finite_difference():
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         reference = model(x)
-    hook = _Scales([model[2]])
+    hook = Scales([model[2]])
     a = torch.tensor([0.5, 0.0, 0.25, 0.25, 0.0, 0.0], dtype=torch.float64)
     scores = taylor_scores(model, hook, a, x, reference)
 
@@ -122,7 +122,7 @@ def test_taylor_score_matches_a_finite_difference():
         direction[i] += g
         hook.u = 6 * direction
         with torch.no_grad():
-            return float(_soft_ce(model(x), reference))
+            return float(soft_ce(model(x), reference))
 
     for i in range(6):
         h = 1e-6
@@ -140,7 +140,7 @@ def test_folding_the_weights_into_the_next_layer_keeps_the_output_of_the_kept_ne
     a = torch.zeros(n, dtype=torch.float64)
     a[[0, 3, 5]] = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
     x = torch.randn(4, 3, 32, 32)
-    hook = _Scales([consumer])
+    hook = Scales([consumer])
     hook.u = (n * a).float()
     with torch.no_grad():
         expected = model(x)
@@ -174,7 +174,7 @@ def test_squeeze_excitation_channels_fold_into_the_gate_and_the_projection():
     a[keep] = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
     consumers = [model.get_submodule(c) for c in roles[group.name]]
     x = torch.randn(2, *shape)
-    hook = _Scales(consumers)
+    hook = Scales(consumers)
     hook.u = (n * a).float()
     with torch.no_grad():
         expected = model(x)
@@ -420,7 +420,7 @@ def test_a_recording_reads_what_a_fresh_pass_at_a_larger_epsilon_decides(trained
     assert len(first["keep"]) < len(layers[0].found(low)["keep"])  # the two epsilons stop the first layer apart
     assert (first["keep"], first["steps"], first["gap"]) == (records[0]["keep"], records[0]["steps"], records[0]["gap"])
     folded = copy.deepcopy(model)
-    _fold([folded.get_submodule(c) for c in layers[0].consumers], first["a"])
+    fold([folded.get_submodule(c) for c in layers[0].consumers], first["a"])
     consumer = layers[0].consumers[0]
     assert torch.equal(folded.get_submodule(consumer).weight, fresh.get_submodule(consumer).weight)
     again = copy.deepcopy(model)

@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prunelab.methods.greedy import local_discrepancy, local_step, move
+from prunelab.methods.greedy_steps import local_discrepancy, local_step, move
 
 DTYPE = torch.float64
 SCRATCH_WIDTHS = (1, 2, 4, 8, 16, 32, 64, 100)

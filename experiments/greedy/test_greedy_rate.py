@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunelab.methods.greedy import gram_of, local_discrepancy
+from prunelab.methods.greedy_steps import gram_of, local_discrepancy
 
 WIDTH = 5
 

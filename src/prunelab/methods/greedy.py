@@ -58,9 +58,21 @@ from rich.progress import Progress, TextColumn
 from torch import nn
 
 from prunelab.budget import BudgetError, CostModel, budget_latency, deployed_latency, keep_count, measure
-from prunelab.io import atomic_write, write_json
+from prunelab.io import write_json
 from prunelab.methods.base import MethodContext, PruningMethod, Stage
 from prunelab.methods.greedy_budget import Layer, Trajectory, aim, complete, plan_of
+from prunelab.methods.greedy_plots import plot_layers, plot_study
+from prunelab.methods.greedy_steps import (
+    Scales,
+    best_per_count,
+    fold,
+    gram_of,
+    local_discrepancy,
+    local_step,
+    move,
+    soft_ce,
+    taylor_scores,
+)
 from prunelab.structure import ChannelGroup, ChannelPlan, apply_channel_plan, channel_groups
 from prunelab.structure.groups import eval_mode, grouped_unit
 from prunelab.validate import ConfigError
@@ -68,105 +80,6 @@ from prunelab.validate import ConfigError
 log = logging.getLogger("prunelab")
 
 MODES = ("local", "global", "both")
-
-
-def local_step(gram: torch.Tensor, u: torch.Tensor, active: torch.Tensor) -> tuple[int, float, float]:
-    """One step of local imitation: (neuron i, step g, decrease of the discrepancy) by the closed form.
-
-    `gram` is G (N x N), `u` = N a, `active` marks a_i > 0. Candidates are every neuron; U_i = [0, 1]
-    for inactive ones and [-a_i / (1 - a_i), 1] for active ones (an active neuron alone, a_i = 1,
-    cannot move).
-    """
-    n = gram.shape[0]
-    ones = torch.ones_like(u)
-    gu, gr = gram @ u, gram @ (u - ones)
-    b = n * gr - (u - ones) @ gu
-    q = n * n * torch.diagonal(gram) - 2 * n * gu + u @ gu
-    a = u / n
-    lower = torch.where(active, -a / (1 - a).clamp_min(1e-12), torch.zeros_like(a))
-    g = torch.where(q > 0, -b / q.clamp_min(1e-30), torch.where(b < 0, torch.ones_like(b), lower))
-    g = torch.minimum(torch.maximum(g, lower), torch.ones_like(g))
-    decrease = -(2 * g * b + g * g * q)
-    decrease = torch.where(active & (a >= 1 - 1e-12), torch.full_like(decrease, -math.inf), decrease)
-    i = int(torch.argmax(decrease))
-    return i, float(g[i]), float(decrease[i])
-
-
-def local_discrepancy(gram: torch.Tensor, u: torch.Tensor) -> float:
-    """E||sum_i u_i c_i - sum_i c_i||^2 from the Gram matrix."""
-    r = u - torch.ones_like(u)
-    return float(r @ gram @ r)
-
-
-def move(a: torch.Tensor, i: int, g: float) -> torch.Tensor:
-    """A <- (1 - g) A + g e_i; a step at the lower end of U_i removes neuron i (its weight is set to exactly 0)."""
-    lower = -float(a[i] / (1 - a[i])) if 0 < a[i] < 1 else 0.0
-    out = (1 - g) * a
-    out[i] += g
-    if a[i] > 0 and g <= lower + 1e-12:
-        out[i] = 0.0
-    out.clamp_(min=0.0)
-    return out / out.sum()
-
-
-def contributions(consumer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """c_i for every input channel i of `consumer` on input `x`: (batch, N, features), bias left out."""
-    if isinstance(consumer, nn.Linear):
-        return x.unsqueeze(-1) * consumer.weight.t().unsqueeze(0)
-    n = x.shape[1]
-    if consumer.groups != 1:
-        raise ValueError("contributions: grouped consumers are not supported")
-    out_channels = consumer.out_channels
-    weight = consumer.weight.transpose(0, 1).reshape(n * out_channels, 1, *consumer.weight.shape[2:])
-    per = F.conv2d(x, weight, None, consumer.stride, consumer.padding, consumer.dilation, groups=n)
-    return per.reshape(x.shape[0], n, -1)
-
-
-def gram_of(consumer: nn.Module, x: torch.Tensor, budget: int = 2**24) -> torch.Tensor:
-    """G_jk = E_batch <c_j, c_k> (float64), accumulated over sub-batches of at most `budget` floats."""
-    n = x.shape[1]
-    per_example = n * max(1, contributions(consumer, x[:1]).shape[-1])
-    step = max(1, budget // per_example)
-    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    with torch.no_grad():
-        for start in range(0, x.shape[0], step):
-            c = contributions(consumer, x[start : start + step]).double()
-            gram += torch.einsum("bif,bjf->ij", c, c)
-    return gram / x.shape[0]
-
-
-class _Scales:
-    """Forward pre-hooks multiplying the input channels of every consumer by `u` (capturing the first's input).
-
-    `consumers[0]` is the layer whose contributions local imitation imitates; the others read the same
-    channels through a squeeze-excitation gate (see `GreedyImitation._consumers`).
-    """
-
-    def __init__(self, consumers: list[nn.Module]) -> None:
-        self.consumer = consumers[0]
-        self.consumers = consumers
-        self.u: torch.Tensor | None = None
-        self.captured: torch.Tensor | None = None
-        self.capture = False
-        self.handles = [c.register_forward_pre_hook(self) for c in consumers]
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        x = args[0]
-        if self.capture and module is self.consumer:
-            self.captured = x.detach()
-        if self.u is None:
-            return None
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (x * self.u.to(x.dtype).view(shape), *args[1:])
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def _soft_ce(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of `logits` against the reference network's softmax, batch mean."""
-    return -(F.softmax(reference, dim=1) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 class GreedyImitation(PruningMethod):
@@ -255,7 +168,7 @@ class GreedyImitation(PruningMethod):
                 "layers": records,
             },
         )
-        _plot_layers(records, ctx.run_dir / "greedy_layers.png")
+        plot_layers(records, ctx.run_dir / "greedy_layers.png")
         return plan
 
     def _study(self, model: nn.Module, ctx: MethodContext) -> ChannelPlan:
@@ -271,7 +184,7 @@ class GreedyImitation(PruningMethod):
         with eval_mode(model), Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}")) as bar:
             task = bar.add_task("greedy imitation study, layer by layer", total=len(groups), last="")
             for index, (group, consumers) in enumerate(groups):
-                hook = _Scales([model.get_submodule(c) for c in consumers])
+                hook = Scales([model.get_submodule(c) for c in consumers])
                 steps = max(1, int(self.study_steps * group.size))
                 try:
                     runs = {
@@ -297,7 +210,7 @@ class GreedyImitation(PruningMethod):
                 )
                 bar.update(task, advance=1, last=group.name)
         write_json(ctx.run_dir / "greedy_study.json", curves)
-        _plot_study(curves, ctx.run_dir / "greedy_study.png")
+        plot_study(curves, ctx.run_dir / "greedy_study.png")
         return ChannelPlan.full([g for g, _ in groups])
 
     def _layerwise(
@@ -483,7 +396,7 @@ class GreedyImitation(PruningMethod):
                 "method.search_iterations, where every pass kept less than the budget)"
             )
         for layer, choice in zip(layers, found):
-            _fold([model.get_submodule(c) for c in layer.consumers], choice["a"])
+            fold([model.get_submodule(c) for c in layer.consumers], choice["a"])
         passed = plan_of(layers, [epsilon] * len(layers))[1]
         channels = sum(abs(len(f["keep"]) - len(p["keep"])) for f, p in zip(found, passed))
         search.update(
@@ -552,7 +465,7 @@ class GreedyImitation(PruningMethod):
         `limit` steps); the choice at `epsilon` folded into the consumers. Returns the choice and the recorded Layer."""
         n = group.size
         steps = max(1, int(self.max_steps * n))
-        hook = _Scales([model.get_submodule(c) for c in consumers])
+        hook = Scales([model.get_submodule(c) for c in consumers])
         try:
             tries = [
                 self._imitate(model, hook, n, batches(), steps, epsilon, local, record_to, limit)
@@ -564,13 +477,13 @@ class GreedyImitation(PruningMethod):
         priority = hook.consumers[0].weight.detach().abs().transpose(0, 1).reshape(n, -1).sum(1).cpu()
         layer = Layer(group.name, n, consumers, tries, priority, round_to)
         found = layer.found(epsilon)
-        _fold(hook.consumers, found["a"])
+        fold(hook.consumers, found["a"])
         return found, layer
 
     def _imitate(
         self,
         model: nn.Module,
-        hook: _Scales,
+        hook: Scales,
         n: int,
         batches: Iterator,
         steps: int,
@@ -606,7 +519,7 @@ class GreedyImitation(PruningMethod):
                 with torch.no_grad():
                     hook.u = (n * a).float()
                     logits = model(x)
-                discrepancy = float(_soft_ce(logits, reference))
+                discrepancy = float(soft_ce(logits, reference))
             else:
                 a, discrepancy, logits = self._global_step(model, hook, a, k, x, reference)
             gap = float(F.cross_entropy(logits, y)) - base
@@ -618,7 +531,7 @@ class GreedyImitation(PruningMethod):
         return trajectory
 
     def _global_step(
-        self, model: nn.Module, hook: _Scales, a: torch.Tensor, k: int, x: torch.Tensor, reference: torch.Tensor
+        self, model: nn.Module, hook: Scales, a: torch.Tensor, k: int, x: torch.Tensor, reference: torch.Tensor
     ) -> tuple[torch.Tensor, float, torch.Tensor]:
         """Step (8) (or (6) at k = 0): the new A, its discrepancy and the network's logits with it."""
         n = a.numel()
@@ -637,72 +550,10 @@ class GreedyImitation(PruningMethod):
             for direction in directions:
                 hook.u = (n * direction).float()
                 logits = model(x)
-                d = float(_soft_ce(logits, reference))
+                d = float(soft_ce(logits, reference))
                 if d < best_d:
                     best, best_d, best_logits = direction, d, logits
         return best, best_d, best_logits
-
-
-def _fold(consumers: list[nn.Module], a: torch.Tensor) -> None:
-    """Fold u = N a into every consumer's input weights (W[:, i] *= N a_i)."""
-    n = a.numel()
-    with torch.no_grad():
-        for consumer in consumers:
-            u = (n * a).to(device=consumer.weight.device, dtype=consumer.weight.dtype)
-            consumer.weight.mul_(u.view((1, -1) + (1,) * (consumer.weight.dim() - 2)))
-
-
-def taylor_scores(
-    model: nn.Module, hook: _Scales, a: torch.Tensor, x: torch.Tensor, reference: torch.Tensor
-) -> torch.Tensor:
-    """dD/dg at g = 0 for every candidate i along u(g) = N((1 - g) a + g e_i), D the soft cross-entropy."""
-    n = a.numel()
-    scales = (n * a).float().clone().requires_grad_(True)
-    hook.u = scales
-    with torch.enable_grad():
-        grad = torch.autograd.grad(_soft_ce(model(x), reference), scales)[0].double()
-    hook.u = None
-    return n * (grad - a @ grad)
-
-
-def best_per_count(history: list[tuple[int, float]], size: int) -> list[float | None]:
-    """For n = 1..size, the smallest discrepancy among the steps that kept at most n neurons (None: none did)."""
-    best: list[float | None] = []
-    current = math.inf
-    by_count: dict[int, float] = {}
-    for count, value in history:
-        by_count[count] = min(by_count.get(count, math.inf), value)
-    for n in range(1, size + 1):
-        current = min(current, by_count.get(n, math.inf))
-        best.append(current if math.isfinite(current) else None)
-    return best
-
-
-def _plot_study(curves: list[dict[str, Any]], path: Any) -> None:
-    """One panel per layer: discrepancy against neurons kept, local and global imitation (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = min(4, len(curves))
-    rows = math.ceil(len(curves) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
-    for ax, curve in zip(axes.flat, curves):
-        for name, colour in (("local", "tab:blue"), ("global", "tab:orange")):
-            points = [(n + 1, v) for n, v in enumerate(curve[name]) if v is not None and v > 0]
-            if points:
-                ax.plot(*zip(*points), color=colour, label=name)
-        ax.set_yscale("log")
-        ax.set_title(f"{curve['group']} ({curve['size']})", fontsize=8)
-        ax.set_xlabel("neurons kept", fontsize=7)
-    for ax in list(axes.flat)[len(curves) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    axes.flat[0].set_ylabel("CE to the dense model", fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
 
 
 def _batches(
@@ -715,22 +566,3 @@ def _batches(
         for x, y in loader:
             yield x.to(device), y.to(device)
         epoch += 1
-
-
-def _plot_layers(records: list[dict[str, Any]], path: Any) -> None:
-    """Kept neurons per layer, coloured by the imitation that won."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(records)), 3.5))
-    xs = range(len(records))
-    colours = ["tab:blue" if r["method"] == "local" else "tab:orange" for r in records]
-    ax.bar(xs, [r["size"] for r in records], color="lightgrey", label="width")
-    ax.bar(xs, [len(r["keep"]) for r in records], color=colours)
-    ax.set_xticks(list(xs), [r["group"] for r in records], rotation=90, fontsize=6)
-    ax.set_ylabel("neurons kept (blue local, orange global)")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
