@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cfg, randomize_bn
+from conftest import SHAPE, make_cfg, randomize_bn
 from torch import nn
 
 from prunelab import pipeline
@@ -32,8 +32,6 @@ from prunelab.structure import (
     root_weights,
     zero_masked_,
 )
-
-SHAPE = (3, 32, 32)
 
 
 class TinyDenseNet(nn.Module):
