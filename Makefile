@@ -27,8 +27,9 @@ TEST_PROCESSES ?= auto --maxprocesses 4
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_PROCESSES)
 
+# The tests marked slow (over about 30 s each on an idle 2-core machine), deselected by `make test`; CI runs both.
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_PROCESSES) -m slow
 
 # The checks of the tools in benchmarks/ and of the paper checks in experiments/ (not library code: the suite
 # above imports none of them).

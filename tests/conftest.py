@@ -125,3 +125,99 @@ class CrashAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step and self.stage in (None, pl_module.stage):
             raise RuntimeError("simulated crash")
+
+
+# Helpers of the structure tests on models beyond prunelab's own backbones (test_unprunable, test_reshapes,
+# test_layers, test_group_walk, test_heads, test_timm_attention, test_torchvision_attention).
+
+SHAPE = (3, 32, 32)
+
+
+def register_backbones(monkeypatch, factories: dict) -> None:
+    """Register a test file's models as backbones for its tests only (other files list the registry)."""
+    from prunelab.backbones import registry
+
+    for name, factory in factories.items():
+        monkeypatch.setitem(registry._REGISTRY, name, factory)
+
+
+def conv_bn(c_in: int, c_out: int, k: int = 1, act: bool = True, groups: int = 1) -> torch.nn.Sequential:
+    layers = [
+        torch.nn.Conv2d(c_in, c_out, k, padding=k // 2, groups=groups, bias=False),
+        torch.nn.BatchNorm2d(c_out),
+    ]
+    return torch.nn.Sequential(*layers, *([torch.nn.ReLU()] if act else []))
+
+
+def random_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every BatchNorm (of any dimension) random statistics and affine parameters from torch's global generator,
+    so that no branch starts silent (`randomize_bn`: BatchNorm2d only, from a generator of its own)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                (
+                    m.weight.uniform_(0.5, 1.5),
+                    m.bias.normal_(0, 0.1),
+                    m.running_mean.normal_(0, 0.1),
+                    m.running_var.uniform_(0.5, 1.5),
+                )
+    return model
+
+
+def silence(model: torch.nn.Module, groups: dict, keep: dict[str, list[int]]) -> torch.nn.Module:
+    """Zero, in `model`, the weights and norms of every channel a plan keeping `keep` removes."""
+    with torch.no_grad():
+        for name, kept in keep.items():
+            group = groups[name]
+            for layer in [*group.layers, *group.norms]:
+                module, rows = model.get_submodule(layer), group.rows.get(layer)
+                dropped = [r for i in range(group.size) if i not in kept for r in (rows[i] if rows else [i])]
+                module.weight[dropped] = 0
+                if module.bias is not None:
+                    module.bias[dropped] = 0
+    return model.eval()
+
+
+def pruned_and_reloaded(
+    model: torch.nn.Module, shape: tuple[int, int, int], target: float | None, tmp_path
+) -> torch.nn.Module:
+    """Prune `model` with L1 scores to `target` of its FLOPs (None: half of every group), save and reload;
+    the reload must compute the same."""
+    from prunelab.budget import count_flops, keep_count, plan_by_counts, search_threshold, tie_scores
+    from prunelab.export import load_model, save_model
+    from prunelab.structure import apply_channel_plan, channel_groups, group_weights, model_record
+
+    dense = count_flops(model, shape)
+    groups = channel_groups(model, shape)
+    scores = tie_scores(
+        {g.name: sum(w.detach().abs().flatten(1).sum(1) for w in group_weights(model, g)) for g in groups}, groups
+    )
+    if target is None:
+        counts = {g.name: keep_count(g.size // 2, g.size, 1, g.unit, g.multiple) for g in groups}
+        plan = plan_by_counts(scores, counts, {g.name: g.unit for g in groups}, {g.name: g.blocks for g in groups})
+    else:
+        plan, ratio = search_threshold(model, scores, target, shape, tolerance=0.05)
+    apply_channel_plan(model, plan, shape)
+    if target is not None:
+        assert count_flops(model, shape) / dense == pytest.approx(ratio) == pytest.approx(target, rel=0.05)
+    model_record(model).input_shape = shape
+    reloaded = load_model(save_model(model, tmp_path / "model.pt")).eval()
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), reloaded(x))
+    return model
+
+
+def equals_silenced_dense_and_reloads(model: torch.nn.Module, dense: torch.nn.Module, tmp_path) -> torch.Tensor:
+    """The pruned `model` computes what `dense` (with the removed channels silenced) does, and reloads bit-equal."""
+    from prunelab.export import load_model, save_model
+    from prunelab.structure import model_record
+
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
+    model_record(model).input_shape = SHAPE
+    reloaded = load_model(save_model(model, tmp_path / "model.pt")).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+    return x

@@ -502,3 +502,30 @@ def test_budget_no_plan_meets_names_the_closest():
         BudgetError, match=r"no plan brings the flops ratio within 0\.00% of 0\.5 \(closest under budget: 0\.4"
     ):
         search_threshold(model, scores, 0.5, (3, 32, 32), tolerance=1e-9)
+
+
+class ClassToken(nn.Module):
+    """A learned token expanded over the batch and handed to a layer as its input (timm's PiT and CaiT)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        self.stem, self.token = nn.Conv2d(in_channels, 8, 3, padding=1), nn.Parameter(torch.randn(1, 8))
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.token.expand(x.shape[0], -1)) + self.stem(x).mean((1, 2, 3))[:, None]
+
+
+def test_flops_are_counted_where_a_parameter_view_is_a_layer_input():
+    """Under no_grad a view of a parameter still requires gradients, without an autograd node: FlopCounterMode's module
+    tracker failed on it ("Expected gradient function to be set"). Counting leaves every flag as it was."""
+    model = ClassToken()
+    model.stem.weight.requires_grad_(False)
+    assert count_flops(model, SHAPE) == 8 * 3 * 9 * 32 * 32 + 8 * 10
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {
+        "token": True,
+        "stem.weight": False,
+        "stem.bias": True,
+        "head.weight": True,
+        "head.bias": True,
+    }

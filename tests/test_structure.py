@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cfg, randomize_bn
+from conftest import SHAPE, make_cfg, randomize_bn
 from torch import nn
 
 from prunelab import pipeline
@@ -32,8 +32,6 @@ from prunelab.structure import (
     root_weights,
     zero_masked_,
 )
-
-SHAPE = (3, 32, 32)
 
 
 class TinyDenseNet(nn.Module):
@@ -614,3 +612,32 @@ def test_resnext_prunes_through_the_pipeline(tmp_path, name: str) -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model(x), torch.jit.load(str(tmp_path / "model.ts"))(x), atol=1e-5)
+
+
+def test_a_resumed_run_reads_its_groups_from_the_run_directory(tmp_path, monkeypatch):
+    """The first run traces and checks the model; running the same command again traces neither for them."""
+    import prunelab.structure.groups as groups_module
+    import prunelab.structure.surgery as surgery_module
+
+    overrides = ("method=l1_filter", "budget.flops=0.6", "budget.tolerance=0.05", "test=false")
+    pipeline.run(make_cfg(tmp_path, *overrides), tmp_path)
+    saved = json.loads((tmp_path / "groups.json").read_text())
+    assert saved["checked"] and [g["name"] for g in saved["groups"]] == [
+        g.name for g in channel_groups(create("resnet_tiny"), SHAPE)
+    ]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was checked again")
+
+    monkeypatch.setattr(surgery_module, "check_prunable", refuse)
+    monkeypatch.setattr("prunelab.structure.check_prunable", refuse)
+    traced = []
+    original = groups_module.build_graph
+    monkeypatch.setattr(groups_module, "build_graph", lambda *a, **k: traced.append(1) or original(*a, **k))
+    model = create("resnet_tiny")
+    model_record(model).input_shape = SHAPE
+    assert groups_module.remember_groups(model, SHAPE, tmp_path / "groups.json")
+    assert [g.name for g in channel_groups(model, SHAPE)] == [g["name"] for g in saved["groups"]] and traced == []
+    pipeline.run(make_cfg(tmp_path, *overrides), tmp_path)  # a finished run, resumed: nothing checked again
+    model.conv1.keep_whole = True  # as another prunelab would decide at creation: the saved groups are not used
+    assert not groups_module.remember_groups(model, SHAPE, tmp_path / "groups.json") and traced == [1]
