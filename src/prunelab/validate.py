@@ -112,7 +112,6 @@ def check_config(cfg: DictConfig) -> None:
     _fraction(cfg, "budget.latency", 0, 1, False, True, "the fraction of the dense model's measured latency to keep")
     _whole(cfg, "budget.latency_batch_size", 1, "the batch size the latency budget is measured at")
     _fraction(cfg, "budget.latency_tolerance", 0, 1, False, False, "the relative tolerance of the latency budget")
-    _whole(cfg, "budget.latency_rounds", 1, "interleaved rounds a latency-budget candidate is first timed in")
     if _number(cfg, "budget.latency") is not None:
         ranking = _number(cfg, "budget.latency_ranking")
         if (
@@ -152,6 +151,8 @@ def check_config(cfg: DictConfig) -> None:
     _whole(cfg, "latency.warmup", 0, "untimed calls before a latency measurement")
     _whole(cfg, "latency.repeats", 1, "timed calls of a latency measurement")
     _whole(cfg, "latency.rounds", 1, "interleaved rounds in which the final and the dense model are timed")
+    # After latency.rounds, which it defaults to: a bad value is named where it was set.
+    _whole(cfg, "budget.latency_rounds", 1, "interleaved rounds a latency-budget candidate is first timed in")
     _fraction(
         cfg, "latency.max_seconds", 0, math.inf, False, False, "the seconds after which a latency measurement stops"
     )

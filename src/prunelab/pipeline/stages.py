@@ -30,7 +30,8 @@ def plan_stages(cfg: DictConfig, method: PruningMethod, pretrained: bool = False
     for item in method.stages():
         own.extend(item.expand() if isinstance(item, Rounds) else [item])
     stages: list[Stage] = []
-    mode = cfg.retrain.mode
+    # A plain string: it names the retraining stage, which checkpoints record (torch.load with weights_only=True).
+    mode = str(cfg.retrain.mode)
     if any(s.kind == "prune" for s in own):
         if cfg.pretrain.epochs:
             stages.append(Stage("pretrain", "fit", **_schedule(cfg.pretrain)))
