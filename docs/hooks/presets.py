@@ -12,6 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+# Puts the typed schemas the configs build on in Hydra's ConfigStore (composing from CONF needs them).
+import prunelab.schema  # noqa: F401
+
 CONF = Path(__file__).resolve().parents[2] / "conf"
 MARKER = "<!-- presets table -->"
 
