@@ -95,8 +95,7 @@ def test_wandb_logger_works_offline_and_logs_config(tmp_path):
     assert b"resnet_tiny" in record and b"SyntheticDataModule" in record and b"test/acc" in record
 
 
-# Over 4 minutes on a loaded 2-core machine (real digits, 3 + 1 epochs, latency tables): `make test-slow`.
-@pytest.mark.slow
+# The README's first command, so it stays in `make test` (37 s alone on the idle 2-core machine).
 def test_quickstart_preset_prunes_and_prints_before_after_table(tmp_path):
     out = run_cli(
         "experiment=l1_filter_resnet20_digits_quickstart",
