@@ -13,6 +13,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+# The typed schemas the configs build on, in Hydra's ConfigStore for every composition below (make_cfg, preset).
+import prunelab.schema  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 SHARED = ROOT.parent / "shared"
@@ -221,3 +224,12 @@ def equals_silenced_dense_and_reloads(model: torch.nn.Module, dense: torch.nn.Mo
     with torch.no_grad():
         assert torch.equal(reloaded(x), model(x))
     return x
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and do not fight the machine's other jobs for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,12 +30,7 @@ from prunelab.structure import MaskPlan, prunable_weights
 QUIET = ["latency.batch_sizes=[]", "test=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _erk_raw(shape):

@@ -38,13 +38,7 @@ from prunelab.structure import MaskPlan, prunable_weights
 QUIET = ["latency.batch_sizes=[]", "retrain=none"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not fight the machine's other jobs for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _search_stage(method):

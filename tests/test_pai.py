@@ -32,13 +32,7 @@ from prunelab.methods.snip import SNIP
 from prunelab.methods.synflow import SynFlow, sparsity_schedule
 from prunelab.structure import prunable_weights
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(bias: bool = True, dtype=torch.float32) -> nn.Module:
