@@ -225,10 +225,10 @@ def _compose(overrides: Sequence[str]) -> DictConfig:
     try:
         return compose("config", overrides=list(overrides))
     except HydraException as err:
-        raise ConfigError(_composition_error(err)) from None
+        raise ConfigError(composition_error(err)) from None
 
 
-def _composition_error(err: HydraException) -> str:
+def composition_error(err: HydraException) -> str:
     """Hydra's refusal in one line, naming the setting: a wrong type or choice, an unknown key, a missing config."""
     cause = err.__cause__
     key = getattr(cause, "full_key", None)

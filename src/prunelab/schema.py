@@ -324,10 +324,72 @@ class PrunelabConfig:
     logger: Any = None
 
 
+class ProtocolKind(Choice):
+    """`protocol.kind`: what the protocol's methods remove, which decides its controls."""
+
+    structured = "structured"
+    unstructured = "unstructured"
+
+
+class Control(Choice):
+    """A control `prunelab-bench` adds beside the protocol's results (docs/bench.md says what each one is)."""
+
+    random_channels = "random_channels"
+    scratch_e = "scratch_e"
+    scratch_b = "scratch_b"
+    dense_finetune = "dense_finetune"
+    random_mask = "random_mask"
+    reinit_mask = "reinit_mask"
+
+
+@dataclass
+class FinetuneConfig:
+    """`protocol.finetune`: the fine-tuning every method and control gets after pruning."""
+
+    epochs: int = MISSING
+    lr: float = MISSING
+
+
+@dataclass
+class ProtocolConfig:
+    """A `prunelab-bench` protocol (conf/protocol/*.yaml documents each field)."""
+
+    name: str = MISSING
+    description: str = ""
+    kind: ProtocolKind = MISSING
+    dataset: list[str] = MISSING
+    backbone: list[str] = MISSING
+    common: list[str] = field(default_factory=list)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    scratch_lr: float | None = None
+    budgets: dict[str, list[str]] = MISSING
+    seeds: list[int] = field(default_factory=lambda: [0])
+    methods: dict[str, list[str]] = MISSING
+    controls: list[Control] = field(default_factory=list)
+    anchors: str | None = None
+
+
+@dataclass
+class BenchConfig:
+    """The top level of a `prunelab-bench` command's config (conf/bench.yaml documents each field)."""
+
+    protocol: ProtocolConfig = MISSING
+    shared: str = "${oc.env:PRUNELAB_SHARED,../shared}"
+    out: str = "${oc.env:PRUNELAB_OUTPUTS,outputs}/bench/${protocol.name}"
+    jobs: int = 1
+    only: list[str] = field(default_factory=list)
+    controls: bool = True
+    extra: list[str] = field(default_factory=list)
+    report: bool = True
+    dry_run: bool = False
+    wandb: bool = False
+
+
 def register() -> None:
     """Put the schemas in Hydra's ConfigStore (again, harmlessly, when called twice)."""
     store = ConfigStore.instance()
     store.store(name="prunelab_schema", node=PrunelabConfig)
+    store.store(name="bench_schema", node=BenchConfig)
     for name, schema in DATASET_SCHEMAS.items():
         store.store(group="schema/dataset", name=name, node=schema)
     store.store(group="schema", name="trainer", node=TrainerConfig)
