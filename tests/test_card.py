@@ -167,11 +167,11 @@ def test_controls_sit_under_their_method_and_the_reading_says_which_beat_them(gr
     assert l1["random control stds"] == pytest.approx(2 * math.sqrt(0.5))
     assert greg["vs random control"] == pytest.approx(0.0, abs=1e-9) and not greg["beats random control"]
     text = (out / "report" / "card.md").read_text()
-    assert "beats its random control by +3.00 points" in text
-    assert "**greg1** at 2x: top-1 92.10 +- 0.14; does not clearly beat its random control by +0.00" in text
+    assert "**l1** at 2x: top-1 90.50 +- 0.71; beats its random control by +3.00 points, more than the two" in text
+    assert "**greg1** at 2x: top-1 92.10 +- 0.14; is within noise of its random control: +0.00 points" in text
     assert "&nbsp;&nbsp;&nbsp;l1 + random channels" in text
     assert "Latency measured on cpu, 1 thread(s); deployed = torchscript_frozen" in text
-    assert "- l1-2x-s2: l1  budget 2x seed 2" in text
+    assert "- l1-2x-s2: l1, budget 2x, seed 2" in text
 
 
 def test_published_figures_match_by_method_and_nearest_speedup_with_the_gap(grid):

@@ -249,9 +249,11 @@ def _aggregate(
         values = sorted({str(x[f"latency/{k}"]) for x in s if f"latency/{k}" in x})
         row[f"latency {k}"] = ", ".join(values)
     row["wall s"] = _fmean([wall_seconds(c.run) for c in done])
-    steps = [training_steps(c.run) for c in done]
-    row["train epochs"] = _fmean([p / steps_per_epoch for p, _ in steps]) if steps_per_epoch else None
-    row["dense-epoch eq"] = _fmean([w / steps_per_epoch for _, w in steps]) if steps_per_epoch else None
+    # Each run's own steps per epoch where one of its stages trained whole epochs, else the protocol's.
+    per_epoch = [(training_steps(c.run), _steps_per_epoch(c.run) or steps_per_epoch) for c in done]
+    per_epoch = [(steps, n) for steps, n in per_epoch if n]
+    row["train epochs"] = _fmean([p / n for (p, _), n in per_epoch])
+    row["dense-epoch eq"] = _fmean([w / n for (_, w), n in per_epoch])
     row["wall in dense epochs"] = row["wall s"] / dense_epoch_s if dense_epoch_s and row["wall s"] else None
     return row
 
@@ -406,8 +408,8 @@ def card_markdown(
     if protocol.get("description"):
         lines += [str(protocol["description"]).strip(), ""]
     lines += [
-        f"- dataset: {protocol.get('dataset', '?')}; backbone: {protocol.get('backbone', '?')}; "
-        f"kind: {protocol.get('kind', '?')}",
+        f"- dataset: {protocol.get('dataset', '?')}; backbone: {protocol.get('backbone', '?')}"
+        + (f"; {protocol['kind']} pruning" if protocol.get("kind") else ""),
         f"- fine-tuning shared by every method: {ft.get('epochs', '?')} epochs, lr {ft.get('lr', '?')}",
         f"- seeds: {', '.join(map(str, protocol.get('seeds') or []))}",
         "- budgets: " + "; ".join(f"{k} ({' '.join(map(str, v or []))})" for k, v in budgets.items()),
@@ -472,7 +474,7 @@ def card_markdown(
     lines += ["", "## Reading", "", *reading(rows)]
     if missing:
         lines += ["", "## Missing cells (no summary.json yet)", ""]
-        lines += [f"- {c.id}: {c.method} {c.control or ''} budget {c.budget} seed {c.seed}" for c in missing]
+        lines += [f"- {c.id}: {_label(c.method, c.control)}, budget {c.budget}, seed {c.seed}" for c in missing]
     return "\n".join(lines) + "\n"
 
 
@@ -482,18 +484,22 @@ def reading(rows: list[dict[str, Any]]) -> list[str]:
     for r in (r for r in rows if r["control"] == ""):
         text = f"- **{r['label']}** at {r['budget']}: top-1 {mean_std(r['top1 values']) if r['top1 values'] else '?'}"
         if "vs random control" in r:
-            verdict = "beats" if r["beats random control"] else "does not clearly beat"
-            text += (
-                f"; {verdict} its random control by {r['vs random control']:+.2f} points "
-                f"({'more' if r['beats random control'] else 'not more'} than the two stds together, "
-                f"{r['random control stds']:.2f})"
-            )
+            diff, stds = r["vs random control"], r["random control stds"]
+            if r["beats random control"]:
+                verdict = (
+                    f"beats its random control by {diff:+.2f} points, more than the two stds together ({stds:.2f})"
+                )
+            elif diff < -stds:
+                verdict = f"loses to its random control by {-diff:.2f} points, more than the two stds ({stds:.2f})"
+            else:
+                verdict = f"is within noise of its random control: {diff:+.2f} points, the two stds together {stds:.2f}"
+            text += "; " + verdict
         else:
             text += "; no random control finished"
         if r.get("vs dense-FT mean") is not None:
             text += f"; {r['vs dense-FT mean']:+.2f} against the dense model fine-tuned as long"
         if r.get("wall s") is not None:
-            cost = f"; search cost {r['wall s']:.0f} s wall"
+            cost = f"; cost {r['wall s']:.0f} s wall (search and fine-tuning)"
             if r.get("dense-epoch eq") is not None:
                 cost += f", {r['dense-epoch eq']:.2f} dense-epoch equivalents"
             text += cost
