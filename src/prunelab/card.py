@@ -90,7 +90,7 @@ def load_anchors(setting: str | None, table: Path | None = None) -> list[dict[st
     """The published rows of a setting (e.g. `cifar10_resnet56`) in the anchor table; none for a null setting."""
     if not setting:
         return []
-    anchors = OmegaConf.to_container(OmegaConf.load(table or ANCHOR_TABLE))
+    anchors = _load(table or ANCHOR_TABLE)
     if setting not in anchors:
         raise KeyError(f"no anchor setting {setting!r} in {table or ANCHOR_TABLE}; there are: {', '.join(anchors)}")
     return [dict(a) for a in anchors[setting]]
@@ -168,7 +168,7 @@ def _published(cells: list[Cell], method: str, anchors: list[dict[str, Any]]) ->
     """The published candidates for a method: its presets' `paper` field and the anchor table's rows for it."""
     found = [dict(a, kind="table") for a in anchors if a["method"] in {method, *(c.run.get("method") for c in cells)}]
     for cell in cells:
-        paper = cell.run.get("paper") if cell.run.config is not None else None
+        paper: Any = cell.run.get("paper") if cell.run.config is not None else None
         if not OmegaConf.is_dict(paper) or paper.get("acc") is None:
             continue
         entry: dict[str, Any] = {"method": method, "acc": float(paper.acc), "base_acc": None, "kind": "preset"}
@@ -189,11 +189,27 @@ def match_anchor(row: dict[str, Any], candidates: list[dict[str, Any]], toleranc
     ours, best, best_distance = _axes(row), None, tolerance
     for candidate in candidates:
         for axis in ("speedup", "params_kept", "density"):
-            if candidate.get(axis) and ours[axis]:
-                distance = abs(ours[axis] / float(candidate[axis]) - 1)
+            value = ours[axis]
+            if candidate.get(axis) and value:
+                distance = abs(value / float(candidate[axis]) - 1)
                 if distance <= best_distance:
                     best, best_distance = candidate, distance
     return best
+
+
+def _dense_epoch_seconds(run: Run) -> float | None:
+    """Seconds of one epoch of the dense fine-tuned control: its longest training stage's time over its epochs."""
+    tags = [k[: -len("/steps")] for k in run.summary if k.endswith("/steps") and f"time/{k[:-6]}_s" in run.summary]
+    if not tags:
+        return None
+    tag = max(tags, key=lambda t: float(run.summary[f"time/{t}_s"]))
+    epochs = stage_epochs(run, tag) if run.config is not None or f"{tag}/epochs" in run.summary else None
+    return float(run.summary[f"time/{tag}_s"]) / epochs if epochs else None
+
+
+def _load(path: Path) -> Any:
+    """A YAML file as plain containers."""
+    return OmegaConf.to_container(OmegaConf.load(path))
 
 
 def _num_classes(cells: list[Cell], protocol: dict[str, Any]) -> int | None:
@@ -251,9 +267,8 @@ def _aggregate(
     row["wall s"] = _fmean([wall_seconds(c.run) for c in done])
     # Each run's own steps per epoch where one of its stages trained whole epochs, else the protocol's.
     per_epoch = [(training_steps(c.run), _steps_per_epoch(c.run) or steps_per_epoch) for c in done]
-    per_epoch = [(steps, n) for steps, n in per_epoch if n]
-    row["train epochs"] = _fmean([p / n for (p, _), n in per_epoch])
-    row["dense-epoch eq"] = _fmean([w / n for (_, w), n in per_epoch])
+    row["train epochs"] = _fmean([p / n for (p, _), n in per_epoch if n])
+    row["dense-epoch eq"] = _fmean([w / n for (_, w), n in per_epoch if n])
     row["wall in dense epochs"] = row["wall s"] / dense_epoch_s if dense_epoch_s and row["wall s"] else None
     return row
 
@@ -325,7 +340,7 @@ def report_card(
     """
     out = Path(out)
     protocol_file = out / "protocol.yaml"
-    protocol = OmegaConf.to_container(OmegaConf.load(protocol_file)) if protocol_file.exists() else {}
+    protocol: dict[str, Any] = _load(protocol_file) if protocol_file.exists() else {}
     cells = load_cells(out)
     if not cells:
         raise FileNotFoundError(f"no cells (cells/*/cell.json) under {out}")
@@ -338,11 +353,7 @@ def report_card(
     dense_ft = {c.seed: float(c.run.summary["test/acc"]) for c in dense_ft_cells if "test/acc" in c.run.summary}
     per_epoch = [p for c in finished if (p := _steps_per_epoch(c.run))]
     steps_per_epoch = statistics.median(per_epoch) if per_epoch else None
-    dense_epoch_s = None
-    if dense_ft_cells and "time/finetune_s" in dense_ft_cells[0].run.summary:
-        dense_epoch_s = float(dense_ft_cells[0].run.summary["time/finetune_s"]) / stage_epochs(
-            dense_ft_cells[0].run, "finetune"
-        )
+    dense_epoch_s = _dense_epoch_seconds(dense_ft_cells[0].run) if dense_ft_cells else None
     by_id = {c.id: c for c in cells}
     groups: dict[tuple[str, str | None, str | None], list[Cell]] = {}
     for c in cells:
@@ -546,8 +557,8 @@ def log_wandb(rows: list[dict[str, Any]], report: Path, name: str) -> Path:
     """The rows as a W&B table in an offline run under `report`/wandb (`wandb sync` uploads it later)."""
     import wandb
 
-    columns = list(dict.fromkeys(k for r in rows for k in r if k != "top1 values"))
-    data = [[r.get(c) for c in columns] for r in rows]
+    columns: list[str | int] = list(dict.fromkeys(k for r in rows for k in r if k != "top1 values"))
+    data = [[r.get(str(c)) for c in columns] for r in rows]
     table = wandb.Table(columns=columns, data=data, allow_mixed_types=True)
     run = wandb.init(project="prunelab-bench", name=name, dir=str(report), mode="offline", reinit=True)
     run.log({"report_card": table})
