@@ -242,6 +242,14 @@ def test_the_shipped_anchor_table_gives_each_row_one_axis_and_a_source():
         load_anchors("no_such_setting", ANCHOR_TABLE)
 
 
+def test_the_command_refuses_a_folder_without_cells_and_an_unknown_setting_in_one_line(grid, tmp_path):
+    with pytest.raises(SystemExit, match="no cells"):
+        main([str(tmp_path / "empty")])
+    out, _ = grid
+    with pytest.raises(SystemExit, match=r"no anchor setting 'nope'.*there are: cifar10_resnet56"):
+        main([str(out), "--anchors", "nope"])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
 def test_wandb_table_is_logged_offline_under_the_report(grid, monkeypatch):
     out, table = grid

@@ -577,7 +577,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--wandb", action="store_true", default=None, help="log the rows as an offline W&B table")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    report_card(args.out, args.anchors, args.anchor_table, wandb=args.wandb, plots=not args.no_plots)
+    try:
+        report_card(args.out, args.anchors, args.anchor_table, wandb=args.wandb, plots=not args.no_plots)
+    except (FileNotFoundError, KeyError) as error:
+        raise SystemExit(f"prunelab.card: {error.args[0]}") from None
     print((args.out / "report" / "card.md").read_text(), end="")
 
 
