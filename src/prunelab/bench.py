@@ -300,8 +300,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_text(out / "protocol.yaml", OmegaConf.to_yaml(cfg.protocol))
         failed = run_grid(cfg, grid)
         if cfg.report:
-            written = card.write_card(out, wandb=cfg.wandb)
-            print(f"prunelab-bench: report card in {written}")
+            card.report_card(out, wandb=cfg.wandb or None)
+            print(f"prunelab-bench: report card in {out / 'report' / 'card.md'}")
     except PrunelabError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
