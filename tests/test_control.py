@@ -128,9 +128,12 @@ def test_the_same_mask_from_scratch_is_the_lottery_ticket_control(unstructured, 
         assert not torch.equal(final[name], trained[name]), name
 
 
-def test_plans_applied_in_turn_compose_to_the_final_channels():
+@pytest.mark.parametrize("arch", ["resnet_tiny", "mobilenet_v2_tiny"])
+def test_plans_applied_in_turn_compose_to_the_final_channels(arch):
+    """Two plans applied one after the other (a method pruning over rounds) leave the model that the composed
+    plan gives in one go: the same shapes and weights."""
     torch.manual_seed(0)
-    model = create("resnet_tiny")
+    model = create(arch)
     at_once = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(0)
     plans = []
@@ -156,7 +159,14 @@ def test_sources_that_cannot_be_controlled_are_refused_in_one_line(structured, t
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text((structured / "config.yaml").read_text())
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    for name in ("config.yaml", "model.pt"):
+        (dense / name).write_bytes((structured / name).read_bytes())
+    unpruned = {**_summary(structured), "model/flops_ratio": 1.0, "model/sparsity": 0.0}
+    (dense / "summary.json").write_text(json.dumps(unpruned))
     refused = [
+        ([f"method.source={dense}"], r"pruned nothing \(model/flops_ratio 1, model/sparsity 0\)$"),
         ([], r"^method=control needs method.source="),
         ([f"method.source={tmp_path / 'missing'}"], r"^method.source=\S+missing: no such directory$"),
         ([f"method.source={unfinished}"], r"holds no finished run \(no summary.json and model.pt\)$"),

@@ -50,6 +50,9 @@ class Control(PruningMethod):
             raise ConfigError(f"method.source={source}: no such directory")
         if not (self.source / "summary.json").is_file() or not (self.source / "model.pt").is_file():
             raise ConfigError(f"method.source={source} holds no finished run (no summary.json and model.pt)")
+        summary = json.loads((self.source / "summary.json").read_text())
+        if summary.get("model/flops_ratio", 1.0) >= 1.0 and not summary.get("model/sparsity", 0.0):
+            raise ConfigError(f"method.source={source} pruned nothing (model/flops_ratio 1, model/sparsity 0)")
         held = OmegaConf.load(self.source / "config.yaml")
         for section, ours in (("backbone", backbone), ("dataset", dataset)):
             differ = _differences(_plain(held.get(section)), _plain(ours), LOADING if section == "dataset" else ())
@@ -86,11 +89,26 @@ class Control(PruningMethod):
         wrong = [name for name, indices in kept.items() if name in final and final[name] != len(indices)]
         if wrong:
             raise ValueError(f"control: the plans of {self.source} do not give its final width for group {wrong[0]}")
+        groups = channel_groups(model, ctx.input_shape)
+        before = {}
+        for plan in plans:
+            for name, size in plan.sizes.items():
+                before.setdefault(name, size)
+        # A group the source pruned must be one this run may prune (e.g. not kept whole by structure.skip).
+        here = {g.name for g in groups}
+        missing = [name for name, indices in kept.items() if len(indices) < before[name] and name not in here]
+        if missing:
+            raise ValueError(f"control: {self.source} pruned group {missing[0]}, which this run keeps whole")
         keep, sizes = {}, {}
-        for group in channel_groups(model, ctx.input_shape):
+        for group in groups:
             indices = kept.get(group.name, list(range(group.size)))
-            if max(indices) >= group.size:
-                raise ValueError(f"control: group {group.name} has {group.size} channels here, the source pruned more")
+            # A source that started from another width (pfs's wider network) gives widths, not channels of this model.
+            wider = before.get(group.name, group.size) != group.size
+            if len(indices) > group.size or (wider and self.pick == "same"):
+                raise ValueError(
+                    f"control: the source pruned group {group.name} from {before[group.name]} channels to "
+                    f"{len(indices)}, this run's model has {group.size}"
+                )
             if self.pick == "random":
                 indices = torch.randperm(group.size, generator=generator)[: len(indices)].tolist()
             keep[group.name], sizes[group.name] = indices, group.size
