@@ -69,9 +69,13 @@ def _summary(run_dir) -> dict:
 def test_random_channels_keep_the_sources_widths_in_every_group(structured, tmp_path):
     source = _plan(structured)
     drawn = []
-    for seed in (0, 1):
+    # Seed 1 trains from scratch: Scratch-E, the retraining's own epochs on re-initialised weights.
+    for seed, retrain in ((0, "finetune"), (1, "scratch")):
         run_dir = tmp_path / str(seed)
-        summary = _run(run_dir, "method=control", f"method.source={structured}", f"seed={seed}", *BUDGETS)
+        summary = _run(
+            run_dir, "method=control", f"method.source={structured}", f"seed={seed}", f"retrain={retrain}", *BUDGETS
+        )
+        assert summary[f"{retrain}/epochs"] == 1
         plan = _plan(run_dir)
         assert plan.sizes == source.sizes and plan.kept() == source.kept()
         assert summary["model/flops"] == _summary(structured)["model/flops"]
