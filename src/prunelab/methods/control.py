@@ -53,7 +53,9 @@ class Control(PruningMethod):
         summary = json.loads((self.source / "summary.json").read_text())
         if summary.get("model/flops_ratio", 1.0) >= 1.0 and not summary.get("model/sparsity", 0.0):
             raise ConfigError(f"method.source={source} pruned nothing (model/flops_ratio 1, model/sparsity 0)")
-        held = OmegaConf.load(self.source / "config.yaml")
+        held = OmegaConf.to_container(OmegaConf.load(self.source / "config.yaml"))
+        if not isinstance(held, dict):
+            raise ConfigError(f"method.source={source}: its config.yaml holds no run's config")
         for section, ours in (("backbone", backbone), ("dataset", dataset)):
             differ = _differences(_plain(held.get(section)), _plain(ours), LOADING if section == "dataset" else ())
             if differ:
@@ -90,7 +92,7 @@ class Control(PruningMethod):
         if wrong:
             raise ValueError(f"control: the plans of {self.source} do not give its final width for group {wrong[0]}")
         groups = channel_groups(model, ctx.input_shape)
-        before = {}
+        before: dict[str, int] = {}
         for plan in plans:
             for name, size in plan.sizes.items():
                 before.setdefault(name, size)
