@@ -103,7 +103,9 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
 def test_every_method_under_two_process_ddp_gives_the_single_process_run(tmp_path):
     """2 gloo processes vs one, global batch 32, every method (about 3 minutes): the same training losses before
     the first prune to rounding, the same plans (a few tied entries may differ after a relaxed-mask search)."""
-    names = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+    # method=control needs a finished run to control (method.source): it prunes to that run's plan, which the
+    # source's own run here checks under DDP.
+    names = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml") if p.stem != "control")
     assert {"dense", "imp", "jackpot", "pfs", "l1_filter", "greg1", "concave", "cs", "greedy"} <= set(names)
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     for role in ("ddp", "single"):

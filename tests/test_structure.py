@@ -345,6 +345,17 @@ def test_reinitialize_without_init_weights_and_with_masks() -> None:
     assert not torch.equal(old, masked.features[0].parametrizations.weight.original)
     assert sparsity(masked) == pytest.approx(plan.sparsity(), abs=1e-12)
 
+    # Masks kept only in the record (a pruned model between stages): the new weights are zero where they mask.
+    recorded = build("vgg_tiny")
+    plan, _, _ = exact_masks(recorded, 0.5)
+    zero_masked_(recorded, plan)
+    recorded.prunelab.masks = plan
+    old = recorded.features[0].weight.detach().clone()
+    reinitialize(recorded)
+    assert not has_masks(recorded) and recorded.prunelab.masks is plan
+    assert not torch.equal(old, recorded.features[0].weight)
+    assert sparsity(recorded) == pytest.approx(plan.sparsity(), abs=1e-12)
+
 
 class Bottleneck(nn.Module):
     """ResNeXt's block: 1x1 reduce, grouped 3x3, 1x1 expand, plus a residual (projected when shapes change)."""

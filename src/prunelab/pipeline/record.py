@@ -57,6 +57,10 @@ NOT_DECIDING = (
     "paper",
     # Hydra's own settings (the job's config leaves them out; a caller's config may hold them).
     "hydra",
+    # A method's copy of the run's own backbone and dataset (method=control compares them with its source's):
+    # the sections themselves are recorded, but for the keys above (`dataset.root`, ...).
+    "method.backbone",
+    "method.dataset",
 )
 
 

@@ -19,7 +19,7 @@ from prunelab.structure.channel_group import channels_written, keep_count
 from prunelab.structure.groups import build_graph, channel_groups, groups_from_graph
 from prunelab.structure.heads import check_head_plan, head_layout, prune_heads
 from prunelab.structure.layers import PRUNABLE_TYPES, _channels, _log_once, eval_mode, grouped_unit, skipped
-from prunelab.structure.masks import attach_masks, fold_masks, has_masks, masks_of
+from prunelab.structure.masks import attach_masks, fold_masks, has_masks, masks_of, zero_masked_
 from prunelab.structure.plans import ChannelPlan, model_record
 from prunelab.structure.reshapes import resize_slices, resize_splits
 
@@ -469,7 +469,8 @@ def reinitialize(model: nn.Module) -> nn.Module:
 
     A model with an `init_weights` method (every prunelab family) uses its own scheme, so fans follow
     the pruned shapes; others get each submodule's `reset_parameters`. Attached masks stay attached,
-    with the same masks, over the new weights.
+    with the same masks, over the new weights; masks only in the model's record (a pruned model between
+    stages) zero the new weights they mask out, so the weights stay exactly zero there.
     """
     masks = masks_of(model) if has_masks(model) else None
     if masks is not None:
@@ -487,4 +488,6 @@ def reinitialize(model: nn.Module) -> nn.Module:
         attach_masks(model, masks)
         if recorded is not None:
             model_record(model).masks = recorded
+    elif model_record(model).masks is not None:
+        zero_masked_(model, model_record(model).masks)
     return model
