@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -124,10 +125,15 @@ def test_structured_grid_runs_with_its_controls_and_reruns_nothing(tmp_path):
     channels, Scratch-E) or train longer by its speedup (Scratch-B); a rerun runs no cell again, and a cell
     whose run was lost runs again to the same figures."""
     out = tmp_path / "bench"
-    args = ["protocol=cpu_resnet56_cifar10_2x", "only=[l1]", "report=false"]
+    args = ["protocol=cpu_resnet56_cifar10_2x", "only=[l1]"]
     first = _run_tiny(out, *args)
     assert first.returncode == 0, first.stderr[-3000:]
     cells = _cells(out)
+    # The report card has a row for the method and each of its controls, the method's own row timed.
+    with open(out / "report" / "card.csv") as f:
+        rows = {row["label"]: row for row in csv.DictReader(f)}
+    assert {"l1", "l1 + random channels", "l1 Scratch-E", "l1 Scratch-B", "dense fine-tuned"} <= set(rows)
+    assert float(rows["l1"]["top1 mean"]) == cells["l1__2x__s0"]["test/acc"]
     assert set(cells) == {
         "dense__s0",
         "l1__2x__s0",

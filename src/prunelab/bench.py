@@ -54,6 +54,9 @@ _CONTROL_OVERRIDES = {
     Control.random_mask: ["method.pick=random"],
     Control.reinit_mask: ["method.pick=same", "retrain=scratch"],
 }
+# The controls are not timed: one with the method's widths (or masks) runs as fast as the method's model, the dense
+# one as the dense model every method cell times beside its own.
+NOT_TIMED = ["latency.batch_sizes=[]"]
 # Labels become folder names: letters, digits, '.', '_' and '-'.
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -133,6 +136,7 @@ def cells(cfg: DictConfig) -> list[Cell]:
         if Control.dense_finetune in controls:
             dense = [
                 "method=dense",
+                *NOT_TIMED,
                 f"trainer.max_epochs={protocol.finetune.epochs}",
                 f"optimizer.lr={protocol.finetune.lr}",
             ]
@@ -156,6 +160,7 @@ def cells(cfg: DictConfig) -> list[Cell]:
                     extra = [
                         "method=control",
                         f"method.source={source}",
+                        *NOT_TIMED,
                         *_CONTROL_OVERRIDES[control],
                         f"retrain.epochs={protocol.finetune.epochs}",
                         f"retrain.lr={lr}",
