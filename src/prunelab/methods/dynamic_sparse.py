@@ -245,6 +245,11 @@ class DynamicSparse(PruningMethod):
         """At update steps: drop and grow in every masked layer, after the optimizer moved the weights."""
         if not self._layers:
             return
+        if self.update_every is None and not self.steps_per_epoch:
+            raise ConfigError(
+                f"{self.name}: method.update_every=null updates once per epoch, and no epoch has started: "
+                "call epoch_start(epoch, epochs) at each epoch's start, or set method.update_every"
+            )
         t = step + 1
         self.step = t
         if self.total_steps and self.is_update(t):
