@@ -425,3 +425,13 @@ def test_the_training_stage_resets_the_momentum_of_new_connections(tmp_path, met
     seen = _NewConnectionsState()
     _run(tmp_path, f"method={method}", "method.update_every=2", "budget.sparsity=0.5", callbacks=[seen])
     assert len(seen.new_state) > 3 and all(torch.equal(s, torch.zeros_like(s)) for s in seen.new_state)
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_round_to_leaves_the_dynamic_masks_as_they_are(tmp_path, method):
+    # budget.round_to rounds kept channel counts: the masks of a run with it equal those of a run without.
+    args = [f"method={method}", "method.update_every=2"]
+    _run(tmp_path / "plain", *args)
+    _run(tmp_path / "rounded", *args, "budget.round_to=8")
+    plain, rounded = _final(tmp_path / "plain")[0], _final(tmp_path / "rounded")[0]
+    assert plain.keys() == rounded.keys() and all(torch.equal(plain[n], rounded[n]) for n in plain)

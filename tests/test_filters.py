@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+import prunelab
 from prunelab import pipeline
 from prunelab.backbones import create
 from prunelab.budget import count_flops, keep_count, measure, structured_plan
@@ -385,3 +386,43 @@ def test_imagenet_comparison_presets_carry_the_papers_row(name, backbone, flops,
         assert method.epochs == epochs and cfg.retrain.mode == "none"
     else:
         assert cfg.retrain.epochs == epochs and cfg.retrain.mode == "finetune"
+
+
+# Every structured baseline on a torchvision classifier that L1 prunes (MobileNetV3: squeeze-excitation, hardswish,
+# depthwise convolutions), with budget.round_to=8: every group keeps a multiple of 8 channels or all of them.
+STRUCTURED = {
+    "l1_filter": [],
+    "fpgm": [],
+    "sfp": ["method.epochs=1"],
+    "hrank": ["method.batches=1"],
+    "thinet": ["method.batches=1", "method.samples=4", "method.refit=false"],
+    "depgraph": ["method.epochs=1"],
+}
+
+
+@pytest.mark.parametrize("method", [m for m in STRUCTURED if m != "l1_filter"])
+def test_a_torchvision_classifier_prunes_with_round_to_as_l1_does(tmp_path, method):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    results = {}
+    for name in ("l1_filter", method):
+        model = create("torchvision:mobilenet_v3_small", num_classes=10).eval()
+        results[name] = prunelab.prune(
+            model,
+            name,
+            {"flops": 0.6, "round_to": 8, "tolerance": 0.05},
+            x[:2],
+            train=train,
+            overrides=["retrain=none", "latency.batch_sizes=[]", "trainer.max_epochs=1", *STRUCTURED[name]],
+            run_dir=tmp_path / name,
+        )
+    result, l1 = results[method], results["l1_filter"]
+    # The same groups are prunable; HRank keeps the classifier's hidden Linear whole (its features have no 2-D map).
+    assert set(l1.plan.keep) - set(result.plan.keep) == ({"classifier.0"} if method == "hrank" else set())
+    assert set(result.plan.keep) <= set(l1.plan.keep)
+    kept = {g: len(k) for g, k in result.plan.keep.items()}
+    assert any(n < result.plan.sizes[g] for g, n in kept.items())
+    assert all(n % 8 == 0 or n == result.plan.sizes[g] for g, n in kept.items())
+    assert result.report["model/flops_ratio"] == pytest.approx(0.6, abs=0.05 * 0.6)
+    assert result.model(x[:2]).shape == (2, 10)

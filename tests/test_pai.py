@@ -310,3 +310,18 @@ def test_imagenet_presets_carry_the_jackpot_papers_row(name, kind, sparsity, acc
     for key in ("budget", "paper"):
         sibling.pop(key), mine.pop(key)
     assert mine == sibling
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp", "synflow", "lamp"])
+def test_round_to_leaves_the_weight_masks_as_they_are(tmp_path, method):
+    # budget.round_to rounds kept channel counts; a weight mask meets the sparsity to the weight all the same.
+    built = {"snip": SNIP, "grasp": lambda: GraSP(samples_per_class=2), "synflow": SynFlow, "lamp": LAMP}[method]
+    masks = []
+    for round_to in (1, 8):
+        ctx = _ctx(tmp_path, 0.83, data=_data())
+        ctx.budget.round_to = round_to
+        torch.manual_seed(0)
+        masks.append(built().plan(create("resnet_tiny", num_classes=10), ctx).masks)
+    assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+    total = sum(m.numel() for m in masks[1].values())
+    assert sum(int((~m).sum()) for m in masks[1].values()) == round(0.83 * total)
