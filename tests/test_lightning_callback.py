@@ -542,6 +542,48 @@ def test_dynamic_sparse_training_in_a_plain_loop_matches_the_callback_and_resets
     assert pruner.method.updates == 0
 
 
+def test_rigl_in_a_plain_loop_resumes_before_an_update_step_exactly(tmp_path):
+    # Saved after step 3 of 8: step 4 is a mask update, whose dense gradient the resumed loop must record.
+    batches = data(8)
+    settings = dict(
+        method="rigl",
+        budget={"sparsity": 0.5},
+        example_inputs=batches[0][0],
+        steps=8,
+        overrides=["method.update_every=2", "method.end=1.0"],
+    )
+
+    def loop(pruner, optimizer, part):
+        for x_, y in part:
+            optimizer.zero_grad()
+            F.cross_entropy(pruner.model(x_), y).backward()
+            optimizer.step()
+            pruner.after_step(optimizer)
+
+    pruner = prunelab.Pruner(net(), **settings, run_dir=tmp_path / "a")
+    loop(pruner, torch.optim.SGD(pruner.parameters(), lr=LR, momentum=0.9), batches)
+    whole, whole_state = weights(pruner.model), pruner.method.state_dict()
+
+    pruner = prunelab.Pruner(net(), **settings, run_dir=tmp_path / "b")
+    optimizer = torch.optim.SGD(pruner.parameters(), lr=LR, momentum=0.9)
+    loop(pruner, optimizer, batches[:3])
+    saved = {"model": pruner.model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()}
+    torch.save(saved, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+
+    again = prunelab.Pruner(net(seed=7), **settings, run_dir=tmp_path / "c")
+    again.model.load_state_dict(saved["model"])
+    optimizer = torch.optim.SGD(again.parameters(), lr=LR, momentum=0.9)
+    optimizer.load_state_dict(saved["optimizer"])
+    again.load_state_dict(saved["pruner"])
+    loop(again, optimizer, batches[3:])
+    assert again.method.updates == 3 == whole_state["updates"]  # at steps 2, 4 and 6
+    assert_same(weights(again.model), whole)
+    state = again.method.state_dict()
+    assert_same(state.pop("masks"), whole_state.pop("masks"))
+    assert state["history"] == whole_state["history"] and state["step"] == whole_state["step"] == 8
+
+
 def test_a_plain_loop_resumes_from_the_users_checkpoint_exactly(tmp_path):
     # 14 steps: the penalty's updates and, at step 13, the end of the method's training fall after the resume.
     batches = data(14)

@@ -339,6 +339,9 @@ class DynamicSparse(PruningMethod):
             with torch.no_grad():
                 for name, layer in self._layers.items():
                     layer.mask.copy_(masks[name].to(layer.mask.device).view_as(layer.mask))
+            # The dense gradient is captured for the step after the restored one (a user's loop may set the length
+            # before the state comes back).
+            self._set_capture()
         else:
             self._final = {name: mask.bool().clone() for name, mask in masks.items()}
 
