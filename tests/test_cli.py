@@ -327,7 +327,7 @@ def test_every_preset_is_named_method_backbone_dataset():
     from prunelab.presets import RENAMED
 
     presets = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-    assert len(presets) == 101 and not set(RENAMED) & set(presets) and set(RENAMED.values()) <= set(presets)
+    assert len(presets) == 117 and not set(RENAMED) & set(presets) and set(RENAMED.values()) <= set(presets)
     methods = {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
     backbones = {p.stem for p in (CONF_DIR / "backbone").glob("*.yaml")} | {"mobilenet_v3_small"}
     datasets = {p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")}

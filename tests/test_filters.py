@@ -14,12 +14,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+import prunelab
 from prunelab import pipeline
 from prunelab.backbones import create
 from prunelab.budget import count_flops, keep_count, measure, structured_plan
 from prunelab.errors import ConfigError
 from prunelab.methods.base import MethodContext, Stage, prunable_groups
-from prunelab.methods.baselines import L1Filter, allocate, l1_scores
+from prunelab.methods.baselines import L1Filter, Taylor, allocate, l1_scores
 from prunelab.methods.fpgm import FPGM, fpgm_scores
 from prunelab.methods.hrank import HRank, hrank_scores
 from prunelab.methods.sfp import SoftFilterPruning, filter_norms
@@ -349,3 +350,79 @@ def test_presets_compose_with_the_papers_budget(name, key, value):
     assert type(method) is {"fpgm": FPGM, "sfp": SoftFilterPruning, "hrank": HRank}[name.split("_")[0]]
     assert cfg.budget[key] == value and cfg.paper[key] == value and cfg.paper.acc > 90
     assert cfg.dataset._target_.endswith("CIFAR10DataModule") and method.allocation == "uniform"
+
+
+# The ImageNet comparison rows: Growing Regularization's Table 3 gives speed-ups (FLOPs kept = 1 / speed-up), greedy
+# imitation's Table 2 the pruned FLOPs of a 3.68G ResNet-34.
+@pytest.mark.parametrize(
+    "name, backbone, flops, acc, epochs",
+    [
+        ("sfp_resnet50_imagenet_greg_table3", "resnet50", 1 / 1.72, 74.61, 90),
+        ("hrank_resnet50_imagenet_greg_table3", "resnet50", 1 / 1.78, 74.98, 90),
+        ("taylor_resnet50_imagenet_greg_table3_1p82x", "resnet50", 1 / 1.82, 74.50, 90),
+        ("taylor_resnet50_imagenet_greg_table3_3p05x", "resnet50", 1 / 3.05, 71.69, 90),
+        ("taylor_resnet34_imagenet_greg_table3", "resnet34", 1 / 1.29, 72.83, 90),
+        ("l1_filter_resnet34_imagenet_greg_table3", "resnet34", 1 / 1.32, 72.17, 90),
+        ("l1_filter_resnet34_imagenet_greedy_table2", "resnet34", 2.79 / 3.68, 72.1, 150),
+        ("taylor_resnet34_imagenet_greedy_table2", "resnet34", 2.83 / 3.68, 72.8, 150),
+        ("sfp_resnet34_imagenet_greedy_table2", "resnet34", 2.17 / 3.68, 71.8, 150),
+        ("fpgm_resnet34_imagenet_greedy_table2", "resnet34", 2.16 / 3.68, 72.5, 150),
+    ],
+)
+def test_imagenet_comparison_presets_carry_the_papers_row(name, backbone, flops, acc, epochs):
+    cfg = preset(name)
+    method = instantiate(cfg.method)
+    kind = {"fpgm": FPGM, "sfp": SoftFilterPruning, "hrank": HRank, "taylor": Taylor, "l1": L1Filter}
+    assert type(method) is kind[name.split("_")[0]] and cfg.backbone.name == backbone
+    assert cfg.dataset._target_.endswith("ImageNetDataModule") and not cfg.budget.prune_coupled
+    assert cfg.paper.acc == acc and cfg.paper.flops == pytest.approx(flops, abs=5e-4)
+    if cfg.budget.layer_ratios is None:
+        assert cfg.budget.flops == cfg.paper.flops
+    else:  # Li et al.'s pruned-B layers and ratios, as GReg-1's row prunes them.
+        assert cfg.budget.flops is None
+        assert cfg.budget.layer_ratios == preset("greg1_resnet34_imagenet_table3").budget.layer_ratios
+    # The seed paper's own fine-tuning length; for SFP (nothing after it) the soft-pruning stage's.
+    if isinstance(method, SoftFilterPruning):
+        assert method.epochs == epochs and cfg.retrain.mode == "none"
+    else:
+        assert cfg.retrain.epochs == epochs and cfg.retrain.mode == "finetune"
+
+
+# Every structured baseline on a torchvision classifier that L1 prunes (MobileNetV3: squeeze-excitation, hardswish,
+# depthwise convolutions), with budget.round_to=8: every group keeps a multiple of 8 channels or all of them.
+STRUCTURED = {
+    "l1_filter": [],
+    "fpgm": [],
+    "sfp": ["method.epochs=1"],
+    "hrank": ["method.batches=1"],
+    "thinet": ["method.batches=1", "method.samples=4", "method.refit=false"],
+    "depgraph": ["method.epochs=1"],
+}
+
+
+@pytest.mark.parametrize("method", [m for m in STRUCTURED if m != "l1_filter"])
+def test_a_torchvision_classifier_prunes_with_round_to_as_l1_does(tmp_path, method):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    results = {}
+    for name in ("l1_filter", method):
+        model = create("torchvision:mobilenet_v3_small", num_classes=10).eval()
+        results[name] = prunelab.prune(
+            model,
+            name,
+            {"flops": 0.6, "round_to": 8, "tolerance": 0.05},
+            x[:2],
+            train=train,
+            overrides=["retrain=none", "latency.batch_sizes=[]", "trainer.max_epochs=1", *STRUCTURED[name]],
+            run_dir=tmp_path / name,
+        )
+    result, l1 = results[method], results["l1_filter"]
+    # The same groups are prunable; HRank keeps the classifier's hidden Linear whole (its features have no 2-D map).
+    assert set(l1.plan.keep) - set(result.plan.keep) == ({"classifier.0"} if method == "hrank" else set())
+    assert set(result.plan.keep) <= set(l1.plan.keep)
+    kept = {g: len(k) for g, k in result.plan.keep.items()}
+    assert any(n < result.plan.sizes[g] for g, n in kept.items())
+    assert all(n % 8 == 0 or n == result.plan.sizes[g] for g, n in kept.items())
+    assert result.report["model/flops_ratio"] == pytest.approx(0.6, abs=0.05 * 0.6)
+    assert result.model(x[:2]).shape == (2, 10)

@@ -481,6 +481,7 @@ def test_mistakes_stop_in_one_line_before_any_training(tmp_path):
 def test_the_methods_said_to_fit_a_users_loop_are_those_whose_stages_do(tmp_path):
     names = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
     unstructured = {"imp", "concave", "cs", "jackpot", "edge_popup", "magnitude", "snip", "grasp", "synflow", "lamp"}
+    unstructured |= {"set", "rigl"}
     train = loader(data(1))
     fitting = []
     for name in names:
@@ -492,6 +493,95 @@ def test_the_methods_said_to_fit_a_users_loop_are_those_whose_stages_do(tmp_path
     assert sorted(IN_YOUR_LOOP) == fitting
     # One round of concave is one search and one prune: it fits.
     assert loop_method("concave", {"sparsity": 0.5}, ["method.rounds=1"], tmp_path)[2].tag == "round1/search"
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_dynamic_sparse_training_in_a_plain_loop_matches_the_callback_and_resets_new_connections(method, tmp_path):
+    # Epochs of 4 steps: SET by default updates after each epoch but the last; RigL every 2 steps while t < 0.75 T.
+    batches, epochs = data(4), 3
+    x = batches[0][0]
+    overrides = ["method.update_every=2"] if method == "rigl" else []
+    pruner = prunelab.Pruner(
+        net(), method, {"sparsity": 0.5}, x, steps=4 * epochs, overrides=overrides, run_dir=tmp_path / "loop"
+    )
+    optimizer = torch.optim.SGD(pruner.parameters(), lr=LR, momentum=0.9)
+    new_state = []
+    for epoch in range(epochs):
+        pruner.epoch_start(epoch, epochs)
+        for x_, y in batches:
+            optimizer.zero_grad()
+            F.cross_entropy(pruner.model(x_), y).backward()
+            optimizer.step()
+            before = pruner.method.masks()
+            pruner.after_step(optimizer)
+            for name, mask in pruner.method.masks().items():
+                new = mask & ~before[name]
+                if new.any():
+                    new_state.append(optimizer.state[pruner.method._stored[name]]["momentum_buffer"][new])
+        pruner.epoch_end(epoch)
+    looped = pruner.prune()
+    # The connections each update grew start without momentum; the plan meets the sparsity to the weight.
+    assert pruner.method.updates == (2 if method == "set" else 4) and new_state
+    assert all(not state.any() for state in new_state)
+    assert isinstance(looped.plan, MaskPlan) and looped.plan.sparsity() == pytest.approx(0.5, abs=1e-3)
+
+    pruning = Pruning(method, {"sparsity": 0.5}, x, submodule="net", overrides=overrides, run_dir=tmp_path / "callback")
+    module = LitNet(net())
+    trainer(max_epochs=epochs, callbacks=[pruning]).fit(module, loader(batches))
+    assert pruning.pruner.method.state_dict()["history"] == pruner.method.state_dict()["history"]
+    assert_same(pruning.result.plan.masks, looped.plan.masks)
+    assert_same(weights(module.net), weights(looped.model))
+
+    # Without the optimizer, or (SET's per-epoch schedule) without the epochs, the loop stops before any update.
+    pruner = prunelab.Pruner(net(), method, {"sparsity": 0.5}, x, steps=4, overrides=overrides, run_dir=tmp_path / "x")
+    with pytest.raises(ConfigError, match=r"resets the optimizer's state .*: call after_step\(optimizer\)$"):
+        pruner.after_step()
+    if method == "set":
+        with pytest.raises(ConfigError, match=r"^set: method.update_every=null updates once per epoch"):
+            pruner.after_step(torch.optim.SGD(pruner.parameters(), lr=LR))
+    assert pruner.method.updates == 0
+
+
+def test_rigl_in_a_plain_loop_resumes_before_an_update_step_exactly(tmp_path):
+    # Saved after step 3 of 8: step 4 is a mask update, whose dense gradient the resumed loop must record.
+    batches = data(8)
+    settings = dict(
+        method="rigl",
+        budget={"sparsity": 0.5},
+        example_inputs=batches[0][0],
+        steps=8,
+        overrides=["method.update_every=2", "method.end=1.0"],
+    )
+
+    def loop(pruner, optimizer, part):
+        for x_, y in part:
+            optimizer.zero_grad()
+            F.cross_entropy(pruner.model(x_), y).backward()
+            optimizer.step()
+            pruner.after_step(optimizer)
+
+    pruner = prunelab.Pruner(net(), **settings, run_dir=tmp_path / "a")
+    loop(pruner, torch.optim.SGD(pruner.parameters(), lr=LR, momentum=0.9), batches)
+    whole, whole_state = weights(pruner.model), pruner.method.state_dict()
+
+    pruner = prunelab.Pruner(net(), **settings, run_dir=tmp_path / "b")
+    optimizer = torch.optim.SGD(pruner.parameters(), lr=LR, momentum=0.9)
+    loop(pruner, optimizer, batches[:3])
+    saved = {"model": pruner.model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()}
+    torch.save(saved, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+
+    again = prunelab.Pruner(net(seed=7), **settings, run_dir=tmp_path / "c")
+    again.model.load_state_dict(saved["model"])
+    optimizer = torch.optim.SGD(again.parameters(), lr=LR, momentum=0.9)
+    optimizer.load_state_dict(saved["optimizer"])
+    again.load_state_dict(saved["pruner"])
+    loop(again, optimizer, batches[3:])
+    assert again.method.updates == 3 == whole_state["updates"]  # at steps 2, 4 and 6
+    assert_same(weights(again.model), whole)
+    state = again.method.state_dict()
+    assert_same(state.pop("masks"), whole_state.pop("masks"))
+    assert state["history"] == whole_state["history"] and state["step"] == whole_state["step"] == 8
 
 
 def test_a_plain_loop_resumes_from_the_users_checkpoint_exactly(tmp_path):

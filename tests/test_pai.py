@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch_pruning as tp
-from conftest import make_cfg, run_cli
+from conftest import make_cfg, preset, run_cli
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -285,3 +286,42 @@ def test_a_run_prunes_trains_and_exports_at_the_sparsity(tmp_path, method):
     exported = load_model(tmp_path / "model.pt")
     total = sum(w.numel() for _, w in prunable_weights(exported))
     assert sparsity(exported) == pytest.approx(0.9, abs=1.0 / total + 1e-9)
+
+
+# Lottery Jackpots' Table 3 (ResNet-50 on ImageNet): each row's sparsity, top-1 and training epochs ("100 (T)").
+@pytest.mark.parametrize(
+    "name, kind, sparsity, acc, epochs",
+    [
+        ("snip_resnet50_imagenet", SNIP, 0.8, 69.67, 100),
+        ("snip_resnet50_imagenet_sparsity90", SNIP, 0.9, 67.21, 100),
+        ("grasp_resnet50_imagenet", GraSP, 0.8, 72.06, 150),
+        ("grasp_resnet50_imagenet_sparsity90", GraSP, 0.9, 68.14, 150),
+    ],
+)
+def test_imagenet_presets_carry_the_jackpot_papers_row(name, kind, sparsity, acc, epochs):
+    cfg = preset(name)
+    assert type(instantiate(cfg.method)) is kind and cfg.backbone.name == "resnet50"
+    assert cfg.dataset._target_.endswith("ImageNetDataModule") and cfg.pretrain.epochs == 0
+    assert cfg.budget.sparsity == cfg.paper.sparsity == sparsity and cfg.paper.acc == acc
+    assert cfg.trainer.max_epochs == epochs and cfg.retrain.mode == "finetune" and cfg.retrain.epochs is None
+    # The 90% presets differ from their 80% siblings only in the sparsity and the paper's row.
+    sibling = OmegaConf.to_container(preset(name.removesuffix("_sparsity90")))
+    mine = OmegaConf.to_container(cfg)
+    for key in ("budget", "paper"):
+        sibling.pop(key), mine.pop(key)
+    assert mine == sibling
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp", "synflow", "lamp"])
+def test_round_to_leaves_the_weight_masks_as_they_are(tmp_path, method):
+    # budget.round_to rounds kept channel counts; a weight mask meets the sparsity to the weight all the same.
+    built = {"snip": SNIP, "grasp": lambda: GraSP(samples_per_class=2), "synflow": SynFlow, "lamp": LAMP}[method]
+    masks = []
+    for round_to in (1, 8):
+        ctx = _ctx(tmp_path, 0.83, data=_data())
+        ctx.budget.round_to = round_to
+        torch.manual_seed(0)
+        masks.append(built().plan(create("resnet_tiny", num_classes=10), ctx).masks)
+    assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+    total = sum(m.numel() for m in masks[1].values())
+    assert sum(int((~m).sum()) for m in masks[1].values()) == round(0.83 * total)

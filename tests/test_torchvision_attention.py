@@ -19,7 +19,7 @@ from torch import nn
 
 from prunelab import load_model, pipeline
 from prunelab.backbones import create, registry
-from prunelab.budget import CostModel, count_flops
+from prunelab.budget import BudgetError, CostModel, count_flops
 from prunelab.export import export_deployable
 from prunelab.structure import (
     ChannelPlan,
@@ -205,3 +205,51 @@ def test_torchvision_window_attention_prunes_to_a_flops_budget_end_to_end(tmp_pa
     assert summary["model/flops_ratio"] == pytest.approx(0.6, rel=0.05)
     model = load_model(tmp_path / "model.pt")
     assert all(m.qkv.out_features == 3 * m.num_heads * m.head_dim for _, m in _attentions(model))
+
+
+# The structured baselines on a transformer that L1 prunes (heads and MLP width), with budget.round_to=8.
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("fpgm", []),
+        ("sfp", ["method.epochs=1"]),
+        ("thinet", ["method.batches=1", "method.samples=4"]),
+        ("depgraph", ["method.epochs=1"]),
+    ],
+)
+def test_the_structured_baselines_prune_a_vit_as_l1_does(tmp_path, method, extra):
+    summaries, plans = {}, {}
+    for name, settings in (("l1_filter", []), (method, extra)):
+        run = tmp_path / name
+        cfg = make_cfg(
+            run,
+            "backbone=timm",
+            "backbone.name=test_tiny_vit",
+            f"method={name}",
+            *settings,
+            "budget.flops=0.6",
+            "budget.round_to=8",
+            "budget.tolerance=0.05",
+            "retrain=none",
+            "latency.batch_sizes=[]",
+        )
+        summaries[name] = pipeline.run(cfg, run)
+        (prune,) = run.glob("stages/*-prune")
+        plans[name] = ChannelPlan.load_json(prune / "plan.json")
+    assert set(plans[method].keep) == set(plans["l1_filter"].keep)  # heads and MLP width, as for L1
+    assert summaries[method]["model/flops_ratio"] == pytest.approx(0.6, abs=0.03)
+    model = load_model(tmp_path / method / "model.pt")
+    assert all(m.qkv.out_features == 3 * m.num_heads * m.head_dim for _, m in _attentions(model))
+    widths = [layer.mlp[0].out_features for layer in model.encoder.layers]
+    assert all(w % 8 == 0 for w in widths) and min(widths) < 64
+    assert model(torch.randn(2, *SHAPE)).shape == (2, 10)
+
+
+def test_hrank_refuses_a_vit_in_one_line(tmp_path):
+    # HRank ranks 2-D feature maps; a ViT's heads and MLP features have none, so no group can lose channels.
+    cfg = make_cfg(
+        tmp_path, "backbone=timm", "backbone.name=test_tiny_vit", "method=hrank", "budget.flops=0.6", "retrain=none"
+    )
+    with pytest.raises(BudgetError, match=r"^no channel group of this model can lose channels") as caught:
+        pipeline.run(cfg, tmp_path)
+    assert "\n" not in str(caught.value)

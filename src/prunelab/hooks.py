@@ -56,6 +56,8 @@ IN_YOUR_LOOP = (
     "hrank",
     "thinet",
     "depgraph",
+    "set",
+    "rigl",
 )
 
 
@@ -112,7 +114,7 @@ class Pruner:
         for inputs, labels in loader:
             loss = F.cross_entropy(pruner.model(inputs), labels) + pruner.extra_loss()
             optimizer.zero_grad(); loss.backward(); optimizer.step()
-            if pruner.after_step():
+            if pruner.after_step(optimizer):
                 break
         result = pruner.prune()
 
@@ -208,19 +210,29 @@ class Pruner:
             return torch.zeros((), device=_device(self.model))
         return extra
 
-    def after_step(self) -> str | None:
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> str | None:
         """Call after every `optimizer.step()`: the method's update (grow a penalty, swap masks, project).
 
         Returns the method's reason to end its training (e.g. GReg's "lambda passed tau ..., then K_s
         steps"), else None: time to call `prune`. After `prune`, an unstructured plan's pruned weights are
-        set back to zero here, so fine-tuning keeps them pruned.
+        set back to zero here, so fine-tuning keeps them pruned. `optimizer` is the loop's: the methods that
+        clear its state for what their update made anew (set and rigl zero the momentum of the connections
+        they grow, as RigL's code does) need it, and refuse to go on without it.
         """
         self._check_started()
         if self.result is not None:  # pruned
             if isinstance(self.result.plan, MaskPlan):
                 structure.zero_masked_(self.model, self.result.plan)
             return None
+        resets = type(self.method).reset_optimizer_state is not PruningMethod.reset_optimizer_state
+        if resets and optimizer is None:
+            raise ConfigError(
+                f"{type(self.method).__name__} resets the optimizer's state of what its updates make anew: "
+                "call after_step(optimizer)"
+            )
         self.method.after_optimizer_step(self.model, self.steps)
+        if optimizer is not None:
+            self.method.reset_optimizer_state(optimizer)
         self.steps += 1
         reason = self.method.should_stop(self.model, self.steps)
         if reason and self.stop_reason is None:

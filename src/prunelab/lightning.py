@@ -148,7 +148,7 @@ class Pruning(Callback):
         if trainer.global_step == self._steps_seen:
             return
         self._steps_seen = trainer.global_step
-        reason = self._driver.after_step()
+        reason = self._driver.after_step(trainer.optimizers[0] if len(trainer.optimizers) == 1 else None)
         if not reason:
             return
         if self.prune_at == "fit_end":

@@ -152,6 +152,8 @@ class PruneLitModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # global_step still counts the steps before this one here.
         self.method.after_optimizer_step(self.model, self.global_step)
+        for optimizer in self.trainer.optimizers:
+            self.method.reset_optimizer_state(optimizer)
         reason = self.method.should_stop(self.model, self.global_step + 1)
         if reason:
             self.stop_reason = reason

@@ -168,6 +168,10 @@ class PruningMethod:
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called after every optimizer step (grow a penalty, swap masks, project values)."""
 
+    def reset_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called right after `after_optimizer_step` with the optimizer of the fit stage: clear the state it keeps
+        (momentum, Adam's moments) for what that update made anew (e.g. RigL's grown connections)."""
+
     def should_stop(self, model: nn.Module, step: int) -> str | None:
         """Checked after every optimizer step: a reason to end the fit stage now (e.g. "lambda reached tau"), or
         None."""

@@ -9,9 +9,11 @@ taken among all positions left inactive by the drop, the just-dropped ones inclu
 disjoint; a newly grown connection starts at zero, and one dropped and grown back in the same update keeps its
 value (the code's `reinit_when_same=False`).
 
-Deviations, one line each: drop ties are broken by position (prunelab's one top-k) instead of the code's 1e-5
-noise; the optimizer's momentum of a regrown weight is not reset (a method does not own the optimizer), so it
-keeps mu^k of what it held when dropped k >= update_every steps before (under 3e-5 for RigL's 100 steps at 0.9).
+As the code does (`SparseRigLOptimizer.reset_momentum`, every slot), the optimizer's state of a newly grown
+connection (SGD's momentum, Adam's moments) is zeroed (`reset_optimizer_state`); a connection dropped and grown
+back in the same update keeps its own.
+
+Deviation, one line: drop ties are broken by position (prunelab's one top-k) instead of the code's 1e-5 noise.
 
 The masks are `DynamicMask` parametrizations (the one way prunelab attaches masks); the fit stage "sparse" is
 followed by a "prune" stage whose MaskPlan is the final mask, so retraining, export and the summary see an
@@ -155,6 +157,8 @@ class DynamicSparse(PruningMethod):
         self._layers: dict[str, DynamicMask] = {}
         self._stored: dict[str, torch.Tensor] = {}
         self._final: dict[str, torch.Tensor] = {}
+        # The positions the last update grew anew, per layer (shaped as the weight), until the optimizer is reset.
+        self._fresh: dict[str, torch.Tensor] = {}
 
     # The drop fraction f_t and the growth scores are what the methods differ in.
     def drop_fraction(self, t: int) -> float:
@@ -196,7 +200,7 @@ class DynamicSparse(PruningMethod):
         self.generator = torch.Generator().manual_seed(self.seed)
         self.step = self.updates = 0
         self.history = []
-        self._layers, self._stored = {}, {}
+        self._layers, self._stored, self._fresh = {}, {}, {}
         counts = self.counts(model)
         with torch.no_grad():
             for name, weight in self.masked_weights(model).items():
@@ -241,6 +245,11 @@ class DynamicSparse(PruningMethod):
         """At update steps: drop and grow in every masked layer, after the optimizer moved the weights."""
         if not self._layers:
             return
+        if self.update_every is None and not self.steps_per_epoch:
+            raise ConfigError(
+                f"{self.name}: method.update_every=null updates once per epoch, and no epoch has started: "
+                "call epoch_start(epoch, epochs) at each epoch's start, or set method.update_every"
+            )
         t = step + 1
         self.step = t
         if self.total_steps and self.is_update(t):
@@ -249,6 +258,7 @@ class DynamicSparse(PruningMethod):
 
     def _update(self, t: int) -> None:
         fraction = self.drop_fraction(t)
+        self._fresh = {}
         record: dict[str, Any] = {"step": t, "drop_fraction": fraction, "dropped": [], "grown": [], "regrown": []}
         with torch.no_grad():
             for name, layer in self._layers.items():
@@ -259,12 +269,22 @@ class DynamicSparse(PruningMethod):
                 # flattened.
                 weight.mul_((new & ~fresh).view(weight.shape).to(weight.dtype))
                 layer.mask.copy_(new.view(layer.mask.shape))
+                self._fresh[name] = fresh.view(weight.shape)
                 record["dropped"].append(dropped)
                 record["grown"].append(dropped)
                 # Dropped and grown back in this update: the code's "same" connections, which keep their weight.
                 record["regrown"].append(dropped - int(fresh.sum()))
         self.updates += 1
         self.history.append(record)
+
+    def reset_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """After an update: every per-weight slot the optimizer keeps for a newly grown connection set to zero."""
+        fresh, self._fresh = self._fresh, {}
+        for name, grown in fresh.items():
+            weight = self._stored[name]
+            for value in optimizer.state.get(weight, {}).values():
+                if torch.is_tensor(value) and value.shape == weight.shape:
+                    value.masked_fill_(grown.to(value.device), 0)
 
     def step_metrics(self, model: nn.Module) -> dict[str, float]:
         """At an update step: the connections dropped and grown over all layers, and the drop fraction."""
@@ -294,7 +314,7 @@ class DynamicSparse(PruningMethod):
             return model
         self._final = self.masks()
         detach_masks(model, fold=True)
-        self._layers, self._stored = {}, {}
+        self._layers, self._stored, self._fresh = {}, {}, {}
         model_record(model).masks = MaskPlan(dict(self._final))
         return model
 
@@ -319,6 +339,9 @@ class DynamicSparse(PruningMethod):
             with torch.no_grad():
                 for name, layer in self._layers.items():
                     layer.mask.copy_(masks[name].to(layer.mask.device).view_as(layer.mask))
+            # The dense gradient is captured for the step after the restored one (a user's loop may set the length
+            # before the state comes back).
+            self._set_capture()
         else:
             self._final = {name: mask.bool().clone() for name, mask in masks.items()}
 
