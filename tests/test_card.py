@@ -170,6 +170,20 @@ def test_controls_sit_under_their_method_and_the_reading_says_which_beat_them(gr
     assert "**l1** at 2x: top-1 90.50 +- 0.71; beats its random control by +3.00 points, more than the two" in text
     assert "**greg1** at 2x: top-1 92.10 +- 0.14; is within noise of its random control: +0.00 points" in text
     assert "&nbsp;&nbsp;&nbsp;l1 + random channels" in text
+
+
+def test_one_seed_gives_no_verdict_against_the_random_control(grid):
+    """With one seed a side there is no spread: the card gives the difference and no verdict, whatever its size."""
+    out, table = grid
+    for cell in (out / "cells").glob("*-s1*"):
+        (cell / "summary.json").unlink()
+    rows = report_card(out, anchor_table=table, plots=False)
+    l1, control = _row(rows, "l1", "2x"), _row(rows, "l1 + random channels", "2x")
+    diff = l1["top1 mean"] - control["top1 mean"]
+    assert l1["seeds"] == control["seeds"] == 1 and diff > 0
+    assert l1["vs random control"] == pytest.approx(diff) and l1["beats random control"] is None
+    text = (out / "report" / "card.md").read_text()
+    assert f"{diff:+.2f} points against its random control (one seed: no spread to judge it by)" in text
     assert "Latency measured on cpu, 1 thread(s); deployed = torchscript_frozen" in text
     assert "- l1-2x-s2: l1, budget 2x, seed 2" in text
 

@@ -322,7 +322,9 @@ def _compare_random(rows: list[dict[str, Any]]) -> None:
                 if m["top1 mean"] is not None and c["top1 mean"] is not None:
                     m["vs random control"] = m["top1 mean"] - c["top1 mean"]
                     m["random control stds"] = (m["top1 std"] or 0.0) + (c["top1 std"] or 0.0)
-                    m["beats random control"] = m["vs random control"] > m["random control stds"]
+                    # One seed on either side has no spread to judge a difference by: no verdict.
+                    spread = min(m["seeds"], c["seeds"]) > 1
+                    m["beats random control"] = m["vs random control"] > m["random control stds"] if spread else None
 
 
 def report_card(
@@ -496,7 +498,9 @@ def reading(rows: list[dict[str, Any]]) -> list[str]:
         text = f"- **{r['label']}** at {r['budget']}: top-1 {mean_std(r['top1 values']) if r['top1 values'] else '?'}"
         if "vs random control" in r:
             diff, stds = r["vs random control"], r["random control stds"]
-            if r["beats random control"]:
+            if r["beats random control"] is None:
+                verdict = f"{diff:+.2f} points against its random control (one seed: no spread to judge it by)"
+            elif r["beats random control"]:
                 verdict = (
                     f"beats its random control by {diff:+.2f} points, more than the two stds together ({stds:.2f})"
                 )
