@@ -542,6 +542,17 @@ def test_dynamic_sparse_training_in_a_plain_loop_matches_the_callback_and_resets
     assert pruner.method.updates == 0
 
 
+def resumed(settings: dict, saved: dict, run_dir) -> tuple[prunelab.Pruner, torch.optim.Optimizer]:
+    """A Pruner on a differently initialised model, and its SGD optimizer, restored from a user's checkpoint
+    (`saved`: the model's, the optimizer's and the Pruner's state dicts), as a new process would restore them."""
+    again = prunelab.Pruner(net(seed=7), **settings, run_dir=run_dir)
+    again.model.load_state_dict(saved["model"])
+    optimizer = torch.optim.SGD(again.parameters(), lr=LR, momentum=0.9)
+    optimizer.load_state_dict(saved["optimizer"])
+    again.load_state_dict(saved["pruner"])
+    return again, optimizer
+
+
 def test_rigl_in_a_plain_loop_resumes_before_an_update_step_exactly(tmp_path):
     # Saved after step 3 of 8: step 4 is a mask update, whose dense gradient the resumed loop must record.
     batches = data(8)
@@ -571,11 +582,7 @@ def test_rigl_in_a_plain_loop_resumes_before_an_update_step_exactly(tmp_path):
     torch.save(saved, tmp_path / "ckpt.pt")
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
 
-    again = prunelab.Pruner(net(seed=7), **settings, run_dir=tmp_path / "c")
-    again.model.load_state_dict(saved["model"])
-    optimizer = torch.optim.SGD(again.parameters(), lr=LR, momentum=0.9)
-    optimizer.load_state_dict(saved["optimizer"])
-    again.load_state_dict(saved["pruner"])
+    again, optimizer = resumed(settings, saved, tmp_path / "c")
     loop(again, optimizer, batches[3:])
     assert again.method.updates == 3 == whole_state["updates"]  # at steps 2, 4 and 6
     assert_same(weights(again.model), whole)
@@ -605,11 +612,7 @@ def test_a_plain_loop_resumes_from_the_users_checkpoint_exactly(tmp_path):
     )
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
 
-    again = prunelab.Pruner(net(seed=7), **settings, run_dir=tmp_path / "c")
-    again.model.load_state_dict(saved["model"])
-    optimizer = torch.optim.SGD(again.parameters(), lr=LR, momentum=0.9)
-    optimizer.load_state_dict(saved["optimizer"])
-    again.load_state_dict(saved["pruner"])
+    again, optimizer = resumed(settings, saved, tmp_path / "c")
     rest = train(again, batches[5:], optimizer)
     assert first + rest == reasons
     assert_same(weights(again.model), whole)

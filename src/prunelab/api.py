@@ -126,7 +126,7 @@ def run(overrides: Sequence[str], run_dir: str | Path) -> dict[str, Any]:
     """
     _refuse_renamed(overrides)
     with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
-        cfg = _compose([f"paths.output_dir={_value(str(run_dir))}", *overrides])
+        cfg = _compose([f"paths.output_dir={override_value(str(run_dir))}", *overrides])
     return run_config(cfg, run_dir)
 
 
@@ -249,7 +249,7 @@ def compose_config(
     Hydra refuses, raises a one-line `ConfigError`.
     """
     _refuse_renamed(overrides)
-    placed = [f"paths.output_dir={_value(str(run_dir))}"] if run_dir is not None else []
+    placed = [f"paths.output_dir={override_value(str(run_dir))}"] if run_dir is not None else []
     with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         methods = GlobalHydra.instance().config_loader().get_group_options("method")
         if method not in methods:
@@ -259,7 +259,7 @@ def compose_config(
         unknown = [k for k in budget if k not in keys]
         if unknown:
             raise ConfigError(f"budget key {unknown[0]!r} is not a budget setting (budget keys: {', '.join(keys)})")
-        return _compose([*asked, *(f"budget.{k}={_value(v)}" for k, v in budget.items())])
+        return _compose([*asked, *(f"budget.{k}={override_value(v)}" for k, v in budget.items())])
 
 
 def count(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, float]:
@@ -378,7 +378,7 @@ def _plan(model: nn.Module) -> ChannelPlan | MaskPlan | list[ChannelPlan] | None
     return list(record.plans) or None
 
 
-def _value(value: Any) -> str:
+def override_value(value: Any) -> str:
     """A Python value written as a Hydra override value (strings quoted, so paths and patterns pass as they are)."""
     if value is None:
         return "null"
@@ -389,9 +389,9 @@ def _value(value: Any) -> str:
     if isinstance(value, str):
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_value(v) for v in value) + "]"
+        return "[" + ",".join(override_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
     raise ConfigError(f"budget value {value!r} is not a number, string, list or dict")
 
 

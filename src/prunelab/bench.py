@@ -148,7 +148,7 @@ def cells(cfg: DictConfig) -> list[Cell]:
                 name = f"{method}__{budget}__s{seed}"
                 overrides = (*base, *finetune, *budget_overrides, *protocol.methods[method], *tail)
                 found.append(Cell(name, method, budget, seed, None, None, overrides))
-                source = _value(str(out / name))
+                source = api.override_value(str(out / name))
                 for control in controls:
                     if control == Control.dense_finetune:
                         continue
@@ -199,7 +199,7 @@ def _claim(cell: Cell, run_dir: Path) -> bool:
 
 
 def _command(cell: Cell, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "prunelab.cli", *cell.overrides, f"hydra.run.dir={_value(str(run_dir))}"]
+    return [sys.executable, "-m", "prunelab.cli", *cell.overrides, f"hydra.run.dir={api.override_value(str(run_dir))}"]
 
 
 def run_cell(cell: Cell, run_dir: Path, in_process: bool, threads: int) -> str | None:
@@ -213,8 +213,6 @@ def run_cell(cell: Cell, run_dir: Path, in_process: bool, threads: int) -> str |
                 return str(found)
             write_text(run_dir / "error.txt", traceback.format_exc())
             return f"{type(err).__name__}: {err} (traceback in {run_dir / 'error.txt'})"
-        finally:
-            GlobalHydra.instance().clear()
         return None
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(run_dir / "bench.log", "w") as log:
@@ -279,11 +277,6 @@ def _after(source: Future[str | None], cell: Cell, run_dir: Path, threads: int) 
     if source.result() is not None:
         return f"its method cell {cell.of} failed"
     return run_cell(cell, run_dir, False, threads)
-
-
-def _value(text: str) -> str:
-    """A string as a Hydra override value, quoted so that paths pass as they are."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
